@@ -1,0 +1,32 @@
+# fedsoda-mpi: the two commands.
+#   make demo   create .venv if missing, install, prepare the default model + data, run the default job under mpirun
+#   make test   create .venv if missing, install, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+NP ?= 11
+BIN := $(VENV)/bin
+MPIENV := OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1 \
+	PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe OMP_NUM_THREADS=1 HDF5_USE_FILE_LOCKING=FALSE
+
+.PHONY: demo test install prepare clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[mpi,dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+prepare: install
+	$(BIN)/python -m fedsoda_mpi.prepare model smollm2-135m
+	$(BIN)/python -m fedsoda_mpi.prepare data
+
+demo: prepare
+	$(MPIENV) $(BIN)/mpirun -n $(NP) $(BIN)/python -m mpi4py -m fedsoda_mpi.main $(ARGS)
+
+test: install
+	$(MPIENV) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

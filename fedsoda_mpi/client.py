@@ -1,0 +1,108 @@
+"""Client side: local training of the adapter LoRA on the (NF4) sub-LLM with a proximal term (eq. 9-10).
+
+Algorithm 2 lines 15-18: starting from the global adapter LoRA w^(t-1), run H local epochs (or
+`fed.local_steps` steps) of AdamW on F_k(w) + mu/2 ||w - w^(t-1)||^2, then upload w_k^(t) and n_k.
+
+The sub-emulator (with its aligned LoRA) is frozen between re-alignments, so its output for a
+local example never changes: `EmulatorCache` keeps it per example and local steps run only the
+adapter layers (plus the LM head at label positions). Re-alignment invalidates the cache.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import models
+from .data import pad_batch
+from .methods import Plan
+
+
+class EmulatorCache:
+    """Per-example output of the frozen sub-emulator (the adapter's input), unpadded [len, D]."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.store: dict[tuple[int, int], torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def invalidate(self) -> None:
+        """Called when re-alignment changes the emulator LoRA (Algorithm 2 line 13)."""
+        self.store.clear()
+
+    @torch.no_grad()
+    def hidden(self, model, plan: Plan, client: int, idx: list[int], batch: dict) -> torch.Tensor:
+        """Adapter input for a padded batch: cached rows where present, one emulator pass for the rest."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        lengths = mask.sum(1).tolist()
+        missing = [i for i, j in enumerate(idx) if (client, j) not in self.store]
+        if not self.enabled:
+            return _emulator(model, plan, ids, mask)
+        self.hits += len(idx) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            h = _emulator(model, plan, ids[missing], mask[missing])
+            for row, i in enumerate(missing):
+                self.store[(client, idx[i])] = h[row, :lengths[i]].clone()
+        out = torch.zeros(ids.shape[0], ids.shape[1], self._dim(model), dtype=self.store[(client, idx[0])].dtype)
+        for i, j in enumerate(idx):
+            out[i, :lengths[i]] = self.store[(client, j)]
+        return out
+
+    @staticmethod
+    def _dim(model) -> int:
+        return models.base_model(model).config.hidden_size
+
+
+def _emulator(model, plan: Plan, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Forward of the frozen sub-emulator E* (eval mode: no dropout), giving the adapter's input."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        h = models.hidden_before_layer(model, ids, mask, plan.emulator_size)
+    model.train(was_training)
+    return h
+
+
+def proximal(params: list[torch.Tensor], anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """mu/2 ||w_k - w^(t-1)||^2, the proximal term of eq. 9 (its gradient is eq. 10's second term)."""
+    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+
+
+def batch_schedule(n: int, batch_size: int, steps: int, epochs: int, rng: np.random.Generator) -> list[list[int]]:
+    """Example indices per local step: `steps` batches (reshuffling each pass), or `epochs` full passes."""
+    per_epoch = math.ceil(n / batch_size)
+    total = steps if steps > 0 else epochs * per_epoch
+    order: list[int] = []
+    while len(order) < total * batch_size:
+        order += rng.permutation(n).tolist()
+    out = []
+    for s in range(total):
+        chunk = order[s * batch_size:(s + 1) * batch_size]
+        out.append(chunk)
+    return out
+
+
+def local_train(model, plan: Plan, params: list[torch.nn.Parameter], examples: list[dict], pad_id: int,
+                cache: EmulatorCache, client: int, steps: int, epochs: int, batch_size: int, lr: float, mu: float,
+                rng: np.random.Generator) -> float:
+    """Algorithm 2 line 16: local AdamW (betas 0.9, 0.95) on the adapter LoRA; returns the mean task loss.
+
+    `params` must hold the global adapter LoRA on entry (the proximal anchor w^(t-1))."""
+    anchor = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95))
+    model.train()
+    losses = []
+    for idx in batch_schedule(len(examples), batch_size, steps, epochs, rng):
+        batch = pad_batch([examples[i] for i in idx], pad_id)
+        h = cache.hidden(model, plan, client, idx, batch)
+        final = models.forward_from_layer(model, h, batch["attention_mask"], plan.emulator_size)
+        loss = models.label_loss(model, final, batch["labels"])
+        total = loss + proximal(params, anchor, mu) if mu > 0 else loss
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        losses.append(loss.item())
+    return float(np.mean(losses)) if losses else float("nan")

@@ -1,0 +1,274 @@
+"""The only module that touches MPI: typed flat buffers with an agreed schema, byte counters, abort on error.
+
+A message is a dict of tensors. Its `Schema` (names, shapes, one dtype) is agreed once; after that
+each message travels as ONE contiguous buffer: `broadcast` with Bcast (root -> all) and `gather`
+with Gatherv (all -> root). No pickles: tensors go through MPI as typed memory (bfloat16 and
+float16 as an int16 view, bit exact). Buffers over `CHUNK_ELEMS` elements (the one-time sub-model
+shipment of an 8B model is > 2 GiB) are sent in chunks.
+
+Byte counters (`Comm.bytes`) count per rank and direction the payload bytes this rank handed to or
+received from MPI, category by category; the server's broadcast to W-1 clients counts W-1 copies.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+CHUNK_ELEMS = 1 << 30  # < 2^31: the classic MPI count limit
+
+# torch dtype -> (torch dtype of the wire view, MPI datatype name)
+_WIRE = {
+    torch.float32: (torch.float32, "FLOAT"),
+    torch.float64: (torch.float64, "DOUBLE"),
+    torch.bfloat16: (torch.int16, "INT16_T"),
+    torch.float16: (torch.int16, "INT16_T"),
+    torch.int64: (torch.int64, "INT64_T"),
+    torch.int32: (torch.int32, "INT32_T"),
+    torch.int16: (torch.int16, "INT16_T"),
+    torch.int8: (torch.int8, "INT8_T"),
+    torch.uint8: (torch.uint8, "UINT8_T"),
+}
+_DTYPES = {str(d).removeprefix("torch."): d for d in _WIRE}
+
+
+class SchemaError(ValueError):
+    """A message does not match the agreed schema (names, shapes or dtype)."""
+
+
+@dataclass(frozen=True)
+class Schema:
+    """Names, shapes and the single dtype of a message; offsets follow from the order."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtype: str
+
+    @classmethod
+    def of(cls, tensors: dict[str, torch.Tensor]) -> "Schema":
+        dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
+        if len(dtypes) != 1:
+            raise SchemaError(f"a message has one dtype, got {sorted(dtypes)}")
+        names = tuple(sorted(tensors))
+        return cls(names, tuple(tuple(tensors[n].shape) for n in names), dtypes.pop())
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        return sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.torch_dtype.itemsize
+
+    def to_json(self) -> str:
+        return json.dumps({"names": self.names, "shapes": self.shapes, "dtype": self.dtype})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Schema":
+        d = json.loads(text)
+        if d["dtype"] not in _DTYPES:
+            raise SchemaError(f"unsupported dtype {d['dtype']!r} in schema")
+        return cls(tuple(d["names"]), tuple(tuple(int(x) for x in s) for s in d["shapes"]), d["dtype"])
+
+    def pack(self, tensors: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        """Flatten a message into one contiguous 1-D tensor, checking it against the schema exactly."""
+        if set(tensors) != set(self.names):
+            missing, extra = set(self.names) - set(tensors), set(tensors) - set(self.names)
+            raise SchemaError(f"message keys differ from the schema (missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]})")
+        flat = torch.empty(self.numel, dtype=self.torch_dtype) if out is None else out
+        offset = 0
+        for name, shape in zip(self.names, self.shapes):
+            t = tensors[name]
+            if tuple(t.shape) != shape or t.dtype != self.torch_dtype:
+                raise SchemaError(f"{name}: got {tuple(t.shape)} {t.dtype}, schema says {shape} {self.dtype}")
+            n = t.numel()
+            flat[offset:offset + n] = t.detach().reshape(-1).cpu()
+            offset += n
+        return flat
+
+    def unpack(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views into `flat` named and shaped by the schema (after checking size and dtype)."""
+        if flat.dtype != self.torch_dtype or flat.numel() != self.numel:
+            raise SchemaError(f"buffer of {flat.numel()} x {flat.dtype} does not match schema {self.numel} x {self.dtype}")
+        out, offset = {}, 0
+        for name, shape in zip(self.names, self.shapes):
+            n = int(np.prod(shape, dtype=np.int64))
+            out[name] = flat[offset:offset + n].view(shape)
+            offset += n
+        return out
+
+
+def _wire(flat: torch.Tensor):
+    """(numpy view, MPI datatype) of a contiguous tensor for a bit-exact transfer."""
+    from mpi4py import MPI
+
+    wire_dtype, mpi_name = _WIRE[flat.dtype]
+    return flat.view(wire_dtype).numpy(), getattr(MPI, mpi_name)
+
+
+class Comm:
+    """Rank roles, device choice, schema-typed Bcast/Gatherv and byte counters over COMM_WORLD."""
+
+    def __init__(self, comm=None):
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.bytes = defaultdict(lambda: {"sent": 0, "recv": 0})  # category -> counters
+        self.mpi_seconds = 0.0  # wall time inside MPI data calls
+        self.idle_seconds = 0.0  # wall time waiting for other ranks in idle_wait
+        self._local_rank = None
+
+    @property
+    def is_server(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def client_ranks(self) -> list[int]:
+        return list(range(1, self.size))
+
+    def local_rank(self) -> int:
+        """Rank among the processes on this node (MPI Split_type shared)."""
+        if self._local_rank is None:
+            node = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED, key=self.rank)
+            self._local_rank = node.Get_rank()
+            node.Free()
+        return self._local_rank
+
+    def device(self) -> torch.device:
+        """CUDA device from the node-local rank when CUDA is present, else CPU (fake GPUs fall back to CPU).
+
+        GPU path: not executable on the CPU-only machines this project is tested on."""
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            return torch.device("cuda", self.local_rank() % torch.cuda.device_count())
+        return torch.device("cpu")
+
+    def _count(self, category: str, sent: int = 0, recv: int = 0) -> None:
+        self.bytes[category]["sent"] += sent
+        self.bytes[category]["recv"] += recv
+
+    def totals(self) -> dict[str, int]:
+        return {"sent": sum(v["sent"] for v in self.bytes.values()), "recv": sum(v["recv"] for v in self.bytes.values())}
+
+    def _timed(self, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.mpi_seconds += time.perf_counter() - t0
+
+    def _bcast_flat(self, flat: torch.Tensor, root: int) -> None:
+        for start in range(0, max(flat.numel(), 1), CHUNK_ELEMS):
+            buf, mpitype = _wire(flat[start:start + CHUNK_ELEMS])
+            self._timed(self.comm.Bcast, [buf, mpitype], root)
+
+    def barrier(self) -> None:
+        self._timed(self.comm.Barrier)
+
+    def idle_wait(self, poll_s: float = 0.005) -> None:
+        """Barrier that sleeps instead of spinning: ranks waiting for a long phase of another rank
+        (the server's SGP/ODA, the clients' local training) leave the CPU cores to the working ranks."""
+        t0 = time.perf_counter()
+        req = self.comm.Ibarrier()
+        while not req.Test():
+            time.sleep(poll_s)
+        self.idle_seconds += time.perf_counter() - t0
+
+    def agree_schema(self, schema: Schema | None, root: int = 0, category: str = "schema") -> Schema:
+        """Root sends the schema (JSON as bytes, never pickled); every rank returns the same Schema."""
+        text = schema.to_json().encode() if self.rank == root else b""
+        n = torch.tensor([len(text)], dtype=torch.int64)
+        self._bcast_flat(n, root)
+        buf = torch.frombuffer(bytearray(text), dtype=torch.uint8) if self.rank == root else torch.empty(int(n), dtype=torch.uint8)
+        self._bcast_flat(buf, root)
+        self._count(category, *((8 + int(n)) * (self.size - 1), 0) if self.rank == root else (0, 8 + int(n)))
+        return schema if self.rank == root else Schema.from_json(bytes(buf.numpy()).decode())
+
+    def broadcast(self, tensors: dict[str, torch.Tensor] | None, schema: Schema, root: int = 0,
+                  category: str = "broadcast") -> dict[str, torch.Tensor]:
+        """Bcast one message from `root`; every rank returns it as tensors (views into one buffer)."""
+        flat = schema.pack(tensors) if self.rank == root else torch.empty(schema.numel, dtype=schema.torch_dtype)
+        self._bcast_flat(flat, root)
+        if self.rank == root:
+            self._count(category, sent=schema.nbytes * (self.size - 1))
+        else:
+            self._count(category, recv=schema.nbytes)
+        return schema.unpack(flat)
+
+    def gather(self, messages: list[dict[str, torch.Tensor]], schema: Schema, counts: list[int], root: int = 0,
+               category: str = "gather") -> list[list[dict[str, torch.Tensor]]] | None:
+        """Gatherv to `root`: rank i sends `counts[i]` messages (its virtual clients) in one buffer.
+
+        Every rank passes the same `counts` (derived from the shared client schedule), so no size
+        exchange is needed; the root receives a list per rank of its messages, the others None."""
+        if len(messages) != counts[self.rank]:
+            raise SchemaError(f"rank {self.rank} has {len(messages)} messages, the schedule says {counts[self.rank]}")
+        n = schema.numel
+        send = torch.empty(n * len(messages), dtype=schema.torch_dtype)
+        for i, m in enumerate(messages):
+            schema.pack(m, out=send[i * n:(i + 1) * n])
+        if sum(counts) * n >= 2**31:
+            raise SchemaError(f"gather of {sum(counts) * n} elements exceeds the MPI count limit; uploads are small by design")
+        sbuf, mpitype = _wire(send)
+        if self.rank == root:
+            recv = torch.empty(sum(counts) * n, dtype=schema.torch_dtype)
+            rbuf, _ = _wire(recv)
+            sizes = [c * n for c in counts]
+            displs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64).tolist()
+            self._timed(self.comm.Gatherv, [sbuf, mpitype], [rbuf, (sizes, displs), mpitype], root)
+            self._count(category, recv=(sum(counts) - counts[root]) * schema.nbytes)
+            out, k = [], 0
+            for c in counts:
+                out.append([schema.unpack(recv[(k + i) * n:(k + i + 1) * n]) for i in range(c)])
+                k += c
+            return out
+        self._timed(self.comm.Gatherv, [sbuf, mpitype], None, root)
+        self._count(category, sent=len(messages) * schema.nbytes)
+        return None
+
+    def broadcast_bytes(self, files: dict[str, bytes] | None, root: int = 0, category: str = "model") -> dict[str, bytes]:
+        """Ship a set of files (e.g. the sub-LLM's safetensors + config) as one uint8 message."""
+        schema = None
+        tensors = None
+        if self.rank == root:
+            tensors = {name: torch.frombuffer(bytearray(data), dtype=torch.uint8) for name, data in files.items()}
+            schema = Schema.of(tensors) if tensors else Schema((), (), "uint8")
+        schema = self.agree_schema(schema, root, category=category)
+        got = self.broadcast(tensors, schema, root, category=category)
+        return files if self.rank == root else {k: bytes(v.numpy()) for k, v in got.items()}
+
+    def abort(self, code: int = 1) -> None:
+        self.comm.Abort(code)
+
+
+def install_abort_hook(log=None) -> None:
+    """Any uncaught exception on any rank aborts the whole job (MPI_Abort) after logging rank + error.
+
+    Works in both launch forms: `python -m mpi4py -m fedsoda_mpi.main` and plain `python -m fedsoda_mpi.main`."""
+    def hook(exc_type, exc, tb):
+        from mpi4py import MPI
+
+        rank = MPI.COMM_WORLD.Get_rank()
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        msg = f"[rank {rank}] FATAL {exc_type.__name__}: {exc}"
+        try:
+            if log is not None:
+                log(msg + "\n" + text)
+        finally:
+            sys.stderr.write(f"{text}{msg}\n[rank {rank}] aborting the whole MPI job\n")
+            sys.stderr.flush()
+            MPI.COMM_WORLD.Abort(1)
+
+    sys.excepthook = hook

@@ -1,0 +1,290 @@
+"""Task data (GSM8K, SST-2, BoolQ), the public pool (WikiText-2; GSM8K train for the Fig. 4 ablation),
+LLM-Adapters (Alpaca) prompts, SFT tokenization, and IID / Dirichlet label-skew client partitions
+(paper Sec. 5.1: "IID and non-IID (Dirichlet) data distributions across clients").
+
+Files live in `data_dir()` with the layout of `shared/data` (see `python -m fedsoda_mpi.prepare data`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .prepare import cache_data_dir, shared_data_dir
+
+TASKS = ("sst2", "boolq", "gsm8k")
+LABEL_WORDS = {"sst2": ("negative", "positive"), "boolq": ("false", "true")}
+N_CLASSES = {"sst2": 2, "boolq": 2, "gsm8k": 4}
+TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+            "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ANSWER_LEAD = "the correct answer is"
+FIX = "run `python -m fedsoda_mpi.prepare data` (or set FEDSODA_DATA to a folder laid out like shared/data)"
+PUBLIC_MIN_WORDS = 16
+HOLDOUT_FRACTION = 0.1
+IGNORE = -100
+
+
+class DataError(RuntimeError):
+    """A data file is missing or malformed; the message names the file (and line) and the fix."""
+
+
+def data_dir() -> Path:
+    """`$FEDSODA_DATA` if set; else `<repo>/../shared/data` if it exists; else `~/.cache/fedsoda/data`."""
+    if os.environ.get("FEDSODA_DATA"):
+        return Path(os.environ["FEDSODA_DATA"]).expanduser()
+    shared = shared_data_dir()
+    return shared if shared.is_dir() else cache_data_dir()
+
+
+def _data_file(rel: str) -> Path:
+    path = data_dir() / rel
+    if not path.is_file():
+        raise DataError(f"missing data file {path}; {FIX}")
+    return path
+
+
+def _check_row(task: str, row: object) -> str | None:
+    """Return what is wrong with one row of `task`, or None if it is valid."""
+    if not isinstance(row, dict):
+        return "row is not a JSON object"
+    if not isinstance(row.get("question" if task != "sst2" else "sentence"), str):
+        return "missing text field"
+    if task == "sst2" and row.get("label") not in (0, 1):
+        return "label must be 0 or 1"
+    if task == "boolq" and not isinstance(row.get("answer"), bool):
+        return "answer must be true/false"
+    if task == "gsm8k" and "####" not in str(row.get("answer", "")):
+        return "answer lacks the '#### N' final answer"
+    return None
+
+
+def load_rows(task: str, split: str) -> list[dict]:
+    """All rows of `<task>/<split>.jsonl` (split "train" or "test"), validated field by field."""
+    if task not in TASKS or split not in ("train", "test"):
+        raise ValueError(f"unknown task/split {task}/{split}; tasks: {TASKS}, splits: train, test")
+    path = _data_file(f"{task}/{split}.jsonl")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: bad JSON ({exc.msg}); {FIX}") from exc
+            problem = _check_row(task, row)
+            if problem:
+                raise DataError(f"{path}:{lineno}: {problem}; {FIX}")
+            rows.append(row)
+    return rows
+
+
+def _holdout_slice(items: list, holdout: bool) -> list:
+    cut = len(items) - int(round(HOLDOUT_FRACTION * len(items)))
+    return items[cut:] if holdout else items[:cut]
+
+
+def load_public(name: str = "wikitext2", holdout: bool = False) -> list[str]:
+    """The public dataset D_public used by SGP (Eq. 3) and ODA (Eqs. 5-6), as a list of texts.
+
+    wikitext2: non-empty paragraphs of wikitext2/test.txt, skipping headings (" = ... =") and lines of
+    fewer than PUBLIC_MIN_WORDS words. gsm8k: GSM8K TRAIN question+answer pairs in the task template
+    (the Fig. 4 ablation; evaluation uses the test split, so the two never overlap).
+    The last 10% are held out: holdout=True returns only them (perplexity/KL text), False the first 90%
+    (pruning/alignment text), so the two never overlap.
+    """
+    if name == "wikitext2":
+        path = _data_file("wikitext2/test.txt")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        texts = [ln.strip() for ln in lines
+                 if not ln.lstrip().startswith("=") and len(ln.split()) >= PUBLIC_MIN_WORDS]
+    elif name == "gsm8k":
+        texts = ["".join(prompt_and_answer("gsm8k", row)) for row in load_rows("gsm8k", "train")]
+    else:
+        raise ValueError(f"unknown public dataset {name!r}; use wikitext2 or gsm8k")
+    if not texts:
+        raise DataError(f"public dataset {name} in {data_dir()} is empty; {FIX}")
+    return _holdout_slice(texts, holdout)
+
+
+def _clean_gsm8k(answer: str) -> str:
+    """Drop GSM8K calculator annotations `<<48/2=24>>` (tool markup, not reasoning text)."""
+    return re.sub(r"<<[^>]*>>", "", answer)
+
+
+def prompt_and_answer(task: str, row: dict) -> tuple[str, str]:
+    """LLM-Adapters (Alpaca) prompt and target answer for one row.
+
+    SST-2 / BoolQ: the prompt ends with "the correct answer is" and the answer is the label word with a
+    leading space (" positive", " true"), so label-word likelihood compares next-token log-probs right
+    after the prompt. BoolQ is question-only, as in LLM-Adapters. GSM8K: the prompt is the template of
+    the question and the answer the chain of thought ending "#### N" (calculator annotations removed).
+    """
+    if task == "sst2":
+        instruction = (f"Please classify the sentiment of the following sentence as positive or negative, "
+                       f"sentence: {row['sentence'].strip()}\n\nAnswer format: positive/negative")
+    elif task == "boolq":
+        instruction = (f"Please answer the following question with true or false, "
+                       f"question: {row['question'].strip().rstrip('?')}?\n\nAnswer format: true/false")
+    elif task == "gsm8k":
+        return TEMPLATE.format(instruction=row["question"].strip()), _clean_gsm8k(row["answer"]).strip()
+    else:
+        raise ValueError(f"unknown task {task!r}; tasks: {TASKS}")
+    return TEMPLATE.format(instruction=instruction) + ANSWER_LEAD, " " + LABEL_WORDS[task][label_of(task, row)]
+
+
+def gsm8k_steps(answer: str) -> int:
+    """Number of solution lines before the '#### N' line."""
+    return len(answer.split("####")[0].strip().splitlines())
+
+
+def label_of(task: str, row: dict) -> int:
+    """Class used for Dirichlet label skew: SST-2 label; BoolQ int(answer); GSM8K the number of solution
+    steps bucketed into 4 roughly balanced classes (<=2, 3, 4, >=5 lines: 1960/2149/1660/1704 in train)."""
+    if task == "sst2":
+        return int(row["label"])
+    if task == "boolq":
+        return int(row["answer"])
+    if task == "gsm8k":
+        return min(max(gsm8k_steps(row["answer"]) - 2, 0), 3)
+    raise ValueError(f"unknown task {task!r}; tasks: {TASKS}")
+
+
+def gsm8k_final_number(answer: str) -> str:
+    """The number after the first '####' (commas and a trailing period stripped); ValueError if absent."""
+    if "####" not in answer:
+        raise ValueError("answer has no '#### N' final answer")
+    tail = answer.split("####", 1)[1].split()
+    return tail[0].replace(",", "").rstrip(".") if tail else ""
+
+
+def gsm8k_kshot_prefix(train_rows: list[dict], k: int, seed: int) -> str:
+    """k solved GSM8K train examples in the task template (chosen by `seed`), to put before a test prompt."""
+    if not 0 <= k <= len(train_rows):
+        raise ValueError(f"k={k} must be in [0, {len(train_rows)}]")
+    picks = np.random.default_rng(seed).choice(len(train_rows), size=k, replace=False)
+    return "".join("".join(prompt_and_answer("gsm8k", train_rows[i])) + "\n\n" for i in picks)
+
+
+def ensure_pad_token(tokenizer):
+    """Give the tokenizer a pad token: eos if none is set (padding is always masked by attention_mask
+    and labels=-100, so reusing eos is safe); ValueError if it has neither."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tokenize_sft(tokenizer, prompt: str, answer: str, max_len: int) -> dict[str, list[int]]:
+    """Prompt tokens (with BOS if the tokenizer adds one) + answer tokens + eos; loss only on the answer.
+
+    labels are -100 on prompt tokens. If too long, the prompt is cut from the left (keeping BOS and at
+    least one prompt token) so the answer survives; only an answer longer than that is cut on the right.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no eos token")
+    p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    has_bos = bool(p_ids) and p_ids[0] == tokenizer.bos_token_id and tokenizer.bos_token_id is not None
+    head, body = p_ids[:int(has_bos)], p_ids[int(has_bos):]
+    min_prompt = len(head) + 1
+    if max_len <= min_prompt:
+        raise ValueError(f"max_len={max_len} leaves no room for an answer")
+    a_ids = a_ids[:max_len - min_prompt]
+    room = max_len - len(a_ids) - len(head)
+    p_ids = head + (body[-room:] if len(body) > room else body)
+    return {"input_ids": p_ids + a_ids, "labels": [IGNORE] * len(p_ids) + a_ids}
+
+
+def pad_batch(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of tokenized examples: input_ids (pad_id), attention_mask, labels (-100) if given."""
+    width = max(len(e["input_ids"]) for e in examples)
+    out = {"input_ids": torch.full((len(examples), width), pad_id, dtype=torch.long),
+           "attention_mask": torch.zeros((len(examples), width), dtype=torch.long)}
+    if all("labels" in e for e in examples):
+        out["labels"] = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        out["input_ids"][i, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
+        out["attention_mask"][i, :n] = 1
+        if "labels" in out:
+            out["labels"][i, :n] = torch.tensor(e["labels"], dtype=torch.long)
+    return out
+
+
+def tokenize_public(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
+    """Token ids of each public text (special tokens as the tokenizer adds them), cut to max_len."""
+    return [ids[:max_len] for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"] if ids]
+
+
+def public_batches(tokenizer, texts: list[str], max_len: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches (input_ids, attention_mask) of the public texts, in order."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    pad_id = ensure_pad_token(tokenizer).pad_token_id
+    ids = tokenize_public(tokenizer, texts, max_len)
+    return [pad_batch([{"input_ids": x} for x in ids[i:i + batch_size]], pad_id)
+            for i in range(0, len(ids), batch_size)]
+
+
+def _dirichlet_once(labels: np.ndarray, n_clients: int, beta: float, rng: np.random.Generator) -> list[np.ndarray]:
+    parts: list[list[np.ndarray]] = [[] for _ in range(n_clients)]
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        cuts = (np.cumsum(rng.dirichlet(np.full(n_clients, beta))) * len(idx)).astype(int)[:-1]
+        for k, chunk in enumerate(np.split(idx, cuts)):
+            parts[k].append(chunk)
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def partition(labels: np.ndarray, n_clients: int, split: str, beta: float, seed: int) -> list[np.ndarray]:
+    """Split sample indices over clients; every sample is assigned exactly once, deterministically by seed.
+
+    "iid": shuffle, then near-equal chunks. "dirichlet": the standard label-skew recipe: for each class,
+    client proportions ~ Dirichlet(beta * 1) and that class's shuffled samples cut accordingly (small
+    beta = strong skew, large beta = near IID). beta <= 0 raises ValueError (checked for "dirichlet"
+    only). If a client ends up empty, the draw is repeated with seed+1, seed+2, ... up to 100 times,
+    then ValueError naming beta and the client count.
+    """
+    labels = np.asarray(labels)
+    if not 1 <= n_clients <= len(labels):
+        raise ValueError(f"n_clients={n_clients} must be in [1, {len(labels)}] (number of samples)")
+    if split == "iid":
+        perm = np.random.default_rng(seed).permutation(len(labels))
+        return [np.sort(p) for p in np.array_split(perm, n_clients)]
+    if split != "dirichlet":
+        raise ValueError(f"unknown split {split!r}; use iid or dirichlet")
+    if not beta > 0:
+        raise ValueError(f"Dirichlet beta={beta} must be > 0")
+    for attempt in range(100):
+        parts = _dirichlet_once(labels, n_clients, beta, np.random.default_rng(seed + attempt))
+        if min(len(p) for p in parts) > 0:
+            return parts
+    raise ValueError(f"Dirichlet beta={beta} left a client empty in 100 draws for {n_clients} clients; "
+                     "raise beta or lower the client count")
+
+
+def label_histogram(labels: np.ndarray, parts: list[np.ndarray], n_classes: int) -> np.ndarray:
+    """Samples per class for each client: int array [n_clients, n_classes]."""
+    labels = np.asarray(labels)
+    return np.stack([np.bincount(labels[p], minlength=n_classes)[:n_classes] for p in parts])
+
+
+def client_datasets(task: str, n_clients: int, split: str, beta: float, seed: int,
+                    max_per_client: int | None = None) -> tuple[list[list[dict]], np.ndarray]:
+    """Train rows per client and their label histogram; with max_per_client, each client keeps a
+    deterministic random subset (seeded by (seed, client)) of its partition."""
+    rows = load_rows(task, "train")
+    labels = np.array([label_of(task, r) for r in rows])
+    parts = partition(labels, n_clients, split, beta, seed)
+    if max_per_client is not None:
+        if max_per_client < 1:
+            raise ValueError(f"max_per_client={max_per_client} must be >= 1")
+        parts = [np.sort(np.random.default_rng([seed, k]).choice(p, min(len(p), max_per_client), replace=False))
+                 for k, p in enumerate(parts)]
+    return [[rows[i] for i in p] for p in parts], label_histogram(labels, parts, N_CLASSES[task])

@@ -1,0 +1,272 @@
+"""Evaluation of FedSODA models (the paper's Sec. 6 metric, accuracy; DESIGN step 9: the full LLM with the
+plugged adapter LoRA, and the sub-LLM M* for comparison).
+
+- SST-2 / BoolQ: label-word likelihood. One forward per prompt (batched, right padding); the LM head runs
+  only on each row's last prompt token, and the prediction is the label word with the larger logit.
+- GSM8K: k-shot greedy generation (the paper's "GSM8K (4-shot)"), final-number extraction, numeric match.
+- Perplexity of plain text (a sanity metric for pruned / aligned sub-LLMs).
+
+Every entry point accepts plain HF causal LMs, PeftModels and NF4 (bitsandbytes Linear4bit) models; it runs
+them in eval mode and restores each module's previous training flag on exit.
+"""
+from __future__ import annotations
+
+import math
+import re
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+from .data import (LABEL_WORDS, ensure_pad_token, gsm8k_final_number, gsm8k_kshot_prefix, label_of, load_rows,
+                   prompt_and_answer)
+
+# A generated solution ends where the model starts a new instruction block of the few-shot prompt.
+STOP_STRINGS = ("\n\n### Instruction", "Below is an instruction")
+_NUMBER = re.compile(r"(?<![\w.])([-\u2212]?)\$?(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)")
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode for the block; restores every module's own training flag afterwards.
+
+    4-bit layers are told never to repack their weights for bitsandbytes' CPU inference path: a repacked
+    Linear4bit has no backward, so later LoRA gradients through it would silently vanish (TOOLCHAIN.md).
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    for m, _ in modes:
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _first(rows: Sequence[dict], max_examples: int | None) -> list[dict]:
+    """The deterministic evaluation subset: the first `max_examples` rows (all rows if None)."""
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1 or None, got {max_examples}")
+    rows = list(rows if max_examples is None else rows[:max_examples])
+    if not rows:
+        raise ValueError("no rows to evaluate")
+    return rows
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str, device: torch.device
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token-id lists to one (B, T) batch on `side` ("left" | "right"); returns (input_ids, attention_mask)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        cols = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(decoder body, LM head) of an HF causal LM, or of the model inside a PeftModel (LoRA layers stay active)."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    body = getattr(hf, "base_model", hf)
+    if head is None or body is hf:
+        raise ValueError(f"{type(hf).__name__} is not a causal LM with a separate decoder body and LM head")
+    return body, head
+
+
+def label_word_ids(tokenizer, task: str) -> list[int]:
+    """Token id of each label word of `task` (index = class label): the first token of `" " + word`.
+
+    This is the token `data.tokenize_sft` trains the model to predict right after the prompt (the answer
+    " positive" is tokenized on its own); ValueError if two label words start with the same token.
+    """
+    if task not in LABEL_WORDS:
+        raise ValueError(f"task {task!r} has no label words; expected one of {sorted(LABEL_WORDS)}")
+    ids = []
+    for word in LABEL_WORDS[task]:
+        tokens = tokenizer(" " + word, add_special_tokens=False).input_ids
+        if not tokens:
+            raise ValueError(f"label word {word!r} tokenizes to nothing")
+        ids.append(tokens[0])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"label words {LABEL_WORDS[task]} of task {task!r} share a first token ({ids}); "
+                         "label-word likelihood cannot tell them apart with this tokenizer")
+    return ids
+
+
+@torch.no_grad()
+def label_accuracy(model: torch.nn.Module, tokenizer, task: str, rows: Sequence[dict], batch_size: int = 8,
+                   max_examples: int | None = None) -> dict:
+    """Label-word likelihood accuracy on SST-2 / BoolQ.
+
+    Rows are sorted by prompt length into right-padded batches; the decoder body gives hidden states, the
+    row's last non-pad position is gathered and only those B vectors go through the LM head. The prediction
+    is the argmax over the label words' logits. Returns {"accuracy", "n", "predictions" [n] (row order),
+    "label_logits" [n, n_labels]}.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rows = _first(rows, max_examples)
+    word_ids = torch.tensor(label_word_ids(tokenizer, task))
+    ensure_pad_token(tokenizer)
+    encoded = tokenizer([prompt_and_answer(task, r)[0] for r in rows]).input_ids
+    labels = np.array([label_of(task, r) for r in rows])
+    order = np.argsort([len(e) for e in encoded], kind="stable")
+    scores = np.zeros((len(rows), len(word_ids)), dtype=np.float32)
+    with _eval_mode(model):
+        body, head = _body_and_head(model)
+        device = _device(model)
+        for start in range(0, len(rows), batch_size):
+            idx = order[start:start + batch_size]
+            ids, mask = _pad([encoded[i] for i in idx], tokenizer.pad_token_id, "right", device)
+            hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            last = hidden[torch.arange(len(idx), device=device), mask.sum(1) - 1]
+            scores[idx] = head(last)[:, word_ids.to(device)].float().cpu().numpy()
+    predictions = scores.argmax(axis=1)
+    return {"accuracy": float((predictions == labels).mean()), "n": len(rows), "predictions": predictions,
+            "label_logits": scores}
+
+
+def _normalise(sign: str, digits: str) -> str:
+    """Canonical text of a number: no commas, no leading zeros, no trailing fractional zeros, no "-0"."""
+    integer, _, fraction = digits.replace(",", "").partition(".")
+    fraction = fraction.rstrip("0")
+    text = str(int(integer)) + (f".{fraction}" if fraction else "")
+    return f"-{text}" if sign and text != "0" else text
+
+
+def _numbers(text: str) -> list[str]:
+    return [_normalise(sign, digits) for sign, digits in _NUMBER.findall(text)]
+
+
+def extract_number(text: str) -> str | None:
+    """Final answer of a generated GSM8K solution, normalised ("1,234" -> "1234", "5.0" -> "5", "$-3." -> "-3").
+
+    Preference: the first number after the first "####"; else the first number after the last "answer is";
+    else the last number in the text; None if the text has no number.
+    """
+    _, marker, tail = text.partition("####")
+    if marker and (found := _numbers(tail)):
+        return found[0]
+    at = text.lower().rfind("answer is")
+    if at >= 0 and (found := _numbers(text[at + len("answer is"):])):
+        return found[0]
+    found = _numbers(text)
+    return found[-1] if found else None
+
+
+def _same_number(predicted: str | None, gold: str) -> bool:
+    reference = extract_number(gold)
+    if predicted is None or reference is None:
+        return False
+    return math.isclose(float(predicted), float(reference), rel_tol=0.0, abs_tol=1e-6)
+
+
+def _truncate_at_stop(text: str) -> str:
+    """The generated text up to the first stop string (the start of a new instruction block)."""
+    cut = min((i for i in (text.find(s) for s in STOP_STRINGS) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+class _StopOnStrings(StoppingCriteria):
+    """Per-row stop once the generated part (after the padded prompt of width `prompt_len`) holds a stop string."""
+
+    def __init__(self, tokenizer, prompt_len: int):
+        self.tokenizer, self.prompt_len = tokenizer, prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
+        return torch.tensor([_truncate_at_stop(t) != t for t in texts], device=input_ids.device)
+
+
+def _generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+              batch_size: int) -> list[str]:
+    """Greedy continuations of `prompts` (left-padded batches, sorted by length), cut at eos / stop strings.
+
+    Padding is built here from token ids, so the tokenizer's padding side is never changed.
+    """
+    ensure_pad_token(tokenizer)
+    pad_id = tokenizer.pad_token_id
+    eos = {tokenizer.eos_token_id, pad_id}
+    model_eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+    eos.update(model_eos if isinstance(model_eos, list) else [model_eos])
+    eos.discard(None)
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                              eos_token_id=sorted(eos))
+    encoded = tokenizer(list(prompts)).input_ids
+    order = np.argsort([len(e) for e in encoded], kind="stable")
+    outputs = [""] * len(prompts)
+    device = _device(model)
+    for start in range(0, len(prompts), batch_size):
+        idx = order[start:start + batch_size]
+        ids, mask = _pad([encoded[i] for i in idx], pad_id, "left", device)
+        stop = StoppingCriteriaList([_StopOnStrings(tokenizer, ids.shape[1])])
+        generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                   stopping_criteria=stop)[:, ids.shape[1]:].tolist()
+        for i, tokens in zip(idx, generated):
+            end = next((j for j, t in enumerate(tokens) if t in eos), len(tokens))
+            outputs[i] = _truncate_at_stop(tokenizer.decode(tokens[:end], skip_special_tokens=True))
+    return outputs
+
+
+@torch.no_grad()
+def gsm8k_accuracy(model: torch.nn.Module, tokenizer, rows: Sequence[dict], train_rows: Sequence[dict], k: int = 4,
+                   max_new_tokens: int = 256, batch_size: int = 4, max_examples: int | None = None,
+                   seed: int = 0) -> dict:
+    """k-shot greedy GSM8K accuracy: the same k training solutions (chosen by `seed`) prefix every question;
+    a solution is correct when its extracted final number equals the reference "#### N" numerically.
+
+    Returns {"accuracy", "n", "outputs" (generated texts, row order), "correct" [n] bool}.
+    """
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
+    rows = _first(rows, max_examples)
+    prefix = gsm8k_kshot_prefix(list(train_rows), k, seed)
+    prompts = [prefix + prompt_and_answer("gsm8k", r)[0] for r in rows]
+    with _eval_mode(model):
+        outputs = _generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    correct = np.array([_same_number(extract_number(o), gsm8k_final_number(r["answer"]))
+                        for o, r in zip(outputs, rows)])
+    return {"accuracy": float(correct.mean()), "n": len(rows), "outputs": outputs, "correct": correct}
+
+
+def evaluate(model: torch.nn.Module, tokenizer, task: str, max_examples: int | None = None, batch_size: int = 8,
+             k_shot: int = 4, max_new_tokens: int = 256, seed: int = 0) -> dict:
+    """Test-split accuracy of `model` on `task` (sst2 | boolq: label likelihood; gsm8k: k-shot generation)."""
+    if task == "gsm8k":
+        return gsm8k_accuracy(model, tokenizer, load_rows("gsm8k", "test"), load_rows("gsm8k", "train"), k=k_shot,
+                              max_new_tokens=max_new_tokens, batch_size=batch_size, max_examples=max_examples,
+                              seed=seed)
+    if task in LABEL_WORDS:
+        return label_accuracy(model, tokenizer, task, load_rows(task, "test"), batch_size=batch_size,
+                              max_examples=max_examples)
+    raise ValueError(f"unknown task {task!r}; expected gsm8k or one of {sorted(LABEL_WORDS)}")
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, tokenizer, texts: Sequence[str], max_len: int = 256) -> float:
+    """exp(mean next-token NLL) over all tokens of `texts`, each truncated to `max_len` tokens."""
+    total_nll, total_tokens = 0.0, 0
+    with _eval_mode(model):
+        device = _device(model)
+        for text in texts:
+            ids = tokenizer(text, truncation=True, max_length=max_len, return_tensors="pt").input_ids.to(device)
+            if ids.shape[1] < 2:
+                continue
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+            total_nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+            total_tokens += ids.shape[1] - 1
+    if total_tokens == 0:
+        raise ValueError("perplexity needs at least one text of two or more tokens")
+    return math.exp(total_nll / total_tokens)

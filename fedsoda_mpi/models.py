@@ -1,0 +1,385 @@
+"""Model surgery for FedSODA: the full LLM M = [E, A], the sub-LLM M* = [E*, A] and their LoRA adapters.
+
+Layer indices follow DESIGN.md: decoder layer l of the full model produces x^l; a sub-LLM keeps the full-model
+layers `kept` (sorted) and renumbers them 0..L*-1 (`layer_maps`). The client's sub-LLM is NF4-quantized with
+bitsandbytes (QLoRA, paper Sec. 3.3) and trains LoRA only; LoRA tensors travel as peft state-dict entries
+(`base_model.model.model.layers.{i}.<module>.lora_{A,B}.weight`), renamed between full and sub indices by
+`remap_layers`. The forward helpers split one forward pass at a layer boundary so a client can cache the frozen
+emulator's output x^{L*-a} once and train the adapter A on top of it (Algorithm 1, local update).
+"""
+from __future__ import annotations
+
+import copy
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers as tf
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_LAYER_KEY = re.compile(r"\.layers\.(\d+)\.")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+class ModelError(RuntimeError):
+    """A model folder, state dict or layer selection that this module cannot use."""
+
+
+def torch_dtype(name: str):
+    """Map a config dtype name ("float32", "bfloat16", "float16", "auto") to what from_pretrained takes."""
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def load_causal_lm(path, dtype: str = "float32", device: str = "cpu"):
+    """Load the full LLM M (or a shipped sub-LLM M*) and its tokenizer in eval mode.
+
+    The tokenizer pads on the right; a tokenizer without a pad token gets eos as pad token (labels and
+    attention masks, not the pad id, decide what counts, so reusing eos is harmless)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"no model at {path} (config.json missing); run "
+                         f"`python -m fedsoda_mpi.prepare model ...` on a machine with internet first")
+    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), device_map=device)
+    fix_bnb_cpu(model)
+    tokenizer = tf.AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def fix_bnb_cpu(model) -> int:
+    """TOOLCHAIN's must-apply bitsandbytes CPU workaround; returns the number of 4-bit layers touched.
+
+    On AVX512-BF16 CPUs a no-grad eval forward repacks Linear4bit weights into a layout whose matmul has no
+    backward, so later LoRA gradients through 4-bit layers silently vanish. Disable that path and undo any
+    repacking that already happened (bitsandbytes' inverse is lossy: the packed absmax is bf16, so apply this
+    right after loading, before any forward, as every loader here does)."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            state = getattr(module.weight, "quant_state", None)
+            if state is not None and getattr(state, "packing_format_for_cpu", False):
+                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                    module.weight.data, state)
+                module.quant_state = module.weight.quant_state
+            count += 1
+    return count
+
+
+# ------------------------------------------------------------------------------------------ layer surgery
+
+def causal_lm(model):
+    """The HF *ForCausalLM of a plain model or of a PeftModel wrapping it."""
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def base_model(model):
+    """The inner HF *Model (embeddings, decoder layers, final norm) of a plain or peft-wrapped causal LM."""
+    inner = getattr(causal_lm(model), "model", None)
+    if inner is None or not hasattr(inner, "layers"):
+        raise ModelError(f"{type(model).__name__} has no `.model.layers`; not a Llama/Qwen2/Mistral-style causal LM")
+    return inner
+
+
+def get_layers(model) -> torch.nn.ModuleList:
+    """Decoder layers of a plain HF causal LM or a PeftModel wrapping it."""
+    return base_model(model).layers
+
+
+def _check_kept(kept: Sequence[int], n_layers: int) -> list[int]:
+    kept = [int(i) for i in kept]
+    if not kept or kept != sorted(set(kept)) or kept[0] < 0 or kept[-1] >= n_layers:
+        raise ValueError(f"kept layers must be a non-empty sorted list of distinct indices in [0, {n_layers}), "
+                         f"got {kept}")
+    return kept
+
+
+def _sub_config(config, kept: list[int]):
+    """Config of the sub-LLM: L* = len(kept) layers; per-layer lists (Qwen2/Gemma `layer_types`) are cut."""
+    config.num_hidden_layers = len(kept)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i] for i in kept]
+    return config
+
+
+def drop_layers(model, keep: Sequence[int]) -> None:
+    """Keep only the decoder layers `keep` (full-model indices) in place: the layer-dropping step that turns
+    M into M* after SGP chose its groups (paper Eq. 3-4). KV-cache indices and the config follow."""
+    layers = get_layers(model)
+    keep = _check_kept(keep, len(layers))
+    base_model(model).layers = torch.nn.ModuleList(layers[i] for i in keep)
+    for new_idx, layer in enumerate(base_model(model).layers):
+        layer.self_attn.layer_idx = new_idx
+    _sub_config(causal_lm(model).config, keep)
+
+
+def layer_maps(kept: Sequence[int]) -> tuple[dict[int, int], dict[int, int]]:
+    """(full -> sub, sub -> full) layer-index maps of a sub-LLM keeping the full-model layers `kept`."""
+    kept = [int(i) for i in kept]
+    return {f: s for s, f in enumerate(kept)}, dict(enumerate(kept))
+
+
+def _sub_state(full_model, kept: list[int]) -> dict[str, torch.Tensor]:
+    """State dict of the kept layers renamed to sub indices (shares storage; tied duplicates written once)."""
+    to_sub, _ = layer_maps(kept)
+    state, seen = {}, set()
+    for key, tensor in full_model.state_dict().items():
+        storage = (tensor.data_ptr(), tuple(tensor.shape))
+        match = _LAYER_KEY.search(key)
+        if match:
+            if int(match.group(1)) not in to_sub:
+                continue
+            key = _LAYER_KEY.sub(f".layers.{to_sub[int(match.group(1))]}.", key, count=1)
+        if storage in seen:
+            continue
+        seen.add(storage)
+        state[key] = tensor.detach().contiguous()
+    return state
+
+
+def build_sub_model(full_model, kept: Sequence[int], quantize: bool, compute_dtype: str = "float32",
+                    double_quant: bool = True, workdir: Path | None = None, device: str = "cpu"):
+    """Build the sub-LLM M* = [E*, A] (kept layers only) as a NEW model; NF4 decoder Linears if `quantize`.
+
+    The kept layers are written once to `workdir` (safetensors + config, no copy of the full model) and loaded
+    back with from_pretrained, quantizing on load (QLoRA NF4, paper Sec. 3.3); embeddings, norms and lm_head keep
+    the full model's dtype. On CUDA (`device="cuda:0"`) bitsandbytes quantizes while placing the weights on the
+    GPU through device_map; that branch is the same call and cannot be exercised on the CPU-only test machines."""
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    if isinstance(full_model, PeftModel):
+        raise ModelError("build_sub_model needs the plain full model, not a PeftModel")
+    kept = _check_kept(kept, len(get_layers(full_model)))
+    quant = None
+    if quantize:
+        quant = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_use_double_quant=double_quant,
+                                      bnb_4bit_compute_dtype=torch_dtype(compute_dtype))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(workdir or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        _sub_config(copy.deepcopy(full_model.config), kept).save_pretrained(folder)
+        save_file(_sub_state(full_model, kept), str(folder / "model.safetensors"), metadata={"format": "pt"})
+        model = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=full_model.dtype, quantization_config=quant,
+                                                        device_map=device)
+    fix_bnb_cpu(model)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------- LoRA
+
+def add_lora(model, layers: Sequence[int], r: int = 8, alpha: int = 16, dropout: float = 0.05,
+             target_modules: Sequence[str] = DEFAULT_TARGETS):
+    """Wrap `model` in a peft LoRA model with adapters on the decoder layers `layers` only (QLoRA on M*'s
+    kept emulator layers s_i and the adapter A). lora_A is drawn from torch's RNG: fixed by torch.manual_seed."""
+    from peft import LoraConfig, get_peft_model
+
+    layers = sorted({int(i) for i in layers})
+    if not layers:
+        raise ValueError("add_lora needs at least one layer index")
+    n_layers = len(get_layers(model))
+    if layers[0] < 0 or layers[-1] >= n_layers:
+        raise ValueError(f"LoRA layers {layers} outside [0, {n_layers})")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                        layers_to_transform=layers, layers_pattern="layers", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    fix_bnb_cpu(peft_model)
+    return peft_model
+
+
+def _layer_of(key: str) -> int | None:
+    match = _LAYER_KEY.search(key)
+    return int(match.group(1)) if match else None
+
+
+def lora_state(model, layers: Iterable[int] | None = None) -> dict[str, torch.Tensor]:
+    """Detached copies of the LoRA tensors of `layers` (all if None), keyed as in get_peft_model_state_dict."""
+    from peft import get_peft_model_state_dict
+
+    wanted = None if layers is None else {int(i) for i in layers}
+    state = get_peft_model_state_dict(model)
+    return {k: state[k].detach().clone() for k in sorted(state) if wanted is None or _layer_of(k) in wanted}
+
+
+def _lora_params(model) -> dict[str, torch.nn.Parameter]:
+    """LoRA parameters of the active adapter, keyed like get_peft_model_state_dict (adapter name removed)."""
+    name = re.compile(rf"(lora_[AB])\.{re.escape(model.active_adapter)}\.")
+    return {name.sub(r"\1.", k): p for k, p in model.named_parameters() if name.search(k)}
+
+
+def load_lora_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Copy LoRA values into the existing parameters in place (optimizer state stays attached)."""
+    params = _lora_params(model)
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise ModelError(f"{len(unknown)} LoRA keys not in the model, e.g. {unknown[0]}")
+    with torch.no_grad():
+        for key, value in state.items():
+            if params[key].shape != value.shape:
+                raise ModelError(f"shape mismatch for {key}: model {tuple(params[key].shape)}, "
+                                 f"state {tuple(value.shape)}")
+            params[key].copy_(value)
+
+
+def remap_layers(state: dict, mapping: dict[int, int]) -> dict:
+    """Rename `.layers.{i}.` to `.layers.{mapping[i]}.` in every key (full <-> sub indices, DESIGN.md)."""
+    out = {}
+    for key, value in state.items():
+        layer = _layer_of(key)
+        if layer is not None:
+            if layer not in mapping:
+                raise ModelError(f"layer {layer} of {key} has no entry in the layer map")
+            key = _LAYER_KEY.sub(f".layers.{mapping[layer]}.", key, count=1)
+        out[key] = value
+    return out
+
+
+def set_trainable(model, layers: Iterable[int]) -> list[torch.nn.Parameter]:
+    """Freeze everything except the LoRA parameters of `layers`; returns those in named_parameters order."""
+    wanted = {int(i) for i in layers}
+    trainable = []
+    for key, param in model.named_parameters():
+        param.requires_grad = "lora_" in key and _layer_of(key) in wanted
+        if param.requires_grad:
+            trainable.append(param)
+    return trainable
+
+
+# ------------------------------------------------------------------------------------- split forward pass
+
+def _layer_masks(inner, hidden: torch.Tensor, attention_mask, position_ids) -> list:
+    """The attention mask of every decoder layer, built exactly as the HF model's own forward builds it."""
+    config = inner.config
+    kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None,
+                  position_ids=position_ids)
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        sliding = getattr(config, "sliding_window", None) is not None
+        types = ["sliding_attention" if sliding else "full_attention"] * len(inner.layers)
+    makers = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+    masks = {t: makers[t](**kwargs) for t in set(types)}
+    return [masks[t] for t in types]
+
+
+def _run_layers(model, hidden: torch.Tensor, attention_mask, start: int, stop: int) -> torch.Tensor:
+    inner = base_model(model)
+    position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    masks = _layer_masks(inner, hidden, attention_mask, position_ids)
+    position_embeddings = inner.rotary_emb(hidden, position_ids=position_ids)
+    for i in range(start, stop):
+        hidden = inner.layers[i](hidden, attention_mask=masks[i], position_ids=position_ids,
+                                 position_embeddings=position_embeddings)
+    return hidden
+
+
+def hidden_before_layer(model, input_ids, attention_mask, layer: int) -> torch.Tensor:
+    """Hidden state entering decoder layer `layer` (x^{layer-1}; the embeddings for 0), running layers
+    0..layer-1 only. With layer = L* - a this is the emulator output E*(x) a client caches (Algorithm 1)."""
+    n_layers = len(get_layers(model))
+    if not 0 <= layer <= n_layers:
+        raise ValueError(f"layer {layer} outside [0, {n_layers}]")
+    hidden = base_model(model).embed_tokens(input_ids)
+    return _run_layers(model, hidden, attention_mask, 0, layer)
+
+
+def forward_from_layer(model, hidden, attention_mask, start: int) -> torch.Tensor:
+    """Run decoder layers start..L-1 on `hidden`, then the final norm: the adapter A on top of a cached
+    emulator output. Returns the final hidden state [B, S, D]."""
+    n_layers = len(get_layers(model))
+    if not 0 <= start <= n_layers:
+        raise ValueError(f"start layer {start} outside [0, {n_layers}]")
+    return base_model(model).norm(_run_layers(model, hidden, attention_mask, start, n_layers))
+
+
+def label_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Causal LM cross-entropy (next-token, shift by one) on the final hidden state; the LM head runs only at
+    positions whose shifted label is not -100, which keeps the [N, vocab] logits small."""
+    keep = labels[:, 1:] != -100
+    if not keep.any():
+        raise ValueError("label_loss: every label is -100, nothing to score")
+    head = causal_lm(model).get_output_embeddings()
+    logits = head(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), labels[:, 1:][keep])
+
+
+# ------------------------------------------------------------------------------------- shipping the model
+
+def _base_state_for_saving(model) -> dict[str, torch.Tensor] | None:
+    """For a PeftModel: the base model's state dict without LoRA entries and with `.base_layer.` unwrapped."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return None
+    state = causal_lm(model).state_dict()
+    return {k.replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
+
+
+def model_bundle(model, tokenizer) -> dict[str, bytes]:
+    """The sub-LLM M* as files {relative name: bytes} (save_pretrained safetensors, NF4 pre-quantized, plus
+    tokenizer): what the server ships once to every client (Algorithm 1, step 4). A PeftModel ships its base
+    model only; LoRA values travel separately."""
+    with tempfile.TemporaryDirectory() as tmp:
+        causal_lm(model).save_pretrained(tmp, safe_serialization=True, state_dict=_base_state_for_saving(model))
+        tokenizer.save_pretrained(tmp)
+        return {str(p.relative_to(tmp)): p.read_bytes() for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
+
+
+def load_bundle(files: dict[str, bytes], workdir: Path, device: str = "cpu"):
+    """Write a shipped bundle to `workdir` and load it (4-bit weights load as Linear4bit) in eval mode."""
+    workdir = Path(workdir).resolve()
+    for name, data in files.items():
+        target = (workdir / name).resolve()
+        if workdir not in target.parents:
+            raise ModelError(f"bundle file name {name!r} escapes {workdir}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return load_causal_lm(workdir, dtype="auto", device=device)
+
+
+def stored_bytes(model) -> int:
+    """Bytes of all parameters and buffers as stored (tied tensors once; NF4 packed weights plus their
+    quantization constants: absmax, nested absmax, code books)."""
+    import bitsandbytes as bnb
+
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if isinstance(module, bnb.nn.Linear4bit) and state is not None:
+            tensors.update({id(t): t for t in state.as_dict(packed=True).values() if torch.is_tensor(t)})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def export_peft_adapter(base_path, adapter_state_full: dict, layers: Sequence[int], r: int, alpha: int,
+                        dropout: float, target_modules: Sequence[str], out_dir) -> None:
+    """Write the final adapter as a standard PEFT folder for the FULL model (full-model layer indices), so
+    `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), out_dir)` rebuilds it."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    allowed = {int(i) for i in layers}
+    stray = [k for k in adapter_state_full if "lora_" not in k or _layer_of(k) not in allowed]
+    if stray:
+        raise ValueError(f"adapter key {stray[0]} is not a LoRA tensor of layers {sorted(allowed)}")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                        layers_to_transform=sorted(allowed), layers_pattern="layers", task_type="CAUSAL_LM",
+                        base_model_name_or_path=str(base_path))
+    out_dir = Path(out_dir)
+    config.save_pretrained(out_dir)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sorted(adapter_state_full.items())}
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,149 @@
+"""Orchestrated distillation alignment (ODA, paper Sec. 4.3, eq. 6-8; Algorithm 2 lines 3-5
+pre-alignment and lines 9-14 re-alignment).
+
+The full LLM M is the teacher, the sub-LLM M* the student; only the LoRA modules at the kept group
+starts s_i train. Layer convention as in sgp.py: layer l's output is HF `hidden_states[l + 1]`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn import Parameter
+from tqdm import tqdm
+
+
+@dataclass
+class AlignPairs:
+    """Which layers eq. 6 compares.
+
+    inter: (full_layer = t_i + n, sub_layer = s_i) pairs of L_inter;
+    full_final: the full model's final emulator layer (L_E - 1);
+    sub_final: the sub-model's final emulator layer (L_E* - 1).
+    """
+    inter: list[tuple[int, int]]
+    full_final: int
+    sub_final: int
+
+
+def _layer_output(hidden_states: tuple[Tensor, ...], layer: int, which: str) -> Tensor:
+    """x^layer = hidden_states[layer + 1]; refuses the last entry, which Llama-style models return normed."""
+    if not 0 <= layer <= len(hidden_states) - 3:
+        raise ValueError(f"{which} layer {layer} is not an un-normed emulator layer of a "
+                         f"{len(hidden_states) - 1}-layer model")
+    return hidden_states[layer + 1]
+
+
+def _masked_mse(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
+    """||a - b||^2 / hidden_size per token, averaged over the tokens where mask is True (float32; b's device)."""
+    diff = (a.to(b.device).float() - b.float())[mask]
+    return diff.pow(2).mean(dim=-1).mean()
+
+
+def _token_kl(teacher_logits: Tensor, student_logits: Tensor, mask: Tensor) -> Tensor:
+    """KL(teacher || student) of the next-token distributions at the tokens where mask is True: [T]."""
+    log_p = F.log_softmax(teacher_logits.to(student_logits.device)[mask].float(), dim=-1)
+    log_q = F.log_softmax(student_logits[mask].float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+def alignment_losses(full_out, sub_out, pairs: AlignPairs, attention_mask: Tensor, alpha: float,
+                     beta: float) -> dict[str, Tensor]:
+    """Eq. 6-8 for one batch.
+
+    L_inter = sum_i ||H_{t_i+n} - H*_{s_i}||^2, L_final = ||H - H*||^2 between the final emulator
+    layers, L_rep = L_inter + L_final (eq. 6); L_KL = KL(M || M*) per token (eq. 7); loss =
+    alpha * L_rep + beta * L_KL (eq. 8). Normalisation: ||.||^2 is the squared L2 distance per token
+    divided by the hidden size (a per-token MSE), and every term is averaged over non-pad tokens, so
+    alpha and beta stay O(1) across model sizes. The teacher (full_out) is detached.
+    Both outputs need `hidden_states` and `logits`.
+    """
+    mask = attention_mask.bool()
+    full_h, sub_h = full_out.hidden_states, sub_out.hidden_states
+    zero = sub_out.logits.new_zeros((), dtype=torch.float32)
+    loss_inter = sum((_masked_mse(_layer_output(full_h, f, "full").detach(), _layer_output(sub_h, s, "sub"), mask)
+                      for f, s in pairs.inter), zero)
+    loss_final = _masked_mse(_layer_output(full_h, pairs.full_final, "full").detach(),
+                             _layer_output(sub_h, pairs.sub_final, "sub"), mask)
+    loss_kl = _token_kl(full_out.logits.detach(), sub_out.logits, mask).mean()
+    loss_rep = loss_inter + loss_final
+    return {"loss": alpha * loss_rep + beta * loss_kl, "loss_rep": loss_rep, "loss_inter": loss_inter,
+            "loss_final": loss_final, "loss_kl": loss_kl}
+
+
+def _forward(model, batch: dict) -> tuple[object, Tensor]:
+    """Forward with hidden states on the model's device; returns (output, attention_mask on that device)."""
+    device = next(model.parameters()).device
+    mask = batch["attention_mask"].to(device)
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=mask, output_hidden_states=True,
+                use_cache=False)
+    return out, mask
+
+
+def align(full_model, sub_model, batches: list[dict], pairs: AlignPairs, params: list[Parameter], epochs: int,
+          lr: float, alpha: float = 1.0, beta: float = 1.0, betas: tuple[float, float] = (0.9, 0.95),
+          progress: bool = False, log: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+    """Algorithm 2 lines 3-5 (pre-alignment) and 10-12 (re-alignment): minimize eq. 8 over `params`.
+
+    AdamW (torch defaults besides lr and betas) updates only `params` (the emulator LoRA at s_i; the
+    caller sets requires_grad). The teacher runs in eval mode under no_grad, the student in train
+    mode (its previous mode is restored afterwards). Returns one dict of floats per optimizer step
+    (epoch, step, loss, loss_rep, loss_inter, loss_final, loss_kl); `log`, if given, gets each dict.
+    Deterministic given the torch seed.
+    """
+    if not params or not all(p.requires_grad for p in params):
+        raise ValueError("align needs a non-empty list of parameters with requires_grad=True")
+    if epochs < 0 or lr <= 0:
+        raise ValueError(f"align needs epochs >= 0 and lr > 0, got epochs={epochs}, lr={lr}")
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=betas)
+    was_training = sub_model.training
+    full_model.eval()
+    sub_model.train()
+    history: list[dict[str, float]] = []
+    bar = tqdm(total=epochs * len(batches), desc="ODA align", disable=not progress)
+    for epoch in range(epochs):
+        for batch in batches:
+            with torch.no_grad():
+                full_out, _ = _forward(full_model, batch)
+            sub_out, mask = _forward(sub_model, batch)
+            losses = alignment_losses(full_out, sub_out, pairs, mask, alpha, beta)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+            record = {"epoch": float(epoch), "step": float(len(history))}
+            record.update({k: float(v.detach()) for k, v in losses.items()})
+            history.append(record)
+            if log is not None:
+                log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+    bar.close()
+    optimizer.zero_grad(set_to_none=True)
+    sub_model.train(was_training)
+    return history
+
+
+@torch.no_grad()
+def kl_divergence(full_model, sub_model, batches: list[dict]) -> float:
+    """Mean token KL(M || M*) (eq. 7) over all non-pad tokens of `batches` (e.g. held-out public text).
+
+    Both models run in eval mode; their previous modes are restored.
+    """
+    modes = full_model.training, sub_model.training
+    full_model.eval()
+    sub_model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        full_out, _ = _forward(full_model, batch)
+        sub_out, mask = _forward(sub_model, batch)
+        kl = _token_kl(full_out.logits, sub_out.logits, mask)
+        total += float(kl.double().sum())
+        count += kl.numel()
+    full_model.train(modes[0])
+    sub_model.train(modes[1])
+    if count == 0:
+        raise ValueError("kl_divergence got no non-pad tokens")
+    return total / count

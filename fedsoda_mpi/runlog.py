@@ -1,0 +1,130 @@
+"""The run folder: `run.h5` (the one record of a run, DESIGN.md schema), `config.yaml`, `log.txt`.
+
+Only rank 0 writes the HDF5 file; rows are appended to resizable datasets and flushed every round,
+so another process can read it during the run with `HDF5_USE_FILE_LOCKING=FALSE`:
+
+    HDF5_USE_FILE_LOCKING=FALSE python -c "import h5py; print(h5py.File('runs/NAME/run.h5')['rounds/train_loss'][:])"
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .config import ROOT, Config, to_yaml
+
+PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "h5py", "numpy", "mpi4py", "safetensors")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+def git_commit() -> str:
+    """The commit of the checkout the code runs from (+ '-dirty' with local changes), or 'unknown'."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+class RunLog:
+    """Text log on every rank (rank 0: log.txt, others: log.rank<R>.txt); HDF5 + config.yaml on rank 0."""
+
+    def __init__(self, run_dir: Path, rank: int = 0, echo: bool = True):
+        self.run_dir = Path(run_dir)
+        self.rank = rank
+        self.echo = echo
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._text = open(self.run_dir / ("log.txt" if rank == 0 else f"log.rank{rank}.txt"), "a", buffering=1)
+        self.h5: h5py.File | None = None
+        self._t0 = time.time()
+
+    def log(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')} +{time.time() - self._t0:7.1f}s rank {self.rank}] {msg}"
+        self._text.write(line + "\n")
+        if self.echo and self.rank == 0:
+            print(line, flush=True)
+
+    def open_h5(self, cfg: Config, world_size: int, model_name: str, mode: str = "a") -> h5py.File:
+        """Create (or reopen on resume) run.h5 with the root attributes and write config.yaml."""
+        assert self.rank == 0, "only rank 0 writes the run file"
+        (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        self.h5 = h5py.File(self.run_dir / "run.h5", mode)
+        attrs = {"config_json": json.dumps(cfg.to_dict()), "method": cfg.method, "model": model_name,
+                 "world_size": world_size, "n_clients": cfg.fed.clients, "versions_json": json.dumps(versions()),
+                 "git_commit": git_commit(), "command": " ".join(sys.argv)}
+        for k, v in attrs.items():
+            self.h5.attrs[k] = v
+        self.h5.flush()
+        return self.h5
+
+    def write(self, path: str, data, **attrs) -> None:
+        """Write (or replace) a whole dataset, e.g. `/sgp/distance`."""
+        if self.h5 is None:
+            return
+        if path in self.h5:
+            del self.h5[path]
+        ds = self.h5.create_dataset(path, data=np.asarray(data))
+        for k, v in attrs.items():
+            ds.attrs[k] = v
+
+    def append(self, group: str, row: dict) -> None:
+        """Append one row to each `group/key` dataset (resizable along axis 0)."""
+        if self.h5 is None:
+            return
+        for key, value in row.items():
+            arr = np.asarray(value)
+            if arr.dtype == np.float64:
+                arr = arr.astype(np.float32) if key not in ("wall_s",) else arr
+            path = f"{group}/{key}"
+            if path not in self.h5:
+                self.h5.create_dataset(path, shape=(0, *arr.shape), maxshape=(None, *arr.shape), dtype=arr.dtype,
+                                       chunks=(max(1, 4096 // max(arr.nbytes, 1)), *arr.shape) if arr.shape else (256,))
+            ds = self.h5[path]
+            ds.resize(ds.shape[0] + 1, axis=0)
+            ds[-1] = arr
+
+    def truncate(self, group: str, rows: int) -> None:
+        """Drop rows past `rows` in every dataset of `group` (resume after a checkpoint: no duplicate rows)."""
+        if self.h5 is None or group not in self.h5:
+            return
+        for ds in self.h5[group].values():
+            if isinstance(ds, h5py.Dataset) and ds.maxshape[0] is None and ds.shape[0] > rows:
+                ds.resize(rows, axis=0)
+
+    def set_attrs(self, path: str, **attrs) -> None:
+        if self.h5 is None:
+            return
+        obj = self.h5.require_group(path) if path not in self.h5 else self.h5[path]
+        for k, v in attrs.items():
+            obj.attrs[k] = v
+
+    def flush(self) -> None:
+        if self.h5 is not None:
+            self.h5.flush()
+        self._text.flush()
+
+    def close(self) -> None:
+        if self.h5 is not None:
+            self.h5.close()
+            self.h5 = None
+        self._text.close()

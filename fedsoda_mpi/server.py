@@ -1,0 +1,221 @@
+"""Server side (rank 0): Algorithm 2 lines 1-5 (SGP, sub-LLM, NF4 + LoRA, pre-alignment), 9-13
+(re-alignment), 18 (FedAvg), 22 (plug-in) and the evaluation of the full LLM. No MPI here: the
+protocol that moves tensors between ranks is `main.run`, the transport `comm.py`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from . import data, models, oda, sgp
+from .aggregate import fedavg
+from .config import Config
+from .evaluate import evaluate
+from .methods import Plan
+from .runlog import RunLog
+
+
+def model_path(name: str) -> Path:
+    """A prepared model name (under $FEDSODA_MODELS) or a path to an HF folder."""
+    from .prepare import models_dir
+
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return p
+    return models_dir() / name.replace("hf:", "").replace("/", "--")
+
+
+def num_layers_of(path: Path) -> int:
+    """Read num_hidden_layers from config.json (no model load; used to validate before MPI work)."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"model folder {path} has no config.json; prepare it with "
+                                f"`python -m fedsoda_mpi.prepare model {path.name}`")
+    return int(json.loads(cfg_file.read_text())["num_hidden_layers"])
+
+
+def public_batches(cfg: Config, tokenizer, holdout: bool, limit: int, rng: np.random.Generator | None = None) -> list[dict]:
+    """Batches of D_public (WikiText-2 or GSM8K train): the first `limit` texts, or a random sample."""
+    texts = data.load_public(cfg.data.public, holdout=holdout)
+    if rng is not None:
+        texts = [texts[i] for i in rng.choice(len(texts), size=min(limit, len(texts)), replace=False)]
+    else:
+        texts = texts[:limit]
+    return data.public_batches(tokenizer, texts, cfg.data.public_max_len, cfg.oda.batch_size)
+
+
+class Server:
+    """Holds the full LLM M (with the adapter LoRA plugged in) and the aligned sub-LLM M*."""
+
+    def __init__(self, cfg: Config, log: RunLog, device: torch.device):
+        self.cfg, self.log, self.device = cfg, log, device
+        self.workdir = Path(tempfile.mkdtemp(prefix="fedsoda-server-"))
+        self.path = model_path(cfg.model.name)
+        t0 = time.time()
+        self.full, self.tok = models.load_causal_lm(self.path, cfg.model.dtype, str(device))
+        data.ensure_pad_token(self.tok)
+        self.L = len(models.get_layers(self.full))
+        log.log(f"loaded {self.path} ({self.L} layers) in {time.time() - t0:.1f}s")
+        self.public = public_batches(cfg, self.tok, holdout=False, limit=cfg.data.public_samples)
+        self.heldout = public_batches(cfg, self.tok, holdout=True, limit=16)
+        self.probe = self.heldout[:1]
+
+    # Algorithm 1 / Algorithm 2 line 1
+    def plan_layers(self) -> Plan:
+        """SGP (eq. 5 profile + exact group choice) or, with sgp.enabled=false, a uniform layer drop."""
+        cfg, L = self.cfg, self.L
+        la = cfg.model.adapter_layers or L
+        n, p = cfg.sgp.n, cfg.sgp.p
+        if p == 0:
+            return Plan(L, la, list(range(L)), [], [])
+        L_E = L - la
+        if cfg.sgp.enabled:
+            n_max = cfg.sgp.n_max or max(n, 4)
+            t0 = time.time()
+            res = sgp.run_sgp(self.full, self.public, n=n, p=p, num_emulator_layers=L_E, n_max=min(n_max, L_E - 1),
+                              token=cfg.sgp.token)
+            self.log.log(f"SGP: profile {res.distance.shape} in {time.time() - t0:.1f}s, groups {res.groups}")
+            self.log.write("sgp/distance", res.distance.astype(np.float32))
+            groups = [tuple(map(int, g)) for g in res.groups]
+        else:
+            kept_e = sgp.uniform_drop(L, 0, la, n * p)
+            groups = []  # uniform drop: no groups, no L_inter pairs
+            self.log.log(f"uniform drop of {n * p} emulator layers, kept {kept_e}")
+            plan = Plan(L, la, kept_e, [], [])
+            self._write_plan(plan)
+            return plan
+        kept = sgp.kept_layers(L, groups)
+        plan = Plan(L, la, kept, groups, [tuple(map(int, m)) for m in sgp.layer_map(groups, kept)])
+        self._write_plan(plan)
+        return plan
+
+    def _write_plan(self, plan: Plan) -> None:
+        self.log.write("sgp/groups", np.asarray(plan.groups, dtype=np.int32).reshape(-1, 2))
+        self.log.write("sgp/kept_layers", np.asarray(plan.kept, dtype=np.int32))
+        self.log.write("sgp/layer_map", np.asarray(plan.layer_map, dtype=np.int32).reshape(-1, 2))
+
+    # Algorithm 2 line 2
+    def build(self, plan: Plan) -> None:
+        """Sub-LLM M* = [E*, A] (NF4 when quant.enabled) with LoRA on s_i and the adapter; LoRA on M's adapter."""
+        cfg = self.cfg
+        self.plan = plan
+        t0 = time.time()
+        sub = models.build_sub_model(self.full, plan.kept, cfg.quant.enabled, cfg.quant.compute_dtype,
+                                     cfg.quant.double_quant, self.workdir / "sub")
+        self.bundle = models.model_bundle(sub, self.tok)
+        self.sub = models.add_lora(sub, sorted(plan.emulator_lora_sub + plan.adapter_sub), **self._lora_kw())
+        self.full = models.add_lora(self.full, plan.adapter_full, **self._lora_kw())
+        self.global_adapter = models.lora_state(self.sub, plan.adapter_sub)
+        self.sync_full()
+        self.log.log(f"sub-LLM: {plan.sub_layers}/{plan.num_layers} layers, quantized={cfg.quant.enabled}, "
+                     f"{models.stored_bytes(models.base_model(sub)) / 2**20:.1f} MiB as stored, built in {time.time() - t0:.1f}s")
+
+    def _lora_kw(self) -> dict:
+        c = self.cfg.lora
+        return dict(r=c.r, alpha=c.alpha, dropout=c.dropout, target_modules=list(c.target_modules))
+
+    def emulator_lora(self) -> dict[str, torch.Tensor]:
+        return models.lora_state(self.sub, self.plan.emulator_lora_sub)
+
+    def sync_full(self) -> None:
+        """Algorithm 2 line 22: plug the global adapter LoRA (sub-LLM indices) into the full LLM."""
+        models.load_lora_state(self.full, models.remap_layers(self.global_adapter, self.plan.sub_to_full))
+        models.load_lora_state(self.sub, self.global_adapter)
+
+    def _pairs(self) -> oda.AlignPairs:
+        return oda.AlignPairs(inter=self.plan.align_pairs, full_final=self.plan.num_layers - self.plan.adapter_size - 1,
+                              sub_final=self.plan.emulator_size - 1)
+
+    def _align(self, batches: list[dict], epochs: int) -> list[dict]:
+        params = models.set_trainable(self.sub, self.plan.emulator_lora_sub)
+        models.set_trainable(self.full, [])
+        c = self.cfg.oda
+        return oda.align(self.full, self.sub, batches, self._pairs(), params, epochs, c.lr, c.alpha, c.beta,
+                         progress=os.environ.get("FEDSODA_PROGRESS", "1") == "1")
+
+    # Algorithm 2 lines 3-5
+    def pre_align(self) -> None:
+        if not (self.cfg.oda.pre_align and self.plan.emulator_lora_sub and self.cfg.oda.pre_epochs > 0):
+            return
+        kl_before = oda.kl_divergence(self.full, self.sub, self.heldout)
+        t0 = time.time()
+        steps = self._align(self.public, self.cfg.oda.pre_epochs)
+        kl_after = oda.kl_divergence(self.full, self.sub, self.heldout)
+        for key in ("loss", "loss_rep", "loss_kl"):
+            self.log.write(f"oda/pre/{key}", np.array([s[key] for s in steps], dtype=np.float32))
+        self.log.set_attrs("oda/pre", kl_before=kl_before, kl_after=kl_after, seconds=time.time() - t0)
+        self.log.log(f"pre-alignment: {len(steps)} steps in {time.time() - t0:.1f}s, held-out KL(M||M*) "
+                     f"{kl_before:.4f} -> {kl_after:.4f} ({100 * (1 - kl_after / kl_before):.1f}% lower)")
+
+    # Algorithm 2 lines 9-12
+    def re_align(self, rnd: int) -> None:
+        rng = np.random.default_rng([self.cfg.seed, rnd, 7])
+        batches = public_batches(self.cfg, self.tok, holdout=False, limit=self.cfg.oda.re_samples, rng=rng)
+        steps = self._align(batches, self.cfg.oda.re_epochs)
+        mean = {k: float(np.mean([s[k] for s in steps])) for k in ("loss", "loss_rep", "loss_kl")}
+        self.log.append("oda/re", {"round": np.int32(rnd), **{k: np.float32(v) for k, v in mean.items()}})
+        self.log.log(f"round {rnd}: re-alignment {len(steps)} steps, loss {mean['loss']:.4f}")
+
+    # Algorithm 2 line 18
+    def aggregate(self, updates: list[dict], weights: list[float]) -> list[int]:
+        avg, rejected = fedavg(updates, weights)
+        if avg is None:
+            self.log.log("WARNING: every client update was rejected (NaN/Inf); round skipped, global LoRA kept")
+        else:
+            self.global_adapter = avg
+            self.sync_full()
+        return rejected
+
+    @torch.no_grad()
+    def drift(self) -> np.ndarray:
+        """Angular distance between sub-LLM layer s_i and full-LLM layer t_i + n on a fixed probe batch."""
+        if not self.plan.align_pairs:
+            return np.zeros(0, dtype=np.float32)
+        b = self.probe[0]
+        self.full.eval()
+        self.sub.eval()
+        hf = self.full(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True).hidden_states
+        hs = self.sub(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True).hidden_states
+        last = b["attention_mask"].sum(1) - 1
+        rows = torch.arange(len(last))
+        return np.array([sgp.angular_distance(hf[f + 1][rows, last], hs[s + 1][rows, last]).mean().item()
+                         for f, s in self.plan.align_pairs], dtype=np.float32)
+
+    def evaluate(self, which: str = "full") -> dict:
+        c = self.cfg.eval
+        model = self.full if which == "full" else self.sub
+        return evaluate(model, self.tok, self.cfg.data.task, max_examples=c.max_examples or None,
+                        batch_size=c.batch_size, k_shot=c.k_shot, max_new_tokens=c.max_new_tokens, seed=self.cfg.seed)
+
+    def checkpoint(self, rnd: int) -> Path:
+        """Atomic (write, then rename) safetensors of the global adapter + emulator LoRA and a JSON state."""
+        ckdir = self.log.run_dir / "checkpoints"
+        ckdir.mkdir(exist_ok=True)
+        tmp = ckdir / f".round{rnd:05d}.tmp"
+        tmp.mkdir(exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.global_adapter.items()}, tmp / "adapter.safetensors")
+        save_file({k: v.contiguous() for k, v in self.emulator_lora().items()} or {"_": torch.zeros(0)},
+                  tmp / "emulator.safetensors")
+        (tmp / "state.json").write_text(json.dumps({"round": rnd, "seed": self.cfg.seed, "plan": self.plan.to_dict()}))
+        final = ckdir / f"round{rnd:05d}"
+        if final.exists():
+            for f in final.iterdir():
+                f.unlink()
+            final.rmdir()
+        tmp.rename(final)
+        return final
+
+    def export_adapter(self) -> Path:
+        """run_dir/adapter: a standard PEFT adapter for the FULL model (full-model layer indices)."""
+        out = self.log.run_dir / "adapter"
+        c = self.cfg.lora
+        models.export_peft_adapter(str(self.path), models.remap_layers(self.global_adapter, self.plan.sub_to_full),
+                                   self.plan.adapter_full, c.r, c.alpha, c.dropout, list(c.target_modules), out)
+        return out

@@ -1,0 +1,77 @@
+"""Shared test fixtures: tiny HF models built from configs, the real SmolLM2 model (prepared on
+first use from the PyPI GGUF), the real data folder, and a helper that runs real `mpirun`."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_causal_lm(family: str = "llama", layers: int = 8, hidden: int = 64, vocab: int = 128, seed: int = 0):
+    """A randomly initialised causal LM of the given family, small enough for unit tests."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "llama":
+        cfg = tf.LlamaConfig(**common)
+        model = tf.LlamaForCausalLM(cfg)
+    elif family == "qwen2":
+        cfg = tf.Qwen2Config(**common, use_sliding_window=False)
+        model = tf.Qwen2ForCausalLM(cfg)
+    elif family == "mistral":
+        cfg = tf.MistralConfig(**common, sliding_window=32)
+        model = tf.MistralForCausalLM(cfg)
+    else:
+        raise ValueError(family)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_causal_lm("llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """Path of the converted SmolLM2-135M-Instruct folder (converted once, then cached)."""
+    from fedsoda_mpi.prepare import prepare_model
+
+    return prepare_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def data_root():
+    from fedsoda_mpi.data import data_dir
+
+    return data_dir()
+
+
+MPI_ENV = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "OMPI_MCA_mpi_yield_when_idle": "1",
+    "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
+    "OMP_NUM_THREADS": "1",
+    "HDF5_USE_FILE_LOCKING": "FALSE",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def mpirun(n: int, args: list[str], timeout: float, env: dict | None = None, mpi4py_launch: bool = True,
+           cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run `mpirun -n N python [-m mpi4py] ARGS` as a subprocess with the venv's own mpirun."""
+    exe = Path(sys.executable)
+    launcher = exe.parent / "mpirun"
+    if not launcher.exists():
+        launcher = "mpirun"
+    py = [sys.executable, "-m", "mpi4py"] if mpi4py_launch else [sys.executable]
+    full_env = {**os.environ, **MPI_ENV, **(env or {})}
+    cmd = [str(launcher), "-n", str(n), *py, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
