@@ -192,7 +192,8 @@ class _StopOnStrings(StoppingCriteria):
 
 def _generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int,
               batch_size: int) -> list[str]:
-    """Greedy continuations of `prompts` (left-padded batches, sorted by length), cut at eos / stop strings.
+    """Greedy continuations of `prompts` (left-padded batches, sorted by length), cut at eos / stop strings
+    and stripped of trailing whitespace.
 
     Padding is built here from token ids, so the tokenizer's padding side is never changed.
     """
@@ -216,7 +217,7 @@ def _generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new
                                    stopping_criteria=stop)[:, ids.shape[1]:].tolist()
         for i, tokens in zip(idx, generated):
             end = next((j for j, t in enumerate(tokens) if t in eos), len(tokens))
-            outputs[i] = _truncate_at_stop(tokenizer.decode(tokens[:end], skip_special_tokens=True))
+            outputs[i] = _truncate_at_stop(tokenizer.decode(tokens[:end], skip_special_tokens=True)).rstrip()
     return outputs
 
 

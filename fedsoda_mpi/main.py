@@ -75,6 +75,20 @@ def seed_all(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+def write_holdings(run_dir: Path, comm, model, params, model_bytes: int) -> None:
+    """What this client rank holds (checked by the tests: never the full LLM)."""
+    import json
+
+    from . import models
+
+    held = {"rank": comm.rank, "decoder_layers": len(models.get_layers(model)),
+            "linear4bit": sum(type(m).__name__ == "Linear4bit" for m in model.modules()),
+            "stored_bytes": models.stored_bytes(models.base_model(model)), "received_model_bytes": model_bytes,
+            "trainable_params": sum(p.numel() for p in params),
+            "parameter_names": sorted({n.split(".layers.")[0] for n, _ in model.named_parameters()})}
+    (run_dir / f"client_rank{comm.rank}.json").write_text(json.dumps(held, indent=1))
+
+
 def run(cfg: Config, comm) -> dict | None:
     """The protocol of Algorithm 2 across ranks; returns the final results on rank 0."""
     from . import data, models
@@ -137,6 +151,7 @@ def run(cfg: Config, comm) -> dict | None:
         cache = EmulatorCache(cfg.fed.emulator_cache)
         log.log(f"client rank {comm.rank}: {len(mine)} virtual clients, sub-LLM {plan.sub_layers} layers, "
                 f"{sum(p.numel() for p in params)} trainable params")
+        write_holdings(run_dir, comm, sub, params, model_bytes)
     del files
 
     # schemas, agreed once

@@ -2,10 +2,10 @@
 
 Layer indices follow DESIGN.md: decoder layer l of the full model produces x^l; a sub-LLM keeps the full-model
 layers `kept` (sorted) and renumbers them 0..L*-1 (`layer_maps`). The client's sub-LLM is NF4-quantized with
-bitsandbytes (QLoRA, paper Sec. 3.3) and trains LoRA only; LoRA tensors travel as peft state-dict entries
-(`base_model.model.model.layers.{i}.<module>.lora_{A,B}.weight`), renamed between full and sub indices by
-`remap_layers`. The forward helpers split one forward pass at a layer boundary so a client can cache the frozen
-emulator's output x^{L*-a} once and train the adapter A on top of it (Algorithm 1, local update).
+bitsandbytes (QLoRA, paper Sec. 3.1; Algorithm 2 step 2) and trains LoRA only; LoRA tensors travel as peft
+state-dict entries (`base_model.model.model.layers.{i}.<module>.lora_{A,B}.weight`), renamed between full and
+sub indices by `remap_layers`. The forward helpers split one forward pass at a layer boundary so a client can
+cache the frozen emulator's output x^{L*-a} once and train the adapter A on top of it (Sec. 4.4, Eq. 9).
 """
 from __future__ import annotations
 
@@ -119,7 +119,8 @@ def _sub_config(config, kept: list[int]):
 
 def drop_layers(model, keep: Sequence[int]) -> None:
     """Keep only the decoder layers `keep` (full-model indices) in place: the layer-dropping step that turns
-    M into M* after SGP chose its groups (paper Eq. 3-4). KV-cache indices and the config follow."""
+    M into M* after SGP chose its groups (Algorithm 1 step 7, Prune_Layers). KV-cache indices and the
+    config follow."""
     layers = get_layers(model)
     keep = _check_kept(keep, len(layers))
     base_model(model).layers = torch.nn.ModuleList(layers[i] for i in keep)
@@ -135,21 +136,37 @@ def layer_maps(kept: Sequence[int]) -> tuple[dict[int, int], dict[int, int]]:
 
 
 def _sub_state(full_model, kept: list[int]) -> dict[str, torch.Tensor]:
-    """State dict of the kept layers renamed to sub indices (shares storage; tied duplicates written once)."""
+    """State dict of the kept layers renamed to sub indices (tensors shared with the full model, not copied)."""
     to_sub, _ = layer_maps(kept)
-    state, seen = {}, set()
+    state = {}
     for key, tensor in full_model.state_dict().items():
-        storage = (tensor.data_ptr(), tuple(tensor.shape))
-        match = _LAYER_KEY.search(key)
-        if match:
-            if int(match.group(1)) not in to_sub:
+        layer = _layer_of(key)
+        if layer is not None:
+            if layer not in to_sub:
                 continue
-            key = _LAYER_KEY.sub(f".layers.{to_sub[int(match.group(1))]}.", key, count=1)
-        if storage in seen:
+            key = _LAYER_KEY.sub(f".layers.{to_sub[layer]}.", key, count=1)
+        state[key] = tensor
+    return state
+
+
+def _write_checkpoint(model, config, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Write config (+ generation config) and one safetensors file; tied tensors are written once.
+
+    Used instead of save_pretrained because transformers 5 ignores save_pretrained(state_dict=...) for
+    bitsandbytes-quantized models, and the sub-LLM and the peft base model both need a custom state dict."""
+    from safetensors.torch import save_file
+
+    config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    unique, seen = {}, set()
+    for key, tensor in state.items():
+        storage = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and storage in seen:
             continue
         seen.add(storage)
-        state[key] = tensor.detach().contiguous()
-    return state
+        unique[key] = tensor.detach().contiguous()
+    save_file(unique, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def build_sub_model(full_model, kept: Sequence[int], quantize: bool, compute_dtype: str = "float32",
@@ -157,11 +174,10 @@ def build_sub_model(full_model, kept: Sequence[int], quantize: bool, compute_dty
     """Build the sub-LLM M* = [E*, A] (kept layers only) as a NEW model; NF4 decoder Linears if `quantize`.
 
     The kept layers are written once to `workdir` (safetensors + config, no copy of the full model) and loaded
-    back with from_pretrained, quantizing on load (QLoRA NF4, paper Sec. 3.3); embeddings, norms and lm_head keep
+    back with from_pretrained, quantizing on load (NF4, Algorithm 2 step 2); embeddings, norms and lm_head keep
     the full model's dtype. On CUDA (`device="cuda:0"`) bitsandbytes quantizes while placing the weights on the
     GPU through device_map; that branch is the same call and cannot be exercised on the CPU-only test machines."""
     from peft import PeftModel
-    from safetensors.torch import save_file
 
     if isinstance(full_model, PeftModel):
         raise ModelError("build_sub_model needs the plain full model, not a PeftModel")
@@ -174,8 +190,8 @@ def build_sub_model(full_model, kept: Sequence[int], quantize: bool, compute_dty
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(workdir or tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        _sub_config(copy.deepcopy(full_model.config), kept).save_pretrained(folder)
-        save_file(_sub_state(full_model, kept), str(folder / "model.safetensors"), metadata={"format": "pt"})
+        _write_checkpoint(full_model, _sub_config(copy.deepcopy(full_model.config), kept),
+                          _sub_state(full_model, kept), folder)
         model = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=full_model.dtype, quantization_config=quant,
                                                         device_map=device)
     fix_bnb_cpu(model)
@@ -187,7 +203,8 @@ def build_sub_model(full_model, kept: Sequence[int], quantize: bool, compute_dty
 def add_lora(model, layers: Sequence[int], r: int = 8, alpha: int = 16, dropout: float = 0.05,
              target_modules: Sequence[str] = DEFAULT_TARGETS):
     """Wrap `model` in a peft LoRA model with adapters on the decoder layers `layers` only (QLoRA on M*'s
-    kept emulator layers s_i and the adapter A). lora_A is drawn from torch's RNG: fixed by torch.manual_seed."""
+    kept emulator layers s_i and the adapter A, Algorithm 2 step 2). lora_A is drawn from torch's RNG, so
+    torch.manual_seed fixes it."""
     from peft import LoraConfig, get_peft_model
 
     layers = sorted({int(i) for i in layers})
@@ -213,7 +230,7 @@ def lora_state(model, layers: Iterable[int] | None = None) -> dict[str, torch.Te
     from peft import get_peft_model_state_dict
 
     wanted = None if layers is None else {int(i) for i in layers}
-    state = get_peft_model_state_dict(model)
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)  # no embedding LoRA; skips a hub lookup
     return {k: state[k].detach().clone() for k in sorted(state) if wanted is None or _layer_of(k) in wanted}
 
 
@@ -290,7 +307,7 @@ def _run_layers(model, hidden: torch.Tensor, attention_mask, start: int, stop: i
 
 def hidden_before_layer(model, input_ids, attention_mask, layer: int) -> torch.Tensor:
     """Hidden state entering decoder layer `layer` (x^{layer-1}; the embeddings for 0), running layers
-    0..layer-1 only. With layer = L* - a this is the emulator output E*(x) a client caches (Algorithm 1)."""
+    0..layer-1 only. With layer = L* - a this is the frozen sub-emulator output E*(x) a client caches (Sec. 4.4)."""
     n_layers = len(get_layers(model))
     if not 0 <= layer <= n_layers:
         raise ValueError(f"layer {layer} outside [0, {n_layers}]")
@@ -300,7 +317,8 @@ def hidden_before_layer(model, input_ids, attention_mask, layer: int) -> torch.T
 
 def forward_from_layer(model, hidden, attention_mask, start: int) -> torch.Tensor:
     """Run decoder layers start..L-1 on `hidden`, then the final norm: the adapter A on top of a cached
-    emulator output. Returns the final hidden state [B, S, D]."""
+    emulator output. Returns the final hidden state [B, S, D]. Positions are 0..S-1 as in HF's own forward
+    (right padding)."""
     n_layers = len(get_layers(model))
     if not 0 <= start <= n_layers:
         raise ValueError(f"start layer {start} outside [0, {n_layers}]")
@@ -320,22 +338,14 @@ def label_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 # ------------------------------------------------------------------------------------- shipping the model
 
-def _base_state_for_saving(model) -> dict[str, torch.Tensor] | None:
-    """For a PeftModel: the base model's state dict without LoRA entries and with `.base_layer.` unwrapped."""
-    from peft import PeftModel
-
-    if not isinstance(model, PeftModel):
-        return None
-    state = causal_lm(model).state_dict()
-    return {k.replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
-
-
 def model_bundle(model, tokenizer) -> dict[str, bytes]:
-    """The sub-LLM M* as files {relative name: bytes} (save_pretrained safetensors, NF4 pre-quantized, plus
-    tokenizer): what the server ships once to every client (Algorithm 1, step 4). A PeftModel ships its base
-    model only; LoRA values travel separately."""
+    """The sub-LLM M* as files {relative name: bytes} (config, safetensors with NF4 weights pre-quantized,
+    tokenizer): what the server ships once to every client (Algorithm 2 step 6). A PeftModel ships its base
+    model only (LoRA entries dropped, `.base_layer.` unwrapped); LoRA values travel separately."""
+    causal = causal_lm(model)
+    state = {k.replace(".base_layer.", "."): v for k, v in causal.state_dict().items() if "lora_" not in k}
     with tempfile.TemporaryDirectory() as tmp:
-        causal_lm(model).save_pretrained(tmp, safe_serialization=True, state_dict=_base_state_for_saving(model))
+        _write_checkpoint(causal, causal.config, state, Path(tmp))
         tokenizer.save_pretrained(tmp)
         return {str(p.relative_to(tmp)): p.read_bytes() for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
 
@@ -354,7 +364,7 @@ def load_bundle(files: dict[str, bytes], workdir: Path, device: str = "cpu"):
 
 def stored_bytes(model) -> int:
     """Bytes of all parameters and buffers as stored (tied tensors once; NF4 packed weights plus their
-    quantization constants: absmax, nested absmax, code books)."""
+    quantization constants: absmax, nested absmax, code books; about 4.127 bits per weight, paper App. C)."""
     import bitsandbytes as bnb
 
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}

@@ -45,6 +45,7 @@ def _masked_mse(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
 
 def _token_kl(teacher_logits: Tensor, student_logits: Tensor, mask: Tensor) -> Tensor:
     """KL(teacher || student) of the next-token distributions at the tokens where mask is True: [T]."""
+    mask = mask.bool()
     log_p = F.log_softmax(teacher_logits.to(student_logits.device)[mask].float(), dim=-1)
     log_q = F.log_softmax(student_logits[mask].float(), dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1)

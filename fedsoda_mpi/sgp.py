@@ -21,6 +21,18 @@ from torch import Tensor
 TOKEN_MODES = ("last", "all")
 
 
+def _unit(x: Tensor) -> Tensor:
+    """x / ||x|| along the last dim in float32 (a zero vector stays zero)."""
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _unit_angle(ua: Tensor, ub: Tensor) -> Tensor:
+    """Angle between unit vectors over pi: 2 * atan2(|ua - ub|, |ua + ub|) / pi, clamped to [0, 1]."""
+    angle = 2 * torch.atan2((ua - ub).norm(dim=-1), (ua + ub).norm(dim=-1))
+    return (angle / math.pi).clamp(0.0, 1.0)
+
+
 def angular_distance(a: Tensor, b: Tensor) -> Tensor:
     """Eq. 5: d(a, b) = arccos(cos(a, b)) / pi along the last dim, in float32, within [0, 1].
 
@@ -28,11 +40,7 @@ def angular_distance(a: Tensor, b: Tensor) -> Tensor:
     clamped arccos form but stays exact near 0 (arccos of a rounded cosine of identical vectors gives
     ~1e-4, the size of the smallest distances SGP has to rank). A zero vector gives 0.5 (cos = 0).
     """
-    a, b = a.float(), b.float()
-    ua = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    ub = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    angle = 2 * torch.atan2((ua - ub).norm(dim=-1), (ua + ub).norm(dim=-1))
-    return (angle / math.pi).clamp(0.0, 1.0)
+    return _unit_angle(_unit(a), _unit(b))
 
 
 def _token_mask(attention_mask: Tensor, token: str) -> Tensor:
@@ -50,11 +58,11 @@ def _batch_distance_sums(hidden: Tensor, select: Tensor, n_max: int) -> Tensor:
 
     hidden is [B, S, L_E, H] (x^0..x^{L_E-1}); select is a boolean [B, S] token mask.
     """
-    tokens = hidden[select]  # [T, L_E, H]
-    num_layers = tokens.shape[1]
+    units = _unit(hidden[select])  # [T, L_E, H]
+    num_layers = units.shape[1]
     sums = torch.zeros(n_max, num_layers, dtype=torch.float64)
     for n in range(1, n_max + 1):
-        d = angular_distance(tokens[:, :-n], tokens[:, n:])  # [T, L_E - n]
+        d = _unit_angle(units[:, :-n], units[:, n:])  # [T, L_E - n], eq. 5
         sums[n - 1, : num_layers - n] = d.double().sum(dim=0).cpu()
     return sums
 
@@ -66,10 +74,6 @@ def _check_profile_args(n_max: int, num_emulator_layers: int, token: str) -> Non
         raise ValueError(f"num_emulator_layers must be >= 2, got {num_emulator_layers}")
     if not 1 <= n_max <= num_emulator_layers - 1:
         raise ValueError(f"n_max must be in [1, {num_emulator_layers - 1}], got {n_max}")
-
-
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 @torch.no_grad()
@@ -85,7 +89,7 @@ def distance_profile(model, batches: Iterable[dict], n_max: int, num_emulator_la
     """
     _check_profile_args(n_max, num_emulator_layers, token)
     model.eval()
-    device = _model_device(model)
+    device = next(model.parameters()).device
     sums = torch.zeros(n_max, num_emulator_layers, dtype=torch.float64)
     count = 0
     for i, batch in enumerate(batches):

@@ -192,9 +192,9 @@ def test_lora_state_load_and_remap_round_trip():
     assert all(torch.equal(after[k], new[k]) for k in new)
     assert all(torch.equal(after[k], state[k]) for k in state if k not in new)
 
-    with pytest.raises(M.ModelError, match="not in the model"):
-        M.load_lora_state(model, {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": new[next(iter(new))]})
     key = next(iter(new))
+    with pytest.raises(M.ModelError, match="not in the model"):
+        M.load_lora_state(model, {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": new[key]})
     with pytest.raises(M.ModelError, match="shape mismatch"):
         M.load_lora_state(model, {key: torch.zeros(3, 3)})
     with pytest.raises(M.ModelError, match="no entry in the layer map"):
@@ -230,7 +230,8 @@ def test_split_forward_equals_full_forward(family, variant):
         ref = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
         for split in (0, 1, 3, 4):
             hidden = M.hidden_before_layer(model, ids, mask, split)
-            torch.testing.assert_close(hidden, ref[split], rtol=1e-5, atol=1e-5)
+            if split < 4:  # HF's last hidden state is after the final norm
+                torch.testing.assert_close(hidden, ref[split], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(M.forward_from_layer(model, hidden, mask, split), ref[-1], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="outside"):
         M.hidden_before_layer(model, ids, mask, 5)
@@ -349,7 +350,12 @@ def test_smollm2_nf4_sub_model(smollm2_dir):
     print(f"SmolLM2 NF4 sub-model (18/30 layers): {sub_bytes / 2**20:.1f} MiB vs full fp32 "
           f"{full_bytes / 2**20:.1f} MiB ({sub_bytes / full_bytes:.3f}) / bf16 {bf16_bytes / 2**20:.1f} MiB "
           f"({sub_bytes / bf16_bytes:.3f}); built in {seconds:.1f} s")
-    assert sub_bytes < 0.5 * bf16_bytes
+    layer_ratio = M.stored_bytes(M.get_layers(sub)) / (M.stored_bytes(M.get_layers(full)) * 18 / 30)
+    print(f"decoder layers NF4/fp32 {layer_ratio:.4f}")
+    assert 1 / 8 < layer_ratio < 0.135
+    # what is not a decoder layer (tied embedding/lm_head, final norm) stays fp32 and dominates: 21% of SmolLM2
+    assert sub_bytes - M.stored_bytes(M.get_layers(sub)) == full_bytes - M.stored_bytes(M.get_layers(full))
+    assert sub_bytes < 0.3 * full_bytes
     batch_enc = tokenizer(["The capital of France is", "One, two, three,"], return_tensors="pt", padding=True)
     with torch.no_grad():
         logits = sub(**batch_enc).logits

@@ -1,0 +1,67 @@
+"""Accuracy and training loss per federated round (Algorithm 2, lines 15-21), one line per run.
+
+    python analysis/plot_rounds.py runs/*/run.h5 --out figures      # -> figures/rounds.{png,pdf}
+
+Accuracy: `/rounds/eval_acc` where evaluated, the base model (`/final` base_accuracy) at round 0 and
+the final full LLM + adapter (`/final` accuracy) at the last round. Loss: `/rounds/train_loss` [R, N]
+averaged over the clients that trained (NaN = not sampled), with the min-max band over clients.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from common import labels, legend, main_guard, open_runs, parser, plt, save
+
+
+def accuracy_points(f) -> tuple[np.ndarray, np.ndarray]:
+    """(round, accuracy) of every evaluation of the full LLM + adapter, base model at round 0."""
+    rounds = f["rounds/round"][:].astype(float)
+    acc = f["rounds/eval_acc"][:].astype(float)
+    keep = ~np.isnan(acc)
+    x, y = list(rounds[keep]), list(acc[keep])
+    final = f["final"].attrs if "final" in f else {}
+    if "base_accuracy" in final:
+        x, y = [0.0] + x, [float(final["base_accuracy"])] + y
+    if "accuracy" in final and len(rounds):
+        x, y = x + [float(rounds[-1])], y + [float(final["accuracy"])]
+    return np.array(x), np.array(y)
+
+
+def loss_curve(f) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(round, mean, min, max) of the clients' training loss per round, ignoring clients that did not train."""
+    rounds = f["rounds/round"][:].astype(float)
+    loss = f["rounds/train_loss"][:].astype(float).reshape(len(rounds), -1)
+    trained = ~np.all(np.isnan(loss), axis=1)
+    loss = loss[trained]
+    return rounds[trained], np.nanmean(loss, 1), np.nanmin(loss, 1), np.nanmax(loss, 1)
+
+
+def plot(files: list, out: str) -> list:
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for f, label in zip(files, labels(files)):
+        x, y = accuracy_points(f)
+        line, = ax_acc.plot(x, 100 * y, "o-", label=label)
+        r, mean, lo, hi = loss_curve(f)
+        ax_loss.plot(r, mean, "o-", color=line.get_color(), label=label)
+        ax_loss.fill_between(r, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax_acc.set(xlabel="round", ylabel="accuracy of full LLM + adapter (%)", title="Accuracy (round 0 = base model)")
+    ax_loss.set(xlabel="round", ylabel="client training loss", title="Training loss (mean, band = min-max over clients)")
+    for ax in (ax_acc, ax_loss):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    legend(fig, ax_acc)
+    return save(fig, out, "rounds")
+
+
+def main() -> int:
+    args = parser(__doc__.split("\n")[0]).parse_args()
+
+    def go():
+        for p in plot(open_runs(args.runs, "rounds/round"), args.out):
+            print(p)
+
+    return main_guard(go)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

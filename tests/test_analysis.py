@@ -1,0 +1,135 @@
+"""analysis/ scripts on synthetic run files that follow the DESIGN.md HDF5 schema exactly."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+R, N, L_E, N_MAX = 6, 4, 12, 4
+GROUPS = [(1, 4), (6, 9)]  # n = 3, p = 2
+
+
+def make_run(folder: Path, method: str, task: str, acc: float, re_align: bool = True) -> Path:
+    """A finished run of R rounds, N clients (client 3 not sampled in odd rounds), eval every 3 rounds."""
+    rng = np.random.default_rng(len(method))
+    folder.mkdir(parents=True)
+    path = folder / "run.h5"
+    cfg = {"method": method, "data": {"task": task}, "oda": {"pre_align": True, "re_align": re_align}}
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"config_json": json.dumps(cfg), "method": method, "model": "smollm2-135m", "world_size": 3,
+                        "n_clients": N, "versions_json": "{}", "git_commit": "abc"})
+        dist = rng.uniform(0.1, 0.6, (N_MAX, L_E)).astype(np.float32) * np.arange(1, N_MAX + 1)[:, None] / N_MAX
+        for n in range(1, N_MAX + 1):
+            dist[n - 1, L_E - n:] = np.nan
+        f["sgp/distance"] = dist
+        f["sgp/groups"] = np.array(GROUPS, np.int32)
+        f["sgp/kept_layers"] = np.array([l for l in range(L_E) if not any(t < l <= e for t, e in GROUPS)], np.int32)
+        f["sgp/layer_map"] = np.array([(1, 1), (6, 3)], np.int32)
+        f["oda/pre/loss"] = np.linspace(2, 1, 10, dtype=np.float32)
+        f["oda/pre/loss_rep"] = np.linspace(1, 0.5, 10, dtype=np.float32)
+        f["oda/pre/loss_kl"] = np.linspace(1, 0.5, 10, dtype=np.float32)
+        realigned = np.array([0, 0, 1, 0, 0, 1] if re_align else [0] * R, np.int8)
+        for key in ("round", "loss", "loss_rep", "loss_kl"):
+            f[f"oda/re/{key}"] = np.array([3, 6], np.int32 if key == "round" else np.float32)
+        loss = (2.0 + acc - 0.2 * np.arange(R)[:, None] + rng.uniform(-0.1, 0.1, (R, N))).astype(np.float32)
+        loss[0::2, 3] = np.nan
+        upload = np.where(np.isnan(loss), 0, 40_000).astype(np.int64)
+        rows = {"round": np.arange(1, R + 1, dtype=np.int32), "wall_s": np.full(R, 3.5),
+                "train_loss": loss, "n_samples": np.where(np.isnan(loss), 0, 64).astype(np.float32),
+                "upload_bytes": upload, "download_bytes": 40_000 + 80_000 * realigned.astype(np.int64),
+                "comm_params": np.full(R, 20_000, np.int64), "realigned": realigned,
+                "eval_acc": np.array([np.nan, np.nan, acc - 0.1, np.nan, np.nan, np.nan], np.float32)}
+        for key, value in rows.items():
+            f[f"rounds/{key}"] = value
+        f["drift/round"] = np.arange(1, R + 1, dtype=np.int32)
+        since = np.array([1, 2, 0, 1, 2, 0]) if re_align else np.arange(R)  # rounds since the last re-alignment
+        f["drift/distance"] = (0.05 + np.outer(since, [0.01, 0.02])).astype(np.float32)
+        f.create_group("final").attrs.update({
+            "accuracy": acc, "sub_accuracy": 0.5, "base_accuracy": 0.25, "trainable_params": 1_327_104,
+            "comm_params_per_round": 2_654_208, "comm_bytes_per_round": 3 * 2**20, "client_model_bytes": 150 * 2**20,
+            "full_model_bytes": 513 * 2**20, "task": task, "n_eval": 200})
+    return path
+
+
+@pytest.fixture
+def runs(tmp_path):
+    return [make_run(tmp_path / "runs" / "a", "fedsoda", "gsm8k", 0.635),
+            make_run(tmp_path / "runs" / "b", "fedbiot", "gsm8k", 0.552, re_align=False)]
+
+
+def script(name: str, *args, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, str(ROOT / "analysis" / name), *map(str, args)], capture_output=True,
+                         text=True, timeout=120, cwd=cwd)
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+def assert_figure(out: Path, stem: str) -> None:
+    for ext in ("png", "pdf"):
+        assert (out / f"{stem}.{ext}").stat().st_size > 5000, f"{stem}.{ext} is missing or empty"
+
+
+def test_plot_rounds(runs, tmp_path):
+    script("plot_rounds.py", *runs, "--out", tmp_path / "fig")
+    assert_figure(tmp_path / "fig", "rounds")
+
+
+def test_plot_distance_profile_one_pair_per_run(runs, tmp_path):
+    res = script("plot_distance_profile.py", *runs, "--out", tmp_path / "fig")
+    assert_figure(tmp_path / "fig", "distance_profile_a")
+    assert_figure(tmp_path / "fig", "distance_profile_b")
+    assert len(res.stdout.split()) == 4
+
+
+def test_plot_comm(runs, tmp_path):
+    script("plot_comm.py", *runs, "--out", tmp_path / "fig")
+    assert_figure(tmp_path / "fig", "comm")
+
+
+def test_comm_bytes_per_round(tmp_path):
+    sys.path.insert(0, str(ROOT / "analysis"))
+    try:
+        from plot_comm import bytes_per_round
+    finally:
+        sys.path.remove(str(ROOT / "analysis"))
+    with h5py.File(make_run(tmp_path / "r", "fedsoda", "sst2", 0.9), "r") as f:
+        rounds, up, down = bytes_per_round(f)
+    assert rounds.tolist() == list(range(1, R + 1))
+    assert up.tolist() == [40_000.0] * R  # mean over the SAMPLED clients only
+    assert down.tolist() == [40_000, 40_000, 120_000, 40_000, 40_000, 120_000]
+
+
+def test_table_markdown(runs, tmp_path):
+    out = script("table.py", *runs, "--out", tmp_path / "fig").stdout.strip().splitlines()
+    assert len(out) == 4  # header, separator, 2 runs
+    header = [c.strip() for c in out[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in out[2:]]
+    assert [r["method"] for r in rows] == ["fedsoda", "fedbiot"]
+    assert rows[0] == {"model": "smollm2-135m", "method": "fedsoda", "task": "gsm8k", "pre-align": "yes",
+                       "re-align": "yes", "accuracy (%)": "63.5", "sub-LLM acc. (%)": "50.0", "base acc. (%)": "25.0",
+                       "eval n": "200", "# tr. params": "1.33M", "# comm. params/round": "2.65M",
+                       "comm MiB/round": "3.000", "client model MiB": "150.0", "full model MiB": "513.0"}
+    assert rows[1]["re-align"] == "no" and rows[1]["accuracy (%)"] == "55.2"
+    assert (tmp_path / "fig" / "table.md").read_text().strip().splitlines() == out
+
+
+def test_table_latex_and_skips_unfinished(runs, tmp_path):
+    with h5py.File(runs[1], "a") as f:
+        del f["final"]
+    res = script("table.py", *runs, "--latex")
+    lines = res.stdout.strip().splitlines()
+    assert lines[0].startswith(r"\begin{tabular}") and lines[-1] == r"\end{tabular}"
+    body = lines[lines.index(r"\midrule") + 1:lines.index(r"\bottomrule")]
+    assert body == [r"smollm2-135m & fedsoda & gsm8k & yes & yes & 63.5 & 50.0 & 25.0 & 200 & 1.33M & 2.65M & 3.000 "
+                    r"& 150.0 & 513.0 \\"]
+    assert "skipping" in res.stderr and "\\#" in lines[2]
+
+
+def test_missing_file_is_one_line_error(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "analysis" / "plot_rounds.py"), str(tmp_path / "nope.h5")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stderr.strip() == f"error: no run file at {tmp_path / 'nope.h5'}"

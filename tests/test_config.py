@@ -1,0 +1,77 @@
+"""Config: YAML + overrides, type errors, typo suggestions, presets, exit code 2 on every rank under mpirun."""
+import pytest
+
+from fedsoda_mpi.config import DEFAULT_JOB, ConfigError, load_config, validate
+from tests.conftest import mpirun
+
+
+def test_default_job_loads_with_required_keys():
+    cfg = load_config()
+    assert cfg.job == str(DEFAULT_JOB)
+    assert (cfg.method, cfg.seed, cfg.resume) == ("fedsoda", 0, "none")
+    assert cfg.fed.rounds == 10 and cfg.fed.clients == 10 and cfg.fed.local_steps == 5
+    assert cfg.eval.max_examples == 200 and cfg.output.dir == "" and cfg.fed.checkpoint_every == 1
+    assert cfg.debug.fail_rank == -1 and cfg.debug.fail_round == -1
+    assert (cfg.sgp.n, cfg.sgp.p, cfg.model.adapter_layers, cfg.lora.r, cfg.lora.alpha) == (3, 4, 3, 8, 16)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["fed.rounds=2", "fed.lr=5e-5", "quant.enabled=false", "lora.target_modules=q_proj,v_proj",
+                             "output.dir=/tmp/x"])
+    assert cfg.fed.rounds == 2 and cfg.fed.lr == 5e-5 and cfg.quant.enabled is False
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.output.dir == "/tmp/x"
+
+
+@pytest.mark.parametrize("arg,msg", [
+    ("fed.rounds=two", "fed.rounds: expected an integer, got 'two'"),
+    ("fed.rounds=1.5", "fed.rounds: expected an integer"),
+    ("quant.enabled=maybe", "quant.enabled: expected true/false"),
+    ("fed.lr=fast", "fed.lr: expected a number"),
+    ("fed.rouns=2", "unknown config key 'fed.rouns' (did you mean 'fed.rounds'?)"),
+    ("fed=2", "is a section"),
+    ("oda.every=0", "oda.every: the re-alignment interval r must be >= 1"),
+    ("data.split=dirichlet", None),
+    ("data.dirichlet_beta=0", "data.dirichlet_beta: must be > 0"),
+    ("method=fedfoo", "method: 'fedfoo' is not one of"),
+    ("rounds", "overrides are key=value"),
+])
+def test_bad_values_give_one_line(arg, msg):
+    if msg is None:
+        load_config(None, [arg])
+        return
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [arg])
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_checks_that_need_world_size_or_layers():
+    cfg = load_config()
+    with pytest.raises(ConfigError, match="world size 1"):
+        validate(cfg, world_size=1)
+    with pytest.raises(ConfigError, match="fewer than the 11 client ranks"):
+        validate(cfg, world_size=12)
+    with pytest.raises(ConfigError, match="adapter_layers=3 must be smaller"):
+        validate(cfg, num_layers=3)
+    with pytest.raises(ConfigError, match="do not fit"):
+        validate(load_config(None, ["sgp.p=7"]), num_layers=30)
+    validate(cfg, world_size=11, num_layers=30)
+
+
+def test_method_preset_then_yaml_then_overrides(tmp_path):
+    cfg = load_config(None, ["method=fedpetuning"])
+    assert cfg.model.adapter_layers == 0 and cfg.sgp.p == 0 and not cfg.quant.enabled and not cfg.oda.pre_align
+    cfg = load_config(None, ["method=fedpetuning", "quant.enabled=true"])
+    assert cfg.quant.enabled
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("fed: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.mpi
+def test_bad_config_exits_2_on_every_rank_before_mpi_work():
+    p = mpirun(3, ["-m", "fedsoda_mpi.main", "fed.rouns=2"], timeout=120)
+    assert p.returncode == 2, (p.returncode, p.stderr[-1500:])
+    lines = [l for l in p.stderr.splitlines() if "config error" in l]
+    assert lines == ["fedsoda-mpi: config error: unknown config key 'fed.rouns' (did you mean 'fed.rounds'?)"]
+    assert "Traceback" not in p.stderr

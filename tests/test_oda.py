@@ -1,0 +1,141 @@
+"""Tests of orchestrated distillation alignment (eq. 6-8, Algorithm 2 pre-/re-alignment)."""
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+
+from fedsoda_mpi.oda import AlignPairs, align, alignment_losses, kl_divergence
+from fedsoda_mpi.sgp import kept_layers, layer_map
+from tests.conftest import tiny_causal_lm
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _batches(count: int, seed: int, length: int = 24) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        mask = torch.ones(4, length, dtype=torch.long)
+        mask[1, length // 2:] = 0  # one right-padded row per batch
+        out.append({"input_ids": torch.randint(3, 128, (4, length), generator=g) * mask, "attention_mask": mask})
+    return out
+
+
+def _prune(model, kept: list[int]):
+    """A copy of `model` with only the `kept` decoder layers (renumbered, as in TOOLCHAIN.md)."""
+    sub = copy.deepcopy(model)
+    sub.model.layers = torch.nn.ModuleList(sub.model.layers[i] for i in kept)
+    for i, layer in enumerate(sub.model.layers):
+        layer.self_attn.layer_idx = i
+    sub.config.num_hidden_layers = len(kept)
+    if getattr(sub.config, "layer_types", None):
+        sub.config.layer_types = [sub.config.layer_types[i] for i in kept]
+    return sub
+
+
+def _sharp_tiny_llama():
+    """A tiny random Llama whose layers matter (larger residual writes) and whose next-token
+    distributions are peaked (larger final-norm gain), so pruning costs a visible KL."""
+    model = tiny_causal_lm("llama", layers=8)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
+                lin.weight.mul_(3.0)
+        model.model.norm.weight.mul_(20.0)
+    return model.requires_grad_(False)
+
+
+def _pruned_with_lora(full, groups, num_emulator_layers, n):
+    kept = kept_layers(full.config.num_hidden_layers, groups)
+    mapping = layer_map(groups, kept)
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                        layers_to_transform=[s for _, s in mapping])
+    torch.manual_seed(0)
+    sub = get_peft_model(_prune(full, kept), config)
+    pairs = AlignPairs(inter=[(t + n, s) for t, s in mapping], full_final=num_emulator_layers - 1,
+                       sub_final=num_emulator_layers - 1 - n * len(groups))
+    return sub, pairs
+
+
+def test_losses_vanish_when_sub_model_is_full_model():
+    model = tiny_causal_lm("qwen2", layers=6)
+    batch = _batches(1, seed=0)[0]
+    with torch.no_grad():
+        out_a = model(**batch, output_hidden_states=True)
+        out_b = model(**batch, output_hidden_states=True)
+    pairs = AlignPairs(inter=[(1, 1), (3, 3)], full_final=4, sub_final=4)
+    losses = alignment_losses(out_a, out_b, pairs, batch["attention_mask"], alpha=1.0, beta=1.0)
+    assert set(losses) == {"loss", "loss_rep", "loss_inter", "loss_final", "loss_kl"}
+    for value in losses.values():
+        assert abs(value.item()) < 1e-6
+    assert kl_divergence(model, model, _batches(2, seed=1)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_loss_normalisation_and_padding():
+    """||.||^2 is the per-token squared L2 distance / hidden size, averaged over non-pad tokens only."""
+    hidden, vocab = 8, 5
+    mask = torch.tensor([[1, 1, 1, 0]])
+    zeros = tuple(torch.zeros(1, 4, hidden) for _ in range(5))  # embeddings + 4 layers (last one normed)
+    sub_h = [torch.zeros(1, 4, hidden) for _ in range(5)]
+    sub_h[2] = torch.full((1, 4, hidden), 2.0)  # layer 1: squared distance 4 per element
+    sub_h[3][0, :3] = 1.0                      # layer 2: 1 per element on real tokens
+    sub_h[3][0, 3] = 100.0                     # ... and garbage on the pad token
+    logits_t, logits_s = torch.randn(1, 4, vocab), torch.randn(1, 4, vocab)
+    full_out = SimpleNamespace(hidden_states=zeros, logits=logits_t)
+    sub_out = SimpleNamespace(hidden_states=tuple(sub_h), logits=logits_s)
+    pairs = AlignPairs(inter=[(0, 1)], full_final=2, sub_final=2)
+    losses = alignment_losses(full_out, sub_out, pairs, mask, alpha=2.0, beta=3.0)
+    assert losses["loss_inter"].item() == pytest.approx(4.0)
+    assert losses["loss_final"].item() == pytest.approx(1.0)
+    kl = F.kl_div(F.log_softmax(logits_s[0, :3], -1), F.log_softmax(logits_t[0, :3], -1), log_target=True,
+                  reduction="batchmean")
+    assert losses["loss_kl"].item() == pytest.approx(kl.item(), rel=1e-5)
+    assert losses["loss"].item() == pytest.approx(2.0 * 5.0 + 3.0 * kl.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="un-normed"):
+        alignment_losses(full_out, sub_out, AlignPairs([(0, 1)], full_final=3, sub_final=2), mask, 1.0, 1.0)
+
+
+def test_pre_alignment_reduces_held_out_kl_and_touches_only_given_params():
+    full = _sharp_tiny_llama()
+    sub, pairs = _pruned_with_lora(full, groups=[(1, 3)], num_emulator_layers=6, n=2)
+    params = [p for p in sub.parameters() if p.requires_grad]
+    assert params and all("lora_" in name for name, p in sub.named_parameters() if p.requires_grad)
+    assert all(".layers.1." in name for name, p in sub.named_parameters() if p.requires_grad)
+    frozen_before = {k: v.clone() for k, v in sub.state_dict().items() if "lora_" not in k}
+    full_before = {k: v.clone() for k, v in full.state_dict().items()}
+    lora_before = [p.detach().clone() for p in params]
+    train, held_out = _batches(8, seed=1), _batches(6, seed=2)
+
+    sub.eval()
+    kl_before = kl_divergence(full, sub, held_out)
+    seen = []
+    history = align(full, sub, train, pairs, params, epochs=3, lr=5e-3, log=seen.append)
+    kl_after = kl_divergence(full, sub, held_out)
+    print(f"held-out KL(M || M*): {kl_before:.4f} -> {kl_after:.4f} ({kl_after / kl_before:.1%})")
+
+    assert len(history) == 3 * 8 and seen == history
+    assert set(history[0]) == {"epoch", "step", "loss", "loss_rep", "loss_inter", "loss_final", "loss_kl"}
+    assert kl_before > 0.5 and kl_after < 0.8 * kl_before
+    assert all(not torch.equal(a, b) for a, b in zip(lora_before, params))
+    for k, v in sub.state_dict().items():
+        if "lora_" not in k:
+            assert torch.equal(v, frozen_before[k]), k
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, full_before[k]), k
+    assert not sub.training
+
+
+def test_align_is_deterministic_given_seed():
+    full = _sharp_tiny_llama()
+    runs = []
+    for _ in range(2):
+        sub, pairs = _pruned_with_lora(full, groups=[(0, 1), (3, 4)], num_emulator_layers=6, n=1)
+        params = [p for p in sub.parameters() if p.requires_grad]
+        torch.manual_seed(7)
+        runs.append(align(full, sub, _batches(2, seed=3), pairs, params, epochs=1, lr=1e-3, alpha=0.5, beta=2.0))
+    assert runs[0] == runs[1]
+    with pytest.raises(ValueError, match="requires_grad"):
+        align(full, sub, _batches(1, seed=3), pairs, [], epochs=1, lr=1e-3)

@@ -1,0 +1,42 @@
+"""Run file: schema round trip, resizable per-round rows, truncation for resume, readable while open."""
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+
+from fedsoda_mpi.config import load_config
+from fedsoda_mpi.runlog import RunLog, versions
+
+
+def test_schema_round_trip(tmp_path):
+    cfg = load_config(None, ["fed.rounds=3"])
+    log = RunLog(tmp_path / "run", rank=0, echo=False)
+    log.open_h5(cfg, world_size=3, model_name="smollm2-135m")
+    dist = np.full((4, 27), np.nan, np.float32)
+    dist[0, :26] = np.linspace(0.1, 0.3, 26)
+    log.write("sgp/distance", dist)
+    log.write("sgp/groups", np.array([[3, 6], [10, 13]], np.int32))
+    for r in range(1, 4):
+        log.append("rounds", {"round": np.int32(r), "wall_s": np.float64(1.5 * r), "train_loss": np.arange(2, dtype=np.float32) + r,
+                              "n_samples": np.ones(2, np.float32), "eval_acc": np.float32(np.nan)})
+        log.append("drift", {"round": np.int32(r), "distance": np.full(2, 0.1 * r, np.float32)})
+        log.flush()
+        # another process reads the file while the writer holds it open
+        code = "import h5py; f = h5py.File(sys.argv[1], 'r'); print(f['rounds/round'].shape[0])"
+        out = subprocess.run([sys.executable, "-c", "import sys; " + code, str(tmp_path / "run" / "run.h5")],
+                             capture_output=True, text=True, env={"HDF5_USE_FILE_LOCKING": "FALSE"})
+        assert out.stdout.strip() == str(r), out.stderr
+    log.set_attrs("final", accuracy=0.5, task="sst2")
+    log.truncate("rounds", 2)
+    log.close()
+    with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
+        assert json.loads(f.attrs["config_json"])["fed"]["rounds"] == 3
+        assert f.attrs["method"] == "fedsoda" and f.attrs["world_size"] == 3 and f.attrs["n_clients"] == 10
+        assert json.loads(f.attrs["versions_json"]) == versions() and f.attrs["git_commit"]
+        assert np.array_equal(f["sgp/distance"][:], dist, equal_nan=True)
+        assert f["rounds/round"][:].tolist() == [1, 2] and f["rounds/train_loss"].shape == (2, 2)
+        assert f["rounds/wall_s"].dtype == np.float64 and f["drift/distance"].shape == (3, 2)
+        assert f["final"].attrs["accuracy"] == 0.5
+    assert (tmp_path / "run" / "config.yaml").read_text().startswith("method: fedsoda")

