@@ -18,6 +18,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "font.size": 10, "axes.grid": True,
                      "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
@@ -85,6 +86,13 @@ def labels(files: list[h5py.File]) -> list[str]:
     """Run labels for a legend; runs sharing `method / task` get their run name appended."""
     base = [run_label(f) for f in files]
     return [f"{b} ({run_name(f)})" if base.count(b) > 1 else b for b, f in zip(base, files)]
+
+
+def round_axis(ax, rounds) -> None:
+    """Integer round ticks, half a round of margin on each side (readable with a single round too)."""
+    if len(rounds):
+        ax.set_xlim(min(rounds) - 0.5, max(rounds) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
 def legend(fig, ax) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common import byte_unit, labels, legend, main_guard, open_runs, parser, plt, save
+from common import byte_unit, labels, legend, main_guard, open_runs, parser, plt, round_axis, save
 
 
 def bytes_per_round(f) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -36,8 +36,9 @@ def plot(files: list, out: str) -> list:
     ax_r.plot([], [], "k^:", alpha=0.7, label="upload only")
     ax_r.set(xlabel="round", ylabel=f"{unit} per client", title="Bytes per round per client")
     ax_c.set(xlabel="round", ylabel=f"cumulative {unit} per client", title="Cumulative bytes per client")
+    last = max(int(rounds[-1]) for rounds, _, _ in data)
     for ax in (ax_r, ax_c):
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        round_axis(ax, [1, last])
         ax.set_ylim(bottom=0)
     ax_r.legend(loc="best", fontsize=8)
     fig.tight_layout()

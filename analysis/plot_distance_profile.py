@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.patches import Rectangle
 from matplotlib.patheffects import withStroke
 
-from common import main_guard, open_runs, parser, plt, run_label, run_name, save
+from common import main_guard, open_runs, parser, plt, round_axis, run_label, run_name, save
 
 
 def heatmap(ax, f) -> None:
@@ -29,11 +29,12 @@ def heatmap(ax, f) -> None:
     for t, end in groups:
         ax.add_patch(Rectangle((t - 0.5, end - t - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
         ax.text(t, end - t, f"{t}\u2192{end}", ha="center", va="center", color="white", fontsize=7,
-                fontweight="bold", path_effects=[withStroke(linewidth=2, foreground="black")])
+                rotation=90 if layers > 14 else 0, fontweight="bold",
+                path_effects=[withStroke(linewidth=2, foreground="black")])
     ax.set(xlabel="emulator layer l   (grey: l + n past the emulator)", ylabel="n (layers pruned after l)",
            title=f"SGP distance profile, the {len(groups)} chosen groups t\u2192t+n in red")
     ax.set_yticks(range(1, n_max + 1))
-    ax.set_xticks(range(0, layers, max(1, layers // 15)))
+    ax.set_xticks(range(0, layers, -(-layers // 16)))
     ax.grid(False)
 
 
@@ -55,7 +56,7 @@ def drift(ax, f) -> None:
         for j, r in enumerate(realigned):
             ax.axvline(r, color="gray", linestyle="--", linewidth=1, label="re-alignment" if j == 0 else None)
     ax.set(xlabel="round", ylabel="angular distance", title="Drift of aligned layers (sub-LLM vs full LLM)")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    round_axis(ax, rounds)
     ax.legend(loc="best", fontsize=8)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common import labels, legend, main_guard, open_runs, parser, plt, save
+from common import labels, legend, main_guard, open_runs, parser, plt, round_axis, save
 
 
 def accuracy_points(f) -> tuple[np.ndarray, np.ndarray]:
@@ -43,11 +43,15 @@ def plot(files: list, out: str) -> list:
         line, = ax_acc.plot(x, 100 * y, "o-", label=label)
         r, mean, lo, hi = loss_curve(f)
         ax_loss.plot(r, mean, "o-", color=line.get_color(), label=label)
-        ax_loss.fill_between(r, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        if len(r) > 1:
+            ax_loss.fill_between(r, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        else:  # one round: the band is a bar
+            ax_loss.errorbar(r, mean, yerr=[mean - lo, hi - mean], color=line.get_color(), capsize=5)
     ax_acc.set(xlabel="round", ylabel="accuracy of full LLM + adapter (%)", title="Accuracy (round 0 = base model)")
     ax_loss.set(xlabel="round", ylabel="client training loss", title="Training loss (mean, band = min-max over clients)")
-    for ax in (ax_acc, ax_loss):
-        ax.xaxis.get_major_locator().set_params(integer=True)
+    last = max(int(f["rounds/round"][-1]) for f in files)
+    round_axis(ax_acc, [0, last])
+    round_axis(ax_loss, [1, last])
     fig.tight_layout()
     legend(fig, ax_acc)
     return save(fig, out, "rounds")

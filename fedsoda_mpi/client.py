@@ -34,7 +34,9 @@ class EmulatorCache:
 
     @torch.no_grad()
     def hidden(self, model, plan: Plan, client: int, idx: list[int], batch: dict) -> torch.Tensor:
-        """Adapter input for a padded batch: cached rows where present, one emulator pass for the rest."""
+        """Adapter input for a padded batch: cached rows where present, one emulator pass for the rest.
+
+        The cache lives in host memory (on GPU runs a batch is copied to the device per step)."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         lengths = mask.sum(1).tolist()
         missing = [i for i, j in enumerate(idx) if (client, j) not in self.store]
@@ -45,11 +47,11 @@ class EmulatorCache:
         if missing:
             h = _emulator(model, plan, ids[missing], mask[missing])
             for row, i in enumerate(missing):
-                self.store[(client, idx[i])] = h[row, :lengths[i]].clone()
+                self.store[(client, idx[i])] = h[row, :lengths[i]].to("cpu", copy=True)
         out = torch.zeros(ids.shape[0], ids.shape[1], self._dim(model), dtype=self.store[(client, idx[0])].dtype)
         for i, j in enumerate(idx):
             out[i, :lengths[i]] = self.store[(client, j)]
-        return out
+        return out.to(ids.device)
 
     @staticmethod
     def _dim(model) -> int:
@@ -95,8 +97,9 @@ def local_train(model, plan: Plan, params: list[torch.nn.Parameter], examples: l
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95))
     model.train()
     losses = []
+    device = next(model.parameters()).device
     for idx in batch_schedule(len(examples), batch_size, steps, epochs, rng):
-        batch = pad_batch([examples[i] for i in idx], pad_id)
+        batch = {k: v.to(device) for k, v in pad_batch([examples[i] for i in idx], pad_id).items()}
         h = cache.hidden(model, plan, client, idx, batch)
         final = models.forward_from_layer(model, h, batch["attention_mask"], plan.emulator_size)
         loss = models.label_loss(model, final, batch["labels"])

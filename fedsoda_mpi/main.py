@@ -79,10 +79,12 @@ def write_holdings(run_dir: Path, comm, model, params, model_bytes: int) -> None
     """What this client rank holds (checked by the tests: never the full LLM)."""
     import json
 
+    import bitsandbytes as bnb
+
     from . import models
 
     held = {"rank": comm.rank, "decoder_layers": len(models.get_layers(model)),
-            "linear4bit": sum(type(m).__name__ == "Linear4bit" for m in model.modules()),
+            "linear4bit": sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()),
             "stored_bytes": models.stored_bytes(models.base_model(model)), "received_model_bytes": model_bytes,
             "trainable_params": sum(p.numel() for p in params),
             "parameter_names": sorted({n.split(".layers.")[0] for n, _ in model.named_parameters()})}
