@@ -139,13 +139,19 @@ class Comm:
     def client_ranks(self) -> list[int]:
         return list(range(1, self.size))
 
-    def local_rank(self) -> int:
-        """Rank among the processes on this node (MPI Split_type shared)."""
+    def _node(self) -> tuple[int, int]:
+        """(rank, size) among the processes on this node (MPI Split_type shared; collective on first use)."""
         if self._local_rank is None:
             node = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED, key=self.rank)
-            self._local_rank = node.Get_rank()
+            self._local_rank = (node.Get_rank(), node.Get_size())
             node.Free()
         return self._local_rank
+
+    def local_rank(self) -> int:
+        return self._node()[0]
+
+    def local_size(self) -> int:
+        return self._node()[1]
 
     def device(self) -> torch.device:
         """CUDA device from the node-local rank when CUDA is present, else CPU (fake GPUs fall back to CPU).

@@ -70,6 +70,19 @@ def run_name(cfg: Config) -> str:
     return cfg.output.name or f"{job}-{cfg.method}-{tag}"
 
 
+def threads_for(comm) -> int:
+    """Torch threads per rank. The server's phases (SGP, ODA, evaluation) and the clients' local
+    training never overlap (the idle side sleeps in `Comm.idle_wait`), so rank 0 takes every core it
+    may use, and the client ranks of a node share the cores (or take OMP_NUM_THREADS when set)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ranks_here = comm.local_size()  # collective: every rank calls it
+    if comm.is_server:
+        return cores
+    if "OMP_NUM_THREADS" in os.environ:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, cores // ranks_here)
+
+
 def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -299,10 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     from .comm import Comm, install_abort_hook
 
     install_abort_hook()
-    if "OMP_NUM_THREADS" not in os.environ:  # share the node's cores between its ranks
-        local = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-    run(cfg, Comm())
+    comm = Comm()
+    torch.set_num_threads(threads_for(comm))
+    run(cfg, comm)
     return 0
 
 

@@ -9,7 +9,7 @@ def test_default_job_loads_with_required_keys():
     cfg = load_config()
     assert cfg.job == str(DEFAULT_JOB)
     assert (cfg.method, cfg.seed, cfg.resume) == ("fedsoda", 0, "none")
-    assert cfg.fed.rounds == 10 and cfg.fed.clients == 10 and cfg.fed.local_steps == 5
+    assert cfg.fed.rounds == 10 and cfg.fed.clients == 10 and cfg.fed.local_steps == 0 and cfg.fed.local_epochs == 1
     assert cfg.eval.max_examples == 200 and cfg.output.dir == "" and cfg.fed.checkpoint_every == 1
     assert cfg.debug.fail_rank == -1 and cfg.debug.fail_round == -1
     assert (cfg.sgp.n, cfg.sgp.p, cfg.model.adapter_layers, cfg.lora.r, cfg.lora.alpha) == (3, 4, 3, 8, 16)

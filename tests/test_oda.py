@@ -75,16 +75,16 @@ def test_losses_vanish_when_sub_model_is_full_model():
 
 
 def test_loss_normalisation_and_padding():
-    """||.||^2 is the per-token squared L2 distance / hidden size, averaged over non-pad tokens only."""
+    """||H - H*||^2 is divided by the teacher's ||H||^2 per token and averaged over non-pad tokens only."""
     hidden, vocab = 8, 5
     mask = torch.tensor([[1, 1, 1, 0]])
-    zeros = tuple(torch.zeros(1, 4, hidden) for _ in range(5))  # embeddings + 4 layers (last one normed)
-    sub_h = [torch.zeros(1, 4, hidden) for _ in range(5)]
-    sub_h[2] = torch.full((1, 4, hidden), 2.0)  # layer 1: squared distance 4 per element
-    sub_h[3][0, :3] = 1.0                      # layer 2: 1 per element on real tokens
-    sub_h[3][0, 3] = 100.0                     # ... and garbage on the pad token
+    full_h = tuple(torch.ones(1, 4, hidden) for _ in range(5))  # embeddings + 4 layers (last one normed)
+    sub_h = [torch.ones(1, 4, hidden) for _ in range(5)]
+    sub_h[2] = torch.full((1, 4, hidden), 3.0)  # layer 1: |H - H*|^2 = 4 |H|^2
+    sub_h[3][0, :3] = 2.0                       # layer 2: |H - H*|^2 = |H|^2 on real tokens
+    sub_h[3][0, 3] = 100.0                      # ... and garbage on the pad token
     logits_t, logits_s = torch.randn(1, 4, vocab), torch.randn(1, 4, vocab)
-    full_out = SimpleNamespace(hidden_states=zeros, logits=logits_t)
+    full_out = SimpleNamespace(hidden_states=full_h, logits=logits_t)
     sub_out = SimpleNamespace(hidden_states=tuple(sub_h), logits=logits_s)
     pairs = AlignPairs(inter=[(0, 1)], full_final=2, sub_final=2)
     losses = alignment_losses(full_out, sub_out, pairs, mask, alpha=2.0, beta=3.0)
@@ -96,6 +96,22 @@ def test_loss_normalisation_and_padding():
     assert losses["loss"].item() == pytest.approx(2.0 * 5.0 + 3.0 * kl.item(), rel=1e-5)
     with pytest.raises(ValueError, match="un-normed"):
         alignment_losses(full_out, sub_out, AlignPairs([(0, 1)], full_final=3, sub_final=2), mask, 1.0, 1.0)
+
+
+def test_kl_divergence_matches_reference_on_padded_batches():
+    """Token-weighted mean of KL(M || M*) over non-pad tokens (an integer mask must not index rows)."""
+    full = _sharp_tiny_llama()
+    sub = _prune(full, [0, 1, 4, 5, 6, 7])
+    batches = _batches(2, seed=4)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            keep = batch["attention_mask"].bool()
+            log_p = F.log_softmax(full(**batch).logits[keep], -1)
+            log_q = F.log_softmax(sub(**batch).logits[keep], -1)
+            total += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
+            count += int(keep.sum())
+    assert kl_divergence(full, sub, batches) == pytest.approx(total / count, rel=1e-5)
 
 
 def test_pre_alignment_reduces_held_out_kl_and_touches_only_given_params():
