@@ -63,7 +63,7 @@ def _emulator(model, plan: Plan, ids: torch.Tensor, mask: torch.Tensor) -> torch
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        h = models.hidden_before_layer(model, ids, mask, plan.emulator_size)
+        h = models.hidden_before_layer(model, ids, mask, plan.train_start)
     model.train(was_training)
     return h
 
@@ -101,7 +101,7 @@ def local_train(model, plan: Plan, params: list[torch.nn.Parameter], examples: l
     for idx in batch_schedule(len(examples), batch_size, steps, epochs, rng):
         batch = {k: v.to(device) for k, v in pad_batch([examples[i] for i in idx], pad_id).items()}
         h = cache.hidden(model, plan, client, idx, batch)
-        final = models.forward_from_layer(model, h, batch["attention_mask"], plan.emulator_size)
+        final = models.forward_from_layer(model, h, batch["attention_mask"], plan.train_start)
         loss = models.label_loss(model, final, batch["labels"])
         total = loss + proximal(params, anchor, mu) if mu > 0 else loss
         opt.zero_grad(set_to_none=True)

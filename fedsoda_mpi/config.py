@@ -32,6 +32,7 @@ class ModelConfig:
     name: str = "smollm2-135m"  # a prepared model name under $FEDSODA_MODELS, or a path to an HF folder
     dtype: str = "float32"  # dtype of the full model on the server: float32 | bfloat16 | float16
     adapter_layers: int = 3  # L_A: the last L_A decoder layers form the adapter (0 = all layers)
+    adapter_first: int = 0  # ... plus this many bottom layers (FedOT: 1)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class SGPConfig:
     n: int = 3  # layers pruned per group
     p: int = 4  # number of groups
     token: str = "last"  # last | all: which tokens the angular distance is averaged over
+    spacing: str = "round"  # uniform drop (sgp.enabled=false): round (offsite-tuning) | int (FederatedScope)
     n_max: int = 0  # distance profile computed for n = 1..n_max (0 = max(n, 4))
 
 
@@ -227,7 +229,10 @@ def parse_override(arg: str) -> tuple[str, str]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """YAML file (default: jobs/smollm2_sst2_iid.yaml) + `key=value` overrides -> validated Config."""
+    """Defaults < YAML file (default: jobs/smollm2_sst2_iid.yaml) < method preset < `key=value` overrides.
+
+    The preset sits above the job file so that one job file serves every method (`method=fedbiot`
+    sets oda.every=1 even though the file says 5); the command line can still change any key."""
     path = Path(path) if path else DEFAULT_JOB
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -242,11 +247,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     method = dict(parse_override(a) for a in overrides).get("method", flat.get("method", cfg.method))
     if method not in PRESETS:
         raise ConfigError(f"method: '{method}' is not one of {', '.join(PRESETS)}")
-    for key, value in PRESETS[method].items():
-        set_key(cfg, key, value)
     for key, value in flat.items():
         set_key(cfg, key, value)
-    for arg in overrides:
+    for key, value in PRESETS[method].items():  # the keys a method owns win over the job file ...
+        set_key(cfg, key, value)
+    for arg in overrides:  # ... and the command line wins over both (ablations: method=fedbiot oda.re_align=false)
         set_key(cfg, *parse_override(arg))
     cfg.job = str(path)
     validate(cfg)
@@ -274,6 +279,8 @@ def validate(cfg: Config, world_size: int | None = None, num_layers: int | None 
     _check(cfg.model.adapter_layers >= 0, f"model.adapter_layers: must be >= 0, got {cfg.model.adapter_layers}")
     _check(cfg.sgp.n >= 1 and cfg.sgp.p >= 0, f"sgp: need n >= 1 and p >= 0, got n={cfg.sgp.n} p={cfg.sgp.p}")
     _check(cfg.sgp.token in ("last", "all"), f"sgp.token: expected last or all, got '{cfg.sgp.token}'")
+    _check(cfg.sgp.spacing in ("round", "int"), f"sgp.spacing: expected round or int, got '{cfg.sgp.spacing}'")
+    _check(cfg.model.adapter_first >= 0, f"model.adapter_first: must be >= 0, got {cfg.model.adapter_first}")
     _check(cfg.oda.every >= 1, f"oda.every: the re-alignment interval r must be >= 1, got {cfg.oda.every}")
     _check(cfg.oda.pre_epochs >= 0 and cfg.oda.re_epochs >= 0, "oda.pre_epochs / oda.re_epochs: must be >= 0")
     _check(cfg.lora.r >= 1, f"lora.r: must be >= 1, got {cfg.lora.r}")
@@ -297,9 +304,14 @@ def validate(cfg: Config, world_size: int | None = None, num_layers: int | None 
                f"set fed.clients>={world_size - 1} or launch with -n {cfg.fed.clients + 1}")
     if num_layers is not None:
         la = cfg.model.adapter_layers or num_layers
-        _check(cfg.model.adapter_layers < num_layers, f"model.adapter_layers={la} must be smaller than the model's {num_layers} layers")
-        emulator = num_layers - la
-        if cfg.sgp.p > 0:
+        _check(cfg.model.adapter_layers + cfg.model.adapter_first < num_layers,
+               f"model.adapter_layers={la} (+ adapter_first={cfg.model.adapter_first}) must be smaller than the "
+               f"model's {num_layers} layers")
+        emulator = num_layers - la - cfg.model.adapter_first
+        if cfg.sgp.p > 0 and not cfg.sgp.enabled:
+            _check(cfg.sgp.n * cfg.sgp.p < emulator,
+                   f"sgp: a uniform drop of n*p={cfg.sgp.n * cfg.sgp.p} layers needs more than the {emulator}-layer emulator")
+        elif cfg.sgp.p > 0:
             _check(cfg.sgp.p * (cfg.sgp.n + 1) <= emulator,
                    f"sgp: p={cfg.sgp.p} groups of n+1={cfg.sgp.n + 1} layers do not fit in the {emulator}-layer emulator")
 

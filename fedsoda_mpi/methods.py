@@ -7,7 +7,7 @@ with every method.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 # dotted config defaults per method (applied before the YAML file and the overrides)
 PRESETS: dict[str, dict] = {
@@ -16,39 +16,56 @@ PRESETS: dict[str, dict] = {
     # FedPETuning: clients hold the full model, LoRA on all layers, no pruning, no alignment
     "fedpetuning": {"model.adapter_layers": 0, "sgp.p": 0, "oda.pre_align": False, "oda.re_align": False,
                     "quant.enabled": False},
+    # FedOT (offsite-tuning in FL): adapter = first 1 + last 2 layers, emulator = uniform drop of n*p middle
+    # layers (12, as FedSODA prunes), LoRA-distilled once before training (pre-alignment only)
+    "fedot": {"model.adapter_first": 1, "model.adapter_layers": 2, "sgp.enabled": False, "oda.re_align": False,
+              "quant.enabled": False},
+    # FedBiOT: adapter = last 3 layers, the same uniform emulator, re-aligned (and re-sent) every round
+    "fedbiot": {"sgp.enabled": False, "oda.every": 1, "quant.enabled": False},
 }
 
 
 @dataclass
 class Plan:
-    """Which full-model layers the sub-LLM keeps and how they map (Algorithm 1 output + I)."""
+    """Which full-model layers the sub-LLM keeps, which are trained where, and how indices map.
+
+    Sub-LLM layers: [first adapter layers | emulator | last adapter layers]. FedSODA's emulator LoRA sits on
+    the retained start layers s_i of the pruned groups (Algorithm 1's map I); uniform-drop emulators
+    (FedOT, FedBiOT) put it on every emulator layer."""
 
     num_layers: int  # L of the full model
-    adapter_size: int  # L_A (= L for FedPETuning: every layer is trainable)
+    adapter_size: int  # L_A: trainable layers at the top (= L for FedPETuning)
     kept: list[int]  # full-model indices of the sub-LLM's layers, sorted
     groups: list[tuple[int, int]]  # pruned groups (t_i, t_i + n)
     layer_map: list[tuple[int, int]]  # I_i = (t_i, s_i)
+    adapter_first: int = 0  # trainable layers at the bottom (FedOT: 1)
+    emulator_lora: list[int] = field(default_factory=list)  # sub-LLM layers aligned by ODA
 
     @property
     def sub_layers(self) -> int:
         return len(self.kept)
 
     @property
-    def emulator_size(self) -> int:
+    def emulator_end(self) -> int:
+        """Sub-LLM index of the first top-adapter layer (the emulator's output enters it)."""
         return self.sub_layers - self.adapter_size
 
     @property
+    def train_start(self) -> int:
+        """First sub-LLM layer with trainable LoRA: client forwards before it are frozen (and cached)."""
+        return 0 if self.adapter_first else self.emulator_end
+
+    @property
     def adapter_full(self) -> list[int]:
-        return list(range(self.num_layers - self.adapter_size, self.num_layers))
+        return list(range(self.adapter_first)) + list(range(self.num_layers - self.adapter_size, self.num_layers))
 
     @property
     def adapter_sub(self) -> list[int]:
-        return list(range(self.emulator_size, self.sub_layers))
+        return list(range(self.adapter_first)) + list(range(self.emulator_end, self.sub_layers))
 
     @property
     def emulator_lora_sub(self) -> list[int]:
-        """Sub-LLM layers whose LoRA ODA trains: the retained start layers s_i of the pruned groups."""
-        return sorted(s for _, s in self.layer_map)
+        return sorted(self.emulator_lora)
 
     @property
     def full_to_sub(self) -> dict[int, int]:
@@ -69,4 +86,4 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
         return cls(d["num_layers"], d["adapter_size"], list(d["kept"]), [tuple(g) for g in d["groups"]],
-                   [tuple(m) for m in d["layer_map"]])
+                   [tuple(m) for m in d["layer_map"]], d.get("adapter_first", 0), list(d.get("emulator_lora", [])))

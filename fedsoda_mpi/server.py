@@ -71,12 +71,13 @@ class Server:
     def plan_layers(self) -> Plan:
         """SGP (eq. 5 profile + exact group choice) or, with sgp.enabled=false, a uniform layer drop."""
         cfg, L = self.cfg, self.L
-        la = cfg.model.adapter_layers or L
+        la, first = cfg.model.adapter_layers or L, cfg.model.adapter_first
         n, p = cfg.sgp.n, cfg.sgp.p
+        aligned = cfg.oda.pre_align or cfg.oda.re_align
         if p == 0:
-            return Plan(L, la, list(range(L)), [], [])
-        L_E = L - la
-        if cfg.sgp.enabled:
+            plan = Plan(L, la, list(range(L)), [], [], first)
+        elif cfg.sgp.enabled:
+            L_E = L - la
             n_max = cfg.sgp.n_max or max(n, 4)
             t0 = time.time()
             res = sgp.run_sgp(self.full, self.public, n=n, p=p, num_emulator_layers=L_E, n_max=min(n_max, L_E - 1),
@@ -84,15 +85,14 @@ class Server:
             self.log.log(f"SGP: profile {res.distance.shape} in {time.time() - t0:.1f}s, groups {res.groups}")
             self.log.write("sgp/distance", res.distance.astype(np.float32))
             groups = [tuple(map(int, g)) for g in res.groups]
+            kept = sgp.kept_layers(L, groups)
+            lmap = [tuple(map(int, m)) for m in sgp.layer_map(groups, kept)]
+            plan = Plan(L, la, kept, groups, lmap, first, sorted(s for _, s in lmap) if aligned else [])
         else:
-            kept_e = sgp.uniform_drop(L, 0, la, n * p)
-            groups = []  # uniform drop: no groups, no L_inter pairs
-            self.log.log(f"uniform drop of {n * p} emulator layers, kept {kept_e}")
-            plan = Plan(L, la, kept_e, [], [])
-            self._write_plan(plan)
-            return plan
-        kept = sgp.kept_layers(L, groups)
-        plan = Plan(L, la, kept, groups, [tuple(map(int, m)) for m in sgp.layer_map(groups, kept)])
+            kept = sgp.uniform_drop(L, first, la, n * p, cfg.sgp.spacing)
+            plan = Plan(L, la, kept, [], [], first)
+            plan.emulator_lora = list(range(first, plan.emulator_end)) if aligned else []
+            self.log.log(f"uniform drop ({cfg.sgp.spacing} spacing) of {n * p} emulator layers, kept {kept}")
         self._write_plan(plan)
         return plan
 
@@ -131,7 +131,7 @@ class Server:
 
     def _pairs(self) -> oda.AlignPairs:
         return oda.AlignPairs(inter=self.plan.align_pairs, full_final=self.plan.num_layers - self.plan.adapter_size - 1,
-                              sub_final=self.plan.emulator_size - 1)
+                              sub_final=self.plan.emulator_end - 1)
 
     def _align(self, batches: list[dict], epochs: int) -> list[dict]:
         params = models.set_trainable(self.sub, self.plan.emulator_lora_sub)

@@ -50,7 +50,7 @@ def test_checks_that_need_world_size_or_layers():
         validate(cfg, world_size=1)
     with pytest.raises(ConfigError, match="fewer than the 11 client ranks"):
         validate(cfg, world_size=12)
-    with pytest.raises(ConfigError, match="adapter_layers=3 must be smaller"):
+    with pytest.raises(ConfigError, match="adapter_layers=3 .* must be smaller"):
         validate(cfg, num_layers=3)
     with pytest.raises(ConfigError, match="do not fit"):
         validate(load_config(None, ["sgp.p=7"]), num_layers=30)
