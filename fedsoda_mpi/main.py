@@ -46,6 +46,11 @@ def prepare_config(argv: list[str], world_size: int) -> Config:
     except FileNotFoundError as e:
         raise ConfigError(f"model.name: {e}") from None
     validate(cfg, num_layers=layers)
+    if cfg.resume == "auto":
+        raise ConfigError("resume=auto: resuming from checkpoints is not implemented yet; start a new run (resume=none)")
+    if cfg.output.dir and (Path(cfg.output.dir) / "run.h5").exists():
+        raise ConfigError(f"output.dir={cfg.output.dir} already holds a run (run.h5); choose another output.dir "
+                          "or remove that folder")
     return cfg
 
 

@@ -75,3 +75,14 @@ def test_bad_config_exits_2_on_every_rank_before_mpi_work():
     lines = [l for l in p.stderr.splitlines() if "config error" in l]
     assert lines == ["fedsoda-mpi: config error: unknown config key 'fed.rouns' (did you mean 'fed.rounds'?)"]
     assert "Traceback" not in p.stderr
+
+
+def test_existing_run_folder_and_resume_are_refused(tmp_path, smollm2_dir):
+    from fedsoda_mpi.main import prepare_config
+
+    (tmp_path / "run.h5").write_bytes(b"")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        prepare_config([f"output.dir={tmp_path}"], world_size=3)
+    with pytest.raises(ConfigError, match="resume=auto"):
+        prepare_config(["resume=auto"], world_size=3)
+    assert prepare_config([f"output.dir={tmp_path / 'new'}"], world_size=3).output.dir == str(tmp_path / "new")

@@ -133,3 +133,23 @@ def test_smoke_11_ranks(smollm2_dir, tmp_path):
     with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
         assert f.attrs["world_size"] == 11
         assert (f["rounds/n_samples"][0] == 8).all() and np.isfinite(f["rounds/train_loss"][0]).all()
+
+
+@pytest.mark.parametrize("method", ["fedpetuning", "fedot", "fedbiot"])
+def test_baseline_presets_run_end_to_end(method, smollm2_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    p = mpirun(3, ["-m", "fedsoda_mpi.main", f"method={method}", "fed.rounds=1", "fed.clients=2", "fed.local_steps=1",
+                   "eval.max_examples=8", "data.public_samples=4", "oda.re_samples=4", f"output.dir={run_dir}",
+                   "data.max_train_per_client=8"], timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        kept, fin = f["sgp/kept_layers"][:].tolist(), dict(f["final"].attrs)
+        realigned = f["rounds/realigned"][:].tolist()
+    held = json.loads((run_dir / "client_rank1.json").read_text())
+    assert held["linear4bit"] == 0  # baselines ship an unquantized model
+    if method == "fedpetuning":
+        assert kept == list(range(30)) and held["decoder_layers"] == 30
+        assert fin["trainable_params"] == 30 * 8 * ((576 + 576) * 2 + (576 + 192) * 2 + (576 + 1536) * 3)
+    else:
+        assert len(kept) == 18 and kept[0] == 0 and kept[-2:] == [28, 29] and held["decoder_layers"] == 18
+        assert realigned == ([1] if method == "fedbiot" else [0])
