@@ -78,8 +78,10 @@ def run_name(f: h5py.File) -> str:
 
 
 def run_label(f: h5py.File) -> str:
-    """`method / task`, e.g. `fedsoda / gsm8k`."""
-    return f"{attr_str(f, 'method', '?')} / {task_of(f)}"
+    """`method / task`, e.g. `fedsoda / gsm8k`, plus the Dirichlet beta of a non-IID split."""
+    data = config(f).get("data", {})
+    skew = f" / Dir(\u03b2={data.get('dirichlet_beta')})" if data.get("split") == "dirichlet" else ""
+    return f"{attr_str(f, 'method', '?')} / {task_of(f)}{skew}"
 
 
 def labels(files: list[h5py.File]) -> list[str]:
