@@ -12,6 +12,7 @@ value ends every rank with one line and exit code 2.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -95,8 +96,6 @@ def seed_all(seed: int) -> None:
 
 def write_holdings(run_dir: Path, comm, model, params, model_bytes: int) -> None:
     """What this client rank holds (checked by the tests: never the full LLM)."""
-    import json
-
     import bitsandbytes as bnb
 
     from . import models
@@ -143,7 +142,7 @@ def run(cfg: Config, comm) -> dict | None:
         plan = server.plan_layers()
         server.build(plan)
         server.pre_align()
-        files = {"plan.json": __import__("json").dumps(plan.to_dict()).encode(), **server.bundle}
+        files = {"plan.json": json.dumps(plan.to_dict()).encode(), **server.bundle}
         log.flush()
     else:
         files = None
@@ -153,7 +152,7 @@ def run(cfg: Config, comm) -> dict | None:
     t0 = time.time()
     files = comm.broadcast_bytes(files, category="model")
     model_bytes = sum(len(v) for k, v in files.items() if k != "plan.json")
-    plan = Plan.from_dict(__import__("json").loads(files.pop("plan.json")))
+    plan = Plan.from_dict(json.loads(files.pop("plan.json")))
     lora_kw = dict(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules))
     if comm.is_server:
         sub = server.sub
@@ -239,7 +238,7 @@ def run(cfg: Config, comm) -> dict | None:
                 acc = server.evaluate("full")["accuracy"]
             sent = comm.totals()["sent"] - sent0["sent"]
             upload = np.zeros(n, np.int64)
-            upload[[k for k in chosen]] = up_schema.nbytes
+            upload[chosen] = up_schema.nbytes
             log.append("rounds", {"round": np.int32(rnd), "wall_s": np.float64(time.time() - t_round), "train_loss": losses,
                                   "n_samples": nk, "upload_bytes": upload,
                                   "download_bytes": np.int64(sent // (comm.size - 1)),

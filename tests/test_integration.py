@@ -3,9 +3,11 @@
     pytest -m "mpi and real" tests/test_integration.py
 """
 import json
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -95,8 +97,8 @@ def test_exported_adapter_reproduces_final_accuracy(e2e_run, smollm2_dir):
 
 def _watch_failure(args: list[str], marker: str, timeout: float = 600) -> tuple[int, float, str]:
     """Run mpirun, return (exit code, seconds from the injected failure to exit, stderr)."""
-    env = {**__import__("os").environ, **MPI_ENV}
-    cmd = [str(__import__("pathlib").Path(sys.executable).parent / "mpirun"), "-n", "3", sys.executable, "-m", "mpi4py",
+    env = {**os.environ, **MPI_ENV}
+    cmd = [str(Path(sys.executable).parent / "mpirun"), "-n", "3", sys.executable, "-m", "mpi4py",
            "-m", "fedsoda_mpi.main", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     seen, out = None, []
