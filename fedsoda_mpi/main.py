@@ -246,7 +246,8 @@ def run(cfg: Config, comm) -> dict | None:
                                   "realigned": np.int8(realigned), "eval_acc": np.float32(acc),
                                   "rejected": rejected_mask})
             drift = server.drift()
-            log.append("drift", {"round": np.int32(rnd), "distance": drift})
+            if drift.size:  # no L_inter pairs (no SGP groups): nothing to track
+                log.append("drift", {"round": np.int32(rnd), "distance": drift})
             if cfg.fed.checkpoint_every and rnd % cfg.fed.checkpoint_every == 0:
                 server.checkpoint(rnd)
             log.flush()

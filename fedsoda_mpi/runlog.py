@@ -98,7 +98,7 @@ class RunLog:
             path = f"{group}/{key}"
             if path not in self.h5:
                 self.h5.create_dataset(path, shape=(0, *arr.shape), maxshape=(None, *arr.shape), dtype=arr.dtype,
-                                       chunks=(max(1, 4096 // max(arr.nbytes, 1)), *arr.shape) if arr.shape else (256,))
+                                       chunks=(max(1, 4096 // max(arr.nbytes, 1)), *(max(1, d) for d in arr.shape)))
             ds = self.h5[path]
             ds.resize(ds.shape[0] + 1, axis=0)
             ds[-1] = arr
