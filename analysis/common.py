@@ -140,3 +140,17 @@ def main_guard(fn) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def plot_cli(doc: str, need: str, plot, per_run: bool = False) -> int:
+    """The command line of a plot script: `SCRIPT RUN.h5 ... [--out DIR]`; prints the files written.
+
+    `plot(files, out)` gets every run holding `need`, or `plot(file, out)` one run at a time with per_run."""
+    args = parser(doc.split("\n")[0]).parse_args()
+
+    def go():
+        files = open_runs(args.runs, need)
+        for path in (p for f in files for p in plot(f, args.out)) if per_run else plot(files, args.out):
+            print(path)
+
+    return main_guard(go)

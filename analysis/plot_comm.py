@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common import byte_unit, labels, legend, main_guard, open_runs, parser, plt, round_axis, save
+from common import byte_unit, labels, legend, plot_cli, plt, round_axis, save
 
 
 def bytes_per_round(f) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -47,13 +47,7 @@ def plot(files: list, out: str) -> list:
 
 
 def main() -> int:
-    args = parser(__doc__.split("\n")[0]).parse_args()
-
-    def go():
-        for p in plot(open_runs(args.runs, "rounds/upload_bytes"), args.out):
-            print(p)
-
-    return main_guard(go)
+    return plot_cli(__doc__, "rounds/upload_bytes", plot)
 
 
 if __name__ == "__main__":

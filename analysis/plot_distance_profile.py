@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.patches import Rectangle
 from matplotlib.patheffects import withStroke
 
-from common import main_guard, open_runs, parser, plt, round_axis, run_label, run_name, save
+from common import plot_cli, plt, round_axis, run_label, run_name, save
 
 
 def heatmap(ax, f) -> None:
@@ -70,14 +70,7 @@ def plot(f, out: str) -> list:
 
 
 def main() -> int:
-    args = parser(__doc__.split("\n")[0]).parse_args()
-
-    def go():
-        for f in open_runs(args.runs, "sgp/distance"):  # methods without SGP have no profile
-            for path in plot(f, args.out):
-                print(path)
-
-    return main_guard(go)
+    return plot_cli(__doc__, "sgp/distance", plot, per_run=True)  # methods without SGP have no profile
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common import labels, legend, main_guard, open_runs, parser, plt, round_axis, save
+from common import labels, legend, plot_cli, plt, round_axis, save
 
 
 def accuracy_points(f) -> tuple[np.ndarray, np.ndarray]:
@@ -58,13 +58,7 @@ def plot(files: list, out: str) -> list:
 
 
 def main() -> int:
-    args = parser(__doc__.split("\n")[0]).parse_args()
-
-    def go():
-        for p in plot(open_runs(args.runs, "rounds/round"), args.out):
-            print(p)
-
-    return main_guard(go)
+    return plot_cli(__doc__, "rounds/round", plot)
 
 
 if __name__ == "__main__":
