@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config, ConfigError, load_config, to_yaml, validate
+from .config import Config, ConfigError, load_config, validate
 
 USAGE_EXIT = 2
 
@@ -132,8 +132,7 @@ def run(cfg: Config, comm) -> dict | None:
     if comm.is_server:
         from .server import Server
 
-        log.open_h5(cfg, comm.size, cfg.model.name)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        log.open_h5(cfg, comm.size, cfg.model.name)  # also writes config.yaml
         log.write("data/client_sizes", np.array([len(r) for r in rows], dtype=np.int64))
         log.write("data/client_label_hist", np.asarray(hist, dtype=np.int64))
         server = Server(cfg, log, device)
