@@ -267,8 +267,6 @@ def run(cfg: Config, comm) -> dict | None:
 
 def finish(cfg: Config, comm, server, log, base: dict, model_bytes: int, ad_schema, em_schema) -> dict:
     """Algorithm 2 line 22 + evaluation: full LLM with the plugged adapter, the sub-LLM, final table."""
-    from . import models
-
     full = server.evaluate("full")
     sub = server.evaluate("sub")
     plan = server.plan
@@ -279,7 +277,7 @@ def finish(cfg: Config, comm, server, log, base: dict, model_bytes: int, ad_sche
            "trainable_params": ad_schema.numel,
            "comm_params_per_round": int(2 * ad_schema.numel + (em_schema.numel / realign_every if realign_every else 0)),
            "comm_bytes_per_round": float(per_round), "client_model_bytes": int(model_bytes + lora_bytes),
-           "full_model_bytes": int(models.stored_bytes(models.base_model(server.full))),
+           "full_model_bytes": int(server.full_bytes),
            "task": cfg.data.task, "n_eval": full["n"]}
     log.set_attrs("final", **res)
     out = server.export_adapter()

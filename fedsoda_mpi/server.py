@@ -62,6 +62,7 @@ class Server:
         self.full, self.tok = models.load_causal_lm(self.path, cfg.model.dtype, str(device))
         data.ensure_pad_token(self.tok)
         self.L = len(models.get_layers(self.full))
+        self.full_bytes = models.stored_bytes(self.full)  # as loaded, before any LoRA is attached
         log.log(f"loaded {self.path} ({self.L} layers) in {time.time() - t0:.1f}s")
         self.public = public_batches(cfg, self.tok, holdout=False, limit=cfg.data.public_samples)
         self.heldout = public_batches(cfg, self.tok, holdout=True, limit=16)
