@@ -37,7 +37,7 @@ def buffers(comm: Comm, msg: dict, schema: Schema) -> float:
     comm.comm.Barrier()
     t0 = time.perf_counter()
     counts = [0] + [1] * (comm.size - 1)
-    got = comm.gather([] if comm.rank == 0 else [msg], schema, counts, category="bench")
+    got = comm.gatherv([] if comm.rank == 0 else [msg], schema, counts, category="bench")
     avg = average([m for r in got for m in r]) if comm.rank == 0 else None
     comm.broadcast(avg, schema, category="bench")
     return time.perf_counter() - t0

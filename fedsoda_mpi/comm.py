@@ -1,7 +1,7 @@
 """The only module that touches MPI: typed flat buffers with an agreed schema, byte counters, abort on error.
 
 A message is a dict of tensors. Its `Schema` (names, shapes, one dtype) is agreed once; after that
-each message travels as ONE contiguous buffer: `broadcast` with Bcast (root -> all) and `gather`
+each message travels as ONE contiguous buffer: `broadcast` with Bcast (root -> all) and `gatherv`
 with Gatherv (all -> root). No pickles: tensors go through MPI as typed memory (bfloat16 and
 float16 as an int16 view, bit exact). Buffers over `CHUNK_ELEMS` elements (the one-time sub-model
 shipment of an 8B model is > 2 GiB) are sent in chunks.
@@ -213,8 +213,8 @@ class Comm:
             self._count(category, recv=schema.nbytes)
         return schema.unpack(flat)
 
-    def gather(self, messages: list[dict[str, torch.Tensor]], schema: Schema, counts: list[int], root: int = 0,
-               category: str = "gather") -> list[list[dict[str, torch.Tensor]]] | None:
+    def gatherv(self, messages: list[dict[str, torch.Tensor]], schema: Schema, counts: list[int], root: int = 0,
+                category: str = "gather") -> list[list[dict[str, torch.Tensor]]] | None:
         """Gatherv to `root`: rank i sends `counts[i]` messages (its virtual clients) in one buffer.
 
         Every rank passes the same `counts` (derived from the shared client schedule), so no size

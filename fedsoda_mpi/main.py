@@ -217,7 +217,7 @@ def run(cfg: Config, comm) -> dict | None:
                 update["__n_samples"] = torch.tensor([float(len(examples[k]))], dtype=torch.float32)
                 uploads.append(update)
         comm.idle_wait()
-        gathered = comm.gather(uploads, up_schema, counts, category="upload")
+        gathered = comm.gatherv(uploads, up_schema, counts, category="upload")
         if comm.is_server:
             flat = [u for per_rank in gathered for u in per_rank]
             order = [k for r in comm.client_ranks for k in chosen if rank_of(k, comm.size) == r]

@@ -38,7 +38,7 @@ def main() -> None:
         # gather: rank r sends r messages (a virtual-client schedule)
         counts = list(range(comm.size))
         mine = [message(comm.rank * 10 + i, dtype) for i in range(counts[comm.rank])]
-        out = comm.gather(mine, schema, counts, category="data")
+        out = comm.gatherv(mine, schema, counts, category="data")
         if comm.rank == 0:
             for r in range(comm.size):
                 for i, m in enumerate(out[r]):
