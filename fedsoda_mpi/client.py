@@ -38,10 +38,10 @@ class EmulatorCache:
 
         The cache lives in host memory (on GPU runs a batch is copied to the device per step)."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        lengths = mask.sum(1).tolist()
-        missing = [i for i, j in enumerate(idx) if (client, j) not in self.store]
         if not self.enabled:
             return _emulator(model, plan, ids, mask)
+        lengths = mask.sum(1).tolist()
+        missing = [i for i, j in enumerate(idx) if (client, j) not in self.store]
         self.hits += len(idx) - len(missing)
         self.misses += len(missing)
         if missing:
@@ -80,11 +80,7 @@ def batch_schedule(n: int, batch_size: int, steps: int, epochs: int, rng: np.ran
     order: list[int] = []
     while len(order) < total * batch_size:
         order += rng.permutation(n).tolist()
-    out = []
-    for s in range(total):
-        chunk = order[s * batch_size:(s + 1) * batch_size]
-        out.append(chunk)
-    return out
+    return [order[s * batch_size:(s + 1) * batch_size] for s in range(total)]
 
 
 def local_train(model, plan: Plan, params: list[torch.nn.Parameter], examples: list[dict], pad_id: int,
