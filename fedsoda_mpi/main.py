@@ -89,6 +89,11 @@ def threads_for(comm) -> int:
     return max(1, cores // ranks_here)
 
 
+def realign_interval(cfg: Config, plan) -> int:
+    """r of Algorithm 2 line 9, or 0 when this run never re-aligns (disabled, or no emulator LoRA)."""
+    return cfg.oda.every if (cfg.oda.re_align and plan.emulator_lora_sub) else 0
+
+
 def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -161,7 +166,7 @@ def run(cfg: Config, comm) -> dict | None:
         sub, tok = models.load_bundle(files, tmp, str(device))
         data.ensure_pad_token(tok)
         torch.manual_seed(cfg.seed)
-        sub = models.add_lora(sub, sorted(plan.emulator_lora_sub + plan.adapter_sub), **lora_kw)
+        sub = models.add_lora(sub, plan.lora_sub, **lora_kw)
         mine = [k for k in range(cfg.fed.clients) if rank_of(k, comm.size) == comm.rank]
         examples = {k: [data.tokenize_sft(tok, *data.prompt_and_answer(cfg.data.task, r), cfg.data.max_len) for r in rows[k]]
                     for k in mine}
@@ -185,7 +190,7 @@ def run(cfg: Config, comm) -> dict | None:
             cache.invalidate()
 
     send_emulator()  # the pre-aligned emulator LoRA
-    realign_every = cfg.oda.every if (cfg.oda.re_align and plan.emulator_lora_sub) else 0
+    realign_every = realign_interval(cfg, plan)
     n = cfg.fed.clients
     for rnd in range(1, cfg.fed.rounds + 1):
         t_round = time.time()
@@ -270,7 +275,7 @@ def finish(cfg: Config, comm, server, log, base: dict, model_bytes: int, ad_sche
     full = server.evaluate("full")
     sub = server.evaluate("sub")
     plan = server.plan
-    realign_every = cfg.oda.every if (cfg.oda.re_align and plan.emulator_lora_sub) else 0
+    realign_every = realign_interval(cfg, plan)
     per_round = 2 * ad_schema.nbytes + (em_schema.nbytes / realign_every if realign_every else 0)
     lora_bytes = ad_schema.nbytes + em_schema.nbytes
     res = {"accuracy": full["accuracy"], "sub_accuracy": sub["accuracy"], "base_accuracy": base["accuracy"],

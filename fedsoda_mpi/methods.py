@@ -68,6 +68,11 @@ class Plan:
         return sorted(self.emulator_lora)
 
     @property
+    def lora_sub(self) -> list[int]:
+        """Every sub-LLM layer that carries LoRA: the aligned emulator layers and the adapter."""
+        return sorted(self.emulator_lora_sub + self.adapter_sub)
+
+    @property
     def full_to_sub(self) -> dict[int, int]:
         return {f: s for s, f in enumerate(self.kept)}
 

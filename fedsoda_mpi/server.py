@@ -111,7 +111,7 @@ class Server:
         sub = models.build_sub_model(self.full, plan.kept, cfg.quant.enabled, cfg.quant.compute_dtype,
                                      cfg.quant.double_quant, self.workdir / "sub")
         self.bundle = models.model_bundle(sub, self.tok)
-        self.sub = models.add_lora(sub, sorted(plan.emulator_lora_sub + plan.adapter_sub), **self._lora_kw())
+        self.sub = models.add_lora(sub, plan.lora_sub, **self._lora_kw())
         self.full = models.add_lora(self.full, plan.adapter_full, **self._lora_kw())
         self.global_adapter = models.lora_state(self.sub, plan.adapter_sub)
         self.sync_full()
