@@ -44,10 +44,10 @@ class EmulatorCache:
         missing = [i for i, j in enumerate(idx) if (client, j) not in self.store]
         self.hits += len(idx) - len(missing)
         self.misses += len(missing)
-        if missing:
-            h = _emulator(model, plan, ids[missing], mask[missing])
-            for row, i in enumerate(missing):
-                self.store[(client, idx[i])] = h[row, :lengths[i]].to("cpu", copy=True)
+        for i in missing:  # one unpadded pass per example: its value never depends on the batch it came in,
+            n = lengths[i]  # so a resumed run (empty cache) recomputes it bit for bit (rows are right-padded)
+            h = _emulator(model, plan, ids[i:i + 1, :n], mask[i:i + 1, :n])
+            self.store[(client, idx[i])] = h[0].to("cpu", copy=True)
         out = torch.zeros(ids.shape[0], ids.shape[1], self._dim(model), dtype=self.store[(client, idx[0])].dtype)
         for i, j in enumerate(idx):
             out[i, :lengths[i]] = self.store[(client, j)]

@@ -255,6 +255,13 @@ class Comm:
         got = self.broadcast(tensors, schema, root, category=category)
         return files if self.rank == root else {k: bytes(v.numpy()) for k, v in got.items()}
 
+    def broadcast_flag(self, value: bool | None, root: int = 0) -> bool:
+        """One bool from `root` to every rank (8 bytes, counted as control)."""
+        buf = torch.tensor([int(bool(value)) if self.rank == root else 0], dtype=torch.int64)
+        self._bcast_flat(buf, root)
+        self._count("control", *((8 * (self.size - 1), 0) if self.rank == root else (0, 8)))
+        return bool(buf.item())
+
     def abort(self, code: int = 1) -> None:
         self.comm.Abort(code)
 

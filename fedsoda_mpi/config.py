@@ -98,7 +98,11 @@ class FedConfig:
     lr: float = 1e-4
     mu: float = 0.01  # proximal weight (eq. 9)
     emulator_cache: bool = True  # cache the frozen sub-emulator's outputs between re-alignments
-    checkpoint_every: int = 1
+    checkpoint_every: int = 1  # rounds between checkpoints (0: none; resume=auto then has nothing to resume from)
+    keep_checkpoints: int = 2  # newest checkpoints kept (>= 2, so a corrupted newest one has a fallback)
+    aggregator: str = "fedavg"  # fedavg | fedsrd | fedsrd-e (fedsoda_mpi/fedsrd.py)
+    upload_density: float = 1.0  # fedsrd*: fraction of each LoRA update tensor a client uploads
+    download_density: float = 1.0  # fedsrd*: fraction of the global update the server broadcasts
 
 
 @dataclass
@@ -121,6 +125,7 @@ class OutputConfig:
 class DebugConfig:
     fail_rank: int = -1  # inject an exception on this rank ...
     fail_round: int = -1  # ... in this round (tests of the abort path)
+    fail_kind: str = "raise"  # raise: an exception; oom: a simulated out-of-memory; nan: a client uploads NaN
 
 
 @dataclass
@@ -294,7 +299,17 @@ def validate(cfg: Config, world_size: int | None = None, num_layers: int | None 
     _check(cfg.fed.batch_size >= 1, f"fed.batch_size: must be >= 1, got {cfg.fed.batch_size}")
     _check(cfg.fed.lr > 0, f"fed.lr: must be > 0, got {cfg.fed.lr}")
     _check(cfg.fed.mu >= 0, f"fed.mu: must be >= 0, got {cfg.fed.mu}")
+    _check(cfg.fed.aggregator in ("fedavg", "fedsrd", "fedsrd-e"),
+           f"fed.aggregator: expected fedavg, fedsrd or fedsrd-e, got '{cfg.fed.aggregator}'")
+    for key in ("upload_density", "download_density"):
+        d = getattr(cfg.fed, key)
+        _check(0 < d <= 1, f"fed.{key}: must be in (0, 1], got {d}")
+        _check(d == 1 or cfg.fed.aggregator != "fedavg",
+               f"fed.{key}={d}: sparse transfer needs fed.aggregator=fedsrd or fedsrd-e (FedAvg sends dense LoRA)")
     _check(cfg.fed.checkpoint_every >= 0, f"fed.checkpoint_every: must be >= 0, got {cfg.fed.checkpoint_every}")
+    _check(cfg.debug.fail_kind in ("raise", "oom", "nan"),
+           f"debug.fail_kind: expected raise, oom or nan, got '{cfg.debug.fail_kind}'")
+    _check(cfg.fed.keep_checkpoints >= 1, f"fed.keep_checkpoints: must be >= 1, got {cfg.fed.keep_checkpoints}")
     _check(cfg.eval.every >= 0 and cfg.eval.max_examples >= 0, "eval.every / eval.max_examples: must be >= 0")
     if world_size is not None:
         _check(world_size >= 2, f"world size {world_size}: need rank 0 (server) plus at least one client rank "

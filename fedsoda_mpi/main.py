@@ -12,8 +12,11 @@ value ends every rank with one line and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -25,6 +28,17 @@ import torch
 from .config import Config, ConfigError, load_config, validate
 
 USAGE_EXIT = 2
+STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped early on SIGUSR1 after a checkpoint; continue with resume=auto
+STOP_REQUESTED: list[str | None] = [None]  # set by the SIGUSR1 handler, read by rank 0 at the end of a round
+
+
+def install_stop_handler() -> None:
+    """SIGUSR1 (Slurm's `--signal=B:USR1@300`, forwarded by slurm/common.sh) asks for a clean stop: the
+    current round finishes, rank 0 writes a checkpoint, every rank exits with STOPPED_EXIT."""
+    def handler(signum, frame):
+        STOP_REQUESTED[0] = signal.Signals(signum).name
+
+    signal.signal(signal.SIGUSR1, handler)
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -48,11 +62,73 @@ def prepare_config(argv: list[str], world_size: int) -> Config:
         raise ConfigError(f"model.name: {e}") from None
     validate(cfg, num_layers=layers)
     if cfg.resume == "auto":
-        raise ConfigError("resume=auto: resuming from checkpoints is not implemented yet; start a new run (resume=none)")
-    if cfg.output.dir and (Path(cfg.output.dir) / "run.h5").exists():
-        raise ConfigError(f"output.dir={cfg.output.dir} already holds a run (run.h5); choose another output.dir "
-                          "or remove that folder")
+        check_resumable(cfg)
+    elif (run_dir_of(cfg) / "run.h5").exists():
+        raise ConfigError(f"{run_dir_of(cfg)} already holds a run (run.h5); continue it with resume=auto, "
+                          "or choose another output.dir / output.name")
     return cfg
+
+
+# keys that may change when a run is resumed; every other setting must equal the checkpointed run's
+RESUME_MAY_CHANGE = ("resume", "job", "debug.", "output.", "fed.rounds", "fed.checkpoint_every", "fed.keep_checkpoints", "eval.")
+
+
+def run_dir_of(cfg: Config) -> Path:
+    """The run folder: output.dir, or output.root/output.name, or output.root/<job>-<method>-<job id or time>."""
+    return Path(cfg.output.dir or Path(cfg.output.root) / run_name(cfg))
+
+
+def check_resumable(cfg: Config) -> None:
+    """resume=auto: the run folder must be fixed in advance, and a run found there must have the same settings."""
+    from .config import load_config
+
+    if not (cfg.output.dir or cfg.output.name or os.environ.get("SLURM_JOB_ID")):
+        raise ConfigError("resume=auto: set output.dir (or output.name) so that a restart finds the same run folder")
+    saved = run_dir_of(cfg) / "config.yaml"
+    if not saved.is_file():
+        return  # nothing to resume yet: a fresh run
+    old, new = _flat(load_config(str(saved), []).to_dict()), _flat(cfg.to_dict())
+    for key in sorted(set(old) | set(new)):
+        if not key.startswith(RESUME_MAY_CHANGE) and old.get(key) != new.get(key):
+            raise ConfigError(f"resume=auto: {key} is {old.get(key)!r} in the run at {saved.parent} but {new.get(key)!r} "
+                              "now; resume with the same settings (only rounds, eval, output, checkpoint keys may "
+                              "change) or choose another output.dir")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def prepare_inputs(cfg: Config) -> tuple[list[list[dict]], np.ndarray]:
+    """Read what the run needs from disk before any MPI collective, on every rank: the clients' partition
+    (identical everywhere, seeded), the test and public texts, and the model's weight headers.
+    A missing/damaged file raises DataError or ModelError with one line naming the file."""
+    from . import data, models
+    from .server import model_path
+
+    try:
+        rows, hist = data.client_datasets(cfg.data.task, cfg.fed.clients, cfg.data.split, cfg.data.dirichlet_beta,
+                                          cfg.seed, cfg.data.max_train_per_client or None)
+    except ValueError as e:  # a partition that cannot give every client data
+        raise data.DataError(f"data.split={cfg.data.split}: {e}") from None
+    data.load_rows(cfg.data.task, "test")
+    data.load_public(cfg.data.public)
+    models.check_weights(model_path(cfg.model.name))
+    return rows, hist
+
+
+@contextlib.contextmanager
+def oom_guard(rank: int, client: int, cfg: Config):
+    """Turn an out-of-memory in a client's local step into one actionable line (rank, client, batch size)."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        raise RuntimeError(f"out of memory on rank {rank} (client {client}) at fed.batch_size={cfg.fed.batch_size}, "
+                           f"data.max_len={cfg.data.max_len}: lower fed.batch_size or data.max_len "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
 
 
 def client_schedule(cfg: Config, world_size: int, rnd: int) -> list[int]:
@@ -94,6 +170,22 @@ def realign_interval(cfg: Config, plan) -> int:
     return cfg.oda.every if (cfg.oda.re_align and plan.emulator_lora_sub) else 0
 
 
+def resume_point(cfg: Config, run_dir: Path, log):
+    """resume=auto: the newest valid checkpoint (its run.h5 copy replaces the live one, so rows written after
+    it are dropped, not duplicated), or None for a fresh start."""
+    from . import checkpoint
+
+    if cfg.resume != "auto":
+        return None
+    ck = checkpoint.latest(run_dir, warn=log.log)
+    if ck is None:
+        if (run_dir / "run.h5").exists():
+            log.log(f"WARNING: resume=auto but {run_dir} has no valid checkpoint; starting the run over")
+        return None
+    shutil.copyfile(ck.path / "run.h5", run_dir / "run.h5")
+    return ck
+
+
 def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -113,16 +205,19 @@ def write_holdings(run_dir: Path, comm, model, params, model_bytes: int) -> None
     (run_dir / f"client_rank{comm.rank}.json").write_text(json.dumps(held, indent=1))
 
 
-def run(cfg: Config, comm) -> dict | None:
-    """The protocol of Algorithm 2 across ranks; returns the final results on rank 0."""
+def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
+    """The protocol of Algorithm 2 across ranks; returns the final results on rank 0, {"stopped": round} on
+    every rank after a stop request, None on client ranks otherwise."""
     from . import data, models
     from .client import EmulatorCache, local_train
+    from . import fedsrd
     from .comm import Schema
+    from .fedsrd import Wire
     from .methods import Plan
     from .runlog import RunLog
 
     # run folder: rank 0 decides the name, everyone gets it (as bytes, never pickled)
-    name = {"run_dir": (cfg.output.dir or str(Path(cfg.output.root) / run_name(cfg))).encode()} if comm.is_server else None
+    name = {"run_dir": str(run_dir_of(cfg)).encode()} if comm.is_server else None
     run_dir = Path(comm.broadcast_bytes(name, category="control")["run_dir"].decode())
     log = RunLog(run_dir, comm.rank)
     device = comm.device()
@@ -131,22 +226,33 @@ def run(cfg: Config, comm) -> dict | None:
     log.log(f"rank {comm.rank}/{comm.size} on {device}, {n_threads} torch threads, run dir {run_dir}")
 
     # clients' data partition: identical on every rank (seeded), each rank tokenizes only its own clients
-    rows, hist = data.client_datasets(cfg.data.task, cfg.fed.clients, cfg.data.split, cfg.data.dirichlet_beta,
-                                      cfg.seed, cfg.data.max_train_per_client or None)
-    server = None
+    rows, hist = inputs or prepare_inputs(cfg)
+    server, start = None, 0
     if comm.is_server:
         from .server import Server
 
-        log.open_h5(cfg, comm.size, cfg.model.name)  # also writes config.yaml
-        log.write("data/client_sizes", np.array([len(r) for r in rows], dtype=np.int64))
-        log.write("data/client_label_hist", np.asarray(hist, dtype=np.int64))
+        ck = resume_point(cfg, run_dir, log)
+        log.open_h5(cfg, comm.size, cfg.model.name, mode="a" if ck else "w")  # also writes config.yaml
         server = Server(cfg, log, device)
-        base = server.evaluate("full")  # round 0: the base model (LoRA not yet attached)
-        log.log(f"base model accuracy ({cfg.data.task}, n={base['n']}): {base['accuracy']:.4f}")
-        plan = server.plan_layers()
-        server.build(plan)
-        server.pre_align()
-        files = {"plan.json": json.dumps(plan.to_dict()).encode(), **server.bundle}
+        if ck is None:
+            log.write("data/client_sizes", np.array([len(r) for r in rows], dtype=np.int64))
+            log.write("data/client_label_hist", np.asarray(hist, dtype=np.int64))
+            base = server.evaluate("full")  # round 0: the base model (LoRA not yet attached)
+            log.set_attrs("base", accuracy=base["accuracy"], n=base["n"])
+            log.log(f"base model accuracy ({cfg.data.task}, n={base['n']}): {base['accuracy']:.4f}")
+            plan = server.plan_layers()
+            server.build(plan)
+            server.pre_align()
+        else:
+            base = {k: v.item() for k, v in log.h5["base"].attrs.items()}
+            plan = Plan.from_dict(ck.state["plan"])
+            server.build(plan)
+            server.restore(ck)
+            start = ck.round
+            log.set_attrs("/", resumed_from=np.append(log.h5.attrs.get("resumed_from", []), start).astype(np.int32))
+            log.log(f"resumed from {ck.path} (round {start} of {cfg.fed.rounds}); SGP and pre-alignment not repeated")
+        files = {"plan.json": json.dumps(plan.to_dict()).encode(), "start.json": json.dumps(start).encode(),
+                 **server.bundle}
         log.flush()
     else:
         files = None
@@ -157,13 +263,14 @@ def run(cfg: Config, comm) -> dict | None:
     files = comm.broadcast_bytes(files, category="model")
     model_bytes = sum(len(v) for k, v in files.items() if k != "plan.json")
     plan = Plan.from_dict(json.loads(files.pop("plan.json")))
+    start = json.loads(files.pop("start.json"))
     lora_kw = dict(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules))
     if comm.is_server:
         sub = server.sub
         log.log(f"shipped the sub-LLM ({model_bytes / 2**20:.1f} MiB) to {comm.size - 1} client ranks in {time.time() - t0:.1f}s")
     else:
-        tmp = Path(tempfile.mkdtemp(prefix=f"fedsoda-client{comm.rank}-"))
-        sub, tok = models.load_bundle(files, tmp, str(device))
+        with tempfile.TemporaryDirectory(prefix=f"fedsoda-client{comm.rank}-") as tmp:  # loaded, then removed
+            sub, tok = models.load_bundle(files, Path(tmp), str(device))
         data.ensure_pad_token(tok)
         torch.manual_seed(cfg.seed)
         sub = models.add_lora(sub, plan.lora_sub, **lora_kw)
@@ -181,7 +288,8 @@ def run(cfg: Config, comm) -> dict | None:
     em_schema = comm.agree_schema(Schema.of(server.emulator_lora()) if comm.is_server and plan.emulator_lora_sub else
                                   (Schema((), (), "float32") if comm.is_server else None))
     ad_schema = comm.agree_schema(Schema.of(server.global_adapter) if comm.is_server else None)
-    up_schema = Schema(ad_schema.names + ("__loss", "__n_samples"), ad_schema.shapes + ((1,), (1,)), ad_schema.dtype)
+    wire = Wire(ad_schema.names, ad_schema.shapes, cfg.fed.aggregator, cfg.fed.upload_density, cfg.fed.download_density,
+                ad_schema.dtype)
 
     def send_emulator():
         state = comm.broadcast(server.emulator_lora() if comm.is_server else None, em_schema, category="emulator_lora")
@@ -192,7 +300,8 @@ def run(cfg: Config, comm) -> dict | None:
     send_emulator()  # the pre-aligned emulator LoRA
     realign_every = realign_interval(cfg, plan)
     n = cfg.fed.clients
-    for rnd in range(1, cfg.fed.rounds + 1):
+    stopped = False
+    for rnd in range(start + 1, cfg.fed.rounds + 1):
         t_round = time.time()
         sent0 = comm.totals()
         realigned = bool(realign_every and rnd % realign_every == 0)
@@ -204,8 +313,21 @@ def run(cfg: Config, comm) -> dict | None:
         chosen = client_schedule(cfg, comm.size, rnd)
         counts = [0] + [sum(1 for k in chosen if rank_of(k, comm.size) == r) for r in comm.client_ranks]
         comm.idle_wait()
-        global_state = comm.broadcast(server.global_adapter if comm.is_server else None, ad_schema, category="adapter_lora")
-        if cfg.debug.fail_rank == comm.rank and cfg.debug.fail_round == rnd:
+        if wire.sparse_down(rnd, start + 1):  # FedSRD: the previous round's sparse update of one factor
+            factor = fedsrd.factor_for_round(rnd - 1)  # known to every rank, no message needed
+            assert not comm.is_server or server.pending[0] == factor
+            part, idx_s, val_s = wire.down[factor]
+            down_params = val_s.numel
+            idx = comm.broadcast(server.pending[1] if comm.is_server else None, idx_s, category="adapter_lora")
+            val = comm.broadcast(server.pending[2] if comm.is_server else None, val_s, category="adapter_lora")
+            global_state = server.global_adapter if comm.is_server else fedsrd.apply_update(
+                global_state, {**{name: torch.zeros_like(t) for name, t in global_state.items()}, **fedsrd.decode(idx, val, part)})
+        else:
+            global_state = comm.broadcast(server.global_adapter if comm.is_server else None, ad_schema,
+                                          category="adapter_lora")
+            down_params = ad_schema.numel
+        inject = cfg.debug.fail_rank == comm.rank and cfg.debug.fail_round == rnd
+        if inject and cfg.debug.fail_kind == "raise":
             raise RuntimeError(f"debug.fail_rank={comm.rank} debug.fail_round={rnd}: injected failure")
         uploads = []
         if not comm.is_server:
@@ -214,25 +336,33 @@ def run(cfg: Config, comm) -> dict | None:
                     continue
                 models.load_lora_state(sub, global_state)
                 torch.manual_seed(cfg.seed * 100003 + rnd * 1009 + k)
-                loss = local_train(sub, plan, params, examples[k], tok.pad_token_id, cache, k, cfg.fed.local_steps,
-                                   cfg.fed.local_epochs, cfg.fed.batch_size, cfg.fed.lr, cfg.fed.mu,
-                                   np.random.default_rng([cfg.seed, rnd, k]))
-                update = models.lora_state(sub, plan.adapter_sub)
-                update["__loss"] = torch.tensor([loss], dtype=torch.float32)
-                update["__n_samples"] = torch.tensor([float(len(examples[k]))], dtype=torch.float32)
-                uploads.append(update)
+                with oom_guard(comm.rank, k, cfg):
+                    if inject and cfg.debug.fail_kind == "oom":
+                        raise torch.OutOfMemoryError("debug.fail_kind=oom: simulated")
+                    loss = local_train(sub, plan, params, examples[k], tok.pad_token_id, cache, k, cfg.fed.local_steps,
+                                       cfg.fed.local_epochs, cfg.fed.batch_size, cfg.fed.lr, cfg.fed.mu,
+                                       np.random.default_rng([cfg.seed, rnd, k]))
+                local = models.lora_state(sub, plan.adapter_sub)
+                if inject and cfg.debug.fail_kind == "nan":  # a diverged client: its whole update is NaN
+                    inject = False
+                    local = {name: torch.full_like(t, float("nan")) for name, t in local.items()}
+                uploads.append(wire.pack_upload(local, global_state, loss, len(examples[k])))
         comm.idle_wait()
-        gathered = comm.gatherv(uploads, up_schema, counts, category="upload")
+        gathered = [comm.gatherv([u[i] for u in uploads], schema, counts, category="upload")
+                    for i, schema in enumerate(wire.up)]
         if comm.is_server:
-            flat = [u for per_rank in gathered for u in per_rank]
+            flat = [list(msgs) for parts in zip(*gathered) for msgs in zip(*parts)]
             order = [k for r in comm.client_ranks for k in chosen if rank_of(k, comm.size) == r]
             losses, nk = np.full(n, np.nan, np.float32), np.zeros(n, np.float32)
             updates, weights = [], []
-            for k, u in zip(order, flat):
-                losses[k], nk[k] = float(u["__loss"]), float(u["__n_samples"])
-                updates.append({name: u[name].clone() for name in ad_schema.names})
+            for k, msgs in zip(order, flat):
+                state, losses[k], nk[k] = wire.unpack_upload(msgs, server.global_adapter)
+                updates.append(state)
                 weights.append(nk[k])
-            rejected = server.aggregate(updates, weights)
+            if cfg.fed.aggregator == "fedavg":
+                rejected = server.aggregate(updates, weights)
+            else:
+                rejected = server.aggregate_srd(updates, weights, rnd, wire)
             rejected_mask = np.zeros(n, np.int8)
             for i in rejected:
                 rejected_mask[order[i]] = 1
@@ -242,48 +372,64 @@ def run(cfg: Config, comm) -> dict | None:
                 acc = server.evaluate("full")["accuracy"]
             sent = comm.totals()["sent"] - sent0["sent"]
             upload = np.zeros(n, np.int64)
-            upload[chosen] = up_schema.nbytes
+            upload[chosen] = wire.up_bytes
             log.append("rounds", {"round": np.int32(rnd), "wall_s": np.float64(time.time() - t_round), "train_loss": losses,
                                   "n_samples": nk, "upload_bytes": upload,
                                   "download_bytes": np.int64(sent // (comm.size - 1)),
-                                  "comm_params": np.int64(ad_schema.numel * 2 + (em_schema.numel if realigned else 0)),
+                                  "comm_params": np.int64(wire.up[-1].numel - 2 + down_params
+                                                          + (em_schema.numel if realigned else 0)),
+                                  "upload_density": np.float32((wire.up[-1].numel - 2) / ad_schema.numel),
+                                  "download_density": np.float32(down_params / ad_schema.numel),
                                   "realigned": np.int8(realigned), "eval_acc": np.float32(acc),
                                   "rejected": rejected_mask})
             drift = server.drift()
             if drift.size:  # no L_inter pairs (no SGP groups): nothing to track
                 log.append("drift", {"round": np.int32(rnd), "distance": drift})
-            if cfg.fed.checkpoint_every and rnd % cfg.fed.checkpoint_every == 0:
-                server.checkpoint(rnd)
             log.flush()
             log.log(f"round {rnd}/{cfg.fed.rounds}: loss {np.nanmean(losses):.4f}, {time.time() - t_round:.1f}s"
                     + (", re-aligned" if realigned else "") + ("" if np.isnan(acc) else f", acc {acc:.4f}"))
         elif rnd == 1 or realigned:
             log.log(f"round {rnd}: emulator cache {cache.hits} hits / {cache.misses} misses")
+        # a stop request (SIGUSR1 at rank 0, e.g. Slurm's warning before the time limit) ends every rank here
+        comm.idle_wait()
+        stopped = comm.broadcast_flag(STOP_REQUESTED[0] if comm.is_server else None)
+        if comm.is_server and (stopped or (cfg.fed.checkpoint_every and rnd % cfg.fed.checkpoint_every == 0)):
+            path = server.checkpoint(rnd)
+            if stopped:
+                log.log(f"stopping after round {rnd} on {STOP_REQUESTED[0]}: checkpoint {path}; "
+                        "run the same command with resume=auto to continue")
+        if stopped:
+            break
     comm.idle_wait()
+    if stopped:
+        log.close()
+        return {"stopped": rnd}
     if not comm.is_server:
         log.log(f"bytes {dict(comm.bytes)}; MPI {comm.mpi_seconds:.2f}s, idle {comm.idle_seconds:.2f}s")
         log.close()
         comm.idle_wait()
         return None
-    result = finish(cfg, comm, server, log, base, model_bytes, ad_schema, em_schema)
+    result = finish(cfg, comm, server, log, base, model_bytes, ad_schema, em_schema, wire)
     comm.idle_wait()
     return result
 
 
-def finish(cfg: Config, comm, server, log, base: dict, model_bytes: int, ad_schema, em_schema) -> dict:
+def finish(cfg: Config, comm, server, log, base: dict, model_bytes: int, ad_schema, em_schema, wire) -> dict:
     """Algorithm 2 line 22 + evaluation: full LLM with the plugged adapter, the sub-LLM, final table."""
     full = server.evaluate("full")
     sub = server.evaluate("sub")
     plan = server.plan
     realign_every = realign_interval(cfg, plan)
-    per_round = 2 * ad_schema.nbytes + (em_schema.nbytes / realign_every if realign_every else 0)
+    adapter_params, adapter_bytes = wire.traffic()  # 2 x the adapter LoRA for FedAvg (down + up)
+    per_round = adapter_bytes + (em_schema.nbytes / realign_every if realign_every else 0)
     lora_bytes = ad_schema.nbytes + em_schema.nbytes
     res = {"accuracy": full["accuracy"], "sub_accuracy": sub["accuracy"], "base_accuracy": base["accuracy"],
            "trainable_params": ad_schema.numel,
-           "comm_params_per_round": int(2 * ad_schema.numel + (em_schema.numel / realign_every if realign_every else 0)),
+           "comm_params_per_round": int(adapter_params + (em_schema.numel / realign_every if realign_every else 0)),
            "comm_bytes_per_round": float(per_round), "client_model_bytes": int(model_bytes + lora_bytes),
            "full_model_bytes": int(server.full_bytes),
-           "task": cfg.data.task, "n_eval": full["n"]}
+           "task": cfg.data.task, "n_eval": full["n"], "aggregator": cfg.fed.aggregator,
+           "upload_density": cfg.fed.upload_density, "download_density": cfg.fed.download_density}
     log.set_attrs("final", **res)
     out = server.export_adapter()
     log.log(f"bytes moved by rank 0: {dict(comm.bytes)}; MPI {comm.mpi_seconds:.2f}s, idle {comm.idle_seconds:.2f}s")
@@ -310,19 +456,25 @@ def main(argv: list[str] | None = None) -> int:
     from mpi4py import MPI
 
     rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+    from .data import DataError
+    from .models import ModelError
+
     try:
         cfg = prepare_config(argv, size)
-    except ConfigError as e:
+        inputs = prepare_inputs(cfg)
+    except (ConfigError, DataError, ModelError) as e:
         if rank == 0:
-            print(f"fedsoda-mpi: config error: {e}", file=sys.stderr, flush=True)
+            kind = {ConfigError: "config", DataError: "data", ModelError: "model"}[type(e)]
+            print(f"fedsoda-mpi: {kind} error: {e}", file=sys.stderr, flush=True)
         return USAGE_EXIT
     from .comm import Comm, install_abort_hook
 
     install_abort_hook()
+    install_stop_handler()
     comm = Comm()
     torch.set_num_threads(threads_for(comm))
-    run(cfg, comm)
-    return 0
+    result = run(cfg, comm, inputs)
+    return STOPPED_EXIT if result and "stopped" in result else 0
 
 
 if __name__ == "__main__":

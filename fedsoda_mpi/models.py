@@ -56,6 +56,24 @@ def load_causal_lm(path, dtype: str = "float32", device: str = "cpu"):
     return model.eval(), tokenizer
 
 
+def check_weights(path) -> None:
+    """Open every safetensors header of a model folder: a truncated or damaged file fails here, before any
+    MPI work, instead of inside from_pretrained on rank 0 (flipped bits in tensor data are not detected;
+    `prepare` checks the download's sha256)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"no *.safetensors weights in {path}; run `python -m fedsoda_mpi.prepare model ...` again")
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as st:
+                st.keys()
+        except Exception as e:  # SafetensorError or OSError
+            raise ModelError(f"{f} is damaged ({e}); delete the folder and run `python -m fedsoda_mpi.prepare "
+                             f"model ...` again") from None
+
+
 def fix_bnb_cpu(model) -> int:
     """TOOLCHAIN's must-apply bitsandbytes CPU workaround; returns the number of 4-bit layers touched.
 

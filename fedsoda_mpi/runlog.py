@@ -65,7 +65,7 @@ class RunLog:
             print(line, flush=True)
 
     def open_h5(self, cfg: Config, world_size: int, model_name: str, mode: str = "a") -> h5py.File:
-        """Create (or reopen on resume) run.h5 with the root attributes and write config.yaml."""
+        """Create (mode 'w') or reopen on resume (mode 'a') run.h5 with the root attributes and write config.yaml."""
         assert self.rank == 0, "only rank 0 writes the run file"
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.h5 = h5py.File(self.run_dir / "run.h5", mode)
@@ -102,14 +102,6 @@ class RunLog:
             ds = self.h5[path]
             ds.resize(ds.shape[0] + 1, axis=0)
             ds[-1] = arr
-
-    def truncate(self, group: str, rows: int) -> None:
-        """Drop rows past `rows` in every dataset of `group` (resume after a checkpoint: no duplicate rows)."""
-        if self.h5 is None or group not in self.h5:
-            return
-        for ds in self.h5[group].values():
-            if isinstance(ds, h5py.Dataset) and ds.maxshape[0] is None and ds.shape[0] > rows:
-                ds.resize(rows, axis=0)
 
     def set_attrs(self, path: str, **attrs) -> None:
         if self.h5 is None:

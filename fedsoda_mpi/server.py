@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from . import data, models, oda, sgp
+from . import checkpoint, data, fedsrd, models, oda, sgp
 from .aggregate import fedavg
 from .config import Config
 from .evaluate import evaluate
@@ -56,7 +54,6 @@ class Server:
 
     def __init__(self, cfg: Config, log: RunLog, device: torch.device):
         self.cfg, self.log, self.device = cfg, log, device
-        self.workdir = Path(tempfile.mkdtemp(prefix="fedsoda-server-"))
         self.path = model_path(cfg.model.name)
         t0 = time.time()
         self.full, self.tok = models.load_causal_lm(self.path, cfg.model.dtype, str(device))
@@ -109,7 +106,7 @@ class Server:
         self.plan = plan
         t0 = time.time()
         sub = models.build_sub_model(self.full, plan.kept, cfg.quant.enabled, cfg.quant.compute_dtype,
-                                     cfg.quant.double_quant, self.workdir / "sub")
+                                     cfg.quant.double_quant)
         self.bundle = models.model_bundle(sub, self.tok)
         self.sub = models.add_lora(sub, plan.lora_sub, **self._lora_kw())
         self.full = models.add_lora(self.full, plan.adapter_full, **self._lora_kw())
@@ -157,7 +154,9 @@ class Server:
 
     # Algorithm 2 lines 9-12
     def re_align(self, rnd: int) -> None:
+        """E_r epochs of ODA on a random sample of D_public, seeded by (seed, round) so that resume is exact."""
         rng = np.random.default_rng([self.cfg.seed, rnd, 7])
+        torch.manual_seed(self.cfg.seed * 100003 + rnd * 1009 + 999983)  # LoRA dropout (checkpoint.RNG_SCHEME)
         batches = public_batches(self.cfg, self.tok, holdout=False, limit=self.cfg.oda.re_samples, rng=rng)
         steps = self._align(batches, self.cfg.oda.re_epochs)
         mean = {k: float(np.mean([s[k] for s in steps])) for k in ("loss", "loss_rep", "loss_kl")}
@@ -172,6 +171,29 @@ class Server:
         else:
             self.global_adapter = avg
             self.sync_full()
+        return rejected
+
+    def aggregate_srd(self, updates: list[dict], weights: list[float], rnd: int, wire) -> list[int]:
+        """FedSRD / FedSRD-e (fedsrd.py) on the clients' updates: the global LoRA moves by the projected,
+        download-sparsified update; with a sparse download `self.pending` holds what round rnd + 1 receives
+        (the server applies the same decoded values, so it and the clients stay bit-identical)."""
+        c = self.cfg
+        factor = fedsrd.factor_for_round(rnd)  # round 1 updates B (PEFT's B starts at 0: an A round would be void)
+        gen = torch.Generator().manual_seed(c.seed * 100003 + rnd * 1009 + 424243)
+        fn = fedsrd.fedsrd if c.fed.aggregator == "fedsrd" else fedsrd.fedsrd_e
+        update, rejected = fn(updates, weights, self.global_adapter, c.lora.alpha / c.lora.r, c.fed.download_density,
+                              factor, generator=gen)
+        if update is None:
+            self.log.log("WARNING: every client update was rejected (NaN/Inf); round skipped, global LoRA kept")
+            update = {n: torch.zeros_like(t) for n, t in self.global_adapter.items()}
+        if wire.sparse_down(rnd + 1, 0):
+            part, _, _ = wire.down[factor]
+            idx, val = fedsrd.encode({n: update[n] for n in part}, c.fed.download_density)
+            self.pending = (factor, idx, val)
+            update = {n: torch.zeros_like(t) for n, t in self.global_adapter.items()}
+            update.update(fedsrd.decode(idx, val, part))
+        self.global_adapter = fedsrd.apply_update(self.global_adapter, update)
+        self.sync_full()
         return rejected
 
     @torch.no_grad()
@@ -196,22 +218,21 @@ class Server:
                         batch_size=c.batch_size, k_shot=c.k_shot, max_new_tokens=c.max_new_tokens, seed=self.cfg.seed)
 
     def checkpoint(self, rnd: int) -> Path:
-        """Atomic (write, then rename) safetensors of the global adapter + emulator LoRA and a JSON state."""
-        ckdir = self.log.run_dir / "checkpoints"
-        ckdir.mkdir(exist_ok=True)
-        tmp = ckdir / f".round{rnd:05d}.tmp"
-        tmp.mkdir(exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.global_adapter.items()}, tmp / "adapter.safetensors")
-        save_file({k: v.contiguous() for k, v in self.emulator_lora().items()} or {"_": torch.zeros(0)},
-                  tmp / "emulator.safetensors")
-        (tmp / "state.json").write_text(json.dumps({"round": rnd, "seed": self.cfg.seed, "plan": self.plan.to_dict()}))
-        final = ckdir / f"round{rnd:05d}"
-        if final.exists():
-            for f in final.iterdir():
-                f.unlink()
-            final.rmdir()
-        tmp.rename(final)
-        return final
+        """Checkpoint after round `rnd` (fedsoda_mpi/checkpoint.py: atomic, verified, newest kept)."""
+        self.log.flush()
+        return checkpoint.save(self.log.run_dir, rnd, self.global_adapter, self.emulator_lora(),
+                               self.log.run_dir / "run.h5",
+                               {"seed": self.cfg.seed, "plan": self.plan.to_dict(), "config": self.cfg.to_dict()},
+                               keep=self.cfg.fed.keep_checkpoints)
+
+    def restore(self, ck: checkpoint.Checkpoint) -> None:
+        """Resume: put the checkpoint's global adapter and emulator LoRA into M* and M (after `build`)."""
+        for name, have, got in (("adapter", self.global_adapter, ck.adapter), ("emulator", self.emulator_lora(), ck.emulator)):
+            if set(have) != set(got) or any(have[k].shape != got[k].shape for k in have):
+                raise checkpoint.CheckpointError(f"{ck.path}: the {name} LoRA does not match this run's model and plan")
+        models.load_lora_state(self.sub, ck.emulator)
+        self.global_adapter = {k: v.clone() for k, v in ck.adapter.items()}
+        self.sync_full()
 
     def export_adapter(self) -> Path:
         """run_dir/adapter: a standard PEFT adapter for the FULL model (full-model layer indices)."""

@@ -32,9 +32,10 @@
 #
 # Preemption: the job scripts ask for `--signal=B:USR1@300` (USR1 to this batch shell 5 min before
 # the time limit); the trap below forwards it to the MPI step (srun and the wheel's mpirun both pass
-# USR1 on to every rank, measured). What the program does with it (checkpoint and exit) belongs to
-# the reliability work: until fedsoda_mpi installs a handler, USR1 ends the ranks (Python's default
-# action), 5 min before Slurm would kill them anyway; checkpoints are written every round.
+# USR1 on to every rank, measured). fedsoda_mpi finishes the current round, writes a checkpoint and
+# exits with 75; this script then runs `scontrol requeue` on its own job, and the requeued job (same
+# job id, so the same run folder) continues from the checkpoint: fedsoda_run passes resume=auto.
+# FEDSODA_REQUEUE=0 turns the requeue off (the job then just ends after the checkpoint).
 
 set -euo pipefail
 
@@ -75,8 +76,19 @@ fedsoda_run_name() {
 }
 
 fedsoda_on_usr1() {
-  fedsoda_log "USR1: the time limit is near; forwarding USR1 to the MPI step (pid $FEDSODA_STEP_PID)"
+  FEDSODA_STOP_REQUESTED=1
+  fedsoda_log "USR1: the time limit is near; forwarding USR1 to the MPI step (pid $FEDSODA_STEP_PID):" \
+    "checkpoint and stop after the current round"
   kill -USR1 "$FEDSODA_STEP_PID" 2>/dev/null || true
+}
+
+# fedsoda_requeue: put this job (or array task) back in the queue; it resumes from its checkpoint
+fedsoda_requeue() {
+  local id=${SLURM_JOB_ID:-}
+  [ -n "${SLURM_ARRAY_TASK_ID:-}" ] && id=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
+  [ -n "$id" ] || return 1
+  fedsoda_log "requeueing job $id: it continues from its last checkpoint (resume=auto, same run folder)"
+  scontrol requeue "$id"
 }
 
 # fedsoda_step CMD...: run CMD as the job's MPI step (one rank per task) with $FEDSODA_LAUNCHER.
@@ -106,10 +118,15 @@ fedsoda_step() {
   done
   trap - USR1
   fedsoda_log "MPI step finished with exit code $rc"
+  # stopped on USR1 (75) or killed before it could stop: requeue; finished (0) or bad config (2): do not
+  if [ "${FEDSODA_STOP_REQUESTED:-0}" = 1 ] && [ "${FEDSODA_REQUEUE:-1}" = 1 ] && [ "$rc" -ne 0 ] && [ "$rc" -ne 2 ]; then
+    fedsoda_requeue && exit 0  # Slurm ends this instance of the job; the requeued one starts over here
+  fi
   return "$rc"
 }
 
 # fedsoda_run DEFAULT_YAML [key=value ...]: one federated run (Algorithm 2) as the job's MPI step.
+# resume=auto: a requeued job (same id, same run folder) continues from its newest checkpoint.
 # Order of the overrides: the script's own, then output.root/output.name, then $FEDSODA_OVERRIDES.
 fedsoda_run() {
   local config=${JOB_CONFIG:-$1}
@@ -117,5 +134,5 @@ fedsoda_run() {
   local -a user=()
   read -r -a user <<<"${FEDSODA_OVERRIDES:-}"
   fedsoda_step "$FEDSODA_PYTHON" -m mpi4py -m fedsoda_mpi.main --config "$config" "$@" \
-    "output.root=$RUN_ROOT" "output.name=$(fedsoda_run_name)" "${user[@]}"
+    "output.root=$RUN_ROOT" "output.name=$(fedsoda_run_name)" resume=auto "${user[@]}"
 }

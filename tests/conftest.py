@@ -1,6 +1,8 @@
 """Shared test fixtures: tiny HF models built from configs, the real SmolLM2 model (prepared on
 first use from the PyPI GGUF), the real data folder, and a helper that runs real `mpirun`."""
 import os
+import shutil
+import tempfile
 import subprocess
 import sys
 from pathlib import Path
@@ -66,12 +68,21 @@ MPI_ENV = {
 
 def mpirun(n: int, args: list[str], timeout: float, env: dict | None = None, mpi4py_launch: bool = True,
            cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """Run `mpirun -n N python [-m mpi4py] ARGS` as a subprocess with the venv's own mpirun."""
+    """Run `mpirun -n N python [-m mpi4py] ARGS` as a subprocess with the venv's own mpirun.
+
+    Each call gets its own TMPDIR; `result.leftover_tmp` lists the fedsoda temp entries the run left behind
+    (there must be none: a leaked client copy of the sub-LLM once filled CI's disk)."""
     exe = Path(sys.executable)
     launcher = exe.parent / "mpirun"
     if not launcher.exists():
         launcher = "mpirun"
     py = [sys.executable, "-m", "mpi4py"] if mpi4py_launch else [sys.executable]
-    full_env = {**os.environ, **MPI_ENV, **(env or {})}
+    tmp = Path(tempfile.mkdtemp(prefix="fedsoda-test-tmp-"))
+    full_env = {**os.environ, **MPI_ENV, "TMPDIR": str(tmp), **(env or {})}
     cmd = [str(launcher), "-n", str(n), *py, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
+        res.leftover_tmp = sorted(p.name for p in tmp.iterdir() if p.name.startswith("fedsoda"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return res

@@ -1,7 +1,10 @@
 """Config: YAML + overrides, type errors, typo suggestions, presets, exit code 2 on every rank under mpirun."""
+import shutil
+
 import pytest
 
 from fedsoda_mpi.config import DEFAULT_JOB, ConfigError, load_config, validate
+from fedsoda_mpi.data import FIX
 from tests.conftest import mpirun
 
 
@@ -77,12 +80,58 @@ def test_bad_config_exits_2_on_every_rank_before_mpi_work():
     assert "Traceback" not in p.stderr
 
 
-def test_existing_run_folder_and_resume_are_refused(tmp_path, smollm2_dir):
+def test_existing_run_folder_is_refused_unless_resumed(tmp_path, smollm2_dir):
     from fedsoda_mpi.main import prepare_config
 
     (tmp_path / "run.h5").write_bytes(b"")
     with pytest.raises(ConfigError, match="already holds a run"):
         prepare_config([f"output.dir={tmp_path}"], world_size=3)
-    with pytest.raises(ConfigError, match="resume=auto"):
-        prepare_config(["resume=auto"], world_size=3)
+    assert prepare_config([f"output.dir={tmp_path}", "resume=auto"], world_size=3).resume == "auto"
     assert prepare_config([f"output.dir={tmp_path / 'new'}"], world_size=3).output.dir == str(tmp_path / "new")
+
+
+def test_resume_needs_a_fixed_run_folder_and_the_same_settings(tmp_path, smollm2_dir, monkeypatch):
+    from fedsoda_mpi.config import load_config, to_yaml
+    from fedsoda_mpi.main import prepare_config
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(ConfigError, match="resume=auto: set output.dir"):
+        prepare_config(["resume=auto"], world_size=3)
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config(None, ["fed.lr=0.002", f"output.dir={tmp_path}"])))
+    with pytest.raises(ConfigError, match=r"resume=auto: fed.lr is 0.002 in the run at .* but 0.001 now"):
+        prepare_config([f"output.dir={tmp_path}", "resume=auto"], world_size=3)
+    # rounds, eval and checkpoint keys may change on resume (e.g. extend a finished run)
+    cfg = prepare_config([f"output.dir={tmp_path}", "resume=auto", "fed.lr=0.002", "fed.rounds=20", "eval.every=1"],
+                         world_size=3)
+    assert cfg.fed.rounds == 20
+
+
+@pytest.mark.mpi
+def test_missing_data_file_exits_2_with_one_line(tmp_path, smollm2_dir):
+    p = mpirun(3, ["-m", "fedsoda_mpi.main"], timeout=120, env={"FEDSODA_DATA": str(tmp_path)})
+    assert p.returncode == 2, (p.returncode, p.stderr[-1500:])
+    lines = [l for l in p.stderr.splitlines() if "fedsoda-mpi:" in l]
+    assert lines == [f"fedsoda-mpi: data error: missing data file {tmp_path}/sst2/train.jsonl; {FIX}"], lines
+    assert "Traceback" not in p.stderr
+
+
+def test_damaged_model_weights_fail_before_mpi_work(tmp_path, smollm2_dir):
+    from fedsoda_mpi.main import prepare_config, prepare_inputs
+    from fedsoda_mpi.models import ModelError
+
+    bad = tmp_path / "smollm2-damaged"
+    shutil.copytree(smollm2_dir, bad, ignore=shutil.ignore_patterns("*.safetensors"))
+    (bad / "model.safetensors").write_bytes((smollm2_dir / "model.safetensors").read_bytes()[:2_000_000])  # header intact, data cut
+    cfg = prepare_config([f"model.name={bad}"], world_size=3)
+    with pytest.raises(ModelError, match=r"model.safetensors is damaged \(.*incomplete metadata.*\); delete the folder"):
+        prepare_inputs(cfg)
+
+
+def test_unsplittable_dirichlet_is_a_data_error(smollm2_dir):
+    from fedsoda_mpi.data import DataError
+    from fedsoda_mpi.main import prepare_config, prepare_inputs
+
+    cfg = prepare_config(["data.task=boolq", "data.split=dirichlet", "data.dirichlet_beta=0.0001", "fed.clients=400"],
+                         world_size=3)
+    with pytest.raises(DataError, match="data.split=dirichlet: Dirichlet beta=0.0001 left a client empty"):
+        prepare_inputs(cfg)

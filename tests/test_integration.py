@@ -12,10 +12,43 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests.conftest import MPI_ENV, ROOT, mpirun
 
 pytestmark = [pytest.mark.mpi, pytest.mark.real, pytest.mark.slow]
+
+# SmolLM2-135M: d_model 576, d_ff 1536, 3 KV heads of 64 (k/v: 576 -> 192), V 49152 (tied), 30 layers
+D, FF, KV, V, L, R = 576, 1536, 192, 49152, 30, 8
+LAYER_LINEAR = 2 * D * D + 2 * D * KV + 3 * D * FF  # q, o; k, v; gate, up, down
+LAYER_LORA = R * (2 * (D + D) + 2 * (D + KV) + 3 * (D + FF))  # r x (in + out) per target linear
+LAYER_NORMS = 2 * D
+
+
+def analytic_accounting(layers_held: int, adapter_layers: int, emulator_lora_layers: int, realign_every: int,
+                        nf4: bool) -> dict:
+    """The paper's section 5 / appendix C accounting from the architecture alone, to check what the
+    transport counted and what the clients hold: comm params per round O((m^S/r + 2 m^A) r d_model),
+    storage 4 bytes/param (fp32) or 4.127 bits/param for NF4 with double quantization."""
+    linear = layers_held * LAYER_LINEAR
+    other = V * D + layers_held * LAYER_NORMS + D  # tied embedding/head, per-layer norms, final norm
+    weight_bytes = linear * (4 + 8 / 64 + 32 / (64 * 256)) / 8 if nf4 else 4 * linear
+    return {"trainable_params": adapter_layers * LAYER_LORA,
+            "comm_params_per_round": 2 * adapter_layers * LAYER_LORA
+            + (emulator_lora_layers * LAYER_LORA / realign_every if realign_every else 0),
+            "client_weight_bytes": weight_bytes + 4 * other,
+            "full_model_bytes": 4 * (L * (LAYER_LINEAR + LAYER_NORMS) + V * D + D)}
+
+
+def check_accounting(fin: dict, held: dict, want: dict) -> None:
+    assert fin["trainable_params"] == want["trainable_params"]
+    assert abs(fin["comm_params_per_round"] - want["comm_params_per_round"]) <= 1  # int() of the amortized share
+    assert fin["comm_bytes_per_round"] == pytest.approx(4 * want["comm_params_per_round"], rel=1e-6)  # fp32 LoRA
+    assert fin["full_model_bytes"] == want["full_model_bytes"]
+    # held tensors vs formula: rotary buffers and NF4 code books/offsets are the only extras (< 0.5%)
+    assert want["client_weight_bytes"] <= held["stored_bytes"] <= 1.005 * want["client_weight_bytes"]
+
 
 SMALL = ["data.public_samples=8", "data.max_train_per_client=32", "eval.max_examples=16", "fed.local_steps=2"]
 
@@ -27,6 +60,7 @@ def e2e_run(smollm2_dir, tmp_path_factory):
             "eval.every=1", f"output.dir={run_dir}", *SMALL]
     p = mpirun(3, args, timeout=1200)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.leftover_tmp == []  # the clients' on-disk copy of the sub-LLM is removed once loaded
     return run_dir, p
 
 
@@ -68,6 +102,15 @@ def test_run_file_has_the_whole_schema(e2e_run):
     assert (run_dir / "checkpoints" / "round00002" / "adapter.safetensors").is_file()
 
 
+def test_accounting_matches_the_analytic_formulas(e2e_run):
+    """FedSODA: 3 adapter layers, LoRA on p=4 retained layers s_i re-sent every oda.every=2 rounds, NF4."""
+    run_dir, _ = e2e_run
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        fin = dict(f["final"].attrs)
+    held = json.loads((run_dir / "client_rank1.json").read_text())
+    check_accounting(fin, held, analytic_accounting(18, 3, 4, 2, nf4=True))
+
+
 def test_clients_never_hold_the_full_llm(e2e_run):
     run_dir, _ = e2e_run
     with h5py.File(run_dir / "run.h5", "r") as f:
@@ -95,9 +138,10 @@ def test_exported_adapter_reproduces_final_accuracy(e2e_run, smollm2_dir):
     assert evaluate(model, tok, "sst2", max_examples=16)["accuracy"] == want
 
 
-def _watch_failure(args: list[str], marker: str, timeout: float = 600) -> tuple[int, float, str]:
-    """Run mpirun, return (exit code, seconds from the injected failure to exit, stderr)."""
-    env = {**os.environ, **MPI_ENV}
+def _watch_failure(args: list[str], marker: str, tmpdir: Path, timeout: float = 600) -> tuple[int, float, str]:
+    """Run mpirun with TMPDIR=tmpdir, return (exit code, seconds from the injected failure to exit, stderr)."""
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **MPI_ENV, "TMPDIR": str(tmpdir)}
     cmd = [str(Path(sys.executable).parent / "mpirun"), "-n", "3", sys.executable, "-m", "mpi4py",
            "-m", "fedsoda_mpi.main", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
@@ -118,13 +162,37 @@ def _watch_failure(args: list[str], marker: str, timeout: float = 600) -> tuple[
 def test_injected_failure_aborts_whole_job_fast(rank, tmp_path):
     args = ["fed.rounds=2", "fed.clients=2", f"debug.fail_rank={rank}", "debug.fail_round=2", "oda.pre_align=false",
             "oda.re_align=false", "eval.every=0", f"output.dir={tmp_path / 'run'}", *SMALL]
-    code, after, out = _watch_failure(args, "injected failure")
+    code, after, out = _watch_failure(args, "injected failure", tmp_path / "tmp")
     assert code != 0, out[-2000:]
     assert f"[rank {rank}] FATAL RuntimeError: debug.fail_rank={rank} debug.fail_round=2: injected failure" in out or \
         f"debug.fail_rank={rank} debug.fail_round=2: injected failure" in out, out[-2000:]
     assert after < 10, (after, out[-2000:])
+    assert not list((tmp_path / "tmp").glob("fedsoda*"))  # no copy of the sub-LLM left behind by the abort
     with h5py.File(tmp_path / "run" / "run.h5", "r") as f:  # completed rounds survive
         assert f["rounds/round"][:].tolist() == [1]
+
+
+def test_simulated_oom_names_rank_client_and_batch_size(tmp_path):
+    args = ["fed.rounds=2", "fed.clients=2", "debug.fail_rank=2", "debug.fail_round=1", "debug.fail_kind=oom",
+            "oda.pre_align=false", "oda.re_align=false", "eval.every=0", f"output.dir={tmp_path / 'run'}", *SMALL]
+    code, after, out = _watch_failure(args, "out of memory on rank 2", tmp_path / "tmp")
+    assert code != 0 and after < 10, out[-2000:]
+    assert ("[rank 2] FATAL RuntimeError: out of memory on rank 2 (client 1) at fed.batch_size=4, data.max_len=128: "
+            "lower fed.batch_size or data.max_len") in out, out[-2000:]
+
+
+def test_nan_update_is_rejected_and_the_round_aggregates_the_others(tmp_path):
+    run_dir = tmp_path / "run"
+    p = mpirun(3, ["-m", "fedsoda_mpi.main", "fed.rounds=2", "fed.clients=4", "debug.fail_rank=1", "debug.fail_round=1",
+                   "debug.fail_kind=nan", "oda.pre_align=false", "oda.re_align=false", "eval.every=0",
+                   f"output.dir={run_dir}", *SMALL], timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "round 1: rejected the update of client 0 (non-finite values)" in p.stdout
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        assert f["rounds/rejected"][:].tolist() == [[1, 0, 0, 0], [0, 0, 0, 0]]  # client 0 (rank 1), round 1 only
+        assert 0 <= f["final"].attrs["accuracy"] <= 1
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in adapter.values())
 
 
 def test_smoke_11_ranks(smollm2_dir, tmp_path):
@@ -132,6 +200,7 @@ def test_smoke_11_ranks(smollm2_dir, tmp_path):
                     "oda.re_align=false", f"output.dir={tmp_path / 'run'}", "data.public_samples=4",
                     "data.max_train_per_client=8", "eval.max_examples=8"], timeout=1500)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.leftover_tmp == []
     with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
         assert f.attrs["world_size"] == 11
         assert (f["rounds/n_samples"][0] == 8).all() and np.isfinite(f["rounds/train_loss"][0]).all()
@@ -144,14 +213,42 @@ def test_baseline_presets_run_end_to_end(method, smollm2_dir, tmp_path):
                    "eval.max_examples=8", "data.public_samples=4", "oda.re_samples=4", f"output.dir={run_dir}",
                    "data.max_train_per_client=8"], timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.leftover_tmp == []
     with h5py.File(run_dir / "run.h5", "r") as f:
         kept, fin = f["sgp/kept_layers"][:].tolist(), dict(f["final"].attrs)
         realigned = f["rounds/realigned"][:].tolist()
     held = json.loads((run_dir / "client_rank1.json").read_text())
     assert held["linear4bit"] == 0  # baselines ship an unquantized model
+    want = {"fedpetuning": analytic_accounting(30, 30, 0, 0, nf4=False),  # full model, LoRA everywhere
+            "fedot": analytic_accounting(18, 3, 0, 0, nf4=False),  # emulator LoRA sent once (pre-alignment)
+            "fedbiot": analytic_accounting(18, 3, 15, 1, nf4=False)}[method]  # emulator LoRA every round
+    check_accounting(fin, held, want)
     if method == "fedpetuning":
         assert kept == list(range(30)) and held["decoder_layers"] == 30
-        assert fin["trainable_params"] == 30 * 8 * ((576 + 576) * 2 + (576 + 192) * 2 + (576 + 1536) * 3)
     else:
         assert len(kept) == 18 and kept[0] == 0 and kept[-2:] == [28, 29] and held["decoder_layers"] == 18
         assert realigned == ([1] if method == "fedbiot" else [0])
+
+
+@pytest.mark.parametrize("aggregator", ["fedsrd", "fedsrd-e"])
+def test_fedsrd_sparse_rounds_end_to_end(aggregator, tmp_path):
+    """FedSODA + FedSRD: sparse uploads and (from round 2) sparse one-factor downloads shrink the bytes by
+    the density; clients and server stay in sync (the final adapter reproduces the logged accuracy)."""
+    run_dir = tmp_path / "run"
+    p = mpirun(3, ["-m", "fedsoda_mpi.main", "fed.rounds=3", "fed.clients=2", f"fed.aggregator={aggregator}",
+                   "fed.upload_density=0.25", "fed.download_density=0.25", "oda.pre_align=false", "oda.re_align=false",
+                   "eval.every=0", f"output.dir={run_dir}", *SMALL], timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        r, fin = f["rounds"], dict(f["final"].attrs)
+        dense = 4 * 244224
+        kept = 244224 // 4  # every LoRA tensor's numel is divisible by 4 here: exactly 25% kept
+        assert (r["upload_bytes"][:] == 8 * kept + 8).all()  # int32 index + float32 value, + loss and n_k
+        assert r["upload_density"][:].tolist() == [0.25] * 3
+        down = r["download_bytes"][:]
+        assert down[0] == dense and down[1] < 0.26 * dense and down[2] < 0.26 * dense  # round 1 dense, then sparse
+        assert r["download_density"][0] == 1 and 0 < r["download_density"][1] < 0.26
+        assert fin["aggregator"] == aggregator and fin["comm_bytes_per_round"] < 0.6 * 2 * dense
+        assert np.isfinite(r["train_loss"][:]).all()
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in adapter.values())

@@ -126,7 +126,7 @@ def test_bad_config_fails_the_job_with_exit_code_2(cluster, tmp_path):
     assert res.returncode == 2 and wait_done(jid, timeout=60) == ("FAILED", "2:0"), out.read_text()
     text = out.read_text()
     assert "fedsoda-mpi: config error: fed.clients: must be >= 1, got 0" in text
-    assert f"output.root={tmp_path} output.name=llama3_iid-{jid} fed.clients=0" in text
+    assert f"output.root={tmp_path} output.name=llama3_iid-{jid} resume=auto fed.clients=0" in text
 
 
 def test_llama3_iid_script_toy_run(cluster, tmp_path):
@@ -172,3 +172,44 @@ def test_submit_all_graph_prepare_array_analyze(cluster, tmp_path):
     for name in ("rounds.png", "comm.pdf", f"distance_profile_noniid-beta0.1-{arr}_0.png", "table.md", "table.tex"):
         assert (fig / name).stat().st_size > 0, name
     assert (fig / "table.md").read_text().count("| smollm2-135m |") == 2
+
+
+def test_usr1_checkpoints_requeues_and_the_job_matches_an_uninterrupted_one(cluster, tmp_path):
+    """--signal=B:USR1@300 path: USR1 -> checkpoint + exit 75 -> `scontrol requeue` -> the same job id
+    resumes (resume=auto, same run folder) and ends with the adapter of an uninterrupted job, bit for bit."""
+    from safetensors.torch import load_file
+
+    toy = TOY.replace("fed.rounds=1", "fed.rounds=3").replace(" oda.re_align=false", " oda.every=2")
+    env = job_env(tmp_path, JOB_CONFIG="jobs/smollm2_sst2_iid.yaml", FEDSODA_OVERRIDES=toy)
+    ids = {}
+    for name in ("plain", "requeued"):
+        res = sbatch(["--parsable", "--ntasks=3", "-J", name, "-o", str(tmp_path / f"{name}-%j.out"),
+                      "slurm/llama3_iid.sh"], env, timeout=60)
+        assert res.returncode == 0, res.stderr
+        ids[name] = job_id(res)
+    run = {name: tmp_path / f"{name}-{jid}" for name, jid in ids.items()}
+    deadline = time.time() + 900
+    while not (run["requeued"] / "checkpoints" / "round00001").exists():
+        assert time.time() < deadline and state(ids["requeued"])[0] not in FINAL, "no checkpoint of round 1"
+        time.sleep(1)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", ids["requeued"]], check=True, timeout=30)
+    # Slurm holds a requeued batch job for ~121 s (credential expiry) before it may start again; skip the wait
+    while time.time() < deadline:
+        q = subprocess.run(["squeue", "-h", "-j", ids["requeued"], "-o", "%T %r"], capture_output=True, text=True).stdout
+        if q.startswith("PENDING"):
+            subprocess.run(["scontrol", "update", f"JobId={ids['requeued']}", "StartTime=now"], timeout=30)
+            break
+        time.sleep(1)
+    for jid in ids.values():
+        assert wait_done(jid, timeout=900) == ("COMPLETED", "0:0")
+    text = (tmp_path / f"requeued-{ids['requeued']}.out").read_text()
+    assert "requeueing job" in text and "resumed from" in text, text[-4000:]
+    with h5py.File(run["requeued"] / "run.h5", "r") as f:
+        assert f["rounds/round"][:].tolist() == [1, 2, 3] and f.attrs["resumed_from"].tolist() in ([1], [2])
+        loss_r, acc_r = f["rounds/train_loss"][:], f["final"].attrs["accuracy"]
+    with h5py.File(run["plain"] / "run.h5", "r") as f:
+        loss_p, acc_p = f["rounds/train_loss"][:], f["final"].attrs["accuracy"]
+        assert "resumed_from" not in f.attrs
+    assert (loss_r == loss_p).all() and acc_r == acc_p
+    a, b = (load_file(run[n] / "adapter" / "adapter_model.safetensors") for n in ("plain", "requeued"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)

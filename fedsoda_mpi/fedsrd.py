@@ -1,0 +1,297 @@
+"""FedSRD: Sparsify-Reconstruct-Decompose for federated LoRA (Yan et al. 2025), and FedSRD-e.
+
+Follows the reference code Youth-49/FedSRD_2025 (main_fedsrd.py, federated_learning/fed_global.py):
+- Sparsify (client): the round's UPDATE dA = A_k - A0, dB = B_k - B0 (A0, B0 = received global) is
+  pruned per tensor by importance = |entry| x norm of its partner in the pair: |dA[j, :]| * ||B_k[:, j]||,
+  |dB[:, j]| * ||A0[j, :]||, i.e. the Frobenius norm of the entry's contribution to the full-rank update
+  B_k A_k - B0 A0 = B_k dA + dB A0; kept entries are rescaled to the tensor's original L1 norm.
+  The reference prunes a kurtosis-adaptive fraction; a fixed MPI schema needs a fixed count, so
+  `sparsify` keeps exactly k = max(1, round(density * numel)) entries (`adaptive_density` gives the
+  reference's fraction, at most 1 - base = 0.15, which `encode` at 0.15 carries losslessly).
+- Reconstruct + Aggregate (server): W = sum_k w_k / sum w * scale * (B0 + dB_k) @ (A0 + dA_k).
+- Decompose (server): rank-r truncated SVD of W (FedSRD) or W itself (FedSRD-e, no SVD), then the target
+  dW = W_r - scale * B0 @ A0 is projected onto ONE factor (A on even rounds via pinv(B0), B on odd ones
+  via pinv(A0), the other factor's update is zero) and randomly sparsified at the download density with
+  rescale numel / k (the reference's Bernoulli mask, made exactly k for a fixed schema).
+  Clients and server then apply global <- global + update (`apply_update`). As in the reference, an A
+  round with B0 = 0 (PEFT's initial B) broadcasts a zero update (pinv(0) = 0): start with a B round.
+Wire format: `encode` -> (idx int32 dict, val float32 dict), two fixed Schemas, 8 bytes per kept entry.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .aggregate import is_finite
+
+State = dict[str, torch.Tensor]
+
+
+def lora_pairs(state: State) -> list[tuple[str, str]]:
+    """(lora_A key, lora_B key) of every LoRA module, sorted; ValueError on an unpaired key."""
+    a_keys = sorted(k for k in state if "lora_A" in k)
+    pairs = [(a, a.replace("lora_A", "lora_B")) for a in a_keys]
+    paired = {k for p in pairs for k in p}
+    missing = [b for _, b in pairs if b not in state]
+    stray = sorted(set(state) - paired)
+    if missing or stray:
+        raise ValueError(f"unpaired LoRA keys: missing {missing[:3]}, unmatched {stray[:3]}")
+    return pairs
+
+
+def prefix_of(key_a: str) -> str:
+    """Module name of a lora_A key (`...q_proj.lora_A.weight` -> `...q_proj`)."""
+    return key_a.split(".lora_A")[0]
+
+
+def keep_count(numel: int, density: float) -> int:
+    """Fixed number of entries a tensor of `numel` keeps at `density`: max(1, round(density * numel))."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    return min(numel, max(1, round(density * numel)))
+
+
+def importance(local: State, received: State) -> State:
+    """Sparsify: importance of each entry of the update (reference `contribution_aware_adaptive_prune`)."""
+    out = {}
+    for ka, kb in lora_pairs(local):
+        da, db = local[ka].float() - received[ka].float(), local[kb].float() - received[kb].float()
+        out[ka] = da.abs() * torch.linalg.norm(local[kb].float(), dim=0).unsqueeze(1)
+        out[kb] = db.abs() * torch.linalg.norm(received[ka].float(), dim=1).unsqueeze(0)
+    return out
+
+
+def adaptive_density(score: torch.Tensor, base: float = 0.85, coeff: float = 0.1, upper: float = 0.11) -> float:
+    """Sparsify: the reference's kept fraction 1 - (base + min(upper, coeff * log(max(kurtosis, 1))))."""
+    x = score.double().flatten()
+    kurt = float(((x - x.mean()) ** 4).mean() / x.var(unbiased=False) ** 2)  # Pearson, as scipy fisher=False
+    ratio = base + upper if not math.isfinite(kurt) else base + min(upper, coeff * math.log(max(kurt, 1.0)))
+    return 1.0 - ratio
+
+
+def sparsify(local: State, received: State, density: float | None, rescale: bool = True) -> State:
+    """Sparsify: the update local - received, keeping per tensor the k most important entries (importance
+    above; density None = the reference's adaptive fraction), rescaled to the update's L1 norm.
+    Density 1.0 returns local - received unchanged."""
+    out, scores = {}, importance(local, received)
+    for name in local:
+        delta = local[name] - received[name]
+        d = adaptive_density(scores[name]) if density is None else density
+        k = keep_count(delta.numel(), d)
+        if k == delta.numel():
+            out[name] = delta
+            continue
+        flat = delta.float().flatten()
+        keep = torch.zeros_like(flat)
+        idx = torch.topk(scores[name].flatten(), k).indices
+        keep[idx] = flat[idx]
+        kept_l1 = keep.abs().sum()
+        if rescale and kept_l1 > 1e-9:
+            keep *= flat.abs().sum() / kept_l1
+        out[name] = keep.view_as(delta).to(delta.dtype)
+    return out
+
+
+def payload_shapes(shapes: dict[str, tuple], density: float) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """Sparsify (wire): the fixed shapes of (`<name>.idx` int32, `<name>.val` float32) at `density`."""
+    ks = {n: keep_count(math.prod(s), density) for n, s in shapes.items()}
+    return {f"{n}.idx": (k,) for n, k in ks.items()}, {f"{n}.val": (k,) for n, k in ks.items()}
+
+
+def encode(state: State, density: float) -> tuple[State, State]:
+    """Sparsify (wire): per tensor the k largest-|value| entries as (int32 flat indices, float32 values),
+    indices ascending. Lossless when a tensor has at most k non-zeros (e.g. the output of `sparsify`)."""
+    idx, val = {}, {}
+    for name, t in state.items():
+        if t.numel() >= 2 ** 31:
+            raise ValueError(f"{name}: {t.numel()} entries do not fit int32 indices")
+        flat = t.detach().float().flatten()
+        top = torch.topk(flat.abs(), keep_count(flat.numel(), density)).indices.sort().values
+        idx[f"{name}.idx"], val[f"{name}.val"] = top.to(torch.int32), flat[top]
+    return idx, val
+
+
+def decode(idx: State, val: State, shapes: dict[str, tuple], dtype: torch.dtype = torch.float32) -> State:
+    """Reconstruct (wire): dense tensors of `shapes` from an `encode` payload, zeros where dropped."""
+    out = {}
+    for name, shape in shapes.items():
+        dense = torch.zeros(math.prod(shape), dtype=torch.float32)
+        dense[idx[f"{name}.idx"].long()] = val[f"{name}.val"].float()
+        out[name] = dense.view(shape).to(dtype)
+    return out
+
+
+def apply_update(received: State, update: State, dtype: torch.dtype | None = None) -> State:
+    """Reconstruct: received + update (a client's local LoRA on the server, the new global everywhere),
+    summed in float32, returned in `dtype` (default: the received dtype)."""
+    return {n: (received[n].float() + update[n].float()).to(dtype or received[n].dtype) for n in received}
+
+
+def aggregate_full_rank(states: list[State], weights: list[float], scale: float,
+                        dtype: torch.dtype = torch.float32) -> State:
+    """Aggregate: {module prefix: sum_k w_k / sum w * scale * B_k @ A_k} in `dtype`."""
+    total = float(sum(weights))
+    out = {}
+    for ka, kb in lora_pairs(states[0]):
+        acc = None
+        for state, w in zip(states, weights):
+            term = (scale * w / total) * (state[kb].to(dtype) @ state[ka].to(dtype))
+            acc = term if acc is None else acc + term
+        out[prefix_of(ka)] = acc
+    return out
+
+
+def decompose(delta: State, r: int, scale: float, dtype: torch.dtype = torch.float32) -> State:
+    """Decompose: truncated SVD (float64) so that scale * B @ A is the best rank-r approximation of each
+    delta; B = U_r sqrt(S_r / scale), A = sqrt(S_r / scale) V_r^T, keyed `<prefix>.lora_{A,B}.weight`."""
+    out = {}
+    for prefix, w in delta.items():
+        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        root = torch.sqrt(s[:r] / scale)
+        out[f"{prefix}.lora_B.weight"] = (u[:, :r] * root).to(dtype)
+        out[f"{prefix}.lora_A.weight"] = (root.unsqueeze(1) * vh[:r]).to(dtype)
+    return out
+
+
+def factor_for_round(round_idx: int) -> str:
+    """Decompose: the factor the broadcast updates, as the reference alternates (A even, B odd rounds)."""
+    return "A" if round_idx % 2 == 0 else "B"
+
+
+def random_sparsify(t: torch.Tensor, density: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sparsify (download): exactly k uniformly random entries kept, scaled by numel / k (unbiased)."""
+    k = keep_count(t.numel(), density)
+    if k == t.numel():
+        return t
+    flat = t.flatten()
+    out = torch.zeros_like(flat)
+    idx = torch.randperm(flat.numel(), generator=generator)[:k]
+    out[idx] = flat[idx] * (flat.numel() / k)
+    return out.view_as(t)
+
+
+def broadcast_update(target: State, received: State, scale: float, factor: str, density: float,
+                     generator: torch.Generator | None = None) -> State:
+    """Decompose: project target - scale * B0 @ A0 onto one factor (least squares via pinv), the other
+    factor's update is zero, then sparsify it for broadcast; returned in the received dtype."""
+    if factor not in ("A", "B"):
+        raise ValueError(f"factor must be 'A' or 'B', got {factor!r}")
+    out = {}
+    for ka, kb in lora_pairs(received):
+        a0, b0 = received[ka].double(), received[kb].double()
+        dw = target[prefix_of(ka)].double() / scale - b0 @ a0
+        if factor == "A":
+            upd, zero = ka, kb
+            value = torch.linalg.pinv(b0) @ dw
+        else:
+            upd, zero = kb, ka
+            value = dw @ torch.linalg.pinv(a0)
+        out[upd] = random_sparsify(value, density, generator).to(received[upd].dtype)
+        out[zero] = torch.zeros_like(received[zero])
+    return out
+
+
+def _server_round(updates: list[State], weights: list[float], received: State, scale: float, r: int | None,
+                  download_density: float, factor: str, generator: torch.Generator | None):
+    """Reconstruct + Aggregate (+ Decompose if r is not None) + broadcast; rejects like `aggregate.fedavg`."""
+    if len(updates) != len(weights):
+        raise ValueError(f"{len(updates)} updates but {len(weights)} weights")
+    rejected = [i for i, u in enumerate(updates) if not is_finite(u) or not weights[i] > 0]
+    keep = [i for i in range(len(updates)) if i not in rejected]
+    if not keep:
+        return None, rejected
+    states = [apply_update(received, updates[i], torch.float32) for i in keep]
+    target = aggregate_full_rank(states, [weights[i] for i in keep], scale, torch.float64)
+    if r is not None:
+        factors = decompose(target, r, scale, torch.float64)
+        target = {p: scale * factors[f"{p}.lora_B.weight"] @ factors[f"{p}.lora_A.weight"] for p in target}
+    return broadcast_update(target, received, scale, factor, download_density, generator), rejected
+
+
+def fedsrd(updates: list[State], weights: list[float], received: State, scale: float, download_density: float,
+           factor: str, r: int | None = None, generator: torch.Generator | None = None):
+    """FedSRD server round on the clients' sparse updates: Reconstruct, Aggregate in full rank, Decompose by
+    rank-r SVD (r default: the LoRA rank), project on `factor`, Sparsify. Returns (update or None, rejected)."""
+    r = r if r is not None else received[lora_pairs(received)[0][0]].shape[0]
+    return _server_round(updates, weights, received, scale, r, download_density, factor, generator)
+
+
+def fedsrd_e(updates: list[State], weights: list[float], received: State, scale: float, download_density: float,
+             factor: str, generator: torch.Generator | None = None):
+    """FedSRD-e server round: as `fedsrd` without the SVD (the full-rank aggregate is projected directly)."""
+    return _server_round(updates, weights, received, scale, None, download_density, factor, generator)
+
+
+class Wire:
+    """How the adapter LoRA travels each round: dense (FedAvg, or FedSRD at density 1) or as fixed-size
+    sparse (int32 index, float32 value) messages. Every rank builds the same schemas from the agreed
+    dense schema, so no extra agreement is needed. Uploads carry `__loss` and `__n_samples` at the end."""
+
+    def __init__(self, names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...], aggregator: str,
+                 upload_density: float, download_density: float, dtype: str = "float32"):
+        from .comm import Schema
+
+        self.shapes, self.dtype = dict(zip(names, shapes)), dtype
+        self.aggregator, self.up_d, self.down_d = aggregator, upload_density, download_density
+        extra = (("__loss", "__n_samples"), ((1,), (1,)))
+        if self.sparse_up:
+            idx, val = payload_shapes(self.shapes, upload_density)
+            self.up = [Schema(tuple(idx), tuple(idx.values()), "int32"),
+                       Schema(tuple(val) + extra[0], tuple(val.values()) + extra[1], "float32")]
+        else:
+            self.up = [Schema(tuple(names) + extra[0], tuple(shapes) + extra[1], dtype)]
+        self.down = {}
+        for factor in ("A", "B"):
+            part = {n: s for n, s in self.shapes.items() if f"lora_{factor}" in n}
+            idx, val = payload_shapes(part, download_density)
+            self.down[factor] = (part, Schema(tuple(idx), tuple(idx.values()), "int32"),
+                                 Schema(tuple(val), tuple(val.values()), "float32"))
+
+    @property
+    def sparse_up(self) -> bool:
+        return self.aggregator != "fedavg" and self.up_d < 1
+
+    def sparse_down(self, rnd: int, first: int) -> bool:
+        """Round `rnd` receives the previous round's sparse update (the first round of a run or of a resume
+        receives the dense global LoRA)."""
+        return self.aggregator != "fedavg" and self.down_d < 1 and rnd > first
+
+    @property
+    def up_bytes(self) -> int:
+        return sum(s.nbytes for s in self.up)
+
+    def traffic(self) -> tuple[float, float]:
+        """(params, bytes) of adapter LoRA per round per client, upload + download, without the 8 bytes of
+        loss and n_k; a sparse download carries one factor per round, so it is the mean of an A and a B round."""
+        from .comm import Schema
+
+        dense = sum(math.prod(s) for s in self.shapes.values())
+        dense_bytes = dense * Schema((), (), self.dtype).torch_dtype.itemsize
+        up = (self.up[1].numel - 2, self.up[0].nbytes + self.up[1].nbytes - 8) if self.sparse_up else (dense, dense_bytes)
+        if self.aggregator != "fedavg" and self.down_d < 1:
+            kept = sum(self.down[f][2].numel for f in "AB") / 2
+            down = (kept, 8 * kept)
+        else:
+            down = (dense, dense_bytes)
+        return up[0] + down[0], up[1] + down[1]
+
+    def pack_upload(self, local: State, received: State, loss: float, n: int) -> list[State]:
+        """Sparsify (client): FedAvg and dense FedSRD send the local LoRA; sparse FedSRD the top-k update."""
+        tail = {"__loss": torch.tensor([loss], dtype=torch.float32),
+                "__n_samples": torch.tensor([float(n)], dtype=torch.float32)}
+        if not self.sparse_up:
+            return [{**local, **tail}]
+        idx, val = encode(sparsify(local, received, self.up_d), self.up_d)
+        return [idx, {**val, **tail}]
+
+    def unpack_upload(self, msgs: list[State], received: State) -> tuple[State, float, float]:
+        """(the client's update local - received, loss, n_k); for FedAvg the local LoRA itself."""
+        tail = msgs[-1]
+        if self.sparse_up:
+            state = decode(msgs[0], tail, self.shapes)
+        else:
+            state = {n: tail[n].clone() for n in self.shapes}
+            if self.aggregator != "fedavg":
+                state = {n: state[n] - received[n] for n in state}
+        return state, float(tail["__loss"]), float(tail["__n_samples"])

@@ -1,0 +1,277 @@
+"""FedSRD / FedSRD-e (fedsoda_mpi.fedsrd): importance-aware sparsification of the update, fixed-size sparse
+wire format, full-rank weighted aggregation, rank-r SVD decomposition and the one-factor broadcast."""
+import math
+
+import pytest
+import torch
+
+from fedsoda_mpi import fedsrd as srd
+from fedsoda_mpi.comm import Schema
+from fedsoda_mpi.fedsrd import (adaptive_density, aggregate_full_rank, apply_update, decode, decompose, encode,
+                                factor_for_round, fedsrd, fedsrd_e, importance, lora_pairs, payload_shapes,
+                                random_sparsify, sparsify)
+
+SCALE = 2.0  # alpha / r = 16 / 8
+MODS = ["base_model.model.model.layers.0.self_attn.q_proj", "base_model.model.model.layers.1.mlp.down_proj"]
+OUT, IN, R = 12, 10, 3
+
+
+def key(mod, ab):
+    return f"{mod}.lora_{ab}.weight"
+
+
+def lora(seed, scale_b=1.0):
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for m in MODS:
+        state[key(m, "A")] = torch.randn(R, IN, generator=g)
+        state[key(m, "B")] = torch.randn(OUT, R, generator=g) * scale_b
+    return state
+
+
+def product(state, mod, scale=SCALE):
+    return scale * state[key(mod, "B")].double() @ state[key(mod, "A")].double()
+
+
+def rel(x, y):
+    return float((x.double() - y.double()).norm() / y.double().norm())
+
+
+def delta(local, received):
+    return {n: local[n] - received[n] for n in local}
+
+
+def test_lora_pairs_sorted_and_unpaired_key_raises():
+    state = lora(0)
+    pairs = lora_pairs(state)
+    assert pairs == sorted((key(m, "A"), key(m, "B")) for m in MODS)
+    with pytest.raises(ValueError):
+        lora_pairs({k: v for k, v in state.items() if k != key(MODS[1], "B")})
+    with pytest.raises(ValueError):
+        lora_pairs({**state, "stray.weight": torch.zeros(1)})
+
+
+def test_identical_clients_density_one_recover_the_client():
+    received = lora(0)
+    # A round: the clients trained A only, so the one-factor broadcast can represent their product exactly
+    local = {**received, **{key(m, "A"): received[key(m, "A")] + 0.3 * torch.randn(R, IN) for m in MODS}}
+    upd = sparsify(local, received, 1.0)
+    for fn in (fedsrd, fedsrd_e):
+        update, rejected = fn([upd, upd, upd], [5, 1, 7], received, SCALE, 1.0, "A")
+        new = apply_update(received, update)
+        assert rejected == []
+        for m in MODS:
+            assert rel(product(new, m), product(local, m)) < 1e-5
+            assert torch.count_nonzero(update[key(m, "B")]) == 0
+        if fn is fedsrd_e:
+            assert all(rel(new[n], local[n]) < 1e-5 for n in local)
+    # B round: B trained only
+    local = {**received, **{key(m, "B"): received[key(m, "B")] + 0.3 * torch.randn(OUT, R) for m in MODS}}
+    update, _ = fedsrd([delta(local, received)] * 2, [1, 1], received, SCALE, 1.0, factor_for_round(1))
+    new = apply_update(received, update)
+    assert all(rel(new[n], local[n]) < 1e-5 for n in local)
+
+
+def test_broadcast_is_the_least_squares_projection_of_the_rank_r_target():
+    received, c1, c2 = lora(0), lora(1), lora(2)
+    ups = [delta(c1, received), delta(c2, received)]
+    update, _ = fedsrd(ups, [1, 3], received, SCALE, 1.0, "A")
+    update_e, _ = fedsrd_e(ups, [1, 3], received, SCALE, 1.0, "A")
+    new, new_e = apply_update(received, update), apply_update(received, update_e)
+    for m in MODS:
+        b0 = received[key(m, "B")].double()
+        full = 0.25 * product(c1, m) + 0.75 * product(c2, m)  # rank 2r > r: the SVD changes the target
+        u, s, vh = torch.linalg.svd(full)
+        best = (u[:, :R] * s[:R]) @ vh[:R]
+        # normal equations: B0^T (scale B0 A_new - target) = 0, target = rank-r SVD (fedsrd) or full (fedsrd_e)
+        assert float((b0.T @ (product(new, m) - best)).norm()) < 1e-4 * float(best.norm())
+        assert float((b0.T @ (product(new_e, m) - full)).norm()) < 1e-4 * float(full.norm())
+        assert rel(new[key(m, "A")], new_e[key(m, "A")]) > 1e-3
+        assert torch.equal(new[key(m, "B")], received[key(m, "B")])
+
+
+def test_decompose_is_the_best_rank_r_approximation():
+    g = torch.Generator().manual_seed(3)
+    w = {MODS[0]: torch.randn(OUT, IN, generator=g, dtype=torch.float64)}
+    f = decompose(w, R, SCALE, torch.float64)
+    assert f[key(MODS[0], "A")].shape == (R, IN) and f[key(MODS[0], "B")].shape == (OUT, R)
+    approx = product(f, MODS[0])
+    s = torch.linalg.svd(w[MODS[0]]).S
+    err = float((w[MODS[0]] - approx).norm())
+    assert err == pytest.approx(float(s[R:].pow(2).sum().sqrt()), rel=1e-10)
+    u, s2, vh = torch.linalg.svd(w[MODS[0]])
+    assert torch.allclose(approx, (u[:, :R] * s2[:R]) @ vh[:R], atol=1e-10)
+    # sqrt(S) split evenly: both factors have the same singular values
+    assert torch.allclose(torch.linalg.svdvals(f[key(MODS[0], "A")]), torch.linalg.svdvals(f[key(MODS[0], "B")]))
+    # a rank-r aggregate (two clients sharing A) is reconstructed exactly
+    c1, c2 = lora(4), lora(5)
+    c2 = {**c2, **{key(m, "A"): c1[key(m, "A")] for m in MODS}}
+    agg = aggregate_full_rank([c1, c2], [1, 2], SCALE, torch.float64)
+    back = decompose(agg, R, SCALE, torch.float32)
+    assert back[key(MODS[1], "A")].dtype == torch.float32
+    for m in MODS:
+        assert rel(product(back, m), agg[m]) < 1e-5
+
+
+def test_aggregate_weights_three_to_one():
+    c1, c2 = lora(6), lora(7)
+    agg = aggregate_full_rank([c1, c2], [3, 1], SCALE, torch.float64)
+    for m in MODS:
+        assert torch.allclose(agg[m], 0.75 * product(c1, m) + 0.25 * product(c2, m), atol=1e-12)
+    assert set(agg) == set(MODS)
+
+
+def test_encode_decode_round_trip_and_fixed_sizes():
+    state = {key(MODS[0], "A"): torch.randn(4, 20), key(MODS[0], "B"): torch.randn(20, 4)}
+    shapes = {n: tuple(t.shape) for n, t in state.items()}
+    idx, val = encode(state, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(decode(idx, val, shapes).values(), state.values()))
+    dense_bytes = Schema.of(state).nbytes
+    for d in (1.0, 0.5, 0.1):
+        idx, val = encode(state, d)
+        ishapes, vshapes = payload_shapes(shapes, d)
+        k = round(d * 80)
+        assert {n: tuple(t.shape) for n, t in idx.items()} == ishapes == {f"{n}.idx": (k,) for n in state}
+        assert {n: tuple(t.shape) for n, t in val.items()} == vshapes
+        ischema, vschema = Schema.of(idx), Schema.of(val)
+        assert (ischema.dtype, vschema.dtype) == ("int32", "float32")
+        payload = ischema.nbytes + vschema.nbytes
+        assert payload == 8 * 2 * k == 2 * d * dense_bytes
+        # the kept entries are the largest |value| ones and survive the trip through the wire buffers
+        out = decode(ischema.unpack(ischema.pack(idx)), vschema.unpack(vschema.pack(val)), shapes)
+        for n, t in state.items():
+            kept = out[n] != 0
+            assert int(kept.sum()) == k and torch.equal(out[n][kept], t[kept])
+            if d < 1.0:
+                assert t[~kept].abs().max() <= t[kept].abs().min()
+    odd = {"x": torch.randn(3, 7)}  # d * numel not an integer: k = round(2.1) = 2, within 4 bytes of 2 d dense
+    idx, val = encode(odd, 0.1)
+    payload = Schema.of(idx).nbytes + Schema.of(val).nbytes
+    assert payload == 16 and abs(payload - 2 * 0.1 * Schema.of(odd).nbytes) <= 4
+
+
+def test_encode_of_a_sparsified_update_is_lossless():
+    received, local = lora(0), lora(1)
+    sparse = sparsify(local, received, 0.25)
+    shapes = {n: tuple(t.shape) for n, t in sparse.items()}
+    back = decode(*encode(sparse, 0.25), shapes)
+    assert all(torch.equal(back[n], sparse[n]) for n in sparse)
+
+
+def test_sparsify_keeps_the_entries_of_the_largest_contribution():
+    # |dA| and |dB| are uniform, so only the partner norms rank the entries. The reference weights the A update
+    # by the LOCAL B's column norms and the B update by the RECEIVED A's row norms; the other choices (received
+    # B, local A) would pick row 0 / columns 0-1 here, the right ones pick row 2 of dA and column 2 of dB.
+    m = MODS[0]
+    a0 = torch.ones(R, IN) * torch.tensor([[1.0], [1.0], [4.0]])  # received A row norms favour row 2
+    da = 3 * torch.ones(R, IN) * torch.tensor([[1.0], [1.0], [-1.0]])  # local A = rows 4, 4, 1
+    b0 = torch.ones(OUT, R) * torch.tensor([1.5, 1.0, 0.0])  # received B column norms favour column 0
+    db = torch.ones(OUT, R) * torch.tensor([-1.0, -1.0, 1.0])  # local B = columns 0.5, 0, 1
+    received = {key(m, "A"): a0, key(m, "B"): b0}
+    local = {key(m, "A"): a0 + da, key(m, "B"): b0 + db}
+    sp = sparsify(local, received, 1 / 3)  # k = one row of dA (10), one column of dB (12)
+    dA, dB = sp[key(m, "A")], sp[key(m, "B")]
+    assert torch.count_nonzero(dA) == IN and torch.count_nonzero(dA[2]) == IN
+    assert torch.count_nonzero(dB) == OUT and torch.count_nonzero(dB[:, 2]) == OUT
+    # kept entries rescaled so the update keeps its L1 norm (x3 here), signs kept
+    assert torch.allclose(dA[2], torch.full((IN,), -9.0)) and torch.allclose(dB[:, 2], torch.full((OUT,), 3.0))
+    assert float(dA.abs().sum()) == pytest.approx(float(da.abs().sum()))
+    assert float(dB.abs().sum()) == pytest.approx(float(db.abs().sum()))
+    unscaled = sparsify(local, received, 1 / 3, rescale=False)
+    assert torch.allclose(unscaled[key(m, "A")][2], da[2])
+
+
+def test_importance_is_the_norm_of_each_entry_contribution_to_the_full_rank_update():
+    received, local = lora(0), lora(1)
+    imp = importance(local, received)
+    m = MODS[1]
+    a0, b0, a1, b1 = (x[key(m, ab)].double() for x in (received, local) for ab in "AB")
+    da, db = a1 - a0, b1 - b0
+    assert torch.allclose(b1 @ a1 - b0 @ a0, b1 @ da + db @ a0, atol=1e-10)  # exact split used by the score
+    j, i, o = 2, 7, 5
+    assert float(imp[key(m, "A")][j, i]) == pytest.approx(float((b1[:, j:j + 1] * da[j, i]).norm()), rel=1e-5)
+    assert float(imp[key(m, "B")][o, j]) == pytest.approx(float((db[o, j] * a0[j]).norm()), rel=1e-5)
+
+
+def test_sparsify_density_one_is_the_bit_identical_update_and_counts_are_fixed():
+    received, local = lora(0), lora(1)
+    sp = sparsify(local, received, 1.0)
+    assert all(torch.equal(sp[n], local[n] - received[n]) for n in local)
+    sp = sparsify(local, received, 0.1)
+    assert all(int(torch.count_nonzero(sp[n])) == round(0.1 * sp[n].numel()) for n in sp)
+    with pytest.raises(ValueError):
+        sparsify(local, received, 0.0)
+
+
+def test_adaptive_density_follows_the_reference_kurtosis_rule():
+    # [0, 0, 0, 1]: Pearson kurtosis 7/3 -> pruning 0.85 + 0.1 ln(7/3)
+    assert adaptive_density(torch.tensor([0.0, 0.0, 0.0, 1.0])) == pytest.approx(0.15 - 0.1 * math.log(7 / 3))
+    heavy = torch.zeros(1000)
+    heavy[0] = 1.0  # kurtosis ~ 1000 -> capped at base + upper = 0.96
+    assert adaptive_density(heavy) == pytest.approx(0.04)
+    assert adaptive_density(torch.ones(5)) == pytest.approx(0.04)  # degenerate: like the reference's NaN path
+
+
+def test_download_sparsification_is_exactly_k_random_and_unbiased_scaled():
+    t = torch.arange(1.0, 101.0)
+    s = random_sparsify(t, 0.2, torch.Generator().manual_seed(0))
+    kept = s != 0
+    assert int(kept.sum()) == 20 and torch.allclose(s[kept], t[kept] * 5)
+    assert torch.equal(s, random_sparsify(t, 0.2, torch.Generator().manual_seed(0)))
+    assert torch.equal(random_sparsify(t, 1.0), t)
+    received, local = lora(0), lora(1)
+    update, _ = fedsrd([delta(local, received)], [1], received, SCALE, 0.1, "B", generator=torch.Generator())
+    for m in MODS:
+        assert int(torch.count_nonzero(update[key(m, "B")])) <= round(0.1 * OUT * R)
+        assert torch.count_nonzero(update[key(m, "A")]) == 0
+
+
+def test_non_finite_clients_rejected_and_all_rejected_gives_none():
+    received, good = lora(0), lora(1)
+    bad = {**good, key(MODS[0], "A"): good[key(MODS[0], "A")].clone()}
+    bad[key(MODS[0], "A")][0, 0] = float("nan")
+    inf = {**good, key(MODS[1], "B"): torch.full((OUT, R), float("inf"))}
+    ups = [delta(good, received), delta(bad, received), delta(inf, received)]
+    for fn in (fedsrd, fedsrd_e):
+        update, rejected = fn(ups, [1, 1, 1], received, SCALE, 1.0, "A")
+        alone, _ = fn(ups[:1], [1], received, SCALE, 1.0, "A")
+        assert rejected == [1, 2] and all(torch.equal(update[n], alone[n]) for n in update)
+        assert all(torch.isfinite(t).all() for t in update.values())
+        update, rejected = fn(ups[1:], [1, 1], received, SCALE, 1.0, "A")
+        assert update is None and rejected == [0, 1]
+        update, rejected = fn(ups[:1], [0], received, SCALE, 1.0, "A")
+        assert update is None and rejected == [0]
+
+
+def _lora_state(seed: int, r: int = 4) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"m.layers.2.q_proj.lora_A.weight": torch.randn(r, 12, generator=g),
+            "m.layers.2.q_proj.lora_B.weight": torch.randn(10, r, generator=g),
+            "m.layers.2.up_proj.lora_A.weight": torch.randn(r, 12, generator=g),
+            "m.layers.2.up_proj.lora_B.weight": torch.randn(20, r, generator=g)}
+
+
+@pytest.mark.parametrize("aggregator,up,down", [("fedavg", 1.0, 1.0), ("fedsrd", 1.0, 1.0), ("fedsrd", 0.25, 0.5),
+                                                ("fedsrd-e", 0.1, 0.1)])
+def test_wire_round_trip_and_traffic(aggregator, up, down):
+    received, local = _lora_state(0), _lora_state(1)
+    names = tuple(sorted(local))
+    wire = srd.Wire(names, tuple(tuple(local[n].shape) for n in names), aggregator, up, down)
+    msgs = wire.pack_upload(local, received, loss=0.5, n=7)
+    assert [set(m) for m in msgs] == [set(s.names) for s in wire.up]  # what is sent matches the schemas
+    assert all(tuple(m[name].shape) == shape for m, s in zip(msgs, wire.up) for name, shape in zip(s.names, s.shapes))
+    state, loss, n = wire.unpack_upload(msgs, received)
+    assert (loss, n) == (0.5, 7.0)
+    dense = sum(t.numel() for t in local.values())
+    if aggregator == "fedavg":
+        assert all(torch.equal(state[k], local[k]) for k in local) and wire.traffic() == (2 * dense, 8 * dense)
+    elif up == 1.0:
+        assert all(torch.equal(state[k], local[k] - received[k]) for k in local)
+    else:
+        want = srd.sparsify(local, received, up)
+        assert all(torch.equal(state[k], want[k]) for k in local)
+        kept = sum(srd.keep_count(t.numel(), up) for t in local.values())
+        assert wire.up_bytes == 8 * kept + 8  # int32 index + float32 value per kept entry, + loss and n_k
+    params, nbytes = wire.traffic()
+    assert nbytes < 8 * dense or (up, down) == (1.0, 1.0)
+    assert wire.sparse_down(2, 1) == (aggregator != "fedavg" and down < 1) and not wire.sparse_down(1, 1)

@@ -1,0 +1,119 @@
+"""Resume after an interruption reproduces the uninterrupted run bit for bit (real mpirun, real SmolLM2).
+
+Interruptions: SIGKILL of the whole mpirun process tree mid-run, and the SIGUSR1 stop request
+(what Slurm's `--signal=B:USR1@...` sends; slurm/common.sh forwards it to the MPI step)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import MPI_ENV, ROOT, mpirun
+
+pytestmark = [pytest.mark.mpi, pytest.mark.real, pytest.mark.slow]
+
+ARGS = ["-m", "fedsoda_mpi.main", "fed.rounds=3", "fed.clients=4", "fed.clients_per_round=3", "oda.every=2",
+        "eval.every=1", "data.public_samples=8", "oda.re_samples=8", "data.max_train_per_client=16",
+        "eval.max_examples=16", "fed.local_steps=2", "lora.dropout=0.1"]
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if os.getsid(int(p.name)) == sid:
+                    pids.append(int(p.name))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return pids
+
+
+def _start(run_dir: Path, *extra: str) -> subprocess.Popen:
+    cmd = [str(Path(sys.executable).parent / "mpirun"), "-n", "3", sys.executable, "-m", "mpi4py", *ARGS,
+           f"output.dir={run_dir}", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**os.environ, **MPI_ENV}, start_new_session=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 900) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.2)
+
+
+def _record(run_dir: Path) -> dict:
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        rec = {k: f[f"rounds/{k}"][:] for k in ("round", "train_loss", "n_samples", "eval_acc", "realigned",
+                                                 "upload_bytes")}
+        rec.update({f"re_{k}": f[f"oda/re/{k}"][:] for k in ("round", "loss")})
+        rec["drift"] = f["drift/distance"][:]
+        rec["final"] = {k: f["final"].attrs[k] for k in ("accuracy", "sub_accuracy", "base_accuracy")}
+    rec["adapter"] = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    return rec
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a["round"].tolist() == b["round"].tolist() == [1, 2, 3]  # no duplicated rows after the resume
+    for k in ("train_loss", "n_samples", "eval_acc", "realigned", "upload_bytes", "re_round", "re_loss", "drift"):
+        assert np.array_equal(a[k], b[k], equal_nan=True), (k, a[k], b[k])
+    assert a["final"] == b["final"]
+    assert a["adapter"].keys() == b["adapter"].keys()
+    for k in a["adapter"]:
+        assert np.array_equal(a["adapter"][k].numpy(), b["adapter"][k].numpy()), k  # bit for bit
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    p = mpirun(3, ARGS + [f"output.dir={run_dir}"], timeout=1200)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return _record(run_dir)
+
+
+def test_sigkill_mid_run_then_resume_is_bit_exact(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir)
+    _wait_for(run_dir / "checkpoints" / "round00002", proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # mpirun and every rank, mid round 3
+    proc.wait()
+    deadline = time.time() + 10
+    while _session_pids(proc.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _session_pids(proc.pid)
+    with h5py.File(run_dir / "run.h5", "r") as f:  # the run file survives SIGKILL with every completed round
+        done = f["rounds/round"][:].tolist()
+    assert done in ([1, 2], [1, 2, 3]) and "final" not in h5py.File(run_dir / "run.h5", "r")
+
+    p = mpirun(3, ARGS + [f"output.dir={run_dir}", "resume=auto"], timeout=1200)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "resumed from" in p.stdout and "(round 2 of 3)" in p.stdout
+    _assert_same(reference, _record(run_dir))
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        assert f.attrs["resumed_from"].tolist() == [2]
+
+
+def test_sigusr1_stops_cleanly_then_resume_is_bit_exact(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir)
+    _wait_for(run_dir / "checkpoints" / "round00001", proc)
+    proc.send_signal(signal.SIGUSR1)  # to mpirun, which forwards it to every rank
+    out = proc.communicate(timeout=900)[0]
+    assert proc.returncode != 0, out[-3000:]  # stopped early is not success
+    assert "on SIGUSR1: checkpoint" in out and "run the same command with resume=auto" in out, out[-3000:]
+    stopped_at = int(out.split("stopping after round ")[1].split()[0])
+    assert stopped_at in (1, 2) and not (run_dir / "adapter").exists()
+
+    p = mpirun(3, ARGS + [f"output.dir={run_dir}", "resume=auto"], timeout=1200)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert f"(round {stopped_at} of 3)" in p.stdout
+    _assert_same(reference, _record(run_dir))
+
