@@ -25,8 +25,8 @@ def model_path(name: str) -> Path:
     from .prepare import models_dir
 
     p = Path(name).expanduser()
-    if p.is_dir():
-        return p
+    if p.is_dir() or p.is_absolute() or name.startswith((".", "~")):
+        return p  # a path (a missing one is reported as such, not looked up under $FEDSODA_MODELS)
     return models_dir() / name.replace("hf:", "").replace("/", "--")
 
 
@@ -35,7 +35,8 @@ def num_layers_of(path: Path) -> int:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"model folder {path} has no config.json; prepare it with "
-                                f"`python -m fedsoda_mpi.prepare model {path.name}`")
+                                f"`python -m fedsoda_mpi.prepare model NAME` (a prepared name such as smollm2-135m, or "
+                                "hf:org/model) or point model.name at an HF model folder")
     return int(json.loads(cfg_file.read_text())["num_hidden_layers"])
 
 

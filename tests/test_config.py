@@ -37,6 +37,10 @@ def test_overrides_are_typed():
     ("data.dirichlet_beta=0", "data.dirichlet_beta: must be > 0"),
     ("method=fedfoo", "method: 'fedfoo' is not one of"),
     ("rounds", "overrides are key=value"),
+    ("lora.r=0", "lora.r: must be >= 1, got 0"),
+    ("fed.upload_density=0.5", "fed.upload_density=0.5: sparse transfer needs fed.aggregator=fedsrd or fedsrd-e"),
+    ("fed.aggregator=fedprox", "fed.aggregator: expected fedavg, fedsrd or fedsrd-e, got 'fedprox'"),
+    ("debug.fail_kind=segfault", "debug.fail_kind: expected raise, oom or nan"),
 ])
 def test_bad_values_give_one_line(arg, msg):
     if msg is None:
@@ -135,3 +139,12 @@ def test_unsplittable_dirichlet_is_a_data_error(smollm2_dir):
                          world_size=3)
     with pytest.raises(DataError, match="data.split=dirichlet: Dirichlet beta=0.0001 left a client empty"):
         prepare_inputs(cfg)
+
+
+def test_missing_model_folder_is_named_as_given(smollm2_dir):
+    from fedsoda_mpi.main import prepare_config
+
+    with pytest.raises(ConfigError, match=r"^model.name: model folder /nonexistent/model has no config.json; prepare"):
+        prepare_config(["model.name=/nonexistent/model"], world_size=3)
+    with pytest.raises(ConfigError, match=r"model folder .*/models/no-such-model has no config.json"):
+        prepare_config(["model.name=no-such-model"], world_size=3)
