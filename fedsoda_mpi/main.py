@@ -208,9 +208,8 @@ def write_holdings(run_dir: Path, comm, model, params, model_bytes: int) -> None
 def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
     """The protocol of Algorithm 2 across ranks; returns the final results on rank 0, {"stopped": round} on
     every rank after a stop request, None on client ranks otherwise."""
-    from . import data, models
+    from . import data, fedsrd, models
     from .client import EmulatorCache, local_train
-    from . import fedsrd
     from .comm import Schema
     from .fedsrd import Wire
     from .methods import Plan
@@ -261,9 +260,9 @@ def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
     comm.idle_wait()
     t0 = time.time()
     files = comm.broadcast_bytes(files, category="model")
-    model_bytes = sum(len(v) for k, v in files.items() if k != "plan.json")
     plan = Plan.from_dict(json.loads(files.pop("plan.json")))
     start = json.loads(files.pop("start.json"))
+    model_bytes = sum(len(v) for v in files.values())
     lora_kw = dict(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules))
     if comm.is_server:
         sub = server.sub

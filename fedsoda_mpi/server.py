@@ -65,6 +65,7 @@ class Server:
         self.public = public_batches(cfg, self.tok, holdout=False, limit=cfg.data.public_samples)
         self.heldout = public_batches(cfg, self.tok, holdout=True, limit=16)
         self.probe = self.heldout[:1]
+        self.pending = None  # FedSRD with a sparse download: (factor, idx, val) for the next round
 
     # Algorithm 1 / Algorithm 2 line 1
     def plan_layers(self) -> Plan:

@@ -14,6 +14,7 @@
 #SBATCH --mem=0
 #SBATCH --time=24:00:00
 #SBATCH --signal=B:USR1@300
+#SBATCH --open-mode=append
 #SBATCH --output=%x-%A_%a.out
 
 source "${FEDSODA_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"

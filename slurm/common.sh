@@ -35,7 +35,8 @@
 # USR1 on to every rank, measured). fedsoda_mpi finishes the current round, writes a checkpoint and
 # exits with 75; this script then runs `scontrol requeue` on its own job, and the requeued job (same
 # job id, so the same run folder) continues from the checkpoint: fedsoda_run passes resume=auto.
-# FEDSODA_REQUEUE=0 turns the requeue off (the job then just ends after the checkpoint).
+# FEDSODA_REQUEUE=0 turns the requeue off (the job then just ends after the checkpoint). The job
+# scripts set --open-mode=append so that the requeued job's output follows the first one's.
 
 set -euo pipefail
 

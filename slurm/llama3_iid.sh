@@ -15,6 +15,7 @@
 #SBATCH --mem=0
 #SBATCH --time=24:00:00
 #SBATCH --signal=B:USR1@300
+#SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
 # --mem=0: all memory of each node (rank 0 loads the full LLM in host memory first; 7-8B in bf16 ~16 GB).
 
