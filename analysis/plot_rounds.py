@@ -2,7 +2,7 @@
 
     python analysis/plot_rounds.py runs/*/run.h5 --out figures      # -> figures/rounds.{png,pdf}
 
-Accuracy: `/rounds/eval_acc` where evaluated, the base model (`/final` base_accuracy) at round 0 and
+Accuracy: `/rounds/eval_acc` where evaluated, the base model (`/base` accuracy) at round 0 and
 the final full LLM + adapter (`/final` accuracy) at the last round. Loss: `/rounds/train_loss` [R, N]
 averaged over the clients that trained (NaN = not sampled), with the min-max band over clients.
 """
@@ -20,8 +20,9 @@ def accuracy_points(f) -> tuple[np.ndarray, np.ndarray]:
     keep = ~np.isnan(acc)
     x, y = list(rounds[keep]), list(acc[keep])
     final = f["final"].attrs if "final" in f else {}
-    if "base_accuracy" in final:
-        x, y = [0.0] + x, [float(final["base_accuracy"])] + y
+    base = f["base"].attrs.get("accuracy") if "base" in f else final.get("base_accuracy")  # /base: runs in progress
+    if base is not None:
+        x, y = [0.0] + x, [float(base)] + y
     if "accuracy" in final and len(rounds):
         x, y = x + [float(rounds[-1])], y + [float(final["accuracy"])]
     return np.array(x), np.array(y)
