@@ -29,15 +29,17 @@ LAYER_NORMS = 2 * D
 def analytic_accounting(layers_held: int, adapter_layers: int, emulator_lora_layers: int, realign_every: int,
                         nf4: bool) -> dict:
     """The paper's section 5 / appendix C accounting from the architecture alone, to check what the
-    transport counted and what the clients hold: comm params per round O((m^S/r + 2 m^A) r d_model),
-    storage 4 bytes/param (fp32) or 4.127 bits/param for NF4 with double quantization."""
+    transport counted and what the clients hold: comm params per round O((m^S/r + 2 m^A) r d_model)
+    (the emulator LoRA counts only when it is re-sent every r rounds), storage 4 bytes/param (fp32) or
+    4 + 8/64 + 32/(64*256) = 4.127 bits/param (NF4, double quantization), plus the LoRA the client holds."""
     linear = layers_held * LAYER_LINEAR
     other = V * D + layers_held * LAYER_NORMS + D  # tied embedding/head, per-layer norms, final norm
     weight_bytes = linear * (4 + 8 / 64 + 32 / (64 * 256)) / 8 if nf4 else 4 * linear
+    lora_held = (adapter_layers + emulator_lora_layers) * LAYER_LORA
     return {"trainable_params": adapter_layers * LAYER_LORA,
             "comm_params_per_round": 2 * adapter_layers * LAYER_LORA
             + (emulator_lora_layers * LAYER_LORA / realign_every if realign_every else 0),
-            "client_weight_bytes": weight_bytes + 4 * other,
+            "client_weight_bytes": weight_bytes + 4 * other + 4 * lora_held,
             "full_model_bytes": 4 * (L * (LAYER_LINEAR + LAYER_NORMS) + V * D + D)}
 
 
@@ -45,9 +47,10 @@ def check_accounting(fin: dict, held: dict, want: dict) -> None:
     assert fin["trainable_params"] == want["trainable_params"]
     assert abs(fin["comm_params_per_round"] - want["comm_params_per_round"]) <= 1  # int() of the amortized share
     assert fin["comm_bytes_per_round"] == pytest.approx(4 * want["comm_params_per_round"], rel=1e-6)  # fp32 LoRA
-    assert fin["full_model_bytes"] == want["full_model_bytes"]
-    # held tensors vs formula: rotary buffers and NF4 code books/offsets are the only extras (< 0.5%)
-    assert want["client_weight_bytes"] <= held["stored_bytes"] <= 1.005 * want["client_weight_bytes"]
+    assert 0 <= fin["full_model_bytes"] - want["full_model_bytes"] <= 4096  # + rotary inv_freq buffers
+    # held tensors vs formula: the extras are rotary buffers and, for NF4, each Linear4bit's code books and
+    # packed state (about 1.3 KB per layer, 0.1% here)
+    assert want["client_weight_bytes"] <= held["stored_bytes"] <= 1.002 * want["client_weight_bytes"] + 4096
 
 
 SMALL = ["data.public_samples=8", "data.max_train_per_client=32", "eval.max_examples=16", "fed.local_steps=2"]
@@ -220,7 +223,7 @@ def test_baseline_presets_run_end_to_end(method, smollm2_dir, tmp_path):
     held = json.loads((run_dir / "client_rank1.json").read_text())
     assert held["linear4bit"] == 0  # baselines ship an unquantized model
     want = {"fedpetuning": analytic_accounting(30, 30, 0, 0, nf4=False),  # full model, LoRA everywhere
-            "fedot": analytic_accounting(18, 3, 0, 0, nf4=False),  # emulator LoRA sent once (pre-alignment)
+            "fedot": analytic_accounting(18, 3, 15, 0, nf4=False),  # emulator LoRA sent once (pre-alignment)
             "fedbiot": analytic_accounting(18, 3, 15, 1, nf4=False)}[method]  # emulator LoRA every round
     check_accounting(fin, held, want)
     if method == "fedpetuning":
