@@ -14,7 +14,6 @@ Tensors are safetensors and state is JSON: nothing is unpickled.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .prepare import sha256_of
 
 # How every random draw is derived (recorded in state.json; the sampler state is the round number).
 RNG_SCHEME = {
@@ -49,14 +50,6 @@ class Checkpoint:
     state: dict
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def folder(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -72,7 +65,7 @@ def save(run_dir: Path, rnd: int, adapter: dict[str, torch.Tensor], emulator: di
     save_file({k: v.detach().contiguous() for k, v in adapter.items()}, tmp / "adapter.safetensors")
     save_file({k: v.detach().contiguous() for k, v in emulator.items()}, tmp / "emulator.safetensors")
     shutil.copyfile(run_file, tmp / "run.h5")
-    state = {**state, "round": rnd, "rng": RNG_SCHEME, "sha256": {f: _sha256(tmp / f) for f in FILES}}
+    state = {**state, "round": rnd, "rng": RNG_SCHEME, "sha256": {f: sha256_of(tmp / f) for f in FILES}}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     for f in (*FILES, "state.json"):
         with open(tmp / f, "rb") as fh:
@@ -108,7 +101,7 @@ def load(path: Path) -> Checkpoint:
         want = state.get("sha256", {}).get(name)
         if not (path / name).is_file():
             raise CheckpointError(f"{path / name}: missing")
-        if want != _sha256(path / name):
+        if want != sha256_of(path / name):
             raise CheckpointError(f"{path / name}: sha256 mismatch (corrupted or partly written)")
     try:
         adapter, emulator = load_file(path / "adapter.safetensors"), load_file(path / "emulator.safetensors")

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from .aggregate import is_finite
+from .aggregate import accepted
 
 State = dict[str, torch.Tensor]
 
@@ -195,10 +195,7 @@ def broadcast_update(target: State, received: State, scale: float, factor: str, 
 def _server_round(updates: list[State], weights: list[float], received: State, scale: float, r: int | None,
                   download_density: float, factor: str, generator: torch.Generator | None):
     """Reconstruct + Aggregate (+ Decompose if r is not None) + broadcast; rejects like `aggregate.fedavg`."""
-    if len(updates) != len(weights):
-        raise ValueError(f"{len(updates)} updates but {len(weights)} weights")
-    rejected = [i for i, u in enumerate(updates) if not is_finite(u) or not weights[i] > 0]
-    keep = [i for i in range(len(updates)) if i not in rejected]
+    keep, rejected = accepted(updates, weights)
     if not keep:
         return None, rejected
     states = [apply_update(received, updates[i], torch.float32) for i in keep]
@@ -252,10 +249,15 @@ class Wire:
     def sparse_up(self) -> bool:
         return self.aggregator != "fedavg" and self.up_d < 1
 
+    @property
+    def sparse_download(self) -> bool:
+        """The server broadcasts sparse updates of one factor instead of the dense global LoRA."""
+        return self.aggregator != "fedavg" and self.down_d < 1
+
     def sparse_down(self, rnd: int, first: int) -> bool:
         """Round `rnd` receives the previous round's sparse update (the first round of a run or of a resume
         receives the dense global LoRA)."""
-        return self.aggregator != "fedavg" and self.down_d < 1 and rnd > first
+        return self.sparse_download and rnd > first
 
     @property
     def up_bytes(self) -> int:
@@ -269,7 +271,7 @@ class Wire:
         dense = sum(math.prod(s) for s in self.shapes.values())
         dense_bytes = dense * Schema((), (), self.dtype).torch_dtype.itemsize
         up = (self.up[1].numel - 2, self.up[0].nbytes + self.up[1].nbytes - 8) if self.sparse_up else (dense, dense_bytes)
-        if self.aggregator != "fedavg" and self.down_d < 1:
+        if self.sparse_download:
             kept = sum(self.down[f][2].numel for f in "AB") / 2
             down = (kept, 8 * kept)
         else:

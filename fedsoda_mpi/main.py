@@ -80,26 +80,19 @@ def run_dir_of(cfg: Config) -> Path:
 
 def check_resumable(cfg: Config) -> None:
     """resume=auto: the run folder must be fixed in advance, and a run found there must have the same settings."""
-    from .config import load_config
+    from .config import _flatten
 
     if not (cfg.output.dir or cfg.output.name or os.environ.get("SLURM_JOB_ID")):
         raise ConfigError("resume=auto: set output.dir (or output.name) so that a restart finds the same run folder")
     saved = run_dir_of(cfg) / "config.yaml"
     if not saved.is_file():
         return  # nothing to resume yet: a fresh run
-    old, new = _flat(load_config(str(saved), []).to_dict()), _flat(cfg.to_dict())
+    old, new = _flatten(load_config(str(saved), []).to_dict()), _flatten(cfg.to_dict())
     for key in sorted(set(old) | set(new)):
         if not key.startswith(RESUME_MAY_CHANGE) and old.get(key) != new.get(key):
             raise ConfigError(f"resume=auto: {key} is {old.get(key)!r} in the run at {saved.parent} but {new.get(key)!r} "
                               "now; resume with the same settings (only rounds, eval, output, checkpoint keys may "
                               "change) or choose another output.dir")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def prepare_inputs(cfg: Config) -> tuple[list[list[dict]], np.ndarray]:

@@ -188,7 +188,7 @@ class Server:
         if update is None:
             self.log.log("WARNING: every client update was rejected (NaN/Inf); round skipped, global LoRA kept")
             update = {n: torch.zeros_like(t) for n, t in self.global_adapter.items()}
-        if wire.sparse_down(rnd + 1, 0):
+        if wire.sparse_download:
             part, _, _ = wire.down[factor]
             idx, val = fedsrd.encode({n: update[n] for n in part}, c.fed.download_density)
             self.pending = (factor, idx, val)
