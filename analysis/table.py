@@ -42,7 +42,11 @@ def row(f) -> tuple[str, ...]:
     fin = f["final"].attrs
     oda = config(f).get("oda", {})
     yes_no = {True: "yes", False: "no", None: "?"}
-    return (attr_str(f, "model", "?"), attr_str(f, "method", "?"), attr_str(f["final"], "task", "?"),
+    method = attr_str(f, "method", "?")
+    agg = attr_str(f["final"], "aggregator", "fedavg")
+    if agg != "fedavg":  # e.g. "fedsoda + fedsrd (0.25 / 0.25)": upload / download density
+        method += f" + {agg} ({float(fin['upload_density']):g} / {float(fin['download_density']):g})"
+    return (attr_str(f, "model", "?"), method, attr_str(f["final"], "task", "?"),
             yes_no[oda.get("pre_align")], yes_no[oda.get("re_align")],
             percent(fin.get("accuracy")), percent(fin.get("sub_accuracy")), percent(fin.get("base_accuracy")),
             str(int(fin.get("n_eval", 0))), count(fin["trainable_params"]), count(fin["comm_params_per_round"]),

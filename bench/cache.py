@@ -40,8 +40,8 @@ def main() -> None:
         models.load_lora_state(sub, start)
         torch.manual_seed(1)
         t0 = time.perf_counter()
-        loss = local_train(sub, plan, params, examples, tok.pad_token_id, cache, 0, 0, 1, args.batch, 1e-3, 0.01,
-                           np.random.default_rng(0))
+        loss, _ = local_train(sub, plan, params, examples, tok.pad_token_id, cache, 0, 0, 1, args.batch, 1e-3, 0.01,
+                              np.random.default_rng(0))
         return time.perf_counter() - t0, loss
 
     warm = EmulatorCache(True)

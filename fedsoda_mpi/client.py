@@ -10,6 +10,7 @@ adapter layers (plus the LM head at label positions). Re-alignment invalidates t
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -27,16 +28,29 @@ class EmulatorCache:
         self.store: dict[tuple[int, int], torch.Tensor] = {}
         self.hits = 0
         self.misses = 0
+        self.seconds = 0.0  # wall time in `hidden` (emulator passes + assembling cached rows), for /timing
 
     def invalidate(self) -> None:
         """Called when re-alignment changes the emulator LoRA (Algorithm 2 line 13)."""
         self.store.clear()
+
+    def keep(self, clients: set[int]) -> None:
+        """Drop the entries of every client not in `clients` (the ones placed on this rank this round)."""
+        for key in [key for key in self.store if key[0] not in clients]:
+            del self.store[key]
 
     @torch.no_grad()
     def hidden(self, model, plan: Plan, client: int, idx: list[int], batch: dict) -> torch.Tensor:
         """Adapter input for a padded batch: cached rows where present, one emulator pass for the rest.
 
         The cache lives in host memory (on GPU runs a batch is copied to the device per step)."""
+        t0 = time.perf_counter()
+        try:
+            return self._hidden(model, plan, client, idx, batch)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _hidden(self, model, plan: Plan, client: int, idx: list[int], batch: dict) -> torch.Tensor:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if not self.enabled:
             return _emulator(model, plan, ids, mask)
@@ -85,8 +99,8 @@ def batch_schedule(n: int, batch_size: int, steps: int, epochs: int, rng: np.ran
 
 def local_train(model, plan: Plan, params: list[torch.nn.Parameter], examples: list[dict], pad_id: int,
                 cache: EmulatorCache, client: int, steps: int, epochs: int, batch_size: int, lr: float, mu: float,
-                rng: np.random.Generator) -> float:
-    """Algorithm 2 line 16: local AdamW (betas 0.9, 0.95) on the adapter LoRA; returns the mean task loss.
+                rng: np.random.Generator) -> tuple[float, int]:
+    """Algorithm 2 line 16: local AdamW (betas 0.9, 0.95) on the adapter LoRA; returns (mean task loss, steps).
 
     `params` must hold the global adapter LoRA on entry (the proximal anchor w^(t-1))."""
     anchor = [p.detach().clone() for p in params]
@@ -104,4 +118,4 @@ def local_train(model, plan: Plan, params: list[torch.nn.Parameter], examples: l
         total.backward()
         opt.step()
         losses.append(loss.item())
-    return float(np.mean(losses)) if losses else float("nan")
+    return (float(np.mean(losses)) if losses else float("nan")), len(losses)

@@ -4,6 +4,7 @@ plugged adapter LoRA, and the sub-LLM M* for comparison).
 - SST-2 / BoolQ: label-word likelihood. One forward per prompt (batched, right padding); the LM head runs
   only on each row's last prompt token, and the prediction is the label word with the larger logit.
 - GSM8K: k-shot greedy generation (the paper's "GSM8K (4-shot)"), final-number extraction, numeric match.
+  The k-shot prefix is the same for every question: it is prefilled once and its KV cache shared by batches.
 - Perplexity of plain text (a sanity metric for pruned / aligned sub-LLMs).
 
 Every entry point accepts plain HF causal LMs, PeftModels and NF4 (bitsandbytes Linear4bit) models; it runs
@@ -11,6 +12,7 @@ them in eval mode and restores each module's previous training flag on exit.
 """
 from __future__ import annotations
 
+import copy
 import math
 import re
 from contextlib import contextmanager
@@ -19,7 +21,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import DynamicLayer
 
 from .data import (LABEL_WORDS, ensure_pad_token, gsm8k_final_number, gsm8k_kshot_prefix, label_of, load_rows,
                    prompt_and_answer)
@@ -190,13 +193,8 @@ class _StopOnStrings(StoppingCriteria):
         return torch.tensor([_truncate_at_stop(t) != t for t in texts], device=input_ids.device)
 
 
-def _generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int,
-              batch_size: int) -> list[str]:
-    """Greedy continuations of `prompts` (left-padded batches, sorted by length), cut at eos / stop strings
-    and stripped of trailing whitespace.
-
-    Padding is built here from token ids, so the tokenizer's padding side is never changed.
-    """
+def _greedy_config(model: torch.nn.Module, tokenizer, max_new_tokens: int) -> tuple[GenerationConfig, set[int]]:
+    """Greedy GenerationConfig stopping at every eos id of the tokenizer and the model (and the pad id); the id set."""
     ensure_pad_token(tokenizer)
     pad_id = tokenizer.pad_token_id
     eos = {tokenizer.eos_token_id, pad_id}
@@ -205,29 +203,101 @@ def _generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new
     eos.discard(None)
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                               eos_token_id=sorted(eos))
+    return config, eos
+
+
+def _decode(tokenizer, tokens: Sequence[int], eos: set[int]) -> str:
+    """Generated ids -> text: cut at the first eos / pad id, then at the first stop string, trailing space stripped."""
+    end = next((j for j, t in enumerate(tokens) if t in eos), len(tokens))
+    return _truncate_at_stop(tokenizer.decode(tokens[:end], skip_special_tokens=True)).rstrip()
+
+
+@torch.no_grad()
+def _prefix_cache(model: torch.nn.Module, prefix_ids: Sequence[int]) -> DynamicCache | None:
+    """KV cache of `prefix_ids` (batch 1) from one forward of the decoder body (no LM head); None when the model's
+    cache is not a plain full-attention DynamicCache (sliding-window / linear-attention layers), which the
+    pad-between-prefix-and-question layout of `_generate` cannot reproduce exactly."""
+    body, _ = _body_and_head(model)
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cache = DynamicCache(config=hf.config)
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=_device(model))
+    out = body(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True)
+    cache = out.past_key_values
+    if not isinstance(cache, DynamicCache) or cache.get_seq_length() != len(prefix_ids):
+        return None
+    return cache
+
+
+def _generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+              batch_size: int, shared_prefix: str = "") -> list[str]:
+    """Greedy continuations of `prompts`, cut at eos / stop strings and stripped of trailing whitespace.
+
+    Whole-prompt path (`shared_prefix` ""): every prompt is tokenized whole; batches of `batch_size` prompts
+    (sorted by length) are left-padded and generated. `batch_size` 1 is the naive reference loop.
+
+    Prefix-cached path (`shared_prefix` a string every prompt starts with): the prefix is tokenized and run
+    through the model once; its KV cache is copied to each batch of prompts, which then only prefill their own
+    tokens. A prompt uses the cache only if its own whole tokenization starts with the prefix's tokens (then
+    cache + rest is token for token the whole prompt; end `shared_prefix` before any whitespace that BPE could
+    merge with the next word); other prompts take the whole-prompt path. A batch row is laid out as
+    [prefix][pads][prompt rest] with attention mask 0 on the pads, so generate's position ids (attention mask
+    cumsum - 1) of every real token are those of the unpadded prompt.
+
+    Padding is built here from token ids, so the tokenizer's padding side is never changed.
+    """
+    config, eos = _greedy_config(model, tokenizer, max_new_tokens)
+    pad_id = config.pad_token_id
     encoded = tokenizer(list(prompts)).input_ids
-    order = np.argsort([len(e) for e in encoded], kind="stable")
     outputs = [""] * len(prompts)
     device = _device(model)
-    for start in range(0, len(prompts), batch_size):
+    whole = list(range(len(prompts)))
+    cache, prefix_ids = None, []
+    if shared_prefix:
+        prefix_ids = tokenizer(shared_prefix).input_ids
+        cached = [i for i in whole if prompts[i].startswith(shared_prefix) and len(encoded[i]) > len(prefix_ids)
+                  and encoded[i][:len(prefix_ids)] == prefix_ids]
+        if prefix_ids and cached:
+            cache = _prefix_cache(model, prefix_ids)
+        if cache is not None:
+            whole = sorted(set(whole) - set(cached))
+            rest = {i: encoded[i][len(prefix_ids):] for i in cached}
+            order = sorted(cached, key=lambda i: len(rest[i]))
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                ids, mask = _pad([rest[i] for i in idx], pad_id, "left", device)
+                head = torch.tensor(prefix_ids, dtype=torch.long, device=device).expand(len(idx), -1)
+                ids, mask = torch.cat([head, ids], 1), torch.cat([torch.ones_like(head), mask], 1)
+                past = copy.deepcopy(cache)
+                past.batch_repeat_interleave(len(idx))
+                stop = StoppingCriteriaList([_StopOnStrings(tokenizer, ids.shape[1])])
+                generated = model.generate(input_ids=ids, attention_mask=mask, past_key_values=past,
+                                           generation_config=config, stopping_criteria=stop)[:, ids.shape[1]:]
+                for i, tokens in zip(idx, generated.tolist()):
+                    outputs[i] = _decode(tokenizer, tokens, eos)
+    order = sorted(whole, key=lambda i: len(encoded[i]))
+    for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         ids, mask = _pad([encoded[i] for i in idx], pad_id, "left", device)
         stop = StoppingCriteriaList([_StopOnStrings(tokenizer, ids.shape[1])])
         generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
                                    stopping_criteria=stop)[:, ids.shape[1]:].tolist()
         for i, tokens in zip(idx, generated):
-            end = next((j for j, t in enumerate(tokens) if t in eos), len(tokens))
-            outputs[i] = _truncate_at_stop(tokenizer.decode(tokens[:end], skip_special_tokens=True)).rstrip()
+            outputs[i] = _decode(tokenizer, tokens, eos)
     return outputs
 
 
 @torch.no_grad()
 def gsm8k_accuracy(model: torch.nn.Module, tokenizer, rows: Sequence[dict], train_rows: Sequence[dict], k: int = 4,
                    max_new_tokens: int = 256, batch_size: int = 4, max_examples: int | None = None,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, prefix_cache: bool = True) -> dict:
     """k-shot greedy GSM8K accuracy: the same k training solutions (chosen by `seed`) prefix every question;
     a solution is correct when its extracted final number equals the reference "#### N" numerically.
 
+    prefix_cache True: the k-shot prefix without its trailing blank line (tokenized alone, "\\n\\n" becomes one
+    token, but two before the question's "Below") is prefilled once and its KV cache shared by every batch of
+    questions; False: every prompt is prefilled whole (`batch_size` 1: the naive one-question-at-a-time loop).
     Returns {"accuracy", "n", "outputs" (generated texts, row order), "correct" [n] bool}.
     """
     if batch_size < 1 or max_new_tokens < 1:
@@ -236,7 +306,8 @@ def gsm8k_accuracy(model: torch.nn.Module, tokenizer, rows: Sequence[dict], trai
     prefix = gsm8k_kshot_prefix(list(train_rows), k, seed)
     prompts = [prefix + prompt_and_answer("gsm8k", r)[0] for r in rows]
     with _eval_mode(model):
-        outputs = _generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+        outputs = _generate(model, tokenizer, prompts, max_new_tokens, batch_size,
+                            shared_prefix=prefix.rstrip() if prefix_cache else "")
     correct = np.array([_same_number(extract_number(o), gsm8k_final_number(r["answer"]))
                         for o, r in zip(outputs, rows)])
     return {"accuracy": float(correct.mean()), "n": len(rows), "outputs": outputs, "correct": correct}

@@ -132,9 +132,12 @@ def client_schedule(cfg: Config, world_size: int, rnd: int) -> list[int]:
     return sorted(np.random.default_rng([cfg.seed, rnd]).choice(n, size=m, replace=False).tolist())
 
 
-def rank_of(client: int, world_size: int) -> int:
-    """Virtual client k lives on client rank 1 + k mod (W - 1)."""
-    return 1 + client % (world_size - 1)
+def placement(chosen: list[int], world_size: int) -> dict[int, int]:
+    """Client rank of each virtual client sampled this round: the i-th of the sorted sample runs on rank
+    1 + i mod (W - 1), so every rank trains ceil(m / (W - 1)) or fewer clients (a round waits for its slowest
+    rank; fixed homes would give some ranks 2-3 of 10 random clients). With full participation the placement
+    is the same every round (client k on rank 1 + k mod (W - 1)), so a rank's emulator cache stays warm."""
+    return {k: 1 + i % (world_size - 1) for i, k in enumerate(sorted(chosen))}
 
 
 def run_name(cfg: Config) -> str:
@@ -179,6 +182,16 @@ def resume_point(cfg: Config, run_dir: Path, log):
     return ck
 
 
+@contextlib.contextmanager
+def stopwatch(out: dict, key: str):
+    """out[key] = wall seconds of the block (one-time phases: SGP, pre-alignment, ...)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        out[key] = time.perf_counter() - t0
+
+
 def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -207,6 +220,7 @@ def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
     from .fedsrd import Wire
     from .methods import Plan
     from .runlog import RunLog
+    from .timing import PHASES, PhaseClock, split
 
     # run folder: rank 0 decides the name, everyone gets it (as bytes, never pickled)
     name = {"run_dir": str(run_dir_of(cfg)).encode()} if comm.is_server else None
@@ -229,12 +243,18 @@ def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
         if ck is None:
             log.write("data/client_sizes", np.array([len(r) for r in rows], dtype=np.int64))
             log.write("data/client_label_hist", np.asarray(hist, dtype=np.int64))
-            base = server.evaluate("full")  # round 0: the base model (LoRA not yet attached)
+            setup = {}
+            with stopwatch(setup, "base_eval_s"):
+                base = server.evaluate("full")  # round 0: the base model (LoRA not yet attached)
             log.set_attrs("base", accuracy=base["accuracy"], n=base["n"])
             log.log(f"base model accuracy ({cfg.data.task}, n={base['n']}): {base['accuracy']:.4f}")
-            plan = server.plan_layers()
-            server.build(plan)
-            server.pre_align()
+            with stopwatch(setup, "sgp_s"):
+                plan = server.plan_layers()
+            with stopwatch(setup, "build_s"):
+                server.build(plan)
+            with stopwatch(setup, "pre_align_s"):
+                server.pre_align()
+            log.set_attrs("timing", **setup)  # one-time server phases (the per-round ones are /timing/phase_s)
         else:
             base = {k: v.item() for k, v in log.h5["base"].attrs.items()}
             plan = Plan.from_dict(ck.state["plan"])
@@ -266,12 +286,16 @@ def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
         data.ensure_pad_token(tok)
         torch.manual_seed(cfg.seed)
         sub = models.add_lora(sub, plan.lora_sub, **lora_kw)
-        mine = [k for k in range(cfg.fed.clients) if rank_of(k, comm.size) == comm.rank]
-        examples = {k: [data.tokenize_sft(tok, *data.prompt_and_answer(cfg.data.task, r), cfg.data.max_len) for r in rows[k]]
-                    for k in mine}
+        examples = {}  # client -> tokenized examples, filled when the client is first placed on this rank
+
+        def examples_of(k: int) -> list[dict]:
+            if k not in examples:
+                examples[k] = [data.tokenize_sft(tok, *data.prompt_and_answer(cfg.data.task, r), cfg.data.max_len)
+                               for r in rows[k]]
+            return examples[k]
         params = models.set_trainable(sub, plan.adapter_sub)
         cache = EmulatorCache(cfg.fed.emulator_cache)
-        log.log(f"client rank {comm.rank}: {len(mine)} virtual clients, sub-LLM {plan.sub_layers} layers, "
+        log.log(f"client rank {comm.rank}: {cfg.fed.clients} virtual clients placed per round, sub-LLM {plan.sub_layers} layers, "
                 f"{sum(p.numel() for p in params)} trainable params")
         write_holdings(run_dir, comm, sub, params, model_bytes)
     del files
@@ -283,6 +307,9 @@ def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
     wire = Wire(ad_schema.names, ad_schema.shapes, cfg.fed.aggregator, cfg.fed.upload_density, cfg.fed.download_density,
                 ad_schema.dtype)
 
+    clock = PhaseClock(comm)
+    t_schema = Schema(("t",), ((len(PHASES) + 5,),), "float64")
+
     def send_emulator():
         state = comm.broadcast(server.emulator_lora() if comm.is_server else None, em_schema, category="emulator_lora")
         if not comm.is_server and em_schema.names:
@@ -290,26 +317,33 @@ def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
             cache.invalidate()
 
     send_emulator()  # the pre-aligned emulator LoRA
+    moved_mark = comm.totals()  # /rounds/moved_bytes: rank 0's transport counters since the previous row
     realign_every = realign_interval(cfg, plan)
     n = cfg.fed.clients
     stopped = False
     for rnd in range(start + 1, cfg.fed.rounds + 1):
         t_round = time.time()
+        clock.start_round()
         sent0 = comm.totals()
         realigned = bool(realign_every and rnd % realign_every == 0)
         if realigned:  # Algorithm 2 lines 9-14
             if comm.is_server:
-                server.re_align(rnd)
+                with clock.phase("realign"):
+                    server.re_align(rnd)
             comm.idle_wait()
-            send_emulator()
+            with clock.phase("download"):
+                send_emulator()
         chosen = client_schedule(cfg, comm.size, rnd)
-        counts = [0] + [sum(1 for k in chosen if rank_of(k, comm.size) == r) for r in comm.client_ranks]
+        where = placement(chosen, comm.size)
+        counts = [0] + [sum(1 for k in chosen if where[k] == r) for r in comm.client_ranks]
         comm.idle_wait()
+        t_down = time.perf_counter()
         if wire.sparse_down(rnd, start + 1):  # FedSRD: the previous round's sparse update of one factor
             factor = fedsrd.factor_for_round(rnd - 1)  # known to every rank, no message needed
             assert not comm.is_server or server.pending[0] == factor
             part, idx_s, val_s = wire.down[factor]
             down_params = val_s.numel
+            down_bytes = idx_s.nbytes + val_s.nbytes
             idx = comm.broadcast(server.pending[1] if comm.is_server else None, idx_s, category="adapter_lora")
             val = comm.broadcast(server.pending[2] if comm.is_server else None, val_s, category="adapter_lora")
             global_state = server.global_adapter if comm.is_server else fedsrd.apply_update(
@@ -317,34 +351,48 @@ def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
         else:
             global_state = comm.broadcast(server.global_adapter if comm.is_server else None, ad_schema,
                                           category="adapter_lora")
-            down_params = ad_schema.numel
+            down_params, down_bytes = ad_schema.numel, ad_schema.nbytes
+        clock.add("download", time.perf_counter() - t_down)
         inject = cfg.debug.fail_rank == comm.rank and cfg.debug.fail_round == rnd
         if inject and cfg.debug.fail_kind == "raise":
             raise RuntimeError(f"debug.fail_rank={comm.rank} debug.fail_round={rnd}: injected failure")
         uploads = []
-        if not comm.is_server:
+        if not comm.is_server:  # memory stays flat in fed.clients: only this round's clients keep data + cache
+            here = {k for k in chosen if where[k] == comm.rank}
+            for k in set(examples) - here:
+                del examples[k]
+            cache.keep(here)
             for k in chosen:
-                if rank_of(k, comm.size) != comm.rank:
+                if where[k] != comm.rank:
                     continue
                 models.load_lora_state(sub, global_state)
                 torch.manual_seed(cfg.seed * 100003 + rnd * 1009 + k)
+                t_train, t_emulator = time.perf_counter(), cache.seconds
                 with oom_guard(comm.rank, k, cfg):
                     if inject and cfg.debug.fail_kind == "oom":
                         raise torch.OutOfMemoryError("debug.fail_kind=oom: simulated")
-                    loss = local_train(sub, plan, params, examples[k], tok.pad_token_id, cache, k, cfg.fed.local_steps,
-                                       cfg.fed.local_epochs, cfg.fed.batch_size, cfg.fed.lr, cfg.fed.mu,
-                                       np.random.default_rng([cfg.seed, rnd, k]))
+                    loss, steps = local_train(sub, plan, params, examples_of(k), tok.pad_token_id, cache, k,
+                                              cfg.fed.local_steps, cfg.fed.local_epochs, cfg.fed.batch_size, cfg.fed.lr,
+                                              cfg.fed.mu, np.random.default_rng([cfg.seed, rnd, k]))
+                emulator_s = cache.seconds - t_emulator
+                clock.add("emulator", emulator_s)
+                clock.add("adapter", time.perf_counter() - t_train - emulator_s)
+                clock.steps += steps
+                t_up = time.perf_counter()
                 local = models.lora_state(sub, plan.adapter_sub)
                 if inject and cfg.debug.fail_kind == "nan":  # a diverged client: its whole update is NaN
                     inject = False
                     local = {name: torch.full_like(t, float("nan")) for name, t in local.items()}
                 uploads.append(wire.pack_upload(local, global_state, loss, len(examples[k])))
+                clock.add("upload", time.perf_counter() - t_up)
         comm.idle_wait()
-        gathered = [comm.gatherv([u[i] for u in uploads], schema, counts, category="upload")
-                    for i, schema in enumerate(wire.up)]
+        with clock.phase("upload"):
+            gathered = [comm.gatherv([u[i] for u in uploads], schema, counts, category="upload")
+                        for i, schema in enumerate(wire.up)]
         if comm.is_server:
+            t_agg = time.perf_counter()
             flat = [list(msgs) for parts in zip(*gathered) for msgs in zip(*parts)]
-            order = [k for r in comm.client_ranks for k in chosen if rank_of(k, comm.size) == r]
+            order = [k for r in comm.client_ranks for k in chosen if where[k] == r]
             losses, nk = np.full(n, np.nan, np.float32), np.zeros(n, np.float32)
             updates, weights = [], []
             for k, msgs in zip(order, flat):
@@ -359,10 +407,19 @@ def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
             for i in rejected:
                 rejected_mask[order[i]] = 1
                 log.log(f"round {rnd}: rejected the update of client {order[i]} (non-finite values)")
+            clock.add("aggregate", time.perf_counter() - t_agg)
             acc = np.nan
             if cfg.eval.every and rnd % cfg.eval.every == 0 and rnd != cfg.fed.rounds:
-                acc = server.evaluate("full")["accuracy"]
-            sent = comm.totals()["sent"] - sent0["sent"]
+                with clock.phase("evaluate"):
+                    acc = server.evaluate("full")["accuracy"]
+            now = comm.totals()
+            sent = now["sent"] - sent0["sent"]
+            moved = now["sent"] + now["recv"] - moved_mark["sent"] - moved_mark["recv"]
+            moved_mark = now
+            # LoRA tensor bytes this round had to move: the download to every client rank (+ the re-aligned
+            # emulator LoRA), one upload per sampled client without its two scalars (loss, n_k)
+            payload = ((comm.size - 1) * (down_bytes + (em_schema.nbytes if realigned else 0))
+                       + len(chosen) * (wire.up_bytes - 8))
             upload = np.zeros(n, np.int64)
             upload[chosen] = wire.up_bytes
             log.append("rounds", {"round": np.int32(rnd), "wall_s": np.float64(time.time() - t_round), "train_loss": losses,
@@ -372,9 +429,11 @@ def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
                                                           + (em_schema.numel if realigned else 0)),
                                   "upload_density": np.float32((wire.up[-1].numel - 2) / ad_schema.numel),
                                   "download_density": np.float32(down_params / ad_schema.numel),
+                                  "moved_bytes": np.int64(moved), "payload_bytes": np.int64(payload),
                                   "realigned": np.int8(realigned), "eval_acc": np.float32(acc),
                                   "rejected": rejected_mask})
-            drift = server.drift()
+            with clock.phase("evaluate"):  # the drift probe: two forwards on one held-out batch
+                drift = server.drift()
             if drift.size:  # no L_inter pairs (no SGP groups): nothing to track
                 log.append("drift", {"round": np.int32(rnd), "distance": drift})
             log.flush()
@@ -382,8 +441,14 @@ def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
                     + (", re-aligned" if realigned else "") + ("" if np.isnan(acc) else f", acc {acc:.4f}"))
         elif rnd == 1 or realigned:
             log.log(f"round {rnd}: emulator cache {cache.hits} hits / {cache.misses} misses")
-        # a stop request (SIGUSR1 at rank 0, e.g. Slurm's warning before the time limit) ends every rank here
+        # every rank's phase times of this round -> /timing (one float64 row per rank, fixed schema)
         comm.idle_wait()
+        ranks = comm.gatherv([{"t": torch.from_numpy(clock.row())}], t_schema, [1] * comm.size, category="timing")
+        if comm.is_server:
+            log.append("timing", {"round": np.int32(rnd), **split(torch.stack([m[0]["t"] for m in ranks]).numpy())})
+            log.set_attrs("timing", phases=list(PHASES))
+            log.flush()
+        # a stop request (SIGUSR1 at rank 0, e.g. Slurm's warning before the time limit) ends every rank here
         stopped = comm.broadcast_flag(STOP_REQUESTED[0] if comm.is_server else None)
         if comm.is_server and (stopped or (cfg.fed.checkpoint_every and rnd % cfg.fed.checkpoint_every == 0)):
             path = server.checkpoint(rnd)

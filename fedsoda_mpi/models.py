@@ -312,7 +312,8 @@ def _layer_masks(inner, hidden: torch.Tensor, attention_mask, position_ids) -> l
     return [masks[t] for t in types]
 
 
-def _run_layers(model, hidden: torch.Tensor, attention_mask, start: int, stop: int) -> torch.Tensor:
+def _run_layers(model, hidden: torch.Tensor, attention_mask, start: int, stop: int,
+                collect: list | None = None) -> torch.Tensor:
     inner = base_model(model)
     position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
     masks = _layer_masks(inner, hidden, attention_mask, position_ids)
@@ -320,7 +321,20 @@ def _run_layers(model, hidden: torch.Tensor, attention_mask, start: int, stop: i
     for i in range(start, stop):
         hidden = inner.layers[i](hidden, attention_mask=masks[i], position_ids=position_ids,
                                  position_embeddings=position_embeddings)
+        if collect is not None:
+            collect.append(hidden)
     return hidden
+
+
+def layer_outputs(model, input_ids, attention_mask, stop: int) -> torch.Tensor:
+    """Outputs x^0..x^{stop-1} of decoder layers 0..stop-1 as [B, S, stop, D], running those layers only
+    (no later layers, no final norm, no LM head): what SGP's distance profile (eq. 5) needs."""
+    n_layers = len(get_layers(model))
+    if not 1 <= stop <= n_layers:
+        raise ValueError(f"stop layer {stop} outside [1, {n_layers}]")
+    outs: list[torch.Tensor] = []
+    _run_layers(model, base_model(model).embed_tokens(input_ids), attention_mask, 0, stop, collect=outs)
+    return torch.stack(outs, dim=2)
 
 
 def hidden_before_layer(model, input_ids, attention_mask, layer: int) -> torch.Tensor:

@@ -93,8 +93,8 @@ class RunLog:
             return
         for key, value in row.items():
             arr = np.asarray(value)
-            if arr.dtype == np.float64:
-                arr = arr.astype(np.float32) if key not in ("wall_s",) else arr
+            if arr.dtype == np.float64 and not key.endswith(("_s", "_mb", "_steps")):
+                arr = arr.astype(np.float32)  # metrics in float32; seconds and memory stay float64
             path = f"{group}/{key}"
             if path not in self.h5:
                 self.h5.create_dataset(path, shape=(0, *arr.shape), maxshape=(None, *arr.shape), dtype=arr.dtype,

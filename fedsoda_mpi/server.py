@@ -199,6 +199,7 @@ class Server:
         return rejected
 
     @torch.no_grad()
+    @torch.no_grad()
     def drift(self) -> np.ndarray:
         """Angular distance between sub-LLM layer s_i and full-LLM layer t_i + n on a fixed probe batch."""
         if not self.plan.align_pairs:

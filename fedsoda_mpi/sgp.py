@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import models
+
 TOKEN_MODES = ("last", "all")
 
 
@@ -81,7 +83,7 @@ def distance_profile(model, batches: Iterable[dict], n_max: int, num_emulator_la
                      progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Algorithm 1 lines 1-5 (eq. 5) for every n <= n_max at once, averaged over the public set.
 
-    One forward per batch (output_hidden_states=True). Returns float32 [n_max, L_E] with
+    One pass per batch through the first L_E layers only. Returns float32 [n_max, L_E] with
     distance[n-1, l] = d(x^l, x^{l+n}) averaged over samples (token="last": each row's last non-pad
     token) or over all non-pad tokens, each token weighted equally (token="all"); NaN where l+n >= L_E.
     `progress`, if given, is called with the number of batches done after each batch.
@@ -94,13 +96,12 @@ def distance_profile(model, batches: Iterable[dict], n_max: int, num_emulator_la
     count = 0
     for i, batch in enumerate(batches):
         mask = batch["attention_mask"].to(device)
-        out = model(input_ids=batch["input_ids"].to(device), attention_mask=mask, output_hidden_states=True,
-                    use_cache=False)
-        num_layers = len(out.hidden_states) - 1
+        num_layers = len(models.get_layers(model))
         if num_emulator_layers > num_layers - 1:
             raise ValueError(f"num_emulator_layers={num_emulator_layers} leaves no adapter layer in a "
                              f"{num_layers}-layer model")
-        hidden = torch.stack(out.hidden_states[1:num_emulator_layers + 1], dim=2)  # x^0..x^{L_E-1}
+        # x^0..x^{L_E-1}: only the emulator's L_E layers run (no adapter layers, no LM head)
+        hidden = models.layer_outputs(model, batch["input_ids"].to(device), mask, num_emulator_layers)
         select = _token_mask(mask, token)
         sums += _batch_distance_sums(hidden, select, n_max)
         count += int(select.sum())

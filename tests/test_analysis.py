@@ -115,6 +115,10 @@ def test_table_markdown(runs, tmp_path):
                        "comm MiB/round": "3.000", "client model MiB": "150.0", "full model MiB": "513.0"}
     assert rows[1]["re-align"] == "no" and rows[1]["accuracy (%)"] == "55.2"
     assert (tmp_path / "fig" / "table.md").read_text().strip().splitlines() == out
+    with h5py.File(runs[1], "a") as f:  # a FedSRD run names its aggregator and densities (upload / download)
+        f["final"].attrs.update({"aggregator": "fedsrd", "upload_density": 0.25, "download_density": 0.1})
+    out = script("table.py", *runs).stdout.strip().splitlines()
+    assert "| fedbiot + fedsrd (0.25 / 0.1) |" in out[3] and "| fedsoda |" in out[2]
 
 
 def test_table_latex_and_skips_unfinished(runs, tmp_path):
@@ -133,3 +137,48 @@ def test_missing_file_is_one_line_error(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "analysis" / "plot_rounds.py"), str(tmp_path / "nope.h5")],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and res.stderr.strip() == f"error: no run file at {tmp_path / 'nope.h5'}"
+
+
+def test_timing_summary_and_tables(tmp_path):
+    """analysis/timing.py on a /timing group with known numbers: shares, MPI share, s/step, moved/payload."""
+    sys.path.insert(0, str(ROOT / "analysis"))
+    import timing as T
+
+    from fedsoda_mpi.timing import PHASES
+
+    path = make_run(tmp_path / "run", "fedsoda", "sst2", 0.6)
+    W, P = 3, len(PHASES)
+    phase = np.zeros((R, W, P))
+    phase[:, 0, PHASES.index("idle")] = 8.0
+    phase[:, 0, PHASES.index("aggregate")] = 2.0
+    phase[:, 1:, PHASES.index("adapter")] = 6.0
+    phase[:, 1:, PHASES.index("emulator")] = 2.0
+    phase[:, 1:, PHASES.index("idle")] = 2.0
+    phase[0, 1:, PHASES.index("emulator")] = 50.0  # round 1 fills the cache: excluded by --first 2
+    mpi = np.full((R, W), 0.1)
+    mpi[:, 2] = 0.2  # rank 2 spends the most time in MPI: 0.2 / 10 s
+    with h5py.File(path, "a") as f:
+        f["timing/round"] = np.arange(1, R + 1, dtype=np.int32)
+        f["timing/phase_s"] = phase
+        f["timing/wall_s"] = np.full((R, W), 10.0)
+        f["timing/mpi_s"] = mpi
+        f["timing/local_steps"] = np.tile([0.0, 4.0, 4.0], (R, 1))
+        f["timing/peak_rss_mb"] = np.tile([3000.0, 700.0, 750.0], (R, 1))
+        f["timing/peak_gpu_mb"] = np.zeros((R, W))
+        f["timing"].attrs["phases"] = list(PHASES)
+        f["timing"].attrs["sgp_s"] = 12.5
+        f["rounds/moved_bytes"] = np.full(R, 1010, np.int64)
+        f["rounds/payload_bytes"] = np.full(R, 1000, np.int64)
+    with h5py.File(path, "r") as f:
+        s = T.summary(f, first=2)
+    assert s["rounds"] == [2, 3, 4, 5, 6] and s["wall_s"] == 10.0
+    assert s["phases"]["clients"]["adapter"] == 6.0 and s["phases"]["clients"]["emulator"] == 2.0
+    assert s["phases"]["server"]["aggregate"] == 2.0
+    assert s["mpi_share"] == pytest.approx(0.02) and s["mpi_share_rank"] == 2
+    assert s["client_s_per_step"] == pytest.approx(2.0)  # (6 + 2) s / 4 steps per client rank
+    assert s["client_rss_mb"] == 750 and s["server_rss_mb"] == 3000
+    assert s["moved_over_payload"] == pytest.approx(1.01) and s["setup"] == {"sgp_s": 12.5}
+    out = script("timing.py", path).stdout
+    assert "| fedsoda / sst2 | 10.0 | 0.0 | 20.0 | 60.0 |" in out  # clients: download, emulator, adapter
+    assert "2.00% (rank 2)" in out and "1.01000" in out
+    assert "| 1-6 |" in script("timing.py", path, "--first", "1").stdout

@@ -34,7 +34,7 @@ def _train(sub, plan, examples, cache_on: bool):
         models.load_lora_state(sub, start)
         torch.manual_seed(rnd)
         losses.append(local_train(sub, plan, params, examples, 0, cache, client=0, steps=3, epochs=1, batch_size=2,
-                                  lr=1e-2, mu=0.1, rng=np.random.default_rng(rnd)))
+                                  lr=1e-2, mu=0.1, rng=np.random.default_rng(rnd))[0])
         start = models.lora_state(sub, plan.adapter_sub)
     return losses, start, cache
 
@@ -46,7 +46,7 @@ def test_cache_gives_same_losses_and_weights(quantize, tmp_path):
     l_nocache, w_nocache, _ = _train(sub, plan, examples, False)
     models.load_lora_state(sub, init)
     l_cache, w_cache, cache = _train(sub, plan, examples, True)
-    assert cache.hits > 0 and cache.misses == len(examples)
+    assert cache.hits > 0 and cache.misses == len(examples) and cache.seconds > 0
     np.testing.assert_allclose(l_cache, l_nocache, rtol=1e-5)
     for k in w_cache:
         torch.testing.assert_close(w_cache[k], w_nocache[k], rtol=1e-3, atol=1e-4)  # float reordering of batched NF4 matmuls, amplified by Adam
@@ -75,3 +75,23 @@ def test_batch_schedule_steps_and_epochs():
     assert len(s) == 6 and all(len(b) == 4 for b in s)
     assert sorted(sum(s[:3], [])[:10]) == list(range(10))  # first epoch covers every example once
     assert len(batch_schedule(3, 4, steps=5, epochs=1, rng=rng)) == 5
+
+
+def test_local_train_reports_its_steps(tmp_path):
+    sub, plan, examples = _setup(False, tmp_path)
+    params = models.set_trainable(sub, plan.adapter_sub)
+    for steps, epochs, expected in ((5, 1, 5), (0, 2, 6)):  # 6 examples, batch 2: 3 steps per epoch
+        _, n = local_train(sub, plan, params, examples, 0, EmulatorCache(True), 0, steps, epochs, 2, 1e-3, 0.0,
+                           np.random.default_rng(0))
+        assert n == expected
+
+
+def test_cache_keep_drops_other_clients(tmp_path):
+    sub, plan, examples = _setup(False, tmp_path)
+    params = models.set_trainable(sub, plan.adapter_sub)
+    cache = EmulatorCache(True)
+    for client in (0, 1, 2):
+        local_train(sub, plan, params, examples, 0, cache, client, 3, 1, 2, 1e-3, 0.0, np.random.default_rng(0))
+    assert {c for c, _ in cache.store} == {0, 1, 2}
+    cache.keep({1, 5})
+    assert {c for c, _ in cache.store} == {1} and len(cache.store) == 6

@@ -196,13 +196,106 @@ def test_gsm8k_batched_equals_unbatched(tiny_lm, tiny_tokenizer):
     print(f"\ntiny-model GSM8K outputs: {batched['outputs']}")
 
 
+def _sensitive_tiny_lm(model):
+    """An untied random head (a tied tiny random model just repeats the prompt's last token "\\n") and q/k
+    projections scaled x10: at init the attention scores are ~0.03, attention is nearly uniform and a wrong
+    position id (RoPE) or an attended pad would hardly change the greedy tokens."""
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(model.lm_head.weight.shape,
+                                                          generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(10.0)
+            layer.self_attn.k_proj.weight.mul_(10.0)
+    return model
+
+
+class _GenerateSpy:
+    """Records, for every model.generate call, its prompt width and whether it got a prefix KV cache, and the
+    sequence length of every forward through the token embedding."""
+
+    def __init__(self, model):
+        self.calls, self.embedded = [], []
+        self._generate = model.generate
+        model.generate = self
+        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hf.model.embed_tokens.register_forward_hook(lambda m, args, out: self.embedded.append(args[0].shape[1]))
+
+    def __call__(self, **kw):
+        past = kw.get("past_key_values")
+        self.calls.append((kw["input_ids"].shape[1], None if past is None else past.get_seq_length()))
+        return self._generate(**kw)
+
+
+GSM8K_KW = dict(k=2, max_new_tokens=8, seed=3)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_gsm8k_prefix_cache_equals_naive_loop(tiny_lm, tiny_tokenizer, batch_size):
+    _sensitive_tiny_lm(tiny_lm)
+    rows, train = load_rows("gsm8k", "test")[:5], load_rows("gsm8k", "train")
+    lengths = [len(tiny_tokenizer(prompt_and_answer("gsm8k", r)[0]).input_ids) for r in rows]
+    assert len(set(lengths)) == 5  # questions of different lengths: batches have pads between prefix and question
+    naive = ev.gsm8k_accuracy(tiny_lm, tiny_tokenizer, rows, train, batch_size=1, prefix_cache=False, **GSM8K_KW)
+    spy = _GenerateSpy(tiny_lm)
+    cached = ev.gsm8k_accuracy(tiny_lm, tiny_tokenizer, rows, train, batch_size=batch_size, **GSM8K_KW)
+    assert cached["outputs"] == naive["outputs"]
+    assert all(cached["outputs"]) and len(set(naive["outputs"])) > 1
+    np.testing.assert_array_equal(cached["correct"], naive["correct"])
+    # the prefix went through the model once; every batch started from its cache and prefilled only the questions
+    n_prefix = spy.calls[0][1]
+    assert n_prefix > 2 * max(lengths)
+    assert [past for _, past in spy.calls] == [n_prefix] * -(-5 // batch_size)
+    assert spy.embedded.count(n_prefix) == 1  # prefix forward; then question batches of <= "\n\n" + question tokens
+    assert max(n for n in spy.embedded if n != n_prefix) <= max(lengths) + 2
+
+
+def test_gsm8k_prefix_cache_peft_lora(tiny_lm, tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    _sensitive_tiny_lm(tiny_lm)
+    rows, train = load_rows("gsm8k", "test")[5:9], load_rows("gsm8k", "train")
+    base = ev.gsm8k_accuracy(tiny_lm, tiny_tokenizer, rows, train, batch_size=1, prefix_cache=False, **GSM8K_KW)
+    model = get_peft_model(tiny_lm, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "k_proj", "v_proj"],
+                                               init_lora_weights=False))
+    model.train()
+    naive = ev.gsm8k_accuracy(model, tiny_tokenizer, rows, train, batch_size=1, prefix_cache=False, **GSM8K_KW)
+    spy = _GenerateSpy(model)
+    cached = ev.gsm8k_accuracy(model, tiny_tokenizer, rows, train, batch_size=3, **GSM8K_KW)
+    assert model.training and all(m.training for m in model.modules())  # training flags restored
+    assert [past is not None for _, past in spy.calls] == [True, True]
+    assert naive["outputs"] != base["outputs"]  # the LoRA (on k/v too: the cached prefix) changes the outputs ...
+    assert cached["outputs"] == naive["outputs"]  # ... and the prefix cache was computed with it
+
+
+def test_generate_prefix_token_boundary_fallback(tiny_lm, tiny_tokenizer):
+    """Only prompts whose own tokens start with the shared prefix's tokens use its cache; the others (here the
+    prefix "...Bel" against prompts going on "Below", one token) take the whole-prompt path."""
+    from fedsoda_mpi.data import gsm8k_kshot_prefix
+
+    _sensitive_tiny_lm(tiny_lm)
+    rows, train = load_rows("gsm8k", "test")[:4], load_rows("gsm8k", "train")
+    prefix = gsm8k_kshot_prefix(train, 2, 3)
+    prompts = [prefix + prompt_and_answer("gsm8k", r)[0] for r in rows]
+    prompts[2] = prefix + "Bel" + prompts[2][len(prefix) + len("Below"):]  # "Bel is an instruction ..."
+    shared = prefix + "Bel"
+    encode = lambda text: tiny_tokenizer(text).input_ids  # noqa: E731
+    n_prefix = len(encode(shared))
+    assert [encode(p)[:n_prefix] == encode(shared) for p in prompts] == [False, False, True, False]
+    naive = [ev._generate(tiny_lm, tiny_tokenizer, [p], 8, 1)[0] for p in prompts]
+    with ev._eval_mode(tiny_lm):
+        spy = _GenerateSpy(tiny_lm)
+        assert ev._generate(tiny_lm, tiny_tokenizer, prompts, 8, 4, shared_prefix=shared) == naive
+    assert spy.calls == [(len(encode(prompts[2])), n_prefix),
+                         (max(len(encode(p)) for i, p in enumerate(prompts) if i != 2), None)]
+
+
 def test_gsm8k_scoring(monkeypatch, tiny_lm, tiny_tokenizer):
     rows, train = load_rows("gsm8k", "test")[:5], load_rows("gsm8k", "train")
     gold = [prompt_and_answer("gsm8k", r)[1] for r in rows]
-    monkeypatch.setattr(ev, "_generate", lambda model, tok, prompts, n, b: [g.split("####")[0] + "The answer is "
-                                                                           + g.split("####")[1] for g in gold])
+    monkeypatch.setattr(ev, "_generate", lambda model, tok, prompts, n, b, **kw: [
+        g.split("####")[0] + "The answer is " + g.split("####")[1] for g in gold])
     assert ev.gsm8k_accuracy(tiny_lm, tiny_tokenizer, rows, train)["accuracy"] == 1.0
-    monkeypatch.setattr(ev, "_generate", lambda model, tok, prompts, n, b: gold[1:] + gold[:1])
+    monkeypatch.setattr(ev, "_generate", lambda model, tok, prompts, n, b, **kw: gold[1:] + gold[:1])
     res = ev.gsm8k_accuracy(tiny_lm, tiny_tokenizer, rows, train)
     assert res["accuracy"] == 0.0 and res["outputs"] == gold[1:] + gold[:1]
 

@@ -105,6 +105,31 @@ def test_run_file_has_the_whole_schema(e2e_run):
     assert (run_dir / "checkpoints" / "round00002" / "adapter.safetensors").is_file()
 
 
+def test_timing_accounts_for_every_rank_and_phase(e2e_run):
+    """/timing: one row per round and rank; phases add up to the wall time; the clients ran their steps;
+    the transport moved the LoRA payload plus only a few control bytes."""
+    from fedsoda_mpi.timing import PHASES
+
+    run_dir, _ = e2e_run
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        t, r = f["timing"], f["rounds"]
+        assert [p.decode() if isinstance(p, bytes) else p for p in t.attrs["phases"]] == list(PHASES)
+        assert t["round"][:].tolist() == [1, 2] and t["phase_s"].shape == (2, 3, len(PHASES))
+        phase, wall = t["phase_s"][:], t["wall_s"][:]
+        np.testing.assert_allclose(phase.sum(2), wall, rtol=1e-9)
+        col = {p: phase[..., i] for i, p in enumerate(PHASES)}
+        assert (col["adapter"][:, 1:] > 0).all() and (col["adapter"][:, 0] == 0).all()  # only clients train
+        assert (col["emulator"][0, 1:] > 0).all()  # round 1 fills the emulator cache
+        assert col["realign"][1, 0] > 0 and col["realign"][0, 0] == 0  # oda.every=2: round 2 re-aligns
+        assert (col["evaluate"][:, 0] > 0).all()  # eval.every=1 (round 2's is in /final) + the drift probe
+        # 4 clients, 3 sampled per round on 2 client ranks, fed.local_steps=2 each
+        assert t["local_steps"][:, 1:].sum(1).tolist() == [6.0, 6.0] and (t["local_steps"][:, 0] == 0).all()
+        assert (t["peak_rss_mb"][:] > 100).all() and (t["mpi_s"][:] > 0).all()
+        assert {"sgp_s", "pre_align_s", "base_eval_s", "build_s"} <= set(t.attrs)
+        ratio = r["moved_bytes"][:] / r["payload_bytes"][:]
+        assert (ratio >= 1).all() and (ratio < 1.01).all(), ratio
+
+
 def test_accounting_matches_the_analytic_formulas(e2e_run):
     """FedSODA: 3 adapter layers, LoRA on p=4 retained layers s_i re-sent every oda.every=2 rounds, NF4."""
     run_dir, _ = e2e_run

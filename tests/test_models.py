@@ -237,6 +237,24 @@ def test_split_forward_equals_full_forward(family, variant):
         M.hidden_before_layer(model, ids, mask, 5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_outputs_equal_hf_hidden_states_and_run_only_those_layers(family):
+    model = tiny_causal_lm(family, layers=6)
+    ids, mask = batch(seq=40)
+    ran = []
+    hooks = [layer.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, layer in enumerate(M.get_layers(model))]
+    with torch.no_grad():
+        got = M.layer_outputs(model, ids, mask, 4)  # x^0..x^3
+        assert ran == [0, 1, 2, 3]
+        ref = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for h in hooks:
+        h.remove()
+    assert got.shape == (ids.shape[0], ids.shape[1], 4, model.config.hidden_size)
+    torch.testing.assert_close(got, torch.stack(ref[1:5], dim=2), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="outside"):
+        M.layer_outputs(model, ids, mask, 0)
+
+
 @pytest.mark.parametrize("quantized", [False, True])
 def test_label_loss_equals_hf_loss(quantized):
     model = nf4_lora() if quantized else tiny_causal_lm(layers=4)

@@ -1,0 +1,88 @@
+"""Where a round's time goes, from `/timing` and `/rounds` of run files: phase shares per role, MPI share,
+client time per local step, peak memory, bytes moved / LoRA payload.
+
+    python analysis/timing.py runs/NAME/run.h5 [more runs]                 # steady state: rounds 2..R
+    python analysis/timing.py runs/*/run.h5 --first 1                      # every round (incl. cache fill)
+
+Rounds from `--first` on are summed (default 2: round 1 fills the emulator cache, later rounds are the
+steady state between re-alignments; re-alignment rounds are included as they occur).
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+from common import attr_str, main_guard, open_runs, run_label
+
+ROLE_PHASES = {"server": ("realign", "download", "upload", "aggregate", "evaluate", "idle", "other"),
+               "clients": ("download", "emulator", "adapter", "upload", "idle", "other")}
+
+
+def summary(f, first: int = 2) -> dict:
+    """Totals over rounds >= `first` (all rounds if the run has fewer): per-role phase seconds per round,
+    MPI share (the largest over ranks), client seconds per local step, peak RSS, moved/payload bytes."""
+    t = f["timing"]
+    phases = [p.decode() if isinstance(p, bytes) else str(p) for p in t.attrs["phases"]]
+    rounds = t["round"][:]
+    sel = rounds >= first if (rounds >= first).any() else np.ones_like(rounds, bool)
+    ph = t["phase_s"][:][sel]  # [R, W, P]
+    wall, mpi, steps, rss = (t[k][:][sel] for k in ("wall_s", "mpi_s", "local_steps", "peak_rss_mb"))
+    n = int(sel.sum())
+    per_round = {"server": dict(zip(phases, ph[:, 0].sum(0) / n)),
+                 "clients": dict(zip(phases, ph[:, 1:].mean(1).sum(0) / n))}
+    compute = ph[:, 1:, phases.index("emulator")] + ph[:, 1:, phases.index("adapter")]
+    r = f["rounds"]
+    keep = np.isin(r["round"][:], rounds[sel])
+    moved = r["moved_bytes"][:][keep].sum() if "moved_bytes" in r else np.nan
+    payload = r["payload_bytes"][:][keep].sum() if "payload_bytes" in r else np.nan
+    return {"label": run_label(f), "ranks": ph.shape[1], "rounds": rounds[sel].tolist(), "phases": per_round,
+            "wall_s": float(wall[:, 0].mean()), "mpi_share": float((mpi.sum(0) / wall.sum(0)).max()),
+            "mpi_share_rank": int((mpi.sum(0) / wall.sum(0)).argmax()),
+            "client_s_per_step": float(compute.sum() / max(steps[:, 1:].sum(), 1)),
+            "client_rss_mb": float(rss[:, 1:].max()), "server_rss_mb": float(rss[:, 0].max()),
+            "moved_over_payload": float(moved / payload) if payload else np.nan,
+            "setup": {k: float(v) for k, v in t.attrs.items() if k.endswith("_s")},
+            "method": attr_str(f, "method", "?")}
+
+
+def phase_table(rows: list[dict]) -> str:
+    """Markdown: per run and role, each phase's share (%) of the round wall time."""
+    lines = []
+    for role, names in ROLE_PHASES.items():
+        lines += [f"\n{role}: share of the round's wall time (%)",
+                  "| run | s / round | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+        for s in rows:
+            p = s["phases"][role]
+            lines.append(f"| {s['label']} | {s['wall_s']:.1f} | "
+                         + " | ".join(f"{100 * p[k] / s['wall_s']:.1f}" for k in names) + " |")
+    return "\n".join(lines)
+
+
+def ratio_table(rows: list[dict]) -> str:
+    """Markdown: MPI share, client s/step, peak RSS, moved/payload per run."""
+    lines = ["| run | ranks | rounds | MPI share (max rank) | client s / local step | client peak RSS MiB | "
+             "server peak RSS MiB | bytes moved / LoRA payload |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for s in rows:
+        lines.append(f"| {s['label']} | {s['ranks']} | {s['rounds'][0]}-{s['rounds'][-1]} | "
+                     f"{100 * s['mpi_share']:.2f}% (rank {s['mpi_share_rank']}) | {s['client_s_per_step']:.3f} | "
+                     f"{s['client_rss_mb']:.0f} | {s['server_rss_mb']:.0f} | {s['moved_over_payload']:.5f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--first", type=int, default=2, help="first round summed (default 2: skip the cache fill)")
+    args = ap.parse_args(argv)
+
+    def go():
+        rows = [summary(f, args.first) for f in open_runs(args.runs, "timing/phase_s")]
+        print(phase_table(rows))
+        print()
+        print(ratio_table(rows))
+
+    return main_guard(go)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

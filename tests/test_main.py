@@ -1,0 +1,28 @@
+"""main.py's per-round schedule: which virtual clients train, and on which rank."""
+from collections import Counter
+
+import numpy as np
+
+from fedsoda_mpi.config import load_config
+from fedsoda_mpi.main import client_schedule, placement
+
+
+def test_placement_balances_ranks_and_is_stable_under_full_participation():
+    cfg = load_config(None, ["fed.clients=100", "fed.clients_per_round=10"])
+    worst_fixed_home = 0
+    for rnd in range(1, 21):
+        chosen = client_schedule(cfg, 11, rnd)
+        where = placement(chosen, 11)
+        assert sorted(where) == sorted(chosen) and Counter(where.values()) == Counter(range(1, 11))
+        worst_fixed_home = max(worst_fixed_home, max(Counter(1 + k % 10 for k in chosen).values()))
+    assert worst_fixed_home >= 2  # what the placement avoids: fixed homes load some rank 2x or more
+    full = load_config(None, ["fed.clients=10"])
+    for rnd in (1, 2, 3):
+        assert placement(client_schedule(full, 4, rnd), 4) == {k: 1 + k % 3 for k in range(10)}
+
+
+def test_schedule_is_seeded_per_round():
+    cfg = load_config(None, ["fed.clients=100", "fed.clients_per_round=10"])
+    a, b = client_schedule(cfg, 11, 3), client_schedule(cfg, 11, 4)
+    assert a == client_schedule(cfg, 11, 3) and a != b and len(set(a)) == 10
+    assert np.all(np.diff(a) > 0)
