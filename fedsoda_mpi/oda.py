@@ -15,6 +15,9 @@ from torch import Tensor
 from torch.nn import Parameter
 from tqdm import tqdm
 
+from . import models
+from .sgp import angular_distance
+
 
 @dataclass
 class AlignPairs:
@@ -152,3 +155,17 @@ def kl_divergence(full_model, sub_model, batches: list[dict]) -> float:
     if count == 0:
         raise ValueError("kl_divergence got no non-pad tokens")
     return total / count
+
+
+@torch.no_grad()
+def aligned_drift(full_model, sub_model, batch: dict, pairs: list[tuple[int, int]]) -> Tensor:
+    """Eq. 5's angular distance between full-LLM layer t_i + n and sub-LLM layer s_i (the L_inter pairs of eq. 6)
+    at each row's last real token of `batch`, averaged over rows: how far the aligned emulator has drifted.
+
+    Runs only the layers the pairs reach in each model (`models.layer_outputs`: no later layers, no LM head).
+    """
+    last = batch["attention_mask"].sum(1) - 1
+    rows = torch.arange(len(last))
+    outs = [models.layer_outputs(m, batch["input_ids"], batch["attention_mask"], max(p[j] for p in pairs) + 1)
+            [rows, last] for j, m in enumerate((full_model, sub_model))]  # [B, stop, D] each
+    return torch.stack([angular_distance(outs[0][:, f], outs[1][:, s]).mean() for f, s in pairs])

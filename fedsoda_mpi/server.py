@@ -65,6 +65,7 @@ class Server:
         self.public = public_batches(cfg, self.tok, holdout=False, limit=cfg.data.public_samples)
         self.heldout = public_batches(cfg, self.tok, holdout=True, limit=16)
         self.probe = self.heldout[:1]
+        self._drift = None  # (LoRA tensors the last drift probe saw, its value)
         self.pending = None  # FedSRD with a sparse download: (factor, idx, val) for the next round
 
     # Algorithm 1 / Algorithm 2 line 1
@@ -199,20 +200,26 @@ class Server:
         return rejected
 
     @torch.no_grad()
-    @torch.no_grad()
     def drift(self) -> np.ndarray:
-        """Angular distance between sub-LLM layer s_i and full-LLM layer t_i + n on a fixed probe batch."""
-        if not self.plan.align_pairs:
+        """Angular distance between sub-LLM layer s_i and full-LLM layer t_i + n on a fixed probe batch
+        (`oda.aligned_drift`). Recomputed only when a LoRA tensor below the deepest probed layer changed (after a
+        re-alignment, or every round when an adapter layer lies below an aligned one, as FedOT's first layer
+        does); otherwise the previous value is returned: the same deterministic forward would give it again."""
+        pairs = self.plan.align_pairs
+        if not pairs:
             return np.zeros(0, dtype=np.float32)
-        b = self.probe[0]
-        self.full.eval()
-        self.sub.eval()
-        hf = self.full(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True).hidden_states
-        hs = self.sub(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True).hidden_states
-        last = b["attention_mask"].sum(1) - 1
-        rows = torch.arange(len(last))
-        return np.array([sgp.angular_distance(hf[f + 1][rows, last], hs[s + 1][rows, last]).mean().item()
-                         for f, s in self.plan.align_pairs], dtype=np.float32)
+        inputs = [models.lora_state(m, range(max(p[j] for p in pairs) + 1)) for j, m in enumerate((self.full, self.sub))]
+        same = self._drift is not None and all(
+            a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(inputs, self._drift[0]))
+        if not same:
+            modes = self.full.training, self.sub.training
+            self.full.eval()
+            self.sub.eval()
+            value = oda.aligned_drift(self.full, self.sub, self.probe[0], pairs).numpy().astype(np.float32)
+            self.full.train(modes[0])
+            self.sub.train(modes[1])
+            self._drift = (inputs, value)
+        return self._drift[1].copy()
 
     def evaluate(self, which: str = "full") -> dict:
         c = self.cfg.eval

@@ -2,13 +2,16 @@
 import copy
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
-from fedsoda_mpi.oda import AlignPairs, align, alignment_losses, kl_divergence
-from fedsoda_mpi.sgp import kept_layers, layer_map
+from fedsoda_mpi import oda
+from fedsoda_mpi.oda import AlignPairs, align, aligned_drift, alignment_losses, kl_divergence
+from fedsoda_mpi.server import Server
+from fedsoda_mpi.sgp import angular_distance, kept_layers, layer_map
 from tests.conftest import tiny_causal_lm
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -155,3 +158,44 @@ def test_align_is_deterministic_given_seed():
     assert runs[0] == runs[1]
     with pytest.raises(ValueError, match="requires_grad"):
         align(full, sub, _batches(1, seed=3), pairs, [], epochs=1, lr=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_aligned_drift_equals_distance_of_hf_hidden_states(family):
+    """Only the layers the pairs reach run, yet the distances are those of HF's own hidden_states (padded rows)."""
+    full = tiny_causal_lm(family, layers=8)
+    sub = _prune(full, [0, 1, 4, 5, 6, 7])
+    with torch.no_grad():  # make the pruned model differ inside its emulator too
+        sub.model.layers[1].mlp.down_proj.weight.mul_(1.5)
+    batch = _batches(1, seed=3)[0]
+    pairs = [(3, 1), (4, 2), (5, 3)]
+    with torch.no_grad():
+        hf = full(**batch, output_hidden_states=True).hidden_states
+        hs = sub(**batch, output_hidden_states=True).hidden_states
+    last = batch["attention_mask"].sum(1) - 1
+    rows = torch.arange(4)
+    want = torch.stack([angular_distance(hf[f + 1][rows, last], hs[s + 1][rows, last]).mean() for f, s in pairs])
+    got = aligned_drift(full, sub, batch, pairs)
+    assert got.shape == (3,) and (got > 0.01).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_server_drift_recomputes_only_when_lora_below_the_probe_changes(monkeypatch):
+    """The server's per-round drift probe reruns only when a LoRA tensor that feeds a probed layer changed."""
+    full = tiny_causal_lm("llama", layers=8).requires_grad_(False)
+    sub, _ = _pruned_with_lora(full, groups=[(1, 3)], num_emulator_layers=6, n=2)  # LoRA on sub layer 1
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, layers_to_transform=[7])
+    full = get_peft_model(full, config)  # the plugged adapter: the last layer, above every probed layer
+    calls = []
+    monkeypatch.setattr(oda, "aligned_drift", lambda *a: calls.append(1) or aligned_drift(*a))
+    server = SimpleNamespace(plan=SimpleNamespace(align_pairs=[(3, 1)]), full=full, sub=sub,
+                             probe=_batches(1, seed=5), _drift=None)
+    first = Server.drift(server)
+    with torch.no_grad():  # a new global adapter (layer 7) does not feed layer 3: the probe is not rerun
+        next(p for n, p in full.named_parameters() if "layers.7." in n and "lora_B" in n).add_(1.0)
+    assert np.array_equal(Server.drift(server), first) and len(calls) == 1
+    with torch.no_grad():  # re-alignment changes the emulator LoRA (sub layer 1): rerun, new value
+        next(p for n, p in sub.named_parameters() if "layers.1." in n and "lora_B" in n).add_(0.1)
+    again = Server.drift(server)
+    assert len(calls) == 2 and not np.array_equal(again, first)
+    torch.testing.assert_close(torch.from_numpy(again), aligned_drift(full, sub, server.probe[0], [(3, 1)]))
