@@ -20,6 +20,9 @@ from .data import pad_batch
 from .methods import Plan
 
 
+FILL_BATCH = 16  # examples per emulator pass when a client's cache is filled
+
+
 class EmulatorCache:
     """Per-example output of the frozen sub-emulator (the adapter's input), unpadded [len, D]."""
 
@@ -40,32 +43,42 @@ class EmulatorCache:
             del self.store[key]
 
     @torch.no_grad()
+    def fill(self, model, plan: Plan, client: int, examples: list[dict], pad_id: int) -> None:
+        """Compute the emulator output E*(x) of every example of `client` not cached yet (all of them or none:
+        entries are only ever dropped per client), in right-padded batches of FILL_BATCH examples sorted by
+        (length, index). The batches depend only on the client's examples, never on the local schedule, so a
+        resumed run (empty cache) refills every value bit for bit; sorting by length keeps padding small."""
+        if not self.enabled:
+            return
+        t0 = time.perf_counter()
+        missing = sorted((len(e["input_ids"]), j) for j, e in enumerate(examples) if (client, j) not in self.store)
+        device = next(model.parameters()).device
+        for start in range(0, len(missing), FILL_BATCH):
+            idx = [j for _, j in missing[start:start + FILL_BATCH]]
+            batch = pad_batch([examples[j] for j in idx], pad_id)
+            h = _emulator(model, plan, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            for row, (n, j) in enumerate(missing[start:start + FILL_BATCH]):
+                self.store[(client, j)] = h[row, :n].to("cpu", copy=True)
+        self.misses += len(missing)
+        self.seconds += time.perf_counter() - t0
+
+    @torch.no_grad()
     def hidden(self, model, plan: Plan, client: int, idx: list[int], batch: dict) -> torch.Tensor:
-        """Adapter input for a padded batch: cached rows where present, one emulator pass for the rest.
+        """Adapter input for a padded batch: the cached rows (after `fill`), or one emulator pass without a cache.
 
         The cache lives in host memory (on GPU runs a batch is copied to the device per step)."""
         t0 = time.perf_counter()
         try:
-            return self._hidden(model, plan, client, idx, batch)
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            if not self.enabled:
+                return _emulator(model, plan, ids, mask)
+            self.hits += len(idx)
+            out = torch.zeros(ids.shape[0], ids.shape[1], self._dim(model), dtype=self.store[(client, idx[0])].dtype)
+            for i, (j, n) in enumerate(zip(idx, mask.sum(1).tolist())):
+                out[i, :n] = self.store[(client, j)]
+            return out.to(ids.device)
         finally:
             self.seconds += time.perf_counter() - t0
-
-    def _hidden(self, model, plan: Plan, client: int, idx: list[int], batch: dict) -> torch.Tensor:
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        if not self.enabled:
-            return _emulator(model, plan, ids, mask)
-        lengths = mask.sum(1).tolist()
-        missing = [i for i, j in enumerate(idx) if (client, j) not in self.store]
-        self.hits += len(idx) - len(missing)
-        self.misses += len(missing)
-        for i in missing:  # one unpadded pass per example: its value never depends on the batch it came in,
-            n = lengths[i]  # so a resumed run (empty cache) recomputes it bit for bit (rows are right-padded)
-            h = _emulator(model, plan, ids[i:i + 1, :n], mask[i:i + 1, :n])
-            self.store[(client, idx[i])] = h[0].to("cpu", copy=True)
-        out = torch.zeros(ids.shape[0], ids.shape[1], self._dim(model), dtype=self.store[(client, idx[0])].dtype)
-        for i, j in enumerate(idx):
-            out[i, :lengths[i]] = self.store[(client, j)]
-        return out.to(ids.device)
 
     @staticmethod
     def _dim(model) -> int:
@@ -108,6 +121,7 @@ def local_train(model, plan: Plan, params: list[torch.nn.Parameter], examples: l
     model.train()
     losses = []
     device = next(model.parameters()).device
+    cache.fill(model, plan, client, examples, pad_id)
     for idx in batch_schedule(len(examples), batch_size, steps, epochs, rng):
         batch = {k: v.to(device) for k, v in pad_batch([examples[i] for i in idx], pad_id).items()}
         h = cache.hidden(model, plan, client, idx, batch)

@@ -12,7 +12,10 @@ received from MPI, category by category; the server's broadcast to W-1 clients c
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections import defaultdict
@@ -264,6 +267,24 @@ class Comm:
 
     def abort(self, code: int = 1) -> None:
         self.comm.Abort(code)
+
+
+def exit_with_launcher(poll_s: float = 0.5) -> threading.Thread:
+    """Kill this rank as soon as its launcher (mpirun/prterun, slurmstepd) is gone: a daemon thread watches
+    the parent pid. mpirun puts each rank in its own process group, so a SIGKILL of mpirun's group leaves the
+    ranks orphaned; without this a rank busy computing would run on until its next MPI call."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        sys.stderr.write(f"[pid {os.getpid()}] the launcher (pid {parent}) is gone: exiting\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="exit-with-launcher", daemon=True)
+    thread.start()
+    return thread
 
 
 def install_abort_hook(log=None) -> None:

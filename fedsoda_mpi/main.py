@@ -524,9 +524,10 @@ def main(argv: list[str] | None = None) -> int:
             kind = {ConfigError: "config", DataError: "data", ModelError: "model"}[type(e)]
             print(f"fedsoda-mpi: {kind} error: {e}", file=sys.stderr, flush=True)
         return USAGE_EXIT
-    from .comm import Comm, install_abort_hook
+    from .comm import Comm, exit_with_launcher, install_abort_hook
 
     install_abort_hook()
+    exit_with_launcher()
     install_stop_handler()
     comm = Comm()
     torch.set_num_threads(threads_for(comm))

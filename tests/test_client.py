@@ -95,3 +95,29 @@ def test_cache_keep_drops_other_clients(tmp_path):
     assert {c for c, _ in cache.store} == {0, 1, 2}
     cache.keep({1, 5})
     assert {c for c, _ in cache.store} == {1} and len(cache.store) == 6
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_cache_fill_is_independent_of_the_local_schedule(quantize, tmp_path, monkeypatch):
+    """A client's cache is filled whole, in length-sorted batches: the same values bit for bit whatever
+    schedule (steps, seed) first touched it (what makes a resumed run's refill exact), and each value is the
+    unpadded emulator output of its example."""
+    from fedsoda_mpi import client as client_mod
+
+    monkeypatch.setattr(client_mod, "FILL_BATCH", 4)  # 6 examples: a batch of 4 (padded) and one of 2
+    sub, plan, examples = _setup(quantize, tmp_path)
+    params = models.set_trainable(sub, plan.adapter_sub)
+    start = models.lora_state(sub, plan.adapter_sub)
+    stores = []
+    for steps, seed in ((1, 0), (3, 7)):
+        models.load_lora_state(sub, start)
+        cache = EmulatorCache(True)
+        local_train(sub, plan, params, examples, 0, cache, 0, steps, 1, 2, 1e-3, 0.0, np.random.default_rng(seed))
+        assert cache.misses == len(examples) and len(cache.store) == len(examples)
+        stores.append(cache.store)
+    for key in stores[0]:
+        assert torch.equal(stores[0][key], stores[1][key])
+    for j, e in enumerate(examples):
+        ids = torch.tensor([e["input_ids"]])
+        alone = client_mod._emulator(sub, plan, ids, torch.ones_like(ids))[0]
+        torch.testing.assert_close(stores[0][(0, j)], alone, rtol=1e-4, atol=1e-5)

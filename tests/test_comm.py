@@ -62,3 +62,42 @@ def test_raise_on_one_rank_aborts_job_quickly(mpi4py_launch):
     assert "boom on rank 2" in p.stderr
     # startup (torch import on 3 ranks) is part of the elapsed time; the abort itself is ~1 s
     assert elapsed < 30, elapsed
+
+
+def test_rank_exits_when_its_launcher_is_killed(tmp_path):
+    """A process running exit_with_launcher dies within a second or two of its parent's SIGKILL (mpirun puts
+    ranks in their own process groups, so killing mpirun's group leaves them orphaned otherwise)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pidfile = tmp_path / "child.pid"
+    child = ("import os, time; from fedsoda_mpi.comm import exit_with_launcher; exit_with_launcher(0.1); "
+             f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
+    launcher = ("import subprocess, sys, time; "
+                f"p = subprocess.Popen([sys.executable, '-c', {child!r}], start_new_session=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", launcher])
+    deadline = time.time() + 60
+    while not (pidfile.exists() and pidfile.read_text()):
+        assert time.time() < deadline and parent.poll() is None
+        time.sleep(0.1)
+    pid = int(pidfile.read_text())
+    os.kill(pid, 0)  # alive while its parent lives
+    time.sleep(0.5)
+    os.kill(pid, 0)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().split(") ")[1].startswith("Z"):  # exited; a zombie until its new parent reaps it
+                return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError("the orphaned process outlived its launcher by 5 s")
