@@ -28,9 +28,9 @@ def _session_pids(sid: int) -> list[int]:
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
             try:
-                if os.getsid(int(p.name)) == sid:
-                    pids.append(int(p.name))
-            except (ProcessLookupError, PermissionError):
+                if os.getsid(int(p.name)) == sid and (p / "stat").read_text().split(") ")[1][0] != "Z":
+                    pids.append(int(p.name))  # a zombie has exited; it waits for a reaper PID 1 may not be
+            except (ProcessLookupError, PermissionError, FileNotFoundError):
                 pass
     return pids
 
