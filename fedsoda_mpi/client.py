@@ -54,10 +54,10 @@ class EmulatorCache:
         missing = sorted((len(e["input_ids"]), j) for j, e in enumerate(examples) if (client, j) not in self.store)
         device = next(model.parameters()).device
         for start in range(0, len(missing), FILL_BATCH):
-            idx = [j for _, j in missing[start:start + FILL_BATCH]]
-            batch = pad_batch([examples[j] for j in idx], pad_id)
+            chunk = missing[start:start + FILL_BATCH]
+            batch = pad_batch([examples[j] for _, j in chunk], pad_id)
             h = _emulator(model, plan, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            for row, (n, j) in enumerate(missing[start:start + FILL_BATCH]):
+            for row, (n, j) in enumerate(chunk):
                 self.store[(client, j)] = h[row, :n].to("cpu", copy=True)
         self.misses += len(missing)
         self.seconds += time.perf_counter() - t0

@@ -157,15 +157,26 @@ def kl_divergence(full_model, sub_model, batches: list[dict]) -> float:
     return total / count
 
 
+def drift_stops(pairs: list[tuple[int, int]]) -> tuple[int, int]:
+    """How many layers of the full and of the sub-LLM the drift probe of `pairs` runs (deepest pair + 1)."""
+    return max(f for f, _ in pairs) + 1, max(s for _, s in pairs) + 1
+
+
 @torch.no_grad()
 def aligned_drift(full_model, sub_model, batch: dict, pairs: list[tuple[int, int]]) -> Tensor:
     """Eq. 5's angular distance between full-LLM layer t_i + n and sub-LLM layer s_i (the L_inter pairs of eq. 6)
     at each row's last real token of `batch`, averaged over rows: how far the aligned emulator has drifted.
 
-    Runs only the layers the pairs reach in each model (`models.layer_outputs`: no later layers, no LM head).
+    Runs only the layers the pairs reach in each model (`models.layer_outputs`: no later layers, no LM head),
+    in eval mode; both models' previous modes are restored.
     """
+    modes = full_model.training, sub_model.training
+    full_model.eval()
+    sub_model.eval()
     last = batch["attention_mask"].sum(1) - 1
     rows = torch.arange(len(last))
-    outs = [models.layer_outputs(m, batch["input_ids"], batch["attention_mask"], max(p[j] for p in pairs) + 1)
-            [rows, last] for j, m in enumerate((full_model, sub_model))]  # [B, stop, D] each
+    outs = [models.layer_outputs(m, batch["input_ids"], batch["attention_mask"], stop)[rows, last]  # [B, stop, D]
+            for m, stop in zip((full_model, sub_model), drift_stops(pairs))]
+    full_model.train(modes[0])
+    sub_model.train(modes[1])
     return torch.stack([angular_distance(outs[0][:, f], outs[1][:, s]).mean() for f, s in pairs])

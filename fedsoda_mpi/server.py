@@ -208,16 +208,11 @@ class Server:
         pairs = self.plan.align_pairs
         if not pairs:
             return np.zeros(0, dtype=np.float32)
-        inputs = [models.lora_state(m, range(max(p[j] for p in pairs) + 1)) for j, m in enumerate((self.full, self.sub))]
+        inputs = [models.lora_state(m, range(stop)) for m, stop in zip((self.full, self.sub), oda.drift_stops(pairs))]
         same = self._drift is not None and all(
             a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(inputs, self._drift[0]))
         if not same:
-            modes = self.full.training, self.sub.training
-            self.full.eval()
-            self.sub.eval()
             value = oda.aligned_drift(self.full, self.sub, self.probe[0], pairs).numpy().astype(np.float32)
-            self.full.train(modes[0])
-            self.sub.train(modes[1])
             self._drift = (inputs, value)
         return self._drift[1].copy()
 

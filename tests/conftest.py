@@ -13,6 +13,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def running(pid: int) -> bool:
+    """Whether process `pid` still runs: not gone and not a zombie (an exited process that waits to be reaped,
+    which an orphan's new parent, PID 1 of a container, may never do)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def tiny_causal_lm(family: str = "llama", layers: int = 8, hidden: int = 64, vocab: int = 128, seed: int = 0):
     """A randomly initialised causal LM of the given family, small enough for unit tests."""
     import transformers as tf

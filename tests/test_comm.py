@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedsoda_mpi.comm import Schema, SchemaError
-from tests.conftest import ROOT, mpirun
+from tests.conftest import ROOT, mpirun, running
 
 JOB = str(ROOT / "tests" / "mpi_jobs" / "transport_job.py")
 
@@ -91,13 +91,8 @@ def test_rank_exits_when_its_launcher_is_killed(tmp_path):
     parent.wait()
     deadline = time.time() + 5
     while time.time() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not running(pid):
             return
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().split(") ")[1].startswith("Z"):  # exited; a zombie until its new parent reaps it
-                return
         time.sleep(0.1)
     os.kill(pid, signal.SIGKILL)
     raise AssertionError("the orphaned process outlived its launcher by 5 s")

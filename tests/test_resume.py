@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import MPI_ENV, ROOT, mpirun
+from tests.conftest import MPI_ENV, ROOT, mpirun, running
 
 pytestmark = [pytest.mark.mpi, pytest.mark.real, pytest.mark.slow]
 
@@ -28,9 +28,9 @@ def _session_pids(sid: int) -> list[int]:
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
             try:
-                if os.getsid(int(p.name)) == sid and (p / "stat").read_text().split(") ")[1][0] != "Z":
-                    pids.append(int(p.name))  # a zombie has exited; it waits for a reaper PID 1 may not be
-            except (ProcessLookupError, PermissionError, FileNotFoundError):
+                if os.getsid(int(p.name)) == sid and running(int(p.name)):
+                    pids.append(int(p.name))
+            except (ProcessLookupError, PermissionError):
                 pass
     return pids
 
