@@ -43,6 +43,10 @@ class DataConfig:
     dirichlet_beta: float = 0.5
     max_len: int = 128  # tokens per training example
     max_train_per_client: int = 0  # 0 = the client's whole partition
+    pooled_clients: int = 0  # K > 0: partition over K clients as usual, then pool it all into the one client
+    #                          (fed.clients=1): a centralized run on the same examples and steps as K clients
+    val_size: int = 500  # validation rows held out of the training file (fixed rows, data.VAL_SEED); no client
+    #                      trains on them; per-round evaluation and learning-rate selection use them (0 = none)
     public_samples: int = 64  # paragraphs of D_public used for SGP and pre-alignment
     public_max_len: int = 128
 
@@ -107,9 +111,11 @@ class FedConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 5  # evaluate the full LLM + adapter every k rounds (0 = only at the end)
-    max_examples: int = 200  # bounds CPU time; 0 = the whole test set
+    every: int = 5  # evaluate the full LLM + adapter on the validation rows every k rounds (0 = only at the end)
+    max_examples: int = 200  # test examples of the final evaluation (the first ones; bounds CPU time); 0 = all
     batch_size: int = 8
+    dtype: str = "float32"  # float32 | bfloat16: evaluation forwards under autocast (bfloat16: ~2.5x faster on CPUs with AVX512-BF16)
+    base: bool = True  # evaluate the base model (round 0) on the test split; a study evaluates it once per task
     k_shot: int = 4  # GSM8K shots
     max_new_tokens: int = 256
 
@@ -276,6 +282,12 @@ def validate(cfg: Config, world_size: int | None = None, num_layers: int | None 
     _check(cfg.data.public in ("wikitext2", "gsm8k"), f"data.public: expected wikitext2 or gsm8k, got '{cfg.data.public}'")
     _check(cfg.data.split in ("iid", "dirichlet"), f"data.split: expected iid or dirichlet, got '{cfg.data.split}'")
     _check(cfg.data.dirichlet_beta > 0, f"data.dirichlet_beta: must be > 0, got {cfg.data.dirichlet_beta}")
+    _check(cfg.data.val_size >= 0, f"data.val_size: must be >= 0, got {cfg.data.val_size}")
+    _check(cfg.data.pooled_clients >= 0, f"data.pooled_clients: must be >= 0, got {cfg.data.pooled_clients}")
+    _check(cfg.data.pooled_clients == 0 or cfg.fed.clients == 1,
+           f"data.pooled_clients={cfg.data.pooled_clients}: pools every partition into one client; set fed.clients=1")
+    _check(cfg.eval.dtype in ("float32", "bfloat16"), f"eval.dtype: expected float32 or bfloat16, got '{cfg.eval.dtype}'")
+    _check(cfg.eval.batch_size >= 1, f"eval.batch_size: must be >= 1, got {cfg.eval.batch_size}")
     _check(cfg.data.max_len >= 8, f"data.max_len: must be >= 8, got {cfg.data.max_len}")
     _check(cfg.data.public_samples >= 1, f"data.public_samples: must be >= 1, got {cfg.data.public_samples}")
     _check(cfg.model.dtype in ("float32", "bfloat16", "float16"), f"model.dtype: unsupported '{cfg.model.dtype}'")

@@ -26,6 +26,7 @@ FIX = "run `python -m fedsoda_mpi.prepare data` (or set FEDSODA_DATA to a folder
 PUBLIC_MIN_WORDS = 16
 HOLDOUT_FRACTION = 0.1
 IGNORE = -100
+VAL_SEED = 2508  # fixed, independent of the run's seed: every run of a task holds out the same validation rows
 
 
 class DataError(RuntimeError):
@@ -275,11 +276,34 @@ def label_histogram(labels: np.ndarray, parts: list[np.ndarray], n_classes: int)
     return np.stack([np.bincount(labels[p], minlength=n_classes)[:n_classes] for p in parts])
 
 
+def validation_index(n_rows: int, n_val: int) -> np.ndarray:
+    """Indices (into `<task>/train.jsonl`) of the fixed validation set: the first `n_val` of a permutation
+    seeded by VAL_SEED, sorted. It does not depend on the run's seed, so every run and method of a study
+    selects its learning rate on the same rows; no client ever trains on them (`client_datasets`)."""
+    if not 0 <= n_val < n_rows:
+        raise ValueError(f"validation size {n_val} must be in [0, {n_rows - 1}] (rows in the training file)")
+    return np.sort(np.random.default_rng(VAL_SEED).permutation(n_rows)[:n_val])
+
+
+def split_train_val(rows: list[dict], n_val: int) -> tuple[list[dict], list[dict]]:
+    """(training rows, validation rows) of one task's training file; see `validation_index`."""
+    held = validation_index(len(rows), n_val)
+    mask = np.zeros(len(rows), dtype=bool)
+    mask[held] = True
+    return [r for r, m in zip(rows, mask) if not m], [rows[i] for i in held]
+
+
 def client_datasets(task: str, n_clients: int, split: str, beta: float, seed: int,
-                    max_per_client: int | None = None) -> tuple[list[list[dict]], np.ndarray]:
+                    max_per_client: int | None = None, val_size: int = 0,
+                    pooled: int = 0) -> tuple[list[list[dict]], np.ndarray]:
     """Train rows per client and their label histogram; with max_per_client, each client keeps a
-    deterministic random subset (seeded by (seed, client)) of its partition."""
-    rows = load_rows(task, "train")
+    deterministic random subset (seeded by (seed, client)) of its partition. The `val_size` validation
+    rows of `validation_index` are removed before partitioning. pooled=K (with n_clients=1): the data of a
+    K-client partition, pooled into one client (the centralized ceiling on the same examples)."""
+    if pooled:
+        parts, hist = client_datasets(task, pooled, split, beta, seed, max_per_client, val_size)
+        return [[r for part in parts for r in part]], hist.sum(axis=0, keepdims=True)
+    rows, _ = split_train_val(load_rows(task, "train"), val_size)
     labels = np.array([label_of(task, r) for r in rows])
     parts = partition(labels, n_clients, split, beta, seed)
     if max_per_client is not None:

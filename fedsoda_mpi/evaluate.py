@@ -314,15 +314,17 @@ def gsm8k_accuracy(model: torch.nn.Module, tokenizer, rows: Sequence[dict], trai
 
 
 def evaluate(model: torch.nn.Module, tokenizer, task: str, max_examples: int | None = None, batch_size: int = 8,
-             k_shot: int = 4, max_new_tokens: int = 256, seed: int = 0) -> dict:
-    """Test-split accuracy of `model` on `task` (sst2 | boolq: label likelihood; gsm8k: k-shot generation)."""
+             k_shot: int = 4, max_new_tokens: int = 256, seed: int = 0, rows: Sequence[dict] | None = None,
+             shot_rows: Sequence[dict] | None = None) -> dict:
+    """Accuracy of `model` on `task` (sst2 | boolq: label likelihood; gsm8k: k-shot generation) over `rows`
+    (default: the test split); GSM8K's k shots are drawn from `shot_rows` (default: the train split)."""
+    rows = load_rows(task, "test") if rows is None else rows
     if task == "gsm8k":
-        return gsm8k_accuracy(model, tokenizer, load_rows("gsm8k", "test"), load_rows("gsm8k", "train"), k=k_shot,
-                              max_new_tokens=max_new_tokens, batch_size=batch_size, max_examples=max_examples,
-                              seed=seed)
+        shots = load_rows("gsm8k", "train") if shot_rows is None else shot_rows
+        return gsm8k_accuracy(model, tokenizer, rows, shots, k=k_shot, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, max_examples=max_examples, seed=seed)
     if task in LABEL_WORDS:
-        return label_accuracy(model, tokenizer, task, load_rows(task, "test"), batch_size=batch_size,
-                              max_examples=max_examples)
+        return label_accuracy(model, tokenizer, task, rows, batch_size=batch_size, max_examples=max_examples)
     raise ValueError(f"unknown task {task!r}; expected gsm8k or one of {sorted(LABEL_WORDS)}")
 
 

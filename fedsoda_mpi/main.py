@@ -104,7 +104,8 @@ def prepare_inputs(cfg: Config) -> tuple[list[list[dict]], np.ndarray]:
 
     try:
         rows, hist = data.client_datasets(cfg.data.task, cfg.fed.clients, cfg.data.split, cfg.data.dirichlet_beta,
-                                          cfg.seed, cfg.data.max_train_per_client or None)
+                                          cfg.seed, cfg.data.max_train_per_client or None, cfg.data.val_size,
+                                          cfg.data.pooled_clients)
     except ValueError as e:  # a partition that cannot give every client data
         raise data.DataError(f"data.split={cfg.data.split}: {e}") from None
     data.load_rows(cfg.data.task, "test")
@@ -243,11 +244,14 @@ def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
         if ck is None:
             log.write("data/client_sizes", np.array([len(r) for r in rows], dtype=np.int64))
             log.write("data/client_label_hist", np.asarray(hist, dtype=np.int64))
+            record_split(cfg, log)
             setup = {}
-            with stopwatch(setup, "base_eval_s"):
-                base = server.evaluate("full")  # round 0: the base model (LoRA not yet attached)
+            base = {"accuracy": float("nan"), "n": 0}  # eval.base=false: a study evaluates the base model once per task
+            if cfg.eval.base:
+                with stopwatch(setup, "base_eval_s"):
+                    base = server.evaluate("full")  # round 0: the base model (LoRA not yet attached)
+                log.log(f"base model accuracy ({cfg.data.task}, n={base['n']}): {base['accuracy']:.4f}")
             log.set_attrs("base", accuracy=base["accuracy"], n=base["n"])
-            log.log(f"base model accuracy ({cfg.data.task}, n={base['n']}): {base['accuracy']:.4f}")
             with stopwatch(setup, "sgp_s"):
                 plan = server.plan_layers()
             with stopwatch(setup, "build_s"):
@@ -409,9 +413,9 @@ def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
                 log.log(f"round {rnd}: rejected the update of client {order[i]} (non-finite values)")
             clock.add("aggregate", time.perf_counter() - t_agg)
             acc = np.nan
-            if cfg.eval.every and rnd % cfg.eval.every == 0 and rnd != cfg.fed.rounds:
-                with clock.phase("evaluate"):
-                    acc = server.evaluate("full")["accuracy"]
+            if cfg.eval.every and rnd % cfg.eval.every == 0:
+                with clock.phase("evaluate"):  # on the validation rows: never on the test split
+                    acc = server.evaluate("full", "val")["accuracy"]
             now = comm.totals()
             sent = now["sent"] - sent0["sent"]
             moved = now["sent"] + now["recv"] - moved_mark["sent"] - moved_mark["recv"]
@@ -471,10 +475,31 @@ def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
     return result
 
 
+def record_split(cfg: Config, log) -> None:
+    """/data: which training rows are the fixed validation set (indices into <task>/train.jsonl), the split."""
+    from . import data
+
+    n_train = len(data.load_rows(cfg.data.task, "train"))
+    log.write("data/val_index", data.validation_index(n_train, cfg.data.val_size).astype(np.int64))
+    log.set_attrs("data", task=cfg.data.task, val_size=cfg.data.val_size, val_seed=data.VAL_SEED, n_train_file=n_train,
+                  split=cfg.data.split, dirichlet_beta=cfg.data.dirichlet_beta, eval_rounds_on="val" if
+                  cfg.data.val_size else "test", test_max_examples=cfg.eval.max_examples)
+
+
+def final_val_accuracy(cfg: Config, server, log) -> dict:
+    """Validation accuracy of the final model: the last round's /rounds/eval_acc when it was evaluated there."""
+    rounds = log.h5["rounds"] if "rounds" in log.h5 else None
+    if rounds is not None and len(rounds["round"]) and int(rounds["round"][-1]) == cfg.fed.rounds \
+            and np.isfinite(rounds["eval_acc"][-1]):
+        return {"accuracy": float(rounds["eval_acc"][-1]), "n": len(server.val_rows)}
+    return server.evaluate("full", "val")
+
+
 def finish(cfg: Config, comm, server, log, base: dict, model_bytes: int, ad_schema, em_schema, wire) -> dict:
-    """Algorithm 2 line 22 + evaluation: full LLM with the plugged adapter, the sub-LLM, final table."""
+    """Algorithm 2 line 22 + evaluation: full LLM with the plugged adapter (test and validation), the sub-LLM, table."""
     full = server.evaluate("full")
-    sub = server.evaluate("sub")
+    sub = full if server.sub_is_full else server.evaluate("sub")  # FedPETuning: the same weights, the same answers
+    val = final_val_accuracy(cfg, server, log) if cfg.data.val_size else {"accuracy": float("nan"), "n": 0}
     plan = server.plan
     realign_every = realign_interval(cfg, plan)
     adapter_params, adapter_bytes = wire.traffic()  # 2 x the adapter LoRA for FedAvg (down + up)
@@ -485,6 +510,7 @@ def finish(cfg: Config, comm, server, log, base: dict, model_bytes: int, ad_sche
            "comm_params_per_round": int(adapter_params + (em_schema.numel / realign_every if realign_every else 0)),
            "comm_bytes_per_round": float(per_round), "client_model_bytes": int(model_bytes + lora_bytes),
            "full_model_bytes": int(server.full_bytes),
+           "val_accuracy": val["accuracy"], "n_val": val["n"],
            "task": cfg.data.task, "n_eval": full["n"], "aggregator": cfg.fed.aggregator,
            "upload_density": cfg.fed.upload_density, "download_density": cfg.fed.download_density}
     log.set_attrs("final", **res)
@@ -495,6 +521,7 @@ def finish(cfg: Config, comm, server, log, base: dict, model_bytes: int, ad_sche
         ("base model accuracy", f"{base['accuracy']:.4f}"),
         ("sub-LLM accuracy", f"{sub['accuracy']:.4f}"),
         ("full LLM + adapter accuracy", f"{full['accuracy']:.4f}  (n={full['n']})"),
+        ("... on the validation rows", f"{val['accuracy']:.4f}  (n={val['n']})"),
         ("trainable params per client", f"{res['trainable_params']:,}"),
         ("comm bytes per round per client", f"{per_round / 2**20:.3f} MiB"),
         ("client model bytes", f"{res['client_model_bytes'] / 2**20:.1f} MiB"),

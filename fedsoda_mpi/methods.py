@@ -13,15 +13,16 @@ from dataclasses import asdict, dataclass, field
 PRESETS: dict[str, dict] = {
     # FedSODA: SGP (n=3, p=4) + pre-alignment + re-alignment every r + NF4 QLoRA clients
     "fedsoda": {},
+    # The baselines train with plain FedAvg as in the paper (fed.mu = 0; FedSODA's proximal term is its own).
     # FedPETuning: clients hold the full model, LoRA on all layers, no pruning, no alignment
     "fedpetuning": {"model.adapter_layers": 0, "sgp.p": 0, "oda.pre_align": False, "oda.re_align": False,
-                    "quant.enabled": False},
+                    "quant.enabled": False, "fed.mu": 0.0},
     # FedOT (offsite-tuning in FL): adapter = first 1 + last 2 layers, emulator = uniform drop of n*p middle
     # layers (12, as FedSODA prunes), LoRA-distilled once before training (pre-alignment only)
     "fedot": {"model.adapter_first": 1, "model.adapter_layers": 2, "sgp.enabled": False, "oda.re_align": False,
-              "quant.enabled": False},
+              "quant.enabled": False, "fed.mu": 0.0},
     # FedBiOT: adapter = last 3 layers, the same uniform emulator, re-aligned (and re-sent) every round
-    "fedbiot": {"sgp.enabled": False, "oda.every": 1, "quant.enabled": False},
+    "fedbiot": {"sgp.enabled": False, "oda.every": 1, "quant.enabled": False, "fed.mu": 0.0},
 }
 
 

@@ -65,6 +65,8 @@ class Server:
         self.public = public_batches(cfg, self.tok, holdout=False, limit=cfg.data.public_samples)
         self.heldout = public_batches(cfg, self.tok, holdout=True, limit=16)
         self.probe = self.heldout[:1]
+        train, self.val_rows = data.split_train_val(data.load_rows(cfg.data.task, "train"), cfg.data.val_size)
+        self.shot_rows = train if cfg.data.task == "gsm8k" else None  # GSM8K's k shots never show a validation row
         self._drift = None  # (LoRA tensors the last drift probe saw, its value)
         self.pending = None  # FedSRD with a sparse download: (factor, idx, val) for the next round
 
@@ -216,11 +218,25 @@ class Server:
             self._drift = (inputs, value)
         return self._drift[1].copy()
 
-    def evaluate(self, which: str = "full") -> dict:
+    def evaluate(self, which: str = "full", split: str = "test") -> dict:
+        """Accuracy of the full LLM (with the plugged adapter) or the sub-LLM on the test split (its first
+        eval.max_examples rows, 0 = all) or on the held-out validation rows (all of them; the test split
+        when data.val_size = 0)."""
         c = self.cfg.eval
         model = self.full if which == "full" else self.sub
-        return evaluate(model, self.tok, self.cfg.data.task, max_examples=c.max_examples or None,
-                        batch_size=c.batch_size, k_shot=c.k_shot, max_new_tokens=c.max_new_tokens, seed=self.cfg.seed)
+        if split == "val" and self.val_rows:
+            rows, limit = self.val_rows, None
+        else:
+            rows, limit = None, c.max_examples or None
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.dtype == "bfloat16"):
+            return evaluate(model, self.tok, self.cfg.data.task, max_examples=limit, batch_size=c.batch_size,
+                            k_shot=c.k_shot, max_new_tokens=c.max_new_tokens, seed=self.cfg.seed, rows=rows,
+                            shot_rows=self.shot_rows)
+
+    @property
+    def sub_is_full(self) -> bool:
+        """The sub-LLM is an unpruned, unquantized copy of M (FedPETuning): both give the same answers."""
+        return self.plan.sub_layers == self.plan.num_layers and not self.cfg.quant.enabled
 
     def checkpoint(self, rnd: int) -> Path:
         """Checkpoint after round `rnd` (fedsoda_mpi/checkpoint.py: atomic, verified, newest kept)."""

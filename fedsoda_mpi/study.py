@@ -1,0 +1,456 @@
+"""Studies: the paper's experimental protocol as data. A study file (studies/*.yaml) names the axes
+(methods, tasks, models, splits, seeds, learning-rate grid) and the extra arrays (ablation, parameter
+study, gap explanation); one expansion drives both routes.
+
+    python -m fedsoda_mpi.study list studies/cpu_smollm2.yaml            # every run: stage, state, its lr
+    python -m fedsoda_mpi.study run  studies/cpu_smollm2.yaml            # local route: runs in order under mpirun
+    python -m fedsoda_mpi.study run  studies/cpu_smollm2.yaml --stage grid --max-runs 2
+    bash slurm/submit_all.sh studies/paper.yaml                          # Slurm route: one array per stage
+
+Protocol (paper Sec. 5.1: "the best combination of hyperparameters", "three different random seeds"):
+1. stage `grid`: every method x task x model x split at every learning rate of the grid, at the
+   `select_seeds` (default: the first seed);
+2. `select`: per (method, task, model, split) the lr with the highest mean validation accuracy
+   (`/final` val_accuracy: the fixed rows held out of the training file, data.val_size; never the test
+   split); ties go to the smaller lr. Written to <results>/selection.json; grid summaries get their
+   variant ("main" at the selected lr, "lr=<value>" otherwise);
+3. stage `seeds`: the other seeds at the selected lr (variant "main");
+4. one stage per variant group (ablation, parameter study, gap explanation): its runs at the selected
+   lr of (`lr_of` or its method, task, model, split).
+Every finished run leaves a few-KB summary <results>/<run id>.json (`summarize`); analysis/report.py
+builds docs/results.md from those alone. Run folders go to <runs>/<run id> and resume with resume=auto.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .config import ROOT, ConfigError, load_config
+
+GRID, SEEDS = "grid", "seeds"
+
+
+class StudyError(ValueError):
+    """A bad study file; the message is the one line the user sees."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One federated run of a study (a row of the expansion)."""
+
+    id: str
+    stage: str  # grid | seeds | a variant group
+    variant: str  # "" for grid runs until selection; "main" for seeds; the variant's name otherwise
+    method: str
+    task: str
+    model: str
+    split: str  # iid | dirichlet-<beta>
+    seed: int
+    lr: float | None  # None: the selected lr of (lr_of, task, model, split)
+    lr_of: str
+    job: str
+    overrides: tuple[str, ...] = ()
+    np: int = 3
+    threads: int = 1
+    lr_split: str = ""  # the split whose selection gives the lr ("": this run's own; non-IID variants: iid)
+    lr_task: str = ""  # the task whose selection gives the lr ("": this run's own)
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        """The selection key: the lr is chosen per (method, task, model, split)."""
+        return (self.lr_of, self.lr_task or self.task, self.model, self.lr_split or self.split)
+
+    def args(self, lr: float, run_dir: Path) -> list[str]:
+        """The arguments of `python -m fedsoda_mpi.main` for this run at learning rate `lr`."""
+        split = ["data.split=iid"] if self.split == "iid" else \
+            ["data.split=dirichlet", f"data.dirichlet_beta={self.split.split('-', 1)[1]}"]
+        return ["--config", self.job, f"method={self.method}", f"data.task={self.task}", *split, f"seed={self.seed}",
+                f"fed.lr={lr:g}", *self.overrides, f"output.dir={run_dir}", "resume=auto"]
+
+
+@dataclass
+class Study:
+    name: str
+    runs: list[Run]
+    lr_grid: list[float]
+    select_seeds: list[int]
+    stages: list[str] = field(default_factory=list)
+
+    def stage(self, name: str) -> list[Run]:
+        return [r for r in self.runs if r.stage == name]
+
+
+def _list(spec: dict, key: str, default=None) -> list:
+    value = spec.get(key, default)
+    if value is None:
+        raise StudyError(f"{key}: required")
+    return value if isinstance(value, list) else [value]
+
+
+def _overrides(spec: dict | None, where: str) -> tuple[str, ...]:
+    if spec is None:
+        return ()
+    if not isinstance(spec, dict):
+        raise StudyError(f"{where}.overrides: expected a mapping of dotted keys to values")
+    return tuple(f"{k}={_text(v)}" for k, v in spec.items())
+
+
+def _text(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _split_name(split) -> str:
+    split = str(split)
+    if split == "iid":
+        return split
+    if split.startswith("dirichlet-"):
+        try:
+            if float(split.split("-", 1)[1]) > 0:
+                return split
+        except ValueError:
+            pass
+    raise StudyError(f"splits: expected iid or dirichlet-<beta> (e.g. dirichlet-0.5), got '{split}'")
+
+
+def _run_id(stage: str, method: str, task: str, model: str, split: str, seed: int, lr: float | None) -> str:
+    lr_part = f"-lr{lr:g}" if lr is not None else ""
+    return f"{stage}-{method}-{task}-{model}-{split}{lr_part}-s{seed}"
+
+
+def expand(spec: dict) -> Study:
+    """Expand a study mapping (see studies/*.yaml) into its runs, stage by stage, in execution order."""
+    if not isinstance(spec, dict) or "name" not in spec or not isinstance(spec.get("grid"), dict):
+        raise StudyError("a study file is a mapping with at least: name, grid (and usually job, overrides, variants)")
+    for keys, have, where in ((STUDY_KEYS, spec, "study"), (GRID_KEYS, spec["grid"], "grid")):
+        if set(have) - keys:
+            raise StudyError(f"{where}: unknown key(s) {', '.join(sorted(set(have) - keys))}; "
+                             f"expected some of {', '.join(sorted(keys))}")
+    base = _overrides(spec.get("overrides"), "study")
+    job = str(spec.get("job", "jobs/smollm2_sst2_iid.yaml"))
+    g = spec.get("grid") or {}
+    methods, tasks = _list(g, "methods"), _list(g, "tasks")
+    models, splits = _list(g, "models", ["smollm2"]), [_split_name(s) for s in _list(g, "splits", ["iid"])]
+    seeds, lrs = [int(s) for s in _list(g, "seeds", [0])], [float(x) for x in _list(g, "lr")]
+    select_seeds = [int(s) for s in _list(g, "select_seeds", seeds[:1])]
+    if not set(select_seeds) <= set(seeds):
+        raise StudyError(f"grid.select_seeds {select_seeds} must be among grid.seeds {seeds}")
+    np_, threads = int(spec.get("np", 3)), int(spec.get("threads", 1))
+    runs: list[Run] = []
+    for task in tasks:  # task-major: a session that stops early leaves whole tables, not slices of all of them
+        for model in models:
+            for split in splits:
+                for method in methods:
+                    jf = job.format(model=model, task=task)
+                    for seed in select_seeds:
+                        for lr in lrs:
+                            runs.append(Run(_run_id(GRID, method, task, model, split, seed, lr), GRID, "", method,
+                                            task, model, split, seed, lr, method, jf, base, np_, threads))
+                    for seed in (s for s in seeds if s not in select_seeds):
+                        runs.append(Run(_run_id(SEEDS, method, task, model, split, seed, None), SEEDS, "main",
+                                        method, task, model, split, seed, None, method, jf, base, np_, threads))
+    if spec.get("base_eval", "every") == "once":  # the base model's test accuracy depends on neither seed nor method
+        firsts = {}
+        for r in runs:
+            firsts.setdefault((r.task, r.model), r.id)
+        runs = [replace(r, overrides=r.overrides + (f"eval.base={'true' if firsts[(r.task, r.model)] == r.id else 'false'}",))
+                for r in runs]
+    stages = [GRID, SEEDS]
+    for v in spec.get("variants") or []:
+        runs += _variant_runs(v, base + (("eval.base=false",) if spec.get("base_eval") == "once" else ()), job,
+                              models, splits, seeds, np_, threads)
+        stage = str(v.get("group", "variants"))
+        if stage not in stages:
+            stages.append(stage)
+    _check_unique(runs)
+    return Study(str(spec["name"]), runs, lrs, select_seeds, stages)
+
+
+VARIANT_KEYS = {"group", "name", "method", "methods", "tasks", "models", "splits", "seeds", "lr", "lr_of", "lr_task",
+                "lr_split", "np", "threads", "overrides"}
+STUDY_KEYS = {"name", "job", "np", "threads", "base_eval", "overrides", "grid", "variants"}
+GRID_KEYS = {"methods", "tasks", "models", "splits", "seeds", "select_seeds", "lr"}
+
+
+def _variant_runs(v: dict, base: tuple, job: str, models, splits, seeds, np_: int, threads: int) -> list[Run]:
+    """The runs of one variant (an ablation, a parameter-study point, a gap-explanation run)."""
+    unknown = set(v) - VARIANT_KEYS if isinstance(v, dict) else set()
+    if unknown:
+        raise StudyError(f"variant {v.get('name')}: unknown key(s) {', '.join(sorted(unknown))}; "
+                         f"expected some of {', '.join(sorted(VARIANT_KEYS))}")
+    if not isinstance(v, dict) or "name" not in v or not ("method" in v or "methods" in v):
+        raise StudyError(f"variants: each needs a name and a method (or methods), got {v!r}")
+    name, group = str(v["name"]), str(v.get("group", "variants"))
+    if group in (GRID, SEEDS):
+        raise StudyError(f"variant {name}: group '{group}' is reserved")
+    lr = None if v.get("lr", "selected") == "selected" else float(v["lr"])
+    over = base + _overrides(v.get("overrides"), f"variants.{name}")
+    lr_split = _split_name(v["lr_split"]) if "lr_split" in v else ""
+    out = []
+    for method in map(str, _list(v, "methods", [v.get("method")])):
+        for task in _list(v, "tasks"):
+            for model in _list(v, "models", models):
+                for split in (_split_name(s) for s in _list(v, "splits", splits)):
+                    for seed in (int(s) for s in _list(v, "seeds", seeds)):
+                        rid = _run_id(f"{group}.{name}", method, task, model, split, seed, lr)
+                        out.append(Run(rid, group, name, method, task, model, split, seed, lr,
+                                       str(v.get("lr_of", method)), job.format(model=model, task=task), over,
+                                       int(v.get("np", np_)), int(v.get("threads", threads)), lr_split,
+                                       str(v.get("lr_task", ""))))
+    return out
+
+
+def _check_unique(runs: list[Run]) -> None:
+    seen = set()
+    for r in runs:
+        if r.id in seen:
+            raise StudyError(f"run {r.id} appears twice; give the variants distinct names")
+        seen.add(r.id)
+
+
+def load(path: str | Path) -> Study:
+    """Read and expand a study file; every run's config is validated now, before anything starts."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study file not found: {path}")
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise StudyError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    study = expand(spec)
+    for r in study.runs:
+        try:
+            load_config(r.job, r.args(r.lr or study.lr_grid[0], Path("runs/_check"))[2:])
+        except ConfigError as e:
+            raise StudyError(f"{path}: run {r.id}: {e}") from None
+    return study
+
+
+# ---- learning-rate selection (on validation rows only) -------------------------------------------------------
+
+def summaries(results: Path) -> dict[str, dict]:
+    """Every run summary in `results` by run id."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))
+            if p.name != "selection.json"}
+
+
+def select(study: Study, done: dict[str, dict]) -> dict[tuple, float]:
+    """Selected lr per (method, task, model, split): the best mean validation accuracy over the select seeds,
+    ties to the smaller lr; a key is absent until all of its grid runs have finished."""
+    by_key: dict[tuple, dict[float, list[float]]] = {}
+    for r in study.stage(GRID):
+        by_key.setdefault(r.key, {}).setdefault(r.lr, [])
+        if r.id in done:
+            by_key[r.key][r.lr].append(float(done[r.id]["val_accuracy"]))
+    chosen = {}
+    for key, per_lr in by_key.items():
+        if all(len(v) == len(study.select_seeds) for v in per_lr.values()):
+            chosen[key] = min(per_lr, key=lambda lr: (-float(np.mean(per_lr[lr])), lr))
+    return chosen
+
+
+def write_selection(study: Study, results: Path) -> dict[tuple, float]:
+    """selection.json (with the validation accuracies behind each choice) and the grid summaries' variants."""
+    done = summaries(results)
+    chosen = select(study, done)
+    rows = []
+    for key, lr in sorted(chosen.items()):
+        grid = [r for r in study.stage(GRID) if r.key == key]
+        rows.append({"method": key[0], "task": key[1], "model": key[2], "split": key[3], "lr": lr,
+                     "val_accuracy": {f"{r.lr:g}/s{r.seed}": done[r.id]["val_accuracy"] for r in grid}})
+        for r in grid:
+            variant = "main" if r.lr == lr else f"lr={r.lr:g}"
+            if done[r.id].get("variant") != variant:
+                _write_json(results / f"{r.id}.json", {**done[r.id], "variant": variant})
+    _write_json(results / "selection.json", {"study": study.name, "rule": "max mean val_accuracy over seeds "
+                                             f"{study.select_seeds}; ties to the smaller lr", "selected": rows})
+    return chosen
+
+
+def lr_for(run: Run, chosen: dict[tuple, float]) -> float | None:
+    return run.lr if run.lr is not None else chosen.get(run.key)
+
+
+# ---- summaries ------------------------------------------------------------------------------------------------
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _r(x, digits: int = 6):
+    """A JSON-safe rounded float (None for NaN)."""
+    x = float(x)
+    return None if math.isnan(x) else round(x, digits)
+
+
+def summarize(run: Run, run_dir: Path, lr: float, study: str) -> dict:
+    """The few-KB record of a finished run that the report reads (never the run folder itself)."""
+    import h5py
+
+    with h5py.File(Path(run_dir) / "run.h5", "r") as f:
+        if "final" not in f:
+            raise StudyError(f"{run_dir}/run.h5 has no /final: the run did not finish")
+        fin, rounds = dict(f["final"].attrs), f["rounds"]
+        cfg = json.loads(f.attrs["config_json"])
+        pre = dict(f["oda/pre"].attrs) if "oda/pre" in f else {}
+        base = dict(f["base"].attrs) if "base" in f else {}
+        out = {"study": study, "run": run.id, "stage": run.stage, "variant": run.variant, "method": run.method,
+               "task": run.task, "model": run.model, "model_name": cfg["model"]["name"], "split": run.split,
+               "seed": run.seed, "lr": lr, "overrides": list(run.overrides), "rounds": int(cfg["fed"]["rounds"]),
+               "clients": int(cfg["fed"]["clients"]), "examples_per_client": int(cfg["data"]["max_train_per_client"]),
+               "accuracy": _r(fin["accuracy"]), "sub_accuracy": _r(fin["sub_accuracy"]),
+               "base_accuracy": _r(base.get("accuracy", float("nan"))), "val_accuracy": _r(fin["val_accuracy"]),
+               "n_eval": int(fin["n_eval"]), "n_val": int(fin["n_val"]), "eval_dtype": cfg["eval"]["dtype"],
+               "eval_rounds": [int(x) for x in rounds["round"][:]],
+               "eval_acc": [_r(x) for x in rounds["eval_acc"][:]],
+               "train_loss": [_r(np.nanmean(x)) if np.isfinite(x).any() else None for x in rounds["train_loss"][:]],
+               "realigned": [int(x) for x in rounds["realigned"][:]],
+               "comm_bytes_per_round": _r(fin["comm_bytes_per_round"], 1),
+               "client_model_bytes": int(fin["client_model_bytes"]), "full_model_bytes": int(fin["full_model_bytes"]),
+               "trainable_params": int(fin["trainable_params"]),
+               "kl_before": _r(pre.get("kl_before", float("nan"))), "kl_after": _r(pre.get("kl_after", float("nan"))),
+               "sgp_groups": f["sgp/groups"][:].tolist() if "sgp/groups" in f else [],
+               "wall_s": _r(float(np.sum(rounds["wall_s"][:])), 1), "world_size": int(f.attrs["world_size"]),
+               "commit": str(f.attrs["git_commit"]), "finished": time.strftime("%Y-%m-%d")}
+    return out
+
+
+# ---- routes ---------------------------------------------------------------------------------------------------
+
+def mpirun_command(run: Run, lr: float, run_dir: Path) -> list[str]:
+    """The local route's launch line: the mpirun next to this python (the MPI mpi4py is linked against)."""
+    mpirun = Path(sys.executable).parent / "mpirun"
+    return [str(mpirun if mpirun.exists() else "mpirun"), "-n", str(run.np), sys.executable, "-m", "mpi4py", "-m",
+            "fedsoda_mpi.main", *run.args(lr, run_dir)]
+
+
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_mpi_yield_when_idle": "1",
+           "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe", "HDF5_USE_FILE_LOCKING": "FALSE",
+           "FEDSODA_PROGRESS": "0"}
+
+
+def run_local(study: Study, results: Path, runs_root: Path, stages: list[str] | None, max_runs: int) -> int:
+    """Run every unfinished run in order (each under its own mpirun, resume=auto), summarize it, re-select.
+    A run that fails is reported and skipped; SIGUSR1/Ctrl-C stop the loop after the current run's checkpoint."""
+    results.mkdir(parents=True, exist_ok=True)
+    failed, started = [], 0
+    for run in study.runs:
+        if stages and run.stage not in stages:
+            continue
+        if (results / f"{run.id}.json").exists():
+            continue
+        lr = lr_for(run, write_selection(study, results))
+        if lr is None:
+            print(f"[study] {run.id}: waiting for the lr selection of {run.key} (its grid runs are unfinished)")
+            continue
+        if max_runs and started >= max_runs:
+            break
+        started += 1
+        run_dir = runs_root / run.id
+        env = {**os.environ, **MPI_ENV, "OMP_NUM_THREADS": str(run.threads)}
+        cmd = mpirun_command(run, lr, run_dir)
+        print(f"[study {time.strftime('%H:%M:%S')}] {run.id} (lr {lr:g}): {shlex.join(cmd)}", flush=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "stdout.txt", "ab") as out:
+            rc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        if rc != 0:
+            print(f"[study] {run.id}: exit code {rc}; see {run_dir}/log.txt", flush=True)
+            failed.append(run.id)
+            if rc == 75:  # stopped on request: stop the study too (rerun the same command to continue)
+                return 75
+            continue
+        _write_json(results / f"{run.id}.json", summarize(run, run_dir, lr, study.name))
+        write_selection(study, results)
+        print(f"[study {time.strftime('%H:%M:%S')}] {run.id}: done -> {results / (run.id + '.json')}", flush=True)
+    if failed:
+        print(f"[study] {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def list_runs(study: Study, results: Path) -> None:
+    chosen = select(study, summaries(results)) if results.is_dir() else {}
+    for stage in study.stages:
+        runs = study.stage(stage)
+        if not runs:
+            continue
+        done = sum((results / f"{r.id}.json").exists() for r in runs)
+        print(f"stage {stage}: {len(runs)} runs, {done} done")
+        for r in runs:
+            lr = lr_for(r, chosen)
+            state = "done" if (results / f"{r.id}.json").exists() else "todo"
+            print(f"  {state}  {r.id}  lr={'selected (pending)' if lr is None else f'{lr:g}'}  np={r.np}")
+
+
+def task_args(study: Study, stage: str, index: int, results: Path, runs_root: Path) -> tuple[Run, float, Path]:
+    """The run of array task `index` of `stage` (the Slurm route), with its lr and run folder."""
+    runs = study.stage(stage)
+    if not 0 <= index < len(runs):
+        raise StudyError(f"stage {stage} has {len(runs)} runs; array index {index} is out of range")
+    run = runs[index]
+    lr = lr_for(run, select(study, summaries(results)))
+    if lr is None:
+        raise StudyError(f"{run.id}: no selected lr for {run.key} yet; the grid stage must finish first")
+    return run, lr, runs_root / run.id
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="fedsoda_mpi.study", description=__doc__.split("\n")[0])
+    ap.add_argument("command", choices=("list", "run", "stages", "args", "summarize", "select"))
+    ap.add_argument("study", help="a study file, e.g. studies/cpu_smollm2.yaml")
+    ap.add_argument("stage", nargs="?", help="args/summarize: the stage of the array")
+    ap.add_argument("index", nargs="?", type=int, help="args/summarize: the array task index")
+    ap.add_argument("--results", help="summaries folder (default: results/<study name>)")
+    ap.add_argument("--runs", help="run folders (default: runs/<study name>)")
+    ap.add_argument("--stage", dest="stages", action="append", help="run: only these stages (repeatable)")
+    ap.add_argument("--max-runs", type=int, default=0, help="run: stop after starting this many runs")
+    a = ap.parse_args(argv)
+    try:
+        study = load(a.study)
+        results = Path(a.results or ROOT / "results" / study.name)
+        runs_root = Path(a.runs or Path("runs") / study.name).resolve()
+        if a.command == "list":
+            list_runs(study, results)
+        elif a.command == "stages":  # for slurm/submit_all.sh: one line per stage: name, runs, ranks, threads
+            for stage in study.stages:
+                runs = study.stage(stage)
+                if runs:
+                    print(stage, len(runs), max(r.np for r in runs), max(r.threads for r in runs))
+        elif a.command == "run":
+            return run_local(study, results, runs_root, a.stages, a.max_runs)
+        elif a.command == "select":
+            results.mkdir(parents=True, exist_ok=True)
+            for key, lr in sorted(write_selection(study, results).items()):
+                print(" ".join(key), f"{lr:g}")
+        elif a.command in ("args", "summarize"):
+            if a.stage is None or a.index is None:
+                raise StudyError(f"{a.command}: give the stage and the array index")
+            run, lr, run_dir = task_args(study, a.stage, a.index, results, runs_root)
+            if a.command == "args":
+                print(shlex.join(run.args(lr, run_dir)))
+            else:
+                results.mkdir(parents=True, exist_ok=True)
+                _write_json(results / f"{run.id}.json", summarize(run, run_dir, lr, study.name))
+    except StudyError as e:
+        print(f"fedsoda-mpi: study error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
