@@ -345,13 +345,14 @@ MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "FEDSODA_PROGRESS": "0"}
 
 
-def run_local(study: Study, results: Path, runs_root: Path, stages: list[str] | None, max_runs: int) -> int:
+def run_local(study: Study, results: Path, runs_root: Path, stages: list[str] | None, max_runs: int,
+              tasks: list[str] | None = None) -> int:
     """Run every unfinished run in order (each under its own mpirun, resume=auto), summarize it, re-select.
     A run that fails is reported and skipped; SIGUSR1/Ctrl-C stop the loop after the current run's checkpoint."""
     results.mkdir(parents=True, exist_ok=True)
     failed, started = [], 0
     for run in study.runs:
-        if stages and run.stage not in stages:
+        if (stages and run.stage not in stages) or (tasks and run.task not in tasks):
             continue
         if (results / f"{run.id}.json").exists():
             continue
@@ -418,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", help="summaries folder (default: results/<study name>)")
     ap.add_argument("--runs", help="run folders (default: runs/<study name>)")
     ap.add_argument("--stage", dest="stages", action="append", help="run: only these stages (repeatable)")
+    ap.add_argument("--task", dest="tasks", action="append", help="run: only runs of these tasks (repeatable)")
     ap.add_argument("--max-runs", type=int, default=0, help="run: stop after starting this many runs")
     a = ap.parse_args(argv)
     try:
@@ -432,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                 if runs:
                     print(stage, len(runs), max(r.np for r in runs), max(r.threads for r in runs))
         elif a.command == "run":
-            return run_local(study, results, runs_root, a.stages, a.max_runs)
+            return run_local(study, results, runs_root, a.stages, a.max_runs, a.tasks)
         elif a.command == "select":
             results.mkdir(parents=True, exist_ok=True)
             for key, lr in sorted(write_selection(study, results).items()):
