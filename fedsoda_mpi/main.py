@@ -487,19 +487,20 @@ def record_split(cfg: Config, log) -> None:
 
 
 def final_val_accuracy(cfg: Config, server, log) -> dict:
-    """Validation accuracy of the final model: the last round's /rounds/eval_acc when it was evaluated there."""
+    """Validation accuracy of the final model: /rounds/eval_acc of the last round when eval.every divides
+    fed.rounds (what a study selects its learning rate on), else NaN (no extra evaluation)."""
     rounds = log.h5["rounds"] if "rounds" in log.h5 else None
-    if rounds is not None and len(rounds["round"]) and int(rounds["round"][-1]) == cfg.fed.rounds \
-            and np.isfinite(rounds["eval_acc"][-1]):
+    if cfg.data.val_size and rounds is not None and len(rounds["round"]) \
+            and int(rounds["round"][-1]) == cfg.fed.rounds and np.isfinite(rounds["eval_acc"][-1]):
         return {"accuracy": float(rounds["eval_acc"][-1]), "n": len(server.val_rows)}
-    return server.evaluate("full", "val")
+    return {"accuracy": float("nan"), "n": 0}
 
 
 def finish(cfg: Config, comm, server, log, base: dict, model_bytes: int, ad_schema, em_schema, wire) -> dict:
     """Algorithm 2 line 22 + evaluation: full LLM with the plugged adapter (test and validation), the sub-LLM, table."""
     full = server.evaluate("full")
     sub = full if server.sub_is_full else server.evaluate("sub")  # FedPETuning: the same weights, the same answers
-    val = final_val_accuracy(cfg, server, log) if cfg.data.val_size else {"accuracy": float("nan"), "n": 0}
+    val = final_val_accuracy(cfg, server, log)
     plan = server.plan
     realign_every = realign_interval(cfg, plan)
     adapter_params, adapter_bytes = wire.traffic()  # 2 x the adapter LoRA for FedAvg (down + up)

@@ -163,19 +163,18 @@ def expand(spec: dict) -> Study:
                     for seed in (s for s in seeds if s not in select_seeds):
                         runs.append(Run(_run_id(SEEDS, method, task, model, split, seed, None), SEEDS, "main",
                                         method, task, model, split, seed, None, method, jf, base, np_, threads))
-    if spec.get("base_eval", "every") == "once":  # the base model's test accuracy depends on neither seed nor method
-        firsts = {}
-        for r in runs:
-            firsts.setdefault((r.task, r.model), r.id)
-        runs = [replace(r, overrides=r.overrides + (f"eval.base={'true' if firsts[(r.task, r.model)] == r.id else 'false'}",))
-                for r in runs]
     stages = [GRID, SEEDS]
     for v in spec.get("variants") or []:
-        runs += _variant_runs(v, base + (("eval.base=false",) if spec.get("base_eval") == "once" else ()), job,
-                              models, splits, seeds, np_, threads)
+        runs += _variant_runs(v, base, job, models, splits, seeds, np_, threads)
         stage = str(v.get("group", "variants"))
         if stage not in stages:
             stages.append(stage)
+    if spec.get("base_eval", "every") == "once":  # the base model's test accuracy depends on neither seed nor method
+        firsts: dict[tuple, str] = {}
+        for r in runs:
+            firsts.setdefault((r.task, r.model), r.id)
+        runs = [replace(r, overrides=r.overrides + (f"eval.base={'true' if firsts[r.task, r.model] == r.id else 'false'}",))
+                for r in runs]
     _check_unique(runs)
     return Study(str(spec["name"]), runs, lrs, select_seeds, stages)
 
@@ -234,9 +233,12 @@ def load(path: str | Path) -> Study:
     study = expand(spec)
     for r in study.runs:
         try:
-            load_config(r.job, r.args(r.lr or study.lr_grid[0], Path("runs/_check"))[2:])
+            cfg = load_config(r.job, r.args(r.lr or study.lr_grid[0], Path("runs/_check"))[2:])
         except ConfigError as e:
             raise StudyError(f"{path}: run {r.id}: {e}") from None
+        if r.stage == GRID and not (cfg.data.val_size and cfg.eval.every and cfg.fed.rounds % cfg.eval.every == 0):
+            raise StudyError(f"{path}: run {r.id}: the lr is selected on the last round's validation accuracy; set "
+                             f"data.val_size > 0 and an eval.every that divides fed.rounds ({cfg.fed.rounds})")
     return study
 
 
@@ -244,8 +246,14 @@ def load(path: str | Path) -> Study:
 
 def summaries(results: Path) -> dict[str, dict]:
     """Every run summary in `results` by run id."""
-    return {p.stem: json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))
-            if p.name != "selection.json"}
+    out = {}
+    for p in sorted(Path(results).glob("*.json")):
+        if p.name != "selection.json":
+            try:
+                out[p.stem] = json.loads(p.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise StudyError(f"{p}: not a run summary ({e}); delete it to run that run again") from None
+    return out
 
 
 def select(study: Study, done: dict[str, dict]) -> dict[tuple, float]:
@@ -312,8 +320,11 @@ def summarize(run: Run, run_dir: Path, lr: float, study: str) -> dict:
         base = dict(f["base"].attrs) if "base" in f else {}
         out = {"study": study, "run": run.id, "stage": run.stage, "variant": run.variant, "method": run.method,
                "task": run.task, "model": run.model, "model_name": cfg["model"]["name"], "split": run.split,
-               "seed": run.seed, "lr": lr, "overrides": list(run.overrides), "rounds": int(cfg["fed"]["rounds"]),
-               "clients": int(cfg["fed"]["clients"]), "examples_per_client": int(cfg["data"]["max_train_per_client"]),
+               "seed": run.seed, "lr": lr, "lr_from": list(run.key), "overrides": list(run.overrides),
+               "rounds": int(cfg["fed"]["rounds"]), "clients": int(cfg["fed"]["clients"]),
+               "examples_per_client": int(cfg["data"]["max_train_per_client"]),
+               "pooled_clients": int(cfg["data"].get("pooled_clients", 0)), "settings": settings(cfg),
+               "eval_rounds_on": "val" if cfg["data"].get("val_size") else "test",
                "accuracy": _r(fin["accuracy"]), "sub_accuracy": _r(fin["sub_accuracy"]),
                "base_accuracy": _r(base.get("accuracy", float("nan"))), "val_accuracy": _r(fin["val_accuracy"]),
                "n_eval": int(fin["n_eval"]), "n_val": int(fin["n_val"]), "eval_dtype": cfg["eval"]["dtype"],
@@ -327,8 +338,20 @@ def summarize(run: Run, run_dir: Path, lr: float, study: str) -> dict:
                "kl_before": _r(pre.get("kl_before", float("nan"))), "kl_after": _r(pre.get("kl_after", float("nan"))),
                "sgp_groups": f["sgp/groups"][:].tolist() if "sgp/groups" in f else [],
                "wall_s": _r(float(np.sum(rounds["wall_s"][:])), 1), "world_size": int(f.attrs["world_size"]),
-               "commit": str(f.attrs["git_commit"]), "finished": time.strftime("%Y-%m-%d")}
+               "commit": str(f.attrs["git_commit"]),
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((Path(run_dir) / "run.h5").stat().st_mtime))}
     return out
+
+
+def settings(cfg: dict) -> dict:
+    """The settings the tables vary, as fields (the job defaults included, not only the overrides)."""
+    return {"sgp_n": cfg["sgp"]["n"], "sgp_p": cfg["sgp"]["p"], "sgp_enabled": cfg["sgp"]["enabled"],
+            "adapter_layers": cfg["model"]["adapter_layers"], "adapter_first": cfg["model"]["adapter_first"],
+            "pre_align": cfg["oda"]["pre_align"], "pre_epochs": cfg["oda"]["pre_epochs"],
+            "re_align": cfg["oda"]["re_align"], "realign_every": cfg["oda"]["every"], "quant": cfg["quant"]["enabled"],
+            "mu": cfg["fed"]["mu"], "aggregator": cfg["fed"]["aggregator"], "local_epochs": cfg["fed"]["local_epochs"],
+            "local_steps": cfg["fed"]["local_steps"], "batch_size": cfg["fed"]["batch_size"],
+            "public": cfg["data"]["public"], "val_size": cfg["data"].get("val_size", 0)}
 
 
 # ---- routes ---------------------------------------------------------------------------------------------------
@@ -412,7 +435,7 @@ def task_args(study: Study, stage: str, index: int, results: Path, runs_root: Pa
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fedsoda_mpi.study", description=__doc__.split("\n")[0])
-    ap.add_argument("command", choices=("list", "run", "stages", "args", "summarize", "select"))
+    ap.add_argument("command", choices=("list", "run", "name", "stages", "jobs", "args", "summarize", "select"))
     ap.add_argument("study", help="a study file, e.g. studies/cpu_smollm2.yaml")
     ap.add_argument("stage", nargs="?", help="args/summarize: the stage of the array")
     ap.add_argument("index", nargs="?", type=int, help="args/summarize: the array task index")
@@ -420,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", help="run folders (default: runs/<study name>)")
     ap.add_argument("--stage", dest="stages", action="append", help="run: only these stages (repeatable)")
     ap.add_argument("--task", dest="tasks", action="append", help="run: only runs of these tasks (repeatable)")
+    ap.add_argument("--all", action="store_true", help="summarize: every finished run folder under --runs")
     ap.add_argument("--max-runs", type=int, default=0, help="run: stop after starting this many runs")
     a = ap.parse_args(argv)
     try:
@@ -428,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
         runs_root = Path(a.runs or Path("runs") / study.name).resolve()
         if a.command == "list":
             list_runs(study, results)
+        elif a.command == "name":
+            print(study.name)
+        elif a.command == "jobs":  # the job files its runs start from (slurm/prepare.sh prepares their models)
+            print(" ".join(sorted({r.job for r in study.runs})))
         elif a.command == "stages":  # for slurm/submit_all.sh: one line per stage: name, runs, ranks, threads
             for stage in study.stages:
                 runs = study.stage(stage)
@@ -439,6 +467,18 @@ def main(argv: list[str] | None = None) -> int:
             results.mkdir(parents=True, exist_ok=True)
             for key, lr in sorted(write_selection(study, results).items()):
                 print(" ".join(key), f"{lr:g}")
+        elif a.command == "summarize" and a.all:  # (re)write the summary of every finished run folder
+            results.mkdir(parents=True, exist_ok=True)
+            chosen = select(study, summaries(results))
+            for run in study.runs:
+                lr, run_dir = lr_for(run, chosen), runs_root / run.id
+                if lr is not None and (run_dir / "run.h5").is_file():
+                    try:
+                        _write_json(results / f"{run.id}.json", summarize(run, run_dir, lr, study.name))
+                        print(f"summarized {run.id}")
+                    except StudyError as e:
+                        print(f"skipped {run.id}: {e}")
+            write_selection(study, results)
         elif a.command in ("args", "summarize"):
             if a.stage is None or a.index is None:
                 raise StudyError(f"{a.command}: give the stage and the array index")

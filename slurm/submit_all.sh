@@ -1,30 +1,34 @@
 #!/bin/bash
-# A whole paper reproduction as ONE Slurm dependency graph (run it on the login node):
+# A whole study as ONE Slurm dependency graph (run it on the login node, from the repository root):
 #
-#   prepare (CPU) --afterok--> Table 2 runs: slurm/<model>_iid.sh x jobs/<model>_<task>_iid.yaml
-#                 --afterok--> study arrays: slurm/noniid.sh, slurm/ablation.sh, slurm/param_study.sh
-#   all of those  --afterok--> analyze (CPU): $RUN_ROOT/figures
+#   prepare --afterok--> grid array --afterok--> select --afterok--> one array per other stage
+#           (every run of the lr grid)            (lr chosen on      (seeds, ablation, param, noniid, ...)
+#                                                  validation rows)          --afterok--> report
 #
-#   bash slurm/submit_all.sh
-#   MODELS=llama3 TASKS=gsm8k STUDIES= bash slurm/submit_all.sh         # one run + analysis
-#   SUBMIT_ARGS="--account=abc --partition=gpu" bash slurm/submit_all.sh
+#   bash slurm/submit_all.sh                                   # studies/paper.yaml: every method, model, task, seed
+#   bash slurm/submit_all.sh studies/cpu_smollm2.yaml          # the CPU study (SUBMIT_RUN_ARGS="--gpus-per-task=0")
+#   SUBMIT_ARGS="--account=abc --partition=gpu" bash slurm/submit_all.sh studies/paper.yaml
 #
 # Environment (besides slurm/common.sh's, which every job inherits):
-#   MODELS            model scripts slurm/<model>_iid.sh                [llama3 qwen2 mistral]
-#   TASKS             tasks: job files jobs/<model>_<task>_iid.yaml      [gsm8k sst2 boolq]
-#   STUDIES           array scripts slurm/<study>.sh (empty: none)        [noniid ablation param_study]
 #   SUBMIT_ARGS       extra sbatch options for every job
-#   SUBMIT_RUN_ARGS   extra sbatch options for the MPI jobs only (e.g. --ntasks=3 --time=01:00:00)
-#   JOB_CONFIG        set: each model script and study uses this job file, once (a toy-size graph)
-# A job whose dependency failed never runs (Slurm cancels it with kill_invalid_depend, else it stays
-# pending with reason DependencyNeverSatisfied). Job logs: $RUN_ROOT/logs/. Prints one line per job;
-# the last line is the analyze job's id.
+#   SUBMIT_RUN_ARGS   extra sbatch options for the run arrays only (e.g. --time=08:00:00 --gpus-per-task=0)
+#   STUDY_RESULTS     where the run summaries go                         [results/<study name>]
+# The arrays ask for the study's ranks per run (np: --ntasks) and threads (--cpus-per-task). The report job
+# writes $RUN_ROOT/<study name>/results.md from the summaries. A job whose dependency failed never runs
+# (Slurm cancels it with kill_invalid_depend, else it stays pending with reason DependencyNeverSatisfied).
+# Job logs: $RUN_ROOT/logs/. Prints one line per job ("prepare ID", "array ID STAGE N", "select ID",
+# "report ID"); the last line is the report job's.
 FEDSODA_ROOT=${FEDSODA_ROOT:-$(cd "$(dirname "$0")/.." && pwd)}
 source "$FEDSODA_ROOT/slurm/common.sh"
+STUDY=${1:-studies/paper.yaml}
+[ -f "$STUDY" ] || fedsoda_die "no study file $STUDY"
 read -r -a common_args <<<"${SUBMIT_ARGS:-}"
 read -r -a run_args <<<"${SUBMIT_RUN_ARGS:-}"
 logs=$RUN_ROOT/logs
 mkdir -p "$logs"
+name=$("$FEDSODA_PYTHON" -m fedsoda_mpi.study name "$STUDY") || exit 2
+stages=$("$FEDSODA_PYTHON" -m fedsoda_mpi.study stages "$STUDY") || exit 2  # "stage runs ranks threads" lines
+export STUDY STUDY_RESULTS
 
 submit() {  # submit SBATCH_ARGS...: echo the job id
   local out
@@ -32,29 +36,30 @@ submit() {  # submit SBATCH_ARGS...: echo the job id
   echo "${out%%;*}"
 }
 
-prepare=$(submit -o "$logs/%x-%j.out" slurm/prepare.sh)
+array() {  # array AFTER STAGE RUNS RANKS THREADS: one array of slurm/study_task.sh; echo its id
+  STAGE=$2 submit --dependency="afterok:$1" --array="0-$(($3 - 1))" --ntasks="$4" --cpus-per-task="$5" \
+    -J "$name-$2" -o "$logs/%x-%A_%a.out" "${run_args[@]}" slurm/study_task.sh
+}
+
+prepare=$(PREPARE_CONFIGS="$("$FEDSODA_PYTHON" -m fedsoda_mpi.study jobs "$STUDY")" \
+  submit -o "$logs/%x-%j.out" slurm/prepare.sh)
 echo "prepare $prepare"
 ids=()
-for model in ${MODELS-llama3 qwen2 mistral}; do
-  configs=()
-  if [ -n "${JOB_CONFIG:-}" ]; then
-    configs=("$JOB_CONFIG")
+select_id=""
+while read -r stage runs ranks threads; do
+  if [ "$stage" = grid ]; then
+    grid=$(array "$prepare" grid "$runs" "$ranks" "$threads")
+    echo "array $grid grid $runs"
+    select_id=$(submit --dependency="afterok:$grid" -o "$logs/%x-%j.out" slurm/study_select.sh)
+    echo "select $select_id"
+    ids+=("$grid" "$select_id")
   else
-    for task in ${TASKS-gsm8k sst2 boolq}; do configs+=("jobs/${model}_${task}_iid.yaml"); done
-  fi
-  for config in "${configs[@]}"; do
-    [ -f "$config" ] || fedsoda_die "no job file $config"
-    id=$(JOB_CONFIG=$config submit --dependency="afterok:$prepare" "${run_args[@]}" -J "$(basename "$config" .yaml)" \
-      -o "$logs/%x-%j.out" "slurm/${model}_iid.sh")
-    echo "run $id $model $config"
+    id=$(array "${select_id:-$prepare}" "$stage" "$runs" "$ranks" "$threads")
+    echo "array $id $stage $runs"
     ids+=("$id")
-  done
-done
-for study in ${STUDIES-noniid ablation param_study}; do
-  id=$(submit --dependency="afterok:$prepare" "${run_args[@]}" -o "$logs/%x-%A_%a.out" "slurm/$study.sh")
-  echo "array $id $study"
-  ids+=("$id")
-done
-after=$(IFS=:; echo "$prepare${ids[*]:+:${ids[*]}}")
-analyze=$(submit --dependency="afterok:$after" -o "$logs/%x-%j.out" slurm/analyze.sh)
-echo "analyze $analyze"
+  fi
+done <<<"$stages"
+after=$(IFS=:; echo "${ids[*]}")
+report=$(submit --dependency="afterok:$after" -o "$logs/%x-%j.out" --wrap \
+  "cd '$FEDSODA_ROOT' && '$FEDSODA_PYTHON' analysis/report.py '${STUDY_RESULTS:-results/$name}' --out '$RUN_ROOT/$name/results.md'")
+echo "report $report"

@@ -198,3 +198,31 @@ def test_gsm8k_answer_without_final_and_missing_file(tmp_path, monkeypatch):
     with pytest.raises(D.DataError, match=r"missing data file .*boolq/train.jsonl.*prepare data"):
         D.load_rows("boolq", "train")
     assert D.data_dir() == tmp_path
+
+
+def test_validation_rows_are_fixed_and_never_trained_on(monkeypatch):
+    """The validation set is the same for every run seed and split; no client partition contains its rows
+    (rows are told apart by their line in train.jsonl: SST-2 repeats some phrases on several lines)."""
+    real = D.load_rows
+    monkeypatch.setattr(D, "load_rows", lambda task, split: [{**r, "line": i} for i, r in enumerate(real(task, split))])
+    rows = D.load_rows("sst2", "train")
+    held = D.validation_index(len(rows), 300)
+    assert len(set(held.tolist())) == 300 and np.array_equal(held, D.validation_index(len(rows), 300))
+    train, val = D.split_train_val(rows, 300)
+    assert len(train) == len(rows) - 300 and val == [rows[i] for i in held]
+    val_keys = {r["line"] for r in val}
+    for seed, split in ((0, "iid"), (1, "dirichlet")):
+        parts, _ = D.client_datasets("sst2", 4, split, 0.5, seed, max_per_client=None, val_size=300)
+        assert sum(len(p) for p in parts) == len(rows) - 300
+        assert not val_keys & {r["line"] for p in parts for r in p}
+    assert D.split_train_val(rows, 0) == (rows, [])  # val_size=0: the partition of before
+    with pytest.raises(ValueError, match="validation size"):
+        D.validation_index(10, 10)
+
+
+def test_pooled_client_holds_the_union_of_the_partition():
+    """data.pooled_clients=K: the centralized ceiling trains on exactly the examples of K clients."""
+    parts, hist = D.client_datasets("sst2", 5, "iid", 0.5, 3, max_per_client=8, val_size=50)
+    (pooled,), phist = D.client_datasets("sst2", 1, "iid", 0.5, 3, max_per_client=8, val_size=50, pooled=5)
+    assert pooled == [r for p in parts for r in p] and len(pooled) == 40
+    assert phist.tolist() == [hist.sum(0).tolist()]

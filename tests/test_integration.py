@@ -53,7 +53,7 @@ def check_accounting(fin: dict, held: dict, want: dict) -> None:
     assert want["client_weight_bytes"] <= held["stored_bytes"] <= 1.002 * want["client_weight_bytes"] + 4096
 
 
-SMALL = ["data.public_samples=8", "data.max_train_per_client=32", "eval.max_examples=16", "fed.local_steps=2"]
+SMALL = ["data.public_samples=8", "data.max_train_per_client=32", "eval.max_examples=16", "data.val_size=16", "fed.local_steps=2"]
 
 
 @pytest.fixture(scope="module")

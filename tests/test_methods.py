@@ -38,3 +38,11 @@ def test_presets():
     assert (bi.model.adapter_layers, bi.sgp.enabled, bi.oda.every, bi.oda.re_align) == (3, False, 1, True)
     ab = load_config(None, ["method=fedbiot", "oda.re_align=false", "quant.enabled=true"])  # ablations compose
     assert not ab.oda.re_align and ab.quant.enabled
+
+
+def test_baselines_train_with_plain_fedavg_unless_overridden():
+    """The paper's FedPETuning, FedOT and FedBiOT are plain FedAvg: mu = 0 over the job file's 0.01."""
+    assert load_config(None, []).fed.mu == 0.01  # FedSODA keeps the job file's proximal weight
+    for method in ("fedpetuning", "fedot", "fedbiot"):
+        assert load_config(None, [f"method={method}"]).fed.mu == 0.0
+        assert load_config(None, [f"method={method}", "fed.mu=0.05"]).fed.mu == 0.05

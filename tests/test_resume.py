@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.mpi, pytest.mark.real, pytest.mark.slow]
 
 ARGS = ["-m", "fedsoda_mpi.main", "fed.rounds=3", "fed.clients=4", "fed.clients_per_round=3", "oda.every=2",
         "eval.every=1", "data.public_samples=8", "oda.re_samples=8", "data.max_train_per_client=16",
-        "eval.max_examples=16", "fed.local_steps=2", "lora.dropout=0.1"]
+        "eval.max_examples=16", "data.val_size=16", "fed.local_steps=2", "lora.dropout=0.1"]
 
 
 def _session_pids(sid: int) -> list[int]:

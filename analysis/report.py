@@ -1,0 +1,695 @@
+"""The study report: the statistics tables of docs/results.md, generated from per-run summaries only.
+
+    python analysis/report.py results/cpu_smollm2 --out docs/results.md
+    python analysis/report.py results/cpu_smollm2 --out docs/results.md --figures docs/gallery
+
+Reads <results>/*.json (one few-KB summary per finished run, written by fedsoda_mpi.study.summarize) and
+<results>/selection.json (fedsoda_mpi.study.write_selection); never a run folder. In the --out markdown
+file, the lines between `<!-- report:begin NAME -->` and `<!-- report:end NAME -->` are replaced by freshly
+generated content and everything outside the markers is kept; a new file gets every section. Sections:
+setup, lr, table2, table3, table4, table9, gap, gsm8k, curves (figures: <figures>/<study>_curves_<task>.png,
+default <out folder>/gallery).
+
+Table-2 runs are the grid and seeds stages at the selected lr (variant "main"); other stages are found by
+variant name (the gsm8k stage's "main" runs never enter Table 2). Statistics over seeds: mean +- sample
+std, the 95% CI of the mean (Student t, df = n - 1), paired differences by seed. A partial study renders
+with what exists: missing cells are "—" and every mean states its n. Same input, byte-identical output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DASH = "—"
+MAIN_STAGES = ("grid", "seeds")
+GSM8K = "gsm8k"
+METHODS = ("fedsoda", "fedpetuning", "fedot", "fedbiot")
+NAMES = {"fedsoda": "FedSODA", "fedpetuning": "FedPETuning", "fedot": "FedOT", "fedbiot": "FedBiOT"}
+TASKS = ("sst2", "boolq", "gsm8k")  # display order; other tasks follow alphabetically
+REQUIRED = ("run", "stage", "variant", "method", "task", "seed", "accuracy")
+# t_{0.975, df} for df = 1..30 (scipy is not a dependency); 1.96 beyond
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+BEGIN = re.compile(r"^<!-- report:begin (\S+) -->\s*$")
+END = "<!-- report:end {} -->"
+WARNED: set[str] = set()  # runs already warned about (one warning each)
+
+
+class ReportError(ValueError):
+    """Bad input; the message is the one line the user sees (exit code 2)."""
+
+
+# ---- statistics (pure) ----------------------------------------------------------------------------------------
+
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with `df` degrees of freedom (1.96 beyond df = 30)."""
+    return T975[df - 1] if df <= len(T975) else 1.96
+
+
+def mean_std(xs) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (ddof = 1) and n of `xs`; std is nan for n < 2, both nan for n = 0."""
+    xs = [float(x) for x in xs]
+    n = len(xs)
+    if n == 0:
+        return math.nan, math.nan, 0
+    m = math.fsum(xs) / n
+    s = math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else math.nan
+    return m, s, n
+
+
+def t_ci(xs) -> tuple[float, float] | None:
+    """The 95% confidence interval of the mean of `xs` (Student t, df = n - 1); None for n < 2."""
+    m, s, n = mean_std(xs)
+    if n < 2:
+        return None
+    half = t975(n - 1) * s / math.sqrt(n)
+    return m - half, m + half
+
+
+def paired(a: dict, b: dict) -> dict:
+    """a - b paired by seed (only the seeds both have): seeds, per-seed diffs, their mean, 95% CI (None for
+    n < 2) and whether the CI excludes 0 (None without a CI)."""
+    seeds = sorted(set(a) & set(b))
+    diffs = [float(a[s]) - float(b[s]) for s in seeds]
+    ci = t_ci(diffs)
+    return {"seeds": seeds, "diffs": diffs, "mean": mean_std(diffs)[0], "n": len(seeds), "ci": ci,
+            "excludes_zero": None if ci is None else (ci[0] > 0 or ci[1] < 0)}
+
+
+def binomial_se(p: float, n: int) -> float:
+    """The standard error sqrt(p (1 - p) / n) of one accuracy measured on n test examples."""
+    return math.sqrt(p * (1 - p) / n) if n > 0 and 0 <= p <= 1 else math.nan
+
+
+# ---- formatting -----------------------------------------------------------------------------------------------
+
+def missing(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def num(x, digits: int = 1, sign: bool = False) -> str:
+    """`x` with `digits` decimals (no "-0.0"), "—" when missing."""
+    if missing(x):
+        return DASH
+    x = 0.0 if round(float(x), digits) == 0 else float(x)
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def pct(frac) -> str:
+    """A fraction as a percentage with one decimal."""
+    return DASH if missing(frac) else num(100 * float(frac))
+
+
+def mean_pm(m: float, s: float, n: int) -> str:
+    """`mean ± std` (std left out for n = 1, "—" for n = 0)."""
+    if n == 0:
+        return DASH
+    return num(m) if n == 1 else f"{num(m)} ± {num(s)}"
+
+
+def ci_text(ci, sign: bool = False) -> str:
+    return DASH if ci is None else f"[{num(ci[0], sign=sign)}, {num(ci[1], sign=sign)}]"
+
+
+def mib(nbytes, digits: int) -> str:
+    return DASH if missing(nbytes) else f"{float(nbytes) / 2 ** 20:.{digits}f}"
+
+
+def count(x) -> str:
+    return DASH if missing(x) else f"{int(round(float(x))):,}"
+
+
+def yes_no(x) -> str:
+    return DASH if x is None else ("yes" if x else "no")
+
+
+def table(headers: list[str], rows: list[list[str]], left: int = 1) -> str:
+    """A markdown table; the first `left` columns are left-aligned, the rest right-aligned."""
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join("---" if i < left else "---:" for i in range(len(headers))) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+# ---- loading --------------------------------------------------------------------------------------------------
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReportError(f"{path}: not a readable JSON file ({str(e).splitlines()[0]})") from None
+
+
+def load(folder: Path) -> tuple[list[dict], dict]:
+    """The summaries of `folder` (sorted by run id) and its selection.json ({} when absent)."""
+    if not folder.is_dir():
+        raise ReportError(f"{folder}: not a folder")
+    runs = []
+    for path in sorted(folder.glob("*.json")):
+        if path.name == "selection.json":
+            continue
+        s = read_json(path)
+        if not isinstance(s, dict) or any(k not in s for k in REQUIRED):
+            lacking = [k for k in REQUIRED if not isinstance(s, dict) or k not in s]
+            raise ReportError(f"{path}: not a run summary (no {', '.join(lacking)})")
+        runs.append(s)
+    if not runs:
+        raise ReportError(f"{folder}: no run summaries (*.json besides selection.json)")
+    sel_path = folder / "selection.json"
+    selection = read_json(sel_path) if sel_path.exists() else {}
+    if not isinstance(selection, dict):
+        raise ReportError(f"{sel_path}: not a selection file (expected a JSON object)")
+    return sorted(runs, key=lambda s: str(s["run"])), selection
+
+
+Setting = tuple  # (task, model, split)
+
+
+def setting_of(s: dict) -> Setting:
+    return (str(s["task"]), str(s.get("model", "?")), str(s.get("split", "?")))
+
+
+def setting_order(st: Setting) -> tuple:
+    return (TASKS.index(st[0]) if st[0] in TASKS else len(TASKS), *st)
+
+
+def method_order(m: str) -> tuple:
+    return (METHODS.index(m) if m in METHODS else len(METHODS), m)
+
+
+@dataclass
+class Results:
+    """All summaries of a study folder plus where the report goes."""
+
+    runs: list[dict]
+    selection: dict
+    out: Path
+    figures: Path
+
+    @property
+    def study(self) -> str:
+        return ", ".join(sorted({str(s.get("study", "?")) for s in self.runs}))
+
+    def settings(self, runs: list[dict] | None = None) -> list[Setting]:
+        return sorted({setting_of(s) for s in (self.runs if runs is None else runs)}, key=setting_order)
+
+    def label(self, st: Setting) -> str:
+        """The task, plus model and split when the study has more than one of them."""
+        if len({x[1:] for x in self.settings()}) > 1:
+            return f"{st[0]} ({st[1]}, {st[2]})"
+        return st[0]
+
+    def main(self, st: Setting, method: str) -> list[dict]:
+        """The Table-2 runs of `method` in setting `st`: grid and seeds stages at the selected lr."""
+        return [s for s in self.runs if s["stage"] in MAIN_STAGES and s["variant"] == "main"
+                and s["method"] == method and setting_of(s) == st]
+
+    def variant(self, st: Setting, name: str) -> list[dict]:
+        """The runs of variant `name` (any variant group; never grid, seeds or gsm8k) in setting `st`."""
+        return [s for s in self.runs if s["stage"] not in (*MAIN_STAGES, GSM8K) and s["variant"] == name
+                and setting_of(s) == st]
+
+    def rows(self, st: Setting, spec: tuple) -> list[dict]:
+        """A table row's runs: spec = ("main", method) or ("variant", name)."""
+        return self.main(st, spec[1]) if spec[0] == "main" else self.variant(st, spec[1])
+
+
+def by_seed(runs: list[dict], key: str = "accuracy") -> dict[int, float]:
+    """{seed: 100 * run[key]} (points), the runs without a value left out; one run per seed."""
+    out = {}
+    for s in runs:
+        if not missing(s.get(key)):
+            if int(s["seed"]) in out and s["run"] not in WARNED:
+                WARNED.add(s["run"])
+                print(f"warning: two runs of seed {s['seed']} in one group; using {s['run']}", file=sys.stderr)
+            out[int(s["seed"])] = 100 * float(s[key])
+    return out
+
+
+def field_mean(runs: list[dict], key: str):
+    """Mean of `key` over the runs that have it (None if none)."""
+    vals = [float(s[key]) for s in runs if not missing(s.get(key))]
+    return math.fsum(vals) / len(vals) if vals else None
+
+
+def groups_np(runs: list[dict]) -> str:
+    """(n, p) of SGP read from the runs' pruned groups [t, e] (layers t < l <= e): n = e - t, p = the count."""
+    found = sorted({(tuple(sorted({int(e) - int(t) for t, e in s["sgp_groups"]})), len(s["sgp_groups"]))
+                    for s in runs if s.get("sgp_groups")})
+    return ", ".join(f"({'/'.join(map(str, n))}, {p})" for n, p in found) or DASH
+
+
+def realign_r(runs: list[dict]) -> str:
+    """The re-alignment interval r read from the runs' per-round `realigned` flags ("never" without any)."""
+    found = set()
+    for s in runs:
+        flags, rounds = s.get("realigned") or [], s.get("eval_rounds") or []
+        if not flags:
+            continue
+        rounds = rounds if len(rounds) == len(flags) else range(1, len(flags) + 1)
+        done = [int(r) for r, f in zip(rounds, flags) if f]
+        steps = {b - a for a, b in zip([0] + done, done)}
+        found.add("never" if not done else "/".join(map(str, sorted(steps))))
+    return ", ".join(sorted(found)) or DASH
+
+
+def extra_overrides(res: "Results", runs: list[dict]) -> str:
+    """The overrides of `runs` beyond those every Table-2 run shares (what makes a variant a variant)."""
+    shared = [set(s.get("overrides") or []) for s in res.runs if s["stage"] in MAIN_STAGES]
+    shared = set.intersection(*shared) if shared else set()
+    extra = sorted({o for s in runs for o in (s.get("overrides") or []) if o not in shared
+                    and not o.startswith("eval.base=")})
+    return ", ".join(f"`{o}`" for o in extra) or DASH
+
+
+def distinct(values) -> str:
+    """The distinct values, with how many of each when there is more than one."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return DASH
+    kinds = sorted(set(values), key=lambda v: (str(type(v)), v))
+    if len(kinds) == 1:
+        return str(kinds[0])
+    return ", ".join(f"{v} ({values.count(v)} run{'s' if values.count(v) > 1 else ''})" for v in kinds)
+
+
+# ---- sections -------------------------------------------------------------------------------------------------
+
+def sec_setup(res: Results) -> str:
+    """Study, models, the settings the runs share, test and validation sizes, commits, number of summaries."""
+    R = res.runs
+    stages = [x for x in MAIN_STAGES if any(s["stage"] == x for s in R)] + \
+        sorted({s["stage"] for s in R} - set(MAIN_STAGES))
+    per_task = lambda key: "; ".join(f"{t}: {distinct([s.get(key) for s in R if s['task'] == t])}"  # noqa: E731
+                                     for t in sorted({s["task"] for s in R}, key=lambda t: setting_order((t,))))
+    models = sorted({f"{s.get('model', '?')} ({s.get('model_name', '?')})" for s in R})
+    grid_lrs = sorted({float(s["lr"]) for s in R if s["stage"] == "grid" and not missing(s.get("lr"))})
+    commits = sorted({str(s.get("commit", "?")) for s in R})
+    lines = [f"- study: `{res.study}`; {len(R)} run summaries ("
+             + ", ".join(f"{st} {sum(s['stage'] == st for s in R)}" for st in stages) + ")",
+             f"- model(s): {', '.join(models)}; split(s): {distinct([s.get('split') for s in R])}",
+             f"- rounds: {distinct([s.get('rounds') for s in R])}; clients: {distinct([s.get('clients') for s in R])}; "
+             f"training examples per client: {distinct([s.get('examples_per_client') for s in R])}",
+             f"- seeds: {', '.join(str(x) for x in sorted({int(s['seed']) for s in R}))}; "
+             f"learning-rate grid: {', '.join(f'{x:g}' for x in grid_lrs) or DASH}",
+             f"- test set size n_eval (accuracy is on the full test set): {per_task('n_eval')}",
+             f"- validation rows n_val (lr selection, per-round curves): {per_task('n_val')}",
+             f"- evaluation dtype: {distinct([s.get('eval_dtype') for s in R])}",
+             f"- commits of the runs: {', '.join(f'`{c}`' for c in commits)}"]
+    return "\n".join(lines)
+
+
+def sec_lr(res: Results) -> str:
+    """Validation accuracy at each grid lr per (task, method), the selected lr in bold."""
+    selected = {(e["task"], e.get("model", "?"), e.get("split", "?"), e["method"]): e
+                for e in res.selection.get("selected", []) if isinstance(e, dict) and "method" in e and "task" in e}
+    vals: dict[tuple, dict[float, list[float]]] = {}
+    for s in res.runs:  # grid summaries: also the keys whose selection is pending
+        if s["stage"] == "grid" and not missing(s.get("lr")) and not missing(s.get("val_accuracy")):
+            vals.setdefault((*setting_of(s), s["method"]), {}).setdefault(float(s["lr"]), []).append(
+                100 * float(s["val_accuracy"]))
+    for key, e in selected.items():  # the record behind each choice ("<lr>/s<seed>": accuracy)
+        rec: dict[float, list[float]] = {}
+        for k, v in sorted((e.get("val_accuracy") or {}).items()):
+            if not missing(v):
+                rec.setdefault(float(k.split("/")[0]), []).append(100 * float(v))
+        vals[key] = rec
+    if not vals:
+        return "_No grid runs yet._"
+    lrs = sorted({lr for per in vals.values() for lr in per})
+    rows = []
+    for key in sorted(vals, key=lambda k: (setting_order(k[:3]), method_order(k[3]))):
+        chosen = selected[key]["lr"] if key in selected else None
+        cells = []
+        for lr in lrs:
+            v = vals[key].get(lr, [])
+            text = num(mean_std(v)[0]) + (f" (n={len(v)})" if len(v) > 1 else "")
+            cells.append(f"**{text}**" if chosen is not None and float(chosen) == lr and v else text)
+        rows.append([res.label(key[:3]), NAMES.get(key[3], key[3]), *cells,
+                     f"**{float(chosen):g}**" if chosen is not None else "pending"])
+    rule = res.selection.get("rule", "no selection.json yet")
+    return (table(["task", "method", *[f"val. acc. % at lr = {lr:g}" for lr in lrs], "selected lr"], rows, 2)
+            + f"\n\nValidation accuracy (held-out training rows, never the test set). Rule: {rule}.")
+
+
+def sec_table2(res: Results) -> str:
+    """Per task: the four methods (mean ± std, CI, n, sub-LLM, bytes) and FedSODA − baseline paired by seed."""
+    settings = res.settings([s for s in res.runs if s["stage"] in MAIN_STAGES or not missing(s.get("base_accuracy"))])
+    if not settings:
+        return "_No Table-2 runs yet._"
+    parts = []
+    for st in settings:
+        rows, accs = [], {}
+        for m in METHODS:
+            runs = res.main(st, m)
+            accs[m] = by_seed(runs)
+            mu, sd, n = mean_std(accs[m].values())
+            n_eval = min((int(s["n_eval"]) for s in runs if not missing(s.get("n_eval"))), default=0)
+            se = 100 * binomial_se(mu / 100, n_eval) if n else math.nan
+            rows.append([NAMES[m], mean_pm(mu, sd, n), ci_text(t_ci(accs[m].values())), str(n), num(se),
+                         num(mean_std(by_seed(runs, "sub_accuracy").values())[0]),
+                         mib(field_mean(runs, "comm_bytes_per_round"), 3),
+                         mib(field_mean(runs, "client_model_bytes"), 1),
+                         count(field_mean(runs, "trainable_params"))])
+        base = [s for s in res.runs if setting_of(s) == st and not missing(s.get("base_accuracy"))]
+        bm, bs, bn = mean_std([100 * float(s["base_accuracy"]) for s in base])
+        rows.append(["base model", mean_pm(bm, bs, bn), DASH, str(bn), DASH, DASH, DASH, DASH, DASH])
+        diff_rows = []
+        for m in METHODS[1:]:
+            p = paired(accs["fedsoda"], accs[m])
+            diff_rows.append([f"FedSODA − {NAMES[m]}", ", ".join(map(str, p["seeds"])) or DASH,
+                              num(p["mean"], sign=True), ci_text(p["ci"], sign=True), per_seed(p),
+                              yes_no(p["excludes_zero"])])
+        parts.append(f"#### {res.label(st)}\n\n"
+                     + table(["method", "test acc. % (mean ± std)", "95% CI", "n seeds", "test-set SE (pts)",
+                              "sub-LLM acc. %", "comm MiB/round/client", "client model MiB", "trainable params"], rows)
+                     + "\n\n" + table(["paired difference", "seeds", "mean Δ (pts)", "95% CI", "per seed",
+                                       "CI excludes 0"], diff_rows))
+    note = ("Test accuracy on the full test set, mean ± sample std over seeds at the selected lr; 95% CI of the mean "
+            "with Student t (df = n − 1; — for n = 1). Test-set SE = sqrt(p(1 − p)/n_eval) at the mean p: the "
+            "sampling noise of one run's accuracy, to set beside the seed std. Paired differences use only the "
+            "seeds both methods have. Base model: the pretrained model's test accuracy (n = its evaluations).")
+    return "\n\n".join(parts) + "\n\n" + note
+
+
+def per_seed(p: dict) -> str:
+    return ", ".join(f"s{s} {num(d, sign=True)}" for s, d in zip(p["seeds"], p["diffs"])) or DASH
+
+
+def diff_cells(runs: list[dict], ref: dict[int, float] | None) -> list[str]:
+    """Accuracy mean ± std and n of `runs`, then Δ vs `ref` paired by seed: mean, 95% CI, seeds."""
+    acc = by_seed(runs)
+    cells = [mean_pm(*mean_std(acc.values())), str(len(acc))]
+    if ref is None:
+        return cells + ["(reference)", DASH, DASH]
+    p = paired(acc, ref)
+    return cells + [num(p["mean"], sign=True), ci_text(p["ci"], sign=True), ", ".join(map(str, p["seeds"])) or DASH]
+
+
+DIFF_HEADERS = ["test acc. % (mean ± std)", "n", "Δ vs FedSODA (pts)", "95% CI", "paired seeds"]
+
+
+def variant_settings(res: Results, specs: list[tuple], task: str | None = None) -> list[Setting]:
+    """The settings holding any variant run of a table, else those with FedSODA main runs (rendered with —)."""
+    names = {sp[1] for sp in specs if sp[0] == "variant"}
+    have = res.settings([s for s in res.runs if s["stage"] not in (*MAIN_STAGES, GSM8K) and s["variant"] in names])
+    have = have or res.settings([s for s in res.runs if s["stage"] in MAIN_STAGES and s["variant"] == "main"
+                                 and s["method"] == "fedsoda"])
+    return [st for st in have if task is None or st[0] == task]
+
+
+TABLE3 = [("FedSODA", ("main", "fedsoda")), ("w/o pre-alignment (no_pre_align)", ("variant", "no_pre_align")),
+          ("w/o re-alignment (no_re_align)", ("variant", "no_re_align"))]
+
+
+def sec_table3(res: Results) -> str:
+    """The ablation of ODA on each task that has ablation runs."""
+    settings = variant_settings(res, [sp for _, sp in TABLE3])
+    if not settings:
+        return "_No FedSODA or ablation runs yet._"
+    parts = []
+    for st in settings:
+        ref = by_seed(res.main(st, "fedsoda"))
+        rows = [[label, extra_overrides(res, res.rows(st, sp)) if sp[0] == "variant" else DASH,
+                 *diff_cells(res.rows(st, sp), None if sp == ("main", "fedsoda") else ref)] for label, sp in TABLE3]
+        parts.append(f"#### {res.label(st)}\n\n" + table(["variant", "overrides", *DIFF_HEADERS], rows, 2))
+    return "\n\n".join(parts) + "\n\nΔ: variant − FedSODA in points, paired by seed, 95% CI (Student t)."
+
+
+TABLE4 = [("(n, p)", ("main", "fedsoda")), ("(n, p)", ("variant", "n3p2")), ("(n, p)", ("variant", "n2p4")),
+          ("r", ("variant", "r1")), ("r", ("main", "fedsoda")), ("r", ("variant", "no_re_align"))]
+
+
+def sec_table4(res: Results) -> str:
+    """The parameter study: (n, p) and the re-alignment interval r."""
+    settings = variant_settings(res, [sp for _, sp in TABLE4])
+    if not settings:
+        return "_No FedSODA or parameter-study runs yet._"
+    parts = []
+    for st in settings:
+        ref = by_seed(res.main(st, "fedsoda"))
+        rows = []
+        for study, sp in TABLE4:
+            runs = res.rows(st, sp)
+            rows.append([study, sp[1] if sp[0] == "variant" else "FedSODA (main)", groups_np(runs), realign_r(runs),
+                         *diff_cells(runs, None if sp[0] == "main" else ref)[:4],
+                         mib(field_mean(runs, "comm_bytes_per_round"), 3),
+                         mib(field_mean(runs, "client_model_bytes"), 1),
+                         num(field_mean(runs, "kl_after"), 3)])
+        parts.append(f"#### {res.label(st)}\n\n" + table(
+            ["study", "variant", "(n, p)", "r", *DIFF_HEADERS[:4], "comm MiB/round/client", "client model MiB",
+             "KL after pre-align (mean)"], rows, 2))
+    return "\n\n".join(parts) + (
+        "\n\n(n, p) and r as the runs record them: n layers in each of the p pruned groups (`sgp_groups`), r the "
+        "rounds between re-alignments (`realigned`); the FedSODA main runs appear in both studies. Δ: variant − "
+        "FedSODA in points, paired by seed, 95% CI (Student t).")
+
+
+def mean_curve(runs: list[dict]) -> list[tuple[int, float, float, float, int]]:
+    """Per evaluated round: (round, mean, min, max, n) of the validation accuracy (%) over the runs."""
+    per: dict[int, list[float]] = {}
+    for s in runs:
+        for r, a in zip(s.get("eval_rounds") or [], s.get("eval_acc") or []):
+            if not missing(a):
+                per.setdefault(int(r), []).append(100 * float(a))
+    return [(r, mean_std(v)[0], min(v), max(v), len(v)) for r, v in sorted(per.items())]
+
+
+def last_val(s: dict):
+    """The validation accuracy (%) of a run's last evaluated round (None if never evaluated)."""
+    pts = [a for a in (s.get("eval_acc") or []) if not missing(a)]
+    return 100 * float(pts[-1]) if pts else None
+
+
+def sec_table9(res: Results) -> str:
+    """Rounds until each method's mean validation curve reaches FedOT's final validation accuracy."""
+    settings = res.settings([s for s in res.runs if s["stage"] in MAIN_STAGES and s["variant"] == "main"])
+    if not settings:
+        return "_No Table-2 runs yet._"
+    parts = []
+    for st in settings:
+        fedot = [v for v in (last_val(s) for s in res.main(st, "fedot")) if v is not None]
+        target, _, n_t = mean_std(fedot)
+        rows = []
+        for m in METHODS:
+            runs = res.main(st, m)
+            curve = mean_curve(runs)
+            hit = next((c for c in curve if n_t and c[1] >= target - 1e-9), None)
+            reached = DASH if not n_t or not curve else (str(hit[0]) if hit else "not reached")
+            rows.append([NAMES[m], str(len([s for s in runs if last_val(s) is not None])), reached,
+                         num(hit[1]) if hit else DASH, num(curve[-1][1]) if curve else DASH])
+        goal = f"{num(target)}% (mean of n = {n_t} seeds)" if n_t else f"{DASH} (no FedOT validation curve yet)"
+        parts.append(f"#### {res.label(st)}\n\nFedOT's target: {goal}\n\n" + table(
+            ["method", "n seeds", "first round with mean val. acc. ≥ target", "mean val. acc. % there",
+             "mean val. acc. % at the last evaluated round"], rows))
+    return "\n\n".join(parts) + (
+        "\n\nOn the VALIDATION rows (held out of the training file), not the test set: the per-round curves are "
+        "evaluated there only. Target = mean over FedOT's seeds of its last evaluated round's validation accuracy; "
+        "each method's curve is its mean over seeds at each evaluated round.")
+
+
+GAP = [("FedSODA (main)", ("main", "fedsoda")), ("NF4 off (fp32_sub)", ("variant", "fp32_sub")),
+       ("fewer pruned groups (n3p2)", ("variant", "n3p2")),
+       ("longer pre-alignment (pre_align_x4)", ("variant", "pre_align_x4")),
+       ("larger adapter (adapter6)", ("variant", "adapter6")),
+       ("centralized LoRA, last layers (central_last3)", ("variant", "central_last3")),
+       ("centralized LoRA, all layers (central_all)", ("variant", "central_all")),
+       ("FedPETuning (main)", ("main", "fedpetuning"))]
+
+
+def sec_gap(res: Results) -> str:
+    """The FedSODA − FedPETuning gap on SST-2, factor by factor, with the share of the gap each closes."""
+    settings = variant_settings(res, [sp for _, sp in GAP], task="sst2")
+    settings = settings or res.settings([s for s in res.runs if s["task"] == "sst2" and s["stage"] in MAIN_STAGES])
+    if not settings:
+        return "_No SST-2 runs yet._"
+    parts = []
+    for st in settings:
+        ref = by_seed(res.main(st, "fedsoda"))
+        gap = paired(by_seed(res.main(st, "fedpetuning")), ref)
+        rows = []
+        for label, sp in GAP:
+            runs = res.rows(st, sp)
+            p = paired(by_seed(runs), ref)
+            share = 100 * p["mean"] / gap["mean"] if p["n"] and gap["n"] and gap["mean"] != 0 else math.nan
+            is_ref = sp == ("main", "fedsoda")
+            method = sorted({s["method"] for s in runs}, key=method_order)
+            rows.append([label, ", ".join(NAMES.get(m, m) for m in method) or DASH,
+                         extra_overrides(res, runs) if sp[0] == "variant" else DASH,
+                         *diff_cells(runs, None if is_ref else ref)[:4], "(reference)" if is_ref else num(share),
+                         num(field_mean(runs, "kl_after"), 3)])
+        parts.append(f"#### {res.label(st)}\n\n" + table(
+            ["run", "method", "overrides", *DIFF_HEADERS[:4], "gap closed %", "KL after pre-align (mean)"], rows, 3))
+    return "\n\n".join(parts) + (
+        "\n\nΔ: run − FedSODA main in points, paired by seed, 95% CI (Student t). "
+        "Gap closed = Δ(run) / Δ(FedPETuning), "
+        "both paired by seed with FedSODA (100% = as good as FedPETuning). Overrides: the run's settings beyond those "
+        "every Table-2 run shares; the centralized rows are one client holding the union of the clients' examples.")
+
+
+def sec_gsm8k(res: Results) -> str:
+    """The gsm8k stage: one row per run."""
+    runs = sorted((s for s in res.runs if s["stage"] == GSM8K),
+                  key=lambda s: (setting_order(setting_of(s)), method_order(s["method"]), int(s["seed"]), s["run"]))
+    if not runs:
+        return "_No gsm8k runs yet._"
+    rows = [[NAMES.get(s["method"], s["method"]), str(s["seed"]),
+             DASH if missing(s.get("lr")) else f"{float(s['lr']):g}",
+             pct(s.get("accuracy")), count(s.get("n_eval")), pct(s.get("sub_accuracy"))] for s in runs]
+    return table(["method", "seed", "lr", "test acc. %", "n_eval", "sub-LLM acc. %"], rows, 2) + (
+        "\n\nGSM8K test accuracy: a k-shot generated answer counts when its final number equals the reference's; "
+        "one run per row.")
+
+
+def figure_name(res: Results, st: Setting) -> str:
+    """`<study>_curves_<task>.png` (model and split appended when a task has several settings)."""
+    study = re.sub(r"[^A-Za-z0-9_.-]+", "_", res.study)
+    extra = f"_{st[1]}_{st[2]}" if sum(x[0] == st[0] for x in res.settings()) > 1 else ""
+    return f"{study}_curves_{st[0]}{extra}.png"
+
+
+def plot_curves(res: Results, st: Setting, path: Path) -> None:
+    """Validation accuracy per evaluated round: the mean over seeds per method with a min–max band."""
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    from common import plt, round_axis  # Agg backend and the house style
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    rounds = []
+    for i, m in enumerate(METHODS):
+        curve = mean_curve(res.main(st, m))
+        if not curve:
+            continue
+        r, mu, lo, hi, _ = zip(*curve)
+        rounds += r
+        n = len([s for s in res.main(st, m) if last_val(s) is not None])
+        ax.plot(r, mu, marker="o", ms=3, color=f"C{i}", label=f"{NAMES[m]} (n={n})")
+        ax.fill_between(r, lo, hi, color=f"C{i}", alpha=0.2, lw=0)
+    round_axis(ax, sorted(set(rounds)))
+    ax.set_xlabel("round")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(f"{res.study}: {res.label(st)} (mean, min–max over seeds)")
+    if rounds:
+        ax.legend(loc="best", fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+
+
+def sec_curves(res: Results) -> str:
+    """Writes one accuracy-vs-round PNG per task and links it."""
+    settings = [st for st in res.settings() if any(mean_curve(res.main(st, m)) for m in METHODS)]
+    if not settings:
+        return "_No per-round validation curves yet._"
+    links = []
+    for st in settings:
+        path = res.figures / figure_name(res, st)
+        plot_curves(res, st, path)
+        rel = Path(os.path.relpath(path.resolve(), res.out.resolve().parent)).as_posix()
+        links.append(f"![{res.study}: validation accuracy per round, {res.label(st)}]({rel})")
+    return "\n\n".join(links) + ("\n\nValidation accuracy per evaluated round (Table-2 runs); line: the mean over "
+                                 "seeds, band: min–max over seeds; n in the legend.")
+
+
+SHOWN = {sp[1] for sp in (*[sp for _, sp in TABLE3], *[sp for _, sp in TABLE4], *[sp for _, sp in GAP])
+         if sp[0] == "variant"}
+
+
+def unshown(runs: list[dict]) -> list[str]:
+    """Variant names of the summaries that no section shows."""
+    return sorted({s["variant"] for s in runs if s["stage"] not in (*MAIN_STAGES, GSM8K) and s["variant"] not in SHOWN})
+
+
+SECTIONS = {"setup": ("Setup", sec_setup), "lr": ("Learning-rate selection", sec_lr),
+            "table2": ("Table 2: accuracy of the four methods", sec_table2),
+            "table3": ("Table 3: ablation of ODA", sec_table3), "table4": ("Table 4: parameter study", sec_table4),
+            "table9": ("Table 9: rounds to reach FedOT's accuracy", sec_table9),
+            "gap": ("The FedSODA − FedPETuning gap on SST-2", sec_gap), "gsm8k": ("GSM8K", sec_gsm8k),
+            "curves": ("Accuracy per round", sec_curves)}
+
+
+# ---- the out file ---------------------------------------------------------------------------------------------
+
+def names_in(text: str) -> list[str]:
+    return [m.group(1) for m in (BEGIN.match(line.rstrip("\n")) for line in text.splitlines()) if m]
+
+
+def splice(text: str, content: dict[str, str]) -> tuple[str, list[str]]:
+    """Replace the lines between each begin/end marker pair whose NAME is in `content`; keep everything else.
+    Returns the new text and warnings (unknown names, a begin without its end)."""
+    lines, out, warnings, i = text.splitlines(keepends=True), [], [], 0
+    while i < len(lines):
+        m = BEGIN.match(lines[i].rstrip("\n"))
+        out.append(lines[i])
+        i += 1
+        if not m:
+            continue
+        name = m.group(1)
+        if name not in content:
+            warnings.append(f"unknown report section '{name}'; left alone")
+            continue
+        end = next((j for j in range(i, len(lines)) if lines[j].strip() == END.format(name)), None)
+        if end is None:
+            warnings.append(f"section '{name}' has no '{END.format(name)}' line; left alone")
+            continue
+        if not out[-1].endswith("\n"):
+            out[-1] += "\n"
+        out.append(f"\n{content[name]}\n\n")
+        i = end
+    return "".join(out), warnings
+
+
+def new_file(res: Results, content: dict[str, str]) -> str:
+    """A fresh out file: every section in order, each with a heading."""
+    parts = [f"# Results: {res.study}\n\nGenerated by `analysis/report.py` from the run summaries; the text between "
+             "report markers is rewritten on every run.\n"]
+    for name, (heading, _) in SECTIONS.items():
+        parts.append(f"## {heading}\n\n<!-- report:begin {name} -->\n\n{content[name]}\n\n{END.format(name)}\n")
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("results", help="the study's summaries folder, e.g. results/cpu_smollm2")
+    ap.add_argument("--out", required=True, help="the markdown file to write (e.g. docs/results.md)")
+    ap.add_argument("--figures", help="folder of the figures (default: <out folder>/gallery)")
+    a = ap.parse_args(argv)
+    try:
+        out = Path(a.out)
+        if not out.parent.is_dir():
+            raise ReportError(f"--out {out}: folder {out.parent} does not exist")
+        if out.exists() and not out.is_file():
+            raise ReportError(f"--out {out}: not a file")
+        runs, selection = load(Path(a.results))
+        res = Results(runs, selection, out, Path(a.figures) if a.figures else out.parent / "gallery")
+        for name in unshown(runs):
+            print(f"warning: variant '{name}' is in no table of the report", file=sys.stderr)
+        text = out.read_text(encoding="utf-8") if out.exists() else None
+        wanted = list(SECTIONS) if text is None else [n for n in SECTIONS if n in names_in(text)]
+        content = {n: SECTIONS[n][1](res) if n in wanted else "" for n in SECTIONS}
+        if text is None:
+            new, warnings = new_file(res, content), []
+        else:
+            new, warnings = splice(text, content)
+            skipped = [n for n in SECTIONS if n not in wanted]
+            if skipped:
+                warnings.append(f"{out} has no section(s) {', '.join(skipped)} "
+                                "(add their report markers to include them)")
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        out.write_text(new, encoding="utf-8")
+        print(f"wrote {out} ({len(wanted)} section(s): {', '.join(wanted)})")
+    except ReportError as e:
+        print(f"report: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

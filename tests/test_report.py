@@ -1,0 +1,255 @@
+"""analysis/report.py on synthetic run summaries (the fields of fedsoda_mpi.study.summarize): statistics,
+pairing by seed, partial studies, marker splicing, determinism, the figure, one-line errors."""
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("report", ROOT / "analysis" / "report.py")
+report = sys.modules.setdefault("report", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(report)
+
+ROUNDS = 10
+
+
+def summary(method="fedsoda", task="sst2", seed=0, acc=0.8, stage=None, variant="main", lr=1e-3, val=None,
+            **kw) -> dict:
+    """A run summary as study.summarize writes it; val: per-round validation accuracies of rounds 2, 4, ... 10."""
+    stage = stage or ("grid" if seed == 0 else "seeds")
+    val = val or [acc - 0.1, acc - 0.05, acc - 0.02, acc - 0.01, acc]
+    eval_acc = [None] * ROUNDS
+    for i, v in enumerate(val):
+        eval_acc[2 * i + 1] = v
+    group = f".{variant}" if stage not in ("grid", "seeds") else ""
+    run = f"{stage}{group}-{method}-{task}-smollm2-iid{f'-lr{lr:g}' if stage == 'grid' else ''}-s{seed}"
+    s = {"study": "syn", "run": run, "stage": stage, "variant": variant, "method": method, "task": task,
+         "model": "smollm2", "model_name": "smollm2-135m", "split": "iid", "seed": seed, "lr": lr,
+         "overrides": ["fed.rounds=10", "eval.dtype=bfloat16"], "rounds": ROUNDS, "clients": 10,
+         "examples_per_client": 16, "accuracy": acc, "sub_accuracy": acc - 0.05, "base_accuracy": None,
+         "val_accuracy": val[-1], "n_eval": 872, "n_val": 300, "eval_dtype": "bfloat16",
+         "eval_rounds": list(range(1, ROUNDS + 1)), "eval_acc": eval_acc, "train_loss": [1.0] * ROUNDS,
+         "realigned": [0, 0, 0, 0, 1, 0, 0, 0, 0, 1], "comm_bytes_per_round": 2214592.0,
+         "client_model_bytes": 152250762, "full_model_bytes": 538060288, "trainable_params": 244224,
+         "kl_before": 6.5, "kl_after": 5.5, "sgp_groups": [[1, 4], [8, 11], [12, 15], [16, 19]], "wall_s": 100.0,
+         "world_size": 3, "commit": "abc123", "finished": "2026-12-01"}
+    s.update(kw)
+    return s
+
+
+def write(folder: Path, summaries: list[dict], selection: dict | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in summaries:
+        (folder / f"{s['run']}.json").write_text(json.dumps(s, indent=1))
+    if selection is not None:
+        (folder / "selection.json").write_text(json.dumps(selection))
+    return folder
+
+
+def section(text: str, name: str) -> str:
+    return text.split(f"<!-- report:begin {name} -->")[1].split(f"<!-- report:end {name} -->")[0]
+
+
+def full_study() -> list[dict]:
+    """Table 2 on SST-2 (FedSODA 3 seeds, FedPETuning 2, FedOT 3, FedBiOT none), a base run, variants, gsm8k."""
+    runs = [summary("fedsoda", seed=s, acc=a) for s, a in zip((0, 1, 2), (0.80, 0.82, 0.84))]
+    runs += [summary("fedpetuning", seed=s, acc=a) for s, a in ((0, 0.90), (2, 0.93))]
+    runs += [summary("fedot", seed=s, acc=0.75, val=[0.5, 0.6, 0.65, 0.7, 0.7]) for s in (0, 1, 2)]
+    runs += [summary("fedsoda", seed=0, acc=0.7, stage="grid", variant="lr=0.003", lr=3e-3, base_accuracy=0.52)]
+    runs += [summary("fedsoda", seed=s, acc=0.85, stage="gap", variant="fp32_sub",
+                     overrides=["fed.rounds=10", "eval.dtype=bfloat16", "quant.enabled=false"]) for s in (0, 2)]
+    runs += [summary("fedsoda", seed=s, acc=0.7, stage="ablation", variant="no_re_align", realigned=[0] * ROUNDS)
+             for s in (0, 1, 2)]
+    runs += [summary("fedsoda", seed=0, acc=0.78, stage="param", variant="n3p2", sgp_groups=[[1, 4], [8, 11]])]
+    runs += [summary(m, task="gsm8k", seed=0, acc=0.03, stage="gsm8k", variant="main", n_eval=1319)
+             for m in ("fedsoda", "fedpetuning")]
+    return runs
+
+
+SELECTION = {"study": "syn", "rule": "max mean val_accuracy over seeds [0]; ties to the smaller lr",
+             "selected": [{"method": "fedsoda", "task": "sst2", "model": "smollm2", "split": "iid", "lr": 0.001,
+                           "val_accuracy": {"0.001/s0": 0.8, "0.003/s0": 0.7}}]}
+
+
+def run(folder: Path, out: Path, *extra) -> int:
+    return report.main([str(folder), "--out", str(out), *extra])
+
+
+# ---- statistics ----------------------------------------------------------------------------------------------
+
+def test_mean_std_ci_hand_computed():
+    m, s, n = report.mean_std([80.0, 82.0, 84.0])
+    assert (m, n) == (82.0, 3) and s == pytest.approx(2.0)
+    lo, hi = report.t_ci([80.0, 82.0, 84.0])
+    assert (hi - lo) / 2 == pytest.approx(4.303 * 2 / math.sqrt(3)) and (lo + hi) / 2 == pytest.approx(82.0)
+    assert report.t_ci([80.0]) is None and math.isnan(report.mean_std([80.0])[1])
+    assert report.mean_std([])[2] == 0
+    assert report.t975(1) == 12.706 and report.t975(2) == 4.303 and report.t975(30) == 2.042
+    assert report.t975(31) == 1.96
+    assert report.binomial_se(0.5, 100) == pytest.approx(0.05)
+
+
+def test_paired_uses_only_common_seeds():
+    p = report.paired({0: 80.0, 1: 82.0, 2: 84.0}, {1: 80.0, 2: 81.0, 3: 99.0})
+    assert p["seeds"] == [1, 2] and p["diffs"] == [2.0, 3.0] and p["mean"] == 2.5
+    half = 12.706 * math.sqrt(0.5) / math.sqrt(2)
+    assert p["ci"] == pytest.approx((2.5 - half, 2.5 + half)) and p["excludes_zero"] is False
+    one = report.paired({0: 80.0}, {0: 70.0, 1: 60.0})
+    assert one["n"] == 1 and one["ci"] is None and one["excludes_zero"] is None
+    assert report.paired({0: 1.0}, {1: 1.0})["n"] == 0
+    assert report.paired({0: 90.0, 1: 91.0, 2: 92.5}, {0: 80.0, 1: 80.0, 2: 80.0})["excludes_zero"] is True
+
+
+def test_formatting():
+    assert report.num(-0.04, sign=True) == "+0.0" and report.num(None) == "—" and report.pct(0.8254) == "82.5"
+    assert report.mean_pm(82.0, 2.0, 3) == "82.0 ± 2.0" and report.mean_pm(82.0, math.nan, 1) == "82.0"
+    assert report.mib(2 ** 20 * 2.5, 3) == "2.500" and report.count(244224) == "244,224"
+
+
+# ---- the report ----------------------------------------------------------------------------------------------
+
+def test_full_report_tables(tmp_path):
+    folder = write(tmp_path / "res", full_study(), SELECTION)
+    out = tmp_path / "results.md"
+    assert run(folder, out) == 0
+    text = out.read_text()
+    t2 = section(text, "table2")
+    assert "| FedSODA | 82.0 ± 2.0 | [77.0, 87.0] | 3 |" in t2
+    assert "| FedBiOT | — | — | 0 |" in t2  # missing method: dashes, n = 0
+    assert "| FedPETuning | 91.5 ± 2.1 | [72.4, 110.6] | 2 |" in t2
+    assert "| base model | 52.0 | — | 1 |" in t2
+    # FedSODA - FedPETuning paired on seeds 0 and 2 only: 80 - 90, 84 - 93
+    assert "| FedSODA − FedPETuning | 0, 2 | -9.5 |" in t2 and "s0 -10.0, s2 -9.0" in t2
+    se = 100 * math.sqrt(0.82 * 0.18 / 872)
+    assert f"| 3 | {se:.1f} |" in t2
+    assert "#### gsm8k" not in t2  # the gsm8k stage's "main" runs are not Table-2 runs
+    assert "| 2.112 | 145.2 | 244,224 |" in t2
+    lr = section(text, "lr")
+    assert "| sst2 | FedSODA | **80.0** | 70.0 | **0.001** |" in lr
+    t3 = section(text, "table3")
+    assert "| w/o re-alignment (no_re_align) | — | 70.0 ± 0.0 | 3 | -12.0 |" in t3
+    assert "| w/o pre-alignment (no_pre_align) | — | — | 0 | — |" in t3
+    t4 = section(text, "table4")
+    assert "| (n, p) | FedSODA (main) | (3, 4) | 5 | 82.0 ± 2.0 | 3 | (reference) |" in t4
+    assert "| (n, p) | n3p2 | (3, 2) | 5 | 78.0 | 1 | -2.0 | — |" in t4
+    assert "| r | no_re_align | (3, 4) | never |" in t4
+    gap = section(text, "gap")
+    # fp32_sub on seeds 0, 2: +5.0, +1.0 -> +3.0; FedPETuning - FedSODA paired: +9.5 -> 3.0 / 9.5 = 31.6 %
+    assert "| NF4 off (fp32_sub) | FedSODA | `quant.enabled=false` | 85.0 ± 0.0 | 2 | +3.0 |" in gap
+    assert f"| {100 * 3.0 / 9.5:.1f} | 5.500 |" in gap
+    assert "| FedPETuning (main) | FedPETuning | — | 91.5 ± 2.1 | 2 | +9.5 |" in gap and "| 100.0 |" in gap
+    t9 = section(text, "table9")
+    assert "VALIDATION" in t9 and "FedOT's target: 70.0%" in t9
+    # FedSODA's mean curve 72, 77, 80, 81, 82 reaches 70 at round 2; FedOT's 50, 60, 65, 70, 70 at round 8
+    assert "| FedSODA | 3 | 2 | 72.0 | 82.0 |" in t9 and "| FedOT | 3 | 8 | 70.0 | 70.0 |" in t9
+    gsm = section(text, "gsm8k")
+    assert "| FedSODA | 0 | 0.001 | 3.0 | 1,319 |" in gsm and "| FedPETuning | 0 |" in gsm
+    setup = section(text, "setup")
+    assert "`abc123`" in setup and "sst2: 872" in setup and "gsm8k: 1319" in setup and "17 run summaries" in setup
+
+
+def test_not_reached(tmp_path):
+    runs = [summary("fedot", seed=0, acc=0.8, val=[0.6, 0.7, 0.8, 0.85, 0.9]),
+            summary("fedbiot", seed=0, acc=0.8, val=[0.6, 0.7, 0.8, 0.85, 0.89])]
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", runs), out) == 0
+    t9 = section(out.read_text(), "table9")
+    assert "| FedBiOT | 1 | not reached | — | 89.0 |" in t9 and "| FedOT | 1 | 10 | 90.0 | 90.0 |" in t9
+
+
+def test_partial_study_renders_dashes(tmp_path):
+    folder = write(tmp_path / "res", [summary("fedot", seed=1, acc=0.7, stage="seeds")])
+    out = tmp_path / "r.md"
+    assert run(folder, out) == 0
+    text = out.read_text()
+    for name in report.SECTIONS:
+        assert f"<!-- report:begin {name} -->" in text and f"<!-- report:end {name} -->" in text
+    t2 = section(text, "table2")
+    assert "| FedOT | 70.0 | — | 1 |" in t2 and "| FedSODA | — | — | 0 |" in t2
+    assert "| base model | — | — | 0 |" in t2 and "| FedSODA − FedOT | — | — |" in t2
+    assert "FedOT's target: 70.0%" in section(text, "table9")
+    assert "No gsm8k runs yet" in section(text, "gsm8k") and "No grid runs yet" in section(text, "lr")
+    # only grid runs before the selection (variant ""): no Table-2 numbers, no crash
+    folder2 = write(tmp_path / "res2", [summary("fedsoda", seed=0, variant="")])
+    assert run(folder2, tmp_path / "r2.md") == 0
+    assert "pending" in section((tmp_path / "r2.md").read_text(), "lr")
+
+
+def test_markers_replaced_outside_kept_and_deterministic(tmp_path, capsys):
+    folder = write(tmp_path / "res", full_study(), SELECTION)
+    out = tmp_path / "results.md"
+    out.write_text("# My results\n\nHand-written intro 12.3%.\n\n<!-- report:begin table2 -->\nOLD TABLE\n"
+                   "<!-- report:end table2 -->\n\nMiddle text.\n\n<!-- report:begin mystery -->\nkeep me\n"
+                   "<!-- report:end mystery -->\n<!-- report:begin curves -->\n<!-- report:end curves -->\nTail.\n")
+    assert run(folder, out) == 0
+    first = out.read_bytes()
+    text = first.decode()
+    assert "OLD TABLE" not in text and "| FedSODA | 82.0 ± 2.0 |" in text
+    assert text.startswith("# My results\n\nHand-written intro 12.3%.\n\n<!-- report:begin table2 -->\n")
+    assert "\nMiddle text.\n" in text and text.endswith("<!-- report:end curves -->\nTail.\n")
+    assert "<!-- report:begin mystery -->\nkeep me\n<!-- report:end mystery -->" in text
+    assert "setup" not in text  # sections without markers are not added to an existing file
+    err = capsys.readouterr().err
+    assert "unknown report section 'mystery'" in err and "no section(s) setup, lr, table3" in err
+    assert run(folder, out) == 0
+    assert out.read_bytes() == first
+    # a fresh file: twice from scratch gives the same bytes
+    a, b = tmp_path / "a" / "r.md", tmp_path / "b" / "r.md"
+    for p in (a, b):
+        p.parent.mkdir()
+        assert run(folder, p, "--figures", str(tmp_path / "figs")) == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_figure_written_and_linked(tmp_path):
+    folder = write(tmp_path / "res", full_study(), SELECTION)
+    out = tmp_path / "docs" / "results.md"
+    out.parent.mkdir()
+    assert run(folder, out) == 0
+    png = tmp_path / "docs" / "gallery" / "syn_curves_sst2.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "(gallery/syn_curves_sst2.png)" in section(out.read_text(), "curves")
+    assert run(folder, out, "--figures", str(tmp_path / "figs")) == 0
+    assert (tmp_path / "figs" / "syn_curves_sst2.png").is_file()
+    assert "(../figs/syn_curves_sst2.png)" in section(out.read_text(), "curves")
+
+
+def one_line_error(capsys, code: int, *needles: str) -> None:
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert all(n in err for n in needles), err
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "selection.json").write_text("{}")
+    one_line_error(capsys, run(empty, tmp_path / "r.md"), "no run summaries")
+    one_line_error(capsys, run(tmp_path / "nowhere", tmp_path / "r.md"), "not a folder")
+    bad = write(tmp_path / "bad", [summary()])
+    (bad / "broken-run.json").write_text("{not json")
+    one_line_error(capsys, run(bad, tmp_path / "r.md"), "broken-run.json")
+    odd = write(tmp_path / "odd", [summary()])
+    (odd / "odd-run.json").write_text(json.dumps({"run": "x"}))
+    one_line_error(capsys, run(odd, tmp_path / "r.md"), "odd-run.json", "stage")
+    good = write(tmp_path / "good", [summary()])
+    one_line_error(capsys, run(good, tmp_path / "missing" / "r.md"), "does not exist")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_command_line(tmp_path):
+    """The script as documented, in a fresh interpreter (finds analysis/common.py by itself)."""
+    folder = write(tmp_path / "res", [summary()])
+    out = tmp_path / "r.md"
+    p = subprocess.run([sys.executable, str(ROOT / "analysis" / "report.py"), str(folder), "--out", str(out)],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "| FedSODA | 80.0 | — | 1 |" in out.read_text()
+    assert (tmp_path / "gallery" / "syn_curves_sst2.png").is_file()
+    p = subprocess.run([sys.executable, str(ROOT / "analysis" / "report.py"), str(tmp_path / "none"),
+                        "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1

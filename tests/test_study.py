@@ -1,0 +1,175 @@
+"""Studies (fedsoda_mpi/study.py): expansion of the shipped study files, lr selection on validation rows,
+summaries of a run file, bad study files. No model, no MPI: the end-to-end route is in test_integration."""
+import json
+import math
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from fedsoda_mpi import study as S
+from tests.conftest import ROOT
+
+TOY = {"name": "toy", "job": "jobs/smollm2_sst2_iid.yaml", "overrides": {"fed.rounds": 4, "eval.every": 2},
+       "grid": {"methods": ["fedsoda", "fedot"], "tasks": ["sst2"], "seeds": [0, 1, 2], "lr": [1e-3, 3e-3]},
+       "variants": [{"group": "ablation", "name": "no_pre", "method": "fedsoda", "tasks": ["sst2"],
+                     "overrides": {"oda.pre_align": False}},
+                    {"group": "gsm", "name": "main", "methods": ["fedsoda", "fedot"], "tasks": ["gsm8k"],
+                     "seeds": [0], "lr_task": "sst2"},
+                    {"group": "noniid", "name": "dir", "method": "fedot", "tasks": ["sst2"],
+                     "splits": ["dirichlet-0.5"], "lr_split": "iid", "seeds": [0]}]}
+
+
+def _write(tmp_path, spec) -> str:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_shipped_studies_expand_and_validate():
+    cpu = S.load(ROOT / "studies/cpu_smollm2.yaml")
+    assert len(cpu.stage("grid")) == 4 * 2 * 3 and len(cpu.stage("seeds")) == 4 * 2 * 2  # methods x tasks x ...
+    assert {r.method for r in cpu.stage("grid")} == {"fedsoda", "fedpetuning", "fedot", "fedbiot"}
+    assert sum("eval.base=true" in r.overrides for r in cpu.runs) == 3  # once per task: sst2, boolq, gsm8k
+    paper = S.load(ROOT / "studies/paper.yaml")
+    grid = paper.stage("grid")
+    assert len(grid) == 4 * 3 * 3 * 3 * 3 and {r.lr for r in grid} == {1e-5, 5e-5, 1e-4}  # every seed at every lr
+    assert {r.model for r in grid} == {"llama3", "qwen2", "mistral"} and all(r.np == 11 for r in paper.runs)
+    assert all(r.job == f"jobs/{r.model}_{r.task}_iid.yaml" for r in paper.runs)
+    assert {r.split for r in paper.stage("noniid")} == {"dirichlet-0.1", "dirichlet-0.5", "dirichlet-1.0"}
+    assert all(r.key[3] == "iid" for r in paper.stage("noniid"))  # at the IID-selected lr
+    assert len({r.id for r in paper.runs}) == len(paper.runs)
+
+
+def test_run_arguments_set_method_task_split_seed_and_lr(tmp_path):
+    st = S.load(_write(tmp_path, TOY))
+    run = next(r for r in st.runs if r.stage == "noniid")
+    args = run.args(0.002, tmp_path / "r")
+    assert args[:2] == ["--config", "jobs/smollm2_sst2_iid.yaml"]
+    for want in ("method=fedot", "data.task=sst2", "data.split=dirichlet", "data.dirichlet_beta=0.5", "seed=0",
+                 "fed.lr=0.002", "fed.rounds=4", f"output.dir={tmp_path / 'r'}", "resume=auto"):
+        assert want in args
+    cfg = S.load_config(args[1], args[2:])
+    assert cfg.method == "fedot" and cfg.fed.mu == 0.0 and cfg.data.dirichlet_beta == 0.5 and cfg.fed.lr == 0.002
+
+
+def _summary(run, val, acc=0.8):
+    return {"run": run.id, "variant": run.variant, "val_accuracy": val, "accuracy": acc}
+
+
+def test_selection_uses_validation_only_and_waits_for_the_whole_grid(tmp_path):
+    st = S.load(_write(tmp_path, TOY))
+    grid = {(r.method, r.lr): r for r in st.stage("grid")}
+    res = tmp_path / "results"
+    res.mkdir()
+    # fedsoda: 3e-3 is better on validation although 1e-3 has the better TEST accuracy (never looked at)
+    for (method, lr), val, acc in ((("fedsoda", 1e-3), 0.70, 0.95), (("fedsoda", 3e-3), 0.75, 0.60),
+                                   (("fedot", 1e-3), 0.60, 0.5)):
+        (res / f"{grid[method, lr].id}.json").write_text(json.dumps(_summary(grid[method, lr], val, acc)))
+    chosen = S.write_selection(st, res)
+    assert chosen == {("fedsoda", "sst2", "smollm2", "iid"): 3e-3}  # fedot's grid is incomplete: no choice yet
+    assert json.loads((res / f"{grid['fedsoda', 3e-3].id}.json").read_text())["variant"] == "main"
+    assert json.loads((res / f"{grid['fedsoda', 1e-3].id}.json").read_text())["variant"] == "lr=0.001"
+    sel = json.loads((res / "selection.json").read_text())["selected"]
+    assert sel[0]["lr"] == 3e-3 and sel[0]["val_accuracy"] == {"0.001/s0": 0.70, "0.003/s0": 0.75}
+    seeds1 = next(r for r in st.stage("seeds") if r.method == "fedsoda" and r.seed == 1)
+    assert S.lr_for(seeds1, chosen) == 3e-3
+    gsm = {r.method: r for r in st.stage("gsm")}
+    assert S.lr_for(gsm["fedsoda"], chosen) == 3e-3 and S.lr_for(gsm["fedot"], chosen) is None
+    (res / f"{grid['fedot', 3e-3].id}.json").write_text(json.dumps(_summary(grid["fedot", 3e-3], 0.60)))
+    chosen = S.select(st, S.summaries(res))
+    assert chosen[("fedot", "sst2", "smollm2", "iid")] == 1e-3  # a tie goes to the smaller lr
+    noniid = st.stage("noniid")[0]
+    assert S.lr_for(noniid, chosen) == 1e-3
+
+
+def test_task_args_of_an_array_index(tmp_path, capsys):
+    path = _write(tmp_path, TOY)
+    st = S.load(path)
+    res = tmp_path / "results"
+    assert S.main(["args", path, "grid", "1", "--results", str(res), "--runs", str(tmp_path / "runs")]) == 0
+    assert f"output.dir={tmp_path / 'runs' / st.stage('grid')[1].id}" in capsys.readouterr().out
+    assert S.main(["args", path, "seeds", "0", "--results", str(res)]) == 2  # no selection yet
+    assert "no selected lr" in capsys.readouterr().err
+    assert S.main(["args", path, "grid", "99", "--results", str(res)]) == 2
+    assert "out of range" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"name": "x"}, "at least: name, grid"),
+    ({**TOY, "grdi": {}}, "unknown key"),
+    ({**TOY, "grid": {**TOY["grid"], "select_seeds": [7]}}, "select_seeds"),
+    ({**TOY, "grid": {**TOY["grid"], "splits": ["shards"]}}, "dirichlet-<beta>"),
+    ({**TOY, "variants": [{"name": "v", "method": "fedsoda", "tasks": ["sst2"], "overrides": {"fed.rouns": 2}}]},
+     "did you mean 'fed.rounds'"),
+    ({**TOY, "variants": [{"name": "v", "method": "fedsoda", "tasks": ["sst2"], "lr_form": "x"}]}, "unknown key"),
+    ({**TOY, "variants": [TOY["variants"][0], TOY["variants"][0]]}, "appears twice"),
+    ({**TOY, "overrides": {"fed.rounds": 5, "eval.every": 2}}, "eval.every that divides"),
+])
+def test_bad_study_files_fail_with_one_line(tmp_path, capsys, spec, message):
+    assert S.main(["list", _write(tmp_path, spec)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedsoda-mpi: study error:") and message in err and err.count("\n") == 1
+
+
+def test_summary_of_a_run_file(tmp_path):
+    """summarize() reads only /final, /base, /rounds, /oda/pre, /sgp and the root attributes."""
+    st = S.load(_write(tmp_path, TOY))
+    run = st.stage("grid")[0]
+    with h5py.File(tmp_path / "run.h5", "w") as f:
+        cfg = S.load_config(None, ["fed.rounds=2", "fed.clients=2", "data.max_train_per_client=16",
+                                   "eval.dtype=bfloat16"]).to_dict()
+        f.attrs.update({"config_json": json.dumps(cfg), "world_size": 3, "git_commit": "abc"})
+        f["final"] = np.zeros(0)
+        f["final"].attrs.update({"accuracy": 0.81, "sub_accuracy": 0.7, "val_accuracy": 0.79, "n_eval": 872, "n_val": 300,
+                                 "comm_bytes_per_round": 2.5e6, "client_model_bytes": 10, "full_model_bytes": 30,
+                                 "trainable_params": 5})
+        f.create_group("base").attrs.update({"accuracy": float("nan"), "n": 0})
+        r = f.create_group("rounds")
+        r["round"], r["eval_acc"] = np.array([1, 2]), np.array([np.nan, 0.79], np.float32)
+        r["train_loss"] = np.array([[1.0, 3.0], [np.nan, np.nan]], np.float32)
+        r["realigned"], r["wall_s"] = np.array([0, 1], np.int8), np.array([2.0, 3.0])
+    out = S.summarize(run, tmp_path, 1e-3, "toy")
+    assert out["accuracy"] == 0.81 and out["val_accuracy"] == 0.79 and out["base_accuracy"] is None
+    assert out["eval_acc"] == [None, pytest.approx(0.79)] and out["train_loss"] == [2.0, None]
+    assert out["kl_after"] is None and out["commit"] == "abc" and out["lr"] == 1e-3 and out["n_eval"] == 872
+    assert out["settings"]["sgp_p"] == 4 and out["settings"]["mu"] == 0.01 and out["eval_rounds_on"] == "val"
+    assert len(json.dumps(out)) < 4096
+    assert not math.isnan(out["wall_s"])
+
+
+@pytest.mark.mpi
+@pytest.mark.real
+@pytest.mark.slow
+def test_local_route_runs_selects_and_summarizes(smollm2_dir, tmp_path):
+    """`study run`: a 2-lr grid of one method under real mpirun, then the selected-lr seed run; each leaves a
+    summary, and the seed run's config carries the lr chosen on validation rows."""
+    import subprocess
+    import sys
+
+    spec = {"name": "tiny", "job": "jobs/smollm2_sst2_iid.yaml", "np": 2, "base_eval": "once",
+            "overrides": {"fed.rounds": 1, "fed.clients": 1, "fed.local_steps": 1, "data.max_train_per_client": 4,
+                          "data.val_size": 8, "eval.every": 1, "eval.max_examples": 8, "data.public_samples": 4,
+                          "oda.pre_epochs": 0, "oda.re_align": False},
+            "grid": {"methods": ["fedsoda"], "tasks": ["sst2"], "seeds": [0, 1], "lr": [1e-3, 3e-3]}}
+    path = _write(tmp_path, spec)
+    res, runs = tmp_path / "results", tmp_path / "runs"
+    p = subprocess.run([sys.executable, "-m", "fedsoda_mpi.study", "run", path, "--results", str(res), "--runs",
+                        str(runs)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    done = S.summaries(res)
+    assert sorted(done) == sorted(r.id for r in S.load(path).runs)
+    sel = json.loads((res / "selection.json").read_text())["selected"][0]
+    seed1 = done["seeds-fedsoda-sst2-smollm2-iid-s1"]
+    assert seed1["lr"] == sel["lr"] and seed1["variant"] == "main" and seed1["n_val"] == 8 and seed1["n_eval"] == 8
+    grid = [s for s in done.values() if s["stage"] == "grid"]
+    assert sorted(s["variant"] for s in grid) == sorted(["main", f"lr={[x for x in (1e-3, 3e-3) if x != sel['lr']][0]:g}"])
+    assert sum(s["base_accuracy"] is not None for s in done.values()) == 1
+    with h5py.File(runs / seed1["run"] / "run.h5", "r") as f:
+        cfg = json.loads(f.attrs["config_json"])
+        assert cfg["fed"]["lr"] == sel["lr"] and cfg["seed"] == 1
+        assert f["data/val_index"].shape == (8,) and f["data"].attrs["val_seed"] == 2508
+    again = subprocess.run([sys.executable, "-m", "fedsoda_mpi.study", "run", path, "--results", str(res), "--runs",
+                            str(runs)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 0 and "mpirun" not in again.stdout  # everything done: nothing is run again
