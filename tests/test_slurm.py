@@ -2,7 +2,7 @@
 
 The MPI route (srun --mpi=pmix and the venv's mpirun, see slurm/common.sh), the preemption hook,
 a real toy FedSODA run through `sbatch slurm/llama3_iid.sh`, and the whole dependency graph of
-`slurm/submit_all.sh` (prepare -> a 2-task non-IID array -> analyze). Job states come from `sacct -c`
+`slurm/submit_all.sh` with a study (prepare -> grid array -> select -> arrays -> report). Job states come from `sacct -c`
 (`sbatch --wait` returns 0 for a job cancelled before it ran).
 """
 import os
@@ -146,32 +146,71 @@ def test_llama3_iid_script_toy_run(cluster, tmp_path):
     print(f"llama3_iid.sh toy run: {time.time() - t0:.0f} s")
 
 
-def test_submit_all_graph_prepare_array_analyze(cluster, tmp_path):
-    """submit_all.sh: prepare -> 2-task non-IID array (Dirichlet beta 0.1, 0.5) -> analyze, chained by afterok."""
-    env = job_env(tmp_path, JOB_CONFIG="jobs/smollm2_sst2_iid.yaml", FEDSODA_OVERRIDES=TOY, MODELS="",
-                  STUDIES="noniid", SUBMIT_RUN_ARGS="--ntasks=3 --array=0-1")
-    res = subprocess.run(["bash", "slurm/submit_all.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=120)
+def _submitted(stdout: str) -> dict[str, list[str]]:
+    """submit_all.sh's lines ("prepare ID", "array ID STAGE N", "select ID", "report ID") by kind."""
+    out: dict[str, list[str]] = {}
+    for line in stdout.strip().splitlines():
+        kind, *rest = line.split()
+        out.setdefault(kind, []).append(" ".join(rest))
+    return out
+
+
+def test_submit_all_runs_a_toy_study_graph(cluster, tmp_path):
+    """submit_all.sh STUDY: prepare -> grid array -> select -> seeds + variant arrays -> report, chained by
+    afterok; every run leaves its summary, the seed run trains at the lr chosen on validation rows."""
+    import json
+
+    import yaml
+
+    study = tmp_path / "toy.yaml"
+    study.write_text(yaml.safe_dump({
+        "name": "toy", "job": "jobs/smollm2_sst2_iid.yaml", "np": 3, "base_eval": "once",
+        "overrides": {"fed.rounds": 1, "fed.clients": 2, "fed.local_steps": 1, "data.max_train_per_client": 4,
+                      "data.val_size": 8, "eval.every": 1, "eval.max_examples": 8, "data.public_samples": 4,
+                      "oda.pre_epochs": 0, "oda.re_align": False},
+        "grid": {"methods": ["fedsoda"], "tasks": ["sst2"], "seeds": [0, 1], "lr": [1e-3, 3e-3]},
+        "variants": [{"group": "ablation", "name": "nf4_off", "method": "fedsoda", "tasks": ["sst2"], "seeds": [0],
+                      "overrides": {"quant.enabled": False}}]}))
+    env = job_env(tmp_path, STUDY_RESULTS=str(tmp_path / "results"))
+    res = subprocess.run(["bash", "slurm/submit_all.sh", str(study)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    ids = dict(line.split()[:2] for line in res.stdout.strip().splitlines())
-    assert set(ids) == {"prepare", "array", "analyze"}, res.stdout
-    done = wait_done(ids["analyze"], timeout=1500)
+    jobs = _submitted(res.stdout)
+    assert sorted(jobs) == ["array", "prepare", "report", "select"], res.stdout
+    assert sorted(a.split()[1:] for a in jobs["array"]) == [["ablation", "1"], ["grid", "2"], ["seeds", "1"]]
+    done = wait_done(jobs["report"][0], timeout=1500)
     logs = "\n".join(p.read_text()[-3000:] for p in sorted((tmp_path / "logs").glob("*.out")))
     assert done == ("COMPLETED", "0:0"), logs
-    assert state(ids["prepare"]) == ("COMPLETED", "0:0"), logs
-    # the job completion log records each array task under its own job id (sacct -c cannot parse
-    # its ArrayJobId field): the array's tasks are the noniid jobs submitted after prepare
-    tasks = [(s, e) for j, (n, s, e) in all_jobs().items() if n == "noniid" and int(j) > int(ids["prepare"])]
-    assert tasks == [("COMPLETED", "0:0")] * 2, logs
-    arr = ids["array"]
-    for task, beta in ((0, "0.1"), (1, "0.5")):
-        with h5py.File(tmp_path / f"noniid-beta{beta}-{arr}_{task}" / "run.h5", "r") as f:
-            assert '"split": "dirichlet"' in f.attrs["config_json"]
-            assert f'"dirichlet_beta": {beta}' in f.attrs["config_json"]
-    fig = tmp_path / "figures"
-    for name in ("rounds.png", "comm.pdf", f"distance_profile_noniid-beta0.1-{arr}_0.png", "table.md", "table.tex"):
-        assert (fig / name).stat().st_size > 0, name
-    assert (fig / "table.md").read_text().count("| smollm2-135m |") == 2
+    names = {r.split()[0] for r in jobs["array"]}
+    tasks = [(s, e) for j, (n, s, e) in all_jobs().items() if n.startswith("toy-") and int(j) > int(jobs["prepare"][0])]
+    assert len(tasks) == 4 and set(tasks) == {("COMPLETED", "0:0")}, (names, logs)
+    summaries = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "results").glob("*.json")}
+    sel = summaries.pop("selection")["selected"][0]["lr"]
+    assert len(summaries) == 4 and summaries["seeds-fedsoda-sst2-smollm2-iid-s1"]["lr"] == sel
+    assert summaries["ablation.nf4_off-fedsoda-sst2-smollm2-iid-s0"]["settings"]["quant"] is False
+    assert (tmp_path / "toy" / "results.md").read_text().count("report:begin") >= 5
+
+
+def test_submit_all_submits_every_run_of_the_paper_study(cluster, tmp_path):
+    """studies/paper.yaml through submit_all.sh (every job held, then cancelled): one array per stage with
+    one task per run (4 methods x 3 models x 3 tasks x 3 seeds x 3 lr in the grid), 11 ranks each."""
+    env = job_env(tmp_path, SUBMIT_ARGS="--hold")
+    res = subprocess.run(["bash", "slurm/submit_all.sh", "studies/paper.yaml"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    jobs = _submitted(res.stdout)
+    ids = [j.split()[0] for kind in jobs.values() for j in kind]
+    try:
+        assert res.returncode == 0, res.stderr
+        arrays = {a.split()[1]: (a.split()[0], int(a.split()[2])) for a in jobs["array"]}
+        assert {k: n for k, (_, n) in arrays.items()} == {"grid": 324, "ablation": 81, "param": 36, "noniid": 324,
+                                                          "public": 9}
+        for stage, (jid, n) in arrays.items():
+            show = subprocess.run(["scontrol", "show", "job", jid], capture_output=True, text=True, timeout=60).stdout
+            assert f"ArrayTaskId=0-{n - 1}" in show and "NumTasks=11" in show, show[:2000]
+            want = jobs["prepare"][0] if stage == "grid" else jobs["select"][0]
+            assert f"afterok:{want}" in show, show[:2000]
+    finally:
+        subprocess.run(["scancel", *ids], timeout=60)
 
 
 def test_usr1_checkpoints_requeues_and_the_job_matches_an_uninterrupted_one(cluster, tmp_path):
