@@ -9,6 +9,8 @@ import argparse
 import json
 import os
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")  # must precede the h5py import
@@ -26,17 +28,79 @@ plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "font.size": 10, "ax
 
 
 class RunFileError(ValueError):
-    """A run file is missing or lacks what a script needs."""
+    """A run file is missing, unreadable, damaged or not a fedsoda-mpi run file."""
+
+
+class OutDirError(ValueError):
+    """The `--out` folder cannot be created or written."""
+
+
+def _h5_reason(exc: Exception) -> str:
+    """The reason inside an h5py message `Unable to ... open object (REASON)`, else the message."""
+    text = str(exc.args[0]) if exc.args else str(exc)
+    return text[text.find("(") + 1:text.rfind(")")] if text.startswith("Unable to") and "(" in text else text
+
+
+def _hdf5_problem(exc: OSError) -> str:
+    """Why h5py could not open a file, in words."""
+    reason = _h5_reason(exc)
+    if "file signature not found" in reason:
+        return "not an HDF5 file (expected a run.h5 written by fedsoda-mpi)"
+    if reason.startswith("truncated file"):
+        fields = dict(part.strip().split(" = ") for part in reason.split(":", 1)[1].split(",") if " = " in part)
+        return (f"truncated HDF5 file ({fields.get('eof', '?')} of {fields.get('stored_eof', '?')} bytes; "
+                "an interrupted copy or a full disk?)")
+    return f"cannot be opened as HDF5 ({reason})"
+
+
+def check_run_file(f: h5py.File) -> None:
+    """Raise RunFileError unless `f` looks like a fedsoda-mpi run file: a root `config_json` attribute
+    holding a JSON object (runlog.open_h5 writes it when the run starts)."""
+    if "config_json" not in f.attrs:
+        raise RunFileError(f"{f.filename}: not a fedsoda-mpi run file (no root attribute config_json)")
+    try:
+        ok = isinstance(json.loads(attr_str(f, "config_json")), dict)
+    except (ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise RunFileError(f"{f.filename}: not a fedsoda-mpi run file "
+                           "(root attribute config_json is not a JSON object)")
 
 
 def open_run(path: str | Path) -> h5py.File:
-    """Open `path` (a run.h5, or a run folder holding one) read-only."""
+    """Open `path` (a run.h5, or a run folder holding one) read-only; RunFileError if it is missing,
+    not HDF5, truncated or not a fedsoda-mpi run file."""
     path = Path(path)
     if path.is_dir():
         path = path / "run.h5"
     if not path.is_file():
         raise RunFileError(f"no run file at {path}")
-    return h5py.File(path, "r")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise RunFileError(f"{path}: {_hdf5_problem(exc)}") from None
+    try:
+        check_run_file(f)
+    except RunFileError:
+        f.close()
+        raise
+    return f
+
+
+@contextmanager
+def reading(f: h5py.File):
+    """Turn a missing dataset or attribute, unreadable data or an unexpected shape met while reading
+    run file `f` into a RunFileError naming the file (a run file of another version or program)."""
+    try:
+        yield
+    except RunFileError:
+        raise
+    except KeyError as exc:  # h5py: a missing dataset, group or attribute
+        raise RunFileError(f"{f.filename}: unexpected content ({_h5_reason(exc)}); "
+                           "is it a run file of this fedsoda-mpi version?") from None
+    except (OSError, ValueError, IndexError, TypeError) as exc:
+        raise RunFileError(f"{f.filename}: unexpected content ({type(exc).__name__}: {_h5_reason(exc)}); "
+                           "is it a run file of this fedsoda-mpi version?") from None
 
 
 def open_runs(paths: list, need: str) -> list[h5py.File]:
@@ -52,6 +116,43 @@ def open_runs(paths: list, need: str) -> list[h5py.File]:
     if not files:
         raise RunFileError(f"none of the {len(paths)} run file(s) has /{need}")
     return files
+
+
+def _can_write_in(folder: Path) -> str:
+    """'' if a file can be created in `folder` (tried with a temporary file, as root ignores modes), else why not."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return ""
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
+def check_out(path: str | Path) -> Path:
+    """Check, creating nothing, that the `--out` folder `path` exists and is writable or can be created;
+    OutDirError naming it otherwise. Scripts call it before reading any run, so a bad `--out` fails at once."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutDirError(f"--out {path}: exists and is not a folder")
+    base = path
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if base != path and not base.is_dir():
+        raise OutDirError(f"--out {path}: cannot create the folder ({base} is not a folder)")
+    why = _can_write_in(base)
+    if why:
+        raise OutDirError(f"--out {path}: cannot write in the folder ({why})" if base == path else
+                          f"--out {path}: cannot create the folder ({base}: {why})")
+    return path
+
+
+def out_dir(path: str | Path) -> Path:
+    """The `--out` folder `path`, checked (`check_out`) and created with its parents."""
+    path = check_out(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutDirError(f"--out {path}: cannot create the folder ({exc.strerror or exc})") from None
+    return path
 
 
 def attr_str(obj, key: str, default: str = "") -> str:
@@ -106,15 +207,28 @@ def legend(fig, ax) -> None:
         fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=3, fontsize=8)
 
 
-def save(fig, out_dir: str | Path, stem: str) -> list[Path]:
-    """Save `fig` as `<out_dir>/<stem>.png` and `.pdf`, close it, and return both paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{stem}.{ext}" for ext in ("png", "pdf")]
-    for p in paths:
-        fig.savefig(p, bbox_inches="tight")
-    plt.close(fig)
+def save(fig, out: str | Path, stem: str) -> list[Path]:
+    """Save `fig` as `<out>/<stem>.png` and `.pdf`, close it, and return both paths."""
+    out = out_dir(out)
+    paths = [out / f"{stem}.{ext}" for ext in ("png", "pdf")]
+    try:
+        for p in paths:
+            fig.savefig(p, bbox_inches="tight")
+    except OSError as exc:
+        raise OutDirError(f"--out {out}: cannot write {p.name} ({exc.strerror or exc})") from None
+    finally:
+        plt.close(fig)
     return paths
+
+
+def write_text(out: str | Path, name: str, text: str) -> Path:
+    """Write `text` to `<out>/<name>`; OutDirError naming the file if that fails."""
+    path = out_dir(out) / name
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise OutDirError(f"--out {out}: cannot write {name} ({exc.strerror or exc})") from None
+    return path
 
 
 def byte_unit(max_bytes: float) -> tuple[float, str]:
@@ -133,10 +247,10 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def main_guard(fn) -> int:
-    """Run `fn()`; a RunFileError becomes one line on stderr and exit code 2."""
+    """Run `fn()`; a RunFileError or OutDirError becomes one line on stderr and exit code 2."""
     try:
         fn()
-    except RunFileError as e:
+    except (RunFileError, OutDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -145,10 +259,12 @@ def main_guard(fn) -> int:
 def plot_cli(doc: str, need: str, plot, per_run: bool = False) -> int:
     """The command line of a plot script: `SCRIPT RUN.h5 ... [--out DIR]`; prints the files written.
 
-    `plot(files, out)` gets every run holding `need`, or `plot(file, out)` one run at a time with per_run."""
+    `plot(files, out)` gets every run holding `need`, or `plot(file, out)` one run at a time with per_run.
+    `--out` is checked first; reading errors inside `plot` name their file where the script uses `reading`."""
     args = parser(doc.split("\n")[0]).parse_args()
 
     def go():
+        check_out(args.out)
         files = open_runs(args.runs, need)
         for path in (p for f in files for p in plot(f, args.out)) if per_run else plot(files, args.out):
             print(path)

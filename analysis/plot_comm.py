@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common import byte_unit, labels, legend, plot_cli, plt, round_axis, save
+from common import byte_unit, labels, legend, plot_cli, plt, reading, round_axis, save
 
 
 def bytes_per_round(f) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -23,7 +23,10 @@ def bytes_per_round(f) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def plot(files: list, out: str) -> list:
-    data = [bytes_per_round(f) for f in files]
+    data = []
+    for f in files:
+        with reading(f):
+            data.append(bytes_per_round(f))
     peak = max((float(np.sum(u + d)) for _, u, d in data), default=1.0)
     scale, unit = byte_unit(max(peak, 1.0))
     fig, (ax_r, ax_c) = plt.subplots(1, 2, figsize=(11, 4))

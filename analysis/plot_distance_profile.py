@@ -14,14 +14,13 @@ import numpy as np
 from matplotlib.patches import Rectangle
 from matplotlib.patheffects import withStroke
 
-from common import plot_cli, plt, round_axis, run_label, run_name, save
+from common import plot_cli, plt, reading, round_axis, run_label, run_name, save
 
 
 def heatmap(ax, f) -> None:
     dist = np.ma.masked_invalid(f["sgp/distance"][:].astype(float))
     n_max, layers = dist.shape
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
     im = ax.imshow(dist, cmap=cmap, aspect="auto", origin="lower", interpolation="nearest",
                    extent=(-0.5, layers - 0.5, 0.5, n_max + 0.5))
     plt.colorbar(im, ax=ax, label=r"angular distance $d(x^l, x^{l+n})$")
@@ -62,8 +61,9 @@ def drift(ax, f) -> None:
 
 def plot(f, out: str) -> list:
     fig, (ax_h, ax_d) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})
-    heatmap(ax_h, f)
-    drift(ax_d, f)
+    with reading(f):
+        heatmap(ax_h, f)
+        drift(ax_d, f)
     fig.suptitle(f"{run_label(f)}  [{run_name(f)}]")
     fig.tight_layout()
     return save(fig, out, f"distance_profile_{run_name(f)}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common import labels, legend, plot_cli, plt, round_axis, save
+from common import labels, legend, plot_cli, plt, reading, round_axis, save
 
 
 def accuracy_points(f) -> tuple[np.ndarray, np.ndarray]:
@@ -39,10 +39,12 @@ def loss_curve(f) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 def plot(files: list, out: str) -> list:
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    last = 1
     for f, label in zip(files, labels(files)):
-        x, y = accuracy_points(f)
+        with reading(f):
+            (x, y), (r, mean, lo, hi) = accuracy_points(f), loss_curve(f)
+            last = max(last, int(f["rounds/round"][-1]))
         line, = ax_acc.plot(x, 100 * y, "o-", label=label)
-        r, mean, lo, hi = loss_curve(f)
         ax_loss.plot(r, mean, "o-", color=line.get_color(), label=label)
         if len(r) > 1:
             ax_loss.fill_between(r, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
@@ -50,7 +52,6 @@ def plot(files: list, out: str) -> list:
             ax_loss.errorbar(r, mean, yerr=[mean - lo, hi - mean], color=line.get_color(), capsize=5)
     ax_acc.set(xlabel="round", ylabel="accuracy of full LLM + adapter (%)", title="Accuracy (round 0 = base model)")
     ax_loss.set(xlabel="round", ylabel="client training loss", title="Training loss (mean, band = min-max over clients)")
-    last = max(int(f["rounds/round"][-1]) for f in files)
     round_axis(ax_acc, [0, last])
     round_axis(ax_loss, [1, last])
     fig.tight_layout()

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
-from common import attr_str, config, main_guard, open_runs
+from common import attr_str, check_out, config, main_guard, open_runs, reading, write_text
 
 HEADERS = ("model", "method", "task", "pre-align", "re-align", "accuracy (%)", "sub-LLM acc. (%)",
            "base acc. (%)", "eval n", "# tr. params", "# comm. params/round", "comm MiB/round",
@@ -78,11 +77,16 @@ def main() -> int:
     args = ap.parse_args()
 
     def go():
-        text = (latex if args.latex else markdown)([row(f) for f in open_runs(args.runs, "final")])
+        if args.out:
+            check_out(args.out)  # a bad --out fails before any run is read
+        rows = []
+        for f in open_runs(args.runs, "final"):
+            with reading(f):
+                rows.append(row(f))
+        text = (latex if args.latex else markdown)(rows)
         print(text, end="")
         if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / ("table.tex" if args.latex else "table.md")).write_text(text)
+            write_text(args.out, "table.tex" if args.latex else "table.md", text)
 
     return main_guard(go)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from common import attr_str, main_guard, open_runs, run_label
+from common import attr_str, main_guard, open_runs, reading, run_label
 
 ROLE_PHASES = {"server": ("realign", "download", "upload", "aggregate", "evaluate", "idle", "other"),
                "clients": ("download", "emulator", "adapter", "upload", "idle", "other")}
@@ -76,7 +76,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     def go():
-        rows = [summary(f, args.first) for f in open_runs(args.runs, "timing/phase_s")]
+        rows = []
+        for f in open_runs(args.runs, "timing/phase_s"):
+            with reading(f):
+                rows.append(summary(f, args.first))
         print(phase_table(rows))
         print()
         print(ratio_table(rows))

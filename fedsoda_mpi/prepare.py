@@ -71,12 +71,17 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def _sha256_mismatch(path: Path, expected: str, got: str, what: str) -> PrepareError:
+    """The checksum error for `what` (file `path`)."""
+    return PrepareError(f"sha256 mismatch for {what} ({path}): expected {expected}, got {got}; "
+                        "the download is corrupted or the source changed: delete it and re-run prepare")
+
+
 def verify_sha256(path: Path, expected: str, what: str) -> str:
     """Raise PrepareError unless `path` has sha256 `expected`; return the digest."""
     got = sha256_of(path)
     if got != expected:
-        raise PrepareError(f"sha256 mismatch for {what} ({path}): expected {expected}, got {got}; "
-                           "the download is corrupted or the source changed: delete it and re-run prepare")
+        raise _sha256_mismatch(path, expected, got, what)
     return got
 
 
@@ -226,24 +231,60 @@ def _read_sums(folder: Path) -> dict[str, str]:
     return sums
 
 
+def _copy_file_verified(src: Path, dst: Path, expected: str | None, what: str) -> None:
+    """Copy `src` to `dst`, hashing the bytes as they are copied; PrepareError naming `src` unless
+    their sha256 is `expected` (None: no checksum known, copy only)."""
+    h = hashlib.sha256()
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        for chunk in iter(lambda: fin.read(1 << 20), b""):
+            h.update(chunk)
+            fout.write(chunk)
+    if expected is not None and h.hexdigest() != expected:
+        raise _sha256_mismatch(src, expected, h.hexdigest(), what)
+
+
+def _install(staged: Path, dest: Path, names: list[str]) -> None:
+    """Move the verified files `names` of `staged` into `dest`: one rename of the whole folder if `dest`
+    does not exist yet, else one rename per file (each atomic; other files of `dest` are kept)."""
+    if not dest.exists():
+        os.replace(staged, dest)
+        return
+    for rel in names:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged / rel, dest / rel)
+
+
 def _copy_verified(src: Path, dest: Path) -> None:
-    """Copy (or verify in place) the task files of `src` into `dest`, checking SHA256SUMS if present."""
+    """Copy (or verify in place) the task files of `src` into `dest`, checking SHA256SUMS if present.
+
+    Every file is copied and checked in a temporary folder beside `dest` first, and only moved into
+    `dest` once all of them match: a corrupt or tampered source leaves `dest` exactly as it was."""
     sums = _read_sums(src)
     missing = [rel for rel in DATA_FILES if not (src / rel).is_file()]
     if missing:
         raise PrepareError(f"{src} lacks {', '.join(missing)}; point --from at a folder laid out like shared/data")
-    in_place = src.resolve() == dest.resolve()
-    for rel in DATA_FILES:
-        if rel in sums:
-            verify_sha256(src / rel, sums[rel], rel)
-        if not in_place:
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest / f"{rel}.tmp"
-            shutil.copyfile(src / rel, tmp)
-            os.replace(tmp, dest / rel)
-        log.info("%s %s", "verified" if in_place else "copied", rel)
-    if sums and not in_place:
-        shutil.copyfile(src / "SHA256SUMS", dest / "SHA256SUMS")
+    if dest.exists() and src.resolve() == dest.resolve():
+        for rel in DATA_FILES:
+            if rel in sums:
+                verify_sha256(src / rel, sums[rel], rel)
+            log.info("verified %s", rel)
+        return
+    if dest.exists() and not dest.is_dir():
+        raise PrepareError(f"--dest {dest} exists and is not a folder")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{dest.name}.tmp-", dir=dest.parent) as tmp:
+            staged = Path(tmp) / "data"
+            names = list(DATA_FILES) + (["SHA256SUMS"] if sums else [])
+            for rel in names:
+                (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+                _copy_file_verified(src / rel, staged / rel, sums.get(rel), rel)
+                log.info("copied %s%s", rel, " (sha256 ok)" if rel in sums else "")
+            _install(staged, dest, names)
+            log.info("moved the %d files into %s", len(names), dest)
+    except OSError as exc:
+        raise PrepareError(f"could not copy the data into {dest} ({exc.strerror or exc}: "
+                           f"{exc.filename or dest}); check --dest and the free disk space") from None
 
 
 def _write_jsonl(path: Path, rows) -> None:
@@ -287,9 +328,9 @@ def prepare_data(src: Path | None = None, dest: Path | None = None) -> Path:
     dest = Path(dest) if dest else cache_data_dir()
     if src is None and shared_data_dir().is_dir():
         src = shared_data_dir()
-    dest.mkdir(parents=True, exist_ok=True)
     if src is None:
         log.info("no local data folder: fetching from the Hugging Face hub into %s", dest)
+        dest.mkdir(parents=True, exist_ok=True)
         _fetch_hub(dest)
     elif not Path(src).is_dir():
         raise PrepareError(f"data folder {src} does not exist")

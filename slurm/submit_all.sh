@@ -30,9 +30,10 @@ name=$("$FEDSODA_PYTHON" -m fedsoda_mpi.study name "$STUDY") || exit 2
 stages=$("$FEDSODA_PYTHON" -m fedsoda_mpi.study stages "$STUDY") || exit 2  # "stage runs ranks threads" lines
 export STUDY STUDY_RESULTS
 
-submit() {  # submit SBATCH_ARGS...: echo the job id
+submit() {  # submit SBATCH_ARGS...: echo the job id (a failed submission ends the script: the graph is incomplete)
   local out
-  out=$(sbatch --parsable "${common_args[@]}" "$@")
+  out=$(sbatch --parsable "${common_args[@]}" "$@") && [ -n "$out" ] ||
+    fedsoda_die "sbatch $* failed; jobs submitted so far are listed above (scancel them before retrying)"
   echo "${out%%;*}"
 }
 

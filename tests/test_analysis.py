@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import h5py
@@ -182,3 +183,148 @@ def test_timing_summary_and_tables(tmp_path):
     assert "| fedsoda / sst2 | 10.0 | 0.0 | 20.0 | 60.0 |" in out  # clients: download, emulator, adapter
     assert "2.00% (rank 2)" in out and "1.01000" in out
     assert "| 1-6 |" in script("timing.py", path, "--first", "1").stdout
+
+
+# --- bad input: one line on stderr, exit code 2, no traceback (docs/reliability.md) ---------------------------
+
+SCRIPTS = ("table.py", "plot_rounds.py", "plot_comm.py", "plot_distance_profile.py", "timing.py")
+OUT_SCRIPTS = SCRIPTS[:4]  # timing.py only prints
+
+
+def run_main(name: str, *args, monkeypatch, capsys) -> tuple[int, list[str]]:
+    """Run analysis/<name>'s main() in this process (fast: no new interpreter); return (exit code, stderr lines)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "analysis"))
+    module = importlib.import_module(name.removesuffix(".py"))
+    monkeypatch.setattr(sys, "argv", [name, *map(str, args)])
+    code = module.main()
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def bad_run_file(tmp_path: Path, kind: str) -> tuple[Path, str]:
+    """A bad run file of `kind` and the error line every script gives for it."""
+    path = tmp_path / f"{kind}.h5"
+    if kind == "text":
+        path.write_text("round,loss\n1,0.5\n")
+        return path, f"error: {path}: not an HDF5 file (expected a run.h5 written by fedsoda-mpi)"
+    if kind == "truncated":
+        full = make_run(tmp_path / "full", "fedsoda", "sst2", 0.8).read_bytes()
+        path.write_bytes(full[:1000])
+        return path, (f"error: {path}: truncated HDF5 file (1000 of {len(full)} bytes; "
+                      "an interrupted copy or a full disk?)")
+    if kind == "foreign":
+        with h5py.File(path, "w") as f:
+            f["rounds/round"] = np.arange(3)
+            f.attrs["creator"] = "another program"
+        return path, f"error: {path}: not a fedsoda-mpi run file (no root attribute config_json)"
+    if kind == "missing":
+        return path, f"error: no run file at {path}"
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated", "foreign", "missing"])
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_bad_run_file_is_one_line_error(name, kind, tmp_path, monkeypatch, capsys):
+    path, message = bad_run_file(tmp_path, kind)
+    assert run_main(name, path, monkeypatch=monkeypatch, capsys=capsys) == (2, [message])
+
+
+def test_bad_config_json_is_not_a_run_file(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "run.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["config_json"] = "{not json"
+    assert run_main("table.py", path, monkeypatch=monkeypatch, capsys=capsys) == (
+        2, [f"error: {path}: not a fedsoda-mpi run file (root attribute config_json is not a JSON object)"])
+
+
+# what each script reads that a run file of another version might lack, and how h5py names it
+LACKING = {"table.py": ("final", "trainable_params", "can't locate attribute: 'trainable_params'"),
+           "plot_rounds.py": ("rounds", "train_loss", "object 'train_loss' doesn't exist"),
+           "plot_comm.py": ("rounds", "download_bytes", "object 'download_bytes' doesn't exist"),
+           "plot_distance_profile.py": ("drift", "round", "object 'round' doesn't exist"),
+           "timing.py": ("timing", "phases", "can't locate attribute: 'phases'")}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_run_file_lacking_a_dataset_names_file_and_dataset(name, tmp_path, monkeypatch, capsys):
+    path = make_run(tmp_path / "run", "fedsoda", "sst2", 0.8)
+    group, key, reason = LACKING[name]
+    with h5py.File(path, "a") as f:
+        f["timing/phase_s"] = np.zeros((R, 3, 7))
+        if key in f[group].attrs:
+            del f[group].attrs[key]
+        elif key in f[group]:
+            del f[group][key]
+    out = [] if name == "timing.py" else ["--out", tmp_path / "fig"]
+    code, err = run_main(name, path, *out, monkeypatch=monkeypatch, capsys=capsys)
+    assert (code, err) == (2, [f"error: {path}: unexpected content ({reason}); "
+                               "is it a run file of this fedsoda-mpi version?"])
+
+
+def test_unfinished_run_is_still_skipped_with_a_warning(runs, tmp_path, monkeypatch, capsys):
+    with h5py.File(runs[1], "a") as f:
+        del f["final"]
+    code, err = run_main("table.py", *runs, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and err == [f"warning: skipping {runs[1]}: no /final (unfinished or failed run?)"]
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path) -> Path:
+    """A folder in which no file can be created: a mode-0555 folder, or /sys when running as root."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys")):
+        try:
+            with tempfile.TemporaryFile(dir=candidate):
+                continue
+        except OSError:
+            return candidate
+    pytest.skip("no unwritable folder here (root without a read-only /sys)")
+
+
+@pytest.mark.parametrize("name", OUT_SCRIPTS)
+def test_unusable_out_is_one_line_error_before_reading_runs(name, runs, tmp_path, unwritable_dir, monkeypatch,
+                                                            capsys):
+    afile = tmp_path / "figures.png"
+    afile.write_text("not a folder")
+    cases = {afile: f"error: --out {afile}: exists and is not a folder",
+             afile / "sub": f"error: --out {afile / 'sub'}: cannot create the folder ({afile} is not a folder)",
+             unwritable_dir: f"error: --out {unwritable_dir}: cannot write in the folder (Permission denied)",
+             unwritable_dir / "new": (f"error: --out {unwritable_dir / 'new'}: cannot create the folder "
+                                      f"({unwritable_dir}: Permission denied)")}
+    for out, message in cases.items():
+        assert run_main(name, *runs, "--out", out, monkeypatch=monkeypatch, capsys=capsys) == (2, [message])
+    assert afile.read_text() == "not a folder"
+    # a bad run file with a fine --out: the error, and no empty output folder left behind
+    bad, message = bad_run_file(tmp_path, "text")
+    assert run_main(name, bad, "--out", tmp_path / "new", monkeypatch=monkeypatch, capsys=capsys) == (2, [message])
+    assert not (tmp_path / "new").exists()
+
+
+def test_write_failure_while_saving_is_one_line_error(runs, tmp_path, monkeypatch, capsys):
+    from matplotlib.figure import Figure
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    code, err = run_main("plot_comm.py", *runs, "--out", tmp_path / "fig", monkeypatch=monkeypatch, capsys=capsys)
+    assert (code, err) == (2, [f"error: --out {tmp_path / 'fig'}: cannot write comm.png (No space left on device)"])
+
+
+@pytest.mark.parametrize("name, kind, out", [("table.py", "text", None), ("plot_rounds.py", "truncated", None),
+                                             ("plot_comm.py", None, "file")])
+def test_issue_15_cases_give_no_traceback(name, kind, out, runs, tmp_path):
+    """The three commands of issue 15 that printed tracebacks, run as a user would."""
+    if kind:
+        path, message = bad_run_file(tmp_path, kind)
+        args = [path]
+    else:
+        (tmp_path / "taken").write_text("x")
+        args = [*runs, "--out", tmp_path / "taken"]
+        message = f"error: --out {tmp_path / 'taken'}: exists and is not a folder"
+    res = subprocess.run([sys.executable, str(ROOT / "analysis" / name), *map(str, args)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.splitlines() == [message] and res.stdout == ""

@@ -2,10 +2,12 @@
 import hashlib
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +142,73 @@ def test_interrupted_build_leaves_nothing_and_stale_folder_is_rebuilt(tmp_path, 
     assert P.prepare_model("smollm2-135m", dest=dest) == dest
     assert json.loads((dest / P.MARKER).read_text())["source"] == "test-source"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2-135m"]
+
+
+@pytest.fixture
+def data_copy(tmp_path) -> Path:
+    """A writable copy of the real data folder (with its SHA256SUMS)."""
+    if not P.shared_data_dir().is_dir():
+        pytest.skip("no ../shared/data here")
+    src = tmp_path / "src"
+    shutil.copytree(P.shared_data_dir(), src)
+    for p in src.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return src
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> content); {} if it does not exist."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_tampered_source_leaves_dest_exactly_as_it_was(data_copy, tmp_path):
+    """The last file checked is tampered, so a file-by-file copy would already have written the others."""
+    tampered = P.DATA_FILES[-1]
+    with open(data_copy / tampered, "a") as f:
+        f.write("tampered\n")
+    message = rf"sha256 mismatch for {tampered} \({data_copy / tampered}\): expected [0-9a-f]{{64}}, got"
+    with pytest.raises(P.PrepareError, match=message):
+        P.prepare_data(data_copy, tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
+    old = tmp_path / "old"  # a folder holding an earlier copy and a file of the user's
+    (old / "sst2").mkdir(parents=True)
+    (old / "sst2/test.jsonl").write_text('{"sentence": "earlier copy", "label": 0}\n')
+    (old / "notes.txt").write_text("mine")
+    before = snapshot(old)
+    with pytest.raises(P.PrepareError, match=message):
+        P.prepare_data(data_copy, old)
+    assert snapshot(old) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old", "src"]  # no temporary folder left
+
+
+def test_copy_into_existing_dest_replaces_task_files_keeps_others(data_copy, tmp_path):
+    dest = tmp_path / "dest"
+    (dest / "sst2").mkdir(parents=True)
+    (dest / "sst2/test.jsonl").write_text("stale\n")
+    (dest / "notes.txt").write_text("mine")
+    assert P.prepare_data(data_copy, dest) == dest
+    for rel in (*P.DATA_FILES, "SHA256SUMS"):
+        assert (dest / rel).read_bytes() == (data_copy / rel).read_bytes()
+    assert (dest / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "src"]
+
+
+def test_dest_that_is_a_file_is_a_clear_error(data_copy, tmp_path):
+    dest = tmp_path / "data"
+    dest.write_text("a file")
+    with pytest.raises(P.PrepareError, match=f"--dest {dest} exists and is not a folder"):
+        P.prepare_data(data_copy, dest)
+    assert dest.read_text() == "a file"
+
+
+def test_cli_tampered_source_is_one_line_and_leaves_nothing(data_copy, tmp_path):
+    with open(data_copy / "gsm8k/test.jsonl", "r+b") as f:  # same size, one byte changed
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 1]))
+    res = subprocess.run([sys.executable, "-m", "fedsoda_mpi.prepare", "data", "--from", str(data_copy),
+                          "--dest", str(tmp_path / "d")], capture_output=True, text=True, timeout=60)
+    err = [line for line in res.stderr.splitlines() if not line.startswith("[prepare]")]
+    assert res.returncode == 2 and len(err) == 1 and "Traceback" not in res.stderr
+    assert err[0].startswith(f"error: sha256 mismatch for gsm8k/test.jsonl ({data_copy / 'gsm8k/test.jsonl'}): ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

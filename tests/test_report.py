@@ -253,3 +253,15 @@ def test_command_line(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "analysis" / "report.py"), str(tmp_path / "none"),
                         "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_docs_results_is_what_the_report_makes_of_the_committed_summaries(tmp_path):
+    """docs/results.md's generated sections are exactly the report of results/cpu_smollm2 (no typed numbers)."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.md").write_text((ROOT / "docs" / "results.md").read_text())
+    p = subprocess.run([sys.executable, str(ROOT / "analysis" / "report.py"), str(ROOT / "results" / "cpu_smollm2"),
+                        "--out", str(docs / "results.md")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert (docs / "results.md").read_text() == (ROOT / "docs" / "results.md").read_text(), \
+        "docs/results.md is stale: run `python analysis/report.py results/cpu_smollm2 --out docs/results.md`"

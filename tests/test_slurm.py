@@ -155,6 +155,18 @@ def _submitted(stdout: str) -> dict[str, list[str]]:
     return out
 
 
+def test_submit_all_stops_at_a_failed_submission(cluster, tmp_path):
+    """A job the scheduler refuses (here: more CPUs than the node has) ends submit_all.sh with exit 2 and a
+    message, instead of submitting the rest of the graph against an empty dependency."""
+    env = job_env(tmp_path, SUBMIT_ARGS="--hold", SUBMIT_RUN_ARGS="--cpus-per-task=64")
+    res = subprocess.run(["bash", "slurm/submit_all.sh", "studies/cpu_smollm2.yaml"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    ids = [line.split()[1] for line in res.stdout.splitlines() if len(line.split()) > 1]
+    subprocess.run(["scancel", *ids], timeout=60)
+    assert res.returncode == 2 and "failed" in res.stderr, (res.stdout, res.stderr)
+    assert [line.split()[0] for line in res.stdout.splitlines()] == ["prepare"], res.stdout
+
+
 def test_submit_all_runs_a_toy_study_graph(cluster, tmp_path):
     """submit_all.sh STUDY: prepare -> grid array -> select -> seeds + variant arrays -> report, chained by
     afterok; every run leaves its summary, the seed run trains at the lr chosen on validation rows."""
@@ -194,11 +206,11 @@ def test_submit_all_runs_a_toy_study_graph(cluster, tmp_path):
 def test_submit_all_submits_every_run_of_the_paper_study(cluster, tmp_path):
     """studies/paper.yaml through submit_all.sh (every job held, then cancelled): one array per stage with
     one task per run (4 methods x 3 models x 3 tasks x 3 seeds x 3 lr in the grid), 11 ranks each."""
-    env = job_env(tmp_path, SUBMIT_ARGS="--hold")
+    env = job_env(tmp_path, SUBMIT_ARGS="--hold", SUBMIT_RUN_ARGS="--cpus-per-task=1")  # 16 CPUs on the test node
     res = subprocess.run(["bash", "slurm/submit_all.sh", "studies/paper.yaml"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     jobs = _submitted(res.stdout)
-    ids = [j.split()[0] for kind in jobs.values() for j in kind]
+    ids = [j.split()[0] for kind in jobs.values() for j in kind if j]
     try:
         assert res.returncode == 0, res.stderr
         arrays = {a.split()[1]: (a.split()[0], int(a.split()[2])) for a in jobs["array"]}
