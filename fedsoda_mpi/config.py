@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,12 +225,14 @@ def set_key(cfg: Config, key: str, raw) -> None:
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
+    """{"fed": {"rounds": 2}} -> {"fed.rounds": 2}; a key given both nested and dotted raises ConfigError."""
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
+        items = _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        for key, value in items.items():
+            if key in out:
+                raise ConfigError(f"key '{key}' is given twice (once nested, once dotted); keep one")
+            out[key] = value
     return out
 
 
@@ -239,6 +243,65 @@ def parse_override(arg: str) -> tuple[str, str]:
     return key.strip(), value
 
 
+class _DuplicateKey(Exception):
+    """A YAML mapping key given twice: (dotted key, first line, second line)."""
+
+
+def _unique_keys(node, prefix: str = "", seen_nodes: set | None = None) -> None:
+    """Raise _DuplicateKey if any mapping of the composed YAML tree has a key twice (PyYAML keeps the last)."""
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:  # an alias to a node already walked (or a recursive structure)
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key != "<<":
+                if key in lines:
+                    raise _DuplicateKey(f"{prefix}{key}", lines[key], key_node.start_mark.line + 1)
+                lines[key] = key_node.start_mark.line + 1
+            _unique_keys(value_node, f"{prefix}{key}." if key else prefix, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _unique_keys(item, prefix, seen_nodes)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping key given twice instead of silently keeping the last value."""
+
+    def construct_document(self, node):
+        _unique_keys(node)
+        return super().construct_document(node)
+
+
+def read_yaml(path: Path):
+    """Parse a job YAML file; ConfigError naming the file (and line) for a non-UTF-8 byte, bad YAML, a key
+    given twice or an empty file (which would otherwise silently run the defaults)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=UniqueKeyLoader)
+    except _DuplicateKey as e:
+        key, first, again = e.args
+        raise ConfigError(f"{path}:{again}: key '{key}' is given twice (first on line {first}); keep one") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        raise ConfigError(f"{path}: is empty (no settings); give it at least one key, or leave out --config to "
+                          f"run the default job {DEFAULT_JOB.name}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults < YAML file (default: jobs/smollm2_sst2_iid.yaml) < method preset < `key=value` overrides.
 
@@ -247,14 +310,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     path = Path(path) if path else DEFAULT_JOB
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data = read_yaml(path)
     cfg = Config()
-    flat = _flatten(data)
+    try:
+        flat = _flatten(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     method = dict(parse_override(a) for a in overrides).get("method", flat.get("method", cfg.method))
     if method not in PRESETS:
         raise ConfigError(f"method: '{method}' is not one of {', '.join(PRESETS)}")
@@ -274,73 +335,188 @@ def _check(ok: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def validate(cfg: Config, world_size: int | None = None, num_layers: int | None = None) -> None:
-    """Value checks that need no model or MPI; `world_size` and `num_layers` add the checks that need them."""
+def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    """`key` must be one of `choices` (a string key)."""
+    expected = ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else choices[0]
+    _check(value in choices, f"{key}: expected {expected}, got '{value}'")
+
+
+def _at_least(key: str, value, low) -> None:
+    _check(value >= low, f"{key}: must be >= {low}, got {value}")
+
+
+def _finite_numbers(cfg: Config) -> None:
+    """Every float key must be a finite number: `fed.lr=inf` would otherwise pass `> 0` and train nothing."""
+    for key, value in _flatten(cfg.to_dict()).items():
+        if isinstance(value, float):
+            _check(math.isfinite(value), f"{key}: must be a finite number, got {value}")
+
+
+def _validate_top(cfg: Config) -> None:
+    """method, seed, resume, model.*, quant.*."""
     _check(cfg.method in METHODS, f"method: '{cfg.method}' is not one of {', '.join(METHODS)}")
-    _check(cfg.resume in ("none", "auto"), f"resume: expected none or auto, got '{cfg.resume}'")
-    _check(cfg.data.task in TASKS, f"data.task: '{cfg.data.task}' is not one of {', '.join(TASKS)}")
-    _check(cfg.data.public in ("wikitext2", "gsm8k"), f"data.public: expected wikitext2 or gsm8k, got '{cfg.data.public}'")
-    _check(cfg.data.split in ("iid", "dirichlet"), f"data.split: expected iid or dirichlet, got '{cfg.data.split}'")
-    _check(cfg.data.dirichlet_beta > 0, f"data.dirichlet_beta: must be > 0, got {cfg.data.dirichlet_beta}")
-    _check(cfg.data.val_size >= 0, f"data.val_size: must be >= 0, got {cfg.data.val_size}")
-    _check(cfg.data.pooled_clients >= 0, f"data.pooled_clients: must be >= 0, got {cfg.data.pooled_clients}")
-    _check(cfg.data.pooled_clients == 0 or cfg.fed.clients == 1,
-           f"data.pooled_clients={cfg.data.pooled_clients}: pools every partition into one client; set fed.clients=1")
-    _check(cfg.eval.dtype in ("float32", "bfloat16"), f"eval.dtype: expected float32 or bfloat16, got '{cfg.eval.dtype}'")
-    _check(cfg.eval.batch_size >= 1, f"eval.batch_size: must be >= 1, got {cfg.eval.batch_size}")
-    _check(cfg.data.max_len >= 8, f"data.max_len: must be >= 8, got {cfg.data.max_len}")
-    _check(cfg.data.public_samples >= 1, f"data.public_samples: must be >= 1, got {cfg.data.public_samples}")
-    _check(cfg.model.dtype in ("float32", "bfloat16", "float16"), f"model.dtype: unsupported '{cfg.model.dtype}'")
-    _check(cfg.quant.compute_dtype in ("float32", "bfloat16", "float16"),
-           f"quant.compute_dtype: unsupported '{cfg.quant.compute_dtype}'")
-    _check(cfg.model.adapter_layers >= 0, f"model.adapter_layers: must be >= 0, got {cfg.model.adapter_layers}")
-    _check(cfg.sgp.n >= 1 and cfg.sgp.p >= 0, f"sgp: need n >= 1 and p >= 0, got n={cfg.sgp.n} p={cfg.sgp.p}")
-    _check(cfg.sgp.token in ("last", "all"), f"sgp.token: expected last or all, got '{cfg.sgp.token}'")
-    _check(cfg.sgp.spacing in ("round", "int"), f"sgp.spacing: expected round or int, got '{cfg.sgp.spacing}'")
-    _check(cfg.model.adapter_first >= 0, f"model.adapter_first: must be >= 0, got {cfg.model.adapter_first}")
-    _check(cfg.oda.every >= 1, f"oda.every: the re-alignment interval r must be >= 1, got {cfg.oda.every}")
-    _check(cfg.oda.pre_epochs >= 0 and cfg.oda.re_epochs >= 0, "oda.pre_epochs / oda.re_epochs: must be >= 0")
-    _check(cfg.lora.r >= 1, f"lora.r: must be >= 1, got {cfg.lora.r}")
-    _check(bool(cfg.lora.target_modules), "lora.target_modules: must name at least one module")
-    _check(cfg.fed.rounds >= 1, f"fed.rounds: must be >= 1, got {cfg.fed.rounds}")
-    _check(cfg.fed.clients >= 1, f"fed.clients: must be >= 1, got {cfg.fed.clients}")
-    _check(0 <= cfg.fed.clients_per_round <= cfg.fed.clients,
-           f"fed.clients_per_round: must be in 0..fed.clients ({cfg.fed.clients}), got {cfg.fed.clients_per_round}")
-    _check(cfg.fed.local_steps >= 0, f"fed.local_steps: must be >= 0, got {cfg.fed.local_steps}")
-    _check(cfg.fed.local_steps > 0 or cfg.fed.local_epochs >= 1, "fed.local_epochs: must be >= 1 when fed.local_steps = 0")
-    _check(cfg.fed.batch_size >= 1, f"fed.batch_size: must be >= 1, got {cfg.fed.batch_size}")
-    _check(cfg.fed.lr > 0, f"fed.lr: must be > 0, got {cfg.fed.lr}")
-    _check(cfg.fed.mu >= 0, f"fed.mu: must be >= 0, got {cfg.fed.mu}")
-    _check(cfg.fed.aggregator in ("fedavg", "fedsrd", "fedsrd-e"),
-           f"fed.aggregator: expected fedavg, fedsrd or fedsrd-e, got '{cfg.fed.aggregator}'")
+    _check(0 <= cfg.seed < 2**32, f"seed: must be in [0, 2**32), got {cfg.seed}")  # numpy seeds are unsigned
+    _one_of("resume", cfg.resume, ("none", "auto"))
+    _check(bool(cfg.model.name.strip()), "model.name: must name a prepared model or a model folder, got ''")
+    _one_of("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
+    _at_least("model.adapter_layers", cfg.model.adapter_layers, 0)
+    _at_least("model.adapter_first", cfg.model.adapter_first, 0)
+    _one_of("quant.compute_dtype", cfg.quant.compute_dtype, ("float32", "bfloat16", "float16"))
+
+
+def _validate_data(cfg: Config) -> None:
+    """data.* (the checks that need the files themselves are in main.prepare_inputs)."""
+    d = cfg.data
+    _check(d.task in TASKS, f"data.task: '{d.task}' is not one of {', '.join(TASKS)}")
+    _one_of("data.public", d.public, ("wikitext2", "gsm8k"))
+    _one_of("data.split", d.split, ("iid", "dirichlet"))
+    _check(d.dirichlet_beta > 0, f"data.dirichlet_beta: must be > 0, got {d.dirichlet_beta}")
+    _at_least("data.max_len", d.max_len, 8)
+    _at_least("data.max_train_per_client", d.max_train_per_client, 0)
+    _at_least("data.pooled_clients", d.pooled_clients, 0)
+    _check(d.pooled_clients == 0 or cfg.fed.clients == 1,
+           f"data.pooled_clients={d.pooled_clients}: pools every partition into one client; set fed.clients=1")
+    _at_least("data.val_size", d.val_size, 0)
+    _at_least("data.public_samples", d.public_samples, 1)
+    _at_least("data.public_max_len", d.public_max_len, 8)
+
+
+def _validate_sgp_oda(cfg: Config) -> None:
+    """sgp.* and oda.* (the checks against the model's layer count are in _validate_layers)."""
+    s, o = cfg.sgp, cfg.oda
+    _at_least("sgp.n", s.n, 1)
+    _at_least("sgp.p", s.p, 0)
+    _at_least("sgp.n_max", s.n_max, 0)
+    _check(s.n_max == 0 or s.n_max >= s.n, f"sgp.n_max: must be 0 (automatic) or >= sgp.n ({s.n}), got {s.n_max}")
+    _one_of("sgp.token", s.token, ("last", "all"))
+    _one_of("sgp.spacing", s.spacing, ("round", "int"))
+    _check(o.every >= 1, f"oda.every: the re-alignment interval r must be >= 1, got {o.every}")
+    _at_least("oda.pre_epochs", o.pre_epochs, 0)
+    _at_least("oda.re_epochs", o.re_epochs, 0)
+    _at_least("oda.re_samples", o.re_samples, 1)
+    _at_least("oda.alpha", o.alpha, 0)
+    _at_least("oda.beta", o.beta, 0)
+    _check(o.lr > 0, f"oda.lr: must be > 0, got {o.lr}")
+    _at_least("oda.batch_size", o.batch_size, 1)
+
+
+def _validate_lora(cfg: Config, module_names: list[str] | None = None) -> None:
+    """lora.*; with `module_names` (the Linear layer names of the model's decoder layers) the targets too."""
+    c = cfg.lora
+    _at_least("lora.r", c.r, 1)
+    _check(c.alpha > 0, f"lora.alpha: must be > 0, got {c.alpha}")
+    _check(0 <= c.dropout < 1, f"lora.dropout: must be in [0, 1), got {c.dropout}")
+    _check(bool(c.target_modules), "lora.target_modules: must name at least one module")
+    if module_names is not None:
+        # peft matches a target against a module's full name: equal to it or a dotted suffix (self_attn.q_proj)
+        choices = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in module_names}))
+        for target in c.target_modules:
+            _check(any(n == target or n.endswith("." + target) for n in module_names),
+                   f"lora.target_modules: '{target}' is not a Linear layer of the model's decoder layers "
+                   f"(choose from {choices}), got {','.join(c.target_modules)}")
+
+
+def _validate_fed(cfg: Config) -> None:
+    """fed.*."""
+    f = cfg.fed
+    _at_least("fed.rounds", f.rounds, 1)
+    _at_least("fed.clients", f.clients, 1)
+    _check(0 <= f.clients_per_round <= f.clients,
+           f"fed.clients_per_round: must be in 0..fed.clients ({f.clients}), got {f.clients_per_round}")
+    _at_least("fed.local_steps", f.local_steps, 0)
+    _at_least("fed.local_epochs", f.local_epochs, 0)
+    _check(f.local_steps > 0 or f.local_epochs >= 1,
+           f"fed.local_epochs: must be >= 1 when fed.local_steps = 0, got {f.local_epochs}")
+    _at_least("fed.batch_size", f.batch_size, 1)
+    _check(f.lr > 0, f"fed.lr: must be > 0, got {f.lr}")
+    _at_least("fed.mu", f.mu, 0)
+    _at_least("fed.checkpoint_every", f.checkpoint_every, 0)
+    _at_least("fed.keep_checkpoints", f.keep_checkpoints, 1)
+    _one_of("fed.aggregator", f.aggregator, ("fedavg", "fedsrd", "fedsrd-e"))
     for key in ("upload_density", "download_density"):
-        d = getattr(cfg.fed, key)
+        d = getattr(f, key)
         _check(0 < d <= 1, f"fed.{key}: must be in (0, 1], got {d}")
-        _check(d == 1 or cfg.fed.aggregator != "fedavg",
+        _check(d == 1 or f.aggregator != "fedavg",
                f"fed.{key}={d}: sparse transfer needs fed.aggregator=fedsrd or fedsrd-e (FedAvg sends dense LoRA)")
-    _check(cfg.fed.checkpoint_every >= 0, f"fed.checkpoint_every: must be >= 0, got {cfg.fed.checkpoint_every}")
-    _check(cfg.debug.fail_kind in ("raise", "oom", "nan"),
-           f"debug.fail_kind: expected raise, oom or nan, got '{cfg.debug.fail_kind}'")
-    _check(cfg.fed.keep_checkpoints >= 1, f"fed.keep_checkpoints: must be >= 1, got {cfg.fed.keep_checkpoints}")
-    _check(cfg.eval.every >= 0 and cfg.eval.max_examples >= 0, "eval.every / eval.max_examples: must be >= 0")
+
+
+def _validate_eval_debug(cfg: Config) -> None:
+    """eval.*, debug.* (output.* is checked against the file system in main.prepare_config)."""
+    e, d = cfg.eval, cfg.debug
+    _at_least("eval.every", e.every, 0)
+    _at_least("eval.max_examples", e.max_examples, 0)
+    _at_least("eval.batch_size", e.batch_size, 1)
+    _one_of("eval.dtype", e.dtype, ("float32", "bfloat16"))
+    _at_least("eval.k_shot", e.k_shot, 0)
+    _at_least("eval.max_new_tokens", e.max_new_tokens, 1)
+    _at_least("debug.fail_rank", d.fail_rank, -1)
+    _at_least("debug.fail_round", d.fail_round, -1)
+    _one_of("debug.fail_kind", d.fail_kind, ("raise", "oom", "nan"))
+
+
+def _validate_world(cfg: Config, world_size: int) -> None:
+    """The checks that need the MPI world size."""
+    _check(world_size >= 2, f"world size {world_size}: need rank 0 (server) plus at least one client rank "
+                            "(e.g. mpirun -n 3 python -m mpi4py -m fedsoda_mpi.main)")
+    _check(cfg.fed.clients >= world_size - 1,
+           f"fed.clients={cfg.fed.clients} is fewer than the {world_size - 1} client ranks; "
+           f"set fed.clients>={world_size - 1} or launch with -n {cfg.fed.clients + 1}")
+    _check(cfg.debug.fail_rank < world_size,
+           f"debug.fail_rank: must be -1 (none) or a rank below the world size {world_size}, got {cfg.debug.fail_rank}")
+
+
+def _validate_layers(cfg: Config, num_layers: int) -> None:
+    """The checks that need the model's number of decoder layers."""
+    la = cfg.model.adapter_layers or num_layers
+    _check(cfg.model.adapter_layers + cfg.model.adapter_first < num_layers,
+           f"model.adapter_layers={la} (+ adapter_first={cfg.model.adapter_first}) must be smaller than the "
+           f"model's {num_layers} layers")
+    emulator = num_layers - la - cfg.model.adapter_first
+    if cfg.sgp.p > 0 and not cfg.sgp.enabled:
+        _check(cfg.sgp.n * cfg.sgp.p < emulator,
+               f"sgp: a uniform drop of n*p={cfg.sgp.n * cfg.sgp.p} layers needs more than the {emulator}-layer "
+               "emulator")
+    elif cfg.sgp.p > 0:
+        _check(cfg.sgp.p * (cfg.sgp.n + 1) <= emulator,
+               f"sgp: p={cfg.sgp.p} groups of n+1={cfg.sgp.n + 1} layers do not fit in the {emulator}-layer emulator")
+
+
+def validate(cfg: Config, world_size: int | None = None, num_layers: int | None = None,
+             module_names: list[str] | None = None) -> None:
+    """Value checks of every key that need no model or MPI; `world_size`, `num_layers` and `module_names` (the
+    names of the Linear layers in the model's decoder layers, `models.linear_module_names`) add the checks
+    that need them. Raises ConfigError with one line naming the key."""
+    _finite_numbers(cfg)
+    _validate_top(cfg)
+    _validate_data(cfg)
+    _validate_sgp_oda(cfg)
+    _validate_lora(cfg, module_names)
+    _validate_fed(cfg)
+    _validate_eval_debug(cfg)
     if world_size is not None:
-        _check(world_size >= 2, f"world size {world_size}: need rank 0 (server) plus at least one client rank "
-                                "(e.g. mpirun -n 3 python -m mpi4py -m fedsoda_mpi.main)")
-        _check(cfg.fed.clients >= world_size - 1,
-               f"fed.clients={cfg.fed.clients} is fewer than the {world_size - 1} client ranks; "
-               f"set fed.clients>={world_size - 1} or launch with -n {cfg.fed.clients + 1}")
+        _validate_world(cfg, world_size)
     if num_layers is not None:
-        la = cfg.model.adapter_layers or num_layers
-        _check(cfg.model.adapter_layers + cfg.model.adapter_first < num_layers,
-               f"model.adapter_layers={la} (+ adapter_first={cfg.model.adapter_first}) must be smaller than the "
-               f"model's {num_layers} layers")
-        emulator = num_layers - la - cfg.model.adapter_first
-        if cfg.sgp.p > 0 and not cfg.sgp.enabled:
-            _check(cfg.sgp.n * cfg.sgp.p < emulator,
-                   f"sgp: a uniform drop of n*p={cfg.sgp.n * cfg.sgp.p} layers needs more than the {emulator}-layer emulator")
-        elif cfg.sgp.p > 0:
-            _check(cfg.sgp.p * (cfg.sgp.n + 1) <= emulator,
-                   f"sgp: p={cfg.sgp.p} groups of n+1={cfg.sgp.n + 1} layers do not fit in the {emulator}-layer emulator")
+        _validate_layers(cfg, num_layers)
+
+
+def check_run_folder(run_dir: Path, key: str) -> None:
+    """The run folder that rank 0 will create must be usable: an existing one a writable directory, a new one
+    creatable (its nearest existing parent a writable directory). Nothing is created here. `key` is the
+    config key the folder comes from (output.dir, or output.root for output.root/<name>)."""
+    run_dir = Path(run_dir)
+    try:
+        if run_dir.exists():
+            _check(run_dir.is_dir(), f"{key}: must name a folder for the run, got the file {run_dir}")
+            _check(os.access(run_dir, os.W_OK | os.X_OK), f"{key}: the run folder must be writable, got {run_dir}")
+            return
+        parent = run_dir.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+    except OSError as e:  # e.g. a parent folder that may not be searched
+        raise ConfigError(f"{key}: cannot use the run folder {run_dir} ({e.strerror})") from None
+    _check(parent.is_dir(), f"{key}: cannot create the run folder {run_dir}: {parent} is a file")
+    _check(os.access(parent, os.W_OK | os.X_OK),
+           f"{key}: cannot create the run folder {run_dir}: {parent} is not writable")
 
 
 def to_yaml(cfg: Config) -> str:

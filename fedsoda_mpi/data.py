@@ -6,6 +6,7 @@ Files live in `data_dir()` with the layout of `shared/data` (see `python -m feds
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -63,24 +64,39 @@ def _check_row(task: str, row: object) -> str | None:
     return None
 
 
+def _read_text(path: Path) -> str:
+    """The whole UTF-8 text of a data file; DataError naming file:line for a non-UTF-8 byte."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror}); {FIX}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line, column = raw.count(b"\n", 0, e.start) + 1, e.start - raw.rfind(b"\n", 0, e.start)
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}); {FIX}") from None
+
+
 def load_rows(task: str, split: str) -> list[dict]:
-    """All rows of `<task>/<split>.jsonl` (split "train" or "test"), validated field by field."""
+    """All rows of `<task>/<split>.jsonl` (split "train" or "test"), validated field by field; a file without
+    rows, a non-UTF-8 byte or a bad row raises DataError naming the file (and line)."""
     if task not in TASKS or split not in ("train", "test"):
         raise ValueError(f"unknown task/split {task}/{split}; tasks: {TASKS}, splits: train, test")
     path = _data_file(f"{task}/{split}.jsonl")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: bad JSON ({exc.msg}); {FIX}") from exc
-            problem = _check_row(task, row)
-            if problem:
-                raise DataError(f"{path}:{lineno}: {problem}; {FIX}")
-            rows.append(row)
+    for lineno, line in enumerate(io.StringIO(_read_text(path), newline=None), 1):  # newlines as open() reads them
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: bad JSON ({exc.msg}); {FIX}") from None
+        problem = _check_row(task, row)
+        if problem:
+            raise DataError(f"{path}:{lineno}: {problem}; {FIX}")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: is empty (no rows); {FIX}")
     return rows
 
 
@@ -100,8 +116,7 @@ def load_public(name: str = "wikitext2", holdout: bool = False) -> list[str]:
     """
     if name == "wikitext2":
         path = _data_file("wikitext2/test.txt")
-        lines = path.read_text(encoding="utf-8").splitlines()
-        texts = [ln.strip() for ln in lines
+        texts = [ln.strip() for ln in _read_text(path).splitlines()
                  if not ln.lstrip().startswith("=") and len(ln.split()) >= PUBLIC_MIN_WORDS]
     elif name == "gsm8k":
         texts = ["".join(prompt_and_answer("gsm8k", row)) for row in load_rows("gsm8k", "train")]

@@ -50,17 +50,22 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def prepare_config(argv: list[str], world_size: int) -> Config:
-    """Load + validate everything that can be checked without a collective (model folder included)."""
-    from .server import model_path, num_layers_of
+    """Load + validate everything that can be checked without a collective: every key, the model folder
+    (config.json, tokenizer, architecture, LoRA target names) and the run folder."""
+    from . import models
+    from .config import check_run_folder
+    from .server import model_path
 
     path, overrides = parse_args(argv)
     cfg = load_config(path, overrides)
     validate(cfg, world_size=world_size)
+    folder = model_path(cfg.model.name)
     try:
-        layers = num_layers_of(model_path(cfg.model.name))
+        layers = models.check_model_folder(folder)
     except FileNotFoundError as e:
         raise ConfigError(f"model.name: {e}") from None
-    validate(cfg, num_layers=layers)
+    validate(cfg, num_layers=layers, module_names=models.linear_module_names(folder))
+    check_run_folder(run_dir_of(cfg), "output.dir" if cfg.output.dir else "output.root")
     if cfg.resume == "auto":
         check_resumable(cfg)
     elif (run_dir_of(cfg) / "run.h5").exists():
@@ -98,17 +103,36 @@ def check_resumable(cfg: Config) -> None:
 def prepare_inputs(cfg: Config) -> tuple[list[list[dict]], np.ndarray]:
     """Read what the run needs from disk before any MPI collective, on every rank: the clients' partition
     (identical everywhere, seeded), the test and public texts, and the model's weight headers.
-    A missing/damaged file raises DataError or ModelError with one line naming the file."""
+    A missing/damaged/empty file raises DataError or ModelError with one line naming the file; a key the
+    files cannot satisfy (more clients or validation rows than training rows, too many GSM8K shots) a
+    ConfigError naming the key and the file."""
     from . import data, models
     from .server import model_path
 
+    task, val_size = cfg.data.task, cfg.data.val_size
     try:
-        rows, hist = data.client_datasets(cfg.data.task, cfg.fed.clients, cfg.data.split, cfg.data.dirichlet_beta,
-                                          cfg.seed, cfg.data.max_train_per_client or None, cfg.data.val_size,
+        rows, hist = data.client_datasets(task, cfg.fed.clients, cfg.data.split, cfg.data.dirichlet_beta,
+                                          cfg.seed, cfg.data.max_train_per_client or None, val_size,
                                           cfg.data.pooled_clients)
-    except ValueError as e:  # a partition that cannot give every client data
+    except ValueError as e:  # a partition that cannot give every client data: name the key (the file reads fine)
+        train = data.data_dir() / task / "train.jsonl"
+        n_train = len(data.load_rows(task, "train"))
+        clients, key = (cfg.data.pooled_clients, "data.pooled_clients") if cfg.data.pooled_clients else \
+            (cfg.fed.clients, "fed.clients")
+        if val_size >= n_train:
+            raise ConfigError(f"data.val_size: must be smaller than the {n_train} rows of {train}, "
+                              f"got {val_size}") from None
+        if clients > n_train - val_size:
+            raise ConfigError(f"{key}: must be at most the {n_train - val_size} training rows of {train} (after "
+                              f"data.val_size={val_size}), got {clients}") from None
         raise data.DataError(f"data.split={cfg.data.split}: {e}") from None
-    data.load_rows(cfg.data.task, "test")
+    if task == "gsm8k" and cfg.eval.k_shot > sum(len(r) for r in rows):  # shots come from train minus validation
+        n_shots = len(data.load_rows(task, "train")) - val_size
+        if cfg.eval.k_shot > n_shots:
+            raise ConfigError(f"eval.k_shot: must be at most the {n_shots} training rows of "
+                              f"{data.data_dir() / task / 'train.jsonl'} (after data.val_size={val_size}), "
+                              f"got {cfg.eval.k_shot}")
+    data.load_rows(task, "test")
     data.load_public(cfg.data.public)
     models.check_weights(model_path(cfg.model.name))
     return rows, hist

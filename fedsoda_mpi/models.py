@@ -10,6 +10,7 @@ cache the frozen emulator's output x^{L*-a} once and train the adapter A on top 
 from __future__ import annotations
 
 import copy
+import json
 import re
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -72,6 +73,77 @@ def check_weights(path) -> None:
         except Exception as e:  # SafetensorError or OSError
             raise ModelError(f"{f} is damaged ({e}); delete the folder and run `python -m fedsoda_mpi.prepare "
                              f"model ...` again") from None
+
+
+# model types whose decoder layers the split forward (`_run_layers`) drives exactly like the HF forward does
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+_REPREPARE = "delete the folder and run `python -m fedsoda_mpi.prepare model ...` again"
+
+
+def model_config(path) -> dict:
+    """config.json of a model folder, parsed and checked for what fedsoda-mpi reads before loading the model
+    (`model_type`, `num_hidden_layers`). FileNotFoundError if there is no config.json (the folder is not a
+    model: main reports it against model.name), ModelError naming the file for anything else."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"model folder {path} has no config.json; prepare it with "
+                                f"`python -m fedsoda_mpi.prepare model NAME` (a prepared name such as smollm2-135m, or "
+                                "hf:org/model) or point model.name at an HF model folder")
+    try:
+        config = json.loads(cfg_file.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ModelError(f"{cfg_file}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ModelError(f"{cfg_file}: not UTF-8 text (byte at offset {e.start}); {_REPREPARE}") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{cfg_file}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno}); "
+                         f"{_REPREPARE}") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{cfg_file}: expected a JSON object, got {type(config).__name__}; {_REPREPARE}")
+    layers = config.get("num_hidden_layers")
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        what = "has no num_hidden_layers" if layers is None else \
+            f"num_hidden_layers must be an integer >= 1, got {layers!r}"
+        raise ModelError(f"{cfg_file}: {what}; {_REPREPARE}")
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        arch = ", ".join(map(str, config.get("architectures") or [])) or "no architectures"
+        raise ModelError(f"{cfg_file}: model_type {model_type!r} ({arch}) is not supported; fedsoda-mpi runs "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)} models")
+    return config
+
+
+def check_model_folder(path) -> int:
+    """Everything about a model folder that can be checked without loading weights: config.json (parse,
+    required fields, supported architecture) and the tokenizer (files present and loadable). Returns the
+    number of decoder layers. The safetensors headers are checked by `check_weights`."""
+    path = Path(path)
+    config = model_config(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"model folder {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); {_REPREPARE}")
+    try:
+        tf.AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # a damaged tokenizer.json, a missing merges.txt, ...: transformers raises many types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
+        raise ModelError(f"model folder {path}: the tokenizer cannot be loaded ({type(e).__name__}: {first}); "
+                         f"{_REPREPARE}") from None
+    return int(config["num_hidden_layers"])
+
+
+def linear_module_names(path) -> list[str]:
+    """Full names of the torch.nn.Linear modules inside the decoder layers of the model in `path` (what
+    lora.target_modules may name), from a skeleton built on the meta device: no weights are read or allocated."""
+    try:
+        config = tf.AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            skeleton = tf.AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # a config.json that transformers cannot build a model from
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
+        raise ModelError(f"{Path(path) / 'config.json'}: transformers cannot build the model "
+                         f"({type(e).__name__}: {first}); {_REPREPARE}") from None
+    return sorted(name for name, module in skeleton.named_modules()
+                  if isinstance(module, torch.nn.Linear) and _layer_of(name + ".") is not None)
 
 
 def fix_bnb_cpu(model) -> int:

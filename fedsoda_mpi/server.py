@@ -4,7 +4,6 @@ protocol that moves tensors between ranks is `main.run`, the transport `comm.py`
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -31,13 +30,9 @@ def model_path(name: str) -> Path:
 
 
 def num_layers_of(path: Path) -> int:
-    """Read num_hidden_layers from config.json (no model load; used to validate before MPI work)."""
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"model folder {path} has no config.json; prepare it with "
-                                f"`python -m fedsoda_mpi.prepare model NAME` (a prepared name such as smollm2-135m, or "
-                                "hf:org/model) or point model.name at an HF model folder")
-    return int(json.loads(cfg_file.read_text())["num_hidden_layers"])
+    """num_hidden_layers from config.json (no model load): FileNotFoundError without config.json, ModelError
+    naming the file if it is damaged or lacks the field (`models.model_config`)."""
+    return int(models.model_config(path)["num_hidden_layers"])
 
 
 def public_batches(cfg: Config, tokenizer, holdout: bool, limit: int, rng: np.random.Generator | None = None) -> list[dict]:

@@ -1,0 +1,366 @@
+"""Bad input is stopped before any MPI work with one line naming the key or file (issue 15, item 1).
+
+Most cases call `load_config`, `prepare_config` or `prepare_inputs` in-process on a tiny model folder (config.json,
+a copy of SmolLM2's tokenizer, a one-tensor safetensors file: nothing here loads weights) and a tiny data folder
+(FEDSODA_DATA); one case runs a real `mpirun` to show the line, the exit code 2 and that no traceback is printed."""
+import dataclasses
+import json
+import math
+import shutil
+
+import pytest
+
+from fedsoda_mpi import config as C
+from fedsoda_mpi.config import Config, ConfigError, load_config
+from fedsoda_mpi.data import FIX, DataError
+from fedsoda_mpi.main import prepare_config, prepare_inputs
+from fedsoda_mpi.models import ModelError
+from tests.conftest import mpirun
+
+TINY_CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128, hidden_size=32,
+                   intermediate_size=64, num_hidden_layers=24, num_attention_heads=4, num_key_value_heads=2,
+                   max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+WORDS = " ".join(f"word{i}" for i in range(20))  # a WikiText paragraph long enough for the public pool
+
+
+@pytest.fixture
+def tiny_model(tmp_path, smollm2_dir):
+    """A 24-layer llama folder that passes every pre-MPI model check (no real weights)."""
+    from safetensors.torch import save_file
+    import torch
+
+    folder = tmp_path / "tiny-llama"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(TINY_CONFIG))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, folder / name)
+    save_file({"x": torch.zeros(1)}, str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.fixture
+def tiny_data(tmp_path, monkeypatch):
+    """A data folder with 40 SST-2 training rows, 8 test rows and a small WikiText file; FEDSODA_DATA points to it."""
+    root = tmp_path / "data"
+    (root / "sst2").mkdir(parents=True)
+    (root / "wikitext2").mkdir()
+    rows = [json.dumps({"sentence": f"sentence {i}", "label": i % 2}) for i in range(40)]
+    (root / "sst2" / "train.jsonl").write_text("\n".join(rows) + "\n")
+    (root / "sst2" / "test.jsonl").write_text("\n".join(rows[:8]) + "\n")
+    (root / "wikitext2" / "test.txt").write_text("\n".join([" = Heading = "] + [WORDS] * 20) + "\n")
+    monkeypatch.setenv("FEDSODA_DATA", str(root))
+    return root
+
+
+def args_for(model, run_dir, *extra):
+    return [f"model.name={model}", f"output.dir={run_dir}", "data.val_size=4", *extra]
+
+
+def one_line(exc_info) -> str:
+    msg = str(exc_info.value)
+    assert "\n" not in msg
+    return msg
+
+
+# ------------------------------------------------------------------------------------------- config files
+
+def test_yaml_with_a_non_utf8_byte_names_file_and_line(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_bytes(b"fed:\n  rounds: 2 # caf\xe9\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(job)
+    assert one_line(e) == f"{job}:2: not UTF-8 text (byte 0xe9); save the file as UTF-8"
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "---\n"])
+def test_empty_yaml_is_refused(tmp_path, text):
+    job = tmp_path / "job.yaml"
+    job.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(job)
+    assert one_line(e) == (f"{job}: is empty (no settings); give it at least one key, or leave out --config to run "
+                           "the default job smollm2_sst2_iid.yaml")
+
+
+def test_key_given_twice_in_yaml_names_key_file_and_lines(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("fed:\n  rounds: 2\n  lr: 0.001\n  rounds: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(job)
+    assert one_line(e) == f"{job}:4: key 'fed.rounds' is given twice (first on line 2); keep one"
+    job.write_text("seed: 1\nseed: 2\n")
+    with pytest.raises(ConfigError, match=r"job.yaml:2: key 'seed' is given twice \(first on line 1\)"):
+        load_config(job)
+    job.write_text("fed:\n  rounds: 2\nfed.rounds: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(job)
+    assert one_line(e) == f"{job}: key 'fed.rounds' is given twice (once nested, once dotted); keep one"
+    job.write_text("fed:\n  rounds: 2\neval:\n  rounds_unused: 1\n")  # the same leaf name in two sections is fine
+    with pytest.raises(ConfigError, match="unknown config key 'eval.rounds_unused'"):
+        load_config(job)
+
+
+def test_yaml_anchors_and_the_shipped_jobs_still_load(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("fed: &f\n  rounds: 2\n")
+    assert load_config(job).fed.rounds == 2
+    for path in sorted(C.DEFAULT_JOB.parent.glob("*.yaml")):
+        load_config(path)
+
+
+# ------------------------------------------------------------------------------------------- config keys
+
+@pytest.mark.parametrize("arg,msg", [
+    ("seed=-1", "seed: must be in [0, 2**32), got -1"),
+    ("data.max_train_per_client=-1", "data.max_train_per_client: must be >= 0, got -1"),
+    ("eval.batch_size=0", "eval.batch_size: must be >= 1, got 0"),
+    ("oda.batch_size=0", "oda.batch_size: must be >= 1, got 0"),
+    ("lora.dropout=1.5", "lora.dropout: must be in [0, 1), got 1.5"),
+    ("lora.dropout=1", "lora.dropout: must be in [0, 1), got 1.0"),
+    ("lora.alpha=0", "lora.alpha: must be > 0, got 0"),
+    ("fed.lr=inf", "fed.lr: must be a finite number, got inf"),
+    ("fed.lr=nan", "fed.lr: must be a finite number, got nan"),
+    ("fed.lr=0", "fed.lr: must be > 0, got 0.0"),
+    ("oda.lr=-1e-4", "oda.lr: must be > 0, got -0.0001"),
+    ("oda.lr=inf", "oda.lr: must be a finite number, got inf"),
+    ("fed.mu=inf", "fed.mu: must be a finite number, got inf"),
+    ("oda.alpha=nan", "oda.alpha: must be a finite number, got nan"),
+    ("oda.beta=-1", "oda.beta: must be >= 0, got -1.0"),
+    ("data.dirichlet_beta=inf", "data.dirichlet_beta: must be a finite number, got inf"),
+    ("sgp.n_max=2", "sgp.n_max: must be 0 (automatic) or >= sgp.n (3), got 2"),
+    ("oda.re_samples=0", "oda.re_samples: must be >= 1, got 0"),
+    ("eval.max_new_tokens=0", "eval.max_new_tokens: must be >= 1, got 0"),
+    ("data.public_max_len=4", "data.public_max_len: must be >= 8, got 4"),
+    ("model.name=", "model.name: must name a prepared model or a model folder, got ''"),
+    ("model.dtype=int8", "model.dtype: expected float32, bfloat16 or float16, got 'int8'"),
+])
+def test_bad_key_names_that_key(arg, msg):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [arg])
+    assert one_line(e) == msg
+
+
+def numeric_keys() -> list[tuple[str, type]]:
+    keys = []
+
+    def walk(obj, prefix):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                keys.append((f"{prefix}{f.name}", type(value)))
+    walk(Config(), "")
+    return keys
+
+
+@pytest.mark.parametrize("key,typ", numeric_keys())
+def test_every_numeric_key_has_a_range_check(key, typ):
+    """-5 is out of range for every int and float key, and a float key refuses inf and nan: the message names the key."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"{key}=-5"])
+    assert one_line(e).startswith(f"{key}: "), str(e.value)
+    if typ is float:
+        for bad in ("inf", "-inf", "nan"):
+            with pytest.raises(ConfigError) as e:
+                load_config(None, [f"{key}={bad}"])
+            assert one_line(e) == f"{key}: must be a finite number, got {float(bad)}"
+
+
+def test_numeric_keys_cover_every_float():
+    floats = {k for k, t in numeric_keys() if t is float}
+    assert {"fed.lr", "oda.lr", "fed.mu", "oda.alpha", "oda.beta", "data.dirichlet_beta", "lora.dropout"} <= floats
+    assert all(math.isfinite(v) for k, v in C._flatten(Config().to_dict()).items() if k in floats)
+
+
+def test_debug_fail_rank_must_be_a_rank():
+    cfg = load_config(None, ["debug.fail_rank=3"])
+    with pytest.raises(ConfigError) as e:
+        C.validate(cfg, world_size=3)
+    assert one_line(e) == "debug.fail_rank: must be -1 (none) or a rank below the world size 3, got 3"
+    C.validate(load_config(None, ["debug.fail_rank=2"]), world_size=3)
+
+
+def test_lora_target_modules_are_checked_against_the_model(tiny_model, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        prepare_config(args_for(tiny_model, tmp_path / "run", "lora.target_modules=q_proj,foo_proj"), world_size=3)
+    assert one_line(e) == ("lora.target_modules: 'foo_proj' is not a Linear layer of the model's decoder layers "
+                           "(choose from down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj), "
+                           "got q_proj,foo_proj")
+    with pytest.raises(ConfigError, match="'lm_head' is not a Linear layer of the model's decoder layers"):
+        prepare_config(args_for(tiny_model, tmp_path / "run", "lora.target_modules=lm_head"), world_size=3)
+    cfg = prepare_config(args_for(tiny_model, tmp_path / "run", "lora.target_modules=self_attn.q_proj,v_proj"),
+                         world_size=3)
+    assert cfg.lora.target_modules == ["self_attn.q_proj", "v_proj"]
+
+
+# ------------------------------------------------------------------------------------------- model folder
+
+def test_a_good_tiny_model_folder_passes(tiny_model, tiny_data, tmp_path):
+    cfg = prepare_config(args_for(tiny_model, tmp_path / "run"), world_size=3)
+    rows, hist = prepare_inputs(cfg)
+    assert len(rows) == cfg.fed.clients and sum(map(len, rows)) == 36
+    assert not (tmp_path / "run").exists()  # validation creates nothing
+
+
+def test_config_json_cut_in_half(tiny_model, tmp_path):
+    text = (tiny_model / "config.json").read_text()
+    (tiny_model / "config.json").write_text(text[:len(text) // 2])
+    with pytest.raises(ModelError) as e:
+        prepare_config(args_for(tiny_model, tmp_path / "run"), world_size=3)
+    assert one_line(e).startswith(f"{tiny_model}/config.json: not valid JSON (")
+    assert one_line(e).endswith("); delete the folder and run `python -m fedsoda_mpi.prepare model ...` again")
+
+
+@pytest.mark.parametrize("change,msg", [
+    (dict(num_hidden_layers=None), "has no num_hidden_layers"),
+    (dict(num_hidden_layers="24"), "num_hidden_layers must be an integer >= 1, got '24'"),
+    (dict(model_type="gpt2", architectures=["GPT2LMHeadModel"]),
+     "model_type 'gpt2' (GPT2LMHeadModel) is not supported; fedsoda-mpi runs llama, mistral, qwen2 models"),
+    (dict(model_type=None), "model_type None (LlamaForCausalLM) is not supported"),
+])
+def test_config_json_fields(tiny_model, tmp_path, change, msg):
+    config = {k: v for k, v in {**TINY_CONFIG, **change}.items() if v is not None}
+    (tiny_model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError) as e:
+        prepare_config(args_for(tiny_model, tmp_path / "run"), world_size=3)
+    assert one_line(e).startswith(f"{tiny_model}/config.json: {msg}")
+
+
+def test_config_json_that_is_not_an_object(tiny_model, tmp_path):
+    (tiny_model / "config.json").write_text("[]")
+    with pytest.raises(ModelError, match=r"config.json: expected a JSON object, got list"):
+        prepare_config(args_for(tiny_model, tmp_path / "run"), world_size=3)
+
+
+def test_missing_tokenizer_files(tiny_model, tmp_path):
+    (tiny_model / "tokenizer.json").unlink()
+    with pytest.raises(ModelError) as e:
+        prepare_config(args_for(tiny_model, tmp_path / "run"), world_size=3)
+    assert one_line(e) == (f"model folder {tiny_model} has no tokenizer (none of tokenizer.json, tokenizer.model, "
+                           "vocab.json); delete the folder and run `python -m fedsoda_mpi.prepare model ...` again")
+
+
+def test_damaged_tokenizer(tiny_model, tmp_path):
+    (tiny_model / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(ModelError) as e:
+        prepare_config(args_for(tiny_model, tmp_path / "run"), world_size=3)
+    assert one_line(e).startswith(f"model folder {tiny_model}: the tokenizer cannot be loaded (")
+
+
+def test_layer_count_comes_from_the_checked_config(tiny_model):
+    from fedsoda_mpi.server import num_layers_of
+
+    assert num_layers_of(tiny_model) == 24
+    (tiny_model / "config.json").write_text("{")
+    with pytest.raises(ModelError, match="config.json: not valid JSON"):
+        num_layers_of(tiny_model)
+
+
+# ------------------------------------------------------------------------------------------- run folder
+
+def test_output_dir_that_is_a_file(tiny_model, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(ConfigError) as e:
+        prepare_config(args_for(tiny_model, f), world_size=3)
+    assert one_line(e) == f"output.dir: must name a folder for the run, got the file {f}"
+    with pytest.raises(ConfigError) as e:
+        prepare_config(args_for(tiny_model, f / "sub" / "run"), world_size=3)
+    assert one_line(e) == f"output.dir: cannot create the run folder {f}/sub/run: {f} is a file"
+
+
+def test_output_dir_that_cannot_be_written(tiny_model, tmp_path, monkeypatch):
+    ro = tmp_path / "readonly"
+    ro.mkdir()
+    real_access = C.os.access
+    monkeypatch.setattr(C.os, "access", lambda p, mode: False if str(p) == str(ro) else real_access(p, mode))
+    with pytest.raises(ConfigError) as e:
+        prepare_config(args_for(tiny_model, ro), world_size=3)
+    assert one_line(e) == f"output.dir: the run folder must be writable, got {ro}"
+    with pytest.raises(ConfigError) as e:
+        prepare_config(args_for(tiny_model, ro / "a" / "b"), world_size=3)
+    assert one_line(e) == f"output.dir: cannot create the run folder {ro}/a/b: {ro} is not writable"
+    with pytest.raises(ConfigError, match=r"^output.root: cannot create the run folder .*readonly/x/myrun"):
+        prepare_config([f"model.name={tiny_model}", f"output.root={ro}/x", "output.name=myrun"], world_size=3)
+    assert not (ro / "a").exists()
+
+
+# ------------------------------------------------------------------------------------------- data files
+
+def test_empty_train_file(tiny_model, tiny_data, tmp_path):
+    (tiny_data / "sst2" / "train.jsonl").write_text("\n")
+    cfg = prepare_config(args_for(tiny_model, tmp_path / "run"), world_size=3)
+    with pytest.raises(DataError) as e:
+        prepare_inputs(cfg)
+    assert one_line(e) == f"{tiny_data}/sst2/train.jsonl: is empty (no rows); {FIX}"
+
+
+def test_empty_test_file(tiny_model, tiny_data, tmp_path):
+    (tiny_data / "sst2" / "test.jsonl").write_text("")
+    cfg = prepare_config(args_for(tiny_model, tmp_path / "run"), world_size=3)
+    with pytest.raises(DataError) as e:
+        prepare_inputs(cfg)
+    assert one_line(e) == f"{tiny_data}/sst2/test.jsonl: is empty (no rows); {FIX}"
+
+
+def test_non_utf8_byte_in_train_file_names_file_and_line(tiny_model, tiny_data, tmp_path):
+    path = tiny_data / "sst2" / "train.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[2] = b'{"sentence": "caf\xe9", "label": 1}\n'
+    path.write_bytes(b"".join(lines))
+    cfg = prepare_config(args_for(tiny_model, tmp_path / "run"), world_size=3)
+    with pytest.raises(DataError) as e:
+        prepare_inputs(cfg)
+    assert one_line(e) == f"{path}:3: not UTF-8 text (byte 0xe9 at column 18); {FIX}"
+
+
+def test_non_utf8_byte_in_the_public_text(tiny_model, tiny_data, tmp_path):
+    path = tiny_data / "wikitext2" / "test.txt"
+    path.write_bytes(path.read_bytes() + b"\xff\n")
+    cfg = prepare_config(args_for(tiny_model, tmp_path / "run"), world_size=3)
+    with pytest.raises(DataError) as e:
+        prepare_inputs(cfg)
+    assert one_line(e) == f"{path}:22: not UTF-8 text (byte 0xff at column 1); {FIX}"
+
+
+def test_more_clients_or_validation_rows_than_training_rows(tiny_model, tiny_data, tmp_path):
+    train = tiny_data / "sst2" / "train.jsonl"
+    cfg = prepare_config(args_for(tiny_model, tmp_path / "run", "fed.clients=37"), world_size=3)
+    with pytest.raises(ConfigError) as e:
+        prepare_inputs(cfg)
+    assert one_line(e) == f"fed.clients: must be at most the 36 training rows of {train} (after data.val_size=4), got 37"
+    cfg = prepare_config(args_for(tiny_model, tmp_path / "run", "data.val_size=40"), world_size=3)
+    with pytest.raises(ConfigError) as e:
+        prepare_inputs(cfg)
+    assert one_line(e) == f"data.val_size: must be smaller than the 40 rows of {train}, got 40"
+
+
+def test_more_gsm8k_shots_than_training_rows(tiny_model, tiny_data, tmp_path):
+    (tiny_data / "gsm8k").mkdir()
+    rows = [json.dumps({"question": f"q{i}?", "answer": f"step\n#### {i}"}) for i in range(3)]
+    (tiny_data / "gsm8k" / "train.jsonl").write_text("\n".join(rows) + "\n")
+    (tiny_data / "gsm8k" / "test.jsonl").write_text(rows[0] + "\n")
+    args = args_for(tiny_model, tmp_path / "run", "data.task=gsm8k", "data.val_size=0", "fed.clients=2")
+    cfg = prepare_config([*args, "eval.k_shot=4"], world_size=3)
+    with pytest.raises(ConfigError) as e:
+        prepare_inputs(cfg)
+    assert one_line(e) == (f"eval.k_shot: must be at most the 3 training rows of {tiny_data}/gsm8k/train.jsonl "
+                           "(after data.val_size=0), got 4")
+    prepare_inputs(prepare_config([*args, "eval.k_shot=3"], world_size=3))
+
+
+# ------------------------------------------------------------------------------------------- under mpirun
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_empty_test_file_under_mpirun_is_one_line_and_exit_2(tiny_model, tiny_data, tmp_path):
+    """Was a traceback after MPI start; now every rank stops in prepare_inputs, rank 0 prints one line."""
+    (tiny_data / "sst2" / "test.jsonl").write_text("")
+    p = mpirun(3, ["-m", "fedsoda_mpi.main", *args_for(tiny_model, tmp_path / "run")], timeout=300,
+               env={"FEDSODA_DATA": str(tiny_data)})
+    assert p.returncode == 2, (p.returncode, p.stderr[-1500:])
+    lines = [line for line in p.stderr.splitlines() if "fedsoda-mpi" in line]
+    assert lines == [f"fedsoda-mpi: data error: {tiny_data}/sst2/test.jsonl: is empty (no rows); {FIX}"], p.stderr[-1500:]
+    assert "Traceback" not in p.stderr and "Traceback" not in p.stdout
+    assert not (tmp_path / "run").exists() and p.leftover_tmp == []
