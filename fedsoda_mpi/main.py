@@ -241,7 +241,7 @@ def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
     every rank after a stop request, None on client ranks otherwise."""
     from . import data, fedsrd, models
     from .client import EmulatorCache, local_train
-    from .comm import Schema
+    from .comm import Schema, install_abort_hook
     from .fedsrd import Wire
     from .methods import Plan
     from .runlog import RunLog
@@ -251,6 +251,7 @@ def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
     name = {"run_dir": str(run_dir_of(cfg)).encode()} if comm.is_server else None
     run_dir = Path(comm.broadcast_bytes(name, category="control")["run_dir"].decode())
     log = RunLog(run_dir, comm.rank)
+    install_abort_hook(lambda text: log.log(text, echo=False))  # a FATAL line also goes into this rank's log file
     device = comm.device()
     seed_all(cfg.seed)
     n_threads = torch.get_num_threads()

@@ -58,10 +58,12 @@ class RunLog:
         self.h5: h5py.File | None = None
         self._t0 = time.time()
 
-    def log(self, msg: str) -> None:
+    def log(self, msg: str, echo: bool | None = None) -> None:
+        """One timestamped line into this rank's log file (and stdout on rank 0 unless echo=False)."""
         line = f"[{time.strftime('%H:%M:%S')} +{time.time() - self._t0:7.1f}s rank {self.rank}] {msg}"
         self._text.write(line + "\n")
-        if self.echo and self.rank == 0:
+        self._text.flush()
+        if (self.echo if echo is None else echo) and self.rank == 0:
             print(line, flush=True)
 
     def open_h5(self, cfg: Config, world_size: int, model_name: str, mode: str = "a") -> h5py.File:

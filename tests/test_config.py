@@ -148,3 +148,14 @@ def test_missing_model_folder_is_named_as_given(smollm2_dir):
         prepare_config(["model.name=/nonexistent/model"], world_size=3)
     with pytest.raises(ConfigError, match=r"model folder .*/models/no-such-model has no config.json"):
         prepare_config(["model.name=no-such-model"], world_size=3)
+
+
+def test_study_keys_are_validated():
+    """data.pooled_clients needs fed.clients=1; eval.dtype and data.val_size have their own checks."""
+    with pytest.raises(ConfigError, match=r"data.pooled_clients=10: pools every partition into one client; set fed.clients=1"):
+        load_config(None, ["data.pooled_clients=10"])
+    load_config(None, ["data.pooled_clients=10", "fed.clients=1"])
+    with pytest.raises(ConfigError, match=r"eval.dtype: expected float32 or bfloat16, got 'int8'"):
+        load_config(None, ["eval.dtype=int8"])
+    with pytest.raises(ConfigError, match=r"data.val_size: must be >= 0, got -1"):
+        load_config(None, ["data.val_size=-1"])

@@ -196,6 +196,8 @@ def test_injected_failure_aborts_whole_job_fast(rank, tmp_path):
         f"debug.fail_rank={rank} debug.fail_round=2: injected failure" in out, out[-2000:]
     assert after < 10, (after, out[-2000:])
     assert not list((tmp_path / "tmp").glob("fedsoda*"))  # no copy of the sub-LLM left behind by the abort
+    log = (tmp_path / "run" / ("log.txt" if rank == 0 else f"log.rank{rank}.txt")).read_text()
+    assert f"[rank {rank}] FATAL RuntimeError: debug.fail_rank={rank}" in log, log[-2000:]  # in the failed rank's log
     with h5py.File(tmp_path / "run" / "run.h5", "r") as f:  # completed rounds survive
         assert f["rounds/round"][:].tolist() == [1]
 
