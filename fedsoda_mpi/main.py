@@ -68,10 +68,38 @@ def prepare_config(argv: list[str], world_size: int) -> Config:
     check_run_folder(run_dir_of(cfg), "output.dir" if cfg.output.dir else "output.root")
     if cfg.resume == "auto":
         check_resumable(cfg)
-    elif (run_dir_of(cfg) / "run.h5").exists():
-        raise ConfigError(f"{run_dir_of(cfg)} already holds a run (run.h5); continue it with resume=auto, "
-                          "or choose another output.dir / output.name")
+    elif finished_run(run_dir_of(cfg)):
+        raise ConfigError(f"{run_dir_of(cfg)} already holds a finished run (run.h5 with /final); extend it with "
+                          "resume=auto fed.rounds=..., or choose another output.dir / output.name")
     return cfg
+
+
+def finished_run(run_dir: Path) -> bool:
+    """Whether run_dir/run.h5 is the record of a run that reached its final evaluation (/final)."""
+    import h5py
+
+    try:
+        with h5py.File(run_dir / "run.h5", "r", locking=False) as f:
+            return "final" in f
+    except (OSError, ValueError):  # absent, truncated by a crash, not HDF5: no finished run there
+        return False
+
+
+ATTEMPT_FILES = ("run.h5", "config.yaml", "log.txt", "log.rank*.txt", "client_rank*.json", "checkpoints", "adapter")
+
+
+def archive_failed_attempt(run_dir: Path) -> Path | None:
+    """A run started without resume=auto in a folder that holds an unfinished attempt (failed or interrupted,
+    no /final): move that attempt's files into run_dir/failed-<time>/ so the same command starts over and
+    nothing of the old attempt is lost (its log keeps the FATAL line). Rank 0 only, before any rank logs."""
+    found = [p for pattern in ATTEMPT_FILES for p in run_dir.glob(pattern)]
+    if not found:
+        return None
+    dest = run_dir / time.strftime("failed-%Y%m%d-%H%M%S")
+    dest.mkdir()
+    for p in found:
+        p.rename(dest / p.name)
+    return dest
 
 
 # keys that may change when a run is resumed; every other setting must equal the checkpointed run's
@@ -247,11 +275,14 @@ def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
     from .runlog import RunLog
     from .timing import PHASES, PhaseClock, split
 
-    # run folder: rank 0 decides the name, everyone gets it (as bytes, never pickled)
+    # run folder: rank 0 decides the name (and moves a failed attempt aside), everyone gets it (bytes, never pickled)
+    archived = archive_failed_attempt(run_dir_of(cfg)) if comm.is_server and cfg.resume != "auto" else None
     name = {"run_dir": str(run_dir_of(cfg)).encode()} if comm.is_server else None
     run_dir = Path(comm.broadcast_bytes(name, category="control")["run_dir"].decode())
     log = RunLog(run_dir, comm.rank)
     install_abort_hook(lambda text: log.log(text, echo=False))  # a FATAL line also goes into this rank's log file
+    if archived:
+        log.log(f"the folder held an unfinished attempt (no /final): moved it to {archived}; starting over")
     device = comm.device()
     seed_all(cfg.seed)
     n_threads = torch.get_num_threads()
@@ -432,6 +463,8 @@ def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
                 rejected = server.aggregate(updates, weights)
             else:
                 rejected = server.aggregate_srd(updates, weights, rnd, wire)
+            if updates and len(rejected) == len(updates):
+                raise RuntimeError(all_rejected_message(cfg, rnd, order))
             rejected_mask = np.zeros(n, np.int8)
             for i in rejected:
                 rejected_mask[order[i]] = 1
@@ -498,6 +531,16 @@ def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
     result = finish(cfg, comm, server, log, base, model_bytes, ad_schema, em_schema, wire)
     comm.idle_wait()
     return result
+
+
+def all_rejected_message(cfg: Config, rnd: int, clients: list[int]) -> str:
+    """The error that ends a run whose every update of a round was non-finite: the global LoRA cannot move."""
+    every = cfg.fed.checkpoint_every
+    last = (rnd - 1) // every * every if every else 0
+    kept = f"its last checkpoint is round {last}" if last else "it has no checkpoint yet"
+    return (f"round {rnd}: every client update was non-finite (NaN/Inf; clients {', '.join(map(str, sorted(clients)))}), "
+            f"so the global LoRA cannot move; the run stops here ({kept}). Lower fed.lr (now {cfg.fed.lr:g}) or "
+            "check the data, then run again (resume=auto continues from that checkpoint)")
 
 
 def record_split(cfg: Config, log) -> None:

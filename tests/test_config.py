@@ -84,14 +84,31 @@ def test_bad_config_exits_2_on_every_rank_before_mpi_work():
     assert "Traceback" not in p.stderr
 
 
-def test_existing_run_folder_is_refused_unless_resumed(tmp_path, smollm2_dir):
-    from fedsoda_mpi.main import prepare_config
+def test_a_finished_run_is_refused_unless_resumed_a_failed_one_is_moved_aside(tmp_path, smollm2_dir):
+    """A folder with a FINISHED run (run.h5 with /final) is refused without resume=auto; an unfinished attempt
+    (a crash: no /final, or a truncated run.h5) does not block the same command, which moves it aside."""
+    import h5py
 
-    (tmp_path / "run.h5").write_bytes(b"")
-    with pytest.raises(ConfigError, match="already holds a run"):
+    from fedsoda_mpi.main import archive_failed_attempt, prepare_config
+
+    with h5py.File(tmp_path / "run.h5", "w") as f:
+        f.create_group("final")
+    with pytest.raises(ConfigError, match=r"already holds a finished run \(run.h5 with /final\); extend it with"):
         prepare_config([f"output.dir={tmp_path}"], world_size=3)
     assert prepare_config([f"output.dir={tmp_path}", "resume=auto"], world_size=3).resume == "auto"
     assert prepare_config([f"output.dir={tmp_path / 'new'}"], world_size=3).output.dir == str(tmp_path / "new")
+    failed = tmp_path / "failed_run"
+    (failed / "checkpoints" / "round00001").mkdir(parents=True)
+    (failed / "run.h5").write_bytes(b"\x89HDF\r\n")  # cut short by a crash
+    (failed / "log.txt").write_text("[rank 0] FATAL RuntimeError: boom\n")
+    (failed / "log.rank1.txt").write_text("")
+    (failed / "notes.md").write_text("mine")
+    assert prepare_config([f"output.dir={failed}"], world_size=3).output.dir == str(failed)
+    moved = archive_failed_attempt(failed)
+    assert moved.parent == failed and moved.name.startswith("failed-")
+    assert sorted(p.name for p in moved.iterdir()) == ["checkpoints", "log.rank1.txt", "log.txt", "run.h5"]
+    assert "FATAL" in (moved / "log.txt").read_text() and (failed / "notes.md").exists()
+    assert archive_failed_attempt(failed) is None  # nothing left to move
 
 
 def test_resume_needs_a_fixed_run_folder_and_the_same_settings(tmp_path, smollm2_dir, monkeypatch):

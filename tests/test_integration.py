@@ -225,6 +225,29 @@ def test_nan_update_is_rejected_and_the_round_aggregates_the_others(tmp_path):
     assert all(torch.isfinite(t).all() for t in adapter.values())
 
 
+def test_a_round_whose_every_update_is_nan_stops_the_run_with_an_error(tmp_path):
+    """No exit 0 for a run that cannot learn: one client, NaN in round 2 -> a FATAL naming the round and client,
+    a non-zero exit, and the checkpoint of round 1 kept for resume=auto."""
+    run_dir = tmp_path / "run"
+    p = mpirun(2, ["-m", "fedsoda_mpi.main", "fed.rounds=3", "fed.clients=1", "debug.fail_rank=1", "debug.fail_round=2",
+                   "debug.fail_kind=nan", "oda.pre_align=false", "oda.re_align=false", "eval.every=0",
+                   f"output.dir={run_dir}", *SMALL], timeout=900)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, out[-3000:]
+    assert "FATAL RuntimeError: round 2: every client update was non-finite (NaN/Inf; clients 0), so the global LoRA " \
+           "cannot move; the run stops here (its last checkpoint is round 1)" in out, out[-3000:]
+    assert "FATAL RuntimeError: round 2: every client update" in (run_dir / "log.txt").read_text()
+    assert (run_dir / "checkpoints" / "round00001").is_dir() and not (run_dir / "adapter").exists()
+    assert p.leftover_tmp == []
+    # the same command with the cause removed starts over; the failed attempt is kept beside it
+    again = mpirun(2, ["-m", "fedsoda_mpi.main", "fed.rounds=1", "fed.clients=1", "oda.pre_align=false",
+                       "oda.re_align=false", "eval.every=0", f"output.dir={run_dir}", *SMALL], timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    (failed,) = run_dir.glob("failed-*")
+    assert "FATAL RuntimeError: round 2" in (failed / "log.txt").read_text()
+    assert "moved it to" in (run_dir / "log.txt").read_text() and (run_dir / "adapter").is_dir()
+
+
 def test_smoke_11_ranks(smollm2_dir, tmp_path):
     p = mpirun(11, ["-m", "fedsoda_mpi.main", "fed.rounds=1", "fed.clients=10", "fed.local_steps=1", "oda.pre_epochs=0",
                     "oda.re_align=false", f"output.dir={tmp_path / 'run'}", "data.public_samples=4",
