@@ -29,16 +29,40 @@ from .config import Config, ConfigError, load_config, validate
 
 USAGE_EXIT = 2
 STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped early on SIGUSR1 after a checkpoint; continue with resume=auto
+TERMINATED_EXIT = 128 + signal.SIGTERM  # stopped on SIGTERM: the round in progress is abandoned
 STOP_REQUESTED: list[str | None] = [None]  # set by the SIGUSR1 handler, read by rank 0 at the end of a round
+PROGRESS = {"round": 0, "log": None}  # what the SIGTERM handler reports: the round in progress, this rank's log
+
+
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler in the main thread: unwinds every `with` block (temporary folders are
+    removed, files closed) and ends the rank with TERMINATED_EXIT. A BaseException, so no `except Exception`
+    on the way swallows it."""
 
 
 def install_stop_handler() -> None:
     """SIGUSR1 (Slurm's `--signal=B:USR1@300`, forwarded by slurm/common.sh) asks for a clean stop: the
-    current round finishes, rank 0 writes a checkpoint, every rank exits with STOPPED_EXIT."""
-    def handler(signum, frame):
+    current round finishes, rank 0 writes a checkpoint, every rank exits with STOPPED_EXIT.
+    SIGTERM (`scancel`, Slurm's time limit, `kill <mpirun>`; a SIGKILL follows after Slurm's KillWait, 30 s by
+    default, or mpirun's own short grace period) cannot wait for the round to end: every rank logs one line,
+    abandons the round (the checkpoint of the last finished round stays the newest) and exits with
+    TERMINATED_EXIT after its temporary files are removed."""
+    def stop(signum, frame):
         STOP_REQUESTED[0] = signal.Signals(signum).name
 
-    signal.signal(signal.SIGUSR1, handler)
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
+        if PROGRESS["log"] is not None:
+            PROGRESS["log"].log(f"stopping on SIGTERM {where_now()}: the round is abandoned; run the same command "
+                                "with resume=auto to continue from the last checkpoint")
+        raise Terminated()
+
+    signal.signal(signal.SIGUSR1, stop)
+    signal.signal(signal.SIGTERM, terminate)
+
+
+def where_now() -> str:
+    return f"in round {PROGRESS['round']}" if PROGRESS["round"] else "before round 1"
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -281,6 +305,7 @@ def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
     run_dir = Path(comm.broadcast_bytes(name, category="control")["run_dir"].decode())
     log = RunLog(run_dir, comm.rank)
     install_abort_hook(lambda text: log.log(text, echo=False))  # a FATAL line also goes into this rank's log file
+    PROGRESS["log"] = log
     if archived:
         log.log(f"the folder held an unfinished attempt (no /final): moved it to {archived}; starting over")
     device = comm.device()
@@ -360,7 +385,8 @@ def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
         write_holdings(run_dir, comm, sub, params, model_bytes)
     del files
 
-    # schemas, agreed once
+    # schemas, agreed once (rank 0 sleeps in idle_wait, not in a blocking Bcast, while the clients load M*)
+    comm.idle_wait()
     em_schema = comm.agree_schema(Schema.of(server.emulator_lora()) if comm.is_server and plan.emulator_lora_sub else
                                   (Schema((), (), "float32") if comm.is_server else None))
     ad_schema = comm.agree_schema(Schema.of(server.global_adapter) if comm.is_server else None)
@@ -382,6 +408,7 @@ def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
     n = cfg.fed.clients
     stopped = False
     for rnd in range(start + 1, cfg.fed.rounds + 1):
+        PROGRESS["round"] = rnd
         t_round = time.time()
         clock.start_round()
         sent0 = comm.totals()
@@ -627,7 +654,15 @@ def main(argv: list[str] | None = None) -> int:
     install_stop_handler()
     comm = Comm()
     torch.set_num_threads(threads_for(comm))
-    result = run(cfg, comm, inputs)
+    try:
+        result = run(cfg, comm, inputs)
+    except Terminated:
+        if PROGRESS["log"] is not None:
+            PROGRESS["log"].close()  # run.h5 closed cleanly (it was flushed at the end of the last round)
+        if rank == 0:
+            print(f"fedsoda-mpi: stopped on SIGTERM {where_now()}; run the same command with resume=auto to "
+                  "continue from the last checkpoint", file=sys.stderr, flush=True)
+        os._exit(TERMINATED_EXIT)  # no MPI_Finalize: the other ranks are leaving too, not waiting in a collective
     return STOPPED_EXIT if result and "stopped" in result else 0
 
 
