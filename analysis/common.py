@@ -1,6 +1,6 @@
 """Shared helpers of the analysis scripts: open run files, label runs, save figures as PNG + PDF.
 
-The scripts read ONLY the HDF5 run files (DESIGN.md schema), never re-run anything. Files are opened
+The scripts read ONLY the HDF5 run files (the HDF5 contract of docs/design.md), never re-run anything. Files are opened
 read-only without HDF5 file locking, so a run that is still writing can be plotted.
 """
 from __future__ import annotations

@@ -37,7 +37,7 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Eval mode for the block; restores every module's own training flag afterwards.
 
     4-bit layers are told never to repack their weights for bitsandbytes' CPU inference path: a repacked
-    Linear4bit has no backward, so later LoRA gradients through it would silently vanish (TOOLCHAIN.md).
+    Linear4bit has no backward, so later LoRA gradients through it would silently vanish (docs/design.md, toolchain facts).
     """
     modes = [(m, m.training) for m in model.modules()]
     for m, _ in modes:

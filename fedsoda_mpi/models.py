@@ -1,6 +1,6 @@
 """Model surgery for FedSODA: the full LLM M = [E, A], the sub-LLM M* = [E*, A] and their LoRA adapters.
 
-Layer indices follow DESIGN.md: decoder layer l of the full model produces x^l; a sub-LLM keeps the full-model
+Layer indices follow docs/design.md: decoder layer l of the full model produces x^l; a sub-LLM keeps the full-model
 layers `kept` (sorted) and renumbers them 0..L*-1 (`layer_maps`). The client's sub-LLM is NF4-quantized with
 bitsandbytes (QLoRA, paper Sec. 3.1; Algorithm 2 step 2) and trains LoRA only; LoRA tensors travel as peft
 state-dict entries (`base_model.model.model.layers.{i}.<module>.lora_{A,B}.weight`), renamed between full and
@@ -345,7 +345,7 @@ def load_lora_state(model, state: dict[str, torch.Tensor]) -> None:
 
 
 def remap_layers(state: dict, mapping: dict[int, int]) -> dict:
-    """Rename `.layers.{i}.` to `.layers.{mapping[i]}.` in every key (full <-> sub indices, DESIGN.md)."""
+    """Rename `.layers.{i}.` to `.layers.{mapping[i]}.` in every key (full <-> sub indices, docs/design.md)."""
     out = {}
     for key, value in state.items():
         layer = _layer_of(key)

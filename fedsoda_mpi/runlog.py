@@ -1,4 +1,4 @@
-"""The run folder: `run.h5` (the one record of a run, DESIGN.md schema), `config.yaml`, `log.txt`.
+"""The run folder: `run.h5` (the one record of a run, its contract in docs/design.md), `config.yaml`, `log.txt`.
 
 Only rank 0 writes the HDF5 file; rows are appended to resizable datasets and flushed every round,
 so another process can read it during the run with `HDF5_USE_FILE_LOCKING=FALSE`:

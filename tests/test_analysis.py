@@ -1,4 +1,4 @@
-"""analysis/ scripts on synthetic run files that follow the DESIGN.md HDF5 schema exactly."""
+"""analysis/ scripts on synthetic run files that follow the HDF5 contract of docs/design.md exactly."""
 import json
 import subprocess
 import sys

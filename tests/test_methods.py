@@ -1,4 +1,4 @@
-"""The layer plan: index maps, adapter/emulator ranges, L_inter pairs (DESIGN.md conventions); presets."""
+"""The layer plan: index maps, adapter/emulator ranges, L_inter pairs (docs/design.md conventions); presets."""
 from fedsoda_mpi.config import load_config
 from fedsoda_mpi.methods import Plan
 from fedsoda_mpi.sgp import uniform_drop

@@ -104,7 +104,7 @@ def lora_a_grad(model, ids, mask):
 
 
 def test_lora_grad_through_nf4_same_before_and_after_generate():
-    """The CRITICAL bitsandbytes CPU trap (TOOLCHAIN.md): generate() must not silently kill LoRA gradients."""
+    """The CRITICAL bitsandbytes CPU trap (docs/design.md, toolchain facts): generate() must not silently kill LoRA gradients."""
     model = nf4_lora()
     ids, mask = batch()
     before = lora_a_grad(model, ids, mask)

@@ -28,7 +28,7 @@ def _batches(count: int, seed: int, length: int = 24) -> list[dict]:
 
 
 def _prune(model, kept: list[int]):
-    """A copy of `model` with only the `kept` decoder layers (renumbered, as in TOOLCHAIN.md)."""
+    """A copy of `model` with only the `kept` decoder layers (renumbered, see docs/design.md)."""
     sub = copy.deepcopy(model)
     sub.model.layers = torch.nn.ModuleList(sub.model.layers[i] for i in kept)
     for i, layer in enumerate(sub.model.layers):
