@@ -161,6 +161,10 @@ def load(folder: Path) -> tuple[list[dict], dict]:
         runs.append(s)
     if not runs:
         raise ReportError(f"{folder}: no run summaries (*.json besides selection.json)")
+    failed = [s for s in runs if s.get("status") == "failed"]
+    for s in failed:
+        print(f"warning: {s['run']} failed (exit code {s.get('exit_code')}): in no table", file=sys.stderr)
+    runs = [s for s in runs if s.get("status") != "failed"]
     sel_path = folder / "selection.json"
     selection = read_json(sel_path) if sel_path.exists() else {}
     if not isinstance(selection, dict):
@@ -206,9 +210,24 @@ class Results:
         return st[0]
 
     def main(self, st: Setting, method: str) -> list[dict]:
-        """The Table-2 runs of `method` in setting `st`: grid and seeds stages at the selected lr."""
-        return [s for s in self.runs if s["stage"] in MAIN_STAGES and s["variant"] == "main"
+        """The Table-2 runs of `method` in setting `st`: grid and seeds stages at the lr selection.json chose
+        (a run labelled main at another lr, e.g. after the grid changed, is left out with a warning)."""
+        chosen = self.selected(st, method)
+        runs = [s for s in self.runs if s["stage"] in MAIN_STAGES and s["variant"] == "main"
                 and s["method"] == method and setting_of(s) == st]
+        for s in runs:
+            if chosen is not None and s.get("lr") != chosen and s["run"] not in WARNED:
+                WARNED.add(s["run"])
+                print(f"warning: {s['run']} ran at lr {s.get('lr')} but the selected lr is {chosen}: left out",
+                      file=sys.stderr)
+        return [s for s in runs if chosen is None or s.get("lr") == chosen]
+
+    def selected(self, st: Setting, method: str) -> float | None:
+        """The lr selection.json chose for (method, task, model, split), None when it has no entry."""
+        for row in self.selection.get("selected", []):
+            if (row.get("method"), row.get("task"), row.get("model"), row.get("split")) == (method, *st):
+                return row.get("lr")
+        return None
 
     def variant(self, st: Setting, name: str) -> list[dict]:
         """The runs of variant `name` (any variant group; never grid, seeds or gsm8k) in setting `st`."""
@@ -340,7 +359,7 @@ def sec_lr(res: Results) -> str:
 
 def sec_table2(res: Results) -> str:
     """Per task: the four methods (mean ± std, CI, n, sub-LLM, bytes) and FedSODA − baseline paired by seed."""
-    settings = res.settings([s for s in res.runs if s["stage"] in MAIN_STAGES or not missing(s.get("base_accuracy"))])
+    settings = res.settings([s for s in res.runs if s["stage"] in MAIN_STAGES])
     if not settings:
         return "_No Table-2 runs yet._"
     parts = []
@@ -498,6 +517,9 @@ GAP = [("FedSODA (main)", ("main", "fedsoda")), ("NF4 off (fp32_sub)", ("variant
        ("fewer pruned groups (n3p2)", ("variant", "n3p2")),
        ("longer pre-alignment (pre_align_x4)", ("variant", "pre_align_x4")),
        ("larger adapter (adapter6)", ("variant", "adapter6")),
+       ("no proximal term (mu0)", ("variant", "mu0")),
+       ("federated, perfect emulator: LoRA on the last 3 layers of the full model (fed_last3)",
+        ("variant", "fed_last3")),
        ("centralized LoRA, last layers (central_last3)", ("variant", "central_last3")),
        ("centralized LoRA, all layers (central_all)", ("variant", "central_all")),
        ("FedPETuning (main)", ("main", "fedpetuning"))]

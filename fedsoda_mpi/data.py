@@ -291,21 +291,36 @@ def label_histogram(labels: np.ndarray, parts: list[np.ndarray], n_classes: int)
     return np.stack([np.bincount(labels[p], minlength=n_classes)[:n_classes] for p in parts])
 
 
-def validation_index(n_rows: int, n_val: int) -> np.ndarray:
+VAL_MIN_WORDS = {"sst2": 10}  # SST-2's training file is mostly phrases, its test split whole sentences
+
+
+def text_of(task: str, row: dict) -> str:
+    """The input text of a row (what two rows must differ in to be different examples)."""
+    return row["sentence"] if task == "sst2" else row["question"]
+
+
+def validation_index(rows: list[dict], task: str, n_val: int) -> np.ndarray:
     """Indices (into `<task>/train.jsonl`) of the fixed validation set: the first `n_val` of a permutation
-    seeded by VAL_SEED, sorted. It does not depend on the run's seed, so every run and method of a study
-    selects its learning rate on the same rows; no client ever trains on them (`client_datasets`)."""
-    if not 0 <= n_val < n_rows:
-        raise ValueError(f"validation size {n_val} must be in [0, {n_rows - 1}] (rows in the training file)")
-    return np.sort(np.random.default_rng(VAL_SEED).permutation(n_rows)[:n_val])
+    seeded by VAL_SEED of the rows that look like test examples (SST-2: sentences of >= 10 words, as its test
+    split has, not the training file's short phrases), sorted. It does not depend on the run's seed, so every
+    run and method of a study selects its learning rate on the same rows (`split_train_val`)."""
+    eligible = np.array([i for i, r in enumerate(rows) if len(text_of(task, r).split()) >= VAL_MIN_WORDS.get(task, 0)],
+                        dtype=np.int64)
+    if not 0 <= n_val < len(eligible):
+        raise ValueError(f"validation size {n_val} must be in [0, {len(eligible) - 1}] (rows of the training file "
+                         "that can serve as validation rows)")
+    return np.sort(eligible[np.random.default_rng(VAL_SEED).permutation(len(eligible))[:n_val]])
 
 
-def split_train_val(rows: list[dict], n_val: int) -> tuple[list[dict], list[dict]]:
-    """(training rows, validation rows) of one task's training file; see `validation_index`."""
-    held = validation_index(len(rows), n_val)
-    mask = np.zeros(len(rows), dtype=bool)
-    mask[held] = True
-    return [r for r, m in zip(rows, mask) if not m], [rows[i] for i in held]
+def split_train_val(rows: list[dict], task: str, n_val: int) -> tuple[list[dict], list[dict]]:
+    """(training rows, validation rows) of one task's training file (`validation_index`). No client ever trains
+    on a validation example: rows whose text repeats a validation row's text (SST-2 has duplicates) are
+    dropped from the training rows too."""
+    if n_val == 0:
+        return list(rows), []
+    held = validation_index(rows, task, n_val)
+    texts = {text_of(task, rows[i]) for i in held}
+    return [r for r in rows if text_of(task, r) not in texts], [rows[i] for i in held]
 
 
 def client_datasets(task: str, n_clients: int, split: str, beta: float, seed: int,
@@ -318,7 +333,7 @@ def client_datasets(task: str, n_clients: int, split: str, beta: float, seed: in
     if pooled:
         parts, hist = client_datasets(task, pooled, split, beta, seed, max_per_client, val_size)
         return [[r for part in parts for r in part]], hist.sum(axis=0, keepdims=True)
-    rows, _ = split_train_val(load_rows(task, "train"), val_size)
+    rows, _ = split_train_val(load_rows(task, "train"), task, val_size)
     labels = np.array([label_of(task, r) for r in rows])
     parts = partition(labels, n_clients, split, beta, seed)
     if max_per_client is not None:

@@ -135,10 +135,18 @@ def label_accuracy(model: torch.nn.Module, tokenizer, task: str, rows: Sequence[
             ids, mask = _pad([encoded[i] for i in idx], tokenizer.pad_token_id, "right", device)
             hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             last = hidden[torch.arange(len(idx), device=device), mask.sum(1) - 1]
-            scores[idx] = head(last)[:, word_ids.to(device)].float().cpu().numpy()
+            scores[idx] = _label_logits(head, last, word_ids.to(device)).cpu().numpy()
     predictions = scores.argmax(axis=1)
     return {"accuracy": float((predictions == labels).mean()), "n": len(rows), "predictions": predictions,
             "label_logits": scores}
+
+
+def _label_logits(head: torch.nn.Module, last: torch.Tensor, word_ids: torch.Tensor) -> torch.Tensor:
+    """The label words' logits of the LM head, run outside autocast in the head's own dtype: under
+    eval.dtype=bfloat16 an fp32 model's head still gives fp32 logits (at logits of 16-32 bfloat16 resolves
+    steps of 0.125, and argmax would break the rounded ties towards class 0)."""
+    with torch.autocast(last.device.type, enabled=False):
+        return head(last.to(head.weight.dtype))[:, word_ids].float()
 
 
 def _normalise(sign: str, digits: str) -> str:

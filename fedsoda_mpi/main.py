@@ -50,11 +50,8 @@ def install_stop_handler() -> None:
     def stop(signum, frame):
         STOP_REQUESTED[0] = signal.Signals(signum).name
 
-    def terminate(signum, frame):
+    def terminate(signum, frame):  # writes nothing itself: the main thread may be inside a write to the same log
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
-        if PROGRESS["log"] is not None:
-            PROGRESS["log"].log(f"stopping on SIGTERM {where_now()}: the round is abandoned; run the same command "
-                                "with resume=auto to continue from the last checkpoint")
         raise Terminated()
 
     signal.signal(signal.SIGUSR1, stop)
@@ -174,6 +171,8 @@ def prepare_inputs(cfg: Config) -> tuple[list[list[dict]], np.ndarray]:
         if val_size >= n_train:
             raise ConfigError(f"data.val_size: must be smaller than the {n_train} rows of {train}, "
                               f"got {val_size}") from None
+        if str(e).startswith("validation size"):
+            raise ConfigError(f"data.val_size: {e} of {train}, got {val_size}") from None
         if clients > n_train - val_size:
             raise ConfigError(f"{key}: must be at most the {n_train - val_size} training rows of {train} (after "
                               f"data.val_size={val_size}), got {clients}") from None
@@ -574,9 +573,12 @@ def record_split(cfg: Config, log) -> None:
     """/data: which training rows are the fixed validation set (indices into <task>/train.jsonl), the split."""
     from . import data
 
-    n_train = len(data.load_rows(cfg.data.task, "train"))
-    log.write("data/val_index", data.validation_index(n_train, cfg.data.val_size).astype(np.int64))
+    rows = data.load_rows(cfg.data.task, "train")
+    n_train = len(rows)
+    held = data.validation_index(rows, cfg.data.task, cfg.data.val_size) if cfg.data.val_size else np.zeros(0)
+    log.write("data/val_index", held.astype(np.int64))
     log.set_attrs("data", task=cfg.data.task, val_size=cfg.data.val_size, val_seed=data.VAL_SEED, n_train_file=n_train,
+                  val_min_words=data.VAL_MIN_WORDS.get(cfg.data.task, 0),
                   split=cfg.data.split, dirichlet_beta=cfg.data.dirichlet_beta, eval_rounds_on="val" if
                   cfg.data.val_size else "test", test_max_examples=cfg.eval.max_examples)
 
@@ -656,8 +658,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads_for(comm))
     try:
         result = run(cfg, comm, inputs)
-    except Terminated:
+    except Terminated:  # every `with` block on the way has run: temporary folders are gone
         if PROGRESS["log"] is not None:
+            PROGRESS["log"].log(f"stopping on SIGTERM {where_now()}: the round is abandoned; run the same command "
+                                "with resume=auto to continue from the last checkpoint")
             PROGRESS["log"].close()  # run.h5 closed cleanly (it was flushed at the end of the last round)
         if rank == 0:
             print(f"fedsoda-mpi: stopped on SIGTERM {where_now()}; run the same command with resume=auto to "

@@ -60,7 +60,8 @@ class Server:
         self.public = public_batches(cfg, self.tok, holdout=False, limit=cfg.data.public_samples)
         self.heldout = public_batches(cfg, self.tok, holdout=True, limit=16)
         self.probe = self.heldout[:1]
-        train, self.val_rows = data.split_train_val(data.load_rows(cfg.data.task, "train"), cfg.data.val_size)
+        train, self.val_rows = data.split_train_val(data.load_rows(cfg.data.task, "train"), cfg.data.task,
+                                                    cfg.data.val_size)
         self.shot_rows = train if cfg.data.task == "gsm8k" else None  # GSM8K's k shots never show a validation row
         self._drift = None  # (LoRA tensors the last drift probe saw, its value)
         self.pending = None  # FedSRD with a sparse download: (factor, idx, val) for the next round

@@ -23,12 +23,15 @@ builds docs/results.md from those alone. Run folders go to <runs>/<run id> and r
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,6 +42,7 @@ import yaml
 from .config import ROOT, ConfigError, load_config
 
 GRID, SEEDS = "grid", "seeds"
+DONE_EXIT = 3  # `study args`: the run's summary exists already (a re-submitted array task has nothing to do)
 
 
 class StudyError(ValueError):
@@ -98,11 +102,19 @@ def _list(spec: dict, key: str, default=None) -> list:
     return value if isinstance(value, list) else [value]
 
 
+RESERVED = ("method", "seed", "data.task", "data.split", "data.dirichlet_beta", "fed.lr", "resume", "output.")
+
+
 def _overrides(spec: dict | None, where: str) -> tuple[str, ...]:
+    """key=value strings of an overrides mapping; the keys the study itself sets per run are refused."""
     if spec is None:
         return ()
     if not isinstance(spec, dict):
         raise StudyError(f"{where}.overrides: expected a mapping of dotted keys to values")
+    for k in spec:
+        if str(k).startswith(RESERVED):
+            raise StudyError(f"{where}.overrides: '{k}' is set by the study for each run (an axis: methods, seeds, "
+                             "tasks, splits, lr; or the run folder); change the axis instead")
     return tuple(f"{k}={_text(v)}" for k, v in spec.items())
 
 
@@ -143,6 +155,9 @@ def expand(spec: dict) -> Study:
     base = _overrides(spec.get("overrides"), "study")
     job = str(spec.get("job", "jobs/smollm2_sst2_iid.yaml"))
     g = spec.get("grid") or {}
+    for key in ("methods", "tasks", "lr"):
+        if not _list(g, key):
+            raise StudyError(f"grid.{key}: must not be empty")
     methods, tasks = _list(g, "methods"), _list(g, "tasks")
     models, splits = _list(g, "models", ["smollm2"]), [_split_name(s) for s in _list(g, "splits", ["iid"])]
     seeds, lrs = [int(s) for s in _list(g, "seeds", [0])], [float(x) for x in _list(g, "lr")]
@@ -176,7 +191,22 @@ def expand(spec: dict) -> Study:
         runs = [replace(r, overrides=r.overrides + (f"eval.base={'true' if firsts[r.task, r.model] == r.id else 'false'}",))
                 for r in runs]
     _check_unique(runs)
+    _check_graph(runs, stages)
     return Study(str(spec["name"]), runs, lrs, select_seeds, stages)
+
+
+def _check_graph(runs: list[Run], stages: list[str]) -> None:
+    """Every run at a selected lr has a grid to select it from; a stage (a Slurm array) has one rank count."""
+    keys = {r.key for r in runs if r.stage == GRID}
+    for r in runs:
+        if r.lr is None and r.key not in keys:
+            raise StudyError(f"run {r.id} takes the selected lr of {r.key}, which the grid does not run; "
+                             "fix its lr_of / lr_task / lr_split or give it an lr")
+    for stage in stages:
+        shapes = {(r.np, r.threads) for r in runs if r.stage == stage}
+        if len(shapes) > 1:
+            raise StudyError(f"stage {stage}: its runs ask for different ranks/threads {sorted(shapes)}; one Slurm "
+                             "array has one shape: put them in different groups")
 
 
 VARIANT_KEYS = {"group", "name", "method", "methods", "tasks", "models", "splits", "seeds", "lr", "lr_of", "lr_task",
@@ -262,12 +292,15 @@ def select(study: Study, done: dict[str, dict]) -> dict[tuple, float]:
     by_key: dict[tuple, dict[float, list[float]]] = {}
     for r in study.stage(GRID):
         by_key.setdefault(r.key, {}).setdefault(r.lr, [])
-        if r.id in done:
-            by_key[r.key][r.lr].append(float(done[r.id]["val_accuracy"]))
+        if r.id in done:  # a failed run (no val_accuracy) counts as the worst possible score
+            val = done[r.id].get("val_accuracy")
+            by_key[r.key][r.lr].append(-math.inf if val is None else float(val))
     chosen = {}
     for key, per_lr in by_key.items():
         if all(len(v) == len(study.select_seeds) for v in per_lr.values()):
-            chosen[key] = min(per_lr, key=lambda lr: (-float(np.mean(per_lr[lr])), lr))
+            best = min(per_lr, key=lambda lr: (-float(np.mean(per_lr[lr])), lr))
+            if np.isfinite(np.mean(per_lr[best])):  # every lr failed: nothing to select
+                chosen[key] = best
     return chosen
 
 
@@ -284,6 +317,9 @@ def write_selection(study: Study, results: Path) -> dict[tuple, float]:
             variant = "main" if r.lr == lr else f"lr={r.lr:g}"
             if done[r.id].get("variant") != variant:
                 _write_json(results / f"{r.id}.json", {**done[r.id], "variant": variant})
+    for r in study.stage(GRID):  # a key whose selection is pending (e.g. an lr added to the grid) has no "main" yet
+        if r.key not in chosen and r.id in done and done[r.id].get("variant"):
+            _write_json(results / f"{r.id}.json", {**done[r.id], "variant": ""})
     _write_json(results / "selection.json", {"study": study.name, "rule": "max mean val_accuracy over seeds "
                                              f"{study.select_seeds}; ties to the smaller lr", "selected": rows})
     return chosen
@@ -296,8 +332,10 @@ def lr_for(run: Run, chosen: dict[tuple, float]) -> float | None:
 # ---- summaries ------------------------------------------------------------------------------------------------
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+    """Write atomically through a temporary file of its own (concurrent writers never share one)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=False) + "\n")
     os.replace(tmp, path)
 
 
@@ -318,7 +356,8 @@ def summarize(run: Run, run_dir: Path, lr: float, study: str) -> dict:
         cfg = json.loads(f.attrs["config_json"])
         pre = dict(f["oda/pre"].attrs) if "oda/pre" in f else {}
         base = dict(f["base"].attrs) if "base" in f else {}
-        out = {"study": study, "run": run.id, "stage": run.stage, "variant": run.variant, "method": run.method,
+        out = {"study": study, "run": run.id, "status": "ok", "stage": run.stage, "variant": run.variant,
+               "method": run.method,
                "task": run.task, "model": run.model, "model_name": cfg["model"]["name"], "split": run.split,
                "seed": run.seed, "lr": lr, "lr_from": list(run.key), "overrides": list(run.overrides),
                "rounds": int(cfg["fed"]["rounds"]), "clients": int(cfg["fed"]["clients"]),
@@ -332,6 +371,7 @@ def summarize(run: Run, run_dir: Path, lr: float, study: str) -> dict:
                "eval_acc": [_r(x) for x in rounds["eval_acc"][:]],
                "train_loss": [_r(np.nanmean(x)) if np.isfinite(x).any() else None for x in rounds["train_loss"][:]],
                "realigned": [int(x) for x in rounds["realigned"][:]],
+               "rejected_updates": int(rounds["rejected"][:].sum()) if "rejected" in rounds else 0,
                "comm_bytes_per_round": _r(fin["comm_bytes_per_round"], 1),
                "client_model_bytes": int(fin["client_model_bytes"]), "full_model_bytes": int(fin["full_model_bytes"]),
                "trainable_params": int(fin["trainable_params"]),
@@ -341,6 +381,15 @@ def summarize(run: Run, run_dir: Path, lr: float, study: str) -> dict:
                "commit": str(f.attrs["git_commit"]),
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((Path(run_dir) / "run.h5").stat().st_mtime))}
     return out
+
+
+def failed_summary(run: Run, lr: float, study: str, code: int) -> dict:
+    """The record of a run that ended without /final: selection ranks it last, the report lists it."""
+    return {"study": study, "run": run.id, "status": "failed", "exit_code": code, "stage": run.stage,
+            "variant": run.variant if run.stage != GRID else "", "method": run.method, "task": run.task,
+            "model": run.model, "split": run.split, "seed": run.seed, "lr": lr, "lr_from": list(run.key),
+            "overrides": list(run.overrides), "accuracy": None, "val_accuracy": None,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())}
 
 
 def settings(cfg: dict) -> dict:
@@ -371,8 +420,14 @@ MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
 def run_local(study: Study, results: Path, runs_root: Path, stages: list[str] | None, max_runs: int,
               tasks: list[str] | None = None) -> int:
     """Run every unfinished run in order (each under its own mpirun, resume=auto), summarize it, re-select.
-    A run that fails is reported and skipped; SIGUSR1/Ctrl-C stop the loop after the current run's checkpoint."""
+    A run that fails leaves a failed summary (selection ranks it last; delete it to try again) and the loop goes
+    on. SIGUSR1 / SIGTERM / Ctrl-C are passed to the run's mpirun and stop the loop (the same command continues)."""
     results.mkdir(parents=True, exist_ok=True)
+    lock = open(results / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise StudyError(f"another `study run` is using {results}; wait for it or stop it first") from None
     failed, started = [], 0
     for run in study.runs:
         if (stages and run.stage not in stages) or (tasks and run.task not in tasks):
@@ -386,25 +441,44 @@ def run_local(study: Study, results: Path, runs_root: Path, stages: list[str] | 
         if max_runs and started >= max_runs:
             break
         started += 1
-        run_dir = runs_root / run.id
-        env = {**os.environ, **MPI_ENV, "OMP_NUM_THREADS": str(run.threads)}
-        cmd = mpirun_command(run, lr, run_dir)
-        print(f"[study {time.strftime('%H:%M:%S')}] {run.id} (lr {lr:g}): {shlex.join(cmd)}", flush=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "stdout.txt", "ab") as out:
-            rc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        rc, stop = _launch(run, lr, runs_root / run.id)
+        if stop or rc in (75, 143):
+            print(f"[study] stopped during {run.id} (exit code {rc}); run the same command to continue", flush=True)
+            return rc or 75
         if rc != 0:
-            print(f"[study] {run.id}: exit code {rc}; see {run_dir}/log.txt", flush=True)
+            print(f"[study] {run.id}: exit code {rc}; see {runs_root / run.id}/log.txt", flush=True)
+            _write_json(results / f"{run.id}.json", failed_summary(run, lr, study.name, rc))
             failed.append(run.id)
-            if rc == 75:  # stopped on request: stop the study too (rerun the same command to continue)
-                return 75
-            continue
-        _write_json(results / f"{run.id}.json", summarize(run, run_dir, lr, study.name))
+        else:
+            _write_json(results / f"{run.id}.json", summarize(run, runs_root / run.id, lr, study.name))
+            print(f"[study {time.strftime('%H:%M:%S')}] {run.id}: done -> {results / (run.id + '.json')}", flush=True)
         write_selection(study, results)
-        print(f"[study {time.strftime('%H:%M:%S')}] {run.id}: done -> {results / (run.id + '.json')}", flush=True)
     if failed:
         print(f"[study] {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _launch(run: Run, lr: float, run_dir: Path) -> tuple[int, int]:
+    """One run under its own mpirun; (exit code, the stop signal this process received meanwhile or 0)."""
+    env = {**os.environ, **MPI_ENV, "OMP_NUM_THREADS": str(run.threads)}
+    cmd = mpirun_command(run, lr, run_dir)
+    print(f"[study {time.strftime('%H:%M:%S')}] {run.id} (lr {lr:g}): {shlex.join(cmd)}", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stop = [0]
+    with open(run_dir / "stdout.txt", "ab") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+
+        def forward(signum, frame):  # USR1: finish the round and checkpoint; TERM / INT: abandon the round
+            stop[0] = signum
+            proc.send_signal(signal.SIGUSR1 if signum == signal.SIGUSR1 else signal.SIGTERM)
+
+        old = {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+        try:
+            rc = proc.wait()
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+    return rc, stop[0]
 
 
 def list_runs(study: Study, results: Path) -> None:
@@ -444,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage", dest="stages", action="append", help="run: only these stages (repeatable)")
     ap.add_argument("--task", dest="tasks", action="append", help="run: only runs of these tasks (repeatable)")
     ap.add_argument("--all", action="store_true", help="summarize: every finished run folder under --runs")
+    ap.add_argument("--failed", type=int, default=0, metavar="CODE",
+                    help="summarize: record the run as failed with this exit code")
     ap.add_argument("--max-runs", type=int, default=0, help="run: stop after starting this many runs")
     a = ap.parse_args(argv)
     try:
@@ -484,10 +560,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise StudyError(f"{a.command}: give the stage and the array index")
             run, lr, run_dir = task_args(study, a.stage, a.index, results, runs_root)
             if a.command == "args":
+                if (results / f"{run.id}.json").exists():
+                    print(f"{run.id}: already done ({results / (run.id + '.json')})", file=sys.stderr)
+                    return DONE_EXIT
                 print(shlex.join(run.args(lr, run_dir)))
             else:
                 results.mkdir(parents=True, exist_ok=True)
-                _write_json(results / f"{run.id}.json", summarize(run, run_dir, lr, study.name))
+                _write_json(results / f"{run.id}.json", failed_summary(run, lr, study.name, a.failed) if a.failed
+                            else summarize(run, run_dir, lr, study.name))
     except StudyError as e:
         print(f"fedsoda-mpi: study error: {e}", file=sys.stderr)
         return 2

@@ -24,8 +24,16 @@ source "${FEDSODA_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
 [ -n "${STUDY:-}" ] && [ -n "${STAGE:-}" ] || fedsoda_die "set STUDY (a study file) and STAGE (one of its stages)"
 name=$("$FEDSODA_PYTHON" -m fedsoda_mpi.study name "$STUDY") || exit 2
 where=(--runs "$RUN_ROOT/$name" ${STUDY_RESULTS:+--results "$STUDY_RESULTS"})
-args=$("$FEDSODA_PYTHON" -m fedsoda_mpi.study args "$STUDY" "$STAGE" "${SLURM_ARRAY_TASK_ID:-0}" "${where[@]}") || exit 2
+task=${SLURM_ARRAY_TASK_ID:-0}
+rc=0
+args=$("$FEDSODA_PYTHON" -m fedsoda_mpi.study args "$STUDY" "$STAGE" "$task" "${where[@]}") || rc=$?
+[ "$rc" -ne 3 ] || { fedsoda_log "$STAGE task $task: its summary exists already; nothing to do"; exit 0; }
+[ "$rc" -eq 0 ] || exit 2
 eval "set -- $args"  # the arguments are shell-quoted by the study module
-fedsoda_step "$FEDSODA_PYTHON" -m mpi4py -m fedsoda_mpi.main "$@"
-"$FEDSODA_PYTHON" -m fedsoda_mpi.study summarize "$STUDY" "$STAGE" "${SLURM_ARRAY_TASK_ID:-0}" "${where[@]}"
-fedsoda_log "summary written for $STAGE task ${SLURM_ARRAY_TASK_ID:-0}"
+fedsoda_step "$FEDSODA_PYTHON" -m mpi4py -m fedsoda_mpi.main "$@" || rc=$?
+if [ "$rc" -ne 0 ]; then  # a failed run leaves a failed summary (selection ranks it last) and fails the task
+  "$FEDSODA_PYTHON" -m fedsoda_mpi.study summarize "$STUDY" "$STAGE" "$task" "${where[@]}" --failed "$rc"
+  exit "$rc"
+fi
+"$FEDSODA_PYTHON" -m fedsoda_mpi.study summarize "$STUDY" "$STAGE" "$task" "${where[@]}"
+fedsoda_log "summary written for $STAGE task $task"

@@ -1,9 +1,9 @@
 #!/bin/bash
 # A whole study as ONE Slurm dependency graph (run it on the login node, from the repository root):
 #
-#   prepare --afterok--> grid array --afterok--> select --afterok--> one array per other stage
-#           (every run of the lr grid)            (lr chosen on      (seeds, ablation, param, noniid, ...)
-#                                                  validation rows)          --afterok--> report
+#   prepare --afterok--> grid array --afterany--> select --afterok--> one array per other stage
+#           (every run of the lr grid)             (lr chosen on      (seeds, ablation, param, noniid, ...)
+#                                                   validation rows)          --afterany--> report
 #
 #   bash slurm/submit_all.sh                                   # studies/paper.yaml: every method, model, task, seed
 #   bash slurm/submit_all.sh studies/cpu_smollm2.yaml          # the CPU study (SUBMIT_RUN_ARGS="--gpus-per-task=0")
@@ -14,8 +14,9 @@
 #   SUBMIT_RUN_ARGS   extra sbatch options for the run arrays only (e.g. --time=08:00:00 --gpus-per-task=0)
 #   STUDY_RESULTS     where the run summaries go                         [results/<study name>]
 # The arrays ask for the study's ranks per run (np: --ntasks) and threads (--cpus-per-task). The report job
-# writes $RUN_ROOT/<study name>/results.md from the summaries. A job whose dependency failed never runs
-# (Slurm cancels it with kill_invalid_depend, else it stays pending with reason DependencyNeverSatisfied).
+# writes $RUN_ROOT/<study name>/results.md from the summaries. A run that fails writes a failed summary
+# (ranked last by the selection, listed by the report) and fails its array task; a task whose summary exists
+# does nothing, so re-submitting the graph runs only what is missing.
 # Job logs: $RUN_ROOT/logs/. Prints one line per job ("prepare ID", "array ID STAGE N", "select ID",
 # "report ID"); the last line is the report job's.
 FEDSODA_ROOT=${FEDSODA_ROOT:-$(cd "$(dirname "$0")/.." && pwd)}
@@ -51,7 +52,8 @@ while read -r stage runs ranks threads; do
   if [ "$stage" = grid ]; then
     grid=$(array "$prepare" grid "$runs" "$ranks" "$threads")
     echo "array $grid grid $runs"
-    select_id=$(submit --dependency="afterok:$grid" -o "$logs/%x-%j.out" slurm/study_select.sh)
+    # afterany: a failed grid run leaves a failed summary and is ranked last; the others still select
+    select_id=$(submit --dependency="afterany:$grid" -o "$logs/%x-%j.out" slurm/study_select.sh)
     echo "select $select_id"
     ids+=("$grid" "$select_id")
   else
@@ -61,6 +63,6 @@ while read -r stage runs ranks threads; do
   fi
 done <<<"$stages"
 after=$(IFS=:; echo "${ids[*]}")
-report=$(submit --dependency="afterok:$after" -o "$logs/%x-%j.out" --wrap \
+report=$(submit --dependency="afterany:$after" -o "$logs/%x-%j.out" --wrap \
   "cd '$FEDSODA_ROOT' && '$FEDSODA_PYTHON' analysis/report.py '${STUDY_RESULTS:-results/$name}' --out '$RUN_ROOT/$name/results.md'")
 echo "report $report"

@@ -206,18 +206,21 @@ def test_validation_rows_are_fixed_and_never_trained_on(monkeypatch):
     real = D.load_rows
     monkeypatch.setattr(D, "load_rows", lambda task, split: [{**r, "line": i} for i, r in enumerate(real(task, split))])
     rows = D.load_rows("sst2", "train")
-    held = D.validation_index(len(rows), 300)
-    assert len(set(held.tolist())) == 300 and np.array_equal(held, D.validation_index(len(rows), 300))
-    train, val = D.split_train_val(rows, 300)
-    assert len(train) == len(rows) - 300 and val == [rows[i] for i in held]
+    held = D.validation_index(rows, "sst2", 300)
+    assert len(set(held.tolist())) == 300 and np.array_equal(held, D.validation_index(rows, "sst2", 300))
+    assert all(len(rows[i]["sentence"].split()) >= 10 for i in held)  # sentences, like the test split
+    train, val = D.split_train_val(rows, "sst2", 300)
+    val_texts = {r["sentence"] for r in val}
+    assert val == [rows[i] for i in held] and not val_texts & {r["sentence"] for r in train}  # no duplicate text
+    assert len(rows) - 300 - 10 < len(train) <= len(rows) - 300
     val_keys = {r["line"] for r in val}
     for seed, split in ((0, "iid"), (1, "dirichlet")):
         parts, _ = D.client_datasets("sst2", 4, split, 0.5, seed, max_per_client=None, val_size=300)
-        assert sum(len(p) for p in parts) == len(rows) - 300
+        assert sum(len(p) for p in parts) == len(train)
         assert not val_keys & {r["line"] for p in parts for r in p}
-    assert D.split_train_val(rows, 0) == (rows, [])  # val_size=0: the partition of before
+    assert D.split_train_val(rows, "sst2", 0) == (rows, [])  # val_size=0: the partition of before
     with pytest.raises(ValueError, match="validation size"):
-        D.validation_index(10, 10)
+        D.validation_index(rows[:10], "sst2", 10)
 
 
 def test_pooled_client_holds_the_union_of_the_partition():

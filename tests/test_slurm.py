@@ -221,6 +221,8 @@ def test_submit_all_submits_every_run_of_the_paper_study(cluster, tmp_path):
             assert f"ArrayTaskId=0-{n - 1}" in show and "NumTasks=11" in show, show[:2000]
             want = jobs["prepare"][0] if stage == "grid" else jobs["select"][0]
             assert f"afterok:{want}" in show, show[:2000]
+        show = subprocess.run(["scontrol", "show", "job", jobs["select"][0]], capture_output=True, text=True).stdout
+        assert f"afterany:{arrays['grid'][0]}" in show, show[:2000]
     finally:
         subprocess.run(["scancel", *ids], timeout=60)
 

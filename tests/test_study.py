@@ -106,6 +106,12 @@ def test_task_args_of_an_array_index(tmp_path, capsys):
     ({**TOY, "variants": [{"name": "v", "method": "fedsoda", "tasks": ["sst2"], "lr_form": "x"}]}, "unknown key"),
     ({**TOY, "variants": [TOY["variants"][0], TOY["variants"][0]]}, "appears twice"),
     ({**TOY, "overrides": {"fed.rounds": 5, "eval.every": 2}}, "eval.every that divides"),
+    ({**TOY, "overrides": {"fed.lr": 0.01}}, "'fed.lr' is set by the study for each run"),
+    ({**TOY, "overrides": {"seed": 5}}, "'seed' is set by the study"),
+    ({**TOY, "variants": [{"name": "v", "method": "fedbiot", "tasks": ["sst2"]}]}, "which the grid does not run"),
+    ({**TOY, "variants": [{"name": "v", "method": "fedsoda", "tasks": ["sst2"], "seeds": [0], "np": 2},
+                          {"name": "w", "method": "fedsoda", "tasks": ["sst2"], "seeds": [0]}]}, "different ranks"),
+    ({**TOY, "grid": {**TOY["grid"], "lr": []}}, "grid.lr: must not be empty"),
 ])
 def test_bad_study_files_fail_with_one_line(tmp_path, capsys, spec, message):
     assert S.main(["list", _write(tmp_path, spec)]) == 2
@@ -173,3 +179,29 @@ def test_local_route_runs_selects_and_summarizes(smollm2_dir, tmp_path):
     again = subprocess.run([sys.executable, "-m", "fedsoda_mpi.study", "run", path, "--results", str(res), "--runs",
                             str(runs)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert again.returncode == 0 and "mpirun" not in again.stdout  # everything done: nothing is run again
+
+
+def test_a_failed_grid_run_is_ranked_last_and_a_pending_key_has_no_main(tmp_path, capsys):
+    """A grid run that failed (failed summary, no val_accuracy) never blocks the selection and is never chosen;
+    grid runs of a key whose selection became pending lose their "main" label; `args` of a done run exits 3."""
+    path = _write(tmp_path, TOY)
+    st = S.load(path)
+    grid = {(r.method, r.lr): r for r in st.stage("grid")}
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / f"{grid['fedsoda', 1e-3].id}.json").write_text(json.dumps(_summary(grid["fedsoda", 1e-3], 0.6)))
+    failed = S.failed_summary(grid["fedsoda", 3e-3], 3e-3, "toy", 1)
+    (res / f"{grid['fedsoda', 3e-3].id}.json").write_text(json.dumps(failed))
+    assert S.write_selection(st, res) == {("fedsoda", "sst2", "smollm2", "iid"): 1e-3}
+    assert failed["status"] == "failed" and failed["val_accuracy"] is None and failed["variant"] == ""
+    (res / f"{grid['fedsoda', 1e-3].id}.json").write_text(json.dumps(S.failed_summary(grid["fedsoda", 1e-3], 1e-3,
+                                                                                     "toy", 1)))
+    assert S.write_selection(st, res) == {}  # every lr failed: nothing to select
+    assert S.main(["args", path, "grid", str(st.stage("grid").index(grid["fedsoda", 1e-3])), "--results",
+                   str(res)]) == S.DONE_EXIT
+    # a key that was selected becomes pending (here: its summaries replaced): its grid runs lose "main"
+    (res / f"{grid['fedsoda', 1e-3].id}.json").write_text(json.dumps({**_summary(grid["fedsoda", 1e-3], 0.6),
+                                                                      "variant": "main"}))
+    (res / f"{grid['fedsoda', 3e-3].id}.json").unlink()
+    S.write_selection(st, res)
+    assert json.loads((res / f"{grid['fedsoda', 1e-3].id}.json").read_text())["variant"] == ""
