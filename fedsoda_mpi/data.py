@@ -307,8 +307,9 @@ def validation_index(rows: list[dict], task: str, n_val: int) -> np.ndarray:
     eligible = np.array([i for i, r in enumerate(rows) if len(text_of(task, r).split()) >= VAL_MIN_WORDS.get(task, 0)],
                         dtype=np.int64)
     if not 0 <= n_val < len(eligible):
-        raise ValueError(f"validation size {n_val} must be in [0, {len(eligible) - 1}] (rows of the training file "
-                         "that can serve as validation rows)")
+        words = f" (sentences of >= {VAL_MIN_WORDS[task]} words)" if task in VAL_MIN_WORDS else ""
+        raise ValueError(f"validation size {n_val} must be smaller than the {len(eligible)} rows of the training "
+                         f"file that can serve as validation rows{words}")
     return np.sort(eligible[np.random.default_rng(VAL_SEED).permutation(len(eligible))[:n_val]])
 
 

@@ -44,7 +44,8 @@ def tiny_data(tmp_path, monkeypatch):
     root = tmp_path / "data"
     (root / "sst2").mkdir(parents=True)
     (root / "wikitext2").mkdir()
-    rows = [json.dumps({"sentence": f"sentence {i}", "label": i % 2}) for i in range(40)]
+    rows = [json.dumps({"sentence": f"this is training sentence number {i} of a small test set", "label": i % 2})
+            for i in range(40)]  # >= 10 words: SST-2 validation rows are sentences (data.VAL_MIN_WORDS)
     (root / "sst2" / "train.jsonl").write_text("\n".join(rows) + "\n")
     (root / "sst2" / "test.jsonl").write_text("\n".join(rows[:8]) + "\n")
     (root / "wikitext2" / "test.txt").write_text("\n".join([" = Heading = "] + [WORDS] * 20) + "\n")
