@@ -159,8 +159,8 @@ def load(folder: Path) -> tuple[list[dict], dict]:
             lacking = [k for k in REQUIRED if not isinstance(s, dict) or k not in s]
             raise ReportError(f"{path}: not a run summary (no {', '.join(lacking)})")
         runs.append(s)
-    if not runs:
-        raise ReportError(f"{folder}: no run summaries (*.json besides selection.json)")
+    if not runs:  # a study that has just started: every section says so
+        print(f"warning: {folder}: no run summaries yet (*.json besides selection.json)", file=sys.stderr)
     failed = [s for s in runs if s.get("status") == "failed"]
     for s in failed:
         print(f"warning: {s['run']} failed (exit code {s.get('exit_code')}): in no table", file=sys.stderr)
@@ -628,6 +628,7 @@ def unshown(runs: list[dict]) -> list[str]:
     return sorted({s["variant"] for s in runs if s["stage"] not in (*MAIN_STAGES, GSM8K) and s["variant"] not in SHOWN})
 
 
+NO_RUNS = "_No finished run of this study yet._"
 SECTIONS = {"setup": ("Setup", sec_setup), "lr": ("Learning-rate selection", sec_lr),
             "table2": ("Table 2: accuracy of the four methods", sec_table2),
             "table3": ("Table 3: ablation of ODA", sec_table3), "table4": ("Table 4: parameter study", sec_table4),
@@ -694,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: variant '{name}' is in no table of the report", file=sys.stderr)
         text = out.read_text(encoding="utf-8") if out.exists() else None
         wanted = list(SECTIONS) if text is None else [n for n in SECTIONS if n in names_in(text)]
-        content = {n: SECTIONS[n][1](res) if n in wanted else "" for n in SECTIONS}
+        content = {n: (SECTIONS[n][1](res) if res.runs else NO_RUNS) if n in wanted else "" for n in SECTIONS}
         if text is None:
             new, warnings = new_file(res, content), []
         else:
