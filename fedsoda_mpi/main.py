@@ -58,6 +58,24 @@ def install_stop_handler() -> None:
     signal.signal(signal.SIGTERM, terminate)
 
 
+def sweep_stale_copies(root: Path | None = None) -> list[str]:
+    """Remove the on-disk sub-LLM copies (TMPDIR/fedsoda-client<rank>-<pid>-*) of client processes that are gone:
+    a rank SIGKILLed while loading (mpirun's grace period after SIGTERM is about a second) could not remove its own."""
+    removed = []
+    for path in sorted(Path(root or tempfile.gettempdir()).glob("fedsoda-client*-*-*")):
+        try:
+            pid = int(path.name.split("-")[2])
+            os.kill(pid, 0)
+        except ValueError:
+            continue  # not a name this code writes
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+        except PermissionError:
+            continue  # another user's live process
+    return removed
+
+
 def where_now() -> str:
     return f"in round {PROGRESS['round']}" if PROGRESS["round"] else "before round 1"
 
@@ -365,7 +383,8 @@ def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
         sub = server.sub
         log.log(f"shipped the sub-LLM ({model_bytes / 2**20:.1f} MiB) to {comm.size - 1} client ranks in {time.time() - t0:.1f}s")
     else:
-        with tempfile.TemporaryDirectory(prefix=f"fedsoda-client{comm.rank}-") as tmp:  # loaded, then removed
+        sweep_stale_copies()
+        with tempfile.TemporaryDirectory(prefix=f"fedsoda-client{comm.rank}-{os.getpid()}-") as tmp:  # loaded, removed
             sub, tok = models.load_bundle(files, Path(tmp), str(device))
         data.ensure_pad_token(tok)
         torch.manual_seed(cfg.seed)

@@ -26,3 +26,22 @@ def test_schedule_is_seeded_per_round():
     a, b = client_schedule(cfg, 11, 3), client_schedule(cfg, 11, 4)
     assert a == client_schedule(cfg, 11, 3) and a != b and len(set(a)) == 10
     assert np.all(np.diff(a) > 0)
+
+
+def test_sweep_removes_only_copies_of_dead_client_processes(tmp_path, monkeypatch):
+    """A client rank SIGKILLed while loading its on-disk sub-LLM copy leaves it; the next start removes it."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from fedsoda_mpi.main import sweep_stale_copies
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the default root: TMPDIR
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / f"fedsoda-client1-{dead}-abc").mkdir()
+    (tmp_path / f"fedsoda-client2-{os.getpid()}-def").mkdir()  # alive: kept
+    (tmp_path / "fedsoda-client1-xyz").mkdir()  # not a name with a pid: kept
+    assert sweep_stale_copies() == [f"fedsoda-client1-{dead}-abc"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fedsoda-client1-xyz", f"fedsoda-client2-{os.getpid()}-def"]
