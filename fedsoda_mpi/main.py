@@ -342,7 +342,7 @@ def run(cfg: Config, comm, inputs: tuple | None = None) -> dict | None:
         if ck is None:
             log.write("data/client_sizes", np.array([len(r) for r in rows], dtype=np.int64))
             log.write("data/client_label_hist", np.asarray(hist, dtype=np.int64))
-            record_split(cfg, log)
+            record_split(cfg, log, server)
             setup = {}
             base = {"accuracy": float("nan"), "n": 0}  # eval.base=false: a study evaluates the base model once per task
             if cfg.eval.base:
@@ -588,13 +588,11 @@ def all_rejected_message(cfg: Config, rnd: int, clients: list[int]) -> str:
             "check the data, then run again (resume=auto continues from that checkpoint)")
 
 
-def record_split(cfg: Config, log) -> None:
+def record_split(cfg: Config, log, server) -> None:
     """/data: which training rows are the fixed validation set (indices into <task>/train.jsonl), the split."""
     from . import data
 
-    rows = data.load_rows(cfg.data.task, "train")
-    n_train = len(rows)
-    held = data.validation_index(rows, cfg.data.task, cfg.data.val_size) if cfg.data.val_size else np.zeros(0)
+    n_train, held = server.n_train_file, server.val_index
     log.write("data/val_index", held.astype(np.int64))
     log.set_attrs("data", task=cfg.data.task, val_size=cfg.data.val_size, val_seed=data.VAL_SEED, n_train_file=n_train,
                   val_min_words=data.VAL_MIN_WORDS.get(cfg.data.task, 0),

@@ -60,8 +60,11 @@ class Server:
         self.public = public_batches(cfg, self.tok, holdout=False, limit=cfg.data.public_samples)
         self.heldout = public_batches(cfg, self.tok, holdout=True, limit=16)
         self.probe = self.heldout[:1]
-        train, self.val_rows = data.split_train_val(data.load_rows(cfg.data.task, "train"), cfg.data.task,
-                                                    cfg.data.val_size)
+        rows = data.load_rows(cfg.data.task, "train")
+        self.n_train_file = len(rows)
+        self.val_index = data.validation_index(rows, cfg.data.task, cfg.data.val_size) if cfg.data.val_size else \
+            np.zeros(0, dtype=np.int64)  # /data/val_index (main.record_split)
+        train, self.val_rows = data.split_train_val(rows, cfg.data.task, cfg.data.val_size)
         self.shot_rows = train if cfg.data.task == "gsm8k" else None  # GSM8K's k shots never show a validation row
         self._drift = None  # (LoRA tensors the last drift probe saw, its value)
         self.pending = None  # FedSRD with a sparse download: (factor, idx, val) for the next round
