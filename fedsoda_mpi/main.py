@@ -65,15 +65,27 @@ def sweep_stale_copies(root: Path | None = None) -> list[str]:
     for path in sorted(Path(root or tempfile.gettempdir()).glob("fedsoda-client*-*-*")):
         try:
             pid = int(path.name.split("-")[2])
-            os.kill(pid, 0)
         except ValueError:
             continue  # not a name this code writes
-        except ProcessLookupError:
+        if not process_alive(pid):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path.name)
-        except PermissionError:
-            continue  # another user's live process
     return removed
+
+
+def process_alive(pid: int) -> bool:
+    """True if `pid` runs. A zombie (killed, not yet reaped: in containers whose init never reaps, forever) is gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): trust kill(0)
+    return state not in ("Z", "X", "x")
 
 
 def where_now() -> str:

@@ -1,5 +1,6 @@
 """main.py's per-round schedule: which virtual clients train, and on which rank."""
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
@@ -45,3 +46,28 @@ def test_sweep_removes_only_copies_of_dead_client_processes(tmp_path, monkeypatc
     (tmp_path / "fedsoda-client1-xyz").mkdir()  # not a name with a pid: kept
     assert sweep_stale_copies() == [f"fedsoda-client1-{dead}-abc"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fedsoda-client1-xyz", f"fedsoda-client2-{os.getpid()}-def"]
+
+
+def test_a_killed_but_unreaped_process_counts_as_gone(tmp_path):
+    """In a container whose init never reaps, a SIGKILLed rank stays a zombie: kill(pid, 0) still succeeds,
+    yet its copy must be swept (the CI failure of the SIGTERM test)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fedsoda_mpi.main import process_alive, sweep_stale_copies
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    assert process_alive(child.pid)
+    (tmp_path / f"fedsoda-client1-{child.pid}-abc").mkdir()
+    os.kill(child.pid, signal.SIGKILL)
+    deadline = time.time() + 10
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.time() < deadline
+        time.sleep(0.01)
+    os.kill(child.pid, 0)  # the zombie still answers kill(0)
+    assert not process_alive(child.pid)
+    assert sweep_stale_copies(tmp_path) == [f"fedsoda-client1-{child.pid}-abc"]
+    child.wait()
