@@ -1,6 +1,7 @@
 # fedsoda-mpi: the two commands.
 #   make demo   create .venv if missing, install, prepare the default model + data, run the default job under mpirun
-#   make test   create .venv if missing, install, run the test suite
+#   make test   create .venv if missing, install, run the test suite (everything: what CI runs, <= 20 min on 2 cores)
+#   make test-fast   the unit tests only: no mpirun, no real model, no Slurm (<= 3 min)
 PYTHON ?= python3
 VENV ?= .venv
 NP ?= 11
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 MPIENV := OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1 \
 	PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe OMP_NUM_THREADS=1 HDF5_USE_FILE_LOCKING=FALSE
 
-.PHONY: demo test install prepare clean
+.PHONY: demo test test-fast install prepare clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +28,9 @@ demo: prepare
 
 test: install
 	$(MPIENV) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(MPIENV) $(BIN)/python -m pytest -q -m "not mpi and not real and not slurm and not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -29,7 +29,7 @@ FEDPETUNING = Plan(30, 30, list(range(30)), [], [])
 
 
 def client(full, plan: Plan, quantize: bool):
-    """A client's model as `main.run` builds it: sub-LLM (or the full model), LoRA, adapter trainable."""
+    """A client's model as `client.Client` builds it: sub-LLM (or the full model), LoRA, adapter trainable."""
     torch.manual_seed(0)
     model = models.build_sub_model(full, plan.kept, quantize=quantize)
     model = models.add_lora(model, plan.lora_sub)

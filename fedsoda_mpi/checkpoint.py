@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .prepare import sha256_of
+from .config import Config, ConfigError, flatten, load_config
+from .paths import sha256_of
 
 # How every random draw is derived (recorded in state.json; the sampler state is the round number).
 RNG_SCHEME = {
@@ -35,6 +36,13 @@ RNG_SCHEME = {
     "data_partition": "numpy default_rng(seed) over the task's training file",
 }
 FILES = ("adapter.safetensors", "emulator.safetensors", "run.h5")
+REALIGN_STREAM, FEDSRD_STREAM = 999983, 424243  # torch_seed streams that are not a client
+
+
+def torch_seed(seed: int, rnd: int, stream: int) -> int:
+    """The torch seed of one random stream of round `rnd` (RNG_SCHEME): client k's local training (stream k,
+    LoRA dropout), the re-alignment (REALIGN_STREAM) and FedSRD's download sparsification (FEDSRD_STREAM)."""
+    return seed * 100003 + rnd * 1009 + stream
 
 
 class CheckpointError(RuntimeError):
@@ -97,6 +105,9 @@ def load(path: Path) -> Checkpoint:
         state = json.loads((path / "state.json").read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path / 'state.json'}: unreadable ({e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("sha256"), dict) or \
+            not isinstance(state.get("round"), int):
+        raise CheckpointError(f"{path / 'state.json'}: not a checkpoint state (a JSON object with round and sha256)")
     for name in FILES:
         want = state.get("sha256", {}).get(name)
         if not (path / name).is_file():
@@ -118,3 +129,35 @@ def latest(run_dir: Path, warn=print) -> Checkpoint | None:
         except CheckpointError as e:
             warn(f"WARNING: skipping checkpoint round {rnd}: {e}; trying the previous one")
     return None
+
+
+def resume_point(run_dir: Path, log) -> Checkpoint | None:
+    """resume=auto: the newest valid checkpoint (its run.h5 copy replaces the live one, so rows written after
+    it are dropped, not duplicated), or None for a fresh start."""
+    ck = latest(run_dir, warn=log.log)
+    if ck is None:
+        if (run_dir / "run.h5").exists():
+            log.log(f"WARNING: resume=auto but {run_dir} has no valid checkpoint; starting the run over")
+        return None
+    shutil.copyfile(ck.path / "run.h5", run_dir / "run.h5")
+    return ck
+
+
+# keys that may change when a run is resumed; every other setting must equal the checkpointed run's
+RESUME_MAY_CHANGE = ("resume", "job", "debug.", "output.", "fed.rounds", "fed.checkpoint_every", "fed.keep_checkpoints",
+                     "eval.")
+
+
+def check_resumable(cfg: Config, run_dir: Path) -> None:
+    """resume=auto: the run folder must be fixed in advance, and a run found there must have the same settings."""
+    if not (cfg.output.dir or cfg.output.name or os.environ.get("SLURM_JOB_ID")):
+        raise ConfigError("resume=auto: set output.dir (or output.name) so that a restart finds the same run folder")
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return  # nothing to resume yet: a fresh run
+    old, new = flatten(load_config(str(saved), []).to_dict()), flatten(cfg.to_dict())
+    for key in sorted(set(old) | set(new)):
+        if not key.startswith(RESUME_MAY_CHANGE) and old.get(key) != new.get(key):
+            raise ConfigError(f"resume=auto: {key} is {old.get(key)!r} in the run at {saved.parent} but {new.get(key)!r} "
+                              "now; resume with the same settings (only rounds, eval, output, checkpoint keys may "
+                              "change) or choose another output.dir")

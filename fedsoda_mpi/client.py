@@ -1,7 +1,9 @@
-"""Client side: local training of the adapter LoRA on the (NF4) sub-LLM with a proximal term (eq. 9-10).
+"""The client role (ranks 1..W-1): local training of the adapter LoRA on the (NF4) sub-LLM with a proximal
+term (eq. 9-10). No MPI here: federation.py moves what `Client.fit` returns.
 
 Algorithm 2 lines 15-18: starting from the global adapter LoRA w^(t-1), run H local epochs (or
 `fed.local_steps` steps) of AdamW on F_k(w) + mu/2 ||w - w^(t-1)||^2, then upload w_k^(t) and n_k.
+A client rank hosts the virtual clients the schedule places on it each round (`Client.place`).
 
 The sub-emulator (with its aligned LoRA) is frozen between re-alignments, so its output for a
 local example never changes: `EmulatorCache` keeps it per example and local steps run only the
@@ -9,13 +11,21 @@ adapter layers (plus the LM head at label positions). Re-alignment invalidates t
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
+import shutil
+import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import models
+from . import data, models
+from .checkpoint import torch_seed
 from .data import pad_batch
 from .methods import Plan
 
@@ -82,17 +92,13 @@ class EmulatorCache:
 
     @staticmethod
     def _dim(model) -> int:
-        return models.base_model(model).config.hidden_size
+        return models.decoder(model).config.hidden_size
 
 
 def _emulator(model, plan: Plan, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Forward of the frozen sub-emulator E* (eval mode: no dropout), giving the adapter's input."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        h = models.hidden_before_layer(model, ids, mask, plan.train_start)
-    model.train(was_training)
-    return h
+    with models.mode(model), torch.no_grad():
+        return models.hidden_before_layer(model, ids, mask, plan.train_start)
 
 
 def proximal(params: list[torch.Tensor], anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
@@ -133,3 +139,148 @@ def local_train(model, plan: Plan, params: list[torch.nn.Parameter], examples: l
         opt.step()
         losses.append(loss.item())
     return (float(np.mean(losses)) if losses else float("nan")), len(losses)
+
+
+@contextlib.contextmanager
+def oom_guard(rank: int, client: int, cfg):
+    """Turn an out-of-memory in a client's local step into one actionable line (rank, client, batch size)."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        raise RuntimeError(f"out of memory on rank {rank} (client {client}) at fed.batch_size={cfg.fed.batch_size}, "
+                           f"data.max_len={cfg.data.max_len}: lower fed.batch_size or data.max_len "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+
+
+class Faults:
+    """debug.fail_*: one failure injected on rank debug.fail_rank in round debug.fail_round, for the tests of the
+    abort path (`raise`, any rank, right after the download), the OOM message (`oom`, in local training) and
+    the rejection of a diverged client (`nan`: the rank's first upload of that round is all NaN)."""
+
+    def __init__(self, debug, rank: int):
+        self.kind = debug.fail_kind if debug.fail_rank == rank else None
+        self.round, self.rank, self.spent = debug.fail_round, rank, False
+
+    def _now(self, rnd: int, kind: str) -> bool:
+        return self.kind == kind and self.round == rnd
+
+    def round_started(self, rnd: int) -> None:
+        if self._now(rnd, "raise"):
+            raise RuntimeError(f"debug.fail_rank={self.rank} debug.fail_round={rnd}: injected failure")
+
+    def training(self, rnd: int) -> None:
+        if self._now(rnd, "oom"):
+            raise torch.OutOfMemoryError("debug.fail_kind=oom: simulated")
+
+    def trained(self, rnd: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self._now(rnd, "nan") and not self.spent:
+            self.spent = True
+            return {name: torch.full_like(t, float("nan")) for name, t in state.items()}
+        return state
+
+
+def process_alive(pid: int) -> bool:
+    """True if `pid` runs. A zombie (killed, not yet reaped: in containers whose init never reaps, forever) is gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): trust kill(0)
+    return state not in ("Z", "X", "x")
+
+
+def sweep_stale_copies(root: Path | None = None) -> list[str]:
+    """Remove the on-disk sub-LLM copies (TMPDIR/fedsoda-client<rank>-<pid>-*) of client processes that are gone:
+    a rank SIGKILLed while loading (mpirun's grace period after SIGTERM is about a second) could not remove its own."""
+    removed = []
+    for path in sorted(Path(root or tempfile.gettempdir()).glob("fedsoda-client*-*-*")):
+        try:
+            pid = int(path.name.split("-")[2])
+        except ValueError:
+            continue  # not a name this code writes
+        if not process_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
+@dataclass
+class Fit:
+    """What `Client.fit` returns: the local adapter LoRA w_k^(t), the mean task loss, n_k, and its cost."""
+    state: dict[str, torch.Tensor]
+    loss: float
+    n_samples: int
+    steps: int
+    seconds: float  # wall time of local training, emulator passes included
+    emulator_seconds: float  # of which filling / reading the emulator cache
+
+
+class Client:
+    """A client rank: the shipped sub-LLM M* (NF4 when quant.enabled) with the emulator and adapter LoRA, the
+    clients' training rows (tokenized when a client is first placed here) and the emulator cache of the
+    clients placed here this round. Never holds the full LLM."""
+
+    def __init__(self, cfg, rank: int, plan: Plan, files: dict[str, bytes], rows: list[list[dict]], device):
+        """Algorithm 2 line 6 (receiving side): load M* from the shipped bundle (a temporary on-disk copy,
+        removed at once), attach LoRA on the plan's layers (seeded), mark the adapter LoRA trainable."""
+        self.cfg, self.rank, self.plan, self.rows = cfg, rank, plan, rows
+        self.model_bytes = sum(len(v) for v in files.values())
+        sweep_stale_copies()
+        with tempfile.TemporaryDirectory(prefix=f"fedsoda-client{rank}-{os.getpid()}-") as tmp:
+            sub, self.tok = models.load_bundle(files, Path(tmp), str(device))
+        data.ensure_pad_token(self.tok)
+        torch.manual_seed(cfg.seed)
+        self.sub = models.add_lora(sub, plan.lora_sub, **cfg.lora.kwargs())
+        self.examples: dict[int, list[dict]] = {}
+        self.params = models.set_trainable(self.sub, plan.adapter_sub)
+        self.cache = EmulatorCache(cfg.fed.emulator_cache)
+        self.faults = Faults(cfg.debug, rank)
+
+    def examples_of(self, k: int) -> list[dict]:
+        if k not in self.examples:
+            c = self.cfg.data
+            self.examples[k] = [data.tokenize_sft(self.tok, *data.prompt_and_answer(c.task, r), c.max_len)
+                                for r in self.rows[k]]
+        return self.examples[k]
+
+    def place(self, here: set[int]) -> None:
+        """This round's clients on this rank: memory stays flat in fed.clients (only they keep data and cache)."""
+        for k in set(self.examples) - here:
+            del self.examples[k]
+        self.cache.keep(here)
+
+    def set_emulator(self, state: dict[str, torch.Tensor]) -> None:
+        """Algorithm 2 line 14: the (re-)aligned emulator LoRA; the cached emulator outputs are stale."""
+        models.load_lora_state(self.sub, state)
+        self.cache.invalidate()
+
+    def fit(self, k: int, global_state: dict[str, torch.Tensor], rnd: int) -> Fit:
+        """Algorithm 2 lines 15-16 for client k in round rnd: local training from the global adapter LoRA."""
+        c = self.cfg.fed
+        models.load_lora_state(self.sub, global_state)
+        torch.manual_seed(torch_seed(self.cfg.seed, rnd, k))
+        t0, emulator0 = time.perf_counter(), self.cache.seconds
+        with oom_guard(self.rank, k, self.cfg):
+            self.faults.training(rnd)
+            loss, steps = local_train(self.sub, self.plan, self.params, self.examples_of(k), self.tok.pad_token_id,
+                                      self.cache, k, c.local_steps, c.local_epochs, c.batch_size, c.lr, c.mu,
+                                      np.random.default_rng([self.cfg.seed, rnd, k]))
+        seconds = time.perf_counter() - t0
+        state = self.faults.trained(rnd, models.lora_state(self.sub, self.plan.adapter_sub))
+        return Fit(state, loss, len(self.examples[k]), steps, seconds, self.cache.seconds - emulator0)
+
+    def write_holdings(self, run_dir: Path) -> None:
+        """client_rank<R>.json: what this rank holds (checked by the tests: never the full LLM)."""
+        import bitsandbytes as bnb
+
+        held = {"rank": self.rank, "decoder_layers": len(models.get_layers(self.sub)),
+                "linear4bit": sum(isinstance(m, bnb.nn.Linear4bit) for m in self.sub.modules()),
+                "stored_bytes": models.stored_bytes(models.decoder(self.sub)), "received_model_bytes": self.model_bytes,
+                "trainable_params": sum(p.numel() for p in self.params),
+                "parameter_names": sorted({n.split(".layers.")[0] for n, _ in self.sub.named_parameters()})}
+        (run_dir / f"client_rank{self.rank}.json").write_text(json.dumps(held, indent=1))

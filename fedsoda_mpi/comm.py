@@ -156,6 +156,18 @@ class Comm:
     def local_size(self) -> int:
         return self._node()[1]
 
+    def torch_threads(self) -> int:
+        """Torch threads for this rank. The server's phases (SGP, ODA, evaluation) and the clients' local
+        training never overlap (the idle side sleeps in `idle_wait`), so rank 0 takes every core it may use,
+        and the client ranks of a node share the cores (or take OMP_NUM_THREADS when set). Collective."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        ranks_here = self.local_size()
+        if self.is_server:
+            return cores
+        if "OMP_NUM_THREADS" in os.environ:
+            return max(1, int(os.environ["OMP_NUM_THREADS"]))
+        return max(1, cores // ranks_here)
+
     def device(self) -> torch.device:
         """CUDA device from the node-local rank when CUDA is present, else CPU (fake GPUs fall back to CPU).
 
@@ -182,9 +194,6 @@ class Comm:
         for start in range(0, max(flat.numel(), 1), CHUNK_ELEMS):
             buf, mpitype = _wire(flat[start:start + CHUNK_ELEMS])
             self._timed(self.comm.Bcast, [buf, mpitype], root)
-
-    def barrier(self) -> None:
-        self._timed(self.comm.Barrier)
 
     def idle_wait(self, poll_s: float = 0.005) -> None:
         """Barrier that sleeps instead of spinning: ranks waiting for a long phase of another rank
@@ -264,9 +273,6 @@ class Comm:
         self._bcast_flat(buf, root)
         self._count("control", *((8 * (self.size - 1), 0) if self.rank == root else (0, 8)))
         return bool(buf.item())
-
-    def abort(self, code: int = 1) -> None:
-        self.comm.Abort(code)
 
 
 def exit_with_launcher(poll_s: float = 0.5) -> threading.Thread:

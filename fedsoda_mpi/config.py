@@ -3,7 +3,7 @@
     python -m fedsoda_mpi.main --config jobs/smollm2_sst2_iid.yaml fed.rounds=2 lora.r=4 method=fedsoda
 
 Every rank parses and validates the same files and arguments, so a bad config fails identically on
-all ranks with one line and exit code 2 before any collective is entered (see `main.py`).
+all ranks with one line and exit code 2 before any collective is entered (`main.prepare_config`).
 """
 from __future__ import annotations
 
@@ -84,6 +84,10 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: list = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of `models.add_lora` (the same LoRA on the server's and the clients' models)."""
+        return dict(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=list(self.target_modules))
 
 
 @dataclass
@@ -224,11 +228,11 @@ def set_key(cfg: Config, key: str, raw) -> None:
             setattr(obj, part, _coerce(key, raw, value, hints[part]))
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
     """{"fed": {"rounds": 2}} -> {"fed.rounds": 2}; a key given both nested and dotted raises ConfigError."""
     out = {}
     for k, v in d.items():
-        items = _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        items = flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
         for key, value in items.items():
             if key in out:
                 raise ConfigError(f"key '{key}' is given twice (once nested, once dotted); keep one")
@@ -313,7 +317,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     data = read_yaml(path)
     cfg = Config()
     try:
-        flat = _flatten(data)
+        flat = flatten(data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     method = dict(parse_override(a) for a in overrides).get("method", flat.get("method", cfg.method))
@@ -347,7 +351,7 @@ def _at_least(key: str, value, low) -> None:
 
 def _finite_numbers(cfg: Config) -> None:
     """Every float key must be a finite number: `fed.lr=inf` would otherwise pass `> 0` and train nothing."""
-    for key, value in _flatten(cfg.to_dict()).items():
+    for key, value in flatten(cfg.to_dict()).items():
         if isinstance(value, float):
             _check(math.isfinite(value), f"{key}: must be a finite number, got {value}")
 

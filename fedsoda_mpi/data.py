@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .prepare import cache_data_dir, shared_data_dir
+from .config import TASKS
+from .paths import cache_data_dir, shared_data_dir
 
-TASKS = ("sst2", "boolq", "gsm8k")
 LABEL_WORDS = {"sst2": ("negative", "positive"), "boolq": ("false", "true")}
 N_CLASSES = {"sst2": 2, "boolq": 2, "gsm8k": 4}
 TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes "

@@ -1,5 +1,5 @@
-"""Evaluation of FedSODA models (the paper's Sec. 6 metric, accuracy; DESIGN step 9: the full LLM with the
-plugged adapter LoRA, and the sub-LLM M* for comparison).
+"""Evaluation of FedSODA models (the paper's Sec. 6 metric, accuracy: the full LLM with the plugged
+adapter LoRA, and the sub-LLM M* for comparison).
 
 - SST-2 / BoolQ: label-word likelihood. One forward per prompt (batched, right padding); the LM head runs
   only on each row's last prompt token, and the prediction is the label word with the larger logit.
@@ -15,8 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -24,31 +23,13 @@ import torch.nn.functional as F
 from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicLayer
 
+from . import models
 from .data import (LABEL_WORDS, ensure_pad_token, gsm8k_final_number, gsm8k_kshot_prefix, label_of, load_rows,
                    prompt_and_answer)
 
 # A generated solution ends where the model starts a new instruction block of the few-shot prompt.
 STOP_STRINGS = ("\n\n### Instruction", "Below is an instruction")
 _NUMBER = re.compile(r"(?<![\w.])([-\u2212]?)\$?(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)")
-
-
-@contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode for the block; restores every module's own training flag afterwards.
-
-    4-bit layers are told never to repack their weights for bitsandbytes' CPU inference path: a repacked
-    Linear4bit has no backward, so later LoRA gradients through it would silently vanish (docs/design.md, toolchain facts).
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    for m, _ in modes:
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, was_training in modes:
-            m.training = was_training
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -79,13 +60,8 @@ def _pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str, device: torch.de
 
 
 def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(decoder body, LM head) of an HF causal LM, or of the model inside a PeftModel (LoRA layers stay active)."""
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
-    body = getattr(hf, "base_model", hf)
-    if head is None or body is hf:
-        raise ValueError(f"{type(hf).__name__} is not a causal LM with a separate decoder body and LM head")
-    return body, head
+    """(decoder stack, LM head) of an HF causal LM, or of the model inside a PeftModel (LoRA layers stay active)."""
+    return models.decoder(model), models.causal_lm(model).get_output_embeddings()
 
 
 def label_word_ids(tokenizer, task: str) -> list[int]:
@@ -127,7 +103,7 @@ def label_accuracy(model: torch.nn.Module, tokenizer, task: str, rows: Sequence[
     labels = np.array([label_of(task, r) for r in rows])
     order = np.argsort([len(e) for e in encoded], kind="stable")
     scores = np.zeros((len(rows), len(word_ids)), dtype=np.float32)
-    with _eval_mode(model):
+    with models.mode(model):
         body, head = _body_and_head(model)
         device = _device(model)
         for start in range(0, len(rows), batch_size):
@@ -225,9 +201,8 @@ def _prefix_cache(model: torch.nn.Module, prefix_ids: Sequence[int]) -> DynamicC
     """KV cache of `prefix_ids` (batch 1) from one forward of the decoder body (no LM head); None when the model's
     cache is not a plain full-attention DynamicCache (sliding-window / linear-attention layers), which the
     pad-between-prefix-and-question layout of `_generate` cannot reproduce exactly."""
-    body, _ = _body_and_head(model)
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cache = DynamicCache(config=hf.config)
+    body = models.decoder(model)
+    cache = DynamicCache(config=models.causal_lm(model).config)
     if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
         return None
     ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=_device(model))
@@ -313,7 +288,7 @@ def gsm8k_accuracy(model: torch.nn.Module, tokenizer, rows: Sequence[dict], trai
     rows = _first(rows, max_examples)
     prefix = gsm8k_kshot_prefix(list(train_rows), k, seed)
     prompts = [prefix + prompt_and_answer("gsm8k", r)[0] for r in rows]
-    with _eval_mode(model):
+    with models.mode(model):
         outputs = _generate(model, tokenizer, prompts, max_new_tokens, batch_size,
                             shared_prefix=prefix.rstrip() if prefix_cache else "")
     correct = np.array([_same_number(extract_number(o), gsm8k_final_number(r["answer"]))
@@ -340,7 +315,7 @@ def evaluate(model: torch.nn.Module, tokenizer, task: str, max_examples: int | N
 def perplexity(model: torch.nn.Module, tokenizer, texts: Sequence[str], max_len: int = 256) -> float:
     """exp(mean next-token NLL) over all tokens of `texts`, each truncated to `max_len` tokens."""
     total_nll, total_tokens = 0.0, 0
-    with _eval_mode(model):
+    with models.mode(model):
         device = _device(model)
         for text in texts:
             ids = tokenizer(text, truncation=True, max_length=max_len, return_tensors="pt").input_ids.to(device)

@@ -6,8 +6,7 @@ Follows the reference code Youth-49/FedSRD_2025 (main_fedsrd.py, federated_learn
   |dB[:, j]| * ||A0[j, :]||, i.e. the Frobenius norm of the entry's contribution to the full-rank update
   B_k A_k - B0 A0 = B_k dA + dB A0; kept entries are rescaled to the tensor's original L1 norm.
   The reference prunes a kurtosis-adaptive fraction; a fixed MPI schema needs a fixed count, so
-  `sparsify` keeps exactly k = max(1, round(density * numel)) entries (`adaptive_density` gives the
-  reference's fraction, at most 1 - base = 0.15, which `encode` at 0.15 carries losslessly).
+  `sparsify` keeps exactly k = max(1, round(density * numel)) entries (fed.upload_density).
 - Reconstruct + Aggregate (server): W = sum_k w_k / sum w * scale * (B0 + dB_k) @ (A0 + dA_k).
 - Decompose (server): rank-r truncated SVD of W (FedSRD) or W itself (FedSRD-e, no SVD), then the target
   dW = W_r - scale * B0 @ A0 is projected onto ONE factor (A on even rounds via pinv(B0), B on odd ones
@@ -16,6 +15,7 @@ Follows the reference code Youth-49/FedSRD_2025 (main_fedsrd.py, federated_learn
   Clients and server then apply global <- global + update (`apply_update`). As in the reference, an A
   round with B0 = 0 (PEFT's initial B) broadcasts a zero update (pinv(0) = 0): start with a B round.
 Wire format: `encode` -> (idx int32 dict, val float32 dict), two fixed Schemas, 8 bytes per kept entry.
+`FedSRD` is the aggregation strategy (aggregate.py's interface) that moves them.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ import math
 
 import torch
 
-from .aggregate import accepted
+from .aggregate import TAIL, FedAvg, accepted, payload, tail
+from .checkpoint import FEDSRD_STREAM, torch_seed
 
 State = dict[str, torch.Tensor]
 
@@ -62,23 +63,13 @@ def importance(local: State, received: State) -> State:
     return out
 
 
-def adaptive_density(score: torch.Tensor, base: float = 0.85, coeff: float = 0.1, upper: float = 0.11) -> float:
-    """Sparsify: the reference's kept fraction 1 - (base + min(upper, coeff * log(max(kurtosis, 1))))."""
-    x = score.double().flatten()
-    kurt = float(((x - x.mean()) ** 4).mean() / x.var(unbiased=False) ** 2)  # Pearson, as scipy fisher=False
-    ratio = base + upper if not math.isfinite(kurt) else base + min(upper, coeff * math.log(max(kurt, 1.0)))
-    return 1.0 - ratio
-
-
-def sparsify(local: State, received: State, density: float | None, rescale: bool = True) -> State:
+def sparsify(local: State, received: State, density: float, rescale: bool = True) -> State:
     """Sparsify: the update local - received, keeping per tensor the k most important entries (importance
-    above; density None = the reference's adaptive fraction), rescaled to the update's L1 norm.
-    Density 1.0 returns local - received unchanged."""
+    above), rescaled to the update's L1 norm. Density 1.0 returns local - received unchanged."""
     out, scores = {}, importance(local, received)
     for name in local:
         delta = local[name] - received[name]
-        d = adaptive_density(scores[name]) if density is None else density
-        k = keep_count(delta.numel(), d)
+        k = keep_count(delta.numel(), density)
         if k == delta.numel():
             out[name] = delta
             continue
@@ -220,80 +211,88 @@ def fedsrd_e(updates: list[State], weights: list[float], received: State, scale:
     return _server_round(updates, weights, received, scale, None, download_density, factor, generator)
 
 
-class Wire:
-    """How the adapter LoRA travels each round: dense (FedAvg, or FedSRD at density 1) or as fixed-size
-    sparse (int32 index, float32 value) messages. Every rank builds the same schemas from the agreed
-    dense schema, so no extra agreement is needed. Uploads carry `__loss` and `__n_samples` at the end."""
+class FedSRD(FedAvg):
+    """FedSRD (svd=True) / FedSRD-e as an aggregation strategy. Uploads: the dense local LoRA, or at
+    fed.upload_density < 1 the top-k update as (int32 index, float32 value) messages. Downloads: the dense global
+    LoRA in the first round of a run (or of a resume), then at fed.download_density < 1 the previous round's
+    sparse update of one factor (`factor_for_round`, known to every rank); the server keeps what it sent
+    (`pending`) and applies the same decoded values, so it and the clients stay bit-identical."""
 
-    def __init__(self, names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...], aggregator: str,
-                 upload_density: float, download_density: float, dtype: str = "float32"):
+    def __init__(self, schema, cfg, svd: bool = True):
         from .comm import Schema
 
-        self.shapes, self.dtype = dict(zip(names, shapes)), dtype
-        self.aggregator, self.up_d, self.down_d = aggregator, upload_density, download_density
-        extra = (("__loss", "__n_samples"), ((1,), (1,)))
-        if self.sparse_up:
-            idx, val = payload_shapes(self.shapes, upload_density)
+        super().__init__(schema, cfg)
+        self.svd, self.up_d, self.down_d = svd, cfg.fed.upload_density, cfg.fed.download_density
+        self.pending = None  # server: (factor, idx, val) that the next round downloads
+        if self.up_d < 1:
+            idx, val = payload_shapes(self.shapes, self.up_d)
             self.up = [Schema(tuple(idx), tuple(idx.values()), "int32"),
-                       Schema(tuple(val) + extra[0], tuple(val.values()) + extra[1], "float32")]
-        else:
-            self.up = [Schema(tuple(names) + extra[0], tuple(shapes) + extra[1], dtype)]
+                       Schema(tuple(val) + TAIL, tuple(val.values()) + ((1,), (1,)), "float32")]
         self.down = {}
         for factor in ("A", "B"):
             part = {n: s for n, s in self.shapes.items() if f"lora_{factor}" in n}
-            idx, val = payload_shapes(part, download_density)
+            idx, val = payload_shapes(part, self.down_d)
             self.down[factor] = (part, Schema(tuple(idx), tuple(idx.values()), "int32"),
                                  Schema(tuple(val), tuple(val.values()), "float32"))
 
-    @property
-    def sparse_up(self) -> bool:
-        return self.aggregator != "fedavg" and self.up_d < 1
+    def sparse_round(self, rnd: int, first: int) -> bool:
+        """Round `rnd` downloads the previous round's sparse update (not in the first round of a run or resume)."""
+        return self.down_d < 1 and rnd > first
 
-    @property
-    def sparse_download(self) -> bool:
-        """The server broadcasts sparse updates of one factor instead of the dense global LoRA."""
-        return self.aggregator != "fedavg" and self.down_d < 1
+    def download_schemas(self, rnd: int, first: int) -> list:
+        if not self.sparse_round(rnd, first):
+            return [self.schema]
+        return list(self.down[factor_for_round(rnd - 1)][1:])
 
-    def sparse_down(self, rnd: int, first: int) -> bool:
-        """Round `rnd` receives the previous round's sparse update (the first round of a run or of a resume
-        receives the dense global LoRA)."""
-        return self.sparse_download and rnd > first
+    def download(self, global_state: State, rnd: int, first: int) -> list[State]:
+        if not self.sparse_round(rnd, first):
+            return [global_state]
+        factor, idx, val = self.pending
+        assert factor == factor_for_round(rnd - 1)
+        return [idx, val]
 
-    @property
-    def up_bytes(self) -> int:
-        return sum(s.nbytes for s in self.up)
-
-    def traffic(self) -> tuple[float, float]:
-        """(params, bytes) of adapter LoRA per round per client, upload + download, without the 8 bytes of
-        loss and n_k; a sparse download carries one factor per round, so it is the mean of an A and a B round."""
-        from .comm import Schema
-
-        dense = sum(math.prod(s) for s in self.shapes.values())
-        dense_bytes = dense * Schema((), (), self.dtype).torch_dtype.itemsize
-        up = (self.up[1].numel - 2, self.up[0].nbytes + self.up[1].nbytes - 8) if self.sparse_up else (dense, dense_bytes)
-        if self.sparse_download:
-            kept = sum(self.down[f][2].numel for f in "AB") / 2
-            down = (kept, 8 * kept)
-        else:
-            down = (dense, dense_bytes)
-        return up[0] + down[0], up[1] + down[1]
+    def receive(self, msgs: list[State], held: State | None, rnd: int, first: int) -> State:
+        if not self.sparse_round(rnd, first):
+            return msgs[0]
+        part = self.down[factor_for_round(rnd - 1)][0]
+        return apply_update(held, {**{n: torch.zeros_like(t) for n, t in held.items()}, **decode(*msgs, part)})
 
     def pack_upload(self, local: State, received: State, loss: float, n: int) -> list[State]:
-        """Sparsify (client): FedAvg and dense FedSRD send the local LoRA; sparse FedSRD the top-k update."""
-        tail = {"__loss": torch.tensor([loss], dtype=torch.float32),
-                "__n_samples": torch.tensor([float(n)], dtype=torch.float32)}
-        if not self.sparse_up:
-            return [{**local, **tail}]
+        """Sparsify (client): the dense local LoRA, or the top-k update."""
+        if self.up_d >= 1:
+            return super().pack_upload(local, received, loss, n)
         idx, val = encode(sparsify(local, received, self.up_d), self.up_d)
-        return [idx, {**val, **tail}]
+        return [idx, {**val, **tail(loss, n)}]
 
     def unpack_upload(self, msgs: list[State], received: State) -> tuple[State, float, float]:
-        """(the client's update local - received, loss, n_k); for FedAvg the local LoRA itself."""
-        tail = msgs[-1]
-        if self.sparse_up:
-            state = decode(msgs[0], tail, self.shapes)
+        """(the client's update local - received, loss, n_k)."""
+        last = msgs[-1]
+        if self.up_d < 1:
+            state = decode(msgs[0], last, self.shapes)
         else:
-            state = {n: tail[n].clone() for n in self.shapes}
-            if self.aggregator != "fedavg":
-                state = {n: state[n] - received[n] for n in state}
-        return state, float(tail["__loss"]), float(tail["__n_samples"])
+            state = {n: last[n].clone() - received[n] for n in self.shapes}
+        return state, float(last["__loss"]), float(last["__n_samples"])
+
+    def aggregate(self, updates: list[State], weights: list[float], global_state: State, rnd: int):
+        """Reconstruct, Aggregate, Decompose (SVD unless FedSRD-e), project on this round's factor, Sparsify;
+        the new global is global + the (decoded) update. Round 1 updates B (PEFT's B starts at 0)."""
+        c = self.cfg
+        factor = factor_for_round(rnd)
+        gen = torch.Generator().manual_seed(torch_seed(c.seed, rnd, FEDSRD_STREAM))
+        args = (updates, weights, global_state, c.lora.alpha / c.lora.r, self.down_d, factor)
+        update, rejected = fedsrd(*args, generator=gen) if self.svd else fedsrd_e(*args, generator=gen)
+        if update is None:
+            return None, rejected
+        if self.down_d < 1:
+            part = self.down[factor][0]
+            idx, val = encode({n: update[n] for n in part}, self.down_d)
+            self.pending = (factor, idx, val)
+            update = {**{n: torch.zeros_like(t) for n, t in global_state.items()}, **decode(idx, val, part)}
+        return apply_update(global_state, update), rejected
+
+    def steady_download_size(self) -> tuple[float, float]:
+        """A sparse download carries one factor per round: the mean of an A and a B round."""
+        if self.down_d >= 1:
+            return super().steady_download_size()
+        sizes = [payload(list(self.down[f][1:])) for f in "AB"]
+        return sum(v for v, _ in sizes) / 2, sum(b for _, b in sizes) / 2

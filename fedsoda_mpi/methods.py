@@ -7,6 +7,7 @@ with every method.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 # dotted config defaults per method (applied before the YAML file and the overrides)
@@ -24,6 +25,12 @@ PRESETS: dict[str, dict] = {
     # FedBiOT: adapter = last 3 layers, the same uniform emulator, re-aligned (and re-sent) every round
     "fedbiot": {"sgp.enabled": False, "oda.every": 1, "quant.enabled": False, "fed.mu": 0.0},
 }
+
+
+def layer_maps(kept: Sequence[int]) -> tuple[dict[int, int], dict[int, int]]:
+    """(full -> sub, sub -> full) layer-index maps of a sub-LLM keeping the full-model layers `kept` (sorted)."""
+    kept = [int(i) for i in kept]
+    return {f: s for s, f in enumerate(kept)}, dict(enumerate(kept))
 
 
 @dataclass
@@ -75,11 +82,11 @@ class Plan:
 
     @property
     def full_to_sub(self) -> dict[int, int]:
-        return {f: s for s, f in enumerate(self.kept)}
+        return layer_maps(self.kept)[0]
 
     @property
     def sub_to_full(self) -> dict[int, int]:
-        return dict(enumerate(self.kept))
+        return layer_maps(self.kept)[1]
 
     @property
     def align_pairs(self) -> list[tuple[int, int]]:

@@ -1,7 +1,7 @@
 """Model surgery for FedSODA: the full LLM M = [E, A], the sub-LLM M* = [E*, A] and their LoRA adapters.
 
 Layer indices follow docs/design.md: decoder layer l of the full model produces x^l; a sub-LLM keeps the full-model
-layers `kept` (sorted) and renumbers them 0..L*-1 (`layer_maps`). The client's sub-LLM is NF4-quantized with
+layers `kept` (sorted) and renumbers them 0..L*-1 (`methods.layer_maps`). The client's sub-LLM is NF4-quantized with
 bitsandbytes (QLoRA, paper Sec. 3.1; Algorithm 2 step 2) and trains LoRA only; LoRA tensors travel as peft
 state-dict entries (`base_model.model.model.layers.{i}.<module>.lora_{A,B}.weight`), renamed between full and
 sub indices by `remap_layers`. The forward helpers split one forward pass at a layer boundary so a client can
@@ -13,13 +13,16 @@ import copy
 import json
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import transformers as tf
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from .methods import layer_maps
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _LAYER_KEY = re.compile(r"\.layers\.(\d+)\.")
@@ -147,7 +150,8 @@ def linear_module_names(path) -> list[str]:
 
 
 def fix_bnb_cpu(model) -> int:
-    """TOOLCHAIN's must-apply bitsandbytes CPU workaround; returns the number of 4-bit layers touched.
+    """The must-apply bitsandbytes CPU workaround (docs/design.md, "Toolchain facts"); returns the number of
+    4-bit layers touched.
 
     On AVX512-BF16 CPUs a no-grad eval forward repacks Linear4bit weights into a layout whose matmul has no
     backward, so later LoRA gradients through 4-bit layers silently vanish. Disable that path and undo any
@@ -169,6 +173,23 @@ def fix_bnb_cpu(model) -> int:
     return count
 
 
+@contextmanager
+def mode(*models, training: bool = False) -> Iterator[None]:
+    """models[i].train(training) for the block (eval mode by default); every module's own training flag is
+    restored afterwards. Eval mode also keeps bitsandbytes from repacking 4-bit weights for its CPU inference
+    path (`fix_bnb_cpu`): a repacked Linear4bit has no backward, so later LoRA gradients would silently vanish."""
+    saved = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        if not training:
+            fix_bnb_cpu(model)
+        model.train(training)
+    try:
+        yield
+    finally:
+        for m, was_training in saved:
+            m.training = was_training
+
+
 # ------------------------------------------------------------------------------------------ layer surgery
 
 def causal_lm(model):
@@ -178,8 +199,9 @@ def causal_lm(model):
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def base_model(model):
-    """The inner HF *Model (embeddings, decoder layers, final norm) of a plain or peft-wrapped causal LM."""
+def decoder(model):
+    """The decoder stack of a plain or peft-wrapped causal LM: the inner HF *Model (embeddings, decoder layers,
+    final norm) without the LM head (not PEFT's `base_model`, which is the wrapped causal LM)."""
     inner = getattr(causal_lm(model), "model", None)
     if inner is None or not hasattr(inner, "layers"):
         raise ModelError(f"{type(model).__name__} has no `.model.layers`; not a Llama/Qwen2/Mistral-style causal LM")
@@ -188,7 +210,7 @@ def base_model(model):
 
 def get_layers(model) -> torch.nn.ModuleList:
     """Decoder layers of a plain HF causal LM or a PeftModel wrapping it."""
-    return base_model(model).layers
+    return decoder(model).layers
 
 
 def _check_kept(kept: Sequence[int], n_layers: int) -> list[int]:
@@ -205,24 +227,6 @@ def _sub_config(config, kept: list[int]):
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = [config.layer_types[i] for i in kept]
     return config
-
-
-def drop_layers(model, keep: Sequence[int]) -> None:
-    """Keep only the decoder layers `keep` (full-model indices) in place: the layer-dropping step that turns
-    M into M* after SGP chose its groups (Algorithm 1 step 7, Prune_Layers). KV-cache indices and the
-    config follow."""
-    layers = get_layers(model)
-    keep = _check_kept(keep, len(layers))
-    base_model(model).layers = torch.nn.ModuleList(layers[i] for i in keep)
-    for new_idx, layer in enumerate(base_model(model).layers):
-        layer.self_attn.layer_idx = new_idx
-    _sub_config(causal_lm(model).config, keep)
-
-
-def layer_maps(kept: Sequence[int]) -> tuple[dict[int, int], dict[int, int]]:
-    """(full -> sub, sub -> full) layer-index maps of a sub-LLM keeping the full-model layers `kept`."""
-    kept = [int(i) for i in kept]
-    return {f: s for s, f in enumerate(kept)}, dict(enumerate(kept))
 
 
 def _sub_state(full_model, kept: list[int]) -> dict[str, torch.Tensor]:
@@ -386,7 +390,7 @@ def _layer_masks(inner, hidden: torch.Tensor, attention_mask, position_ids) -> l
 
 def _run_layers(model, hidden: torch.Tensor, attention_mask, start: int, stop: int,
                 collect: list | None = None) -> torch.Tensor:
-    inner = base_model(model)
+    inner = decoder(model)
     position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
     masks = _layer_masks(inner, hidden, attention_mask, position_ids)
     position_embeddings = inner.rotary_emb(hidden, position_ids=position_ids)
@@ -405,7 +409,7 @@ def layer_outputs(model, input_ids, attention_mask, stop: int) -> torch.Tensor:
     if not 1 <= stop <= n_layers:
         raise ValueError(f"stop layer {stop} outside [1, {n_layers}]")
     outs: list[torch.Tensor] = []
-    _run_layers(model, base_model(model).embed_tokens(input_ids), attention_mask, 0, stop, collect=outs)
+    _run_layers(model, decoder(model).embed_tokens(input_ids), attention_mask, 0, stop, collect=outs)
     return torch.stack(outs, dim=2)
 
 
@@ -415,7 +419,7 @@ def hidden_before_layer(model, input_ids, attention_mask, layer: int) -> torch.T
     n_layers = len(get_layers(model))
     if not 0 <= layer <= n_layers:
         raise ValueError(f"layer {layer} outside [0, {n_layers}]")
-    hidden = base_model(model).embed_tokens(input_ids)
+    hidden = decoder(model).embed_tokens(input_ids)
     return _run_layers(model, hidden, attention_mask, 0, layer)
 
 
@@ -426,7 +430,7 @@ def forward_from_layer(model, hidden, attention_mask, start: int) -> torch.Tenso
     n_layers = len(get_layers(model))
     if not 0 <= start <= n_layers:
         raise ValueError(f"start layer {start} outside [0, {n_layers}]")
-    return base_model(model).norm(_run_layers(model, hidden, attention_mask, start, n_layers))
+    return decoder(model).norm(_run_layers(model, hidden, attention_mask, start, n_layers))
 
 
 def label_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

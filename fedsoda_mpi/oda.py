@@ -107,9 +107,14 @@ def align(full_model, sub_model, batches: list[dict], pairs: AlignPairs, params:
     if epochs < 0 or lr <= 0:
         raise ValueError(f"align needs epochs >= 0 and lr > 0, got epochs={epochs}, lr={lr}")
     optimizer = torch.optim.AdamW(params, lr=lr, betas=betas)
-    was_training = sub_model.training
-    full_model.eval()
-    sub_model.train()
+    with models.mode(full_model), models.mode(sub_model, training=True):
+        history = _align_epochs(full_model, sub_model, batches, pairs, optimizer, epochs, alpha, beta, log, progress)
+    optimizer.zero_grad(set_to_none=True)
+    return history
+
+
+def _align_epochs(full_model, sub_model, batches, pairs, optimizer, epochs, alpha, beta, log, progress) -> list[dict]:
+    """The optimizer steps of `align` (teacher in eval mode, student in train mode)."""
     history: list[dict[str, float]] = []
     bar = tqdm(total=epochs * len(batches), desc="ODA align", disable=not progress)
     for epoch in range(epochs):
@@ -129,8 +134,6 @@ def align(full_model, sub_model, batches: list[dict], pairs: AlignPairs, params:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
     bar.close()
-    optimizer.zero_grad(set_to_none=True)
-    sub_model.train(was_training)
     return history
 
 
@@ -140,18 +143,14 @@ def kl_divergence(full_model, sub_model, batches: list[dict]) -> float:
 
     Both models run in eval mode; their previous modes are restored.
     """
-    modes = full_model.training, sub_model.training
-    full_model.eval()
-    sub_model.eval()
     total, count = 0.0, 0
-    for batch in batches:
-        full_out, _ = _forward(full_model, batch)
-        sub_out, mask = _forward(sub_model, batch)
-        kl = _token_kl(full_out.logits, sub_out.logits, mask)
-        total += float(kl.double().sum())
-        count += kl.numel()
-    full_model.train(modes[0])
-    sub_model.train(modes[1])
+    with models.mode(full_model, sub_model):
+        for batch in batches:
+            full_out, _ = _forward(full_model, batch)
+            sub_out, mask = _forward(sub_model, batch)
+            kl = _token_kl(full_out.logits, sub_out.logits, mask)
+            total += float(kl.double().sum())
+            count += kl.numel()
     if count == 0:
         raise ValueError("kl_divergence got no non-pad tokens")
     return total / count
@@ -170,13 +169,9 @@ def aligned_drift(full_model, sub_model, batch: dict, pairs: list[tuple[int, int
     Runs only the layers the pairs reach in each model (`models.layer_outputs`: no later layers, no LM head),
     in eval mode; both models' previous modes are restored.
     """
-    modes = full_model.training, sub_model.training
-    full_model.eval()
-    sub_model.eval()
     last = batch["attention_mask"].sum(1) - 1
     rows = torch.arange(len(last))
-    outs = [models.layer_outputs(m, batch["input_ids"], batch["attention_mask"], stop)[rows, last]  # [B, stop, D]
-            for m, stop in zip((full_model, sub_model), drift_stops(pairs))]
-    full_model.train(modes[0])
-    sub_model.train(modes[1])
+    with models.mode(full_model, sub_model):
+        outs = [models.layer_outputs(m, batch["input_ids"], batch["attention_mask"], stop)[rows, last]  # [B, stop, D]
+                for m, stop in zip((full_model, sub_model), drift_stops(pairs))]
     return torch.stack([angular_distance(outs[0][:, f], outs[1][:, s]).mean() for f, s in pairs])

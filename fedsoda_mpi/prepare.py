@@ -26,6 +26,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from .paths import cache_data_dir, models_dir, sha256_of, shared_data_dir  # noqa: F401 (re-exported)
+
 log = logging.getLogger(__name__)
 
 MARKER = "fedsoda_prepared.json"
@@ -43,32 +45,6 @@ _OWN_FILES = {"config.json", "generation_config.json", "model.safetensors", "mod
 
 class PrepareError(RuntimeError):
     """A download, checksum or conversion step failed; the message says what and how to fix it."""
-
-
-def models_dir() -> Path:
-    """Root of prepared models: `$FEDSODA_MODELS`, else `~/.cache/fedsoda/models`."""
-    env = os.environ.get("FEDSODA_MODELS")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedsoda" / "models"
-
-
-def cache_data_dir() -> Path:
-    """Default destination of `prepare data`: `$FEDSODA_DATA`, else `~/.cache/fedsoda/data`."""
-    env = os.environ.get("FEDSODA_DATA")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedsoda" / "data"
-
-
-def shared_data_dir() -> Path:
-    """The project's offline data folder `<repo>/../shared/data` (may not exist)."""
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _sha256_mismatch(path: Path, expected: str, got: str, what: str) -> PrepareError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -44,6 +45,46 @@ def git_commit() -> str:
         return sha.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
+
+
+def run_name(cfg: Config) -> str:
+    """output.name, or <job>-<method>-<Slurm job id (_array task) or the start time>."""
+    job = Path(cfg.job).stem if cfg.job else "job"
+    slurm = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    tag = f"{slurm}_{task}" if slurm and task else (slurm or time.strftime("%Y%m%d-%H%M%S"))
+    return cfg.output.name or f"{job}-{cfg.method}-{tag}"
+
+
+def run_dir_of(cfg: Config) -> Path:
+    """The run folder: output.dir, or output.root/output.name, or output.root/<job>-<method>-<job id or time>."""
+    return Path(cfg.output.dir or Path(cfg.output.root) / run_name(cfg))
+
+
+def finished_run(run_dir: Path) -> bool:
+    """Whether run_dir/run.h5 is the record of a run that reached its final evaluation (/final)."""
+    try:
+        with h5py.File(run_dir / "run.h5", "r", locking=False) as f:
+            return "final" in f
+    except (OSError, ValueError):  # absent, truncated by a crash, not HDF5: no finished run there
+        return False
+
+
+ATTEMPT_FILES = ("run.h5", "config.yaml", "log.txt", "log.rank*.txt", "client_rank*.json", "checkpoints", "adapter")
+
+
+def archive_failed_attempt(run_dir: Path) -> Path | None:
+    """A run started without resume=auto in a folder that holds an unfinished attempt (failed or interrupted,
+    no /final): move that attempt's files into run_dir/failed-<time>/ so the same command starts over and
+    nothing of the old attempt is lost (its log keeps the FATAL line). Rank 0 only, before any rank logs."""
+    found = [p for pattern in ATTEMPT_FILES for p in run_dir.glob(pattern)]
+    if not found:
+        return None
+    dest = run_dir / time.strftime("failed-%Y%m%d-%H%M%S")
+    dest.mkdir()
+    for p in found:
+        p.rename(dest / p.name)
+    return dest
 
 
 class RunLog:
@@ -104,6 +145,17 @@ class RunLog:
             ds = self.h5[path]
             ds.resize(ds.shape[0] + 1, axis=0)
             ds[-1] = arr
+
+    def last(self, group: str, key: str):
+        """The last row of `group/key` (None if the run file has no such row): e.g. the newest /rounds/eval_acc."""
+        if self.h5 is None or f"{group}/{key}" not in self.h5 or not len(self.h5[f"{group}/{key}"]):
+            return None
+        return self.h5[f"{group}/{key}"][-1]
+
+    def attrs(self, path: str) -> dict:
+        """The attributes of a group or dataset of the run file (empty if absent)."""
+        return {k: v.item() if hasattr(v, "item") else v for k, v in self.h5[path].attrs.items()} \
+            if self.h5 is not None and path in self.h5 else {}
 
     def set_attrs(self, path: str, **attrs) -> None:
         if self.h5 is None:

@@ -1,6 +1,6 @@
-"""Server side (rank 0): Algorithm 2 lines 1-5 (SGP, sub-LLM, NF4 + LoRA, pre-alignment), 9-13
-(re-alignment), 18 (FedAvg), 22 (plug-in) and the evaluation of the full LLM. No MPI here: the
-protocol that moves tensors between ranks is `main.run`, the transport `comm.py`.
+"""The server role (rank 0): Algorithm 2 lines 1-5 (SGP, sub-LLM, NF4 + LoRA, pre-alignment), 9-13
+(re-alignment), 22 (plug-in) and the evaluation of the full LLM. No MPI here: the protocol that sequences
+the ranks is federation.py, the transport comm.py; aggregation (line 18) is a strategy (aggregate.py).
 """
 from __future__ import annotations
 
@@ -11,28 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, data, fedsrd, models, oda, sgp
-from .aggregate import fedavg
+from . import checkpoint, data, models, oda, sgp
 from .config import Config
 from .evaluate import evaluate
 from .methods import Plan
+from .paths import model_path
 from .runlog import RunLog
-
-
-def model_path(name: str) -> Path:
-    """A prepared model name (under $FEDSODA_MODELS) or a path to an HF folder."""
-    from .prepare import models_dir
-
-    p = Path(name).expanduser()
-    if p.is_dir() or p.is_absolute() or name.startswith((".", "~")):
-        return p  # a path (a missing one is reported as such, not looked up under $FEDSODA_MODELS)
-    return models_dir() / name.replace("hf:", "").replace("/", "--")
-
-
-def num_layers_of(path: Path) -> int:
-    """num_hidden_layers from config.json (no model load): FileNotFoundError without config.json, ModelError
-    naming the file if it is damaged or lacks the field (`models.model_config`)."""
-    return int(models.model_config(path)["num_hidden_layers"])
 
 
 def public_batches(cfg: Config, tokenizer, holdout: bool, limit: int, rng: np.random.Generator | None = None) -> list[dict]:
@@ -48,26 +32,43 @@ def public_batches(cfg: Config, tokenizer, holdout: bool, limit: int, rng: np.ra
 class Server:
     """Holds the full LLM M (with the adapter LoRA plugged in) and the aligned sub-LLM M*."""
 
-    def __init__(self, cfg: Config, log: RunLog, device: torch.device):
-        self.cfg, self.log, self.device = cfg, log, device
-        self.path = model_path(cfg.model.name)
-        t0 = time.time()
-        self.full, self.tok = models.load_causal_lm(self.path, cfg.model.dtype, str(device))
+    def __init__(self, cfg: Config, log: RunLog, device: torch.device, full, tok, path: Path):
+        """From a loaded full LLM M and its tokenizer (`Server.load` reads them and the data from disk)."""
+        self.cfg, self.log, self.device, self.full, self.tok, self.path = cfg, log, device, full, tok, path
         data.ensure_pad_token(self.tok)
         self.L = len(models.get_layers(self.full))
         self.full_bytes = models.stored_bytes(self.full)  # as loaded, before any LoRA is attached
-        log.log(f"loaded {self.path} ({self.L} layers) in {time.time() - t0:.1f}s")
         self.public = public_batches(cfg, self.tok, holdout=False, limit=cfg.data.public_samples)
         self.heldout = public_batches(cfg, self.tok, holdout=True, limit=16)
         self.probe = self.heldout[:1]
         rows = data.load_rows(cfg.data.task, "train")
         self.n_train_file = len(rows)
         self.val_index = data.validation_index(rows, cfg.data.task, cfg.data.val_size) if cfg.data.val_size else \
-            np.zeros(0, dtype=np.int64)  # /data/val_index (main.record_split)
+            np.zeros(0, dtype=np.int64)  # /data/val_index (record_data)
         train, self.val_rows = data.split_train_val(rows, cfg.data.task, cfg.data.val_size)
         self.shot_rows = train if cfg.data.task == "gsm8k" else None  # GSM8K's k shots never show a validation row
         self._drift = None  # (LoRA tensors the last drift probe saw, its value)
-        self.pending = None  # FedSRD with a sparse download: (factor, idx, val) for the next round
+
+    @classmethod
+    def load(cls, cfg: Config, log: RunLog, device: torch.device) -> "Server":
+        """Load M (model.name) and build the server."""
+        path = model_path(cfg.model.name)
+        t0 = time.time()
+        full, tok = models.load_causal_lm(path, cfg.model.dtype, str(device))
+        log.log(f"loaded {path} ({len(models.get_layers(full))} layers) in {time.time() - t0:.1f}s")
+        return cls(cfg, log, device, full, tok, path)
+
+    def record_data(self, sizes: list[int], label_hist) -> None:
+        """/data: the clients' sizes and label histograms, which training rows are the fixed validation set
+        (indices into <task>/train.jsonl), the split."""
+        cfg, log = self.cfg, self.log
+        log.write("data/client_sizes", np.array(sizes, dtype=np.int64))
+        log.write("data/client_label_hist", np.asarray(label_hist, dtype=np.int64))
+        log.write("data/val_index", self.val_index.astype(np.int64))
+        log.set_attrs("data", task=cfg.data.task, val_size=cfg.data.val_size, val_seed=data.VAL_SEED,
+                      n_train_file=self.n_train_file, val_min_words=data.VAL_MIN_WORDS.get(cfg.data.task, 0),
+                      split=cfg.data.split, dirichlet_beta=cfg.data.dirichlet_beta,
+                      eval_rounds_on="val" if cfg.data.val_size else "test", test_max_examples=cfg.eval.max_examples)
 
     # Algorithm 1 / Algorithm 2 line 1
     def plan_layers(self) -> Plan:
@@ -112,16 +113,12 @@ class Server:
         sub = models.build_sub_model(self.full, plan.kept, cfg.quant.enabled, cfg.quant.compute_dtype,
                                      cfg.quant.double_quant)
         self.bundle = models.model_bundle(sub, self.tok)
-        self.sub = models.add_lora(sub, plan.lora_sub, **self._lora_kw())
-        self.full = models.add_lora(self.full, plan.adapter_full, **self._lora_kw())
+        self.sub = models.add_lora(sub, plan.lora_sub, **cfg.lora.kwargs())
+        self.full = models.add_lora(self.full, plan.adapter_full, **cfg.lora.kwargs())
         self.global_adapter = models.lora_state(self.sub, plan.adapter_sub)
         self.sync_full()
         self.log.log(f"sub-LLM: {plan.sub_layers}/{plan.num_layers} layers, quantized={cfg.quant.enabled}, "
-                     f"{models.stored_bytes(models.base_model(sub)) / 2**20:.1f} MiB as stored, built in {time.time() - t0:.1f}s")
-
-    def _lora_kw(self) -> dict:
-        c = self.cfg.lora
-        return dict(r=c.r, alpha=c.alpha, dropout=c.dropout, target_modules=list(c.target_modules))
+                     f"{models.stored_bytes(models.decoder(sub)) / 2**20:.1f} MiB as stored, built in {time.time() - t0:.1f}s")
 
     def emulator_lora(self) -> dict[str, torch.Tensor]:
         return models.lora_state(self.sub, self.plan.emulator_lora_sub)
@@ -160,45 +157,18 @@ class Server:
     def re_align(self, rnd: int) -> None:
         """E_r epochs of ODA on a random sample of D_public, seeded by (seed, round) so that resume is exact."""
         rng = np.random.default_rng([self.cfg.seed, rnd, 7])
-        torch.manual_seed(self.cfg.seed * 100003 + rnd * 1009 + 999983)  # LoRA dropout (checkpoint.RNG_SCHEME)
+        torch.manual_seed(checkpoint.torch_seed(self.cfg.seed, rnd, checkpoint.REALIGN_STREAM))  # LoRA dropout
         batches = public_batches(self.cfg, self.tok, holdout=False, limit=self.cfg.oda.re_samples, rng=rng)
         steps = self._align(batches, self.cfg.oda.re_epochs)
         mean = {k: float(np.mean([s[k] for s in steps])) for k in ("loss", "loss_rep", "loss_kl")}
         self.log.append("oda/re", {"round": np.int32(rnd), **{k: np.float32(v) for k, v in mean.items()}})
         self.log.log(f"round {rnd}: re-alignment {len(steps)} steps, loss {mean['loss']:.4f}")
 
-    # Algorithm 2 line 18
-    def aggregate(self, updates: list[dict], weights: list[float]) -> list[int]:
-        avg, rejected = fedavg(updates, weights)
-        if avg is None:
-            self.log.log("WARNING: every client update was rejected (NaN/Inf); round skipped, global LoRA kept")
-        else:
-            self.global_adapter = avg
-            self.sync_full()
-        return rejected
-
-    def aggregate_srd(self, updates: list[dict], weights: list[float], rnd: int, wire) -> list[int]:
-        """FedSRD / FedSRD-e (fedsrd.py) on the clients' updates: the global LoRA moves by the projected,
-        download-sparsified update; with a sparse download `self.pending` holds what round rnd + 1 receives
-        (the server applies the same decoded values, so it and the clients stay bit-identical)."""
-        c = self.cfg
-        factor = fedsrd.factor_for_round(rnd)  # round 1 updates B (PEFT's B starts at 0: an A round would be void)
-        gen = torch.Generator().manual_seed(c.seed * 100003 + rnd * 1009 + 424243)
-        fn = fedsrd.fedsrd if c.fed.aggregator == "fedsrd" else fedsrd.fedsrd_e
-        update, rejected = fn(updates, weights, self.global_adapter, c.lora.alpha / c.lora.r, c.fed.download_density,
-                              factor, generator=gen)
-        if update is None:
-            self.log.log("WARNING: every client update was rejected (NaN/Inf); round skipped, global LoRA kept")
-            update = {n: torch.zeros_like(t) for n, t in self.global_adapter.items()}
-        if wire.sparse_download:
-            part, _, _ = wire.down[factor]
-            idx, val = fedsrd.encode({n: update[n] for n in part}, c.fed.download_density)
-            self.pending = (factor, idx, val)
-            update = {n: torch.zeros_like(t) for n, t in self.global_adapter.items()}
-            update.update(fedsrd.decode(idx, val, part))
-        self.global_adapter = fedsrd.apply_update(self.global_adapter, update)
+    # Algorithm 2 line 18 (the strategy aggregates) and line 22
+    def set_global(self, state: dict[str, torch.Tensor]) -> None:
+        """The new global adapter LoRA, plugged into M and M*."""
+        self.global_adapter = state
         self.sync_full()
-        return rejected
 
     @torch.no_grad()
     def drift(self) -> np.ndarray:

@@ -78,19 +78,9 @@ def _check_profile_args(n_max: int, num_emulator_layers: int, token: str) -> Non
         raise ValueError(f"n_max must be in [1, {num_emulator_layers - 1}], got {n_max}")
 
 
-@torch.no_grad()
-def distance_profile(model, batches: Iterable[dict], n_max: int, num_emulator_layers: int, token: str = "last",
-                     progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Algorithm 1 lines 1-5 (eq. 5) for every n <= n_max at once, averaged over the public set.
-
-    One pass per batch through the first L_E layers only. Returns float32 [n_max, L_E] with
-    distance[n-1, l] = d(x^l, x^{l+n}) averaged over samples (token="last": each row's last non-pad
-    token) or over all non-pad tokens, each token weighted equally (token="all"); NaN where l+n >= L_E.
-    `progress`, if given, is called with the number of batches done after each batch.
-    The model is put in eval mode.
-    """
-    _check_profile_args(n_max, num_emulator_layers, token)
-    model.eval()
+def _profile_sums(model, batches: Iterable[dict], n_max: int, num_emulator_layers: int, token: str,
+                  progress: Callable[[int], None] | None) -> tuple[torch.Tensor, int]:
+    """Sums of eq. 5's distances over the selected tokens of every batch, and how many tokens were selected."""
     device = next(model.parameters()).device
     sums = torch.zeros(n_max, num_emulator_layers, dtype=torch.float64)
     count = 0
@@ -107,6 +97,23 @@ def distance_profile(model, batches: Iterable[dict], n_max: int, num_emulator_la
         count += int(select.sum())
         if progress is not None:
             progress(i + 1)
+    return sums, count
+
+
+@torch.no_grad()
+def distance_profile(model, batches: Iterable[dict], n_max: int, num_emulator_layers: int, token: str = "last",
+                     progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Algorithm 1 lines 1-5 (eq. 5) for every n <= n_max at once, averaged over the public set.
+
+    One pass per batch through the first L_E layers only. Returns float32 [n_max, L_E] with
+    distance[n-1, l] = d(x^l, x^{l+n}) averaged over samples (token="last": each row's last non-pad
+    token) or over all non-pad tokens, each token weighted equally (token="all"); NaN where l+n >= L_E.
+    `progress`, if given, is called with the number of batches done after each batch.
+    The model runs in eval mode (its modules' training flags are restored afterwards).
+    """
+    _check_profile_args(n_max, num_emulator_layers, token)
+    with models.mode(model):
+        sums, count = _profile_sums(model, batches, n_max, num_emulator_layers, token, progress)
     if count == 0:
         raise ValueError("distance_profile got no non-pad tokens")
     distance = (sums / count).float().numpy()

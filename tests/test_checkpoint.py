@@ -29,7 +29,8 @@ def test_save_load_keep_newest(tmp_path):
     assert not list((tmp_path / "checkpoints").glob(".*"))  # no temporary folder left
 
 
-@pytest.mark.parametrize("damage", ["truncate_adapter", "flip_byte_h5", "bad_json", "missing_emulator"])
+@pytest.mark.parametrize("damage", ["truncate_adapter", "flip_byte_h5", "bad_json", "json_list", "json_no_sums",
+                                    "missing_emulator"])
 def test_corrupted_newest_falls_back_with_a_warning(tmp_path, damage):
     _save(tmp_path, 1)
     newest = _save(tmp_path, 2)
@@ -43,6 +44,10 @@ def test_corrupted_newest_falls_back_with_a_warning(tmp_path, damage):
         p.write_bytes(bytes(b))
     elif damage == "bad_json":
         (newest / "state.json").write_text("{not json")
+    elif damage == "json_list":  # valid JSON of the wrong shape
+        (newest / "state.json").write_text("[]")
+    elif damage == "json_no_sums":
+        (newest / "state.json").write_text('{"round": 2, "sha256": null}')
     else:
         (newest / "emulator.safetensors").unlink()
     warnings = []

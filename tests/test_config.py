@@ -89,7 +89,8 @@ def test_a_finished_run_is_refused_unless_resumed_a_failed_one_is_moved_aside(tm
     (a crash: no /final, or a truncated run.h5) does not block the same command, which moves it aside."""
     import h5py
 
-    from fedsoda_mpi.main import archive_failed_attempt, prepare_config
+    from fedsoda_mpi.main import prepare_config
+    from fedsoda_mpi.runlog import archive_failed_attempt
 
     with h5py.File(tmp_path / "run.h5", "w") as f:
         f.create_group("final")

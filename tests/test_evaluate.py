@@ -9,6 +9,7 @@ import torch
 
 from conftest import tiny_causal_lm
 from fedsoda_mpi import evaluate as ev
+from fedsoda_mpi import models as M
 from fedsoda_mpi.data import LABEL_WORDS, gsm8k_final_number, label_of, load_rows, prompt_and_answer
 
 
@@ -282,7 +283,7 @@ def test_generate_prefix_token_boundary_fallback(tiny_lm, tiny_tokenizer):
     n_prefix = len(encode(shared))
     assert [encode(p)[:n_prefix] == encode(shared) for p in prompts] == [False, False, True, False]
     naive = [ev._generate(tiny_lm, tiny_tokenizer, [p], 8, 1)[0] for p in prompts]
-    with ev._eval_mode(tiny_lm):
+    with M.mode(tiny_lm):
         spy = _GenerateSpy(tiny_lm)
         assert ev._generate(tiny_lm, tiny_tokenizer, prompts, 8, 4, shared_prefix=shared) == naive
     assert spy.calls == [(len(encode(prompts[2])), n_prefix),

@@ -1,13 +1,12 @@
 """FedSRD / FedSRD-e (fedsoda_mpi.fedsrd): importance-aware sparsification of the update, fixed-size sparse
 wire format, full-rank weighted aggregation, rank-r SVD decomposition and the one-factor broadcast."""
-import math
 
 import pytest
 import torch
 
 from fedsoda_mpi import fedsrd as srd
 from fedsoda_mpi.comm import Schema
-from fedsoda_mpi.fedsrd import (adaptive_density, aggregate_full_rank, apply_update, decode, decompose, encode,
+from fedsoda_mpi.fedsrd import (aggregate_full_rank, apply_update, decode, decompose, encode,
                                 factor_for_round, fedsrd, fedsrd_e, importance, lora_pairs, payload_shapes,
                                 random_sparsify, sparsify)
 
@@ -203,15 +202,6 @@ def test_sparsify_density_one_is_the_bit_identical_update_and_counts_are_fixed()
         sparsify(local, received, 0.0)
 
 
-def test_adaptive_density_follows_the_reference_kurtosis_rule():
-    # [0, 0, 0, 1]: Pearson kurtosis 7/3 -> pruning 0.85 + 0.1 ln(7/3)
-    assert adaptive_density(torch.tensor([0.0, 0.0, 0.0, 1.0])) == pytest.approx(0.15 - 0.1 * math.log(7 / 3))
-    heavy = torch.zeros(1000)
-    heavy[0] = 1.0  # kurtosis ~ 1000 -> capped at base + upper = 0.96
-    assert adaptive_density(heavy) == pytest.approx(0.04)
-    assert adaptive_density(torch.ones(5)) == pytest.approx(0.04)  # degenerate: like the reference's NaN path
-
-
 def test_download_sparsification_is_exactly_k_random_and_unbiased_scaled():
     t = torch.arange(1.0, 101.0)
     s = random_sparsify(t, 0.2, torch.Generator().manual_seed(0))
@@ -251,27 +241,68 @@ def _lora_state(seed: int, r: int = 4) -> dict:
             "m.layers.2.up_proj.lora_B.weight": torch.randn(20, r, generator=g)}
 
 
-@pytest.mark.parametrize("aggregator,up,down", [("fedavg", 1.0, 1.0), ("fedsrd", 1.0, 1.0), ("fedsrd", 0.25, 0.5),
-                                                ("fedsrd-e", 0.1, 0.1)])
-def test_wire_round_trip_and_traffic(aggregator, up, down):
+def _strategy(aggregator: str, up: float, down: float, state: dict):
+    from fedsoda_mpi.aggregate import strategy_for
+    from fedsoda_mpi.comm import Schema
+    from fedsoda_mpi.config import load_config
+
+    cfg = load_config(None, [f"fed.aggregator={aggregator}", f"fed.upload_density={up}", f"fed.download_density={down}"])
+    return strategy_for(cfg, Schema.of(state))
+
+
+CASES = [("fedavg", 1.0, 1.0), ("fedsrd", 1.0, 1.0), ("fedsrd", 0.25, 0.5), ("fedsrd-e", 0.1, 0.1)]
+
+
+@pytest.mark.parametrize("aggregator,up,down", CASES)
+def test_upload_round_trip_and_traffic_from_the_schemas(aggregator, up, down):
     received, local = _lora_state(0), _lora_state(1)
-    names = tuple(sorted(local))
-    wire = srd.Wire(names, tuple(tuple(local[n].shape) for n in names), aggregator, up, down)
-    msgs = wire.pack_upload(local, received, loss=0.5, n=7)
-    assert [set(m) for m in msgs] == [set(s.names) for s in wire.up]  # what is sent matches the schemas
-    assert all(tuple(m[name].shape) == shape for m, s in zip(msgs, wire.up) for name, shape in zip(s.names, s.shapes))
-    state, loss, n = wire.unpack_upload(msgs, received)
+    strategy = _strategy(aggregator, up, down, received)
+    msgs = strategy.pack_upload(local, received, loss=0.5, n=7)
+    assert [set(m) for m in msgs] == [set(s.names) for s in strategy.up]  # what is sent matches the schemas
+    assert all(tuple(m[name].shape) == shape for m, s in zip(msgs, strategy.up) for name, shape in zip(s.names, s.shapes))
+    state, loss, n = strategy.unpack_upload(msgs, received)
     assert (loss, n) == (0.5, 7.0)
     dense = sum(t.numel() for t in local.values())
     if aggregator == "fedavg":
-        assert all(torch.equal(state[k], local[k]) for k in local) and wire.traffic() == (2 * dense, 8 * dense)
+        assert all(torch.equal(state[k], local[k]) for k in local) and strategy.traffic() == (2 * dense, 8 * dense)
     elif up == 1.0:
         assert all(torch.equal(state[k], local[k] - received[k]) for k in local)
     else:
         want = srd.sparsify(local, received, up)
         assert all(torch.equal(state[k], want[k]) for k in local)
         kept = sum(srd.keep_count(t.numel(), up) for t in local.values())
-        assert wire.up_bytes == 8 * kept + 8  # int32 index + float32 value per kept entry, + loss and n_k
-    params, nbytes = wire.traffic()
+        assert sum(s.nbytes for s in strategy.up) == 8 * kept + 8  # int32 index + float32 value, + loss and n_k
+        assert strategy.upload_size() == (kept, 8 * kept)  # what the run file counts: without loss and n_k
+    params, nbytes = strategy.traffic()
     assert nbytes < 8 * dense or (up, down) == (1.0, 1.0)
-    assert wire.sparse_down(2, 1) == (aggregator != "fedavg" and down < 1) and not wire.sparse_down(1, 1)
+    sparse_down = aggregator != "fedavg" and down < 1
+    assert strategy.download_size(1, 1) == (dense, 4 * dense)  # the first round of a run: the dense global LoRA
+    assert (strategy.download_size(2, 1) != (dense, 4 * dense)) == sparse_down
+
+
+@pytest.mark.parametrize("aggregator,up,down", CASES)
+def test_server_and_clients_hold_the_same_global_lora_after_each_round(aggregator, up, down):
+    """Three rounds of upload -> aggregate -> download through the strategy, in one process: the global LoRA a
+    client rebuilds from the downloads equals the server's bit for bit (dense first round, then sparse updates)."""
+    server_global = _lora_state(0)
+    server, client = _strategy(aggregator, up, down, server_global), _strategy(aggregator, up, down, server_global)
+    held = None
+    for rnd in (1, 2, 3):
+        sent = server.download(server_global, rnd, 1)
+        held = client.receive([{k: v.clone() for k, v in m.items()} for m in sent], held, rnd, 1)
+        assert held.keys() == server_global.keys() and all(torch.equal(held[k], server_global[k]) for k in held)
+        uploads = [client.pack_upload(_lora_state(10 * rnd + c), held, 0.1, 4 + c) for c in range(3)]
+        unpacked = [server.unpack_upload(m, server_global) for m in uploads]
+        new, rejected = server.aggregate([u[0] for u in unpacked], [u[2] for u in unpacked], server_global, rnd)
+        assert rejected == [] and not all(torch.equal(new[k], server_global[k]) for k in new)
+        server_global = new
+
+
+def test_all_rejected_round_gives_no_new_global():
+    received = _lora_state(0)
+    for aggregator, up, down in CASES:
+        strategy = _strategy(aggregator, up, down, received)
+        bad = {k: torch.full_like(v, float("nan")) for k, v in received.items()}
+        msgs = strategy.pack_upload(bad, received, 0.1, 3)
+        new, rejected = strategy.aggregate([strategy.unpack_upload(msgs, received)[0]], [3.0], received, 1)
+        assert new is None and rejected == [0]

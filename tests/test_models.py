@@ -8,6 +8,7 @@ import transformers as tf
 from conftest import tiny_causal_lm
 
 from fedsoda_mpi import models as M
+from fedsoda_mpi.methods import layer_maps
 
 FAMILIES = ["llama", "qwen2", "mistral"]
 
@@ -51,31 +52,38 @@ def nf4_lora(family: str = "llama", layers: int = 6, kept=(0, 2, 3, 5), lora_lay
 # ---------------------------------------------------------------------------------------- layer dropping
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_drop_layers_then_generate(family):
+def test_sub_model_keeps_the_layers_and_generates(family):
+    """M* = the kept layers of M, renumbered (Algorithm 1's Prune_Layers): the same logits as M with the other
+    layers cut out by hand, KV-cache indices and per-layer config lists follow."""
+    import copy
+
     full = tiny_causal_lm(family, layers=6)
     keep = [0, 2, 3, 5]
-    reference = M.build_sub_model(full, keep, quantize=False)
-    M.drop_layers(full, keep)
-    assert full.config.num_hidden_layers == 4 and len(M.get_layers(full)) == 4
-    assert [layer.self_attn.layer_idx for layer in M.get_layers(full)] == [0, 1, 2, 3]
+    sub = M.build_sub_model(full, keep, quantize=False)
+    assert sub.config.num_hidden_layers == 4 and len(M.get_layers(sub)) == 4 and len(M.get_layers(full)) == 6
+    assert [layer.self_attn.layer_idx for layer in M.get_layers(sub)] == [0, 1, 2, 3]
     if family == "qwen2":
-        assert len(full.config.layer_types) == 4
+        assert len(sub.config.layer_types) == 4
+    by_hand = copy.deepcopy(full)
+    by_hand.model.layers = torch.nn.ModuleList(by_hand.model.layers[i] for i in keep)
+    for new_idx, layer in enumerate(by_hand.model.layers):
+        layer.self_attn.layer_idx = new_idx
     ids, mask = batch()
     with torch.no_grad():
-        torch.testing.assert_close(full(ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits)
-        cached = full.generate(ids[:1], max_new_tokens=6, do_sample=False, use_cache=True)
-        uncached = full.generate(ids[:1], max_new_tokens=6, do_sample=False, use_cache=False)
+        torch.testing.assert_close(sub(ids, attention_mask=mask).logits, by_hand(ids, attention_mask=mask).logits)
+        cached = sub.generate(ids[:1], max_new_tokens=6, do_sample=False, use_cache=True)
+        uncached = sub.generate(ids[:1], max_new_tokens=6, do_sample=False, use_cache=False)
     assert cached.shape == (1, 18) and torch.equal(cached, uncached)
 
 
 @pytest.mark.parametrize("keep", [[], [2, 1], [1, 1], [0, 6], [-1, 2]])
-def test_drop_layers_rejects_bad_selection(keep):
+def test_sub_model_rejects_bad_selection(keep):
     with pytest.raises(ValueError, match="kept layers"):
-        M.drop_layers(tiny_causal_lm(layers=6), keep)
+        M.build_sub_model(tiny_causal_lm(layers=6), keep, quantize=False)
 
 
 def test_layer_maps_both_directions():
-    to_sub, to_full = M.layer_maps([0, 3, 4, 9])
+    to_sub, to_full = layer_maps([0, 3, 4, 9])
     assert to_sub == {0: 0, 3: 1, 4: 2, 9: 3}
     assert to_full == {0: 0, 1: 3, 2: 4, 3: 9}
     assert all(to_full[to_sub[f]] == f for f in to_sub)
@@ -179,7 +187,7 @@ def test_lora_state_load_and_remap_round_trip():
     assert only2 and all(".layers.2." in k for k in only2)
     assert len(only2) == len(state) // 3
 
-    _, to_full = M.layer_maps([0, 2, 3, 5])
+    _, to_full = layer_maps([0, 2, 3, 5])
     full_keys = M.remap_layers(state, to_full)
     assert "base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight" in full_keys  # sub 1 = full 2
     assert M.remap_layers(full_keys, {v: k for k, v in to_full.items()}) == state
@@ -329,7 +337,7 @@ def test_export_peft_adapter_round_trip(tmp_path):
     base_dir = tmp_path / "base"
     tiny_causal_lm(layers=6).save_pretrained(base_dir)
     kept, lora_sub = [0, 2, 3, 5], [1, 3]
-    to_sub, to_full = M.layer_maps(kept)
+    to_sub, to_full = layer_maps(kept)
     sub = M.build_sub_model(tf.AutoModelForCausalLM.from_pretrained(base_dir), kept, quantize=False)
     torch.manual_seed(0)
     sub = M.add_lora(sub, lora_sub, r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "down_proj"))

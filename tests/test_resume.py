@@ -147,7 +147,7 @@ def test_sigterm_stops_every_rank_with_a_line_and_leaves_no_temporary_files(requ
     if moment == "mid-run" or len(logged) == 2:  # every rank handled the signal: nothing of theirs is left
         assert logged == ["log.rank1.txt", "log.rank2.txt"] and not left, (logged, left)
     else:  # a client rank busy in C code (loading weights) outlived mpirun's ~1 s grace and was SIGKILLed:
-        from fedsoda_mpi.main import process_alive, sweep_stale_copies  # the next start removes what it left
+        from fedsoda_mpi.client import process_alive, sweep_stale_copies  # the next start removes what it left
 
         pids = [int(name.split("-")[2]) for name in left]
         deadline = time.time() + 30  # a SIGKILLed rank may take a moment to die (a zombie counts as gone)

@@ -171,7 +171,7 @@ def test_every_numeric_key_has_a_range_check(key, typ):
 def test_numeric_keys_cover_every_float():
     floats = {k for k, t in numeric_keys() if t is float}
     assert {"fed.lr", "oda.lr", "fed.mu", "oda.alpha", "oda.beta", "data.dirichlet_beta", "lora.dropout"} <= floats
-    assert all(math.isfinite(v) for k, v in C._flatten(Config().to_dict()).items() if k in floats)
+    assert all(math.isfinite(v) for k, v in C.flatten(Config().to_dict()).items() if k in floats)
 
 
 def test_debug_fail_rank_must_be_a_rank():
@@ -250,12 +250,12 @@ def test_damaged_tokenizer(tiny_model, tmp_path):
 
 
 def test_layer_count_comes_from_the_checked_config(tiny_model):
-    from fedsoda_mpi.server import num_layers_of
+    from fedsoda_mpi.models import check_model_folder
 
-    assert num_layers_of(tiny_model) == 24
+    assert check_model_folder(tiny_model) == 24
     (tiny_model / "config.json").write_text("{")
     with pytest.raises(ModelError, match="config.json: not valid JSON"):
-        num_layers_of(tiny_model)
+        check_model_folder(tiny_model)
 
 
 # ------------------------------------------------------------------------------------------- run folder

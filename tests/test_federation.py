@@ -1,11 +1,11 @@
-"""main.py's per-round schedule: which virtual clients train, and on which rank."""
+"""The per-round schedule (which virtual clients train, on which rank) and the client rank's stale-copy sweep."""
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from fedsoda_mpi.config import load_config
-from fedsoda_mpi.main import client_schedule, placement
+from fedsoda_mpi.federation import client_schedule, placement
 
 
 def test_placement_balances_ranks_and_is_stable_under_full_participation():
@@ -36,7 +36,7 @@ def test_sweep_removes_only_copies_of_dead_client_processes(tmp_path, monkeypatc
     import sys
     import tempfile
 
-    from fedsoda_mpi.main import sweep_stale_copies
+    from fedsoda_mpi.client import sweep_stale_copies
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the default root: TMPDIR
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
@@ -57,7 +57,7 @@ def test_a_killed_but_unreaped_process_counts_as_gone(tmp_path):
     import sys
     import time
 
-    from fedsoda_mpi.main import process_alive, sweep_stale_copies
+    from fedsoda_mpi.client import process_alive, sweep_stale_copies
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     assert process_alive(child.pid)
@@ -71,3 +71,4 @@ def test_a_killed_but_unreaped_process_counts_as_gone(tmp_path):
     assert not process_alive(child.pid)
     assert sweep_stale_copies(tmp_path) == [f"fedsoda-client1-{child.pid}-abc"]
     child.wait()
+

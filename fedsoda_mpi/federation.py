@@ -1,0 +1,406 @@
+"""Algorithm 2 of the paper across MPI ranks: the only place that sequences collectives.
+
+    rank 0       Server   (server.py)  SGP, build M*, pre-align; per round: re-align, aggregate, evaluate, record
+    ranks 1..W-1 Client   (client.py)  load M* once; per round: local training of the clients placed on the rank
+    every rank   strategy (aggregate.py, fedsrd.py)  what is uploaded, aggregated, downloaded
+    every rank   comm     (comm.py)    typed flat buffers over MPI, byte counters
+
+    run:    set up (lines 1-5) -> ship M* once (line 6) -> agree schemas -> send the emulator LoRA
+    round:  [re-align, send the emulator LoRA (lines 9-14)] -> download (line 7) -> local training (15-16)
+            -> upload (17) -> aggregate (18) -> record -> timing -> checkpoint / stop
+    finish: plug the adapter into M (line 22), evaluate, export the PEFT adapter
+
+Started by `python -m fedsoda_mpi.main` (the CLI); the data path of one round is drawn in docs/design.md.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .aggregate import strategy_for
+from .client import Client, Faults
+from .comm import Schema, install_abort_hook
+from .config import Config
+from .methods import Plan
+from .runlog import RunLog, archive_failed_attempt, run_dir_of
+from .signals import PROGRESS, STOP_REQUESTED
+from .timing import PHASES, PhaseClock, split
+
+
+def client_schedule(cfg: Config, world_size: int, rnd: int) -> list[int]:
+    """Virtual clients sampled in round `rnd` (the same on every rank: seeded by (seed, round))."""
+    n, m = cfg.fed.clients, cfg.fed.clients_per_round or cfg.fed.clients
+    if m == n:
+        return list(range(n))
+    return sorted(np.random.default_rng([cfg.seed, rnd]).choice(n, size=m, replace=False).tolist())
+
+
+def placement(chosen: list[int], world_size: int) -> dict[int, int]:
+    """Client rank of each virtual client sampled this round: the i-th of the sorted sample runs on rank
+    1 + i mod (W - 1), so every rank trains ceil(m / (W - 1)) or fewer clients (a round waits for its slowest
+    rank; fixed homes would give some ranks 2-3 of 10 random clients). With full participation the placement
+    is the same every round (client k on rank 1 + k mod (W - 1)), so a rank's emulator cache stays warm."""
+    return {k: 1 + i % (world_size - 1) for i, k in enumerate(sorted(chosen))}
+
+
+def realign_interval(cfg: Config, plan: Plan) -> int:
+    """r of Algorithm 2 line 9, or 0 when this run never re-aligns (disabled, or no emulator LoRA)."""
+    return cfg.oda.every if (cfg.oda.re_align and plan.emulator_lora_sub) else 0
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def all_rejected_message(cfg: Config, rnd: int, clients: list[int]) -> str:
+    """The error that ends a run whose every update of a round was non-finite: the global LoRA cannot move."""
+    every = cfg.fed.checkpoint_every
+    last = (rnd - 1) // every * every if every else 0
+    kept = f"its last checkpoint is round {last}" if last else "it has no checkpoint yet"
+    return (f"round {rnd}: every client update was non-finite (NaN/Inf; clients {', '.join(map(str, sorted(clients)))}), "
+            f"so the global LoRA cannot move; the run stops here ({kept}). Lower fed.lr (now {cfg.fed.lr:g}) or "
+            "check the data, then run again (resume=auto continues from that checkpoint)")
+
+
+def open_run(cfg: Config, comm) -> RunLog:
+    """The run folder (rank 0 names it and moves a failed attempt aside; every rank gets the name as bytes) and
+    this rank's log; a FATAL line of this rank also goes into its log."""
+    archived = archive_failed_attempt(run_dir_of(cfg)) if comm.is_server and cfg.resume != "auto" else None
+    name = {"run_dir": str(run_dir_of(cfg)).encode()} if comm.is_server else None
+    run_dir = Path(comm.broadcast_bytes(name, category="control")["run_dir"].decode())
+    log = RunLog(run_dir, comm.rank)
+    install_abort_hook(lambda text: log.log(text, echo=False))
+    PROGRESS["log"] = log
+    if archived:
+        log.log(f"the folder held an unfinished attempt (no /final): moved it to {archived}; starting over")
+    return log
+
+
+def set_up_server(cfg: Config, comm, log: RunLog, rows: list, hist) -> tuple:
+    """Algorithm 2 lines 1-5 on rank 0 (or the state of the newest checkpoint with resume=auto).
+    Returns (server, base accuracy, files to ship: M* + the plan + the first round)."""
+    from .server import Server
+
+    ck = checkpoint.resume_point(log.run_dir, log) if cfg.resume == "auto" else None
+    log.open_h5(cfg, comm.size, cfg.model.name, mode="a" if ck else "w")  # also writes config.yaml
+    server = Server.load(cfg, log, comm.device())
+    if ck is None:
+        server.record_data([len(r) for r in rows], hist)
+        base, start = fresh_start(cfg, server, log), 0
+    else:
+        base, start = log.attrs("base"), ck.round
+        server.build(Plan.from_dict(ck.state["plan"]))
+        server.restore(ck)
+        log.set_attrs("/", resumed_from=np.append(log.h5.attrs.get("resumed_from", []), start).astype(np.int32))
+        log.log(f"resumed from {ck.path} (round {start} of {cfg.fed.rounds}); SGP and pre-alignment not repeated")
+    files = {"plan.json": json.dumps(server.plan.to_dict()).encode(), "start.json": json.dumps(start).encode(),
+             **server.bundle}
+    log.flush()
+    return server, base, files
+
+
+def fresh_start(cfg: Config, server, log: RunLog) -> dict:
+    """Lines 1-5: the base model's accuracy (round 0), SGP, the sub-LLM, pre-alignment; each phase timed."""
+    setup, base = {}, {"accuracy": float("nan"), "n": 0}  # eval.base=false: a study evaluates it once per task
+    if cfg.eval.base:
+        with _stopwatch(setup, "base_eval_s"):
+            base = server.evaluate("full")  # the LoRA is not attached yet
+        log.log(f"base model accuracy ({cfg.data.task}, n={base['n']}): {base['accuracy']:.4f}")
+    log.set_attrs("base", accuracy=base["accuracy"], n=base["n"])
+    with _stopwatch(setup, "sgp_s"):
+        plan = server.plan_layers()
+    with _stopwatch(setup, "build_s"):
+        server.build(plan)
+    with _stopwatch(setup, "pre_align_s"):
+        server.pre_align()
+    log.set_attrs("timing", **setup)  # one-time server phases (the per-round ones are /timing/phase_s)
+    return base
+
+
+class _stopwatch:
+    """out[key] = wall seconds of the block."""
+
+    def __init__(self, out: dict, key: str):
+        self.out, self.key = out, key
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.out[self.key] = time.perf_counter() - self.t0
+
+
+def run(cfg: Config, comm, inputs: tuple) -> dict | None:
+    """Algorithm 2 across ranks; returns the final results on rank 0, {"stopped": round} on every rank after a
+    stop request, None on client ranks otherwise. `inputs` = (the clients' rows, their label histogram)."""
+    log = open_run(cfg, comm)
+    seed_all(cfg.seed)
+    log.log(f"rank {comm.rank}/{comm.size} on {comm.device()}, {torch.get_num_threads()} torch threads, "
+            f"run dir {log.run_dir}")
+    rows, hist = inputs
+    server, base, files = set_up_server(cfg, comm, log, rows, hist) if comm.is_server else (None, None, None)
+    comm.idle_wait()  # line 6: send M* ONCE (quantized weights + config + tokenizer); never the full LLM
+    t0 = time.time()
+    files = comm.broadcast_bytes(files, category="model")
+    plan, start = Plan.from_dict(json.loads(files.pop("plan.json"))), json.loads(files.pop("start.json"))
+    if comm.is_server:
+        model_bytes = sum(len(v) for v in files.values())
+        log.log(f"shipped the sub-LLM ({model_bytes / 2**20:.1f} MiB) to {comm.size - 1} client ranks in "
+                f"{time.time() - t0:.1f}s")
+        client = None
+    else:
+        client = Client(cfg, comm.rank, plan, files, rows, comm.device())
+        model_bytes = client.model_bytes
+        log.log(f"client rank {comm.rank}: {cfg.fed.clients} virtual clients placed per round, sub-LLM "
+                f"{plan.sub_layers} layers, {sum(p.numel() for p in client.params)} trainable params")
+        client.write_holdings(log.run_dir)
+    del files
+    fed = Federation(cfg, comm, log, server, client, plan, start, model_bytes)
+    return fed.run(base)
+
+
+class Federation:
+    """The rounds of Algorithm 2 (lines 7-21) on every rank: the server's and the clients' halves of each step
+    and the collectives between them, in one order that every rank follows."""
+
+    def __init__(self, cfg: Config, comm, log: RunLog, server, client, plan: Plan, start: int, model_bytes: int):
+        self.cfg, self.comm, self.log, self.server, self.client = cfg, comm, log, server, client
+        self.plan, self.start, self.model_bytes = plan, start, model_bytes
+        self.faults = Faults(cfg.debug, comm.rank)
+        # schemas, agreed once (rank 0 sleeps in idle_wait, not in a blocking Bcast, while the clients load M*)
+        comm.idle_wait()
+        self.em_schema = comm.agree_schema(Schema.of(server.emulator_lora()) if server and plan.emulator_lora_sub
+                                           else (Schema((), (), "float32") if server else None))
+        self.ad_schema = comm.agree_schema(Schema.of(server.global_adapter) if server else None)
+        self.strategy = strategy_for(cfg, self.ad_schema)
+        self.clock = PhaseClock(comm)
+        self.t_schema = Schema(("t",), ((len(PHASES) + 5,),), "float64")
+        self.realign_every = realign_interval(cfg, plan)
+        self.global_state = None  # a client rank's copy of the global adapter LoRA
+
+    def run(self, base: dict | None) -> dict | None:
+        self.send_emulator()  # the pre-aligned emulator LoRA
+        self.moved_mark = self.comm.totals()  # /rounds/moved_bytes: rank 0's counters since the previous row
+        stopped = False
+        for rnd in range(self.start + 1, self.cfg.fed.rounds + 1):
+            PROGRESS["round"] = rnd
+            stopped = self.round(rnd)
+            if stopped:
+                break
+        self.comm.idle_wait()
+        if stopped:
+            self.log.close()
+            return {"stopped": rnd}
+        if self.client:
+            self.log.log(f"bytes {dict(self.comm.bytes)}; MPI {self.comm.mpi_seconds:.2f}s, "
+                         f"idle {self.comm.idle_seconds:.2f}s")
+            self.log.close()
+            self.comm.idle_wait()
+            return None
+        result = self.finish(base)
+        self.comm.idle_wait()
+        return result
+
+    def round(self, rnd: int) -> bool:
+        """One round; True when a stop was requested (the run ends after it)."""
+        t_round, sent0 = time.time(), self.comm.totals()
+        self.clock.start_round()
+        realigned = bool(self.realign_every and rnd % self.realign_every == 0)
+        if realigned:  # lines 9-14
+            if self.server:
+                with self.clock.phase("realign"):
+                    self.server.re_align(rnd)
+            self.comm.idle_wait()
+            with self.clock.phase("download"):
+                self.send_emulator()
+        chosen = client_schedule(self.cfg, self.comm.size, rnd)
+        where = placement(chosen, self.comm.size)
+        down = self.download(rnd)  # line 7
+        self.faults.round_started(rnd)
+        uploads = self.train(rnd, chosen, where) if self.client else []  # lines 15-16
+        self.comm.idle_wait()
+        with self.clock.phase("upload"):  # line 17
+            counts = [0] + [sum(1 for k in chosen if where[k] == r) for r in self.comm.client_ranks]
+            gathered = [self.comm.gatherv([u[i] for u in uploads], schema, counts, category="upload")
+                        for i, schema in enumerate(self.strategy.up)]
+        if self.server:  # line 18
+            self.aggregate_and_record(rnd, gathered, chosen, where, realigned, down, t_round, sent0)
+        elif rnd == 1 or realigned:
+            cache = self.client.cache
+            self.log.log(f"round {rnd}: emulator cache {cache.hits} hits / {cache.misses} misses")
+        self.record_timing(rnd)
+        return self.stop_or_checkpoint(rnd)
+
+    def send_emulator(self) -> None:
+        """Line 14: broadcast the emulator LoRA (after pre-alignment and after each re-alignment)."""
+        state = self.comm.broadcast(self.server.emulator_lora() if self.server else None, self.em_schema,
+                                    category="emulator_lora")
+        if self.client and self.em_schema.names:
+            self.client.set_emulator(state)
+
+    def download(self, rnd: int) -> tuple[int, int]:
+        """Line 7: every client rank receives the global adapter LoRA (in the strategy's messages); returns the
+        (values, bytes) moved per client rank."""
+        self.comm.idle_wait()
+        t0 = time.perf_counter()
+        schemas = self.strategy.download_schemas(rnd, self.start + 1)
+        sent = self.strategy.download(self.server.global_adapter, rnd, self.start + 1) if self.server else \
+            [None] * len(schemas)
+        msgs = [self.comm.broadcast(m, s, category="adapter_lora") for m, s in zip(sent, schemas)]
+        if self.client:
+            self.global_state = self.strategy.receive(msgs, self.global_state, rnd, self.start + 1)
+        self.clock.add("download", time.perf_counter() - t0)
+        return self.strategy.download_size(rnd, self.start + 1)
+
+    def train(self, rnd: int, chosen: list[int], where: dict[int, int]) -> list[list[dict]]:
+        """Lines 15-16 on a client rank: each client placed here trains from the global adapter LoRA; returns
+        their uploads (the strategy's messages), in client order."""
+        here = {k for k in chosen if where[k] == self.comm.rank}
+        self.client.place(here)
+        uploads = []
+        for k in sorted(here):
+            fit = self.client.fit(k, self.global_state, rnd)
+            self.clock.add("emulator", fit.emulator_seconds)
+            self.clock.add("adapter", fit.seconds - fit.emulator_seconds)
+            self.clock.steps += fit.steps
+            t0 = time.perf_counter()
+            uploads.append(self.strategy.pack_upload(fit.state, self.global_state, fit.loss, fit.n_samples))
+            self.clock.add("upload", time.perf_counter() - t0)
+        return uploads
+
+    def aggregate_and_record(self, rnd: int, gathered: list, chosen: list[int], where: dict[int, int],
+                             realigned: bool, down: tuple[int, int], t_round: float, sent0: dict) -> None:
+        """Line 18 on rank 0, then the round's row of /rounds (and /drift)."""
+        cfg, server, n = self.cfg, self.server, self.cfg.fed.clients
+        t0 = time.perf_counter()
+        flat = [list(msgs) for parts in zip(*gathered) for msgs in zip(*parts)]
+        order = [k for r in self.comm.client_ranks for k in chosen if where[k] == r]
+        losses, nk = np.full(n, np.nan, np.float32), np.zeros(n, np.float32)
+        updates, weights = [], []
+        for k, msgs in zip(order, flat):
+            state, losses[k], nk[k] = self.strategy.unpack_upload(msgs, server.global_adapter)
+            updates.append(state)
+            weights.append(nk[k])
+        new, rejected = self.strategy.aggregate(updates, weights, server.global_adapter, rnd)
+        if new is None:
+            raise RuntimeError(all_rejected_message(cfg, rnd, order))
+        server.set_global(new)
+        rejected_mask = np.zeros(n, np.int8)
+        for i in rejected:
+            rejected_mask[order[i]] = 1
+            self.log.log(f"round {rnd}: rejected the update of client {order[i]} (non-finite values)")
+        self.clock.add("aggregate", time.perf_counter() - t0)
+        acc = np.nan
+        if cfg.eval.every and rnd % cfg.eval.every == 0:
+            with self.clock.phase("evaluate"):  # on the validation rows: never on the test split
+                acc = server.evaluate("full", "val")["accuracy"]
+        self.log.append("rounds", {"round": np.int32(rnd), "wall_s": np.float64(time.time() - t_round),
+                                   "train_loss": losses, "n_samples": nk, **self.bytes_row(chosen, realigned, down, sent0),
+                                   "realigned": np.int8(realigned), "eval_acc": np.float32(acc),
+                                   "rejected": rejected_mask})
+        with self.clock.phase("evaluate"):  # the drift probe: two forwards on one held-out batch
+            drift = server.drift()
+        if drift.size:  # no L_inter pairs (no SGP groups): nothing to track
+            self.log.append("drift", {"round": np.int32(rnd), "distance": drift})
+        self.log.flush()
+        self.log.log(f"round {rnd}/{cfg.fed.rounds}: loss {np.nanmean(losses):.4f}, {time.time() - t_round:.1f}s"
+                     + (", re-aligned" if realigned else "") + ("" if np.isnan(acc) else f", acc {acc:.4f}"))
+
+    def bytes_row(self, chosen: list[int], realigned: bool, down: tuple[int, int], sent0: dict) -> dict:
+        """The round's byte columns of /rounds: measured by comm's counters, and the LoRA payload the strategy's
+        schemas say the round had to move (the download to every client rank, + the re-aligned emulator LoRA,
+        one upload per sampled client without its loss and n_k)."""
+        comm, strategy, em = self.comm, self.strategy, self.em_schema
+        now = comm.totals()
+        moved = now["sent"] + now["recv"] - self.moved_mark["sent"] - self.moved_mark["recv"]
+        self.moved_mark = now
+        (up_values, up_bytes), (down_values, down_bytes) = strategy.upload_size(), down
+        upload = np.zeros(self.cfg.fed.clients, np.int64)
+        upload[chosen] = sum(s.nbytes for s in strategy.up)
+        payload = (comm.size - 1) * (down_bytes + (em.nbytes if realigned else 0)) + len(chosen) * up_bytes
+        return {"upload_bytes": upload, "download_bytes": np.int64((now["sent"] - sent0["sent"]) // (comm.size - 1)),
+                "comm_params": np.int64(up_values + down_values + (em.numel if realigned else 0)),
+                "upload_density": np.float32(up_values / self.ad_schema.numel),
+                "download_density": np.float32(down_values / self.ad_schema.numel),
+                "moved_bytes": np.int64(moved), "payload_bytes": np.int64(payload)}
+
+    def record_timing(self, rnd: int) -> None:
+        """Every rank's phase times of this round -> /timing (one float64 row per rank, fixed schema)."""
+        self.comm.idle_wait()
+        ranks = self.comm.gatherv([{"t": torch.from_numpy(self.clock.row())}], self.t_schema, [1] * self.comm.size,
+                                  category="timing")
+        if self.server:
+            self.log.append("timing", {"round": np.int32(rnd), **split(torch.stack([m[0]["t"] for m in ranks]).numpy())})
+            self.log.set_attrs("timing", phases=list(PHASES))
+            self.log.flush()
+
+    def stop_or_checkpoint(self, rnd: int) -> bool:
+        """A stop request (SIGUSR1 at rank 0, e.g. Slurm's warning before the time limit) ends every rank here,
+        after a checkpoint; otherwise a checkpoint every fed.checkpoint_every rounds."""
+        stopped = self.comm.broadcast_flag(STOP_REQUESTED[0] if self.server else None)
+        every = self.cfg.fed.checkpoint_every
+        if self.server and (stopped or (every and rnd % every == 0)):
+            path = self.server.checkpoint(rnd)
+            if stopped:
+                self.log.log(f"stopping after round {rnd} on {STOP_REQUESTED[0]}: checkpoint {path}; "
+                             "run the same command with resume=auto to continue")
+        return stopped
+
+    def final_val_accuracy(self) -> dict:
+        """Validation accuracy of the final model: /rounds/eval_acc of the last round when eval.every divides
+        fed.rounds (what a study selects its learning rate on), else NaN (no extra evaluation)."""
+        last_round, acc = self.log.last("rounds", "round"), self.log.last("rounds", "eval_acc")
+        if self.cfg.data.val_size and last_round is not None and int(last_round) == self.cfg.fed.rounds \
+                and np.isfinite(acc):
+            return {"accuracy": float(acc), "n": len(self.server.val_rows)}
+        return {"accuracy": float("nan"), "n": 0}
+
+    def finish(self, base: dict) -> dict:
+        """Line 22 + evaluation: the full LLM with the plugged adapter (test and validation), the sub-LLM; /final."""
+        cfg, server, em = self.cfg, self.server, self.em_schema
+        full = server.evaluate("full")
+        sub = full if server.sub_is_full else server.evaluate("sub")  # FedPETuning: the same weights and answers
+        val = self.final_val_accuracy()
+        values, nbytes = self.strategy.traffic()  # upload + download of the adapter LoRA
+        per_round = nbytes + (em.nbytes / self.realign_every if self.realign_every else 0)
+        res = {"accuracy": full["accuracy"], "sub_accuracy": sub["accuracy"], "base_accuracy": base["accuracy"],
+               "trainable_params": self.ad_schema.numel,
+               "comm_params_per_round": int(values + (em.numel / self.realign_every if self.realign_every else 0)),
+               "comm_bytes_per_round": float(per_round),
+               "client_model_bytes": int(self.model_bytes + self.ad_schema.nbytes + em.nbytes),
+               "full_model_bytes": int(server.full_bytes), "val_accuracy": val["accuracy"], "n_val": val["n"],
+               "task": cfg.data.task, "n_eval": full["n"], "aggregator": cfg.fed.aggregator,
+               "upload_density": cfg.fed.upload_density, "download_density": cfg.fed.download_density}
+        self.log.set_attrs("final", **res)
+        out = server.export_adapter()
+        self.log.log(f"bytes moved by rank 0: {dict(self.comm.bytes)}; MPI {self.comm.mpi_seconds:.2f}s, "
+                     f"idle {self.comm.idle_seconds:.2f}s")
+        print_results(cfg, res, base, sub, full, val, per_round, self.log.run_dir / "run.h5", out)
+        self.log.close()
+        return res
+
+
+def print_results(cfg: Config, res: dict, base: dict, sub: dict, full: dict, val: dict, per_round: float,
+                  run_file: Path, adapter: Path) -> None:
+    """The final table on stdout."""
+    table = [
+        ("task / method", f"{cfg.data.task} / {cfg.method}"),
+        ("base model accuracy", f"{base['accuracy']:.4f}"),
+        ("sub-LLM accuracy", f"{sub['accuracy']:.4f}"),
+        ("full LLM + adapter accuracy", f"{full['accuracy']:.4f}  (n={full['n']})"),
+        ("... on the validation rows", f"{val['accuracy']:.4f}  (n={val['n']})"),
+        ("trainable params per client", f"{res['trainable_params']:,}"),
+        ("comm bytes per round per client", f"{per_round / 2**20:.3f} MiB"),
+        ("client model bytes", f"{res['client_model_bytes'] / 2**20:.1f} MiB"),
+        ("full model bytes", f"{res['full_model_bytes'] / 2**20:.1f} MiB"),
+        ("run file", str(run_file)),
+        ("adapter (PEFT, full model)", str(adapter)),
+    ]
+    w = max(len(k) for k, _ in table)
+    print("\n".join(["", "fedsoda-mpi final results", "-" * (w + 40)] + [f"{k:<{w}}  {v}" for k, v in table]), flush=True)

@@ -1,0 +1,40 @@
+"""Stop requests: SIGUSR1 ends the run cleanly after the current round; SIGTERM abandons the round at once.
+
+    SIGUSR1  Slurm's `--signal=B:USR1@300` (forwarded by slurm/common.sh): the round finishes, rank 0 writes a
+             checkpoint, every rank exits with STOPPED_EXIT (75); `resume=auto` continues.
+    SIGTERM  `scancel`, Slurm's time limit, `kill <mpirun>` (a SIGKILL follows after Slurm's KillWait, 30 s by
+             default, or mpirun's own short grace period): every rank logs one line, abandons the round (the
+             checkpoint of the last finished round stays the newest), removes its temporary files and exits
+             with TERMINATED_EXIT (143).
+"""
+from __future__ import annotations
+
+import signal
+
+STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped early on SIGUSR1 after a checkpoint; continue with resume=auto
+TERMINATED_EXIT = 128 + signal.SIGTERM  # stopped on SIGTERM: the round in progress is abandoned
+STOP_REQUESTED: list[str | None] = [None]  # the name of the signal that asked for a stop (read by rank 0 per round)
+PROGRESS = {"round": 0, "log": None}  # what a SIGTERM reports: the round in progress, this rank's RunLog
+
+
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler in the main thread: unwinds every `with` block (temporary folders are
+    removed, files closed) and ends the rank with TERMINATED_EXIT. A BaseException, so no `except Exception`
+    on the way swallows it."""
+
+
+def install_stop_handlers() -> None:
+    """SIGUSR1 sets STOP_REQUESTED (the protocol stops after the round); SIGTERM raises Terminated."""
+    def stop(signum, frame):
+        STOP_REQUESTED[0] = signal.Signals(signum).name
+
+    def terminate(signum, frame):  # writes nothing itself: the main thread may be inside a write to the same log
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
+        raise Terminated()
+
+    signal.signal(signal.SIGUSR1, stop)
+    signal.signal(signal.SIGTERM, terminate)
+
+
+def where_now() -> str:
+    return f"in round {PROGRESS['round']}" if PROGRESS["round"] else "before round 1"
