@@ -7,7 +7,7 @@ VENV ?= .venv
 NP ?= 11
 BIN := $(VENV)/bin
 MPIENV := OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1 \
-	PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe OMP_NUM_THREADS=1 HDF5_USE_FILE_LOCKING=FALSE
+	PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE HDF5_USE_FILE_LOCKING=FALSE
 
 .PHONY: demo test test-fast install prepare clean
 

@@ -414,7 +414,7 @@ def mpirun_command(run: Run, lr: float, run_dir: Path) -> list[str]:
 
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_mpi_yield_when_idle": "1",
            "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe", "HDF5_USE_FILE_LOCKING": "FALSE",
-           "FEDSODA_PROGRESS": "0"}
+           "OMP_WAIT_POLICY": "PASSIVE", "FEDSODA_PROGRESS": "0"}  # passive: idle OpenMP threads must not spin on shared cores
 
 
 def run_local(study: Study, results: Path, runs_root: Path, stages: list[str] | None, max_runs: int,
