@@ -11,8 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# OpenMP threads that spin while they wait (libgomp's default) steal the cores of the other MPI ranks when the cores
+# are oversubscribed (3-11 ranks on a 2-core runner; rank 0 takes every core, main.threads_for): measured 10-25x
+# slower evaluation on the tiny model under load. Passive waiting changes no result. Set before torch loads libgomp;
+# every mpirun / sbatch the tests start inherits it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
