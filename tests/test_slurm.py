@@ -3,7 +3,8 @@
 The MPI route (srun --mpi=pmix and the venv's mpirun, see slurm/common.sh), the preemption hook,
 a real toy FedSODA run through `sbatch slurm/llama3_iid.sh`, and the whole dependency graph of
 `slurm/submit_all.sh` with a study (prepare -> grid array -> select -> arrays -> report). Job states come from `sacct -c`
-(`sbatch --wait` returns 0 for a job cancelled before it ran).
+(`sbatch --wait` returns 0 for a job cancelled before it ran). The toy runs train the tiny model folder
+(`tiny_model_dir`, passed as model.name): they check the Slurm plumbing, not the model.
 """
 import os
 import shutil
@@ -33,6 +34,12 @@ def cluster():
                          text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert shutil.which("sbatch") and shutil.which("sacct")
+
+
+@pytest.fixture(scope="module")
+def toy(tiny_model_dir) -> str:
+    """The CPU toy overrides on the tiny model folder."""
+    return f"{TOY} model.name={tiny_model_dir}"
 
 
 def job_env(run_root: Path, **extra) -> dict:
@@ -129,9 +136,9 @@ def test_bad_config_fails_the_job_with_exit_code_2(cluster, tmp_path):
     assert f"output.root={tmp_path} output.name=llama3_iid-{jid} resume=auto fed.clients=0" in text
 
 
-def test_llama3_iid_script_toy_run(cluster, tmp_path):
-    """`sbatch --ntasks=3 slurm/llama3_iid.sh` with CPU overrides: a real FedSODA run on SmolLM2."""
-    env = job_env(tmp_path, JOB_CONFIG="jobs/smollm2_sst2_iid.yaml", FEDSODA_OVERRIDES=TOY)
+def test_llama3_iid_script_toy_run(cluster, toy, tmp_path):
+    """`sbatch --ntasks=3 slurm/llama3_iid.sh` with CPU overrides: a real FedSODA run on the tiny model."""
+    env = job_env(tmp_path, JOB_CONFIG="jobs/smollm2_sst2_iid.yaml", FEDSODA_OVERRIDES=toy)
     out = tmp_path / "job.out"
     t0 = time.time()
     res = sbatch(["--wait", "--parsable", "--ntasks=3", "-o", str(out), "slurm/llama3_iid.sh"], env)
@@ -167,7 +174,7 @@ def test_submit_all_stops_at_a_failed_submission(cluster, tmp_path):
     assert [line.split()[0] for line in res.stdout.splitlines()] == ["prepare"], res.stdout
 
 
-def test_submit_all_runs_a_toy_study_graph(cluster, tmp_path):
+def test_submit_all_runs_a_toy_study_graph(cluster, tiny_model_dir, tmp_path):
     """submit_all.sh STUDY: prepare -> grid array -> select -> seeds + variant arrays -> report, chained by
     afterok; every run leaves its summary, the seed run trains at the lr chosen on validation rows."""
     import json
@@ -179,7 +186,7 @@ def test_submit_all_runs_a_toy_study_graph(cluster, tmp_path):
         "name": "toy", "job": "jobs/smollm2_sst2_iid.yaml", "np": 3, "base_eval": "once",
         "overrides": {"fed.rounds": 1, "fed.clients": 2, "fed.local_steps": 1, "data.max_train_per_client": 4,
                       "data.val_size": 8, "eval.every": 1, "eval.max_examples": 8, "data.public_samples": 4,
-                      "oda.pre_epochs": 0, "oda.re_align": False},
+                      "oda.pre_epochs": 0, "oda.re_align": False, "model.name": str(tiny_model_dir)},
         "grid": {"methods": ["fedsoda"], "tasks": ["sst2"], "seeds": [0, 1], "lr": [1e-3, 3e-3]},
         "variants": [{"group": "ablation", "name": "nf4_off", "method": "fedsoda", "tasks": ["sst2"], "seeds": [0],
                       "overrides": {"quant.enabled": False}}]}))
@@ -227,12 +234,12 @@ def test_submit_all_submits_every_run_of_the_paper_study(cluster, tmp_path):
         subprocess.run(["scancel", *ids], timeout=60)
 
 
-def test_usr1_checkpoints_requeues_and_the_job_matches_an_uninterrupted_one(cluster, tmp_path):
+def test_usr1_checkpoints_requeues_and_the_job_matches_an_uninterrupted_one(cluster, toy, tmp_path):
     """--signal=B:USR1@300 path: USR1 -> checkpoint + exit 75 -> `scontrol requeue` -> the same job id
     resumes (resume=auto, same run folder) and ends with the adapter of an uninterrupted job, bit for bit."""
     from safetensors.torch import load_file
 
-    toy = TOY.replace("fed.rounds=1", "fed.rounds=3").replace(" oda.re_align=false", " oda.every=2")
+    toy = toy.replace("fed.rounds=1", "fed.rounds=3").replace(" oda.re_align=false", " oda.every=2")
     env = job_env(tmp_path, JOB_CONFIG="jobs/smollm2_sst2_iid.yaml", FEDSODA_OVERRIDES=toy)
     ids = {}
     for name in ("plain", "requeued"):
@@ -244,7 +251,7 @@ def test_usr1_checkpoints_requeues_and_the_job_matches_an_uninterrupted_one(clus
     deadline = time.time() + 900
     while not (run["requeued"] / "checkpoints" / "round00001").exists():
         assert time.time() < deadline and state(ids["requeued"])[0] not in FINAL, "no checkpoint of round 1"
-        time.sleep(1)
+        time.sleep(0.2)  # the tiny model's rounds take seconds: signal before the last one ends
     subprocess.run(["scancel", "--batch", "--signal=USR1", ids["requeued"]], check=True, timeout=30)
     # Slurm holds a requeued batch job ~121 s before it starts again (until the old job credential expires;
     # forcing StartTime=now makes slurmctld kill it: "Job credential revoked"), so the wait below includes that

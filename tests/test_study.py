@@ -146,18 +146,18 @@ def test_summary_of_a_run_file(tmp_path):
 
 
 @pytest.mark.mpi
-@pytest.mark.real
 @pytest.mark.slow
-def test_local_route_runs_selects_and_summarizes(smollm2_dir, tmp_path):
+def test_local_route_runs_selects_and_summarizes(tiny_model_dir, tmp_path):
     """`study run`: a 2-lr grid of one method under real mpirun, then the selected-lr seed run; each leaves a
-    summary, and the seed run's config carries the lr chosen on validation rows."""
+    summary, and the seed run's config carries the lr chosen on validation rows (on the tiny model folder:
+    the route is wiring)."""
     import subprocess
     import sys
 
     spec = {"name": "tiny", "job": "jobs/smollm2_sst2_iid.yaml", "np": 2, "base_eval": "once",
             "overrides": {"fed.rounds": 1, "fed.clients": 1, "fed.local_steps": 1, "data.max_train_per_client": 4,
                           "data.val_size": 8, "eval.every": 1, "eval.max_examples": 8, "data.public_samples": 4,
-                          "oda.pre_epochs": 0, "oda.re_align": False},
+                          "oda.pre_epochs": 0, "oda.re_align": False, "model.name": str(tiny_model_dir)},
             "grid": {"methods": ["fedsoda"], "tasks": ["sst2"], "seeds": [0, 1], "lr": [1e-3, 3e-3]}}
     path = _write(tmp_path, spec)
     res, runs = tmp_path / "results", tmp_path / "runs"

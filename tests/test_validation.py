@@ -1,8 +1,9 @@
 """Bad input is stopped before any MPI work with one line naming the key or file (issue 15, item 1).
 
 Most cases call `load_config`, `prepare_config` or `prepare_inputs` in-process on a tiny model folder (config.json,
-a copy of SmolLM2's tokenizer, a one-tensor safetensors file: nothing here loads weights) and a tiny data folder
-(FEDSODA_DATA); one case runs a real `mpirun` to show the line, the exit code 2 and that no traceback is printed."""
+a copy of the BPE tokenizer of `tiny_model_dir`, a one-tensor safetensors file: nothing here loads weights) and a
+tiny data folder (FEDSODA_DATA); one case runs a real `mpirun` to show the line, the exit code 2 and that no
+traceback is printed."""
 import dataclasses
 import json
 import math
@@ -24,7 +25,7 @@ WORDS = " ".join(f"word{i}" for i in range(20))  # a WikiText paragraph long eno
 
 
 @pytest.fixture
-def tiny_model(tmp_path, smollm2_dir):
+def tiny_model(tmp_path, tiny_model_dir):
     """A 24-layer llama folder that passes every pre-MPI model check (no real weights)."""
     from safetensors.torch import save_file
     import torch
@@ -33,7 +34,7 @@ def tiny_model(tmp_path, smollm2_dir):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(TINY_CONFIG))
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_dir / name, folder / name)
+        shutil.copy(tiny_model_dir / name, folder / name)
     save_file({"x": torch.zeros(1)}, str(folder / "model.safetensors"))
     return folder
 
