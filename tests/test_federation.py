@@ -72,3 +72,56 @@ def test_a_killed_but_unreaped_process_counts_as_gone(tmp_path):
     assert sweep_stale_copies(tmp_path) == [f"fedsoda-client1-{child.pid}-abc"]
     child.wait()
 
+
+
+def test_rounds_in_one_process_server_client_and_strategy(tiny_model_dir, tmp_path):
+    """Algorithm 2 without MPI, on the tiny model folder: the server plans (SGP), builds and pre-aligns M*; a
+    Client loads the shipped bundle (never the full LLM), receives the emulator LoRA, fits two clients from the
+    downloaded global LoRA; the strategy aggregates; M and M* then hold the new global LoRA. A fit is
+    reproducible (seeded by seed, round, client), and a client whose update diverged (debug.fail_kind=nan) is
+    rejected while the other one is averaged."""
+    import torch
+
+    from fedsoda_mpi import models
+    from fedsoda_mpi.aggregate import strategy_for
+    from fedsoda_mpi.client import Client
+    from fedsoda_mpi.comm import Schema
+    from fedsoda_mpi.main import prepare_inputs
+    from fedsoda_mpi.runlog import RunLog
+    from fedsoda_mpi.server import Server
+
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", "fed.clients=2", "data.max_train_per_client=4",
+                             "data.public_samples=8", "data.val_size=20", "eval.max_examples=8",
+                             "debug.fail_rank=1", "debug.fail_round=2", "debug.fail_kind=nan"])
+    log = RunLog(tmp_path, 0, echo=False)
+    log.open_h5(cfg, 2, cfg.model.name, mode="w")
+    server = Server.load(cfg, log, torch.device("cpu"))
+    plan = server.plan_layers()
+    server.build(plan)
+    server.pre_align()
+    rows, _ = prepare_inputs(cfg)
+    client = Client(cfg, 1, plan, dict(server.bundle), rows, torch.device("cpu"))
+    assert len(models.get_layers(client.sub)) == plan.sub_layers == 18 < plan.num_layers == 30
+    client.set_emulator(server.emulator_lora())
+    strategy = strategy_for(cfg, Schema.of(server.global_adapter))
+    held = None
+    for rnd in (1, 2):
+        held = strategy.receive(strategy.download(server.global_adapter, rnd, 1), held, rnd, 1)
+        client.place({0, 1})
+        fits = [client.fit(k, held, rnd) for k in (0, 1)]
+        assert all(f.steps > 0 and f.n_samples == 4 and np.isfinite(f.loss) for f in fits)
+        if rnd == 1:  # the same client, round and global LoRA: the same update, bit for bit
+            again = client.fit(0, held, rnd)
+            assert all(torch.equal(again.state[k], fits[0].state[k]) for k in again.state)
+        uploads = [strategy.pack_upload(f.state, held, f.loss, f.n_samples) for f in fits]
+        unpacked = [strategy.unpack_upload(u, server.global_adapter) for u in uploads]
+        new, rejected = strategy.aggregate([u[0] for u in unpacked], [u[2] for u in unpacked],
+                                           server.global_adapter, rnd)
+        assert rejected == ([0] if rnd == 2 else [])  # round 2: client 0's update is NaN (the injected fault)
+        assert not any(torch.equal(new[k], server.global_adapter[k]) for k in new if "lora_B" in k)
+        server.set_global(new)
+    full_state = models.lora_state(server.full, plan.adapter_full)
+    sub_state = models.lora_state(server.sub, plan.adapter_sub)
+    assert all(torch.equal(sub_state[k], new[k]) for k in new)
+    assert all(torch.equal(v, new[k]) for k, v in models.remap_layers(full_state, plan.full_to_sub).items())
+    log.close()
