@@ -204,6 +204,16 @@ class Comm:
             time.sleep(poll_s)
         self.idle_seconds += time.perf_counter() - t0
 
+    def settle(self, timeout_s: float = 10.0) -> bool:
+        """A barrier that gives up after `timeout_s`: every rank leaving with the same error waits here until
+        rank 0 has printed it (a rank that exits first makes mpirun kill the others); returns whether all came."""
+        req, deadline = self.comm.Ibarrier(), time.perf_counter() + timeout_s
+        while not req.Test():
+            if time.perf_counter() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
     def agree_schema(self, schema: Schema | None, root: int = 0, category: str = "schema") -> Schema:
         """Root sends the schema (JSON as bytes, never pickled); every rank returns the same Schema."""
         text = schema.to_json().encode() if self.rank == root else b""

@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         if comm.rank == 0:
             kind = {ConfigError: "config", DataError: "data", ModelError: "model"}[type(e)]
             print(f"fedsoda-mpi: {kind} error: {e}", file=sys.stderr, flush=True)
+        comm.settle()  # every rank found the same error: none exits (and has the job killed) before rank 0 printed
         return USAGE_EXIT
     from . import federation
 
