@@ -97,7 +97,7 @@ def set_up_server(cfg: Config, comm, log: RunLog, rows: list, hist) -> tuple:
         base, start = log.attrs("base"), ck.round
         server.build(Plan.from_dict(ck.state["plan"]))
         server.restore(ck)
-        log.set_attrs("/", resumed_from=np.append(log.h5.attrs.get("resumed_from", []), start).astype(np.int32))
+        log.set_attrs("/", resumed_from=np.append(log.attrs("/").get("resumed_from", []), start).astype(np.int32))
         log.log(f"resumed from {ck.path} (round {start} of {cfg.fed.rounds}); SGP and pre-alignment not repeated")
     files = {"plan.json": json.dumps(server.plan.to_dict()).encode(), "start.json": json.dumps(start).encode(),
              **server.bundle}

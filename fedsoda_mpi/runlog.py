@@ -154,7 +154,7 @@ class RunLog:
 
     def attrs(self, path: str) -> dict:
         """The attributes of a group or dataset of the run file (empty if absent)."""
-        return {k: v.item() if hasattr(v, "item") else v for k, v in self.h5[path].attrs.items()} \
+        return {k: v.item() if isinstance(v, np.generic) else v for k, v in self.h5[path].attrs.items()} \
             if self.h5 is not None and path in self.h5 else {}
 
     def set_attrs(self, path: str, **attrs) -> None:
