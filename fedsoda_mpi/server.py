@@ -118,7 +118,7 @@ class Server:
         self.global_adapter = models.lora_state(self.sub, plan.adapter_sub)
         self.sync_full()
         self.log.log(f"sub-LLM: {plan.sub_layers}/{plan.num_layers} layers, quantized={cfg.quant.enabled}, "
-                     f"{models.stored_bytes(models.decoder(sub)) / 2**20:.1f} MiB as stored, built in {time.time() - t0:.1f}s")
+                     f"{models.stored_bytes(sub) / 2**20:.1f} MiB as stored, built in {time.time() - t0:.1f}s")
 
     def emulator_lora(self) -> dict[str, torch.Tensor]:
         return models.lora_state(self.sub, self.plan.emulator_lora_sub)
