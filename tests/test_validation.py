@@ -366,3 +366,30 @@ def test_empty_test_file_under_mpirun_is_one_line_and_exit_2(tiny_model, tiny_da
     assert lines == [f"fedsoda-mpi: data error: {tiny_data}/sst2/test.jsonl: is empty (no rows); {FIX}"], p.stderr[-1500:]
     assert "Traceback" not in p.stderr and "Traceback" not in p.stdout
     assert not (tmp_path / "run").exists() and p.leftover_tmp == []
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_a_run_folder_in_use_is_one_line_and_exit_2(tiny_model, tiny_data, tmp_path):
+    """A second job on a run folder that a live job holds (a resubmitted Slurm task, the same command twice)
+    stops on every rank before the run, with one line naming the holder; the holder's files are untouched."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    code = ("import sys, time; from pathlib import Path; from fedsoda_mpi.runlog import lock_run_dir; "
+            "lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        p = mpirun(3, ["-m", "fedsoda_mpi.main", *args_for(tiny_model, run_dir), "resume=auto"], timeout=300,
+                   env={"FEDSODA_DATA": str(tiny_data)})
+    finally:
+        holder.kill()
+        holder.wait()
+    assert p.returncode == 2, (p.returncode, p.stderr[-1500:])
+    lines = [line for line in p.stderr.splitlines() if "fedsoda-mpi" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"fedsoda-mpi: config error: {run_dir} is in use by another "
+                                                   f"job (host "), p.stderr[-1500:]
+    assert f"pid {holder.pid}" in lines[0] and "Traceback" not in p.stderr
+    assert sorted(q.name for q in run_dir.iterdir()) == [".lock"] and p.leftover_tmp == []
