@@ -7,7 +7,7 @@ Reads <results>/*.json (one few-KB summary per finished run, written by fedsoda_
 <results>/selection.json (fedsoda_mpi.study.write_selection); never a run folder. In the --out markdown
 file, the lines between `<!-- report:begin NAME -->` and `<!-- report:end NAME -->` are replaced by freshly
 generated content and everything outside the markers is kept; a new file gets every section. Sections:
-setup, lr, table2, table3, table4, table9, gap, gsm8k, curves (figures: <figures>/<study>_curves_<task>.png,
+setup, lr, table2, table3, table4, table9, gap, gsm8k, variants (every variant no other section shows), curves (figures: <figures>/<study>_curves_<task>.png,
 default <out folder>/gallery).
 
 Table-2 runs are the grid and seeds stages at the selected lr (variant "main"); other stages are found by
@@ -423,51 +423,88 @@ def variant_settings(res: Results, specs: list[tuple], task: str | None = None) 
     return [st for st in have if task is None or st[0] == task]
 
 
-TABLE3 = [("FedSODA", ("main", "fedsoda")), ("w/o pre-alignment (no_pre_align)", ("variant", "no_pre_align")),
-          ("w/o re-alignment (no_re_align)", ("variant", "no_re_align"))]
+LABELS = {"no_pre_align": "w/o pre-alignment (no_pre_align)", "no_re_align": "w/o re-alignment (no_re_align)",
+          "no_align": "w/o ODA: neither pre- nor re-alignment (no_align)"}
+TABLE3_ALWAYS = ("no_pre_align", "no_re_align")  # the paper's Table 3 rows: shown (—) before their runs exist
+
+
+def natural(name: str) -> tuple:
+    """Sort key that orders r2 before r10."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+
+
+def stage_variants(res: Results, stage: str) -> list[str]:
+    """The variant names of a stage's runs, naturally sorted."""
+    return sorted({s["variant"] for s in res.runs if s["stage"] == stage}, key=natural)
+
+
+def table3_specs(res: Results) -> list[tuple]:
+    """FedSODA, the paper's two ablations, then every other variant of the ablation stage (e.g. paper.yaml's
+    no_align)."""
+    names = [*TABLE3_ALWAYS, *(n for n in stage_variants(res, "ablation") if n not in TABLE3_ALWAYS)]
+    return [("FedSODA", ("main", "fedsoda"))] + [(LABELS.get(n, n), ("variant", n)) for n in names]
 
 
 def sec_table3(res: Results) -> str:
     """The ablation of ODA on each task that has ablation runs."""
-    settings = variant_settings(res, [sp for _, sp in TABLE3])
+    specs = table3_specs(res)
+    settings = variant_settings(res, [sp for _, sp in specs])
     if not settings:
         return "_No FedSODA or ablation runs yet._"
     parts = []
     for st in settings:
         ref = by_seed(res.main(st, "fedsoda"))
         rows = [[label, extra_overrides(res, res.rows(st, sp)) if sp[0] == "variant" else DASH,
-                 *diff_cells(res.rows(st, sp), None if sp == ("main", "fedsoda") else ref)] for label, sp in TABLE3]
+                 *diff_cells(res.rows(st, sp), None if sp == ("main", "fedsoda") else ref)] for label, sp in specs]
         parts.append(f"#### {res.label(st)}\n\n" + table(["variant", "overrides", *DIFF_HEADERS], rows, 2))
     return "\n\n".join(parts) + "\n\nΔ: variant − FedSODA in points, paired by seed, 95% CI (Student t)."
 
 
-TABLE4 = [("(n, p)", ("main", "fedsoda")), ("(n, p)", ("variant", "n3p2")), ("(n, p)", ("variant", "n2p4")),
-          ("r", ("variant", "r1")), ("r", ("main", "fedsoda")), ("r", ("variant", "no_re_align"))]
+def param_kind(res: Results, name: str) -> str:
+    """What a parameter-study variant changes, from its runs' overrides: "(n, p)" (sgp.*) or "r" (anything else,
+    i.e. oda.every)."""
+    overrides = [o for s in res.runs if s["variant"] == name for o in (s.get("overrides") or [])]
+    return "(n, p)" if any(o.startswith("sgp.") for o in overrides) else "r"
+
+
+def table4_specs(res: Results) -> list[tuple]:
+    """FedSODA main, the (n, p) variants of the param stage, then its r variants, FedSODA main again (r as in the
+    job) and re-alignment never (the ablation's no_re_align)."""
+    names = stage_variants(res, "param")
+    kinds = {n: param_kind(res, n) for n in names}
+    return ([("(n, p)", ("main", "fedsoda"))] + [("(n, p)", ("variant", n)) for n in names if kinds[n] == "(n, p)"]
+            + [("r", ("variant", n)) for n in names if kinds[n] == "r"]
+            + [("r", ("main", "fedsoda")), ("r", ("variant", "no_re_align"))])
 
 
 def sec_table4(res: Results) -> str:
-    """The parameter study: (n, p) and the re-alignment interval r."""
-    settings = variant_settings(res, [sp for _, sp in TABLE4])
+    """The parameter study: (n, p) and the re-alignment interval r (every variant of the param stage)."""
+    specs = table4_specs(res)
+    settings = variant_settings(res, [sp for _, sp in specs])
     if not settings:
         return "_No FedSODA or parameter-study runs yet._"
     parts = []
     for st in settings:
         ref = by_seed(res.main(st, "fedsoda"))
         rows = []
-        for study, sp in TABLE4:
+        for study, sp in specs:
             runs = res.rows(st, sp)
             rows.append([study, sp[1] if sp[0] == "variant" else "FedSODA (main)", groups_np(runs), realign_r(runs),
-                         *diff_cells(runs, None if sp[0] == "main" else ref)[:4],
-                         mib(field_mean(runs, "comm_bytes_per_round"), 3),
-                         mib(field_mean(runs, "client_model_bytes"), 1),
-                         num(field_mean(runs, "kl_after"), 3)])
+                         *diff_cells(runs, None if sp[0] == "main" else ref)[:4], *cost_cells(runs)])
         parts.append(f"#### {res.label(st)}\n\n" + table(
-            ["study", "variant", "(n, p)", "r", *DIFF_HEADERS[:4], "comm MiB/round/client", "client model MiB",
-             "KL after pre-align (mean)"], rows, 2))
+            ["study", "variant", "(n, p)", "r", *DIFF_HEADERS[:4], *COST_HEADERS], rows, 2))
     return "\n\n".join(parts) + (
         "\n\n(n, p) and r as the runs record them: n layers in each of the p pruned groups (`sgp_groups`), r the "
         "rounds between re-alignments (`realigned`); the FedSODA main runs appear in both studies. Δ: variant − "
         "FedSODA in points, paired by seed, 95% CI (Student t).")
+
+
+COST_HEADERS = ["comm MiB/round/client", "client model MiB", "KL after pre-align (mean)"]
+
+
+def cost_cells(runs: list[dict]) -> list[str]:
+    return [mib(field_mean(runs, "comm_bytes_per_round"), 3), mib(field_mean(runs, "client_model_bytes"), 1),
+            num(field_mean(runs, "kl_after"), 3)]
 
 
 def mean_curve(runs: list[dict]) -> list[tuple[int, float, float, float, int]]:
@@ -619,13 +656,41 @@ def sec_curves(res: Results) -> str:
                                  "seeds, band: min–max over seeds; n in the legend.")
 
 
-SHOWN = {sp[1] for sp in (*[sp for _, sp in TABLE3], *[sp for _, sp in TABLE4], *[sp for _, sp in GAP])
-         if sp[0] == "variant"}
+def shown_elsewhere(res: Results) -> set[tuple[str, str]]:
+    """(stage, variant) of the variant runs that Table 3, Table 4 or the gap section show."""
+    names = {sp[1] for sp in (*[sp for _, sp in table3_specs(res)], *[sp for _, sp in table4_specs(res)],
+                              *[sp for _, sp in GAP]) if sp[0] == "variant"}
+    return {(s["stage"], s["variant"]) for s in res.runs if s["variant"] in names
+            and s["stage"] in ("ablation", "param", "gap", "ceiling")}
 
 
-def unshown(runs: list[dict]) -> list[str]:
-    """Variant names of the summaries that no section shows."""
-    return sorted({s["variant"] for s in runs if s["stage"] not in (*MAIN_STAGES, GSM8K) and s["variant"] not in SHOWN})
+def sec_variants(res: Results) -> str:
+    """Every variant run no other section shows (paper.yaml's non-IID and public-data groups, new groups), by
+    group and setting; Δ against the same variant's FedSODA runs when the group has several methods, else
+    against the FedSODA main runs of the setting."""
+    done = shown_elsewhere(res)
+    runs = [s for s in res.runs if s["stage"] not in (*MAIN_STAGES, GSM8K) and (s["stage"], s["variant"]) not in done]
+    if not runs:
+        return "_No other variant runs._"
+    parts = []
+    for stage in sorted({s["stage"] for s in runs}, key=natural):
+        for st in res.settings([s for s in runs if s["stage"] == stage]):
+            here = [s for s in runs if s["stage"] == stage and setting_of(s) == st]
+            rows = []
+            for name in sorted({s["variant"] for s in here}, key=natural):
+                of = [s for s in here if s["variant"] == name]
+                methods = sorted({s["method"] for s in of}, key=method_order)
+                ref_runs = [s for s in of if s["method"] == "fedsoda"] if len(methods) > 1 else res.main(st, "fedsoda")
+                for m in methods:
+                    mine = [s for s in of if s["method"] == m]
+                    ref = None if (len(methods) > 1 and m == "fedsoda") else (by_seed(ref_runs) or {})
+                    cells = diff_cells(mine, ref)
+                    rows.append([name, NAMES.get(m, m), extra_overrides(res, mine), *cells[:4], *cost_cells(mine)])
+            parts.append(f"#### {stage}: {res.label(st)}\n\n" + table(
+                ["variant", "method", "overrides", *DIFF_HEADERS[:4], *COST_HEADERS], rows, 3))
+    return "\n\n".join(parts) + (
+        "\n\nΔ: run − FedSODA in points, paired by seed, 95% CI (Student t); the FedSODA runs of the same variant "
+        "when the group runs several methods (they are the reference), else the FedSODA main runs of the setting.")
 
 
 NO_RUNS = "_No finished run of this study yet._"
@@ -634,7 +699,7 @@ SECTIONS = {"setup": ("Setup", sec_setup), "lr": ("Learning-rate selection", sec
             "table3": ("Table 3: ablation of ODA", sec_table3), "table4": ("Table 4: parameter study", sec_table4),
             "table9": ("Table 9: rounds to reach FedOT's accuracy", sec_table9),
             "gap": ("The FedSODA − FedPETuning gap on SST-2", sec_gap), "gsm8k": ("GSM8K", sec_gsm8k),
-            "curves": ("Accuracy per round", sec_curves)}
+            "variants": ("Other variants", sec_variants), "curves": ("Accuracy per round", sec_curves)}
 
 
 # ---- the out file ---------------------------------------------------------------------------------------------
@@ -691,8 +756,6 @@ def main(argv: list[str] | None = None) -> int:
             raise ReportError(f"--out {out}: not a file")
         runs, selection = load(Path(a.results))
         res = Results(runs, selection, out, Path(a.figures) if a.figures else out.parent / "gallery")
-        for name in unshown(runs):
-            print(f"warning: variant '{name}' is in no table of the report", file=sys.stderr)
         text = out.read_text(encoding="utf-8") if out.exists() else None
         wanted = list(SECTIONS) if text is None else [n for n in SECTIONS if n in names_in(text)]
         content = {n: (SECTIONS[n][1](res) if res.runs else NO_RUNS) if n in wanted else "" for n in SECTIONS}

@@ -64,7 +64,8 @@ def full_study() -> list[dict]:
                      overrides=["fed.rounds=10", "eval.dtype=bfloat16", "quant.enabled=false"]) for s in (0, 2)]
     runs += [summary("fedsoda", seed=s, acc=0.7, stage="ablation", variant="no_re_align", realigned=[0] * ROUNDS)
              for s in (0, 1, 2)]
-    runs += [summary("fedsoda", seed=0, acc=0.78, stage="param", variant="n3p2", sgp_groups=[[1, 4], [8, 11]])]
+    runs += [summary("fedsoda", seed=0, acc=0.78, stage="param", variant="n3p2", sgp_groups=[[1, 4], [8, 11]],
+                     overrides=["fed.rounds=10", "eval.dtype=bfloat16", "sgp.n=3", "sgp.p=2"])]
     runs += [summary(m, task="gsm8k", seed=0, acc=0.03, stage="gsm8k", variant="main", n_eval=1319)
              for m in ("fedsoda", "fedpetuning")]
     return runs
@@ -267,3 +268,32 @@ def test_docs_results_is_what_the_report_makes_of_the_committed_summaries(tmp_pa
     assert p.returncode == 0, p.stderr
     assert (docs / "results.md").read_text() == (ROOT / "docs" / "results.md").read_text(), \
         "docs/results.md is stale: run `python analysis/report.py results/cpu_smollm2 --out docs/results.md`"
+
+
+def test_every_variant_group_is_shown_paper_names_and_new_groups(tmp_path):
+    """paper.yaml's variants (n2p6, n4p3, r2, r10, no_align, the non-IID and public-data groups) and any new group
+    land in a table: Table 3/4 take every ablation/param variant, the rest goes to "Other variants"."""
+    runs = [summary("fedsoda", seed=s, acc=a) for s, a in zip((0, 1, 2), (0.80, 0.82, 0.84))]
+    ov = ["fed.rounds=10", "eval.dtype=bfloat16"]
+    runs += [summary("fedsoda", seed=s, acc=0.6, stage="ablation", variant="no_align", overrides=[*ov, "oda.pre_align=false", "oda.re_align=false"]) for s in (0, 1)]
+    runs += [summary("fedsoda", seed=0, acc=0.79, stage="param", variant="n2p6", overrides=[*ov, "sgp.n=2", "sgp.p=6"],
+                     sgp_groups=[[1, 3], [5, 7], [9, 11], [13, 15], [17, 19], [21, 23]])]
+    runs += [summary("fedsoda", seed=0, acc=0.81, stage="param", variant=v, overrides=[*ov, f"oda.every={r}"],
+                     realigned=[int(i % r == 0) for i in range(1, ROUNDS + 1)]) for v, r in (("r10", 10), ("r2", 2))]
+    split = dict(split="dir0.5", overrides=[*ov, "data.split=dirichlet"])
+    runs += [summary(m, seed=s, acc=a, stage="noniid", variant="dirichlet", **split)
+             for m, a in (("fedsoda", 0.7), ("fedpetuning", 0.75)) for s in (0, 1)]
+    runs += [summary("fedsoda", seed=s, acc=0.83, stage="public", variant="public_gsm8k",
+                     overrides=[*ov, "data.public=gsm8k"]) for s in (0, 1)]
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", runs), out) == 0
+    text = out.read_text()
+    t3, t4, other = section(text, "table3"), section(text, "table4"), section(text, "variants")
+    assert "| w/o ODA: neither pre- nor re-alignment (no_align) | `oda.pre_align=false`, `oda.re_align=false` | 60.0 ± 0.0 | 2 | -21.0 |" in t3
+    assert "| (n, p) | n2p6 | (2, 6) | 5 | 79.0 | 1 | -1.0 |" in t4
+    assert t4.index("| r | r2 | (3, 4) | 2 |") < t4.index("| r | r10 | (3, 4) | 10 |") < t4.index("| r | FedSODA (main)")
+    assert "#### noniid: sst2 (smollm2, dir0.5)" in other
+    assert "| dirichlet | FedSODA | `data.split=dirichlet` | 70.0 ± 0.0 | 2 | (reference) |" in other
+    assert "| dirichlet | FedPETuning | `data.split=dirichlet` | 75.0 ± 0.0 | 2 | +5.0 |" in other
+    assert "#### public: sst2 (smollm2, iid)" in other and "| public_gsm8k | FedSODA | `data.public=gsm8k` | 83.0 ± 0.0 | 2 | +2.0 |" in other
+    assert "no_align" not in other and "n2p6" not in other and "r10" not in other
