@@ -128,7 +128,8 @@ def test_full_report_tables(tmp_path):
     se = 100 * math.sqrt(0.82 * 0.18 / 872)
     assert f"| 3 | {se:.1f} |" in t2
     assert "#### gsm8k" not in t2  # the gsm8k stage's "main" runs are not Table-2 runs
-    assert "| 2.112 | 145.2 | 244,224 |" in t2
+    assert "| 2.112 | 145.2 | 244,224 | 83.0 ± 1.4 (2) |" in t2  # seeds 1, 2: not used to select the lr
+    assert "| 244,224 | 93.0 (1) |" in t2 and "winner's curse" in t2
     lr = section(text, "lr")
     assert "| sst2 | FedSODA | **80.0** | 70.0 | **0.001** |" in lr
     t3 = section(text, "table3")
