@@ -667,9 +667,8 @@ def sec_selfpublic(res: Results) -> str:
             public = distinct([(s.get("settings") or {}).get("public") for s in runs])
             kl_on = distinct([s.get("kl_on", "wikitext2") for s in runs])
             rows.append([label, public, chosen_np(runs), groups_text(runs), *diff_cells(runs, None if is_ref else ref)[:4],
-                         f"{num(field_mean(runs, 'kl_before'), 3)} → {num(field_mean(runs, 'kl_after'), 3)}", kl_on,
-                         f"{num(field_mean(runs, 'kl_before_self'), 3)} → {num(field_mean(runs, 'kl_after_self'), 3)}",
-                         generation_text(runs)])
+                         before_after(runs, "kl_before", "kl_after"), kl_on,
+                         before_after(runs, "kl_before_self", "kl_after_self"), generation_text(runs)])
         parts.append(f"#### {res.label(st)}\n\n" + table(
             ["run", "D_public", "(n, p)", "SGP groups", *DIFF_HEADERS[:4], "held-out KL before → after pre-align",
              "KL measured on", "KL on generated text", "generation"], rows, 4))
@@ -678,6 +677,12 @@ def sec_selfpublic(res: Results) -> str:
         "run folder) for SGP and ODA. Held-out KL(M ‖ M*) is means over seeds, measured on WikiText-2's held-out slice "
         "when it exists (comparable with the main runs) and on held-out generated text. Δ: run − FedSODA main in "
         "points, paired by seed, 95% CI (Student t).")
+
+
+def before_after(runs: list[dict], before: str, after: str) -> str:
+    """`mean before → mean after` over the runs (— when neither is recorded)."""
+    a, b = field_mean(runs, before), field_mean(runs, after)
+    return DASH if a is None and b is None else f"{num(a, 3)} → {num(b, 3)}"
 
 
 def groups_text(runs: list[dict]) -> str:
