@@ -166,9 +166,9 @@ class Server:
                            criterion="min sum_i d(x^t_i, x^(t_i+n)) / (n p) over n * p = remove_layers")
         table = ", ".join(f"({n},{p}) {c / (n * p):.4f}" if n * p and np.isfinite(c) else f"({n},{p}) -"
                           for n, p, c in rows)
-        what = f"auto, remove_layers={s.remove_layers}, candidates (n,p) distance/layer: {table}; chose" if s.auto else ""
+        what = f"auto, remove_layers={s.remove_layers}, candidates (n,p) distance/layer: {table}; chose " if s.auto else ""
         cap = f" (max_distance {s.max_distance:g})" if s.max_distance else ""
-        self.log.log(f"SGP: profile {res.distance.shape} in {time.time() - t0:.1f}s; {what} n={res.n}, p={res.p}"
+        self.log.log(f"SGP: profile {res.distance.shape} in {time.time() - t0:.1f}s; {what}n={res.n}, p={res.p}"
                      f"{cap}, groups {groups}")
         if res.n * res.p < (s.remove_layers if s.auto else s.n * s.p):
             self.log.log(f"SGP: sgp.max_distance={s.max_distance:g} leaves {res.n * res.p} of the "
