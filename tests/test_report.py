@@ -176,7 +176,7 @@ def test_auto_and_selfpublic_tables(tmp_path, capsys):
     auto = section(text, "auto")
     assert "| FedSODA (main) | 12 | (3, 4) | — | 82.0 ± 2.0 | 3 | (reference) |" in auto
     # K = 12: (12, 1) chosen, 0.22 / 12 per layer; seeds 0, 1 paired with FedSODA: -2.0, -2.0
-    assert "| auto_k12 | 12 | (12, 1) | 0.0183 | 79.0 ± 1.4 | 2 | -2.0 | [-2.0, -2.0] | 4.000 |" in auto
+    assert "| auto_k12 | 12 | (12, 1) | 0.0183 | 79.0 ± 1.4 | 2 | -2.0 | [-2.0, -2.0] | 6.500 → 4.000 |" in auto
     assert "| auto_k6 | 6 | (6, 1) | 0.0200 | 85.0 | 1 | +5.0 | — |" in auto
     assert auto.index("| auto_k6 |") < auto.index("| auto_k12 |")  # by budget K
     assert "| auto_k12 | (1, 12) 0.0850; (3, 4) 0.0425; **(12, 1) 0.0183** |" in auto
