@@ -7,8 +7,10 @@ Reads <results>/*.json (one few-KB summary per finished run, written by fedsoda_
 <results>/selection.json (fedsoda_mpi.study.write_selection); never a run folder. In the --out markdown
 file, the lines between `<!-- report:begin NAME -->` and `<!-- report:end NAME -->` are replaced by freshly
 generated content and everything outside the markers is kept; a new file gets every section. Sections:
-setup, lr, table2, table3, table4, table9, gap, gsm8k, variants (every variant no other section shows), curves (figures: <figures>/<study>_curves_<task>.png,
-default <out folder>/gallery).
+setup, lr, table2, table3, table4, table9, gap, gsm8k, auto, selfpublic, variants, curves (figures:
+<figures>/<study>_curves_<task>.png, default <out folder>/gallery). auto and selfpublic show every run of the
+study's `auto` and `selfpublic` stages (issue #16) against the FedSODA main runs; variants shows every
+variant run that no other section shows.
 
 Table-2 runs are the grid and seeds stages at the selected lr (variant "main"); other stages are found by
 variant name (the gsm8k stage's "main" runs never enter Table 2). Statistics over seeds: mean +- sample
@@ -616,6 +618,134 @@ def sec_gsm8k(res: Results) -> str:
         "one run per row.")
 
 
+AUTO, SELF = "auto", "selfpublic"  # the stages (variant groups) of issue #16's runs
+
+
+def chosen_np(runs: list[dict]) -> str:
+    """(n, p) the runs pruned with: the summaries' settings (the chosen ones for sgp.auto), else their groups."""
+    found = sorted({(int(s["settings"]["sgp_n"]), int(s["settings"]["sgp_p"])) for s in runs
+                    if "sgp_auto" in (s.get("settings") or {})})
+    return ", ".join(f"({n}, {p})" for n, p in found) if found else groups_np(runs)
+
+
+def removed_layers(runs: list[dict]) -> str:
+    """The emulator layers the runs pruned: n * p of their groups."""
+    found = sorted({sum(int(e) - int(t) for t, e in s["sgp_groups"]) for s in runs if s.get("sgp_groups")})
+    return ", ".join(map(str, found)) or DASH
+
+
+def chosen_distance(s: dict):
+    """The summed distance per removed layer of a run's (n, p) (its sgp_candidates row), None when unknown."""
+    st, n_p = s.get("settings") or {}, None
+    if "sgp_auto" in st:
+        n_p = (int(st["sgp_n"]), int(st["sgp_p"]))
+    for n, p, cost in s.get("sgp_candidates") or []:
+        if (int(n), int(p)) == n_p and not missing(cost) and n * p:
+            return float(cost) / (n * p)
+    return None
+
+
+def candidates_text(runs: list[dict]) -> str:
+    """Every (n, p) a run compared with its distance per removed layer (— for no placement under
+    sgp.max_distance), the chosen one in bold; from the first run that has them (seeds share the public texts)."""
+    for s in runs:
+        if s.get("sgp_candidates"):
+            chosen = (int(s["settings"]["sgp_n"]), int(s["settings"]["sgp_p"]))
+            cells = []
+            for n, p, cost in s["sgp_candidates"]:
+                text = f"({n}, {p}) {DASH if missing(cost) else f'{float(cost) / (n * p):.4f}'}"
+                cells.append(f"**{text}**" if (int(n), int(p)) == chosen else text)
+            return "; ".join(cells)
+    return DASH
+
+
+def issue16_settings(res: Results, stage: str) -> list[Setting]:
+    """The settings with runs of `stage`, else those with FedSODA main runs (rendered with —)."""
+    have = res.settings([s for s in res.runs if s["stage"] == stage])
+    return have or res.settings([s for s in res.runs if s["stage"] in MAIN_STAGES and s["variant"] == "main"
+                                 and s["method"] == "fedsoda"])
+
+
+def sec_auto(res: Results) -> str:
+    """sgp.auto: the (n, p) chosen for each budget K against FedSODA's main (n, p) = (3, 4), paired by seed."""
+    settings = issue16_settings(res, AUTO)
+    if not settings:
+        return "_No FedSODA or `auto` runs yet._"
+    parts = []
+    for st in settings:
+        ref = by_seed(res.main(st, "fedsoda"))
+        budget = {s["variant"]: int((s.get("settings") or {}).get("sgp_remove_layers", 0)) for s in res.runs
+                  if s["stage"] == AUTO and setting_of(s) == st}
+        specs = [("FedSODA (main)", res.main(st, "fedsoda"))] + [
+            (name, res.variant(st, name)) for name in sorted(budget, key=lambda v: (budget[v], v))]
+        rows, cand = [], []
+        for label, runs in specs:
+            is_ref = label == "FedSODA (main)"
+            rows.append([label, removed_layers(runs), chosen_np(runs),
+                         num(field_mean([{"d": chosen_distance(s)} for s in runs], "d"), 4),
+                         *diff_cells(runs, None if is_ref else ref)[:4], before_after(runs, "kl_before", "kl_after"),
+                         mib(field_mean(runs, "comm_bytes_per_round"), 3), mib(field_mean(runs, "client_model_bytes"), 1)])
+            if not is_ref:
+                cand.append([label, candidates_text(runs)])
+        parts.append(f"#### {res.label(st)}\n\n" + table(
+            ["run", "layers removed K", "(n, p)", "distance / removed layer", *DIFF_HEADERS[:4],
+             "held-out KL before → after pre-align", "comm MiB/round/client", "client model MiB"], rows, 3)
+            + ("\n\n" + table(["run", "candidates (n, p): summed distance / K (chosen in bold)"], cand, 2)
+               if cand else ""))
+    return "\n\n".join(parts) + (
+        "\n\n`sgp.auto=true sgp.remove_layers=K`: among every (n, p) with n * p = K that fits the emulator, the one "
+        "whose optimal groups lose the least summed angular distance d(x^t, x^(t+n)) per removed layer. KL: held-out "
+        "KL(M ‖ M*) on WikiText-2 before and after pre-alignment, means over seeds. Δ: run − FedSODA main in points, paired by seed, 95% CI (Student t).")
+
+
+def sec_selfpublic(res: Results) -> str:
+    """data.public=self: SGP and ODA on text the full LLM generated, against FedSODA main on WikiText-2."""
+    settings = issue16_settings(res, SELF)
+    if not settings:
+        return "_No FedSODA or `selfpublic` runs yet._"
+    parts = []
+    for st in settings:
+        ref = by_seed(res.main(st, "fedsoda"))
+        specs = [("FedSODA (main)", res.main(st, "fedsoda"))] + [
+            (name, res.variant(st, name)) for name in sorted({s["variant"] for s in res.runs if s["stage"] == SELF
+                                                              and setting_of(s) == st})]
+        rows = []
+        for label, runs in specs:
+            is_ref = label == "FedSODA (main)"
+            public = distinct([(s.get("settings") or {}).get("public") for s in runs])
+            kl_on = distinct([s.get("kl_on", "wikitext2") for s in runs])
+            rows.append([label, public, chosen_np(runs), groups_text(runs), *diff_cells(runs, None if is_ref else ref)[:4],
+                         before_after(runs, "kl_before", "kl_after"), kl_on,
+                         before_after(runs, "kl_before_self", "kl_after_self"), generation_text(runs)])
+        parts.append(f"#### {res.label(st)}\n\n" + table(
+            ["run", "D_public", "(n, p)", "SGP groups", *DIFF_HEADERS[:4], "held-out KL before → after pre-align",
+             "KL measured on", "KL on generated text", "generation"], rows, 4))
+    return "\n\n".join(parts) + (
+        "\n\n`data.public=self`: the server samples D_public from the full LLM (generic prompts, seeded; cached in the "
+        "run folder) for SGP and ODA. Held-out KL(M ‖ M*) is means over seeds, measured on WikiText-2's held-out slice "
+        "when it exists (comparable with the main runs) and on held-out generated text. Δ: run − FedSODA main in "
+        "points, paired by seed, 95% CI (Student t).")
+
+
+def before_after(runs: list[dict], before: str, after: str) -> str:
+    """`mean before → mean after` over the runs (— when neither is recorded)."""
+    a, b = field_mean(runs, before), field_mean(runs, after)
+    return DASH if a is None and b is None else f"{num(a, 3)} → {num(b, 3)}"
+
+
+def groups_text(runs: list[dict]) -> str:
+    """The distinct SGP groups of the runs (seeds may differ when the public texts are generated per seed)."""
+    found = sorted({" ".join(f"({int(t)},{int(e)})" for t, e in s["sgp_groups"]) for s in runs if s.get("sgp_groups")})
+    return "; ".join(found) or DASH
+
+
+def generation_text(runs: list[dict]) -> str:
+    """temperature, new tokens and texts of the self-generated public data (— for a public file)."""
+    found = sorted({(g.get("temperature"), g.get("max_new_tokens"), g.get("n_public")) for g in
+                    (s.get("public_self") or {} for s in runs) if g}, key=str)
+    return "; ".join(f"T={t:g}, {m} new tokens, {n} texts" for t, m, n in found) or DASH
+
+
 def figure_name(res: Results, st: Setting) -> str:
     """`<study>_curves_<task>.png` (model and split appended when a task has several settings)."""
     study = re.sub(r"[^A-Za-z0-9_.-]+", "_", res.study)
@@ -679,7 +809,8 @@ def sec_variants(res: Results) -> str:
     group and setting; Δ against the same variant's FedSODA runs when the group has several methods, else
     against the FedSODA main runs of the setting."""
     done = shown_elsewhere(res)
-    runs = [s for s in res.runs if s["stage"] not in (*MAIN_STAGES, GSM8K) and (s["stage"], s["variant"]) not in done]
+    runs = [s for s in res.runs if s["stage"] not in (*MAIN_STAGES, GSM8K, AUTO, SELF)
+            and (s["stage"], s["variant"]) not in done]
     if not runs:
         return "_No other variant runs._"
     parts = []
@@ -709,6 +840,8 @@ SECTIONS = {"setup": ("Setup", sec_setup), "lr": ("Learning-rate selection", sec
             "table3": ("Table 3: ablation of ODA", sec_table3), "table4": ("Table 4: parameter study", sec_table4),
             "table9": ("Table 9: rounds to reach FedOT's accuracy", sec_table9),
             "gap": ("The FedSODA − FedPETuning gap on SST-2", sec_gap), "gsm8k": ("GSM8K", sec_gsm8k),
+            "auto": ("Automatic pruning configuration (sgp.auto)", sec_auto),
+            "selfpublic": ("Alignment without a public data set (data.public=self)", sec_selfpublic),
             "variants": ("Other variants", sec_variants), "curves": ("Accuracy per round", sec_curves)}
 
 

@@ -83,7 +83,8 @@ def prepare_inputs(cfg: Config) -> tuple[list[list[dict]], np.ndarray]:
                               f"{data.data_dir() / task / 'train.jsonl'} (after data.val_size={val_size}), "
                               f"got {cfg.eval.k_shot}")
     data.load_rows(task, "test")
-    data.load_public(cfg.data.public)
+    if cfg.data.public != "self":  # self: rank 0 generates it (server.Server.self_public)
+        data.load_public(cfg.data.public)
     models.check_weights(model_path(cfg.model.name))
     return rows, hist
 

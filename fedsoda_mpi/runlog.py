@@ -73,7 +73,8 @@ def finished_run(run_dir: Path) -> bool:
         return False
 
 
-ATTEMPT_FILES = ("run.h5", "config.yaml", "log.txt", "log.rank*.txt", "client_rank*.json", "checkpoints", "adapter")
+ATTEMPT_FILES = ("run.h5", "config.yaml", "log.txt", "log.rank*.txt", "client_rank*.json", "checkpoints", "adapter",
+                 "public_self.jsonl")  # data.SELF_FILE: a new attempt may generate its texts with other settings
 
 
 def archive_failed_attempt(run_dir: Path) -> Path | None:

@@ -154,6 +154,45 @@ def test_full_report_tables(tmp_path):
     assert "`abc123`" in setup and "sst2: 872" in setup and "gsm8k: 1319" in setup and "17 run summaries" in setup
 
 
+def _auto(seed, acc, k, n, p, groups, **kw):
+    settings = {"sgp_n": n, "sgp_p": p, "sgp_auto": True, "sgp_remove_layers": k, "public": "wikitext2"}
+    cands = [[1, k, 0.08 * k], [k, 1, 0.02 * k]] if k != 12 else [[1, 12, 1.02], [3, 4, 0.51], [12, 1, 0.22]]
+    return summary("fedsoda", seed=seed, acc=acc, stage="auto", variant=f"auto_k{k}", settings=settings,
+                   sgp_candidates=cands, sgp_groups=groups, **kw)
+
+
+def test_auto_and_selfpublic_tables(tmp_path, capsys):
+    main = {"sgp_n": 3, "sgp_p": 4, "public": "wikitext2"}  # a summary from before sgp.auto (no sgp_auto field)
+    runs = [summary("fedsoda", seed=s, acc=a, settings=main) for s, a in zip((0, 1, 2), (0.80, 0.82, 0.84))]
+    runs += [_auto(s, a, 12, 12, 1, [[1, 13]], kl_after=4.0) for s, a in ((0, 0.78), (1, 0.80))]
+    runs += [_auto(0, 0.85, 6, 6, 1, [[12, 18]])]
+    self_settings = {"sgp_n": 3, "sgp_p": 4, "sgp_auto": False, "public": "self"}
+    runs += [summary("fedsoda", seed=s, acc=0.83, stage="selfpublic", variant="self_public", settings=self_settings,
+                     kl_on="wikitext2", kl_before=6.0, kl_after=5.0, kl_before_self=3.0, kl_after_self=2.0,
+                     sgp_groups=[[2, 5], [8, 11], [12, 15], [16, 19]],
+                     public_self={"temperature": 0.8, "max_new_tokens": 64, "n_public": 64}) for s in (0, 2)]
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", runs, SELECTION), out) == 0
+    assert "is in no table" not in capsys.readouterr().err
+    text = out.read_text()
+    auto = section(text, "auto")
+    assert "| FedSODA (main) | 12 | (3, 4) | — | 82.0 ± 2.0 | 3 | (reference) |" in auto
+    # K = 12: (12, 1) chosen, 0.22 / 12 per layer; seeds 0, 1 paired with FedSODA: -2.0, -2.0
+    assert "| auto_k12 | 12 | (12, 1) | 0.0183 | 79.0 ± 1.4 | 2 | -2.0 | [-2.0, -2.0] | 6.500 → 4.000 |" in auto
+    assert "| auto_k6 | 6 | (6, 1) | 0.0200 | 85.0 | 1 | +5.0 | — |" in auto
+    assert auto.index("| auto_k6 |") < auto.index("| auto_k12 |")  # by budget K
+    assert "| auto_k12 | (1, 12) 0.0850; (3, 4) 0.0425; **(12, 1) 0.0183** |" in auto
+    sp = section(text, "selfpublic")
+    assert "| FedSODA (main) | wikitext2 | (3, 4) | (1,4) (8,11) (12,15) (16,19) | 82.0 ± 2.0 | 3 | (reference) |" in sp
+    assert ("| self_public | self | (3, 4) | (2,5) (8,11) (12,15) (16,19) | 83.0 ± 0.0 | 2 | +1.0 | [-24.4, +26.4] | "
+            "6.000 → 5.000 | wikitext2 | 3.000 → 2.000 | T=0.8, 64 new tokens, 64 texts |") in sp
+    # without those runs both sections still render (FedSODA main only, dashes for the rest)
+    assert run(write(tmp_path / "res2", runs[:3], SELECTION), tmp_path / "r2.md") == 0
+    text = (tmp_path / "r2.md").read_text()
+    assert "| FedSODA (main) | 12 | (3, 4) |" in section(text, "auto") and "auto_k" not in section(text, "auto")
+    assert "| FedSODA (main) | wikitext2 |" in section(text, "selfpublic")
+
+
 def test_not_reached(tmp_path):
     runs = [summary("fedot", seed=0, acc=0.8, val=[0.6, 0.7, 0.8, 0.85, 0.9]),
             summary("fedbiot", seed=0, acc=0.8, val=[0.6, 0.7, 0.8, 0.85, 0.89])]
