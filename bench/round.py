@@ -3,7 +3,8 @@
     python bench/round.py                                   # 4 methods, 3 ranks, 3 rounds, 16 examples/client
     python bench/round.py --np 11 --methods fedsoda         # the MPI share at 11 ranks
     python bench/round.py --np 11 --methods fedsoda --tag c100 fed.clients=100 fed.clients_per_round=10
-    python bench/round.py --np 11 --methods fedsoda --tag c100-nodisk fed.clients=100 fed.clients_per_round=10 fed.cache_max_gb=0
+    python bench/round.py --np 11 --methods fedsoda --tag c100-nodisk fed.clients=100 fed.clients_per_round=10 \
+        fed.cache_max_gb=0                                  # the same without the emulator cache's disk tier
     python bench/round.py --rounds 5 -- eval.every=0        # extra key=value overrides go to every run
 
 Each method runs in `runs/bench/<tag>-<method>/` (one after the other, never concurrently); the tables

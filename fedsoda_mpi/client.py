@@ -80,8 +80,8 @@ class DiskTier:
 
     def save(self, client: int, rows: list[torch.Tensor]) -> bool:
         """Write the rows of `client` (after evicting least recently used clients until they fit under the cap).
-        False when they cannot be kept: larger than the whole cap (counted in `skipped`), or the write failed (e.g. a full disk; the
-        disk tier is a saving, never a reason to stop a run, so the error is only counted)."""
+        False when they cannot be kept: larger than the whole cap (counted in `skipped`), or the write failed
+        (e.g. a full disk: the disk tier is a saving, never a reason to stop a run, so the error is only counted)."""
         blob = safetensors_bytes({"rows": torch.cat(rows), "lengths": torch.tensor([len(r) for r in rows])},
                                  metadata={"client": str(client), "emulator_version": str(self.version)})
         if len(blob) > self.max_bytes:
@@ -163,7 +163,7 @@ class EmulatorCache:
         self.misses = 0
         self.ram_hits = 0
         self.disk_hits = 0
-        self.seconds = 0.0  # wall time in `fill` and `hidden` (emulator passes, disk reads, assembling rows), for /timing
+        self.seconds = 0.0  # wall time in `fill` and `hidden` (emulator passes, disk reads, assembling rows)
 
     def invalidate(self) -> None:
         """Called when re-alignment changes the emulator LoRA (Algorithm 2 line 13): both tiers are stale."""
