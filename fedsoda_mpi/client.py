@@ -95,7 +95,8 @@ class DiskTier:
             tmp.write_bytes(blob)
             os.replace(tmp, path)
         except OSError:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             self.errors += 1
             return False
         self.files[client] = len(blob)
@@ -121,9 +122,10 @@ class DiskTier:
         return list(torch.split(flat, lengths))
 
     def drop(self, client: int) -> None:
-        """Delete the file of `client` (if any)."""
+        """Delete the file of `client` (if any; a file that cannot be deleted is no longer counted or used)."""
         self.bytes -= self.files.pop(client, 0)
-        self.path(client).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.path(client).unlink(missing_ok=True)
 
     def _evict_for(self, size: int) -> None:
         """Delete least recently used files until `size` more bytes fit under the cap."""

@@ -282,3 +282,18 @@ def test_disk_tier_folder_and_cap_from_the_config(tmp_path, monkeypatch):
     assert disk_tier(load_config(None, ["fed.cache_max_gb=0"]).fed, 2) == {}
     assert disk_tier(load_config(None, ["fed.emulator_cache=false"]).fed, 2) == {}
     assert EmulatorCache(True).disk is None and EmulatorCache(False, tmp_path, 10**9).disk is None
+
+
+def test_a_failed_write_is_counted_not_raised(tmp_path):
+    """A write that fails (here the folder cannot be created: a file is in the way; a full disk alike) leaves no
+    disk entry and no partial file: the client's rows are computed again when it returns."""
+    sub, plan, examples = _setup(False, tmp_path)
+    (tmp_path / "afile").write_text("x")
+    cache = EmulatorCache(True, tmp_path / "afile" / "cache", 10**9)
+    _fill(cache, sub, plan, examples, 0)
+    cache.keep(set())
+    s = cache.stats()
+    assert s["disk_errors"] == 1 and s["disk_writes"] == 0 and s["disk_files"] == 0 and s["disk_bytes"] == 0
+    _fill(cache, sub, plan, examples, 0)
+    assert cache.misses == 12 and cache.disk_hits == 0
+    cache.close()
