@@ -97,7 +97,8 @@ def refill_table(sub, plan: Plan, examples: list[dict], pad_id: int, repeats: in
     print("| route | s per client | ratio to the emulator pass |")
     print("|---|---|---|")
     print(f"| emulator pass (15 NF4 layers, batches of 16) | {med['emulator']:.3f} | 1.000 |")
-    for name, text in (("spill", "spill to the disk tier (when the client leaves)"), ("disk", "read back from the disk tier")):
+    routes = (("spill", "spill to the disk tier (when the client leaves)"), ("disk", "read back from the disk tier"))
+    for name, text in routes:
         print(f"| {text} | {med[name]:.3f} | {med[name] / med['emulator']:.4f} |")
     print("rows read back equal the computed ones: yes (checked)")
 
