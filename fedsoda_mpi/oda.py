@@ -6,7 +6,8 @@ starts s_i train. Layer convention as in sgp.py: layer l's output is HF `hidden_
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -175,3 +176,28 @@ def aligned_drift(full_model, sub_model, batch: dict, pairs: list[tuple[int, int
         outs = [models.layer_outputs(m, batch["input_ids"], batch["attention_mask"], stop)[rows, last]  # [B, stop, D]
                 for m, stop in zip((full_model, sub_model), drift_stops(pairs))]
     return torch.stack([angular_distance(outs[0][:, f], outs[1][:, s]).mean() for f, s in pairs])
+
+
+def realign_due(rnd: int, last: int, probe: float, ref: float, tau: float, max_interval: int) -> bool:
+    """Algorithm 2 line 9 with `oda.trigger=drift`: re-align at the start of round `rnd` when the drift probe
+    measured after the previous round (`probe`) exceeds `tau` x its value just after the last alignment (`ref`),
+    or when `max_interval` (> 0) rounds have passed since that alignment (round `last`; 0 = pre-alignment).
+    A NaN probe (not measured) never triggers; only `max_interval` can then."""
+    if max_interval and rnd - last >= max_interval:
+        return True
+    return bool(math.isfinite(probe) and math.isfinite(ref) and probe > tau * ref)
+
+
+def drift_schedule(after_round: Sequence[float], after_align: Sequence[float], tau: float,
+                   max_interval: int) -> list[int]:
+    """The rounds 1..T that re-align under `oda.trigger=drift` (`realign_due` round by round), given the probe
+    after each round (`after_round[t - 1]`: after round t, T values) and the probe just after an alignment at round
+    t (`after_align[t]`, T + 1 values; `after_align[0]`: after pre-alignment; read only where an alignment happens).
+    Before round 1 the probe is the pre-alignment value itself, so only `max_interval` can re-align round 1."""
+    last, ref, probe, rounds = 0, float(after_align[0]), float(after_align[0]), []
+    for rnd in range(1, len(after_round) + 1):
+        if realign_due(rnd, last, probe, ref, tau, max_interval):
+            rounds.append(rnd)
+            last, ref = rnd, float(after_align[rnd])
+        probe = float(after_round[rnd - 1])
+    return rounds

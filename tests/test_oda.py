@@ -199,3 +199,63 @@ def test_server_drift_recomputes_only_when_lora_below_the_probe_changes(monkeypa
     again = Server.drift(server)
     assert len(calls) == 2 and not np.array_equal(again, first)
     torch.testing.assert_close(torch.from_numpy(again), aligned_drift(full, sub, server.probe[0], [(3, 1)]))
+
+
+def test_realign_due_fires_on_the_ratio_or_the_interval_and_never_on_nan():
+    """Algorithm 2 line 9 with oda.trigger=drift, as a pure function of the probe, its reference, tau, max_interval."""
+    due = oda.realign_due
+    assert due(4, 2, probe=2.01, ref=1.0, tau=2.0, max_interval=0)
+    assert not due(4, 2, probe=2.0, ref=1.0, tau=2.0, max_interval=0)  # strictly above tau x ref
+    assert not due(4, 0, probe=float("nan"), ref=1.0, tau=2.0, max_interval=0)  # not measured: no trigger
+    assert due(5, 0, probe=float("nan"), ref=1.0, tau=2.0, max_interval=5)  # ... but the interval still fires
+    assert not due(4, 0, probe=1.0, ref=1.0, tau=2.0, max_interval=5)
+    assert not due(100, 0, probe=0.0, ref=0.0, tau=1.5, max_interval=0)  # 0 > 1.5 x 0 is false
+
+
+def test_drift_schedule_rounds_from_probe_values():
+    """Which rounds re-align, given the probe after each round and just after each alignment: the reference resets
+    at every re-alignment, max_interval counts from the last one, and 'every r' is trigger=drift with max_interval r
+    and a probe that never crosses."""
+    after_round = [1.1, 1.3, 1.9, 2.4, 1.2, 1.5, 2.2, 2.3]  # after rounds 1..8
+    after_align = [1.0, 9, 9, 9, 1.0, 9, 9, 9, 1.0]  # after an alignment at round 0..8 (9: never read)
+    assert oda.drift_schedule(after_round, after_align, tau=2.0, max_interval=0) == [5]  # 2.4 > 2 x 1.0 after round 4
+    assert oda.drift_schedule(after_round, after_align, tau=1.2, max_interval=0) == [3]  # 1.3 > 1.2 after round 2
+    # tau = 1.2 from round 3's reference (9): never again; max_interval = 3 adds rounds 6 (3 + 3) and 9 (> T)
+    assert oda.drift_schedule(after_round, after_align, tau=1.2, max_interval=3) == [3, 6]
+    flat = [1.0] * 10
+    assert oda.drift_schedule(flat, [1.0] * 11, tau=1.5, max_interval=5) == [5, 10]  # = oda.every=5
+    assert oda.drift_schedule(flat, [1.0] * 11, tau=1.5, max_interval=0) == []  # = oda.re_align=false
+    assert oda.drift_schedule([5.0] * 4, [1.0] * 5, tau=1.5, max_interval=0) == [2, 3, 4]  # round 1 never by drift
+
+
+def test_output_probe_moves_with_the_adapter_while_the_l_inter_probe_cannot():
+    """Why /rounds/drift_probe is KL(M || M*) and not /drift: with the adapter LoRA above every aligned layer and the
+    emulator LoRA frozen, a new global adapter (the same tensors plugged into M and M*) leaves the L_inter angular
+    distances bit for bit unchanged, while the output KL on the same probe batch moves."""
+    full = _sharp_tiny_llama()
+    groups, n = [(1, 3)], 2
+    kept = kept_layers(8, groups)  # [0, 1, 4, 5, 6, 7]: sub layer 5 = full layer 7 (the adapter)
+    mapping = layer_map(groups, kept)
+    torch.manual_seed(0)
+    sub = get_peft_model(_prune(full, kept), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                        target_modules=LORA_TARGETS, layers_to_transform=[1, 5]))
+    full = get_peft_model(full, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                                           layers_to_transform=[7]))
+    pairs = [(t + n, s) for t, s in mapping]
+    batch = _batches(1, seed=5)
+
+    def plug_adapter(scale: float) -> None:  # the same global adapter LoRA into M (layer 7) and M* (layer 5)
+        g = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            for name, p in sorted(full.named_parameters()):
+                if "layers.7." in name and "lora_" in name:
+                    value = scale * torch.randn(p.shape, generator=g)
+                    p.copy_(value)
+                    dict(sub.named_parameters())[name.replace("layers.7.", "layers.5.")].copy_(value)
+
+    plug_adapter(0.0)
+    inter0, kl0 = aligned_drift(full, sub, batch[0], pairs), kl_divergence(full, sub, batch)
+    plug_adapter(0.5)
+    inter1, kl1 = aligned_drift(full, sub, batch[0], pairs), kl_divergence(full, sub, batch)
+    assert torch.equal(inter0, inter1)
+    assert kl0 > 0 and abs(kl1 - kl0) > 0.01 * kl0, (kl0, kl1)  # measured: 5.50 -> 5.66
