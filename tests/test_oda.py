@@ -259,3 +259,30 @@ def test_output_probe_moves_with_the_adapter_while_the_l_inter_probe_cannot():
     inter1, kl1 = aligned_drift(full, sub, batch[0], pairs), kl_divergence(full, sub, batch)
     assert torch.equal(inter0, inter1)
     assert kl0 > 0 and abs(kl1 - kl0) > 0.01 * kl0, (kl0, kl1)  # measured: 5.50 -> 5.66
+
+
+def test_server_restores_the_drift_trigger_state_from_the_run_file(tmp_path):
+    """Resume: the last probe, its reference and the last re-aligned round come back from /rounds (the checkpoint's
+    copy of the run file); a run file written before the columns existed gets NaN rows, so they stay aligned."""
+    import h5py
+
+    from fedsoda_mpi.runlog import RunLog
+
+    log = RunLog(tmp_path, 0, echo=False)
+    log.h5 = h5py.File(tmp_path / "run.h5", "w")
+    for rnd, flag, probe, ref in ((1, 0, 1.5, 1.0), (2, 1, 0.75, 0.5), (3, 0, 0.875, 0.5)):
+        log.append("rounds", {"round": np.int32(rnd), "realigned": np.int8(flag), "drift_probe": np.float32(probe),
+                              "drift_ref": np.float32(ref)})
+    server = SimpleNamespace(log=log, drift_probe=float("nan"), drift_ref=float("nan"), last_aligned=0)
+    Server.restore_drift(server)
+    assert (server.drift_probe, server.drift_ref, server.last_aligned) == (0.875, 0.5, 2)
+    old = RunLog(tmp_path / "old", 0, echo=False)
+    old.h5 = h5py.File(tmp_path / "old" / "run.h5", "w")
+    for rnd in (1, 2):
+        old.append("rounds", {"round": np.int32(rnd), "realigned": np.int8(0)})
+    server = SimpleNamespace(log=old, drift_probe=float("nan"), drift_ref=float("nan"), last_aligned=7)
+    Server.restore_drift(server)
+    assert np.isnan(server.drift_probe) and np.isnan(server.drift_ref) and server.last_aligned == 0
+    assert old.column("rounds", "drift_probe").shape == old.column("rounds", "drift_ref").shape == (2,)
+    log.close()
+    old.close()
