@@ -143,6 +143,14 @@ def test_summary_of_a_run_file(tmp_path):
     assert out["settings"]["sgp_p"] == 4 and out["settings"]["mu"] == 0.01 and out["eval_rounds_on"] == "val"
     assert len(json.dumps(out)) < 4096
     assert not math.isnan(out["wall_s"])
+    # re-alignments and the emulator LoRA's size (what a drift trigger saves); a run file from before them: None, []
+    assert out["realignments"] == 1 and out["emulator_lora_bytes"] is None and out["drift_probe"] == []
+    assert out["settings"]["trigger"] == "every" and out["settings"]["max_interval"] == 0
+    with h5py.File(tmp_path / "run.h5", "a") as f:
+        f["final"].attrs["emulator_lora_bytes"] = 786432
+        f["rounds/drift_probe"] = np.array([3.0, 3.25], np.float32)
+    out = S.summarize(run, tmp_path, 1e-3, "toy")
+    assert out["emulator_lora_bytes"] == 786432 and out["drift_probe"] == [3.0, 3.25]
 
 
 @pytest.mark.mpi
