@@ -157,6 +157,37 @@ def kl_divergence(full_model, sub_model, batches: list[dict]) -> float:
     return total / count
 
 
+@torch.no_grad()
+def adapter_inputs(full_model, sub_model, batch: dict, starts: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The hidden states of `batch` entering layer starts[0] of M and starts[1] of M* (each model's first layer whose
+    LoRA changes between alignments: the adapter), for `adapter_kl`; eval mode, previous modes restored."""
+    outs = []
+    with models.mode(full_model, sub_model):
+        for model, start in zip((full_model, sub_model), starts):
+            device = next(model.parameters()).device
+            outs.append(models.hidden_before_layer(model, batch["input_ids"].to(device),
+                                                   batch["attention_mask"].to(device), start))
+    return outs[0], outs[1]
+
+
+@torch.no_grad()
+def adapter_kl(full_model, sub_model, batch: dict, hidden: tuple[Tensor, Tensor], starts: tuple[int, int]) -> float:
+    """Mean token KL(M || M*) (eq. 7) over the non-pad tokens of `batch`, as `kl_divergence(full, sub, [batch])`
+    computes it, but running only each model's layers from `starts` on (the adapter, from the `adapter_inputs`
+    computed once per alignment), the final norm and the LM head: the emulators' forwards are not repeated while
+    only the adapter LoRA changes. Eval mode; previous modes restored."""
+    logits = []
+    with models.mode(full_model, sub_model):
+        for model, h, start in zip((full_model, sub_model), hidden, starts):
+            mask = batch["attention_mask"].to(h.device)
+            logits.append(models.causal_lm(model).get_output_embeddings()(
+                models.forward_from_layer(model, h, mask, start)))
+    kl = _token_kl(logits[0], logits[1], batch["attention_mask"].to(logits[1].device))
+    if kl.numel() == 0:
+        raise ValueError("adapter_kl got no non-pad tokens")
+    return float(kl.double().sum()) / kl.numel()
+
+
 def drift_stops(pairs: list[tuple[int, int]]) -> tuple[int, int]:
     """How many layers of the full and of the sub-LLM the drift probe of `pairs` runs (deepest pair + 1)."""
     return max(f for f, _ in pairs) + 1, max(s for _, s in pairs) + 1

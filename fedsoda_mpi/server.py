@@ -51,6 +51,7 @@ class Server:
         # oda.trigger=drift (Algorithm 2 line 9): the output drift probe after the latest round, its value just
         # after the latest alignment, and that alignment's round (0 = pre-alignment / set-up)
         self.drift_probe, self.drift_ref, self.last_aligned = float("nan"), float("nan"), 0
+        self._probe_inputs = None  # (the emulator LoRA they were computed with, the adapters' inputs on the probe batch)
 
     @classmethod
     def load(cls, cfg: Config, log: RunLog, device: torch.device) -> "Server":
@@ -171,19 +172,34 @@ class Server:
 
     # Algorithm 2 line 9 with oda.trigger=drift
     def output_drift(self) -> float:
-        """The output drift probe: KL(M || M*) (eq. 7, `oda.kl_divergence`) on the fixed held-out probe batch, with
-        the current global adapter LoRA plugged into both models; as float32 (what /rounds/drift_probe stores, so a
-        decision made from memory equals one made from the run file after a resume). NaN when M* is M (FedPETuning).
+        """The output drift probe: KL(M || M*) (eq. 7, as `oda.kl_divergence` computes it) on the fixed held-out probe
+        batch, with the current global adapter LoRA plugged into both models; as float32 (what /rounds/drift_probe
+        stores, so a decision made from memory equals one made from the run file after a resume). NaN when M* is M
+        (FedPETuning).
 
         Why the output and not /drift (`drift`): FedSODA's adapter layers sit above every aligned layer and the
         emulator LoRA is frozen between re-alignments, so L_inter's angular distances cannot move until the next
         re-alignment and a trigger on them would never fire. What moves as the global adapter trains is how the
         adapter's layers respond to the emulator's output mismatch, seen at the logits: the L_KL term of eq. 8 that
-        ODA corrects. Two forwards (M and M*) on one batch of oda.batch_size held-out paragraphs; run once per
-        round (every round's aggregation changes the adapter) and once after each alignment."""
+        ODA corrects. Run once per round (every round's aggregation changes the adapter) and once after each
+        alignment, on one batch of oda.batch_size held-out paragraphs: the hidden states entering M's and M*'s
+        adapters are computed once per emulator LoRA (`_adapter_inputs`), so a round runs only the two adapters,
+        the final norms and the LM heads (`oda.adapter_kl`)."""
         if self.sub_is_full:
             return float("nan")
-        return float(np.float32(oda.kl_divergence(self.full, self.sub, self.probe)))
+        hidden, starts = self._adapter_inputs()
+        return float(np.float32(oda.adapter_kl(self.full, self.sub, self.probe[0], hidden, starts)))
+
+    def _adapter_inputs(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[int, int]]:
+        """The probe batch's hidden states entering M's and M*'s adapters (and those layers' indices), recomputed
+        only when the emulator LoRA changed (an alignment, or a resume): nothing else below the adapters changes."""
+        p = self.plan
+        starts = (0 if p.adapter_first else p.num_layers - p.adapter_size, p.train_start)
+        emulator = self.emulator_lora()
+        if self._probe_inputs is None or emulator.keys() != self._probe_inputs[0].keys() or \
+                not all(torch.equal(emulator[k], self._probe_inputs[0][k]) for k in emulator):
+            self._probe_inputs = (emulator, oda.adapter_inputs(self.full, self.sub, self.probe[0], starts))
+        return self._probe_inputs[1], starts
 
     def mark_aligned(self, rnd: int) -> None:
         """Lines 3-5 / 9-13 just done at round `rnd` (0: pre-alignment): the output drift probe now is the

@@ -228,23 +228,19 @@ def test_drift_schedule_rounds_from_probe_values():
     assert oda.drift_schedule([5.0] * 4, [1.0] * 5, tau=1.5, max_interval=0) == [2, 3, 4]  # round 1 never by drift
 
 
-def test_output_probe_moves_with_the_adapter_while_the_l_inter_probe_cannot():
-    """Why /rounds/drift_probe is KL(M || M*) and not /drift: with the adapter LoRA above every aligned layer and the
-    emulator LoRA frozen, a new global adapter (the same tensors plugged into M and M*) leaves the L_inter angular
-    distances bit for bit unchanged, while the output KL on the same probe batch moves."""
+def _adapter_pair():
+    """A sharp tiny M with the adapter LoRA on its last layer (7) and M* = M without layers 2-3, LoRA on its aligned
+    layer 1 (emulator) and on its last layer 5 (the adapter); `plug(scale)` puts one global adapter into both."""
     full = _sharp_tiny_llama()
-    groups, n = [(1, 3)], 2
+    groups = [(1, 3)]
     kept = kept_layers(8, groups)  # [0, 1, 4, 5, 6, 7]: sub layer 5 = full layer 7 (the adapter)
-    mapping = layer_map(groups, kept)
     torch.manual_seed(0)
     sub = get_peft_model(_prune(full, kept), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                         target_modules=LORA_TARGETS, layers_to_transform=[1, 5]))
     full = get_peft_model(full, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
                                            layers_to_transform=[7]))
-    pairs = [(t + n, s) for t, s in mapping]
-    batch = _batches(1, seed=5)
 
-    def plug_adapter(scale: float) -> None:  # the same global adapter LoRA into M (layer 7) and M* (layer 5)
+    def plug(scale: float) -> None:
         g = torch.Generator().manual_seed(11)
         with torch.no_grad():
             for name, p in sorted(full.named_parameters()):
@@ -253,12 +249,52 @@ def test_output_probe_moves_with_the_adapter_while_the_l_inter_probe_cannot():
                     p.copy_(value)
                     dict(sub.named_parameters())[name.replace("layers.7.", "layers.5.")].copy_(value)
 
-    plug_adapter(0.0)
+    return full, sub, [(t + 2, s) for t, s in layer_map(groups, kept)], plug
+
+
+def test_output_probe_moves_with_the_adapter_while_the_l_inter_probe_cannot():
+    """Why /rounds/drift_probe is KL(M || M*) and not /drift: with the adapter LoRA above every aligned layer and the
+    emulator LoRA frozen, a new global adapter (the same tensors plugged into M and M*) leaves the L_inter angular
+    distances bit for bit unchanged, while the output KL on the same probe batch moves. The cached form
+    (`adapter_inputs` once, `adapter_kl` per round) gives the KL of the whole forward."""
+    full, sub, pairs, plug = _adapter_pair()
+    batch = _batches(1, seed=5)
+    starts = (7, 5)  # the adapter's first layer in M and in M*
+    plug(0.0)
+    hidden = oda.adapter_inputs(full, sub, batch[0], starts)  # computed once: nothing below the adapters changes
     inter0, kl0 = aligned_drift(full, sub, batch[0], pairs), kl_divergence(full, sub, batch)
-    plug_adapter(0.5)
+    assert oda.adapter_kl(full, sub, batch[0], hidden, starts) == pytest.approx(kl0, rel=1e-5)
+    plug(0.5)
     inter1, kl1 = aligned_drift(full, sub, batch[0], pairs), kl_divergence(full, sub, batch)
     assert torch.equal(inter0, inter1)
     assert kl0 > 0 and abs(kl1 - kl0) > 0.01 * kl0, (kl0, kl1)  # measured: 5.50 -> 5.66
+    assert oda.adapter_kl(full, sub, batch[0], hidden, starts) == pytest.approx(kl1, rel=1e-5)  # the cached probe
+
+
+def test_server_output_probe_recomputes_the_adapter_inputs_only_after_the_emulator_changed(monkeypatch):
+    """Server.output_drift: a new global adapter reuses the cached adapter inputs; a new emulator LoRA (an
+    alignment) recomputes them; either way the value is the whole forward's KL, as float32."""
+    from fedsoda_mpi import models
+
+    full, sub, _, plug = _adapter_pair()
+    calls, original = [], oda.adapter_inputs
+    monkeypatch.setattr(oda, "adapter_inputs", lambda *a: calls.append(1) or original(*a))
+    server = SimpleNamespace(plan=SimpleNamespace(adapter_first=0, num_layers=8, adapter_size=1, train_start=5),
+                             full=full, sub=sub, probe=_batches(1, seed=5), _probe_inputs=None, sub_is_full=False,
+                             emulator_lora=lambda: models.lora_state(sub, [1]))
+    server._adapter_inputs = lambda: Server._adapter_inputs(server)
+    plug(0.3)
+    first = Server.output_drift(server)
+    assert first == pytest.approx(kl_divergence(full, sub, server.probe), rel=1e-5)
+    plug(0.6)
+    second = Server.output_drift(server)
+    assert len(calls) == 1 and second != first
+    assert second == pytest.approx(kl_divergence(full, sub, server.probe), rel=1e-5)
+    with torch.no_grad():  # a re-alignment changes the emulator LoRA (sub layer 1)
+        next(p for n, p in sub.named_parameters() if "layers.1." in n and "lora_B" in n).add_(0.05)
+    third = Server.output_drift(server)
+    assert len(calls) == 2 and third == pytest.approx(kl_divergence(full, sub, server.probe), rel=1e-5)
+    assert third == float(np.float32(third))
 
 
 def test_server_restores_the_drift_trigger_state_from_the_run_file(tmp_path):
