@@ -32,6 +32,10 @@ def test_shipped_studies_expand_and_validate():
     assert len(cpu.stage("grid")) == 4 * 2 * 3 and len(cpu.stage("seeds")) == 4 * 2 * 2  # methods x tasks x ...
     assert {r.method for r in cpu.stage("grid")} == {"fedsoda", "fedpetuning", "fedot", "fedbiot"}
     assert sum("eval.base=true" in r.overrides for r in cpu.runs) == 3  # once per task: sst2, boolq, gsm8k
+    drift = cpu.stage("drift")  # FedSODA SST-2, 3 seeds, tau = 1.1 without and with max_interval 5, selected lr
+    assert len(drift) == 2 * 3 and all("oda.trigger=drift" in r.overrides and r.lr is None for r in drift)
+    assert {r.variant for r in drift} == {"drift_tau1.1", "drift_tau1.1_max5"}
+    assert all("oda.drift_threshold=1.1" in r.overrides for r in drift)
     paper = S.load(ROOT / "studies/paper.yaml")
     grid = paper.stage("grid")
     assert len(grid) == 4 * 3 * 3 * 3 * 3 and {r.lr for r in grid} == {1e-5, 5e-5, 1e-4}  # every seed at every lr
