@@ -7,8 +7,11 @@ Reads <results>/*.json (one few-KB summary per finished run, written by fedsoda_
 <results>/selection.json (fedsoda_mpi.study.write_selection); never a run folder. In the --out markdown
 file, the lines between `<!-- report:begin NAME -->` and `<!-- report:end NAME -->` are replaced by freshly
 generated content and everything outside the markers is kept; a new file gets every section. Sections:
-setup, lr, table2, table3, table4, drift, table9, gap, gsm8k, curves (figures: <figures>/<study>_curves_<task>.png,
-default <out folder>/gallery).
+setup, lr, table2, table3, table4, drift, table9, gap, gsm8k, auto, selfpublic, variants, curves (figures:
+<figures>/<study>_curves_<task>.png, default <out folder>/gallery). drift shows the study's `drift` stage
+(oda.trigger=drift) beside the fixed re-alignment intervals r1, r = 5 (main) and no_re_align; auto and selfpublic
+show every run of the study's `auto` and `selfpublic` stages (issue #16) against the FedSODA main runs; variants
+shows every variant run that no other section shows.
 
 Table-2 runs are the grid and seeds stages at the selected lr (variant "main"); other stages are found by
 variant name (the gsm8k stage's "main" runs never enter Table 2). Statistics over seeds: mean +- sample
@@ -375,10 +378,10 @@ def sec_table2(res: Results) -> str:
                          num(mean_std(by_seed(runs, "sub_accuracy").values())[0]),
                          mib(field_mean(runs, "comm_bytes_per_round"), 3),
                          mib(field_mean(runs, "client_model_bytes"), 1),
-                         count(field_mean(runs, "trainable_params"))])
+                         count(field_mean(runs, "trainable_params")), unselected(runs)])
         base = [s for s in res.runs if setting_of(s) == st and not missing(s.get("base_accuracy"))]
         bm, bs, bn = mean_std([100 * float(s["base_accuracy"]) for s in base])
-        rows.append(["base model", mean_pm(bm, bs, bn), DASH, str(bn), DASH, DASH, DASH, DASH, DASH])
+        rows.append(["base model", mean_pm(bm, bs, bn), DASH, str(bn), DASH, DASH, DASH, DASH, DASH, DASH])
         diff_rows = []
         for m in METHODS[1:]:
             p = paired(accs["fedsoda"], accs[m])
@@ -387,14 +390,24 @@ def sec_table2(res: Results) -> str:
                               yes_no(p["excludes_zero"])])
         parts.append(f"#### {res.label(st)}\n\n"
                      + table(["method", "test acc. % (mean ± std)", "95% CI", "n seeds", "test-set SE (pts)",
-                              "sub-LLM acc. %", "comm MiB/round/client", "client model MiB", "trainable params"], rows)
+                              "sub-LLM acc. %", "comm MiB/round/client", "client model MiB", "trainable params",
+                              "seeds not used to select lr: acc. % (n)"], rows)
                      + "\n\n" + table(["paired difference", "seeds", "mean Δ (pts)", "95% CI", "per seed",
                                        "CI excludes 0"], diff_rows))
     note = ("Test accuracy on the full test set, mean ± sample std over seeds at the selected lr; 95% CI of the mean "
             "with Student t (df = n − 1; — for n = 1). Test-set SE = sqrt(p(1 − p)/n_eval) at the mean p: the "
             "sampling noise of one run's accuracy, to set beside the seed std. Paired differences use only the "
-            "seeds both methods have. Base model: the pretrained model's test accuracy (n = its evaluations).")
+            "seeds both methods have. Base model: the pretrained model's test accuracy (n = its evaluations). "
+            "The last column leaves out the grid seed(s) whose validation accuracy chose the lr: that run's test "
+            "accuracy is biased upwards (the lr that happened to suit that seed best won: the winner's curse), the "
+            "others are not.")
     return "\n\n".join(parts) + "\n\n" + note
+
+
+def unselected(runs: list[dict]) -> str:
+    """Mean ± std (n) of the runs that did not take part in the lr selection (stage seeds, not grid)."""
+    acc = by_seed([s for s in runs if s["stage"] != "grid"])
+    return f"{mean_pm(*mean_std(acc.values()))} ({len(acc)})" if acc else DASH
 
 
 def per_seed(p: dict) -> str:
@@ -423,51 +436,88 @@ def variant_settings(res: Results, specs: list[tuple], task: str | None = None) 
     return [st for st in have if task is None or st[0] == task]
 
 
-TABLE3 = [("FedSODA", ("main", "fedsoda")), ("w/o pre-alignment (no_pre_align)", ("variant", "no_pre_align")),
-          ("w/o re-alignment (no_re_align)", ("variant", "no_re_align"))]
+LABELS = {"no_pre_align": "w/o pre-alignment (no_pre_align)", "no_re_align": "w/o re-alignment (no_re_align)",
+          "no_align": "w/o ODA: neither pre- nor re-alignment (no_align)"}
+TABLE3_ALWAYS = ("no_pre_align", "no_re_align")  # the paper's Table 3 rows: shown (—) before their runs exist
+
+
+def natural(name: str) -> tuple:
+    """Sort key that orders r2 before r10."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+
+
+def stage_variants(res: Results, stage: str) -> list[str]:
+    """The variant names of a stage's runs, naturally sorted."""
+    return sorted({s["variant"] for s in res.runs if s["stage"] == stage}, key=natural)
+
+
+def table3_specs(res: Results) -> list[tuple]:
+    """FedSODA, the paper's two ablations, then every other variant of the ablation stage (e.g. paper.yaml's
+    no_align)."""
+    names = [*TABLE3_ALWAYS, *(n for n in stage_variants(res, "ablation") if n not in TABLE3_ALWAYS)]
+    return [("FedSODA", ("main", "fedsoda"))] + [(LABELS.get(n, n), ("variant", n)) for n in names]
 
 
 def sec_table3(res: Results) -> str:
     """The ablation of ODA on each task that has ablation runs."""
-    settings = variant_settings(res, [sp for _, sp in TABLE3])
+    specs = table3_specs(res)
+    settings = variant_settings(res, [sp for _, sp in specs])
     if not settings:
         return "_No FedSODA or ablation runs yet._"
     parts = []
     for st in settings:
         ref = by_seed(res.main(st, "fedsoda"))
         rows = [[label, extra_overrides(res, res.rows(st, sp)) if sp[0] == "variant" else DASH,
-                 *diff_cells(res.rows(st, sp), None if sp == ("main", "fedsoda") else ref)] for label, sp in TABLE3]
+                 *diff_cells(res.rows(st, sp), None if sp == ("main", "fedsoda") else ref)] for label, sp in specs]
         parts.append(f"#### {res.label(st)}\n\n" + table(["variant", "overrides", *DIFF_HEADERS], rows, 2))
     return "\n\n".join(parts) + "\n\nΔ: variant − FedSODA in points, paired by seed, 95% CI (Student t)."
 
 
-TABLE4 = [("(n, p)", ("main", "fedsoda")), ("(n, p)", ("variant", "n3p2")), ("(n, p)", ("variant", "n2p4")),
-          ("r", ("variant", "r1")), ("r", ("main", "fedsoda")), ("r", ("variant", "no_re_align"))]
+def param_kind(res: Results, name: str) -> str:
+    """What a parameter-study variant changes, from its runs' overrides: "(n, p)" (sgp.*) or "r" (anything else,
+    i.e. oda.every)."""
+    overrides = [o for s in res.runs if s["variant"] == name for o in (s.get("overrides") or [])]
+    return "(n, p)" if any(o.startswith("sgp.") for o in overrides) else "r"
+
+
+def table4_specs(res: Results) -> list[tuple]:
+    """FedSODA main, the (n, p) variants of the param stage, then its r variants, FedSODA main again (r as in the
+    job) and re-alignment never (the ablation's no_re_align)."""
+    names = stage_variants(res, "param")
+    kinds = {n: param_kind(res, n) for n in names}
+    return ([("(n, p)", ("main", "fedsoda"))] + [("(n, p)", ("variant", n)) for n in names if kinds[n] == "(n, p)"]
+            + [("r", ("variant", n)) for n in names if kinds[n] == "r"]
+            + [("r", ("main", "fedsoda")), ("r", ("variant", "no_re_align"))])
 
 
 def sec_table4(res: Results) -> str:
-    """The parameter study: (n, p) and the re-alignment interval r."""
-    settings = variant_settings(res, [sp for _, sp in TABLE4])
+    """The parameter study: (n, p) and the re-alignment interval r (every variant of the param stage)."""
+    specs = table4_specs(res)
+    settings = variant_settings(res, [sp for _, sp in specs])
     if not settings:
         return "_No FedSODA or parameter-study runs yet._"
     parts = []
     for st in settings:
         ref = by_seed(res.main(st, "fedsoda"))
         rows = []
-        for study, sp in TABLE4:
+        for study, sp in specs:
             runs = res.rows(st, sp)
             rows.append([study, sp[1] if sp[0] == "variant" else "FedSODA (main)", groups_np(runs), realign_r(runs),
-                         *diff_cells(runs, None if sp[0] == "main" else ref)[:4],
-                         mib(field_mean(runs, "comm_bytes_per_round"), 3),
-                         mib(field_mean(runs, "client_model_bytes"), 1),
-                         num(field_mean(runs, "kl_after"), 3)])
+                         *diff_cells(runs, None if sp[0] == "main" else ref)[:4], *cost_cells(runs)])
         parts.append(f"#### {res.label(st)}\n\n" + table(
-            ["study", "variant", "(n, p)", "r", *DIFF_HEADERS[:4], "comm MiB/round/client", "client model MiB",
-             "KL after pre-align (mean)"], rows, 2))
+            ["study", "variant", "(n, p)", "r", *DIFF_HEADERS[:4], *COST_HEADERS], rows, 2))
     return "\n\n".join(parts) + (
         "\n\n(n, p) and r as the runs record them: n layers in each of the p pruned groups (`sgp_groups`), r the "
         "rounds between re-alignments (`realigned`); the FedSODA main runs appear in both studies. Δ: variant − "
         "FedSODA in points, paired by seed, 95% CI (Student t).")
+
+
+COST_HEADERS = ["comm MiB/round/client", "client model MiB", "KL after pre-align (mean)"]
+
+
+def cost_cells(runs: list[dict]) -> list[str]:
+    return [mib(field_mean(runs, "comm_bytes_per_round"), 3), mib(field_mean(runs, "client_model_bytes"), 1),
+            num(field_mean(runs, "kl_after"), 3)]
 
 
 DRIFT = "drift"  # the stage of the drift-trigger variants (studies/*.yaml: group drift)
@@ -633,6 +683,134 @@ def sec_gsm8k(res: Results) -> str:
         "one run per row.")
 
 
+AUTO, SELF = "auto", "selfpublic"  # the stages (variant groups) of issue #16's runs
+
+
+def chosen_np(runs: list[dict]) -> str:
+    """(n, p) the runs pruned with: the summaries' settings (the chosen ones for sgp.auto), else their groups."""
+    found = sorted({(int(s["settings"]["sgp_n"]), int(s["settings"]["sgp_p"])) for s in runs
+                    if "sgp_auto" in (s.get("settings") or {})})
+    return ", ".join(f"({n}, {p})" for n, p in found) if found else groups_np(runs)
+
+
+def removed_layers(runs: list[dict]) -> str:
+    """The emulator layers the runs pruned: n * p of their groups."""
+    found = sorted({sum(int(e) - int(t) for t, e in s["sgp_groups"]) for s in runs if s.get("sgp_groups")})
+    return ", ".join(map(str, found)) or DASH
+
+
+def chosen_distance(s: dict):
+    """The summed distance per removed layer of a run's (n, p) (its sgp_candidates row), None when unknown."""
+    st, n_p = s.get("settings") or {}, None
+    if "sgp_auto" in st:
+        n_p = (int(st["sgp_n"]), int(st["sgp_p"]))
+    for n, p, cost in s.get("sgp_candidates") or []:
+        if (int(n), int(p)) == n_p and not missing(cost) and n * p:
+            return float(cost) / (n * p)
+    return None
+
+
+def candidates_text(runs: list[dict]) -> str:
+    """Every (n, p) a run compared with its distance per removed layer (— for no placement under
+    sgp.max_distance), the chosen one in bold; from the first run that has them (seeds share the public texts)."""
+    for s in runs:
+        if s.get("sgp_candidates"):
+            chosen = (int(s["settings"]["sgp_n"]), int(s["settings"]["sgp_p"]))
+            cells = []
+            for n, p, cost in s["sgp_candidates"]:
+                text = f"({n}, {p}) {DASH if missing(cost) else f'{float(cost) / (n * p):.4f}'}"
+                cells.append(f"**{text}**" if (int(n), int(p)) == chosen else text)
+            return "; ".join(cells)
+    return DASH
+
+
+def issue16_settings(res: Results, stage: str) -> list[Setting]:
+    """The settings with runs of `stage`, else those with FedSODA main runs (rendered with —)."""
+    have = res.settings([s for s in res.runs if s["stage"] == stage])
+    return have or res.settings([s for s in res.runs if s["stage"] in MAIN_STAGES and s["variant"] == "main"
+                                 and s["method"] == "fedsoda"])
+
+
+def sec_auto(res: Results) -> str:
+    """sgp.auto: the (n, p) chosen for each budget K against FedSODA's main (n, p) = (3, 4), paired by seed."""
+    settings = issue16_settings(res, AUTO)
+    if not settings:
+        return "_No FedSODA or `auto` runs yet._"
+    parts = []
+    for st in settings:
+        ref = by_seed(res.main(st, "fedsoda"))
+        budget = {s["variant"]: int((s.get("settings") or {}).get("sgp_remove_layers", 0)) for s in res.runs
+                  if s["stage"] == AUTO and setting_of(s) == st}
+        specs = [("FedSODA (main)", res.main(st, "fedsoda"))] + [
+            (name, res.variant(st, name)) for name in sorted(budget, key=lambda v: (budget[v], v))]
+        rows, cand = [], []
+        for label, runs in specs:
+            is_ref = label == "FedSODA (main)"
+            rows.append([label, removed_layers(runs), chosen_np(runs),
+                         num(field_mean([{"d": chosen_distance(s)} for s in runs], "d"), 4),
+                         *diff_cells(runs, None if is_ref else ref)[:4], before_after(runs, "kl_before", "kl_after"),
+                         mib(field_mean(runs, "comm_bytes_per_round"), 3), mib(field_mean(runs, "client_model_bytes"), 1)])
+            if not is_ref:
+                cand.append([label, candidates_text(runs)])
+        parts.append(f"#### {res.label(st)}\n\n" + table(
+            ["run", "layers removed K", "(n, p)", "distance / removed layer", *DIFF_HEADERS[:4],
+             "held-out KL before → after pre-align", "comm MiB/round/client", "client model MiB"], rows, 3)
+            + ("\n\n" + table(["run", "candidates (n, p): summed distance / K (chosen in bold)"], cand, 2)
+               if cand else ""))
+    return "\n\n".join(parts) + (
+        "\n\n`sgp.auto=true sgp.remove_layers=K`: among every (n, p) with n * p = K that fits the emulator, the one "
+        "whose optimal groups lose the least summed angular distance d(x^t, x^(t+n)) per removed layer. KL: held-out "
+        "KL(M ‖ M*) on WikiText-2 before and after pre-alignment, means over seeds. Δ: run − FedSODA main in points, paired by seed, 95% CI (Student t).")
+
+
+def sec_selfpublic(res: Results) -> str:
+    """data.public=self: SGP and ODA on text the full LLM generated, against FedSODA main on WikiText-2."""
+    settings = issue16_settings(res, SELF)
+    if not settings:
+        return "_No FedSODA or `selfpublic` runs yet._"
+    parts = []
+    for st in settings:
+        ref = by_seed(res.main(st, "fedsoda"))
+        specs = [("FedSODA (main)", res.main(st, "fedsoda"))] + [
+            (name, res.variant(st, name)) for name in sorted({s["variant"] for s in res.runs if s["stage"] == SELF
+                                                              and setting_of(s) == st})]
+        rows = []
+        for label, runs in specs:
+            is_ref = label == "FedSODA (main)"
+            public = distinct([(s.get("settings") or {}).get("public") for s in runs])
+            kl_on = distinct([s.get("kl_on", "wikitext2") for s in runs])
+            rows.append([label, public, chosen_np(runs), groups_text(runs), *diff_cells(runs, None if is_ref else ref)[:4],
+                         before_after(runs, "kl_before", "kl_after"), kl_on,
+                         before_after(runs, "kl_before_self", "kl_after_self"), generation_text(runs)])
+        parts.append(f"#### {res.label(st)}\n\n" + table(
+            ["run", "D_public", "(n, p)", "SGP groups", *DIFF_HEADERS[:4], "held-out KL before → after pre-align",
+             "KL measured on", "KL on generated text", "generation"], rows, 4))
+    return "\n\n".join(parts) + (
+        "\n\n`data.public=self`: the server samples D_public from the full LLM (generic prompts, seeded; cached in the "
+        "run folder) for SGP and ODA. Held-out KL(M ‖ M*) is means over seeds, measured on WikiText-2's held-out slice "
+        "when it exists (comparable with the main runs) and on held-out generated text. Δ: run − FedSODA main in "
+        "points, paired by seed, 95% CI (Student t).")
+
+
+def before_after(runs: list[dict], before: str, after: str) -> str:
+    """`mean before → mean after` over the runs (— when neither is recorded)."""
+    a, b = field_mean(runs, before), field_mean(runs, after)
+    return DASH if a is None and b is None else f"{num(a, 3)} → {num(b, 3)}"
+
+
+def groups_text(runs: list[dict]) -> str:
+    """The distinct SGP groups of the runs (seeds may differ when the public texts are generated per seed)."""
+    found = sorted({" ".join(f"({int(t)},{int(e)})" for t, e in s["sgp_groups"]) for s in runs if s.get("sgp_groups")})
+    return "; ".join(found) or DASH
+
+
+def generation_text(runs: list[dict]) -> str:
+    """temperature, new tokens and texts of the self-generated public data (— for a public file)."""
+    found = sorted({(g.get("temperature"), g.get("max_new_tokens"), g.get("n_public")) for g in
+                    (s.get("public_self") or {} for s in runs) if g}, key=str)
+    return "; ".join(f"T={t:g}, {m} new tokens, {n} texts" for t, m, n in found) or DASH
+
+
 def figure_name(res: Results, st: Setting) -> str:
     """`<study>_curves_<task>.png` (model and split appended when a task has several settings)."""
     study = re.sub(r"[^A-Za-z0-9_.-]+", "_", res.study)
@@ -683,14 +861,42 @@ def sec_curves(res: Results) -> str:
                                  "seeds, band: min–max over seeds; n in the legend.")
 
 
-SHOWN = {sp[1] for sp in (*[sp for _, sp in TABLE3], *[sp for _, sp in TABLE4], *[sp for _, sp in GAP])
-         if sp[0] == "variant"}
+def shown_elsewhere(res: Results) -> set[tuple[str, str]]:
+    """(stage, variant) of the variant runs that Table 3, Table 4 or the gap section show."""
+    names = {sp[1] for sp in (*[sp for _, sp in table3_specs(res)], *[sp for _, sp in table4_specs(res)],
+                              *[sp for _, sp in GAP]) if sp[0] == "variant"}
+    return {(s["stage"], s["variant"]) for s in res.runs if s["variant"] in names
+            and s["stage"] in ("ablation", "param", "gap", "ceiling")}
 
 
-def unshown(runs: list[dict]) -> list[str]:
-    """Variant names of the summaries that no section shows."""
-    return sorted({s["variant"] for s in runs if s["stage"] not in (*MAIN_STAGES, GSM8K, DRIFT)
-                   and s["variant"] not in SHOWN})
+def sec_variants(res: Results) -> str:
+    """Every variant run no other section shows (paper.yaml's non-IID and public-data groups, new groups), by
+    group and setting; Δ against the same variant's FedSODA runs when the group has several methods, else
+    against the FedSODA main runs of the setting."""
+    done = shown_elsewhere(res)
+    runs = [s for s in res.runs if s["stage"] not in (*MAIN_STAGES, GSM8K, AUTO, SELF, DRIFT)
+            and (s["stage"], s["variant"]) not in done]
+    if not runs:
+        return "_No other variant runs._"
+    parts = []
+    for stage in sorted({s["stage"] for s in runs}, key=natural):
+        for st in res.settings([s for s in runs if s["stage"] == stage]):
+            here = [s for s in runs if s["stage"] == stage and setting_of(s) == st]
+            rows = []
+            for name in sorted({s["variant"] for s in here}, key=natural):
+                of = [s for s in here if s["variant"] == name]
+                methods = sorted({s["method"] for s in of}, key=method_order)
+                ref_runs = [s for s in of if s["method"] == "fedsoda"] if len(methods) > 1 else res.main(st, "fedsoda")
+                for m in methods:
+                    mine = [s for s in of if s["method"] == m]
+                    ref = None if (len(methods) > 1 and m == "fedsoda") else (by_seed(ref_runs) or {})
+                    cells = diff_cells(mine, ref)
+                    rows.append([name, NAMES.get(m, m), extra_overrides(res, mine), *cells[:4], *cost_cells(mine)])
+            parts.append(f"#### {stage}: {res.label(st)}\n\n" + table(
+                ["variant", "method", "overrides", *DIFF_HEADERS[:4], *COST_HEADERS], rows, 3))
+    return "\n\n".join(parts) + (
+        "\n\nΔ: run − FedSODA in points, paired by seed, 95% CI (Student t); the FedSODA runs of the same variant "
+        "when the group runs several methods (they are the reference), else the FedSODA main runs of the setting.")
 
 
 NO_RUNS = "_No finished run of this study yet._"
@@ -700,7 +906,9 @@ SECTIONS = {"setup": ("Setup", sec_setup), "lr": ("Learning-rate selection", sec
             "drift": ("Drift-triggered re-alignment", sec_drift),
             "table9": ("Table 9: rounds to reach FedOT's accuracy", sec_table9),
             "gap": ("The FedSODA − FedPETuning gap on SST-2", sec_gap), "gsm8k": ("GSM8K", sec_gsm8k),
-            "curves": ("Accuracy per round", sec_curves)}
+            "auto": ("Automatic pruning configuration (sgp.auto)", sec_auto),
+            "selfpublic": ("Alignment without a public data set (data.public=self)", sec_selfpublic),
+            "variants": ("Other variants", sec_variants), "curves": ("Accuracy per round", sec_curves)}
 
 
 # ---- the out file ---------------------------------------------------------------------------------------------
@@ -757,8 +965,6 @@ def main(argv: list[str] | None = None) -> int:
             raise ReportError(f"--out {out}: not a file")
         runs, selection = load(Path(a.results))
         res = Results(runs, selection, out, Path(a.figures) if a.figures else out.parent / "gallery")
-        for name in unshown(runs):
-            print(f"warning: variant '{name}' is in no table of the report", file=sys.stderr)
         text = out.read_text(encoding="utf-8") if out.exists() else None
         wanted = list(SECTIONS) if text is None else [n for n in SECTIONS if n in names_in(text)]
         content = {n: (SECTIONS[n][1](res) if res.runs else NO_RUNS) if n in wanted else "" for n in SECTIONS}

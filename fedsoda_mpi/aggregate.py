@@ -51,7 +51,7 @@ def fedavg(updates: list[State], weights: list[float]) -> tuple[State | None, li
 
 def payload(schemas: list[Schema]) -> tuple[int, int]:
     """(LoRA values, bytes) the messages of `schemas` carry, without the upload's two scalars (TAIL); sparse
-    index entries (`<name>.idx`) count as bytes, not as values."""
+    positions (`<name>.pos`) count as bytes, not as values."""
     values = nbytes = 0
     for schema in schemas:
         for name, shape in zip(schema.names, schema.shapes):
@@ -59,7 +59,7 @@ def payload(schemas: list[Schema]) -> tuple[int, int]:
                 continue
             n = math.prod(shape)
             nbytes += n * schema.torch_dtype.itemsize
-            values += 0 if name.endswith(".idx") else n
+            values += 0 if name.endswith(".pos") else n
     return values, nbytes
 
 

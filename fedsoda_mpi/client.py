@@ -229,7 +229,8 @@ class Client:
         """Algorithm 2 line 6 (receiving side): load M* from the shipped bundle (a temporary on-disk copy,
         removed at once), attach LoRA on the plan's layers (seeded), mark the adapter LoRA trainable."""
         self.cfg, self.rank, self.plan, self.rows = cfg, rank, plan, rows
-        self.model_bytes = sum(len(v) for v in files.values())
+        self.model_bytes = sum(len(v) for v in files.values())  # config + weights + tokenizer, as received
+        self.weight_bytes = models.safetensors_tensor_bytes(files["model.safetensors"])
         sweep_stale_copies()
         with tempfile.TemporaryDirectory(prefix=f"fedsoda-client{rank}-{os.getpid()}-") as tmp:
             sub, self.tok = models.load_bundle(files, Path(tmp), str(device))
@@ -274,13 +275,23 @@ class Client:
         state = self.faults.trained(rnd, models.lora_state(self.sub, self.plan.adapter_sub))
         return Fit(state, loss, len(self.examples[k]), steps, seconds, self.cache.seconds - emulator0)
 
-    def write_holdings(self, run_dir: Path) -> None:
-        """client_rank<R>.json: what this rank holds (checked by the tests: never the full LLM)."""
+    def holdings(self) -> dict:
+        """What this rank holds and what it received. stored_bytes counts every tensor of the causal LM once (the
+        decoder, an untied LM head, the LoRA), in the form kept (NF4 packed weights with their quantization
+        state); received_weight_bytes is the tensor data of the shipped safetensors file: the two agree up to
+        the LoRA (lora_bytes, which travels separately) and non-persistent buffers (rotary inv_freq)."""
         import bitsandbytes as bnb
 
-        held = {"rank": self.rank, "decoder_layers": len(models.get_layers(self.sub)),
+        causal = models.causal_lm(self.sub)
+        return {"rank": self.rank, "decoder_layers": len(models.get_layers(self.sub)),
                 "linear4bit": sum(isinstance(m, bnb.nn.Linear4bit) for m in self.sub.modules()),
-                "stored_bytes": models.stored_bytes(models.decoder(self.sub)), "received_model_bytes": self.model_bytes,
+                "stored_bytes": models.stored_bytes(causal), "received_model_bytes": self.model_bytes,
+                "received_weight_bytes": self.weight_bytes,
+                "lora_bytes": sum(p.numel() * p.element_size() for n, p in causal.named_parameters() if "lora_" in n),
+                "lm_head_tied": bool(causal.get_output_embeddings().weight is causal.get_input_embeddings().weight),
                 "trainable_params": sum(p.numel() for p in self.params),
                 "parameter_names": sorted({n.split(".layers.")[0] for n, _ in self.sub.named_parameters()})}
-        (run_dir / f"client_rank{self.rank}.json").write_text(json.dumps(held, indent=1))
+
+    def write_holdings(self, run_dir: Path) -> None:
+        """client_rank<R>.json: `holdings()` (checked by the tests: never the full LLM)."""
+        (run_dir / f"client_rank{self.rank}.json").write_text(json.dumps(self.holdings(), indent=1))

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JOB = ROOT / "jobs" / "smollm2_sst2_iid.yaml"
 METHODS = tuple(PRESETS)
 TASKS = ("sst2", "boolq", "gsm8k")
+PUBLIC_SETS = ("wikitext2", "gsm8k", "self")  # data.public; self: text the full LLM generates (data.self_public)
 
 
 class ConfigError(ValueError):
@@ -40,7 +41,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     task: str = "sst2"  # sst2 | boolq | gsm8k
-    public: str = "wikitext2"  # D_public for SGP and ODA: wikitext2 | gsm8k (train split, disjoint from eval)
+    public: str = "wikitext2"  # D_public for SGP and ODA: wikitext2 | gsm8k (train split, disjoint from eval) |
+    #                            self (text the full LLM samples itself, cached in <run>/public_self.jsonl)
     split: str = "iid"  # iid | dirichlet (label skew)
     dirichlet_beta: float = 0.5
     max_len: int = 128  # tokens per training example
@@ -49,8 +51,11 @@ class DataConfig:
     #                          (fed.clients=1): a centralized run on the same examples and steps as K clients
     val_size: int = 500  # validation rows held out of the training file (fixed rows, data.VAL_SEED); no client
     #                      trains on them; per-round evaluation and learning-rate selection use them (0 = none)
-    public_samples: int = 64  # paragraphs of D_public used for SGP and pre-alignment
+    public_samples: int = 64  # paragraphs of D_public used for SGP and pre-alignment (public=self: texts generated)
     public_max_len: int = 128
+    self_temperature: float = 0.8  # public=self: sampling temperature of the full LLM (> 0)
+    self_max_new_tokens: int = 64  # public=self: tokens generated after each generic prompt
+    self_batch_size: int = 16  # public=self: prompts per batched generate() call
 
 
 @dataclass
@@ -60,7 +65,10 @@ class SGPConfig:
     p: int = 4  # number of groups
     token: str = "last"  # last | all: which tokens the angular distance is averaged over
     spacing: str = "round"  # uniform drop (sgp.enabled=false): round (offsite-tuning) | int (FederatedScope)
-    n_max: int = 0  # distance profile computed for n = 1..n_max (0 = max(n, 4))
+    n_max: int = 0  # distance profile computed for n = 1..n_max (0 = max(n, 4); auto: the largest group size tried)
+    auto: bool = False  # choose (n, p) with n * p = remove_layers from the distance profile (sgp.choose_auto)
+    remove_layers: int = 0  # K, the emulator layers auto removes (an upper bound when max_distance is set)
+    max_distance: float = 0.0  # prune only groups with d(x^t, x^{t+n}) <= max_distance (0 = off; sgp.py docstring)
 
 
 @dataclass
@@ -376,7 +384,7 @@ def _validate_data(cfg: Config) -> None:
     """data.* (the checks that need the files themselves are in main.prepare_inputs)."""
     d = cfg.data
     _check(d.task in TASKS, f"data.task: '{d.task}' is not one of {', '.join(TASKS)}")
-    _one_of("data.public", d.public, ("wikitext2", "gsm8k"))
+    _one_of("data.public", d.public, PUBLIC_SETS)
     _one_of("data.split", d.split, ("iid", "dirichlet"))
     _check(d.dirichlet_beta > 0, f"data.dirichlet_beta: must be > 0, got {d.dirichlet_beta}")
     _at_least("data.max_len", d.max_len, 8)
@@ -387,6 +395,9 @@ def _validate_data(cfg: Config) -> None:
     _at_least("data.val_size", d.val_size, 0)
     _at_least("data.public_samples", d.public_samples, 1)
     _at_least("data.public_max_len", d.public_max_len, 8)
+    _check(d.self_temperature > 0, f"data.self_temperature: must be > 0 (sampling), got {d.self_temperature}")
+    _at_least("data.self_max_new_tokens", d.self_max_new_tokens, 1)
+    _at_least("data.self_batch_size", d.self_batch_size, 1)
 
 
 def _validate_sgp_oda(cfg: Config) -> None:
@@ -395,9 +406,11 @@ def _validate_sgp_oda(cfg: Config) -> None:
     _at_least("sgp.n", s.n, 1)
     _at_least("sgp.p", s.p, 0)
     _at_least("sgp.n_max", s.n_max, 0)
-    _check(s.n_max == 0 or s.n_max >= s.n, f"sgp.n_max: must be 0 (automatic) or >= sgp.n ({s.n}), got {s.n_max}")
+    _check(s.auto or s.n_max == 0 or s.n_max >= s.n,
+           f"sgp.n_max: must be 0 (automatic) or >= sgp.n ({s.n}), got {s.n_max}")
     _one_of("sgp.token", s.token, ("last", "all"))
     _one_of("sgp.spacing", s.spacing, ("round", "int"))
+    _validate_sgp_auto(cfg)
     _check(o.every >= 1, f"oda.every: the re-alignment interval r must be >= 1, got {o.every}")
     _one_of("oda.trigger", o.trigger, ("every", "drift"))
     _check(o.drift_threshold > 1, f"oda.drift_threshold: the ratio tau must be > 1, got {o.drift_threshold}")
@@ -411,6 +424,31 @@ def _validate_sgp_oda(cfg: Config) -> None:
     _at_least("oda.beta", o.beta, 0)
     _check(o.lr > 0, f"oda.lr: must be > 0, got {o.lr}")
     _at_least("oda.batch_size", o.batch_size, 1)
+
+
+def _validate_sgp_auto(cfg: Config) -> None:
+    """sgp.auto, sgp.remove_layers, sgp.max_distance and how they combine with sgp.n / sgp.p / sgp.enabled (the
+    check against the emulator's size is in _validate_layers)."""
+    s, default = cfg.sgp, SGPConfig()
+    _at_least("sgp.remove_layers", s.remove_layers, 0)
+    _check(0 <= s.max_distance <= 1, f"sgp.max_distance: must be in [0, 1] (an angular distance; 0 = off), "
+                                     f"got {s.max_distance}")
+    _check(s.max_distance == 0 or s.enabled, f"sgp.max_distance={s.max_distance:g}: caps SGP's group distances, but "
+                                              "sgp.enabled=false drops layers uniformly (no distance profile)")
+    if not s.auto:
+        _check(s.remove_layers == 0, f"sgp.remove_layers={s.remove_layers}: only sgp.auto=true uses it; set "
+                                     "sgp.auto=true, or give the groups with sgp.n and sgp.p")
+        return
+    _check(s.enabled, "sgp.auto=true: chooses SGP groups from the distance profile, but sgp.enabled=false drops "
+                      "layers uniformly (e.g. method=fedot, fedbiot); set sgp.enabled=true or sgp.auto=false")
+    _check(s.p > 0, "sgp.auto=true: sgp.p=0 turns pruning off (e.g. method=fedpetuning); use method=fedsoda or "
+                    "sgp.auto=false")
+    _check(s.remove_layers >= 1, "sgp.remove_layers: sgp.auto=true needs the number K of emulator layers to "
+                                 "remove (>= 1; it chooses n and p with n * p = K), got 0")
+    for key in ("n", "p"):
+        _check(getattr(s, key) == getattr(default, key),
+               f"sgp.{key}={getattr(s, key)}: sgp.auto=true chooses n and p (n * p = sgp.remove_layers="
+               f"{s.remove_layers}); leave sgp.{key} at {getattr(default, key)}, or set sgp.auto=false")
 
 
 def _validate_lora(cfg: Config, module_names: list[str] | None = None) -> None:
@@ -489,6 +527,14 @@ def _validate_layers(cfg: Config, num_layers: int) -> None:
         _check(cfg.sgp.n * cfg.sgp.p < emulator,
                f"sgp: a uniform drop of n*p={cfg.sgp.n * cfg.sgp.p} layers needs more than the {emulator}-layer "
                "emulator")
+    elif cfg.sgp.auto:
+        from .sgp import auto_pairs  # torch is loaded by now (main.prepare_config)
+
+        s = cfg.sgp
+        cap = f" and n <= sgp.n_max={s.n_max}" if s.n_max else ""
+        _check(bool(auto_pairs(s.remove_layers, emulator, s.n_max)),
+               f"sgp.remove_layers={s.remove_layers}: no n * p = {s.remove_layers}{cap} fits the {emulator}-layer "
+               f"emulator (p groups of n + 1 layers need p * (n + 1) <= {emulator})")
     elif cfg.sgp.p > 0:
         _check(cfg.sgp.p * (cfg.sgp.n + 1) <= emulator,
                f"sgp: p={cfg.sgp.p} groups of n+1={cfg.sgp.n + 1} layers do not fit in the {emulator}-layer emulator")

@@ -1,6 +1,7 @@
-"""Task data (GSM8K, SST-2, BoolQ), the public pool (WikiText-2; GSM8K train for the Fig. 4 ablation),
-LLM-Adapters (Alpaca) prompts, SFT tokenization, and IID / Dirichlet label-skew client partitions
-(paper Sec. 5.1: "IID and non-IID (Dirichlet) data distributions across clients").
+"""Task data (GSM8K, SST-2, BoolQ), the public pool (WikiText-2; GSM8K train for the Fig. 4 ablation; or text
+the full LLM generates itself, data.public=self), LLM-Adapters (Alpaca) prompts, SFT tokenization, and IID /
+Dirichlet label-skew client partitions (paper Sec. 5.1: "IID and non-IID (Dirichlet) data distributions across
+clients").
 
 Files live in `data_dir()` with the layout of `shared/data` (see `python -m fedsoda_mpi.prepare data`).
 """
@@ -120,11 +121,114 @@ def load_public(name: str = "wikitext2", holdout: bool = False) -> list[str]:
                  if not ln.lstrip().startswith("=") and len(ln.split()) >= PUBLIC_MIN_WORDS]
     elif name == "gsm8k":
         texts = ["".join(prompt_and_answer("gsm8k", row)) for row in load_rows("gsm8k", "train")]
+    elif name == "self":
+        raise ValueError("data.public=self has no file: the server generates it (Server.public_texts)")
     else:
         raise ValueError(f"unknown public dataset {name!r}; use wikitext2 or gsm8k")
     if not texts:
         raise DataError(f"public dataset {name} in {data_dir()} is empty; {FIX}")
     return _holdout_slice(texts, holdout)
+
+
+# ---- data.public=self: D_public sampled from the full LLM itself ------------------------------------------------
+
+SELF_FILE = "public_self.jsonl"  # in the run folder: generated once, reused on resume
+SELF_HELDOUT = 16  # generated texts after the data.public_samples ones, held out for KL(M || M*) on generated text
+SELF_STREAM = 770077  # numpy SeedSequence([seed, SELF_STREAM, batch]) seeds the sampling of each generate() batch
+# Generic, topic-free English openers, cycled over the samples. Starting from BOS alone makes an instruct model
+# open every sample alike (its chat-style first tokens; SmolLM2's tokenizer adds no BOS at all); LLM-QAT's random
+# first token depends on the vocabulary. A tiny fixed set spreads the samples over topics as WikiText's prose
+# does, and the draw stays a function of (seed, settings) alone.
+SELF_PROMPTS = ("The", "In", "A", "It was", "Many people", "The first", "According to", "One of the", "There are",
+                "When the", "This is", "In the early", "Scientists", "The city of", "After the", "Although")
+
+
+def self_public_prompts(count: int) -> list[str]:
+    """The prompt of each of `count` generated texts: SELF_PROMPTS cycled."""
+    return [SELF_PROMPTS[i % len(SELF_PROMPTS)] for i in range(count)]
+
+
+def _batch_seed(seed: int, batch: int) -> int:
+    """The torch seed of generate() batch `batch` (independent of every other stream of the run)."""
+    return int(np.random.SeedSequence([seed, SELF_STREAM, batch]).generate_state(1)[0])
+
+
+@torch.no_grad()
+def generate_public(model, tokenizer, count: int, max_new_tokens: int, temperature: float, seed: int,
+                    batch_size: int, progress=None) -> list[dict]:
+    """data.public=self: `count` texts sampled from `model`, each a generic prompt (`self_public_prompts`) plus up
+    to `max_new_tokens` tokens drawn at `temperature` (no top-k / top-p), cut at the first eos.
+
+    Batched generate() of `batch_size` left-padded prompts in eval mode; batch b is seeded by (seed, b) inside
+    a forked torch RNG, so the texts depend only on (model, tokenizer, settings, seed) and the run's own random
+    streams are untouched (a cached file and a fresh generation leave the run identical). `progress(done, total)`
+    is called after each batch. Returns [{"prompt", "text"}] with text = prompt + continuation."""
+    from . import models
+
+    ensure_pad_token(tokenizer)
+    prompts = self_public_prompts(count)
+    eos = {tokenizer.eos_token_id, tokenizer.pad_token_id, *_as_list(model.generation_config.eos_token_id)} - {None}
+    device = next(model.parameters()).device
+    rows: list[dict] = []
+    with models.mode(model):
+        for b, start in enumerate(range(0, count, batch_size)):
+            chunk = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts[start:start + batch_size]]
+            ids, mask = _left_pad(chunk, tokenizer.pad_token_id)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_batch_seed(seed, b))
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
+                                     temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos))
+            for prompt, p_ids, new in zip(prompts[start:], chunk, out[:, ids.shape[1]:].tolist()):
+                end = next((j for j, t in enumerate(new) if t in eos), len(new))
+                rows.append({"prompt": prompt, "text": tokenizer.decode(p_ids + new[:end], skip_special_tokens=True)})
+            if progress is not None:
+                progress(len(rows), count)
+    return rows
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (input_ids, attention_mask) of token-id lists (generation continues from the right end)."""
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, x in enumerate(seqs):
+        ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
+        mask[i, width - len(x):] = 1
+    return ids, mask
+
+
+def write_self_public(path: Path, rows: list[dict], n_public: int) -> None:
+    """The generated texts as JSON lines {"i", "split" (public | heldout), "prompt", "text"}, written atomically."""
+    lines = [json.dumps({"i": i, "split": "public" if i < n_public else "heldout", **r}, ensure_ascii=False)
+             for i, r in enumerate(rows)]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_self_public(path: Path, n_public: int, n_heldout: int = SELF_HELDOUT) -> tuple[list[str], list[str]]:
+    """(public texts, held-out texts) of a file `write_self_public` wrote; DataError naming the file when it is
+    damaged or holds another number of texts (a run is resumed with its own settings, so it never should)."""
+    fix = "delete it to generate the texts again"
+    rows = []
+    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: bad JSON ({e.msg}); {fix}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or row.get("i") != lineno - 1:
+            raise DataError(f"{path}:{lineno}: not a generated-text row (i, split, prompt, text); {fix}")
+        rows.append(row)
+    if len(rows) != n_public + n_heldout or any((r["split"] == "public") != (r["i"] < n_public) for r in rows):
+        raise DataError(f"{path}: holds {len(rows)} texts, expected {n_public} public + {n_heldout} held out "
+                        f"(data.public_samples={n_public}); {fix}")
+    texts = [r["text"] for r in rows]
+    return texts[:n_public], texts[n_public:]
 
 
 def _clean_gsm8k(answer: str) -> str:

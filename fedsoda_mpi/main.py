@@ -83,7 +83,8 @@ def prepare_inputs(cfg: Config) -> tuple[list[list[dict]], np.ndarray]:
                               f"{data.data_dir() / task / 'train.jsonl'} (after data.val_size={val_size}), "
                               f"got {cfg.eval.k_shot}")
     data.load_rows(task, "test")
-    data.load_public(cfg.data.public)
+    if cfg.data.public != "self":  # self: rank 0 generates it (server.Server.self_public)
+        data.load_public(cfg.data.public)
     models.check_weights(model_path(cfg.model.name))
     return rows, hist
 
@@ -107,6 +108,21 @@ def partition_error(cfg: Config, e: ValueError) -> Exception:
     return data.DataError(f"data.split={cfg.data.split}: {e}")
 
 
+def lock_run_folder(cfg: Config, comm) -> None:
+    """Rank 0 locks the run folder (`runlog.lock_run_dir`) and tells every rank, in the one collective before
+    the run; a folder in use ends every rank with a ConfigError (rank 0's names the holder)."""
+    from .runlog import RunFolderBusy, lock_run_dir, run_dir_of
+
+    busy = None
+    if comm.rank == 0:
+        try:
+            lock_run_dir(run_dir_of(cfg))
+        except RunFolderBusy as e:
+            busy = str(e)
+    if not comm.broadcast_flag(busy is None if comm.rank == 0 else None):
+        raise ConfigError(busy or "the run folder is in use by another job (rank 0 names it)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from .comm import Comm, exit_with_launcher, install_abort_hook
@@ -117,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = prepare_config(argv, comm.size)
         inputs = prepare_inputs(cfg)
+        lock_run_folder(cfg, comm)
     except (ConfigError, DataError, ModelError) as e:
         if comm.rank == 0:
             kind = {ConfigError: "config", DataError: "data", ModelError: "model"}[type(e)]

@@ -89,6 +89,20 @@ class Plan:
         return layer_maps(self.kept)[1]
 
     @property
+    def n(self) -> int:
+        """Layers removed per SGP group (t_i, t_i + n): the CHOSEN n (sgp.auto picks it; sgp.n is only the request);
+        0 without groups (no pruning, or a uniform drop)."""
+        sizes = {end - t for t, end in self.groups}
+        if len(sizes) > 1:
+            raise ValueError(f"groups {self.groups} do not share one n")
+        return sizes.pop() if sizes else 0
+
+    @property
+    def p(self) -> int:
+        """Number of pruned SGP groups: the CHOSEN p (sgp.auto or sgp.max_distance may change sgp.p)."""
+        return len(self.groups)
+
+    @property
     def align_pairs(self) -> list[tuple[int, int]]:
         """(full layer t_i + n, sub layer s_i): the L_inter pairs of eq. 6."""
         return [(t_end, s) for (t, t_end), (_, s) in zip(self.groups, self.layer_map)]

@@ -470,6 +470,15 @@ def load_bundle(files: dict[str, bytes], workdir: Path, device: str = "cpu"):
     return load_causal_lm(workdir, dtype="auto", device=device)
 
 
+def safetensors_tensor_bytes(blob: bytes) -> int:
+    """Bytes of tensor data in a safetensors file's contents (its size minus the 8-byte length and JSON header)."""
+    import struct
+
+    if len(blob) < 8:
+        raise ModelError(f"not a safetensors file ({len(blob)} bytes)")
+    return len(blob) - 8 - struct.unpack("<Q", blob[:8])[0]
+
+
 def stored_bytes(model) -> int:
     """Bytes of all parameters and buffers as stored (tied tensors once; NF4 packed weights plus their
     quantization constants: absmax, nested absmax, code books; about 4.127 bits per weight, paper App. C)."""

@@ -7,9 +7,12 @@ so another process can read it during the run with `HDF5_USE_FILE_LOCKING=FALSE`
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import importlib.metadata
 import json
 import os
+import socket
 import platform
 import subprocess
 import sys
@@ -70,7 +73,8 @@ def finished_run(run_dir: Path) -> bool:
         return False
 
 
-ATTEMPT_FILES = ("run.h5", "config.yaml", "log.txt", "log.rank*.txt", "client_rank*.json", "checkpoints", "adapter")
+ATTEMPT_FILES = ("run.h5", "config.yaml", "log.txt", "log.rank*.txt", "client_rank*.json", "checkpoints", "adapter",
+                 "public_self.jsonl")  # data.SELF_FILE: a new attempt may generate its texts with other settings
 
 
 def archive_failed_attempt(run_dir: Path) -> Path | None:
@@ -85,6 +89,42 @@ def archive_failed_attempt(run_dir: Path) -> Path | None:
     for p in found:
         p.rename(dest / p.name)
     return dest
+
+
+LOCK_FILE = ".lock"
+_HELD_LOCKS: list = []  # open lock files of this process (released when it exits, however it exits)
+
+
+class RunFolderBusy(RuntimeError):
+    """Another live process holds the run folder's lock."""
+
+
+def lock_run_dir(run_dir: Path) -> bool:
+    """Take run_dir/.lock (an exclusive flock, rank 0, for the life of the process) so that two jobs never write
+    one run folder: a resubmitted Slurm array task, a second `study run`, the same command typed twice. The
+    kernel drops the lock when the process dies, even on SIGKILL, so a crash never leaves a stale lock.
+    Raises RunFolderBusy naming the holder (host, pid, Slurm job, start time); returns False (and locks
+    nothing) on a file system without flock support (e.g. Lustre mounted without -o flock)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.seek(0)
+        holder = f.read().strip() or "unknown process"
+        f.close()
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise RunFolderBusy(f"{run_dir} is in use by another job ({holder}); wait for it to end, stop it, "
+                                "or choose another output.dir") from None
+        return False
+    f.seek(0)
+    f.truncate()
+    job = os.environ.get("SLURM_JOB_ID")
+    f.write(f"host {socket.gethostname()}, pid {os.getpid()}" + (f", Slurm job {job}" if job else "")
+            + time.strftime(", since %Y-%m-%d %H:%M:%S") + "\n")
+    f.flush()
+    _HELD_LOCKS.append(f)
+    return True
 
 
 class RunLog:

@@ -4,6 +4,7 @@ the ranks is federation.py, the transport comm.py; aggregation (line 18) is a st
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -15,13 +16,16 @@ from . import checkpoint, data, models, oda, sgp
 from .config import Config
 from .evaluate import evaluate
 from .methods import Plan
-from .paths import model_path
+from .paths import model_path, sha256_of
 from .runlog import RunLog
 
 
-def public_batches(cfg: Config, tokenizer, holdout: bool, limit: int, rng: np.random.Generator | None = None) -> list[dict]:
-    """Batches of D_public (WikiText-2 or GSM8K train): the first `limit` texts, or a random sample."""
-    texts = data.load_public(cfg.data.public, holdout=holdout)
+HELDOUT_TEXTS = 16  # held-out public texts of KL(M || M*) and of the drift probe (its first batch)
+
+
+def public_batches(cfg: Config, tokenizer, texts: list[str], limit: int,
+                   rng: np.random.Generator | None = None) -> list[dict]:
+    """Batches of D_public from its pool `texts`: the first `limit` texts, or a random sample of `limit`."""
     if rng is not None:
         texts = [texts[i] for i in rng.choice(len(texts), size=min(limit, len(texts)), replace=False)]
     else:
@@ -38,9 +42,14 @@ class Server:
         data.ensure_pad_token(self.tok)
         self.L = len(models.get_layers(self.full))
         self.full_bytes = models.stored_bytes(self.full)  # as loaded, before any LoRA is attached
-        self.public = public_batches(cfg, self.tok, holdout=False, limit=cfg.data.public_samples)
-        self.heldout = public_batches(cfg, self.tok, holdout=True, limit=16)
+        self.pool, self_heldout = self.public_texts()  # D_public: SGP, pre- and re-alignment draw from it
+        self.public = public_batches(cfg, self.tok, self.pool, cfg.data.public_samples)
+        self.kl_on, kl_texts = self.kl_texts(self_heldout)
+        self.heldout = public_batches(cfg, self.tok, kl_texts, HELDOUT_TEXTS)  # KL(M || M*) and the drift probe
+        self.heldout_self = public_batches(cfg, self.tok, self_heldout, HELDOUT_TEXTS) if self_heldout else []
         self.probe = self.heldout[:1]
+        log.set_attrs("public", mode=cfg.data.public, n_public=min(len(self.pool), cfg.data.public_samples),
+                      n_pool=len(self.pool), kl_on=self.kl_on)
         rows = data.load_rows(cfg.data.task, "train")
         self.n_train_file = len(rows)
         self.val_index = data.validation_index(rows, cfg.data.task, cfg.data.val_size) if cfg.data.val_size else \
@@ -52,6 +61,52 @@ class Server:
         # after the latest alignment, and that alignment's round (0 = pre-alignment / set-up)
         self.drift_probe, self.drift_ref, self.last_aligned = float("nan"), float("nan"), 0
         self._probe_inputs = None  # (the emulator LoRA they were computed with, the adapters' inputs on the probe batch)
+
+    def public_texts(self) -> tuple[list[str], list[str]]:
+        """(pool of D_public, generated held-out texts): the public file's first 90% and no generated text, or with
+        data.public=self the texts of `self_public` (the pool is then exactly the data.public_samples texts)."""
+        if self.cfg.data.public != "self":
+            return data.load_public(self.cfg.data.public, holdout=False), []
+        return self.self_public()
+
+    def self_public(self) -> tuple[list[str], list[str]]:
+        """data.public=self: data.public_samples + data.SELF_HELDOUT texts sampled from the full LLM M (seeded by the
+        run's seed; data.generate_public), generated once into <run>/public_self.jsonl and read back from there on
+        every later start (resume), so re-alignment samples the same texts; settings and timing go to /public."""
+        c, path = self.cfg.data, self.log.run_dir / data.SELF_FILE
+        n_public, n_held = c.public_samples, data.SELF_HELDOUT
+        settings = dict(temperature=c.self_temperature, max_new_tokens=c.self_max_new_tokens,
+                        batch_size=c.self_batch_size, seed=self.cfg.seed, n_heldout=n_held, file=data.SELF_FILE,
+                        prompts_json=json.dumps(list(data.SELF_PROMPTS)))
+        if path.is_file():
+            self.log.log(f"public=self: reusing the {n_public} + {n_held} generated texts of {path}")
+        else:
+            total, t0 = n_public + n_held, time.time()
+            self.log.log(f"public=self: generating {total} texts with the full LLM (temperature {c.self_temperature:g}, "
+                         f"up to {c.self_max_new_tokens} new tokens, batches of {c.self_batch_size})")
+
+            def progress(done: int, count: int) -> None:
+                self.log.log(f"public=self: {done}/{count} texts generated ({time.time() - t0:.1f}s)")
+
+            rows = data.generate_public(self.full, self.tok, total, c.self_max_new_tokens, c.self_temperature,
+                                        self.cfg.seed, c.self_batch_size, progress)
+            data.write_self_public(path, rows, n_public)
+            self.log.set_attrs("public", generate_s=time.time() - t0)
+        self.log.set_attrs("public", sha256=sha256_of(path), **settings)
+        return data.read_self_public(path, n_public, n_held)
+
+    def kl_texts(self, generated: list[str]) -> tuple[str, list[str]]:
+        """Which held-out text KL(M || M*) and the drift probe use: the held-out 10% of the public file; with
+        data.public=self still WikiText-2's held-out slice when that file exists, so the numbers stay comparable
+        with runs on WikiText-2 (KL on the generated held-out texts is recorded beside it), else the generated
+        held-out texts."""
+        public = self.cfg.data.public
+        if public != "self":
+            return public, data.load_public(public, holdout=True)
+        try:
+            return "wikitext2", data.load_public("wikitext2", holdout=True)
+        except data.DataError:
+            return "self", generated
 
     @classmethod
     def load(cls, cfg: Config, log: RunLog, device: torch.device) -> "Server":
@@ -76,7 +131,8 @@ class Server:
 
     # Algorithm 1 / Algorithm 2 line 1
     def plan_layers(self) -> Plan:
-        """SGP (eq. 5 profile + exact group choice) or, with sgp.enabled=false, a uniform layer drop."""
+        """SGP (eq. 5 profile + exact group choice; sgp.auto: (n, p) chosen too) or, with sgp.enabled=false, a
+        uniform layer drop. The Plan carries the groups, hence the chosen n and p (Plan.n, Plan.p)."""
         cfg, L = self.cfg, self.L
         la, first = cfg.model.adapter_layers or L, cfg.model.adapter_first
         n, p = cfg.sgp.n, cfg.sgp.p
@@ -84,14 +140,7 @@ class Server:
         if p == 0:
             plan = Plan(L, la, list(range(L)), [], [], first)
         elif cfg.sgp.enabled:
-            L_E = L - la
-            n_max = cfg.sgp.n_max or max(n, 4)
-            t0 = time.time()
-            res = sgp.run_sgp(self.full, self.public, n=n, p=p, num_emulator_layers=L_E, n_max=min(n_max, L_E - 1),
-                              token=cfg.sgp.token)
-            self.log.log(f"SGP: profile {res.distance.shape} in {time.time() - t0:.1f}s, groups {res.groups}")
-            self.log.write("sgp/distance", res.distance.astype(np.float32))
-            groups = [tuple(map(int, g)) for g in res.groups]
+            groups = self.sgp_groups(L - la)
             kept = sgp.kept_layers(L, groups)
             lmap = [tuple(map(int, m)) for m in sgp.layer_map(groups, kept)]
             plan = Plan(L, la, kept, groups, lmap, first, sorted(s for _, s in lmap) if aligned else [])
@@ -102,6 +151,33 @@ class Server:
             self.log.log(f"uniform drop ({cfg.sgp.spacing} spacing) of {n * p} emulator layers, kept {kept}")
         self._write_plan(plan)
         return plan
+
+    def sgp_groups(self, L_E: int) -> list[tuple[int, int]]:
+        """Algorithm 1 on D_public: the distance profile (n = 1..n_max; sgp.auto: up to sgp.n_max or L_E - 1, every
+        candidate n) and the groups of the fixed or the chosen (n, p); records /sgp/distance, /sgp/candidates
+        [C, 3] (n, p, summed distance; inf: no placement under sgp.max_distance) and the /sgp attributes."""
+        s = self.cfg.sgp
+        n_max = min(s.n_max or (L_E - 1 if s.auto else max(s.n, 4)), L_E - 1)
+        t0 = time.time()
+        res = sgp.run_sgp(self.full, self.public, n=s.n, p=s.p, num_emulator_layers=L_E, n_max=n_max, token=s.token,
+                          remove_layers=s.remove_layers if s.auto else 0, max_distance=s.max_distance)
+        groups = [tuple(map(int, g)) for g in res.groups]
+        rows = [(c.n, c.p, c.cost) for c in res.candidates]
+        self.log.write("sgp/distance", res.distance.astype(np.float32))
+        self.log.write("sgp/candidates", np.asarray(rows, dtype=np.float64).reshape(-1, 3))
+        self.log.set_attrs("sgp", auto=bool(s.auto), n=int(res.n), p=int(res.p), removed=int(res.n * res.p),
+                           remove_layers=int(s.remove_layers if s.auto else s.n * s.p), max_distance=float(s.max_distance),
+                           criterion="min sum_i d(x^t_i, x^(t_i+n)) / (n p) over n * p = remove_layers")
+        table = ", ".join(f"({n},{p}) {c / (n * p):.4f}" if n * p and np.isfinite(c) else f"({n},{p}) -"
+                          for n, p, c in rows)
+        what = f"auto, remove_layers={s.remove_layers}, candidates (n,p) distance/layer: {table}; chose " if s.auto else ""
+        cap = f" (max_distance {s.max_distance:g})" if s.max_distance else ""
+        self.log.log(f"SGP: profile {res.distance.shape} in {time.time() - t0:.1f}s; {what}n={res.n}, p={res.p}"
+                     f"{cap}, groups {groups}")
+        if res.n * res.p < (s.remove_layers if s.auto else s.n * s.p):
+            self.log.log(f"SGP: sgp.max_distance={s.max_distance:g} leaves {res.n * res.p} of the "
+                         f"{s.remove_layers if s.auto else s.n * s.p} requested layers to remove")
+        return groups
 
     def _write_plan(self, plan: Plan) -> None:
         self.log.write("sgp/groups", np.asarray(plan.groups, dtype=np.int32).reshape(-1, 2))
@@ -122,7 +198,7 @@ class Server:
         self.global_adapter = models.lora_state(self.sub, plan.adapter_sub)
         self.sync_full()
         self.log.log(f"sub-LLM: {plan.sub_layers}/{plan.num_layers} layers, quantized={cfg.quant.enabled}, "
-                     f"{models.stored_bytes(models.decoder(sub)) / 2**20:.1f} MiB as stored, built in {time.time() - t0:.1f}s")
+                     f"{models.stored_bytes(sub) / 2**20:.1f} MiB as stored, built in {time.time() - t0:.1f}s")
 
     def emulator_lora(self) -> dict[str, torch.Tensor]:
         return models.lora_state(self.sub, self.plan.emulator_lora_sub)
@@ -147,22 +223,32 @@ class Server:
     def pre_align(self) -> None:
         if not (self.cfg.oda.pre_align and self.plan.emulator_lora_sub and self.cfg.oda.pre_epochs > 0):
             return
-        kl_before = oda.kl_divergence(self.full, self.sub, self.heldout)
+        kl_before, self_before = self.held_out_kl()
         t0 = time.time()
         steps = self._align(self.public, self.cfg.oda.pre_epochs)
-        kl_after = oda.kl_divergence(self.full, self.sub, self.heldout)
+        seconds = time.time() - t0
+        kl_after, self_after = self.held_out_kl()
         for key in ("loss", "loss_rep", "loss_kl"):
             self.log.write(f"oda/pre/{key}", np.array([s[key] for s in steps], dtype=np.float32))
-        self.log.set_attrs("oda/pre", kl_before=kl_before, kl_after=kl_after, seconds=time.time() - t0)
-        self.log.log(f"pre-alignment: {len(steps)} steps in {time.time() - t0:.1f}s, held-out KL(M||M*) "
-                     f"{kl_before:.4f} -> {kl_after:.4f} ({100 * (1 - kl_after / kl_before):.1f}% lower)")
+        extra = dict(kl_before_self=self_before, kl_after_self=self_after) if self.heldout_self else {}
+        self.log.set_attrs("oda/pre", kl_before=kl_before, kl_after=kl_after, kl_on=self.kl_on, seconds=seconds,
+                           **extra)
+        self.log.log(f"pre-alignment: {len(steps)} steps in {seconds:.1f}s, held-out KL(M||M*) on {self.kl_on} "
+                     f"{kl_before:.4f} -> {kl_after:.4f} ({100 * (1 - kl_after / kl_before):.1f}% lower)"
+                     + (f"; on generated text {self_before:.4f} -> {self_after:.4f}" if extra else ""))
+
+    def held_out_kl(self) -> tuple[float, float]:
+        """Eq. 7 KL(M || M*) on the held-out texts (`kl_texts`) and on the generated held-out texts (NaN unless
+        data.public=self)."""
+        kl = oda.kl_divergence(self.full, self.sub, self.heldout)
+        return kl, oda.kl_divergence(self.full, self.sub, self.heldout_self) if self.heldout_self else float("nan")
 
     # Algorithm 2 lines 9-12
     def re_align(self, rnd: int) -> None:
         """E_r epochs of ODA on a random sample of D_public, seeded by (seed, round) so that resume is exact."""
         rng = np.random.default_rng([self.cfg.seed, rnd, 7])
         torch.manual_seed(checkpoint.torch_seed(self.cfg.seed, rnd, checkpoint.REALIGN_STREAM))  # LoRA dropout
-        batches = public_batches(self.cfg, self.tok, holdout=False, limit=self.cfg.oda.re_samples, rng=rng)
+        batches = public_batches(self.cfg, self.tok, self.pool, self.cfg.oda.re_samples, rng=rng)
         steps = self._align(batches, self.cfg.oda.re_epochs)
         mean = {k: float(np.mean([s[k] for s in steps])) for k in ("loss", "loss_rep", "loss_kl")}
         self.log.append("oda/re", {"round": np.int32(rnd), **{k: np.float32(v) for k, v in mean.items()}})

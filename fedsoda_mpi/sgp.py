@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -122,14 +122,10 @@ def distance_profile(model, batches: Iterable[dict], n_max: int, num_emulator_la
     return distance
 
 
-def choose_groups(distance: np.ndarray, n: int, p: int) -> list[tuple[int, int]]:
-    """Algorithm 1 line 6 (Find_Min_Distance), solved exactly by dynamic programming.
+def _group_costs(distance: np.ndarray, n: int, p: int, max_distance: float = 0.0) -> list[float]:
+    """Eq. 5 cost d(x^t, x^{t+n}) of every group start t = 0..L_E-n-1; inf where it exceeds max_distance (> 0).
 
-    Picks p groups (t, t+n) inside the emulator (t+n <= L_E-1, L_E = distance.shape[1]) whose closed
-    intervals [t, t+n] are pairwise disjoint, minimizing the sum of distance[n-1, t]. Among optimal
-    choices the lexicographically smallest list of starts wins (lowest t first). Returns sorted
-    [(t_i, t_i + n)].
-    """
+    Raises ValueError for bad (n, p), groups that cannot fit, or a NaN inside the emulator."""
     num_emulator_layers = distance.shape[1]
     if n < 1 or p < 1:
         raise ValueError(f"n and p must be >= 1, got n={n}, p={p}")
@@ -140,7 +136,13 @@ def choose_groups(distance: np.ndarray, n: int, p: int) -> list[tuple[int, int]]
     cost = [float(c) for c in distance[n - 1, : num_emulator_layers - n]]
     if any(math.isnan(c) for c in cost):
         raise ValueError(f"distance profile has NaN inside the emulator for n={n}")
-    best = _suffix_optimum(cost, n, p)
+    if max_distance > 0:
+        cost = [c if c <= max_distance else math.inf for c in cost]
+    return cost
+
+
+def _trace_groups(cost: list[float], best: list[list[float]], n: int, p: int) -> list[tuple[int, int]]:
+    """The groups of the optimum best[0][p] (finite), the lowest start first among ties."""
     groups, t, k = [], 0, p
     while k > 0:
         if cost[t] + best[min(t + n + 1, len(cost))][k - 1] <= best[t + 1][k]:  # taking t ties -> take
@@ -149,6 +151,32 @@ def choose_groups(distance: np.ndarray, n: int, p: int) -> list[tuple[int, int]]
         else:
             t += 1
     return groups
+
+
+def choose_groups(distance: np.ndarray, n: int, p: int, max_distance: float = 0.0) -> list[tuple[int, int]]:
+    """Algorithm 1 line 6 (Find_Min_Distance), solved exactly by dynamic programming.
+
+    Picks p groups (t, t+n) inside the emulator (t+n <= L_E-1, L_E = distance.shape[1]) whose closed
+    intervals [t, t+n] are pairwise disjoint, minimizing the sum of distance[n-1, t]. Among optimal
+    choices the lexicographically smallest list of starts wins (lowest t first). With max_distance > 0
+    only groups with distance[n-1, t] <= max_distance may be chosen (ValueError if p of them cannot be
+    placed; `cap_groups` shrinks p instead). Returns sorted [(t_i, t_i + n)].
+    """
+    cost = _group_costs(distance, n, p, max_distance)
+    best = _suffix_optimum(cost, n, p)
+    if math.isinf(best[0][p]):
+        raise ValueError(f"no {p} disjoint groups of n={n} have d(x^t, x^(t+n)) <= max_distance={max_distance:g}")
+    return _trace_groups(cost, best, n, p)
+
+
+def cap_groups(distance: np.ndarray, n: int, p: int, max_distance: float) -> list[tuple[int, int]]:
+    """sgp.max_distance with a fixed n: the optimal groups of the largest p' <= p for which p' disjoint groups
+    with distance[n-1, t] <= max_distance exist (p' = 0: no group qualifies, []). Feasibility is monotone in
+    p' (drop any group of a feasible set), so p' = max{k : best[0][k] < inf} of the same DP."""
+    cost = _group_costs(distance, n, p, max_distance)
+    best = _suffix_optimum(cost, n, p)
+    k = max(k for k in range(p + 1) if math.isfinite(best[0][k]))
+    return _trace_groups(cost, best, n, k)
 
 
 def _suffix_optimum(cost: list[float], n: int, p: int) -> list[list[float]]:
@@ -160,6 +188,75 @@ def _suffix_optimum(cost: list[float], n: int, p: int) -> list[list[float]]:
         for k in range(1, p + 1):
             best[i][k] = min(best[i + 1][k], cost[i] + nxt[k - 1])
     return best
+
+
+# ---- automatic (n, p): sgp.auto --------------------------------------------------------------------------------
+
+@dataclass
+class Candidate:
+    """One (n, p) that auto considered: its optimal groups (choose_groups) and their summed eq. 5 cost
+    sum_i d(x^{t_i}, x^{t_i + n}); cost = inf (groups = []) when max_distance leaves no placement."""
+    n: int
+    p: int
+    cost: float
+    groups: list[tuple[int, int]]
+
+    @property
+    def per_layer(self) -> float:
+        """The selection criterion: summed group distance per removed layer, cost / (n p)."""
+        return self.cost / (self.n * self.p) if self.n * self.p else math.nan
+
+
+def auto_pairs(remove_layers: int, num_emulator_layers: int, n_max: int = 0) -> list[tuple[int, int]]:
+    """Every (n, p) with n * p = remove_layers whose p groups of n + 1 layers fit the emulator
+    (p (n + 1) <= L_E) and n <= n_max (0 = no cap), by increasing n."""
+    return [(n, remove_layers // n) for n in range(1, remove_layers + 1)
+            if remove_layers % n == 0 and (remove_layers // n) * (n + 1) <= num_emulator_layers
+            and (n_max == 0 or n <= n_max)]
+
+
+def _candidate(distance: np.ndarray, n: int, p: int, max_distance: float) -> Candidate:
+    try:
+        groups = choose_groups(distance, n, p, max_distance)
+    except ValueError:
+        if max_distance <= 0:
+            raise
+        return Candidate(n, p, math.inf, [])
+    return Candidate(n, p, math.fsum(float(distance[n - 1, t]) for t, _ in groups), groups)
+
+
+def choose_auto(distance: np.ndarray, remove_layers: int, n_max: int = 0,
+                max_distance: float = 0.0) -> tuple[Candidate, list[Candidate]]:
+    """sgp.auto: remove K = remove_layers emulator layers as p groups of n (n * p = K), (n, p) chosen.
+
+    For every (n, p) of `auto_pairs` (n <= n_max, or up to the profile's n_max), the exact DP gives the best
+    groups and their summed cost C(n, p) = sum_i d(x^{t_i}, x^{t_i + n}) (eq. 5). The chosen (n, p) has the
+    lowest C / K, the angular distance lost per removed layer (ties: the smaller n, i.e. more, shorter groups).
+    At a fixed K this is the lowest C; the per-layer form makes the rows of different K comparable.
+
+    Why C: a group (t, t+n) hands x^t to layer t+n+1 where the full model hands it x^{t+n}, so d(x^t, x^{t+n}) is
+    the error the group injects, and the sub-LLM's error is to first order the sum over its groups.
+    Bias to know: the angular distance is a metric, so d(x^t, x^{t+n}) <= sum of the distances of any split of
+    [t, t+n], and one long group usually costs less than several short ones (on SmolLM2 at K = 12 the argmin
+    is n = 12, p = 1, one contiguous block as in Gromov et al. 2024). sgp.n_max caps n; max_distance bounds
+    every group's distance, which also rules out long groups.
+
+    max_distance > 0: a group may be chosen only if d(x^t, x^{t+n}) <= max_distance; an (n, p) with no such
+    placement has C = inf. If no (n, p) of K has one, K is an upper bound: K - 1, K - 2, ... are tried until
+    some (n, p) fits (K' = 0: nothing qualifies, the returned candidate has n = p = 0 and no groups).
+    Returns (chosen, every candidate tried, K first). ValueError if K has no (n, p) that fits the emulator.
+    """
+    n_cap = min(n_max or distance.shape[0], distance.shape[0])
+    if not auto_pairs(remove_layers, distance.shape[1], n_cap):
+        raise ValueError(f"no n * p = {remove_layers} with n <= {n_cap} fits L_E={distance.shape[1]} layers")
+    tried: list[Candidate] = []
+    for k in range(remove_layers, 0, -1):
+        found = [_candidate(distance, n, p, max_distance) for n, p in auto_pairs(k, distance.shape[1], n_cap)]
+        tried += found
+        feasible = [c for c in found if math.isfinite(c.cost)]
+        if feasible:
+            return min(feasible, key=lambda c: (c.per_layer, c.n)), tried
+    return Candidate(0, 0, 0.0, []), tried
 
 
 def kept_layers(num_layers: int, groups: Iterable[tuple[int, int]]) -> list[int]:
@@ -190,23 +287,45 @@ def layer_map(groups: Iterable[tuple[int, int]], kept: list[int]) -> list[tuple[
 
 @dataclass
 class SGPResult:
-    """Outputs of Algorithm 1: the distance profile, chosen groups, kept full-model layers and I."""
+    """Outputs of Algorithm 1: the distance profile, chosen groups, kept full-model layers and I; the (n, p) the
+    groups have (auto or max_distance may change them) and the candidates that were compared."""
     distance: np.ndarray
     groups: list[tuple[int, int]]
     kept: list[int]
     layer_map: list[tuple[int, int]]
+    n: int = 0
+    p: int = 0
+    candidates: list[Candidate] = field(default_factory=list)
+
+
+def select_groups(distance: np.ndarray, n: int, p: int, remove_layers: int = 0, n_max: int = 0,
+                  max_distance: float = 0.0) -> tuple[int, int, list[tuple[int, int]], list[Candidate]]:
+    """Algorithm 1 line 6 for the three configurations: (n, p, groups, candidates).
+
+    remove_layers = K > 0: `choose_auto` (n, p chosen, every candidate listed); else the fixed (n, p) with
+    `choose_groups`, or with max_distance > 0 `cap_groups` (p shrinks to what fits under the cap). The fixed
+    route lists its one (n, p) as the only candidate."""
+    if remove_layers > 0:
+        chosen, tried = choose_auto(distance, remove_layers, n_max, max_distance)
+        return chosen.n, chosen.p, chosen.groups, tried
+    groups = cap_groups(distance, n, p, max_distance) if max_distance > 0 else choose_groups(distance, n, p)
+    cost = math.fsum(float(distance[n - 1, t]) for t, _ in groups)
+    return n, len(groups), groups, [Candidate(n, len(groups), cost, groups)]
 
 
 def run_sgp(model, batches: Iterable[dict], n: int, p: int, num_emulator_layers: int, n_max: int | None = None,
-            token: str = "last") -> SGPResult:
-    """Algorithm 1 end to end on the full model (L layers). n_max defaults to the whole profile (L_E - 1)."""
+            token: str = "last", remove_layers: int = 0, max_distance: float = 0.0) -> SGPResult:
+    """Algorithm 1 end to end on the full model (L layers). n_max defaults to the whole profile (L_E - 1).
+
+    remove_layers > 0: automatic (n, p) (`choose_auto`; n and p are ignored, n_max caps the group length);
+    max_distance > 0: every chosen group has d(x^t, x^{t+n}) <= max_distance (`select_groups`)."""
     n_max = num_emulator_layers - 1 if n_max is None else n_max
-    if n > n_max:
+    if remove_layers <= 0 and n > n_max:
         raise ValueError(f"n={n} exceeds n_max={n_max}")
     distance = distance_profile(model, batches, n_max, num_emulator_layers, token)
-    groups = choose_groups(distance, n, p)
+    n, p, groups, candidates = select_groups(distance, n, p, remove_layers, n_max, max_distance)
     kept = kept_layers(model.config.num_hidden_layers, groups)
-    return SGPResult(distance, groups, kept, layer_map(groups, kept))
+    return SGPResult(distance, groups, kept, layer_map(groups, kept), n, p, candidates)
 
 
 def uniform_drop(num_layers: int, first_adapter: int, last_adapter: int, n_drop: int,

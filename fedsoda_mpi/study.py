@@ -356,13 +356,15 @@ def summarize(run: Run, run_dir: Path, lr: float, study: str) -> dict:
         cfg = json.loads(f.attrs["config_json"])
         pre = dict(f["oda/pre"].attrs) if "oda/pre" in f else {}
         base = dict(f["base"].attrs) if "base" in f else {}
+        sgp = dict(f["sgp"].attrs) if "sgp" in f else {}
+        public = dict(f["public"].attrs) if "public" in f else {}
         out = {"study": study, "run": run.id, "status": "ok", "stage": run.stage, "variant": run.variant,
                "method": run.method,
                "task": run.task, "model": run.model, "model_name": cfg["model"]["name"], "split": run.split,
                "seed": run.seed, "lr": lr, "lr_from": list(run.key), "overrides": list(run.overrides),
                "rounds": int(cfg["fed"]["rounds"]), "clients": int(cfg["fed"]["clients"]),
                "examples_per_client": int(cfg["data"]["max_train_per_client"]),
-               "pooled_clients": int(cfg["data"].get("pooled_clients", 0)), "settings": settings(cfg),
+               "pooled_clients": int(cfg["data"].get("pooled_clients", 0)), "settings": settings(cfg, sgp),
                "eval_rounds_on": "val" if cfg["data"].get("val_size") else "test",
                "accuracy": _r(fin["accuracy"]), "sub_accuracy": _r(fin["sub_accuracy"]),
                "base_accuracy": _r(base.get("accuracy", float("nan"))), "val_accuracy": _r(fin["val_accuracy"]),
@@ -379,7 +381,12 @@ def summarize(run: Run, run_dir: Path, lr: float, study: str) -> dict:
                "client_model_bytes": int(fin["client_model_bytes"]), "full_model_bytes": int(fin["full_model_bytes"]),
                "trainable_params": int(fin["trainable_params"]),
                "kl_before": _r(pre.get("kl_before", float("nan"))), "kl_after": _r(pre.get("kl_after", float("nan"))),
+               "kl_on": str(pre.get("kl_on", cfg["data"]["public"])),
+               "kl_before_self": _r(pre.get("kl_before_self", float("nan"))),
+               "kl_after_self": _r(pre.get("kl_after_self", float("nan"))),
                "sgp_groups": f["sgp/groups"][:].tolist() if "sgp/groups" in f else [],
+               "sgp_candidates": candidates(f["sgp/candidates"][:]) if "sgp/candidates" in f else [],
+               "public_self": self_public(public),
                "wall_s": _r(float(np.sum(rounds["wall_s"][:])), 1), "world_size": int(f.attrs["world_size"]),
                "commit": str(f.attrs["git_commit"]),
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((Path(run_dir) / "run.h5").stat().st_mtime))}
@@ -395,9 +402,27 @@ def failed_summary(run: Run, lr: float, study: str, code: int) -> dict:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())}
 
 
-def settings(cfg: dict) -> dict:
-    """The settings the tables vary, as fields (the job defaults included, not only the overrides)."""
-    return {"sgp_n": cfg["sgp"]["n"], "sgp_p": cfg["sgp"]["p"], "sgp_enabled": cfg["sgp"]["enabled"],
+def candidates(rows) -> list[list]:
+    """/sgp/candidates [C, 3] as [[n, p, summed distance (None: no placement under sgp.max_distance)]]."""
+    return [[int(n), int(p), _r(c) if math.isfinite(c) else None] for n, p, c in rows]
+
+
+def self_public(attrs: dict) -> dict:
+    """The /public attributes of a data.public=self run (its generation settings and time); {} otherwise."""
+    if attrs.get("mode") != "self":
+        return {}
+    keys = ("temperature", "max_new_tokens", "batch_size", "seed", "n_public", "n_heldout", "generate_s", "sha256")
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in attrs.items() if k in keys}
+
+
+def settings(cfg: dict, sgp: dict | None = None) -> dict:
+    """The settings the tables vary, as fields (the job defaults included, not only the overrides). sgp_n and sgp_p
+    are the (n, p) the run pruned with (the /sgp attributes `sgp`: sgp.auto and sgp.max_distance choose them),
+    the config's values where SGP did not run (uniform drop, no pruning) or the run file predates them."""
+    sgp, s = sgp or {}, cfg["sgp"]
+    return {"sgp_n": int(sgp.get("n", s["n"])), "sgp_p": int(sgp.get("p", s["p"])), "sgp_enabled": s["enabled"],
+            "sgp_auto": bool(s.get("auto", False)), "sgp_remove_layers": int(s.get("remove_layers", 0)),
+            "sgp_max_distance": float(s.get("max_distance", 0.0)),
             "adapter_layers": cfg["model"]["adapter_layers"], "adapter_first": cfg["model"]["adapter_first"],
             "pre_align": cfg["oda"]["pre_align"], "pre_epochs": cfg["oda"]["pre_epochs"],
             "re_align": cfg["oda"]["re_align"], "realign_every": cfg["oda"]["every"],

@@ -24,12 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def running(pid: int) -> bool:
-    """Whether process `pid` still runs: not gone and not a zombie (an exited process that waits to be reaped,
-    which an orphan's new parent, PID 1 of a container, may never do)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
+    """Whether process `pid` still runs (a zombie counts as gone): the code's own `client.process_alive`."""
+    from fedsoda_mpi.client import process_alive
+
+    return process_alive(pid)
 
 
 def tiny_causal_lm(family: str = "llama", layers: int = 8, hidden: int = 64, vocab: int = 128, seed: int = 0):

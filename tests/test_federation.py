@@ -3,6 +3,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fedsoda_mpi.config import load_config
 from fedsoda_mpi.federation import client_schedule, placement
@@ -125,3 +126,36 @@ def test_rounds_in_one_process_server_client_and_strategy(tiny_model_dir, tmp_pa
     assert all(torch.equal(sub_state[k], new[k]) for k in new)
     assert all(torch.equal(v, new[k]) for k, v in models.remap_layers(full_state, plan.full_to_sub).items())
     log.close()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_client_holds_what_it_received_tied_or_untied_head(family, request, tmp_path):
+    """Issue 17: on an untied LM head (Qwen2, as LLaMA3-8B, Qwen2-7B, Mistral-7B) the client used to report the
+    decoder without the head. The shipped safetensors (NF4 weights as the client keeps them) and the bytes the
+    client holds (minus its LoRA, which travels separately) agree up to the rotary buffers (not shipped: rebuilt
+    from the config), and the untied head is counted: held >= embeddings + head in fp32."""
+    import torch
+
+    from fedsoda_mpi.client import Client
+    from fedsoda_mpi.main import prepare_inputs
+    from fedsoda_mpi.runlog import RunLog
+    from fedsoda_mpi.server import Server
+
+    folder = request.getfixturevalue("tiny_model_dir" if family == "llama" else "tiny_qwen2_dir")
+    cfg = load_config(None, [f"model.name={folder}", "fed.clients=2", "data.max_train_per_client=4",
+                             "data.public_samples=8", "data.val_size=20", "oda.pre_align=false"])
+    log = RunLog(tmp_path, 0, echo=False)
+    log.open_h5(cfg, 2, cfg.model.name, mode="w")
+    server = Server.load(cfg, log, torch.device("cpu"))
+    plan = server.plan_layers()
+    server.build(plan)
+    client = Client(cfg, 1, plan, dict(server.bundle), prepare_inputs(cfg)[0], torch.device("cpu"))
+    held = client.holdings()
+    log.close()
+    config = server.full.config
+    embed = 4 * config.vocab_size * config.hidden_size
+    assert held["lm_head_tied"] == (family == "llama") == config.tie_word_embeddings
+    weights = held["stored_bytes"] - held["lora_bytes"]
+    assert weights >= embed * (1 if family == "llama" else 2)
+    assert 0 <= weights - held["received_weight_bytes"] <= 1024
+    assert held["received_weight_bytes"] < held["received_model_bytes"] <= 1.2 * held["received_weight_bytes"] + 2**20

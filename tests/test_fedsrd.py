@@ -123,30 +123,81 @@ def test_aggregate_weights_three_to_one():
 def test_encode_decode_round_trip_and_fixed_sizes():
     state = {key(MODS[0], "A"): torch.randn(4, 20), key(MODS[0], "B"): torch.randn(20, 4)}
     shapes = {n: tuple(t.shape) for n, t in state.items()}
-    idx, val = encode(state, 1.0)
-    assert all(torch.equal(a, b) for a, b in zip(decode(idx, val, shapes).values(), state.values()))
+    pos, val = encode(state, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(decode(pos, val, shapes).values(), state.values()))
     dense_bytes = Schema.of(state).nbytes
     for d in (1.0, 0.5, 0.1):
-        idx, val = encode(state, d)
-        ishapes, vshapes = payload_shapes(shapes, d)
+        pos, val = encode(state, d)
+        pshapes, vshapes = payload_shapes(shapes, d)
         k = round(d * 80)
-        assert {n: tuple(t.shape) for n, t in idx.items()} == ishapes == {f"{n}.idx": (k,) for n in state}
-        assert {n: tuple(t.shape) for n, t in val.items()} == vshapes
-        ischema, vschema = Schema.of(idx), Schema.of(val)
-        assert (ischema.dtype, vschema.dtype) == ("int32", "float32")
-        payload = ischema.nbytes + vschema.nbytes
-        assert payload == 8 * 2 * k == 2 * d * dense_bytes
+        assert {n: tuple(t.shape) for n, t in pos.items()} == pshapes == {f"{n}.pos": (10,) for n in state}  # 80 bits
+        assert {n: tuple(t.shape) for n, t in val.items()} == vshapes == {f"{n}.val": (k,) for n in state}
+        pschema, vschema = Schema.of(pos), Schema.of(val)
+        assert (pschema.dtype, vschema.dtype) == ("uint8", "float32")
+        assert pschema.nbytes + vschema.nbytes == 2 * (10 + 4 * k) == (d + 1 / 32) * dense_bytes
         # the kept entries are the largest |value| ones and survive the trip through the wire buffers
-        out = decode(ischema.unpack(ischema.pack(idx)), vschema.unpack(vschema.pack(val)), shapes)
+        out = decode(pschema.unpack(pschema.pack(pos)), vschema.unpack(vschema.pack(val)), shapes)
         for n, t in state.items():
             kept = out[n] != 0
             assert int(kept.sum()) == k and torch.equal(out[n][kept], t[kept])
             if d < 1.0:
                 assert t[~kept].abs().max() <= t[kept].abs().min()
-    odd = {"x": torch.randn(3, 7)}  # d * numel not an integer: k = round(2.1) = 2, within 4 bytes of 2 d dense
-    idx, val = encode(odd, 0.1)
-    payload = Schema.of(idx).nbytes + Schema.of(val).nbytes
-    assert payload == 16 and abs(payload - 2 * 0.1 * Schema.of(odd).nbytes) <= 4
+
+
+def test_positions_are_a_bitmask_or_int32_indices_whichever_is_smaller():
+    """A bitmask costs numel / 8 bytes whatever the density; int32 indices 4 k. Below density 1/32 the indices
+    win, so a payload never costs more than min(d + 1/32, 2 d) of the dense bytes (plus one byte of rounding)."""
+    g = torch.Generator().manual_seed(0)
+    for numel, d in [(3000, 0.3), (3000, 0.5), (3000, 0.02), (21, 0.1), (7, 1.0), (4096, 1 / 32)]:
+        t = {"x": torch.randn(numel, generator=g)}
+        k = srd.keep_count(numel, d)
+        pos, val = encode(t, d)
+        nbytes = pos["x.pos"].numel() + 4 * val["x.val"].numel()
+        assert pos["x.pos"].dtype == torch.uint8 and pos["x.pos"].numel() == srd.position_bytes(numel, k)
+        assert nbytes <= 4 * numel * min(k / numel + 1 / 32, 2 * k / numel) + 1
+        back = decode(pos, val, {"x": (numel,)})["x"]
+        top = t["x"].abs().topk(k).indices
+        assert torch.equal(back[top], t["x"][top]) and int((back != 0).sum()) == k
+    assert srd.position_bytes(3000, 900) == 375 and srd.position_bytes(3000, 60) == 240  # mask, then indices
+
+
+def test_malformed_positions_are_refused_and_a_malformed_upload_is_rejected():
+    state = {"x": torch.randn(64)}
+    for d in (0.5, 0.02):  # bitmask, then indices
+        pos, val = encode(state, d)
+        bad = pos["x.pos"].clone()
+        if d == 0.5:
+            bad[0] ^= 0xFF  # flips 8 bits: no longer k set bits (k = 32 of 64)
+        else:
+            bad.view(torch.int32)[0] = 10_000  # an index out of range
+        with pytest.raises(ValueError, match="positions"):
+            decode({"x.pos": bad}, val, {"x": (64,)})
+        with pytest.raises(ValueError, match="positions"):
+            decode({"x.pos": pos["x.pos"][:-1]}, val, {"x": (64,)})
+    received, local = _lora_state(0), _lora_state(1)
+    strategy = _strategy("fedsrd", 0.25, 1.0, received)
+    msgs = strategy.pack_upload(local, received, 0.1, 3)
+    name = next(iter(msgs[0]))
+    msgs[0][name] = torch.zeros_like(msgs[0][name])  # no position set
+    update, loss, n = strategy.unpack_upload(msgs, received)
+    assert (loss, n) == (pytest.approx(0.1), 3.0) and all(torch.isnan(t).all() for t in update.values())
+    good = strategy.unpack_upload(strategy.pack_upload(local, received, 0.1, 3), received)[0]
+    new, rejected = strategy.aggregate([good, update], [3.0, 3.0], received, 1)
+    assert new is not None and rejected == [1]
+
+
+def test_upload_bytes_at_density_0_3_on_a_real_lora_schema():
+    """Issue 17: the FedSRD upload at density 0.3 on SmolLM2's adapter LoRA (r = 8 on q, k, v, o, gate, up, down
+    of a 576-wide, 1536-FFN layer) costs d + 1/32 = 0.331 of FedAvg's dense upload (was 0.600 with int32 indices)."""
+    D, KV, FF, r = 576, 192, 1536, 8
+    shapes = {}
+    for name, (i, o) in {"q": (D, D), "k": (D, KV), "v": (D, KV), "o": (D, D), "gate": (D, FF), "up": (D, FF),
+                         "down": (FF, D)}.items():
+        shapes[f"l.{name}.lora_A.weight"], shapes[f"l.{name}.lora_B.weight"] = (r, i), (o, r)
+    state = {n: torch.zeros(s) for n, s in shapes.items()}
+    dense = _strategy("fedavg", 1.0, 1.0, state).upload_size()[1]
+    sparse = _strategy("fedsrd", 0.3, 1.0, state).upload_size()[1]
+    assert sparse / dense == pytest.approx(0.3 + 1 / 32, abs=2e-3) and sparse / dense <= 0.35
 
 
 def test_encode_of_a_sparsified_update_is_lossless():
@@ -271,8 +322,9 @@ def test_upload_round_trip_and_traffic_from_the_schemas(aggregator, up, down):
         want = srd.sparsify(local, received, up)
         assert all(torch.equal(state[k], want[k]) for k in local)
         kept = sum(srd.keep_count(t.numel(), up) for t in local.values())
-        assert sum(s.nbytes for s in strategy.up) == 8 * kept + 8  # int32 index + float32 value, + loss and n_k
-        assert strategy.upload_size() == (kept, 8 * kept)  # what the run file counts: without loss and n_k
+        positions = sum(srd.position_bytes(t.numel(), srd.keep_count(t.numel(), up)) for t in local.values())
+        assert sum(s.nbytes for s in strategy.up) == positions + 4 * kept + 8  # + loss and n_k
+        assert strategy.upload_size() == (kept, positions + 4 * kept)  # what the run file counts: without them
     params, nbytes = strategy.traffic()
     assert nbytes < 8 * dense or (up, down) == (1.0, 1.0)
     sparse_down = aggregator != "fedavg" and down < 1

@@ -15,6 +15,14 @@ def test_plan_for_smollm2_groups():
     assert all(plan.sub_to_full[s] == t for t, s in plan.layer_map)
     assert all(plan.full_to_sub[plan.sub_to_full[s]] == s for s in range(18))
     assert Plan.from_dict(plan.to_dict()) == plan
+    assert (plan.n, plan.p) == (3, 4)  # the groups' (n, p), whatever sgp.n / sgp.p asked for (sgp.auto)
+
+
+def test_plan_n_p_follow_the_groups():
+    plan = Plan(30, 3, [0, 1] + list(range(14, 30)), [(1, 13)], [(1, 1)], 0, [1])
+    assert (plan.n, plan.p) == (12, 1) and plan.align_pairs == [(13, 1)]
+    assert (Plan(30, 3, list(range(30)), [], []).n, Plan(30, 3, list(range(30)), [], []).p) == (0, 0)
+    assert Plan.from_dict(plan.to_dict()).n == 12
 
 
 def test_plan_without_pruning_is_fedpetuning():

@@ -64,7 +64,8 @@ def full_study() -> list[dict]:
                      overrides=["fed.rounds=10", "eval.dtype=bfloat16", "quant.enabled=false"]) for s in (0, 2)]
     runs += [summary("fedsoda", seed=s, acc=0.7, stage="ablation", variant="no_re_align", realigned=[0] * ROUNDS)
              for s in (0, 1, 2)]
-    runs += [summary("fedsoda", seed=0, acc=0.78, stage="param", variant="n3p2", sgp_groups=[[1, 4], [8, 11]])]
+    runs += [summary("fedsoda", seed=0, acc=0.78, stage="param", variant="n3p2", sgp_groups=[[1, 4], [8, 11]],
+                     overrides=["fed.rounds=10", "eval.dtype=bfloat16", "sgp.n=3", "sgp.p=2"])]
     runs += [summary(m, task="gsm8k", seed=0, acc=0.03, stage="gsm8k", variant="main", n_eval=1319)
              for m in ("fedsoda", "fedpetuning")]
     return runs
@@ -127,7 +128,8 @@ def test_full_report_tables(tmp_path):
     se = 100 * math.sqrt(0.82 * 0.18 / 872)
     assert f"| 3 | {se:.1f} |" in t2
     assert "#### gsm8k" not in t2  # the gsm8k stage's "main" runs are not Table-2 runs
-    assert "| 2.112 | 145.2 | 244,224 |" in t2
+    assert "| 2.112 | 145.2 | 244,224 | 83.0 ± 1.4 (2) |" in t2  # seeds 1, 2: not used to select the lr
+    assert "| 244,224 | 93.0 (1) |" in t2 and "winner's curse" in t2
     lr = section(text, "lr")
     assert "| sst2 | FedSODA | **80.0** | 70.0 | **0.001** |" in lr
     t3 = section(text, "table3")
@@ -150,6 +152,45 @@ def test_full_report_tables(tmp_path):
     assert "| FedSODA | 0 | 0.001 | 3.0 | 1,319 |" in gsm and "| FedPETuning | 0 |" in gsm
     setup = section(text, "setup")
     assert "`abc123`" in setup and "sst2: 872" in setup and "gsm8k: 1319" in setup and "17 run summaries" in setup
+
+
+def _auto(seed, acc, k, n, p, groups, **kw):
+    settings = {"sgp_n": n, "sgp_p": p, "sgp_auto": True, "sgp_remove_layers": k, "public": "wikitext2"}
+    cands = [[1, k, 0.08 * k], [k, 1, 0.02 * k]] if k != 12 else [[1, 12, 1.02], [3, 4, 0.51], [12, 1, 0.22]]
+    return summary("fedsoda", seed=seed, acc=acc, stage="auto", variant=f"auto_k{k}", settings=settings,
+                   sgp_candidates=cands, sgp_groups=groups, **kw)
+
+
+def test_auto_and_selfpublic_tables(tmp_path, capsys):
+    main = {"sgp_n": 3, "sgp_p": 4, "public": "wikitext2"}  # a summary from before sgp.auto (no sgp_auto field)
+    runs = [summary("fedsoda", seed=s, acc=a, settings=main) for s, a in zip((0, 1, 2), (0.80, 0.82, 0.84))]
+    runs += [_auto(s, a, 12, 12, 1, [[1, 13]], kl_after=4.0) for s, a in ((0, 0.78), (1, 0.80))]
+    runs += [_auto(0, 0.85, 6, 6, 1, [[12, 18]])]
+    self_settings = {"sgp_n": 3, "sgp_p": 4, "sgp_auto": False, "public": "self"}
+    runs += [summary("fedsoda", seed=s, acc=0.83, stage="selfpublic", variant="self_public", settings=self_settings,
+                     kl_on="wikitext2", kl_before=6.0, kl_after=5.0, kl_before_self=3.0, kl_after_self=2.0,
+                     sgp_groups=[[2, 5], [8, 11], [12, 15], [16, 19]],
+                     public_self={"temperature": 0.8, "max_new_tokens": 64, "n_public": 64}) for s in (0, 2)]
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", runs, SELECTION), out) == 0
+    assert "is in no table" not in capsys.readouterr().err
+    text = out.read_text()
+    auto = section(text, "auto")
+    assert "| FedSODA (main) | 12 | (3, 4) | — | 82.0 ± 2.0 | 3 | (reference) |" in auto
+    # K = 12: (12, 1) chosen, 0.22 / 12 per layer; seeds 0, 1 paired with FedSODA: -2.0, -2.0
+    assert "| auto_k12 | 12 | (12, 1) | 0.0183 | 79.0 ± 1.4 | 2 | -2.0 | [-2.0, -2.0] | 6.500 → 4.000 |" in auto
+    assert "| auto_k6 | 6 | (6, 1) | 0.0200 | 85.0 | 1 | +5.0 | — |" in auto
+    assert auto.index("| auto_k6 |") < auto.index("| auto_k12 |")  # by budget K
+    assert "| auto_k12 | (1, 12) 0.0850; (3, 4) 0.0425; **(12, 1) 0.0183** |" in auto
+    sp = section(text, "selfpublic")
+    assert "| FedSODA (main) | wikitext2 | (3, 4) | (1,4) (8,11) (12,15) (16,19) | 82.0 ± 2.0 | 3 | (reference) |" in sp
+    assert ("| self_public | self | (3, 4) | (2,5) (8,11) (12,15) (16,19) | 83.0 ± 0.0 | 2 | +1.0 | [-24.4, +26.4] | "
+            "6.000 → 5.000 | wikitext2 | 3.000 → 2.000 | T=0.8, 64 new tokens, 64 texts |") in sp
+    # without those runs both sections still render (FedSODA main only, dashes for the rest)
+    assert run(write(tmp_path / "res2", runs[:3], SELECTION), tmp_path / "r2.md") == 0
+    text = (tmp_path / "r2.md").read_text()
+    assert "| FedSODA (main) | 12 | (3, 4) |" in section(text, "auto") and "auto_k" not in section(text, "auto")
+    assert "| FedSODA (main) | wikitext2 |" in section(text, "selfpublic")
 
 
 def test_not_reached(tmp_path):
@@ -267,6 +308,35 @@ def test_docs_results_is_what_the_report_makes_of_the_committed_summaries(tmp_pa
     assert p.returncode == 0, p.stderr
     assert (docs / "results.md").read_text() == (ROOT / "docs" / "results.md").read_text(), \
         "docs/results.md is stale: run `python analysis/report.py results/cpu_smollm2 --out docs/results.md`"
+
+
+def test_every_variant_group_is_shown_paper_names_and_new_groups(tmp_path):
+    """paper.yaml's variants (n2p6, n4p3, r2, r10, no_align, the non-IID and public-data groups) and any new group
+    land in a table: Table 3/4 take every ablation/param variant, the rest goes to "Other variants"."""
+    runs = [summary("fedsoda", seed=s, acc=a) for s, a in zip((0, 1, 2), (0.80, 0.82, 0.84))]
+    ov = ["fed.rounds=10", "eval.dtype=bfloat16"]
+    runs += [summary("fedsoda", seed=s, acc=0.6, stage="ablation", variant="no_align", overrides=[*ov, "oda.pre_align=false", "oda.re_align=false"]) for s in (0, 1)]
+    runs += [summary("fedsoda", seed=0, acc=0.79, stage="param", variant="n2p6", overrides=[*ov, "sgp.n=2", "sgp.p=6"],
+                     sgp_groups=[[1, 3], [5, 7], [9, 11], [13, 15], [17, 19], [21, 23]])]
+    runs += [summary("fedsoda", seed=0, acc=0.81, stage="param", variant=v, overrides=[*ov, f"oda.every={r}"],
+                     realigned=[int(i % r == 0) for i in range(1, ROUNDS + 1)]) for v, r in (("r10", 10), ("r2", 2))]
+    split = dict(split="dir0.5", overrides=[*ov, "data.split=dirichlet"])
+    runs += [summary(m, seed=s, acc=a, stage="noniid", variant="dirichlet", **split)
+             for m, a in (("fedsoda", 0.7), ("fedpetuning", 0.75)) for s in (0, 1)]
+    runs += [summary("fedsoda", seed=s, acc=0.83, stage="public", variant="public_gsm8k",
+                     overrides=[*ov, "data.public=gsm8k"]) for s in (0, 1)]
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", runs), out) == 0
+    text = out.read_text()
+    t3, t4, other = section(text, "table3"), section(text, "table4"), section(text, "variants")
+    assert "| w/o ODA: neither pre- nor re-alignment (no_align) | `oda.pre_align=false`, `oda.re_align=false` | 60.0 ± 0.0 | 2 | -21.0 |" in t3
+    assert "| (n, p) | n2p6 | (2, 6) | 5 | 79.0 | 1 | -1.0 |" in t4
+    assert t4.index("| r | r2 | (3, 4) | 2 |") < t4.index("| r | r10 | (3, 4) | 10 |") < t4.index("| r | FedSODA (main)")
+    assert "#### noniid: sst2 (smollm2, dir0.5)" in other
+    assert "| dirichlet | FedSODA | `data.split=dirichlet` | 70.0 ± 0.0 | 2 | (reference) |" in other
+    assert "| dirichlet | FedPETuning | `data.split=dirichlet` | 75.0 ± 0.0 | 2 | +5.0 |" in other
+    assert "#### public: sst2 (smollm2, iid)" in other and "| public_gsm8k | FedSODA | `data.public=gsm8k` | 83.0 ± 0.0 | 2 | +2.0 |" in other
+    assert "no_align" not in other and "n2p6" not in other and "r10" not in other
 
 
 def test_drift_table_compares_accuracy_and_emulator_bytes(tmp_path):

@@ -39,3 +39,36 @@ def test_schema_round_trip(tmp_path):
         assert f["rounds/wall_s"].dtype == np.float64 and f["drift/distance"].shape == (3, 2)
         assert f["final"].attrs["accuracy"] == 0.5
     assert (tmp_path / "run" / "config.yaml").read_text().startswith("method: fedsoda")
+
+
+def _hold_lock(run_dir):
+    """A separate process that takes the run folder's lock and sleeps (as a running job would)."""
+    code = ("import sys, time; from pathlib import Path; from fedsoda_mpi.runlog import lock_run_dir; "
+            "lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_run_folder_is_locked_by_one_process_and_freed_when_it_dies(tmp_path):
+    """Two jobs never write one run folder; the lock names its holder and dies with it (even on SIGKILL)."""
+    import os
+    import socket
+
+    import pytest
+
+    from fedsoda_mpi.runlog import RunFolderBusy, lock_run_dir
+
+    run_dir = tmp_path / "run"
+    holder = _hold_lock(run_dir)
+    try:
+        with pytest.raises(RunFolderBusy) as e:
+            lock_run_dir(run_dir)
+        msg = str(e.value)
+        assert f"{run_dir} is in use by another job (host {socket.gethostname()}, pid {holder.pid}, since " in msg
+        assert msg.endswith("wait for it to end, stop it, or choose another output.dir") and "\n" not in msg
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock_run_dir(run_dir)  # the kernel released the killed holder's lock: no stale lock
+    assert (run_dir / ".lock").read_text().startswith(f"host {socket.gethostname()}, pid {os.getpid()}")

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedsoda_mpi.sgp import (angular_distance, choose_groups, distance_profile, kept_layers, layer_map, run_sgp,
-                             uniform_drop)
+from fedsoda_mpi.sgp import (angular_distance, auto_pairs, cap_groups, choose_auto, choose_groups, distance_profile,
+                             kept_layers, layer_map, run_sgp, select_groups, uniform_drop)
 from tests.conftest import tiny_causal_lm
 
 
@@ -154,6 +154,136 @@ def test_choose_groups_infeasible_and_bad_profiles():
     distance[0, 2] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         choose_groups(distance, 1, 2)
+
+
+# ---- sgp.auto and sgp.max_distance (pure functions on synthetic profiles) ------------------------------------------
+
+def _profile(num_emulator_layers: int, value) -> np.ndarray:
+    """A [L_E - 1, L_E] profile with distance[n-1, t] = value(n, t), NaN where t + n >= L_E (as distance_profile)."""
+    d = np.full((num_emulator_layers - 1, num_emulator_layers), np.nan)
+    for n in range(1, num_emulator_layers):
+        for t in range(num_emulator_layers - n):
+            d[n - 1, t] = value(n, t)
+    return d
+
+
+def _brute_auto(distance, k, n_max=0, max_distance=0.0):
+    """argmin over (n, p), n * p = k, of the brute-force optimum cost / k (ties: smaller n), under the cap."""
+    best = None
+    for n, p in auto_pairs(k, distance.shape[1], n_max or distance.shape[0]):
+        capped = distance.copy()
+        if max_distance:
+            capped[capped > max_distance] = 1e9
+        groups = _brute_force(capped, n, p)
+        cost = sum(float(capped[n - 1, t]) for t, _ in groups)
+        if cost < 1e9 and (best is None or (cost / k, n) < best[0]):
+            best = ((cost / k, n), n, p, groups)
+    return best
+
+
+def test_auto_pairs_are_the_divisor_pairs_that_fit():
+    assert auto_pairs(12, 27) == [(1, 12), (2, 6), (3, 4), (4, 3), (6, 2), (12, 1)]
+    assert auto_pairs(12, 15) == [(4, 3), (6, 2), (12, 1)]  # p (n + 1) <= L_E
+    assert auto_pairs(12, 27, n_max=4) == [(1, 12), (2, 6), (3, 4), (4, 3)]
+    assert auto_pairs(16, 27) == [(2, 8), (4, 4), (8, 2), (16, 1)]  # (1, 16) needs 32 layers
+    assert auto_pairs(27, 27) == [] and auto_pairs(7, 27, n_max=6) == [(1, 7)]
+
+
+def test_choose_auto_is_the_argmin_of_distance_per_removed_layer():
+    # long groups cost n^2 (super-additive), except four cheap n = 3 groups: (3, 4) beats (12, 1) and (1, 12)
+    cheap = {0, 4, 8, 12}
+    d = _profile(27, lambda n, t: 0.001 if n == 3 and t in cheap else 0.01 * n * n)
+    chosen, tried = choose_auto(d, 12)
+    assert (chosen.n, chosen.p, chosen.groups) == (3, 4, [(0, 3), (4, 7), (8, 11), (12, 15)])
+    assert chosen.cost == pytest.approx(0.004) and chosen.per_layer == pytest.approx(0.004 / 12)
+    assert [(c.n, c.p) for c in tried] == auto_pairs(12, 27)
+    assert {(c.n, c.p): round(c.cost, 6) for c in tried}[(1, 12)] == 0.12
+    # a metric-like profile (d grows sub-additively with n, as on real models): one long group wins
+    chosen, _ = choose_auto(_profile(27, lambda n, t: 0.05 * math.sqrt(n) + 0.001 * t), 12)
+    assert (chosen.n, chosen.p, chosen.groups) == (12, 1, [(0, 12)])
+    # n_max caps the group length
+    chosen, tried = choose_auto(_profile(27, lambda n, t: 0.05 * math.sqrt(n) + 0.001 * t), 12, n_max=4)
+    assert (chosen.n, chosen.p) == (4, 3) and max(c.n for c in tried) == 4
+
+
+def test_choose_auto_ties_go_to_the_smaller_n():
+    chosen, tried = choose_auto(_profile(27, lambda n, t: 0.02 * n), 12)  # every (n, p) costs 0.02 K
+    assert len({round(c.cost, 12) for c in tried}) == 1 and (chosen.n, chosen.p) == (1, 12)
+
+
+def test_choose_auto_equals_brute_force_on_random_profiles():
+    rng = np.random.default_rng(1)
+    cases = 0
+    for _ in range(150):
+        num_emulator_layers = int(rng.integers(4, 13))
+        k = int(rng.integers(1, num_emulator_layers))
+        if not auto_pairs(k, num_emulator_layers):
+            continue
+        d = _profile(num_emulator_layers, lambda n, t: float(rng.random()))
+        if rng.random() < 0.4:
+            d = np.round(d * 3) / 3  # exact ties between candidates and between placements
+        cap = float(rng.choice([0.0, 0.5, 0.8]))
+        chosen, tried = choose_auto(d, k, max_distance=cap)
+        want, kk = None, k
+        while want is None and kk > 0:
+            want, kk = _brute_auto(d, kk, max_distance=cap), kk - 1
+        if want is None:
+            assert (chosen.n, chosen.p, chosen.groups) == (0, 0, [])
+        else:
+            assert (chosen.n, chosen.p, chosen.groups) == want[1:], (k, cap)
+            assert all(d[chosen.n - 1, t] <= cap for t, _ in chosen.groups) or cap == 0
+        cases += 1
+    assert cases > 80
+
+
+def test_max_distance_filters_groups_and_shrinks_the_budget():
+    cheap = {0, 4, 8, 12}
+    d = _profile(27, lambda n, t: 0.001 if n == 3 and t in cheap else 0.01 * n * n)
+    # cap 0.02: only n = 1 groups (0.01) and the four cheap n = 3 groups qualify; (3, 4) still wins
+    chosen, tried = choose_auto(d, 12, max_distance=0.02)
+    assert (chosen.n, chosen.p) == (3, 4)
+    costs = {(c.n, c.p): c.cost for c in tried}
+    assert math.isinf(costs[(12, 1)]) and math.isinf(costs[(2, 6)]) and costs[(1, 12)] == pytest.approx(0.12)
+    # cap 0.005: only the four cheap groups: K = 12 impossible (and 11, 10, ..., 13 > 12): K' = 12 via (3, 4)
+    chosen, _ = choose_auto(d, 12, max_distance=0.005)
+    assert (chosen.n, chosen.p) == (3, 4)
+    # K = 16 under cap 0.005: 16, 15, 14, 13 have no placement; 12 = (3, 4) is the largest K' that fits
+    chosen, tried = choose_auto(d, 16, max_distance=0.005)
+    assert (chosen.n, chosen.p) == (3, 4) and {c.n * c.p for c in tried} == {16, 15, 14, 13, 12}
+    assert all(math.isinf(c.cost) for c in tried if c.n * c.p > 12)
+    # nothing qualifies: no pruning
+    chosen, tried = choose_auto(d, 12, max_distance=0.0005)
+    assert (chosen.n, chosen.p, chosen.groups) == (0, 0, []) and len({c.n * c.p for c in tried}) == 12
+    with pytest.raises(ValueError, match="no n \\* p = 27"):
+        choose_auto(d, 27)
+
+
+def test_max_distance_with_a_fixed_n_shrinks_p():
+    d = _profile(20, lambda n, t: [0.3, 0.1, 0.4, 0.2, 0.05][t % 5] * n)
+    assert cap_groups(d, 1, 4, 0.5) == choose_groups(d, 1, 4)  # the cap changes nothing
+    groups = cap_groups(d, 2, 5, 0.25)  # n = 2: eligible starts t % 5 in {1, 4} (0.2, 0.1): at most 4 disjoint
+    assert len(groups) == 4 and all(d[1, t] <= 0.25 for t, _ in groups)
+    assert groups == _brute_force(np.where(d <= 0.25, d, 1e9), 2, 4)
+    assert cap_groups(d, 3, 4, 0.16) == [(4, 7), (9, 12), (14, 17)]  # only t % 5 = 4 (0.15): p shrinks to 3
+    assert cap_groups(d, 3, 4, 0.1) == []
+    with pytest.raises(ValueError, match="no 4 disjoint groups of n=3"):
+        choose_groups(d, 3, 4, max_distance=0.16)
+    n, p, groups, rows = select_groups(d, 3, 4, max_distance=0.16)
+    assert (n, p, groups) == (3, 3, [(4, 7), (9, 12), (14, 17)])
+    assert [(c.n, c.p) for c in rows] == [(3, 3)] and rows[0].cost == pytest.approx(3 * 0.15)
+    n, p, groups, rows = select_groups(d, 3, 4)
+    assert (n, p, len(rows)) == (3, 4, 1) and groups == choose_groups(d, 3, 4)
+
+
+def test_run_sgp_auto_on_tiny_model():
+    model = tiny_causal_lm("llama", layers=10)
+    batches = [_batch(_rows([16, 11, 16, 8], seed=5), 16)]
+    res = run_sgp(model, batches, n=3, p=4, num_emulator_layers=8, remove_layers=4)
+    assert res.distance.shape == (7, 8)
+    chosen, tried = choose_auto(res.distance, 4)
+    assert (res.n, res.p, res.groups) == (chosen.n, chosen.p, chosen.groups) and res.n * res.p == 4
+    assert [(c.n, c.p) for c in res.candidates] == [(1, 4), (2, 2), (4, 1)]
+    assert res.kept == kept_layers(10, res.groups) and len(res.kept) == 6
 
 
 def test_kept_layers_and_layer_map_hand_example():

@@ -147,6 +147,7 @@ def test_summary_of_a_run_file(tmp_path):
     assert out["settings"]["sgp_p"] == 4 and out["settings"]["mu"] == 0.01 and out["eval_rounds_on"] == "val"
     assert len(json.dumps(out)) < 4096
     assert not math.isnan(out["wall_s"])
+    assert out["sgp_candidates"] == [] and out["public_self"] == {} and out["kl_on"] == "wikitext2"
     # re-alignments and the emulator LoRA's size (what a drift trigger saves); a run file from before them: None, []
     assert out["realignments"] == 1 and out["emulator_lora_bytes"] is None and out["drift_probe"] == []
     assert out["settings"]["trigger"] == "every" and out["settings"]["max_interval"] == 0
@@ -155,6 +156,38 @@ def test_summary_of_a_run_file(tmp_path):
         f["rounds/drift_probe"] = np.array([3.0, 3.25], np.float32)
     out = S.summarize(run, tmp_path, 1e-3, "toy")
     assert out["emulator_lora_bytes"] == 786432 and out["drift_probe"] == [3.0, 3.25]
+
+
+def test_summary_carries_the_chosen_n_p_candidates_and_both_kls(tmp_path):
+    """sgp.auto + data.public=self: the summary's (n, p) are the run's chosen ones (/sgp attributes), not the
+    config's; the candidates, KL on the held-out WikiText-2 slice and on generated text, the generation settings."""
+    st = S.load(_write(tmp_path, TOY))
+    run = st.stage("grid")[0]
+    with h5py.File(tmp_path / "run.h5", "w") as f:
+        cfg = S.load_config(None, ["sgp.auto=true", "sgp.remove_layers=12", "data.public=self"]).to_dict()
+        f.attrs.update({"config_json": json.dumps(cfg), "world_size": 3, "git_commit": "abc"})
+        f.create_group("final").attrs.update({"accuracy": 0.8, "sub_accuracy": 0.7, "val_accuracy": 0.79, "n_eval": 872,
+                                              "n_val": 300, "comm_bytes_per_round": 1.0, "client_model_bytes": 10,
+                                              "full_model_bytes": 30, "trainable_params": 5})
+        r = f.create_group("rounds")
+        r["round"], r["eval_acc"], r["train_loss"] = np.array([1]), np.array([0.79]), np.array([[1.0]])
+        r["realigned"], r["wall_s"] = np.array([0], np.int8), np.array([2.0])
+        f["sgp/groups"] = np.array([[1, 13]], np.int32)
+        f["sgp/candidates"] = np.array([[1, 12, 1.02], [6, 2, np.inf], [12, 1, 0.22]])
+        f["sgp"].attrs.update({"auto": True, "n": 12, "p": 1, "remove_layers": 12, "removed": 12, "max_distance": 0.0})
+        f.create_group("oda/pre").attrs.update({"kl_before": 6.5, "kl_after": 5.5, "kl_on": "wikitext2",
+                                                "kl_before_self": 3.0, "kl_after_self": 2.0})
+        f.create_group("public").attrs.update({"mode": "self", "temperature": 0.8, "max_new_tokens": 64, "seed": 0,
+                                               "n_public": 64, "n_heldout": 16, "generate_s": 30.0, "kl_on": "wikitext2"})
+    out = S.summarize(run, tmp_path, 1e-3, "toy")
+    assert (out["settings"]["sgp_n"], out["settings"]["sgp_p"]) == (12, 1)  # the config still says n=3, p=4
+    assert out["settings"]["sgp_auto"] is True and out["settings"]["sgp_remove_layers"] == 12
+    assert out["sgp_candidates"] == [[1, 12, 1.02], [6, 2, None], [12, 1, 0.22]]
+    assert (out["kl_before"], out["kl_after"], out["kl_on"], out["kl_before_self"], out["kl_after_self"]) == \
+        (6.5, 5.5, "wikitext2", 3.0, 2.0)
+    assert out["public_self"]["temperature"] == 0.8 and out["public_self"]["n_public"] == 64
+    assert out["settings"]["public"] == "self"
+    json.dumps(out, allow_nan=False)
 
 
 @pytest.mark.mpi

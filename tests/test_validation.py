@@ -147,6 +147,64 @@ def test_bad_key_names_that_key(arg, msg):
     assert one_line(e) == msg
 
 
+AUTO = ["sgp.auto=true", "sgp.remove_layers=12"]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["sgp.auto=true"], "sgp.remove_layers: sgp.auto=true needs the number K of emulator layers to remove (>= 1; it "
+                        "chooses n and p with n * p = K), got 0"),
+    (["sgp.remove_layers=12"], "sgp.remove_layers=12: only sgp.auto=true uses it; set sgp.auto=true, or give the "
+                               "groups with sgp.n and sgp.p"),
+    ([*AUTO, "sgp.n=2"], "sgp.n=2: sgp.auto=true chooses n and p (n * p = sgp.remove_layers=12); leave sgp.n at 3, "
+                         "or set sgp.auto=false"),
+    ([*AUTO, "sgp.p=6"], "sgp.p=6: sgp.auto=true chooses n and p (n * p = sgp.remove_layers=12); leave sgp.p at 4, "
+                         "or set sgp.auto=false"),
+    ([*AUTO, "method=fedot"], "sgp.auto=true: chooses SGP groups from the distance profile, but sgp.enabled=false "
+                              "drops layers uniformly (e.g. method=fedot, fedbiot); set sgp.enabled=true or "
+                              "sgp.auto=false"),
+    ([*AUTO, "method=fedpetuning"], "sgp.auto=true: sgp.p=0 turns pruning off (e.g. method=fedpetuning); use "
+                                    "method=fedsoda or sgp.auto=false"),
+    (["sgp.max_distance=1.5"], "sgp.max_distance: must be in [0, 1] (an angular distance; 0 = off), got 1.5"),
+    (["sgp.max_distance=0.2", "method=fedbiot"], "sgp.max_distance=0.2: caps SGP's group distances, but "
+                                                 "sgp.enabled=false drops layers uniformly (no distance profile)"),
+    (["data.public=self", "data.self_temperature=0"], "data.self_temperature: must be > 0 (sampling), got 0.0"),
+    (["data.public=none"], "data.public: expected wikitext2, gsm8k or self, got 'none'"),
+])
+def test_auto_sgp_and_self_public_keys_name_the_key(args, msg):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, args)
+    assert one_line(e) == msg
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["sgp.auto=true", "sgp.remove_layers=27"], "sgp.remove_layers=27: no n * p = 27 fits the 27-layer emulator "
+                                                "(p groups of n + 1 layers need p * (n + 1) <= 27)"),
+    (["sgp.auto=true", "sgp.remove_layers=17", "sgp.n_max=8"],
+     "sgp.remove_layers=17: no n * p = 17 and n <= sgp.n_max=8 fits the 27-layer emulator (p groups of n + 1 "
+     "layers need p * (n + 1) <= 27)"),
+])
+def test_auto_needs_a_feasible_n_p_for_the_model(args, msg):
+    cfg = load_config(None, args)  # fine without the model ...
+    with pytest.raises(ConfigError) as e:  # ... but not for a 30-layer model with 3 adapter layers
+        C.validate(cfg, num_layers=30)
+    assert one_line(e) == msg
+
+
+def test_auto_and_self_public_configs_that_are_fine():
+    for args in ([*AUTO], [*AUTO, "sgp.n_max=4", "sgp.max_distance=0.2"], ["sgp.auto=true", "sgp.remove_layers=26"],
+                 ["sgp.auto=true", "sgp.remove_layers=17"], ["sgp.max_distance=0.1"], ["data.public=self"],
+                 [*AUTO, "data.public=self", "data.self_max_new_tokens=8", "data.self_batch_size=2"]):
+        C.validate(load_config(None, args), num_layers=30)
+
+
+def test_self_public_needs_no_public_file(tiny_model, tmp_path, monkeypatch):
+    """data.public=self reads no public file before MPI work (rank 0 generates the texts later)."""
+    cfg = prepare_config(args_for(tiny_model, tmp_path / "run", "data.public=self", "data.val_size=0",
+                                  "data.max_train_per_client=1", "fed.clients=2"), world_size=3)
+    monkeypatch.setattr("fedsoda_mpi.data.load_public", lambda *a, **k: pytest.fail("read a public file"))
+    prepare_inputs(cfg)
+
+
 def numeric_keys() -> list[tuple[str, type]]:
     keys = []
 
@@ -384,3 +442,30 @@ def test_empty_test_file_under_mpirun_is_one_line_and_exit_2(tiny_model, tiny_da
     assert lines == [f"fedsoda-mpi: data error: {tiny_data}/sst2/test.jsonl: is empty (no rows); {FIX}"], p.stderr[-1500:]
     assert "Traceback" not in p.stderr and "Traceback" not in p.stdout
     assert not (tmp_path / "run").exists() and p.leftover_tmp == []
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_a_run_folder_in_use_is_one_line_and_exit_2(tiny_model, tiny_data, tmp_path):
+    """A second job on a run folder that a live job holds (a resubmitted Slurm task, the same command twice)
+    stops on every rank before the run, with one line naming the holder; the holder's files are untouched."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    code = ("import sys, time; from pathlib import Path; from fedsoda_mpi.runlog import lock_run_dir; "
+            "lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        p = mpirun(3, ["-m", "fedsoda_mpi.main", *args_for(tiny_model, run_dir), "resume=auto"], timeout=300,
+                   env={"FEDSODA_DATA": str(tiny_data)})
+    finally:
+        holder.kill()
+        holder.wait()
+    assert p.returncode == 2, (p.returncode, p.stderr[-1500:])
+    lines = [line for line in p.stderr.splitlines() if "fedsoda-mpi" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"fedsoda-mpi: config error: {run_dir} is in use by another "
+                                                   f"job (host "), p.stderr[-1500:]
+    assert f"pid {holder.pid}" in lines[0] and "Traceback" not in p.stderr
+    assert sorted(q.name for q in run_dir.iterdir()) == [".lock"] and p.leftover_tmp == []
