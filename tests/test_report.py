@@ -358,6 +358,7 @@ def test_drift_table_compares_accuracy_and_emulator_bytes(tmp_path):
     assert "| never (no_re_align) | never | 70.0 ± 0.0 | 3 | -12.0 |" in d and "| 0.0 | 0.00 |" in d
     # drift: seeds 0, 1 vs FedSODA 80, 82 -> +1.0, -2.0; 1 and 2 re-alignments of 3 MiB
     assert "| drift_tau1.5 | drift, τ = 1.5 | 80.5 ± 0.7 | 2 | -0.5 |" in d and "| 1.5 | 4.50 | 1.500 |" in d
+    assert "drift_tau1.5" not in section(out.read_text(), "variants")  # shown once, in its own section
 
 
 def test_drift_section_without_drift_runs(tmp_path):
