@@ -1,11 +1,13 @@
 """Where a round's time goes, from `/timing` and `/rounds` of run files: phase shares per role, MPI share,
-client time per local step, peak memory, bytes moved / LoRA payload.
+client time per local step, peak memory, bytes moved / LoRA payload, and what the emulator cache did (rows
+found in memory, reloaded from its disk tier, computed by the emulator; the disk tier's peak per client rank).
 
     python analysis/timing.py runs/NAME/run.h5 [more runs]                 # steady state: rounds 2..R
     python analysis/timing.py runs/*/run.h5 --first 1                      # every round (incl. cache fill)
 
 Rounds from `--first` on are summed (default 2: round 1 fills the emulator cache, later rounds are the
-steady state between re-alignments; re-alignment rounds are included as they occur).
+steady state between re-alignments; re-alignment rounds are included as they occur). Run files written
+before /timing had the cache columns get no cache row.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import argparse
 import numpy as np
 from common import attr_str, main_guard, open_runs, reading, run_label
 
+CACHE_ROWS = ("ram_rows", "disk_rows", "emulator_rows")  # /timing/cache_<name>, rows per round and rank
 ROLE_PHASES = {"server": ("realign", "download", "upload", "aggregate", "evaluate", "idle", "other"),
                "clients": ("download", "emulator", "adapter", "upload", "idle", "other")}
 
@@ -42,7 +45,20 @@ def summary(f, first: int = 2) -> dict:
             "client_rss_mb": float(rss[:, 1:].max()), "server_rss_mb": float(rss[:, 0].max()),
             "moved_over_payload": float(moved / payload) if payload else np.nan,
             "setup": {k: float(v) for k, v in t.attrs.items() if k.endswith("_s")},
-            "method": attr_str(f, "method", "?")}
+            "method": attr_str(f, "method", "?"), "cache": cache_summary(t, sel)}
+
+
+def cache_summary(t, sel: np.ndarray) -> dict | None:
+    """The emulator cache on the client ranks: rows its fills found in memory, loaded from disk and computed,
+    summed over the selected rounds, and the disk tier's peak MiB per client rank (over the whole run: a
+    high-water mark). None when the run file has no cache columns (written before them, or a resume across
+    that change left them shorter than /timing/round)."""
+    names = [f"cache_{k}" for k in CACHE_ROWS] + ["cache_disk_peak_mb"]
+    if not all(k in t and len(t[k]) == len(sel) for k in names):
+        return None
+    out = {k: float(t[f"cache_{k}"][:][sel][:, 1:].sum()) for k in CACHE_ROWS}
+    out["disk_peak_mb"] = t["cache_disk_peak_mb"][:][:, 1:].max(0).tolist()
+    return out
 
 
 def phase_table(rows: list[dict]) -> str:
@@ -69,6 +85,23 @@ def ratio_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cache_table(rows: list[dict]) -> str:
+    """Markdown: per run, the emulator cache's rows by source and the disk tier's peak per client rank ("" when
+    no run has the cache columns)."""
+    lines = ["| run | rows from memory | rows from disk | rows computed (emulator) | disk / (disk + computed) | "
+             "disk peak MiB per client rank (max / mean) |", "|---|---:|---:|---:|---:|---:|"]
+    for s in rows:
+        c = s.get("cache")
+        if c is None:
+            continue
+        reloads = c["disk_rows"] + c["emulator_rows"]
+        share = f"{c['disk_rows'] / reloads:.3f}" if reloads else "-"
+        peak = c["disk_peak_mb"]
+        lines.append(f"| {s['label']} | {c['ram_rows']:.0f} | {c['disk_rows']:.0f} | {c['emulator_rows']:.0f} | "
+                     f"{share} | {max(peak, default=0):.2f} / {np.mean(peak) if peak else 0:.2f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+")
@@ -83,6 +116,10 @@ def main(argv=None) -> int:
         print(phase_table(rows))
         print()
         print(ratio_table(rows))
+        cache = cache_table(rows)
+        if cache:
+            print(f"\nemulator cache (client ranks, rounds from {args.first})")
+            print(cache)
 
     return main_guard(go)
 

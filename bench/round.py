@@ -3,11 +3,15 @@
     python bench/round.py                                   # 4 methods, 3 ranks, 3 rounds, 16 examples/client
     python bench/round.py --np 11 --methods fedsoda         # the MPI share at 11 ranks
     python bench/round.py --np 11 --methods fedsoda --tag c100 fed.clients=100 fed.clients_per_round=10
+    python bench/round.py --np 11 --methods fedsoda --tag c100-nodisk fed.clients=100 fed.clients_per_round=10 \
+        fed.cache_max_gb=0                                  # the same without the emulator cache's disk tier
     python bench/round.py --rounds 5 -- eval.every=0        # extra key=value overrides go to every run
 
 Each method runs in `runs/bench/<tag>-<method>/` (one after the other, never concurrently); the tables
 come from `analysis/timing.py` (steady state: rounds 2..R), followed by each method's ratios to
-FedPETuning (client seconds per local step, client peak RSS) when FedPETuning is among the methods.
+FedPETuning (client seconds per local step, client peak RSS) when FedPETuning is among the methods, and
+what the emulator cache did (rows from memory / from its disk tier / computed, the disk tier's peak per
+client rank; `fed.cache_max_gb=0` runs without the disk tier).
 """
 import argparse
 import os
@@ -21,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "analysis"))
 
 from common import open_run  # noqa: E402
-from timing import phase_table, ratio_table, summary  # noqa: E402
+from timing import cache_table, phase_table, ratio_table, summary  # noqa: E402
 
 # the default job, made short: fewer local examples, a small evaluation, a smaller public set for SGP/ODA
 QUICK = ["data.max_train_per_client=16", "eval.max_examples=50", "eval.every=0", "data.public_samples=16"]
@@ -65,6 +69,10 @@ def main() -> None:
     print(phase_table(rows))
     print()
     print(ratio_table(rows))
+    cache = cache_table(rows)
+    if cache:
+        print("\nemulator cache (client ranks, rounds 2..R; disk peak over the whole run)")
+        print(cache)
     ref = next((s for s in rows if s["method"] == "fedpetuning"), None)
     if ref is not None:
         print("\n| method | client s/step / FedPETuning's | client peak RSS / FedPETuning's |\n|---|---:|---:|")

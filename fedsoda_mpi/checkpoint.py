@@ -145,7 +145,7 @@ def resume_point(run_dir: Path, log) -> Checkpoint | None:
 
 # keys that may change when a run is resumed; every other setting must equal the checkpointed run's
 RESUME_MAY_CHANGE = ("resume", "job", "debug.", "output.", "fed.rounds", "fed.checkpoint_every", "fed.keep_checkpoints",
-                     "eval.")
+                     "eval.", "fed.cache_dir", "fed.cache_max_gb")  # the disk tier changes no result
 
 
 def check_resumable(cfg: Config, run_dir: Path) -> None:

@@ -120,6 +120,8 @@ class FedConfig:
     lr: float = 1e-4
     mu: float = 0.01  # proximal weight (eq. 9)
     emulator_cache: bool = True  # cache the frozen sub-emulator's outputs between re-alignments
+    cache_dir: str = ""  # node-local folder of the cache's disk tier ("": $SLURM_TMPDIR, else $TMPDIR, else /tmp)
+    cache_max_gb: float = 4.0  # disk tier cap per client rank, GB (10^9 bytes), LRU eviction; 0 = no disk tier
     checkpoint_every: int = 1  # rounds between checkpoints (0: none; resume=auto then has nothing to resume from)
     keep_checkpoints: int = 2  # newest checkpoints kept (>= 2, so a corrupted newest one has a fallback)
     aggregator: str = "fedavg"  # fedavg | fedsrd | fedsrd-e (fedsoda_mpi/fedsrd.py)
@@ -483,6 +485,7 @@ def _validate_fed(cfg: Config) -> None:
     _at_least("fed.mu", f.mu, 0)
     _at_least("fed.checkpoint_every", f.checkpoint_every, 0)
     _at_least("fed.keep_checkpoints", f.keep_checkpoints, 1)
+    _at_least("fed.cache_max_gb", f.cache_max_gb, 0)
     _one_of("fed.aggregator", f.aggregator, ("fedavg", "fedsrd", "fedsrd-e"))
     for key in ("upload_density", "download_density"):
         d = getattr(f, key)
@@ -562,20 +565,38 @@ def check_run_folder(run_dir: Path, key: str) -> None:
     """The run folder that rank 0 will create must be usable: an existing one a writable directory, a new one
     creatable (its nearest existing parent a writable directory). Nothing is created here. `key` is the
     config key the folder comes from (output.dir, or output.root for output.root/<name>)."""
-    run_dir = Path(run_dir)
+    _check_folder(Path(run_dir), key, "run")
+
+
+def check_cache_dir(cfg: Config) -> None:
+    """The folder of the emulator cache's disk tier (fed.cache_dir, or the job's local scratch it defaults to)
+    must be a writable directory, or creatable; checked only when there is a disk tier (fed.emulator_cache and
+    fed.cache_max_gb > 0). Each client rank makes its own subfolder there at its first write."""
+    from .paths import scratch_dir
+
+    if not (cfg.fed.emulator_cache and cfg.fed.cache_max_gb > 0):
+        return
+    folder, source = scratch_dir(cfg.fed.cache_dir)
+    _check_folder(folder, "fed.cache_dir" if cfg.fed.cache_dir else f"fed.cache_dir (default: {source})",
+                  "emulator cache")
+
+
+def _check_folder(folder: Path, key: str, what: str) -> None:
+    """An existing `folder` must be a writable directory; a missing one creatable (its nearest existing parent a
+    writable directory). ConfigError naming `key` and the "<what> folder" otherwise; nothing is created."""
     try:
-        if run_dir.exists():
-            _check(run_dir.is_dir(), f"{key}: must name a folder for the run, got the file {run_dir}")
-            _check(os.access(run_dir, os.W_OK | os.X_OK), f"{key}: the run folder must be writable, got {run_dir}")
+        if folder.exists():
+            _check(folder.is_dir(), f"{key}: must name a folder for the {what}, got the file {folder}")
+            _check(os.access(folder, os.W_OK | os.X_OK), f"{key}: the {what} folder must be writable, got {folder}")
             return
-        parent = run_dir.parent
+        parent = folder.parent
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
     except OSError as e:  # e.g. a parent folder that may not be searched
-        raise ConfigError(f"{key}: cannot use the run folder {run_dir} ({e.strerror})") from None
-    _check(parent.is_dir(), f"{key}: cannot create the run folder {run_dir}: {parent} is a file")
+        raise ConfigError(f"{key}: cannot use the {what} folder {folder} ({e.strerror})") from None
+    _check(parent.is_dir(), f"{key}: cannot create the {what} folder {folder}: {parent} is a file")
     _check(os.access(parent, os.W_OK | os.X_OK),
-           f"{key}: cannot create the run folder {run_dir}: {parent} is not writable")
+           f"{key}: cannot create the {what} folder {folder}: {parent} is not writable")
 
 
 def to_yaml(cfg: Config) -> str:

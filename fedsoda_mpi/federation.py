@@ -29,7 +29,7 @@ from .config import Config
 from .methods import Plan
 from .runlog import RunLog, archive_failed_attempt, run_dir_of
 from .signals import PROGRESS, STOP_REQUESTED
-from .timing import PHASES, PhaseClock, split
+from .timing import EXTRA, PHASES, PhaseClock, split
 
 
 def client_schedule(cfg: Config, world_size: int, rnd: int) -> list[int]:
@@ -161,10 +161,15 @@ def run(cfg: Config, comm, inputs: tuple) -> dict | None:
         model_bytes = client.model_bytes
         log.log(f"client rank {comm.rank}: {cfg.fed.clients} virtual clients placed per round, sub-LLM "
                 f"{plan.sub_layers} layers, {sum(p.numel() for p in client.params)} trainable params")
-        client.write_holdings(log.run_dir)
     del files
-    fed = Federation(cfg, comm, log, server, client, plan, start, model_bytes)
-    return fed.run(base)
+    try:  # the client's disk cache goes however the run ends: done, stopped (SIGUSR1, SIGTERM) or failed
+        if client:
+            client.write_holdings(log.run_dir)
+        fed = Federation(cfg, comm, log, server, client, plan, start, model_bytes)
+        return fed.run(base)
+    finally:
+        if client:
+            client.close()
 
 
 class Federation:
@@ -182,7 +187,7 @@ class Federation:
         self.ad_schema = comm.agree_schema(Schema.of(server.global_adapter) if server else None)
         self.strategy = strategy_for(cfg, self.ad_schema)
         self.clock = PhaseClock(comm)
-        self.t_schema = Schema(("t",), ((len(PHASES) + 5,),), "float64")
+        self.t_schema = Schema(("t",), ((len(PHASES) + len(EXTRA),),), "float64")
         self.realign_every = realign_interval(cfg, plan)  # 0: never re-aligns (with oda.trigger=drift: r is unused)
         self.global_state = None  # a client rank's copy of the global adapter LoRA
 
@@ -197,11 +202,14 @@ class Federation:
                 break
         self.comm.idle_wait()
         if stopped:
+            if self.client:
+                self.log.log(f"stopped: {self.client.cache.describe()}")
             self.log.close()
             return {"stopped": rnd}
         if self.client:
             self.log.log(f"bytes {dict(self.comm.bytes)}; MPI {self.comm.mpi_seconds:.2f}s, "
                          f"idle {self.comm.idle_seconds:.2f}s")
+            self.log.log(f"end of the run: {self.client.cache.describe()}")
             self.log.close()
             self.comm.idle_wait()
             return None
@@ -234,8 +242,7 @@ class Federation:
         if self.server:  # line 18
             self.aggregate_and_record(rnd, gathered, chosen, where, realigned, down, t_round, sent0)
         elif rnd == 1 or realigned:
-            cache = self.client.cache
-            self.log.log(f"round {rnd}: emulator cache {cache.hits} hits / {cache.misses} misses")
+            self.log.log(f"round {rnd}: {self.client.cache.describe()}")
         self.record_timing(rnd)
         return self.stop_or_checkpoint(rnd)
 
@@ -275,7 +282,9 @@ class Federation:
         """Lines 15-16 on a client rank: each client placed here trains from the global adapter LoRA; returns
         their uploads (the strategy's messages), in client order."""
         here = {k for k in chosen if where[k] == self.comm.rank}
-        self.client.place(here)
+        cache0, t0 = self.client.cache.stats(), time.perf_counter()
+        self.client.place(here)  # the clients that left spill their emulator cache to disk
+        self.clock.add("emulator", time.perf_counter() - t0)
         uploads = []
         for k in sorted(here):
             fit = self.client.fit(k, self.global_state, rnd)
@@ -285,6 +294,7 @@ class Federation:
             t0 = time.perf_counter()
             uploads.append(self.strategy.pack_upload(fit.state, self.global_state, fit.loss, fit.n_samples))
             self.clock.add("upload", time.perf_counter() - t0)
+        self.clock.count_cache(cache0, self.client.cache.stats())
         return uploads
 
     def aggregate_and_record(self, rnd: int, gathered: list, chosen: list[int], where: dict[int, int],

@@ -37,7 +37,7 @@ def prepare_config(argv: list[str], world_size: int) -> Config:
     """Load + validate everything that can be checked without a collective: every key, the model folder
     (config.json, tokenizer, architecture, LoRA target names) and the run folder."""
     from . import checkpoint, models
-    from .config import check_run_folder
+    from .config import check_cache_dir, check_run_folder
     from .paths import model_path
     from .runlog import finished_run, run_dir_of
 
@@ -52,6 +52,7 @@ def prepare_config(argv: list[str], world_size: int) -> Config:
     validate(cfg, num_layers=layers, module_names=models.linear_module_names(folder))
     run_dir = run_dir_of(cfg)
     check_run_folder(run_dir, "output.dir" if cfg.output.dir else "output.root")
+    check_cache_dir(cfg)
     if cfg.resume == "auto":
         checkpoint.check_resumable(cfg, run_dir)
     elif finished_run(run_dir):
@@ -135,10 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         inputs = prepare_inputs(cfg)
         lock_run_folder(cfg, comm)
     except (ConfigError, DataError, ModelError) as e:
+        kind = {ConfigError: "config", DataError: "data", ModelError: "model"}[type(e)]
         if comm.rank == 0:
-            kind = {ConfigError: "config", DataError: "data", ModelError: "model"}[type(e)]
             print(f"fedsoda-mpi: {kind} error: {e}", file=sys.stderr, flush=True)
-        comm.settle()  # every rank found the same error: none exits (and has the job killed) before rank 0 printed
+        if not comm.settle() and comm.rank != 0:  # every rank found the same error: none exits (and has the job
+            # killed) before rank 0 printed; a rank alone with its error (a node-local folder, fed.cache_dir) says it
+            print(f"fedsoda-mpi: {kind} error on rank {comm.rank}: {e}", file=sys.stderr, flush=True)
         return USAGE_EXIT
     from . import federation
 

@@ -2,11 +2,13 @@
 
     $FEDSODA_MODELS (default ~/.cache/fedsoda/models)   models prepared by `python -m fedsoda_mpi.prepare model`
     $FEDSODA_DATA   (default ~/.cache/fedsoda/data)     data prepared by `python -m fedsoda_mpi.prepare data`
+    fed.cache_dir   (default: the job's local scratch)  the client ranks' emulator cache on disk (`scratch_dir`)
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -33,6 +35,17 @@ def cache_data_dir() -> Path:
 def shared_data_dir() -> Path:
     """The project's offline data folder `<repo>/../shared/data` (may not exist)."""
     return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def scratch_dir(cache_dir: str = "") -> tuple[Path, str]:
+    """(folder, where it came from) of the emulator cache's disk tier: fed.cache_dir if set, else the job's
+    node-local scratch: $SLURM_TMPDIR, else $TMPDIR, else the system's temporary folder."""
+    if cache_dir:
+        return Path(cache_dir).expanduser(), "fed.cache_dir"
+    for var in ("SLURM_TMPDIR", "TMPDIR"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser(), f"${var}"
+    return Path(tempfile.gettempdir()), "the system temporary folder"
 
 
 def sha256_of(path: Path) -> str:

@@ -11,6 +11,12 @@ them to run.h5:
     /timing/local_steps    [R, W]       float64  optimizer steps the rank ran (clients)
     /timing/peak_rss_mb    [R, W]       float64  the process's peak resident set size so far
     /timing/peak_gpu_mb    [R, W]       float64  torch.cuda.max_memory_allocated (0 on CPU)
+    /timing/cache_ram_rows      [R, W]  float32  emulator-cache rows this round's fills found in memory (clients)
+    /timing/cache_disk_rows     [R, W]  float32  ... loaded from the disk tier
+    /timing/cache_emulator_rows [R, W]  float32  ... computed with the emulator (misses)
+    /timing/cache_disk_peak_mb  [R, W]  float64  the disk tier's peak size so far (MiB; 0 without one)
+
+Run files written before the cache columns existed lack them (analysis/timing.py reads both).
 
 Phases (P = 9): download (global adapter / emulator LoRA broadcast, incl. decode), emulator (the frozen
 sub-emulator's forward, or assembling its cached output), adapter (forward/backward/step of the trainable
@@ -31,7 +37,9 @@ import numpy as np
 import torch
 
 PHASES = ("download", "emulator", "adapter", "upload", "aggregate", "realign", "evaluate", "idle", "other")
-EXTRA = ("mpi_s", "wall_s", "local_steps", "peak_rss_mb", "peak_gpu_mb")
+CACHE_ROWS = ("ram_rows", "disk_rows", "emulator_rows")  # `EmulatorCache.stats` counters recorded per round
+EXTRA = ("mpi_s", "wall_s", "local_steps", "peak_rss_mb", "peak_gpu_mb", *(f"cache_{k}" for k in CACHE_ROWS),
+         "cache_disk_peak_mb")
 
 
 def peak_rss_mb() -> float:
@@ -44,12 +52,14 @@ class PhaseClock:
 
     def __init__(self, comm):
         self.comm = comm
+        self.cache_disk_peak_mb = 0.0  # a high-water mark, like peak RSS: never reset
         self.start_round()
 
     def start_round(self) -> None:
         self.t0 = time.perf_counter()
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.steps = 0
+        self.cache_rows = dict.fromkeys(CACHE_ROWS, 0.0)
         self._idle0, self._mpi0 = self.comm.idle_seconds, self.comm.mpi_seconds
 
     @contextlib.contextmanager
@@ -67,6 +77,12 @@ class PhaseClock:
         """Move `seconds` measured inside another phase's block into `name` (e.g. emulator out of adapter)."""
         self.seconds[name] += seconds
 
+    def count_cache(self, before: dict, after: dict) -> None:
+        """Add what the emulator cache did between two `EmulatorCache.stats()` snapshots to this round's row."""
+        for k in CACHE_ROWS:
+            self.cache_rows[k] += after[k] - before[k]
+        self.cache_disk_peak_mb = max(self.cache_disk_peak_mb, after["disk_peak_bytes"] / 2**20)
+
     def row(self) -> np.ndarray:
         """[PHASES..., EXTRA...] of this round so far (float64)."""
         wall = time.perf_counter() - self.t0
@@ -74,7 +90,8 @@ class PhaseClock:
         s["idle"] = self.comm.idle_seconds - self._idle0
         s["other"] = max(0.0, wall - sum(v for k, v in s.items() if k != "other"))
         gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
-        extra = [self.comm.mpi_seconds - self._mpi0, wall, float(self.steps), peak_rss_mb(), gpu]
+        extra = [self.comm.mpi_seconds - self._mpi0, wall, float(self.steps), peak_rss_mb(), gpu,
+                 *(float(self.cache_rows[k]) for k in CACHE_ROWS), self.cache_disk_peak_mb]
         return np.array([s[p] for p in PHASES] + extra, dtype=np.float64)
 
 

@@ -215,6 +215,38 @@ def test_timing_summary_and_tables(tmp_path):
     assert "| fedsoda / sst2 | 10.0 | 0.0 | 20.0 | 60.0 |" in out  # clients: download, emulator, adapter
     assert "2.00% (rank 2)" in out and "1.01000" in out
     assert "| 1-6 |" in script("timing.py", path, "--first", "1").stdout
+    assert s["cache"] is None and "emulator cache" not in out  # a run file from before the cache columns
+
+
+def test_timing_reports_the_emulator_cache(tmp_path):
+    """/timing/cache_*: rows by source summed over the client ranks and selected rounds, the disk tier's peak
+    per client rank (a high-water mark over the whole run), and the table analysis/timing.py prints."""
+    sys.path.insert(0, str(ROOT / "analysis"))
+    import timing as T
+
+    from fedsoda_mpi.timing import PHASES
+
+    path = make_run(tmp_path / "run", "fedsoda", "sst2", 0.6)
+    W = 3
+    with h5py.File(path, "a") as f:
+        f["timing/round"] = np.arange(1, R + 1, dtype=np.int32)
+        f["timing/phase_s"] = np.ones((R, W, len(PHASES)))
+        for k in ("wall_s", "mpi_s", "local_steps", "peak_rss_mb", "peak_gpu_mb"):
+            f[f"timing/{k}"] = np.ones((R, W))
+        f["timing"].attrs["phases"] = list(PHASES)
+        f["timing/cache_ram_rows"] = np.tile([0.0, 10.0, 20.0], (R, 1)).astype(np.float32)
+        f["timing/cache_disk_rows"] = np.tile([0.0, 16.0, 0.0], (R, 1)).astype(np.float32)
+        f["timing/cache_emulator_rows"] = np.tile([0.0, 16.0, 32.0], (R, 1)).astype(np.float32)
+        peak = np.zeros((R, W))
+        peak[:, 1], peak[:, 2] = np.linspace(1, 3, R), 2.0  # rank 1 grows to 3 MiB, rank 2 stays at 2 MiB
+        f["timing/cache_disk_peak_mb"] = peak
+        f["rounds/moved_bytes"] = np.full(R, 1000, np.int64)
+        f["rounds/payload_bytes"] = np.full(R, 1000, np.int64)
+    with h5py.File(path, "r") as f:
+        c = T.summary(f, first=2)["cache"]
+    assert c == {"ram_rows": 5 * 30.0, "disk_rows": 5 * 16.0, "emulator_rows": 5 * 48.0, "disk_peak_mb": [3.0, 2.0]}
+    out = script("timing.py", path).stdout
+    assert "| fedsoda / sst2 | 150 | 80 | 240 | 0.250 | 3.00 / 2.50 |" in out, out
 
 
 # --- bad input: one line on stderr, exit code 2, no traceback (docs/reliability.md) ---------------------------

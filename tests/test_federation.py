@@ -49,6 +49,30 @@ def test_sweep_removes_only_copies_of_dead_client_processes(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fedsoda-client1-xyz", f"fedsoda-client2-{os.getpid()}-def"]
 
 
+def test_sweep_removes_only_cache_folders_of_dead_processes_of_this_host(tmp_path):
+    """A client rank SIGKILLed mid-run leaves its disk-tier folder; the next client start on the node removes it,
+    but never a live process's folder, another host's (a shared scratch) or a name it did not write."""
+    import os
+    import subprocess
+    import sys
+
+    from fedsoda_mpi.client import cache_folder_name, sweep_stale_caches
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    stale, live = tmp_path / cache_folder_name(1, dead), tmp_path / cache_folder_name(2)
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "client0-v1.safetensors").write_bytes(b"x")
+    elsewhere = tmp_path / f"fedsoda-cache-{dead}-another-host-rank1"
+    elsewhere.mkdir()
+    (tmp_path / "fedsoda-cache-notapid-rank1").mkdir()
+    assert sweep_stale_caches(tmp_path) == [stale.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [live.name, elsewhere.name, "fedsoda-cache-notapid-rank1"])
+    assert live.name == f"fedsoda-cache-{os.getpid()}-{__import__('socket').gethostname()}-rank2"
+
+
 def test_a_killed_but_unreaped_process_counts_as_gone(tmp_path):
     """In a container whose init never reaps, a SIGKILLed rank stays a zombie: kill(pid, 0) still succeeds,
     yet its copy must be swept (the CI failure of the SIGTERM test)."""
@@ -80,7 +104,9 @@ def test_rounds_in_one_process_server_client_and_strategy(tiny_model_dir, tmp_pa
     Client loads the shipped bundle (never the full LLM), receives the emulator LoRA, fits two clients from the
     downloaded global LoRA; the strategy aggregates; M and M* then hold the new global LoRA. A fit is
     reproducible (seeded by seed, round, client), and a client whose update diverged (debug.fail_kind=nan) is
-    rejected while the other one is averaged."""
+    rejected while the other one is averaged. Clients that leave the rank spill their emulator cache to the
+    disk tier, a returning one reloads it (the same fit, bit for bit), set_emulator deletes it, close removes
+    the folder."""
     import torch
 
     from fedsoda_mpi import models
@@ -93,7 +119,8 @@ def test_rounds_in_one_process_server_client_and_strategy(tiny_model_dir, tmp_pa
 
     cfg = load_config(None, [f"model.name={tiny_model_dir}", "fed.clients=2", "data.max_train_per_client=4",
                              "data.public_samples=8", "data.val_size=20", "eval.max_examples=8",
-                             "debug.fail_rank=1", "debug.fail_round=2", "debug.fail_kind=nan"])
+                             "debug.fail_rank=1", "debug.fail_round=2", "debug.fail_kind=nan",
+                             f"fed.cache_dir={tmp_path / 'scratch'}"])
     log = RunLog(tmp_path, 0, echo=False)
     log.open_h5(cfg, 2, cfg.model.name, mode="w")
     server = Server.load(cfg, log, torch.device("cpu"))
@@ -125,6 +152,20 @@ def test_rounds_in_one_process_server_client_and_strategy(tiny_model_dir, tmp_pa
     sub_state = models.lora_state(server.sub, plan.adapter_sub)
     assert all(torch.equal(sub_state[k], new[k]) for k in new)
     assert all(torch.equal(v, new[k]) for k, v in models.remap_layers(full_state, plan.full_to_sub).items())
+
+    folder = client.cache.disk.folder
+    assert folder.parent == tmp_path / "scratch" and folder.name.endswith("-rank1")
+    first = client.fit(1, held, 3)
+    client.place(set())  # both clients leave the rank: their rows go to disk, memory holds none
+    assert sorted(p.name for p in folder.iterdir()) == ["client0-v1.safetensors", "client1-v1.safetensors"]
+    assert client.cache.store == {} and client.examples == {}
+    client.place({1})
+    again = client.fit(1, held, 3)
+    assert client.cache.disk_hits == 4 and all(torch.equal(again.state[k], first.state[k]) for k in first.state)
+    client.set_emulator(server.emulator_lora())  # re-alignment: the disk entries are stale, deleted at once
+    assert list(folder.iterdir()) == [] and client.cache.version == 2
+    client.close()
+    assert not folder.exists() and list((tmp_path / "scratch").iterdir()) == []
     log.close()
 
 

@@ -364,6 +364,52 @@ def test_output_dir_that_cannot_be_written(tiny_model, tmp_path, monkeypatch):
     assert not (ro / "a").exists()
 
 
+# ------------------------------------------------------------------------------------------- cache folder
+
+def test_cache_dir_that_is_a_file_or_not_writable(tiny_model, tmp_path, monkeypatch):
+    """fed.cache_dir (the emulator cache's disk tier) must be a writable folder, or creatable: one line naming
+    the key, before any MPI work."""
+    f = tmp_path / "afile"
+    f.write_text("x")
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError) as e:
+        prepare_config(args_for(tiny_model, run, f"fed.cache_dir={f}"), world_size=3)
+    assert one_line(e) == f"fed.cache_dir: must name a folder for the emulator cache, got the file {f}"
+    with pytest.raises(ConfigError) as e:
+        prepare_config(args_for(tiny_model, run, f"fed.cache_dir={f}/sub"), world_size=3)
+    assert one_line(e) == f"fed.cache_dir: cannot create the emulator cache folder {f}/sub: {f} is a file"
+    ro = tmp_path / "readonly"
+    ro.mkdir()
+    real_access = C.os.access
+    monkeypatch.setattr(C.os, "access", lambda p, mode: False if str(p) == str(ro) else real_access(p, mode))
+    with pytest.raises(ConfigError) as e:
+        prepare_config(args_for(tiny_model, run, f"fed.cache_dir={ro}"), world_size=3)
+    assert one_line(e) == f"fed.cache_dir: the emulator cache folder must be writable, got {ro}"
+    with pytest.raises(ConfigError) as e:
+        prepare_config(args_for(tiny_model, run, f"fed.cache_dir={ro}/a"), world_size=3)
+    assert one_line(e) == f"fed.cache_dir: cannot create the emulator cache folder {ro}/a: {ro} is not writable"
+    # the default is the job's scratch: the message says where the folder came from
+    monkeypatch.setenv("SLURM_TMPDIR", str(ro))
+    with pytest.raises(ConfigError) as e:
+        prepare_config(args_for(tiny_model, run), world_size=3)
+    assert one_line(e) == f"fed.cache_dir (default: $SLURM_TMPDIR): the emulator cache folder must be writable, got {ro}"
+    # no disk tier, no check; a new folder under a writable one is fine (each rank creates its own subfolder)
+    prepare_config(args_for(tiny_model, run, f"fed.cache_dir={ro}", "fed.cache_max_gb=0"), world_size=3)
+    prepare_config(args_for(tiny_model, run, f"fed.cache_dir={ro}", "fed.emulator_cache=false"), world_size=3)
+    cfg = prepare_config(args_for(tiny_model, run, f"fed.cache_dir={tmp_path}/new/cache"), world_size=3)
+    assert cfg.fed.cache_dir == f"{tmp_path}/new/cache" and not (tmp_path / "new").exists()
+
+
+def test_cache_max_gb_must_be_a_size():
+    for raw, msg in (("-1", "fed.cache_max_gb: must be >= 0, got -1.0"),
+                     ("inf", "fed.cache_max_gb: must be a finite number, got inf"),
+                     ("4GB", "fed.cache_max_gb: expected a number, got '4GB'")):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [f"fed.cache_max_gb={raw}"])
+        assert one_line(e) == msg
+    assert load_config(None, ["fed.cache_max_gb=0"]).fed.cache_max_gb == 0.0
+
+
 # ------------------------------------------------------------------------------------------- data files
 
 def test_empty_train_file(tiny_model, tiny_data, tmp_path):
