@@ -7,10 +7,11 @@ Reads <results>/*.json (one few-KB summary per finished run, written by fedsoda_
 <results>/selection.json (fedsoda_mpi.study.write_selection); never a run folder. In the --out markdown
 file, the lines between `<!-- report:begin NAME -->` and `<!-- report:end NAME -->` are replaced by freshly
 generated content and everything outside the markers is kept; a new file gets every section. Sections:
-setup, lr, table2, table3, table4, table9, gap, gsm8k, auto, selfpublic, variants, curves (figures:
-<figures>/<study>_curves_<task>.png, default <out folder>/gallery). auto and selfpublic show every run of the
-study's `auto` and `selfpublic` stages (issue #16) against the FedSODA main runs; variants shows every
-variant run that no other section shows.
+setup, lr, table2, table3, table4, drift, table9, gap, gsm8k, auto, selfpublic, variants, curves (figures:
+<figures>/<study>_curves_<task>.png, default <out folder>/gallery). drift shows the study's `drift` stage
+(oda.trigger=drift) beside the fixed re-alignment intervals r1, r = 5 (main) and no_re_align; auto and selfpublic
+show every run of the study's `auto` and `selfpublic` stages (issue #16) against the FedSODA main runs; variants
+shows every variant run that no other section shows.
 
 Table-2 runs are the grid and seeds stages at the selected lr (variant "main"); other stages are found by
 variant name (the gsm8k stage's "main" runs never enter Table 2). Statistics over seeds: mean +- sample
@@ -519,6 +520,70 @@ def cost_cells(runs: list[dict]) -> list[str]:
             num(field_mean(runs, "kl_after"), 3)]
 
 
+DRIFT = "drift"  # the stage of the drift-trigger variants (studies/*.yaml: group drift)
+DRIFT_BASE = [("r = 1 (r1)", ("variant", "r1")), ("r = 5 (FedSODA main)", ("main", "fedsoda")),
+              ("never (no_re_align)", ("variant", "no_re_align"))]
+
+
+def realignments(s: dict):
+    """The number of re-alignments of one run (`realignments`, else counted from the per-round flags)."""
+    if not missing(s.get("realignments")):
+        return int(s["realignments"])
+    return sum(int(x) for x in s["realigned"]) if s.get("realigned") else None
+
+
+def emulator_bytes(s: dict):
+    """The emulator LoRA bytes one client rank received over the run's re-alignments (the copy after pre-alignment,
+    which every aligned run sends once, left out); None when the summary predates `emulator_lora_bytes`."""
+    n = realignments(s)
+    if n == 0:
+        return 0
+    return None if n is None or missing(s.get("emulator_lora_bytes")) else n * int(s["emulator_lora_bytes"])
+
+
+def trigger_text(runs: list[dict]) -> str:
+    """How the runs decided to re-align: `drift, τ = <tau>[, max <k>]` or the fixed interval r (`realign_r`)."""
+    found = sorted({f"drift, τ = {float(st['drift_threshold']):g}"
+                    + (f", max {int(st['max_interval'])}" if st.get("max_interval") else "")
+                    for st in (s.get("settings") or {} for s in runs) if st.get("trigger") == "drift"})
+    if found:
+        return ", ".join(found)
+    r = realign_r(runs)
+    return r if r in (DASH, "never") else f"every {r}"
+
+
+def mean_of(values) -> float | None:
+    vals = [float(v) for v in values if not missing(v)]
+    return math.fsum(vals) / len(vals) if vals else None
+
+
+def sec_drift(res: Results) -> str:
+    """Drift-triggered re-alignment against the fixed intervals r = 1, 5 and never: accuracy vs emulator bytes."""
+    settings = res.settings([s for s in res.runs if s["stage"] == DRIFT])
+    if not settings:
+        return "_No drift-trigger runs yet._"
+    parts = []
+    for st in settings:
+        ref = by_seed(res.main(st, "fedsoda"))
+        names = sorted({s["variant"] for s in res.runs if s["stage"] == DRIFT and setting_of(s) == st})
+        rows = []
+        for label, sp in DRIFT_BASE + [(name, ("variant", name)) for name in names]:
+            runs = res.rows(st, sp)
+            rows.append([label, trigger_text(runs) if runs else DASH,
+                         *diff_cells(runs, None if sp == ("main", "fedsoda") else ref)[:4],
+                         num(mean_of(realignments(s) for s in runs)), mib(mean_of(emulator_bytes(s) for s in runs), 2),
+                         mib(field_mean(runs, "comm_bytes_per_round"), 3)])
+        parts.append(f"#### {res.label(st)}\n\n" + table(
+            ["run", "re-alignment", *DIFF_HEADERS[:4], "re-alignments (mean)", "emulator MiB/client (run)",
+             "comm MiB/round/client"], rows, 2))
+    return "\n\n".join(parts) + (
+        "\n\nDrift trigger: round t + 1 re-aligns when the output drift probe (KL(M ‖ M*) on a held-out public batch "
+        "with the global adapter in both models) after round t exceeds τ × its value just after the last alignment "
+        "(max k: also after k rounds without one). Emulator MiB/client: the emulator LoRA one client rank received "
+        "over the run's re-alignments (— for summaries written before `emulator_lora_bytes` was recorded). Δ: run − "
+        "FedSODA main in points, paired by seed, 95% CI (Student t).")
+
+
 def mean_curve(runs: list[dict]) -> list[tuple[int, float, float, float, int]]:
     """Per evaluated round: (round, mean, min, max, n) of the validation accuracy (%) over the runs."""
     per: dict[int, list[float]] = {}
@@ -809,7 +874,7 @@ def sec_variants(res: Results) -> str:
     group and setting; Δ against the same variant's FedSODA runs when the group has several methods, else
     against the FedSODA main runs of the setting."""
     done = shown_elsewhere(res)
-    runs = [s for s in res.runs if s["stage"] not in (*MAIN_STAGES, GSM8K, AUTO, SELF)
+    runs = [s for s in res.runs if s["stage"] not in (*MAIN_STAGES, GSM8K, AUTO, SELF, DRIFT)
             and (s["stage"], s["variant"]) not in done]
     if not runs:
         return "_No other variant runs._"
@@ -838,6 +903,7 @@ NO_RUNS = "_No finished run of this study yet._"
 SECTIONS = {"setup": ("Setup", sec_setup), "lr": ("Learning-rate selection", sec_lr),
             "table2": ("Table 2: accuracy of the four methods", sec_table2),
             "table3": ("Table 3: ablation of ODA", sec_table3), "table4": ("Table 4: parameter study", sec_table4),
+            "drift": ("Drift-triggered re-alignment", sec_drift),
             "table9": ("Table 9: rounds to reach FedOT's accuracy", sec_table9),
             "gap": ("The FedSODA − FedPETuning gap on SST-2", sec_gap), "gsm8k": ("GSM8K", sec_gsm8k),
             "auto": ("Automatic pruning configuration (sgp.auto)", sec_auto),

@@ -75,7 +75,11 @@ class SGPConfig:
 class ODAConfig:
     pre_align: bool = True
     re_align: bool = True
-    every: int = 5  # r: re-align every r rounds
+    every: int = 5  # r: re-align every r rounds (oda.trigger=every)
+    trigger: str = "every"  # every: every r rounds | drift: when the output drift probe (KL on the held-out probe
+    #                         batch) after a round exceeds drift_threshold x its value just after the last alignment
+    drift_threshold: float = 2.0  # tau (> 1) of oda.trigger=drift
+    max_interval: int = 0  # oda.trigger=drift: also re-align when this many rounds passed since the last alignment (0 = never)
     pre_epochs: int = 1  # E_p
     re_epochs: int = 1  # E_r
     re_samples: int = 32  # random public paragraphs per re-alignment
@@ -410,6 +414,11 @@ def _validate_sgp_oda(cfg: Config) -> None:
     _one_of("sgp.spacing", s.spacing, ("round", "int"))
     _validate_sgp_auto(cfg)
     _check(o.every >= 1, f"oda.every: the re-alignment interval r must be >= 1, got {o.every}")
+    _one_of("oda.trigger", o.trigger, ("every", "drift"))
+    _check(o.drift_threshold > 1, f"oda.drift_threshold: the ratio tau must be > 1, got {o.drift_threshold}")
+    _at_least("oda.max_interval", o.max_interval, 0)
+    _check(o.trigger == "every" or o.re_align,
+           "oda.trigger=drift: re-alignment is off (oda.re_align=false); set oda.re_align=true, or leave oda.trigger=every")
     _at_least("oda.pre_epochs", o.pre_epochs, 0)
     _at_least("oda.re_epochs", o.re_epochs, 0)
     _at_least("oda.re_samples", o.re_samples, 1)

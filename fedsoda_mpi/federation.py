@@ -119,6 +119,8 @@ def fresh_start(cfg: Config, server, log: RunLog) -> dict:
         server.build(plan)
     with _stopwatch(setup, "pre_align_s"):
         server.pre_align()
+        server.mark_aligned(0)  # the output drift probe's reference until the first re-alignment
+    log.set_attrs("rounds", drift_probe_0=server.drift_ref)
     log.set_attrs("timing", **setup)  # one-time server phases (the per-round ones are /timing/phase_s)
     return base
 
@@ -186,7 +188,7 @@ class Federation:
         self.strategy = strategy_for(cfg, self.ad_schema)
         self.clock = PhaseClock(comm)
         self.t_schema = Schema(("t",), ((len(PHASES) + len(EXTRA),),), "float64")
-        self.realign_every = realign_interval(cfg, plan)
+        self.realign_every = realign_interval(cfg, plan)  # 0: never re-aligns (with oda.trigger=drift: r is unused)
         self.global_state = None  # a client rank's copy of the global adapter LoRA
 
     def run(self, base: dict | None) -> dict | None:
@@ -219,7 +221,7 @@ class Federation:
         """One round; True when a stop was requested (the run ends after it)."""
         t_round, sent0 = time.time(), self.comm.totals()
         self.clock.start_round()
-        realigned = bool(self.realign_every and rnd % self.realign_every == 0)
+        realigned = self.realign_due(rnd)
         if realigned:  # lines 9-14
             if self.server:
                 with self.clock.phase("realign"):
@@ -243,6 +245,17 @@ class Federation:
             self.log.log(f"round {rnd}: {self.client.cache.describe()}")
         self.record_timing(rnd)
         return self.stop_or_checkpoint(rnd)
+
+    def realign_due(self, rnd: int) -> bool:
+        """Line 9: whether round `rnd` starts with a re-alignment. oda.trigger=every: every r rounds (every rank knows
+        it without a message); oda.trigger=drift: rank 0 decides from the output drift probe (`Server.realign_due`)
+        and broadcasts the flag, so every rank enters the re-alignment's collectives together, or none does."""
+        if not self.realign_every:
+            return False
+        if self.cfg.oda.trigger == "every":
+            return rnd % self.realign_every == 0
+        self.comm.idle_wait()  # rank 0 may still be writing the previous round's checkpoint
+        return self.comm.broadcast_flag(self.server.realign_due(rnd) if self.server else None)
 
     def send_emulator(self) -> None:
         """Line 14: broadcast the emulator LoRA (after pre-alignment and after each re-alignment)."""
@@ -310,9 +323,12 @@ class Federation:
         if cfg.eval.every and rnd % cfg.eval.every == 0:
             with self.clock.phase("evaluate"):  # on the validation rows: never on the test split
                 acc = server.evaluate("full", "val")["accuracy"]
+        with self.clock.phase("evaluate"):  # the output drift probe (the next round's line 9 with oda.trigger=drift)
+            probe = server.probe_round()
         self.log.append("rounds", {"round": np.int32(rnd), "wall_s": np.float64(time.time() - t_round),
                                    "train_loss": losses, "n_samples": nk, **self.bytes_row(chosen, realigned, down, sent0),
-                                   "realigned": np.int8(realigned), "eval_acc": np.float32(acc),
+                                   "realigned": np.int8(realigned), "drift_probe": np.float32(probe),
+                                   "drift_ref": np.float32(server.drift_ref), "eval_acc": np.float32(acc),
                                    "rejected": rejected_mask})
         with self.clock.phase("evaluate"):  # the drift probe: two forwards on one held-out batch
             drift = server.drift()
@@ -320,7 +336,9 @@ class Federation:
             self.log.append("drift", {"round": np.int32(rnd), "distance": drift})
         self.log.flush()
         self.log.log(f"round {rnd}/{cfg.fed.rounds}: loss {np.nanmean(losses):.4f}, {time.time() - t_round:.1f}s"
-                     + (", re-aligned" if realigned else "") + ("" if np.isnan(acc) else f", acc {acc:.4f}"))
+                     + (", re-aligned" if realigned else "") + ("" if np.isnan(acc) else f", acc {acc:.4f}")
+                     + ("" if np.isnan(probe) else f", output drift probe {probe:.4f} (after the last alignment "
+                                                     f"{server.drift_ref:.4f})"))
 
     def bytes_row(self, chosen: list[int], realigned: bool, down: tuple[int, int], sent0: dict) -> dict:
         """The round's byte columns of /rounds: measured by comm's counters, and the LoRA payload the strategy's
@@ -371,6 +389,18 @@ class Federation:
             return {"accuracy": float(acc), "n": len(self.server.val_rows)}
         return {"accuracy": float("nan"), "n": 0}
 
+    def emulator_share(self) -> tuple[int, int, int]:
+        """(emulator LoRA messages, per this many rounds, re-alignments of the run): 1 per r with oda.trigger=every
+        (the design value the tables report), re-alignments per rounds run with oda.trigger=drift (what the run
+        did, from /rounds/realigned, so the rounds before a resume count too)."""
+        flags = self.log.column("rounds", "realigned")
+        count = int(flags.sum()) if flags is not None else 0
+        if not self.realign_every:
+            return 0, 1, count
+        if self.cfg.oda.trigger == "every":
+            return 1, self.realign_every, count
+        return count, max(len(flags), 1), count
+
     def finish(self, base: dict) -> dict:
         """Line 22 + evaluation: the full LLM with the plugged adapter (test and validation), the sub-LLM; /final."""
         cfg, server, em = self.cfg, self.server, self.em_schema
@@ -378,11 +408,13 @@ class Federation:
         sub = full if server.sub_is_full else server.evaluate("sub")  # FedPETuning: the same weights and answers
         val = self.final_val_accuracy()
         values, nbytes = self.strategy.traffic()  # upload + download of the adapter LoRA
-        per_round = nbytes + (em.nbytes / self.realign_every if self.realign_every else 0)
+        sent, per, realignments = self.emulator_share()
+        per_round = nbytes + em.nbytes * sent / per
         res = {"accuracy": full["accuracy"], "sub_accuracy": sub["accuracy"], "base_accuracy": base["accuracy"],
                "trainable_params": self.ad_schema.numel,
-               "comm_params_per_round": int(values + (em.numel / self.realign_every if self.realign_every else 0)),
-               "comm_bytes_per_round": float(per_round),
+               "comm_params_per_round": int(values + em.numel * sent / per),
+               "comm_bytes_per_round": float(per_round), "realignments": realignments,
+               "emulator_lora_bytes": int(em.nbytes),
                "client_model_bytes": int(self.model_bytes + self.ad_schema.nbytes + em.nbytes),
                "full_model_bytes": int(server.full_bytes), "val_accuracy": val["accuracy"], "n_val": val["n"],
                "task": cfg.data.task, "n_eval": full["n"], "aggregator": cfg.fed.aggregator,

@@ -6,7 +6,8 @@ starts s_i train. Layer convention as in sgp.py: layer l's output is HF `hidden_
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -156,6 +157,37 @@ def kl_divergence(full_model, sub_model, batches: list[dict]) -> float:
     return total / count
 
 
+@torch.no_grad()
+def adapter_inputs(full_model, sub_model, batch: dict, starts: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The hidden states of `batch` entering layer starts[0] of M and starts[1] of M* (each model's first layer whose
+    LoRA changes between alignments: the adapter), for `adapter_kl`; eval mode, previous modes restored."""
+    outs = []
+    with models.mode(full_model, sub_model):
+        for model, start in zip((full_model, sub_model), starts):
+            device = next(model.parameters()).device
+            outs.append(models.hidden_before_layer(model, batch["input_ids"].to(device),
+                                                   batch["attention_mask"].to(device), start))
+    return outs[0], outs[1]
+
+
+@torch.no_grad()
+def adapter_kl(full_model, sub_model, batch: dict, hidden: tuple[Tensor, Tensor], starts: tuple[int, int]) -> float:
+    """Mean token KL(M || M*) (eq. 7) over the non-pad tokens of `batch`, as `kl_divergence(full, sub, [batch])`
+    computes it, but running only each model's layers from `starts` on (the adapter, from the `adapter_inputs`
+    computed once per alignment), the final norm and the LM head: the emulators' forwards are not repeated while
+    only the adapter LoRA changes. Eval mode; previous modes restored."""
+    logits = []
+    with models.mode(full_model, sub_model):
+        for model, h, start in zip((full_model, sub_model), hidden, starts):
+            mask = batch["attention_mask"].to(h.device)
+            logits.append(models.causal_lm(model).get_output_embeddings()(
+                models.forward_from_layer(model, h, mask, start)))
+    kl = _token_kl(logits[0], logits[1], batch["attention_mask"].to(logits[1].device))
+    if kl.numel() == 0:
+        raise ValueError("adapter_kl got no non-pad tokens")
+    return float(kl.double().sum()) / kl.numel()
+
+
 def drift_stops(pairs: list[tuple[int, int]]) -> tuple[int, int]:
     """How many layers of the full and of the sub-LLM the drift probe of `pairs` runs (deepest pair + 1)."""
     return max(f for f, _ in pairs) + 1, max(s for _, s in pairs) + 1
@@ -175,3 +207,28 @@ def aligned_drift(full_model, sub_model, batch: dict, pairs: list[tuple[int, int
         outs = [models.layer_outputs(m, batch["input_ids"], batch["attention_mask"], stop)[rows, last]  # [B, stop, D]
                 for m, stop in zip((full_model, sub_model), drift_stops(pairs))]
     return torch.stack([angular_distance(outs[0][:, f], outs[1][:, s]).mean() for f, s in pairs])
+
+
+def realign_due(rnd: int, last: int, probe: float, ref: float, tau: float, max_interval: int) -> bool:
+    """Algorithm 2 line 9 with `oda.trigger=drift`: re-align at the start of round `rnd` when the drift probe
+    measured after the previous round (`probe`) exceeds `tau` x its value just after the last alignment (`ref`),
+    or when `max_interval` (> 0) rounds have passed since that alignment (round `last`; 0 = pre-alignment).
+    A NaN probe (not measured) never triggers; only `max_interval` can then."""
+    if max_interval and rnd - last >= max_interval:
+        return True
+    return bool(math.isfinite(probe) and math.isfinite(ref) and probe > tau * ref)
+
+
+def drift_schedule(after_round: Sequence[float], after_align: Sequence[float], tau: float,
+                   max_interval: int) -> list[int]:
+    """The rounds 1..T that re-align under `oda.trigger=drift` (`realign_due` round by round), given the probe
+    after each round (`after_round[t - 1]`: after round t, T values) and the probe just after an alignment at round
+    t (`after_align[t]`, T + 1 values; `after_align[0]`: after pre-alignment; read only where an alignment happens).
+    Before round 1 the probe is the pre-alignment value itself, so only `max_interval` can re-align round 1."""
+    last, ref, probe, rounds = 0, float(after_align[0]), float(after_align[0]), []
+    for rnd in range(1, len(after_round) + 1):
+        if realign_due(rnd, last, probe, ref, tau, max_interval):
+            rounds.append(rnd)
+            last, ref = rnd, float(after_align[rnd])
+        probe = float(after_round[rnd - 1])
+    return rounds

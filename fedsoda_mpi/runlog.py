@@ -192,6 +192,12 @@ class RunLog:
             return None
         return self.h5[f"{group}/{key}"][-1]
 
+    def column(self, group: str, key: str):
+        """All rows of `group/key` as a numpy array (None if the run file has no such dataset)."""
+        if self.h5 is None or f"{group}/{key}" not in self.h5:
+            return None
+        return self.h5[f"{group}/{key}"][:]
+
     def attrs(self, path: str) -> dict:
         """The attributes of a group or dataset of the run file (empty if absent)."""
         return {k: v.item() if isinstance(v, np.generic) else v for k, v in self.h5[path].attrs.items()} \

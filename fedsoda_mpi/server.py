@@ -57,6 +57,10 @@ class Server:
         train, self.val_rows = data.split_train_val(rows, cfg.data.task, cfg.data.val_size)
         self.shot_rows = train if cfg.data.task == "gsm8k" else None  # GSM8K's k shots never show a validation row
         self._drift = None  # (LoRA tensors the last drift probe saw, its value)
+        # oda.trigger=drift (Algorithm 2 line 9): the output drift probe after the latest round, its value just
+        # after the latest alignment, and that alignment's round (0 = pre-alignment / set-up)
+        self.drift_probe, self.drift_ref, self.last_aligned = float("nan"), float("nan"), 0
+        self._probe_inputs = None  # (the emulator LoRA they were computed with, the adapters' inputs on the probe batch)
 
     def public_texts(self) -> tuple[list[str], list[str]]:
         """(pool of D_public, generated held-out texts): the public file's first 90% and no generated text, or with
@@ -248,7 +252,73 @@ class Server:
         steps = self._align(batches, self.cfg.oda.re_epochs)
         mean = {k: float(np.mean([s[k] for s in steps])) for k in ("loss", "loss_rep", "loss_kl")}
         self.log.append("oda/re", {"round": np.int32(rnd), **{k: np.float32(v) for k, v in mean.items()}})
-        self.log.log(f"round {rnd}: re-alignment {len(steps)} steps, loss {mean['loss']:.4f}")
+        self.mark_aligned(rnd)
+        self.log.log(f"round {rnd}: re-alignment {len(steps)} steps, loss {mean['loss']:.4f}, output drift probe "
+                     f"{self.drift_ref:.4f}")
+
+    # Algorithm 2 line 9 with oda.trigger=drift
+    def output_drift(self) -> float:
+        """The output drift probe: KL(M || M*) (eq. 7, as `oda.kl_divergence` computes it) on the fixed held-out probe
+        batch, with the current global adapter LoRA plugged into both models; as float32 (what /rounds/drift_probe
+        stores, so a decision made from memory equals one made from the run file after a resume). NaN when M* is M
+        (FedPETuning).
+
+        Why the output and not /drift (`drift`): FedSODA's adapter layers sit above every aligned layer and the
+        emulator LoRA is frozen between re-alignments, so L_inter's angular distances cannot move until the next
+        re-alignment and a trigger on them would never fire. What moves as the global adapter trains is how the
+        adapter's layers respond to the emulator's output mismatch, seen at the logits: the L_KL term of eq. 8 that
+        ODA corrects. Run once per round (every round's aggregation changes the adapter) and once after each
+        alignment, on one batch of oda.batch_size held-out paragraphs: the hidden states entering M's and M*'s
+        adapters are computed once per emulator LoRA (`_adapter_inputs`), so a round runs only the two adapters,
+        the final norms and the LM heads (`oda.adapter_kl`)."""
+        if self.sub_is_full:
+            return float("nan")
+        hidden, starts = self._adapter_inputs()
+        return float(np.float32(oda.adapter_kl(self.full, self.sub, self.probe[0], hidden, starts)))
+
+    def _adapter_inputs(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[int, int]]:
+        """The probe batch's hidden states entering M's and M*'s adapters (and those layers' indices), recomputed
+        only when the emulator LoRA changed (an alignment, or a resume): nothing else below the adapters changes."""
+        p = self.plan
+        starts = (0 if p.adapter_first else p.num_layers - p.adapter_size, p.train_start)
+        emulator = self.emulator_lora()
+        if self._probe_inputs is None or emulator.keys() != self._probe_inputs[0].keys() or \
+                not all(torch.equal(emulator[k], self._probe_inputs[0][k]) for k in emulator):
+            self._probe_inputs = (emulator, oda.adapter_inputs(self.full, self.sub, self.probe[0], starts))
+        return self._probe_inputs[1], starts
+
+    def mark_aligned(self, rnd: int) -> None:
+        """Lines 3-5 / 9-13 just done at round `rnd` (0: pre-alignment): the output drift probe now is the
+        reference that oda.trigger=drift compares later probes with."""
+        self.drift_ref = self.drift_probe = self.output_drift()
+        self.last_aligned = rnd
+
+    def probe_round(self) -> float:
+        """After line 18: the output drift probe with the new global adapter (the next round's decision reads it)."""
+        self.drift_probe = self.output_drift()
+        return self.drift_probe
+
+    def realign_due(self, rnd: int) -> bool:
+        """Line 9 with oda.trigger=drift, decided on rank 0 (`oda.realign_due`): the probe after the previous round
+        exceeds oda.drift_threshold x its value just after the last alignment, or oda.max_interval rounds passed."""
+        c = self.cfg.oda
+        return oda.realign_due(rnd, self.last_aligned, self.drift_probe, self.drift_ref, c.drift_threshold,
+                               c.max_interval)
+
+    def restore_drift(self) -> None:
+        """Resume: the trigger's state from the run file (the checkpoint's copy): the last /rounds row's probe and
+        reference, the last round with /rounds/realigned set (0 if none). A run file written before these columns
+        existed gets NaN rows for its earlier rounds (only max_interval can then re-align)."""
+        rounds, realigned = self.log.column("rounds", "round"), self.log.column("rounds", "realigned")
+        if rounds is None or not len(rounds):
+            return
+        for key in ("drift_probe", "drift_ref"):
+            if self.log.column("rounds", key) is None:
+                for _ in rounds:
+                    self.log.append("rounds", {key: np.float32("nan")})
+        self.drift_probe = float(self.log.column("rounds", "drift_probe")[-1])
+        self.drift_ref = float(self.log.column("rounds", "drift_ref")[-1])
+        self.last_aligned = int(rounds[realigned == 1].max()) if (realigned == 1).any() else 0
 
     # Algorithm 2 line 18 (the strategy aggregates) and line 22
     def set_global(self, state: dict[str, torch.Tensor]) -> None:
@@ -302,13 +372,15 @@ class Server:
                                keep=self.cfg.fed.keep_checkpoints)
 
     def restore(self, ck: checkpoint.Checkpoint) -> None:
-        """Resume: put the checkpoint's global adapter and emulator LoRA into M* and M (after `build`)."""
+        """Resume: put the checkpoint's global adapter and emulator LoRA into M* and M (after `build`), and the drift
+        trigger's state (from the run file, which `checkpoint.resume_point` has replaced by the checkpoint's copy)."""
         for name, have, got in (("adapter", self.global_adapter, ck.adapter), ("emulator", self.emulator_lora(), ck.emulator)):
             if set(have) != set(got) or any(have[k].shape != got[k].shape for k in have):
                 raise checkpoint.CheckpointError(f"{ck.path}: the {name} LoRA does not match this run's model and plan")
         models.load_lora_state(self.sub, ck.emulator)
         self.global_adapter = {k: v.clone() for k, v in ck.adapter.items()}
         self.sync_full()
+        self.restore_drift()
 
     def export_adapter(self) -> Path:
         """run_dir/adapter: a standard PEFT adapter for the FULL model (full-model layer indices)."""

@@ -19,7 +19,9 @@ def make_run(folder: Path, method: str, task: str, acc: float, re_align: bool = 
     rng = np.random.default_rng(len(method))
     folder.mkdir(parents=True)
     path = folder / "run.h5"
-    cfg = {"method": method, "data": {"task": task}, "oda": {"pre_align": True, "re_align": re_align}}
+    cfg = {"method": method, "data": {"task": task},
+           "oda": {"pre_align": True, "re_align": re_align, "trigger": "drift" if re_align else "every",
+                   "drift_threshold": 1.5, "max_interval": 0}}
     with h5py.File(path, "w") as f:
         f.attrs.update({"config_json": json.dumps(cfg), "method": method, "model": "smollm2-135m", "world_size": 3,
                         "n_clients": N, "versions_json": "{}", "git_commit": "abc"})
@@ -43,9 +45,13 @@ def make_run(folder: Path, method: str, task: str, acc: float, re_align: bool = 
                 "train_loss": loss, "n_samples": np.where(np.isnan(loss), 0, 64).astype(np.float32),
                 "upload_bytes": upload, "download_bytes": 40_000 + 80_000 * realigned.astype(np.int64),
                 "comm_params": np.full(R, 20_000, np.int64), "realigned": realigned,
-                "eval_acc": np.array([np.nan, np.nan, acc - 0.1, np.nan, np.nan, np.nan], np.float32)}
+                "eval_acc": np.array([np.nan, np.nan, acc - 0.1, np.nan, np.nan, np.nan], np.float32),
+                # the output drift probe crosses 1.5 x its reference after rounds 2 and 5 (re-aligned: 3 and 6)
+                "drift_probe": np.array([1.2, 1.6, 1.1, 1.3, 1.7, 1.0], np.float32),
+                "drift_ref": np.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.9] if re_align else [1.0] * R, np.float32)}
         for key, value in rows.items():
             f[f"rounds/{key}"] = value
+        f["rounds"].attrs["drift_probe_0"] = 1.0
         f["drift/round"] = np.arange(1, R + 1, dtype=np.int32)
         since = np.array([1, 2, 0, 1, 2, 0]) if re_align else np.arange(R)  # rounds since the last re-alignment
         f["drift/distance"] = (0.05 + np.outer(since, [0.01, 0.02])).astype(np.float32)
@@ -89,6 +95,32 @@ def test_plot_distance_profile_one_pair_per_run(runs, tmp_path):
 def test_plot_comm(runs, tmp_path):
     script("plot_comm.py", *runs, "--out", tmp_path / "fig")
     assert_figure(tmp_path / "fig", "comm")
+
+
+def test_plot_drift_one_figure_per_run_and_the_threshold_steps(runs, tmp_path):
+    res = script("plot_drift.py", *runs, "--out", tmp_path / "fig")
+    assert_figure(tmp_path / "fig", "drift_a")
+    assert_figure(tmp_path / "fig", "drift_b")
+    assert len(res.stdout.split()) == 4
+    sys.path.insert(0, str(ROOT / "analysis"))
+    try:
+        from plot_drift import drift_series
+    finally:
+        sys.path.remove(str(ROOT / "analysis"))
+    with h5py.File(runs[0], "r") as f:
+        d = drift_series(f)
+    assert d["round"].tolist() == list(range(R + 1)) and d["tau"] == 1.5 and d["trigger"] == "drift"
+    assert d["probe"][0] == 1.0 and d["probe"][1:].tolist() == pytest.approx([1.2, 1.6, 1.1, 1.3, 1.7, 1.0])
+    assert d["threshold"].tolist() == pytest.approx([1.5] * 6 + [1.35]) and d["realigned"].tolist() == [3, 6]
+
+
+def test_plot_drift_skips_a_run_file_without_the_probe(runs, tmp_path):
+    with h5py.File(runs[1], "a") as f:  # a run of a version before /rounds/drift_probe
+        del f["rounds/drift_probe"]
+    p = subprocess.run([sys.executable, str(ROOT / "analysis" / "plot_drift.py"), *map(str, runs), "--out",
+                        str(tmp_path / "fig")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "skipping" in p.stderr and "no /rounds/drift_probe" in p.stderr, p.stderr
+    assert (tmp_path / "fig" / "drift_a.png").is_file() and not (tmp_path / "fig" / "drift_b.png").exists()
 
 
 def test_comm_bytes_per_round(tmp_path):

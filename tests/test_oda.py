@@ -199,3 +199,126 @@ def test_server_drift_recomputes_only_when_lora_below_the_probe_changes(monkeypa
     again = Server.drift(server)
     assert len(calls) == 2 and not np.array_equal(again, first)
     torch.testing.assert_close(torch.from_numpy(again), aligned_drift(full, sub, server.probe[0], [(3, 1)]))
+
+
+def test_realign_due_fires_on_the_ratio_or_the_interval_and_never_on_nan():
+    """Algorithm 2 line 9 with oda.trigger=drift, as a pure function of the probe, its reference, tau, max_interval."""
+    due = oda.realign_due
+    assert due(4, 2, probe=2.01, ref=1.0, tau=2.0, max_interval=0)
+    assert not due(4, 2, probe=2.0, ref=1.0, tau=2.0, max_interval=0)  # strictly above tau x ref
+    assert not due(4, 0, probe=float("nan"), ref=1.0, tau=2.0, max_interval=0)  # not measured: no trigger
+    assert due(5, 0, probe=float("nan"), ref=1.0, tau=2.0, max_interval=5)  # ... but the interval still fires
+    assert not due(4, 0, probe=1.0, ref=1.0, tau=2.0, max_interval=5)
+    assert not due(100, 0, probe=0.0, ref=0.0, tau=1.5, max_interval=0)  # 0 > 1.5 x 0 is false
+
+
+def test_drift_schedule_rounds_from_probe_values():
+    """Which rounds re-align, given the probe after each round and just after each alignment: the reference resets
+    at every re-alignment, max_interval counts from the last one, and 'every r' is trigger=drift with max_interval r
+    and a probe that never crosses."""
+    after_round = [1.1, 1.3, 1.9, 2.4, 1.2, 1.5, 2.2, 2.3]  # after rounds 1..8
+    after_align = [1.0, 9, 9, 9, 1.0, 9, 9, 9, 1.0]  # after an alignment at round 0..8 (9: never read)
+    assert oda.drift_schedule(after_round, after_align, tau=2.0, max_interval=0) == [5]  # 2.4 > 2 x 1.0 after round 4
+    assert oda.drift_schedule(after_round, after_align, tau=1.2, max_interval=0) == [3]  # 1.3 > 1.2 after round 2
+    # tau = 1.2 from round 3's reference (9): never again; max_interval = 3 adds rounds 6 (3 + 3) and 9 (> T)
+    assert oda.drift_schedule(after_round, after_align, tau=1.2, max_interval=3) == [3, 6]
+    flat = [1.0] * 10
+    assert oda.drift_schedule(flat, [1.0] * 11, tau=1.5, max_interval=5) == [5, 10]  # = oda.every=5
+    assert oda.drift_schedule(flat, [1.0] * 11, tau=1.5, max_interval=0) == []  # = oda.re_align=false
+    assert oda.drift_schedule([5.0] * 4, [1.0] * 5, tau=1.5, max_interval=0) == [2, 3, 4]  # round 1 never by drift
+
+
+def _adapter_pair():
+    """A sharp tiny M with the adapter LoRA on its last layer (7) and M* = M without layers 2-3, LoRA on its aligned
+    layer 1 (emulator) and on its last layer 5 (the adapter); `plug(scale)` puts one global adapter into both."""
+    full = _sharp_tiny_llama()
+    groups = [(1, 3)]
+    kept = kept_layers(8, groups)  # [0, 1, 4, 5, 6, 7]: sub layer 5 = full layer 7 (the adapter)
+    torch.manual_seed(0)
+    sub = get_peft_model(_prune(full, kept), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                        target_modules=LORA_TARGETS, layers_to_transform=[1, 5]))
+    full = get_peft_model(full, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                                           layers_to_transform=[7]))
+
+    def plug(scale: float) -> None:
+        g = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            for name, p in sorted(full.named_parameters()):
+                if "layers.7." in name and "lora_" in name:
+                    value = scale * torch.randn(p.shape, generator=g)
+                    p.copy_(value)
+                    dict(sub.named_parameters())[name.replace("layers.7.", "layers.5.")].copy_(value)
+
+    return full, sub, [(t + 2, s) for t, s in layer_map(groups, kept)], plug
+
+
+def test_output_probe_moves_with_the_adapter_while_the_l_inter_probe_cannot():
+    """Why /rounds/drift_probe is KL(M || M*) and not /drift: with the adapter LoRA above every aligned layer and the
+    emulator LoRA frozen, a new global adapter (the same tensors plugged into M and M*) leaves the L_inter angular
+    distances bit for bit unchanged, while the output KL on the same probe batch moves. The cached form
+    (`adapter_inputs` once, `adapter_kl` per round) gives the KL of the whole forward."""
+    full, sub, pairs, plug = _adapter_pair()
+    batch = _batches(1, seed=5)
+    starts = (7, 5)  # the adapter's first layer in M and in M*
+    plug(0.0)
+    hidden = oda.adapter_inputs(full, sub, batch[0], starts)  # computed once: nothing below the adapters changes
+    inter0, kl0 = aligned_drift(full, sub, batch[0], pairs), kl_divergence(full, sub, batch)
+    assert oda.adapter_kl(full, sub, batch[0], hidden, starts) == pytest.approx(kl0, rel=1e-5)
+    plug(0.5)
+    inter1, kl1 = aligned_drift(full, sub, batch[0], pairs), kl_divergence(full, sub, batch)
+    assert torch.equal(inter0, inter1)
+    assert kl0 > 0 and abs(kl1 - kl0) > 0.01 * kl0, (kl0, kl1)  # measured: 5.50 -> 5.66
+    assert oda.adapter_kl(full, sub, batch[0], hidden, starts) == pytest.approx(kl1, rel=1e-5)  # the cached probe
+
+
+def test_server_output_probe_recomputes_the_adapter_inputs_only_after_the_emulator_changed(monkeypatch):
+    """Server.output_drift: a new global adapter reuses the cached adapter inputs; a new emulator LoRA (an
+    alignment) recomputes them; either way the value is the whole forward's KL, as float32."""
+    from fedsoda_mpi import models
+
+    full, sub, _, plug = _adapter_pair()
+    calls, original = [], oda.adapter_inputs
+    monkeypatch.setattr(oda, "adapter_inputs", lambda *a: calls.append(1) or original(*a))
+    server = SimpleNamespace(plan=SimpleNamespace(adapter_first=0, num_layers=8, adapter_size=1, train_start=5),
+                             full=full, sub=sub, probe=_batches(1, seed=5), _probe_inputs=None, sub_is_full=False,
+                             emulator_lora=lambda: models.lora_state(sub, [1]))
+    server._adapter_inputs = lambda: Server._adapter_inputs(server)
+    plug(0.3)
+    first = Server.output_drift(server)
+    assert first == pytest.approx(kl_divergence(full, sub, server.probe), rel=1e-5)
+    plug(0.6)
+    second = Server.output_drift(server)
+    assert len(calls) == 1 and second != first
+    assert second == pytest.approx(kl_divergence(full, sub, server.probe), rel=1e-5)
+    with torch.no_grad():  # a re-alignment changes the emulator LoRA (sub layer 1)
+        next(p for n, p in sub.named_parameters() if "layers.1." in n and "lora_B" in n).add_(0.05)
+    third = Server.output_drift(server)
+    assert len(calls) == 2 and third == pytest.approx(kl_divergence(full, sub, server.probe), rel=1e-5)
+    assert third == float(np.float32(third))
+
+
+def test_server_restores_the_drift_trigger_state_from_the_run_file(tmp_path):
+    """Resume: the last probe, its reference and the last re-aligned round come back from /rounds (the checkpoint's
+    copy of the run file); a run file written before the columns existed gets NaN rows, so they stay aligned."""
+    import h5py
+
+    from fedsoda_mpi.runlog import RunLog
+
+    log = RunLog(tmp_path, 0, echo=False)
+    log.h5 = h5py.File(tmp_path / "run.h5", "w")
+    for rnd, flag, probe, ref in ((1, 0, 1.5, 1.0), (2, 1, 0.75, 0.5), (3, 0, 0.875, 0.5)):
+        log.append("rounds", {"round": np.int32(rnd), "realigned": np.int8(flag), "drift_probe": np.float32(probe),
+                              "drift_ref": np.float32(ref)})
+    server = SimpleNamespace(log=log, drift_probe=float("nan"), drift_ref=float("nan"), last_aligned=0)
+    Server.restore_drift(server)
+    assert (server.drift_probe, server.drift_ref, server.last_aligned) == (0.875, 0.5, 2)
+    old = RunLog(tmp_path / "old", 0, echo=False)
+    old.h5 = h5py.File(tmp_path / "old" / "run.h5", "w")
+    for rnd in (1, 2):
+        old.append("rounds", {"round": np.int32(rnd), "realigned": np.int8(0)})
+    server = SimpleNamespace(log=old, drift_probe=float("nan"), drift_ref=float("nan"), last_aligned=7)
+    Server.restore_drift(server)
+    assert np.isnan(server.drift_probe) and np.isnan(server.drift_ref) and server.last_aligned == 0
+    assert old.column("rounds", "drift_probe").shape == old.column("rounds", "drift_ref").shape == (2,)
+    log.close()
+    old.close()

@@ -59,7 +59,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 900) -> None:
 def _record(run_dir: Path) -> dict:
     with h5py.File(run_dir / "run.h5", "r") as f:
         rec = {k: f[f"rounds/{k}"][:] for k in ("round", "train_loss", "n_samples", "eval_acc", "realigned",
-                                                 "upload_bytes")}
+                                                 "upload_bytes", "drift_probe", "drift_ref")}
         rec.update({f"re_{k}": f[f"oda/re/{k}"][:] for k in ("round", "loss")})
         rec["drift"] = f["drift/distance"][:]
         rec["final"] = {k: f["final"].attrs[k] for k in ("accuracy", "sub_accuracy", "base_accuracy")}
@@ -69,7 +69,8 @@ def _record(run_dir: Path) -> dict:
 
 def _assert_same(a: dict, b: dict) -> None:
     assert a["round"].tolist() == b["round"].tolist() == [1, 2, 3]  # no duplicated rows after the resume
-    for k in ("train_loss", "n_samples", "eval_acc", "realigned", "upload_bytes", "re_round", "re_loss", "drift"):
+    for k in ("train_loss", "n_samples", "eval_acc", "realigned", "upload_bytes", "re_round", "re_loss", "drift",
+              "drift_probe", "drift_ref"):
         assert np.array_equal(a[k], b[k], equal_nan=True), (k, a[k], b[k])
     assert a["final"] == b["final"]
     assert a["adapter"].keys() == b["adapter"].keys()
@@ -105,6 +106,33 @@ def test_sigkill_mid_run_then_resume_is_bit_exact(reference, args, tmp_path):
     _assert_same(reference, _record(run_dir))
     with h5py.File(run_dir / "run.h5", "r") as f:
         assert f.attrs["resumed_from"].tolist() == [2]
+
+
+# oda.trigger=drift: the decision of the first resumed round reads the trigger's state (the last probe, the value after
+# the last alignment, that alignment's round) back from the checkpoint's run file; max_interval=3 re-aligns round 3 at
+# the latest (so /oda/re exists), rounds 2 and 3 may re-align on the probe
+DRIFT = ["oda.trigger=drift", "oda.drift_threshold=1.05", "oda.max_interval=3", "fed.lr=1e-2"]
+
+
+@pytest.fixture(scope="module")
+def drift_reference(args, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ref-drift") / "run"
+    p = mpirun(3, args + DRIFT + [f"output.dir={run_dir}"], timeout=1200)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return _record(run_dir)
+
+
+def test_drift_trigger_sigkill_then_resume_is_bit_exact(drift_reference, args, tmp_path):
+    assert np.isfinite(drift_reference["drift_probe"]).all() and drift_reference["realigned"].any()
+    run_dir = tmp_path / "run"
+    proc = _start(args, run_dir, *DRIFT)
+    _wait_for(run_dir / "checkpoints" / "round00001", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    p = mpirun(3, args + DRIFT + [f"output.dir={run_dir}", "resume=auto"], timeout=1200)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "(round 1 of 3)" in p.stdout or "(round 2 of 3)" in p.stdout, p.stdout[-3000:]
+    _assert_same(drift_reference, _record(run_dir))
 
 
 def test_sigusr1_stops_cleanly_then_resume_is_bit_exact(reference, args, tmp_path):

@@ -32,6 +32,10 @@ def test_shipped_studies_expand_and_validate():
     assert len(cpu.stage("grid")) == 4 * 2 * 3 and len(cpu.stage("seeds")) == 4 * 2 * 2  # methods x tasks x ...
     assert {r.method for r in cpu.stage("grid")} == {"fedsoda", "fedpetuning", "fedot", "fedbiot"}
     assert sum("eval.base=true" in r.overrides for r in cpu.runs) == 3  # once per task: sst2, boolq, gsm8k
+    drift = cpu.stage("drift")  # FedSODA SST-2, 3 seeds, tau = 1.1 without and with max_interval 5, selected lr
+    assert len(drift) == 2 * 3 and all("oda.trigger=drift" in r.overrides and r.lr is None for r in drift)
+    assert {r.variant for r in drift} == {"drift_tau1.1", "drift_tau1.1_max5"}
+    assert all("oda.drift_threshold=1.1" in r.overrides for r in drift)
     paper = S.load(ROOT / "studies/paper.yaml")
     grid = paper.stage("grid")
     assert len(grid) == 4 * 3 * 3 * 3 * 3 and {r.lr for r in grid} == {1e-5, 5e-5, 1e-4}  # every seed at every lr
@@ -144,6 +148,14 @@ def test_summary_of_a_run_file(tmp_path):
     assert len(json.dumps(out)) < 4096
     assert not math.isnan(out["wall_s"])
     assert out["sgp_candidates"] == [] and out["public_self"] == {} and out["kl_on"] == "wikitext2"
+    # re-alignments and the emulator LoRA's size (what a drift trigger saves); a run file from before them: None, []
+    assert out["realignments"] == 1 and out["emulator_lora_bytes"] is None and out["drift_probe"] == []
+    assert out["settings"]["trigger"] == "every" and out["settings"]["max_interval"] == 0
+    with h5py.File(tmp_path / "run.h5", "a") as f:
+        f["final"].attrs["emulator_lora_bytes"] = 786432
+        f["rounds/drift_probe"] = np.array([3.0, 3.25], np.float32)
+    out = S.summarize(run, tmp_path, 1e-3, "toy")
+    assert out["emulator_lora_bytes"] == 786432 and out["drift_probe"] == [3.0, 3.25]
 
 
 def test_summary_carries_the_chosen_n_p_candidates_and_both_kls(tmp_path):

@@ -135,6 +135,11 @@ def test_yaml_anchors_and_the_shipped_jobs_still_load(tmp_path):
     ("data.public_max_len=4", "data.public_max_len: must be >= 8, got 4"),
     ("model.name=", "model.name: must name a prepared model or a model folder, got ''"),
     ("model.dtype=int8", "model.dtype: expected float32, bfloat16 or float16, got 'int8'"),
+    ("oda.trigger=kl", "oda.trigger: expected every or drift, got 'kl'"),
+    ("oda.drift_threshold=1", "oda.drift_threshold: the ratio tau must be > 1, got 1.0"),
+    ("oda.drift_threshold=0.5", "oda.drift_threshold: the ratio tau must be > 1, got 0.5"),
+    ("oda.drift_threshold=inf", "oda.drift_threshold: must be a finite number, got inf"),
+    ("oda.max_interval=-1", "oda.max_interval: must be >= 0, got -1"),
 ])
 def test_bad_key_names_that_key(arg, msg):
     with pytest.raises(ConfigError) as e:
@@ -231,6 +236,19 @@ def test_numeric_keys_cover_every_float():
     floats = {k for k, t in numeric_keys() if t is float}
     assert {"fed.lr", "oda.lr", "fed.mu", "oda.alpha", "oda.beta", "data.dirichlet_beta", "lora.dropout"} <= floats
     assert all(math.isfinite(v) for k, v in C.flatten(Config().to_dict()).items() if k in floats)
+
+
+def test_drift_trigger_needs_re_alignment():
+    """oda.trigger=drift decides WHEN to re-align: with oda.re_align=false (also the FedPETuning and FedOT presets)
+    it is a contradiction, refused with one line; trigger=every with re_align=false stays the ablation 'never'."""
+    msg = "oda.trigger=drift: re-alignment is off (oda.re_align=false); set oda.re_align=true, or leave oda.trigger=every"
+    for args in (["oda.trigger=drift", "oda.re_align=false"], ["method=fedot", "oda.trigger=drift"]):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, args)
+        assert one_line(e) == msg
+    load_config(None, ["oda.re_align=false"])
+    cfg = load_config(None, ["oda.trigger=drift", "oda.drift_threshold=1.5", "oda.max_interval=5"])
+    assert (cfg.oda.trigger, cfg.oda.drift_threshold, cfg.oda.max_interval) == ("drift", 1.5, 5)
 
 
 def test_debug_fail_rank_must_be_a_rank():
