@@ -121,7 +121,7 @@ class FedConfig:
     mu: float = 0.01  # proximal weight (eq. 9)
     emulator_cache: bool = True  # cache the frozen sub-emulator's outputs between re-alignments
     cache_dir: str = ""  # node-local folder of the cache's disk tier ("": $SLURM_TMPDIR, else $TMPDIR, else /tmp)
-    cache_max_gb: float = 4.0  # disk tier cap per client rank, GB (10^9 bytes), LRU eviction; 0 = no disk tier
+    cache_max_gb: float = 0.0  # disk tier cap per client rank, GB (10^9 bytes), LRU eviction; 0 = no disk tier (opt-in)
     checkpoint_every: int = 1  # rounds between checkpoints (0: none; resume=auto then has nothing to resume from)
     keep_checkpoints: int = 2  # newest checkpoints kept (>= 2, so a corrupted newest one has a fallback)
     aggregator: str = "fedavg"  # fedavg | fedsrd | fedsrd-e (fedsoda_mpi/fedsrd.py)

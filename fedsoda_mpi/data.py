@@ -214,7 +214,7 @@ def write_self_public(path: Path, rows: list[dict], n_public: int) -> None:
 def read_self_public(path: Path, n_public: int, n_heldout: int = SELF_HELDOUT) -> tuple[list[str], list[str]]:
     """(public texts, held-out texts) of a file `write_self_public` wrote; DataError naming the file when it is
     damaged or holds another number of texts (a run is resumed with its own settings, so it never should)."""
-    fix = "delete it to generate the texts again"
+    fix = "restore it, or start the run over without resume=auto (a new attempt generates the texts again)"
     rows = []
     for lineno, line in enumerate(_read_text(path).splitlines(), 1):
         try:

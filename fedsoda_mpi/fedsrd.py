@@ -105,7 +105,7 @@ def positions_to_bytes(positions: torch.Tensor, numel: int) -> torch.Tensor:
     is entry 8 j + i; else little-endian int32 indices)."""
     k = positions.numel()
     if 4 * k < math.ceil(numel / 8):
-        return positions.to(torch.int32).view(torch.uint8).clone()
+        return torch.from_numpy(positions.numpy().astype("<i4").view(np.uint8).copy())
     mask = np.zeros(numel, dtype=bool)
     mask[positions.numpy()] = True
     return torch.from_numpy(np.packbits(mask, bitorder="little"))
@@ -117,7 +117,7 @@ def bytes_to_positions(blob: torch.Tensor, numel: int, k: int) -> torch.Tensor:
     if blob.dtype != torch.uint8 or blob.numel() != position_bytes(numel, k):
         raise ValueError(f"positions: {blob.numel()} x {blob.dtype}, expected {position_bytes(numel, k)} x uint8")
     if 4 * k < math.ceil(numel / 8):
-        positions = blob.contiguous().view(torch.int32).long()
+        positions = torch.from_numpy(np.frombuffer(blob.numpy().tobytes(), dtype="<i4").astype(np.int64))
         if k and (positions[0] < 0 or positions[-1] >= numel or (positions.diff() <= 0).any()):
             raise ValueError(f"positions: indices not ascending in [0, {numel})")
         return positions

@@ -116,10 +116,15 @@ def lock_run_folder(cfg: Config, comm) -> None:
 
     busy = None
     if comm.rank == 0:
+        run_dir = run_dir_of(cfg)
         try:
-            lock_run_dir(run_dir_of(cfg))
+            if not lock_run_dir(run_dir):
+                print(f"fedsoda-mpi: warning: {run_dir}: the file system does not support flock; the run folder is "
+                      "not locked against a second job", file=sys.stderr, flush=True)
         except RunFolderBusy as e:
             busy = str(e)
+        except OSError as e:
+            busy = f"output.dir: cannot create the lock file in {run_dir}: {e.strerror or e}"
     if not comm.broadcast_flag(busy is None if comm.rank == 0 else None):
         raise ConfigError(busy or "the run folder is in use by another job (rank 0 names it)")
 

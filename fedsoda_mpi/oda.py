@@ -213,8 +213,11 @@ def realign_due(rnd: int, last: int, probe: float, ref: float, tau: float, max_i
     """Algorithm 2 line 9 with `oda.trigger=drift`: re-align at the start of round `rnd` when the drift probe
     measured after the previous round (`probe`) exceeds `tau` x its value just after the last alignment (`ref`),
     or when `max_interval` (> 0) rounds have passed since that alignment (round `last`; 0 = pre-alignment).
-    A NaN probe (not measured) never triggers; only `max_interval` can then."""
+    A NaN probe (not measured) never triggers; only `max_interval` can then. An infinite probe (the sub-LLM's
+    output diverged from the full LLM's) always does."""
     if max_interval and rnd - last >= max_interval:
+        return True
+    if probe == math.inf:
         return True
     return bool(math.isfinite(probe) and math.isfinite(ref) and probe > tau * ref)
 

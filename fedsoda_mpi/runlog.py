@@ -50,12 +50,18 @@ def git_commit() -> str:
         return "unknown"
 
 
+_STARTED: list[str] = []  # this process's start time as run names use it, fixed at the first call
+
+
 def run_name(cfg: Config) -> str:
-    """output.name, or <job>-<method>-<Slurm job id (_array task) or the start time>."""
+    """output.name, or <job>-<method>-<Slurm job id (_array task) or the start time>. The start time is taken
+    once per process, so every call names the same folder (the lock and the run must be one folder)."""
     job = Path(cfg.job).stem if cfg.job else "job"
     slurm = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
     task = os.environ.get("SLURM_ARRAY_TASK_ID")
-    tag = f"{slurm}_{task}" if slurm and task else (slurm or time.strftime("%Y%m%d-%H%M%S"))
+    if not _STARTED:
+        _STARTED.append(time.strftime("%Y%m%d-%H%M%S"))
+    tag = f"{slurm}_{task}" if slurm and task else (slurm or _STARTED[0])
     return cfg.output.name or f"{job}-{cfg.method}-{tag}"
 
 

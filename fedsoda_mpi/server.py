@@ -92,8 +92,14 @@ class Server:
                                         self.cfg.seed, c.self_batch_size, progress)
             data.write_self_public(path, rows, n_public)
             self.log.set_attrs("public", generate_s=time.time() - t0)
-        self.log.set_attrs("public", sha256=sha256_of(path), **settings)
-        return data.read_self_public(path, n_public, n_held)
+        digest, recorded = sha256_of(path), self.log.attrs("public").get("sha256")
+        if recorded and digest != recorded:  # resume: the texts re-alignment samples must be the run's own
+            raise data.DataError(f"{path}: its sha256 {digest[:12]}... is not the {recorded[:12]}... this run "
+                                 "recorded (regenerated or edited texts would change the re-alignment samples); "
+                                 "restore the file or start the run over without resume=auto")
+        texts = data.read_self_public(path, n_public, n_held)  # a damaged file is named before anything is recorded
+        self.log.set_attrs("public", sha256=digest, **settings)
+        return texts
 
     def kl_texts(self, generated: list[str]) -> tuple[str, list[str]]:
         """Which held-out text KL(M || M*) and the drift probe use: the held-out 10% of the public file; with
@@ -174,6 +180,12 @@ class Server:
         cap = f" (max_distance {s.max_distance:g})" if s.max_distance else ""
         self.log.log(f"SGP: profile {res.distance.shape} in {time.time() - t0:.1f}s; {what}n={res.n}, p={res.p}"
                      f"{cap}, groups {groups}")
+        if not groups:  # a sub-LLM with every layer: the clients would hold the whole LLM, nothing to align
+            rows = res.distance if s.auto else res.distance[s.n - 1:s.n]  # the group lengths that were allowed
+            smallest = float(np.nanmin(rows))
+            raise ValueError(f"sgp.max_distance={s.max_distance:g} leaves no group to prune (the smallest group "
+                             f"distance is {smallest:.4f}), so the clients would receive the whole LLM; raise "
+                             "sgp.max_distance or set it to 0")
         if res.n * res.p < (s.remove_layers if s.auto else s.n * s.p):
             self.log.log(f"SGP: sgp.max_distance={s.max_distance:g} leaves {res.n * res.p} of the "
                          f"{s.remove_layers if s.auto else s.n * s.p} requested layers to remove")

@@ -75,12 +75,12 @@ def test_max_distance_caps_every_group(tiny_model_dir, tmp_path):
     assert all(dist[plan.n - 1, t] <= cap for t, _ in plan.groups)
     assert rec["sgp"]["max_distance"] == cap and rec["sgp"]["removed"] == plan.n * plan.p <= 12
     assert np.isinf(rec["sgp/candidates"][:, 2]).sum() == sum(np.isinf(c.cost) for c in tried) > 0
-    # a fixed (n, p) under a cap no group meets: p shrinks to 0, the sub-LLM keeps every layer
+    # a cap no group meets: an error (the clients would receive the whole LLM), after /sgp/distance is recorded
     server, log = _server(tiny_model_dir, tmp_path / "c", "sgp.max_distance=1e-9")
-    plan = server.plan_layers()
+    with pytest.raises(ValueError, match="sgp.max_distance=1e-09 leaves no group to prune"):
+        server.plan_layers()
     log.close()
-    assert (plan.p, plan.groups, len(plan.kept), plan.emulator_lora) == (0, [], 30, [])
-    assert _read(tmp_path / "c", "sgp")["sgp"]["p"] == 0
+    assert _read(tmp_path / "c", "sgp/distance")["sgp/distance"].shape[1] == 27
 
 
 # ---- data.public=self --------------------------------------------------------------------------------------------
@@ -140,6 +140,11 @@ def test_self_public_is_generated_once_cached_reused_and_used_by_sgp_and_oda(tin
                                              for a, b in zip(again.public, server.public))
     assert (run / data.SELF_FILE).read_text() == "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n"
     assert len(again.heldout_self) == data.SELF_HELDOUT // again.cfg.oda.batch_size
+    # texts changed behind the run's back (regenerated, edited): a resume refuses them, naming the file
+    text = (run / data.SELF_FILE).read_text()
+    (run / data.SELF_FILE).write_text(text.replace('"text": "', '"text": "x', 1))
+    with pytest.raises(data.DataError, match=r"public_self.jsonl: its sha256 .* is not the .* this run recorded"):
+        _server(tiny_model_dir, run, "data.public=self", *AUTO)
 
 
 def test_self_public_without_wikitext_measures_kl_on_generated_text(tiny_model_dir, tmp_path, monkeypatch):
@@ -160,7 +165,7 @@ def test_a_damaged_cache_is_named(tiny_model_dir, tmp_path):
     with pytest.raises(data.DataError, match=r"public_self.jsonl: holds 1 texts, expected 8 public \+ 16 held out"):
         _server(tiny_model_dir, run, "data.public=self")
     (run / data.SELF_FILE).write_text("not json\n")
-    with pytest.raises(data.DataError, match=r"public_self.jsonl:1: bad JSON .*delete it to generate the texts again"):
+    with pytest.raises(data.DataError, match=r"public_self.jsonl:1: bad JSON .*restore it, or start the run over"):
         _server(tiny_model_dir, run, "data.public=self")
 
 

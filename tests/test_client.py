@@ -276,11 +276,12 @@ def test_disk_tier_folder_and_cap_from_the_config(tmp_path, monkeypatch):
     assert disk_tier(cfg.fed, 2) == {"folder": tmp_path / "c" / name, "max_bytes": 500_000_000}
     monkeypatch.setenv("SLURM_TMPDIR", str(tmp_path / "slurm"))
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
-    assert disk_tier(load_config(None, []).fed, 2)["folder"] == tmp_path / "slurm" / name
+    assert disk_tier(load_config(None, []).fed, 2) == {}  # the disk tier is opt-in
+    assert disk_tier(load_config(None, ["fed.cache_max_gb=1"]).fed, 2)["folder"] == tmp_path / "slurm" / name
     monkeypatch.delenv("SLURM_TMPDIR")
-    assert disk_tier(load_config(None, []).fed, 2)["folder"] == tmp_path / "tmp" / name
+    assert disk_tier(load_config(None, ["fed.cache_max_gb=1"]).fed, 2)["folder"] == tmp_path / "tmp" / name
     assert disk_tier(load_config(None, ["fed.cache_max_gb=0"]).fed, 2) == {}
-    assert disk_tier(load_config(None, ["fed.emulator_cache=false"]).fed, 2) == {}
+    assert disk_tier(load_config(None, ["fed.emulator_cache=false", "fed.cache_max_gb=1"]).fed, 2) == {}
     assert EmulatorCache(True).disk is None and EmulatorCache(False, tmp_path, 10**9).disk is None
 
 

@@ -50,7 +50,7 @@ def args(tiny_model_dir) -> list[str]:
 def test_disk_tier_gives_warm_restarts_and_the_same_results(args, tmp_path):
     cache_dir = tmp_path / "scratch"
     without = _run(args, tmp_path / "ram", "fed.cache_max_gb=0", f"fed.cache_dir={cache_dir}")
-    with_disk = _run(args, tmp_path / "disk", f"fed.cache_dir={cache_dir}")
+    with_disk = _run(args, tmp_path / "disk", "fed.cache_max_gb=1", f"fed.cache_dir={cache_dir}")
     assert list(cache_dir.iterdir()) == []  # each client rank removed its own folder
 
     assert with_disk["round"].tolist() == [1, 2, 3, 4, 5, 6] and with_disk["realigned"].tolist() == [0, 0, 0, 1, 0, 0]
@@ -84,7 +84,7 @@ def test_cache_folders_are_removed_on_a_stop(sig, args, tmp_path):
 
     run_dir, cache_dir = tmp_path / "run", tmp_path / "scratch"
     cmd = [str(Path(sys.executable).parent / "mpirun"), "-n", "3", sys.executable, "-m", "mpi4py", *args,
-           f"output.dir={run_dir}", f"fed.cache_dir={cache_dir}", "fed.rounds=12"]
+           f"output.dir={run_dir}", f"fed.cache_dir={cache_dir}", "fed.cache_max_gb=1", "fed.rounds=12"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             env={**os.environ, **MPI_ENV}, start_new_session=True)
     deadline = time.time() + 900

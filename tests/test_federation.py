@@ -120,7 +120,7 @@ def test_rounds_in_one_process_server_client_and_strategy(tiny_model_dir, tmp_pa
     cfg = load_config(None, [f"model.name={tiny_model_dir}", "fed.clients=2", "data.max_train_per_client=4",
                              "data.public_samples=8", "data.val_size=20", "eval.max_examples=8",
                              "debug.fail_rank=1", "debug.fail_round=2", "debug.fail_kind=nan",
-                             f"fed.cache_dir={tmp_path / 'scratch'}"])
+                             f"fed.cache_dir={tmp_path / 'scratch'}", "fed.cache_max_gb=1"])
     log = RunLog(tmp_path, 0, echo=False)
     log.open_h5(cfg, 2, cfg.model.name, mode="w")
     server = Server.load(cfg, log, torch.device("cpu"))

@@ -186,6 +186,19 @@ def test_malformed_positions_are_refused_and_a_malformed_upload_is_rejected():
     assert new is not None and rejected == [1]
 
 
+def test_index_positions_decode_from_a_misaligned_slice_of_the_wire_buffer():
+    """A bitmask of ceil(numel / 8) bytes can leave the next tensor's int32 indices at an offset that is not a
+    multiple of 4 inside the one received buffer; decoding must not depend on the alignment."""
+    state = {"a": torch.randn(2, 8, generator=torch.Generator().manual_seed(0)),
+             "b": torch.randn(8, 4096, generator=torch.Generator().manual_seed(1))}
+    shapes = {n: tuple(t.shape) for n, t in state.items()}
+    pos, val = encode(state, 0.01)  # a: 1 of 16 (4 index bytes > a 2-byte mask: mask); b: 328 of 32768 (indices)
+    assert [pos["a.pos"].numel(), pos["b.pos"].numel()] == [2, 4 * 328]
+    pschema, vschema = Schema.of(pos), Schema.of(val)
+    back = decode(pschema.unpack(pschema.pack(pos)), vschema.unpack(vschema.pack(val)), shapes)
+    assert all(torch.equal(back[n], decode(pos, val, shapes)[n]) for n in state)
+
+
 def test_upload_bytes_at_density_0_3_on_a_real_lora_schema():
     """Issue 17: the FedSRD upload at density 0.3 on SmolLM2's adapter LoRA (r = 8 on q, k, v, o, gate, up, down
     of a 576-wide, 1536-FFN layer) costs d + 1/32 = 0.331 of FedAvg's dense upload (was 0.600 with int32 indices)."""

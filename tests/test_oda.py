@@ -1,4 +1,5 @@
 """Tests of orchestrated distillation alignment (eq. 6-8, Algorithm 2 pre-/re-alignment)."""
+import math
 import copy
 from types import SimpleNamespace
 
@@ -322,3 +323,11 @@ def test_server_restores_the_drift_trigger_state_from_the_run_file(tmp_path):
     assert old.column("rounds", "drift_probe").shape == old.column("rounds", "drift_ref").shape == (2,)
     log.close()
     old.close()
+
+
+def test_an_infinite_drift_probe_triggers_a_realignment():
+    """A diverged sub-LLM (KL = inf) re-aligns at once, whatever tau; NaN (not measured) still never does."""
+    from fedsoda_mpi.oda import realign_due
+
+    assert realign_due(3, 1, math.inf, 2.0, 100.0, 0)
+    assert not realign_due(3, 1, math.nan, 2.0, 1.1, 0)

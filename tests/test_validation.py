@@ -373,30 +373,33 @@ def test_cache_dir_that_is_a_file_or_not_writable(tiny_model, tmp_path, monkeypa
     f.write_text("x")
     run = tmp_path / "run"
     with pytest.raises(ConfigError) as e:
-        prepare_config(args_for(tiny_model, run, f"fed.cache_dir={f}"), world_size=3)
+        prepare_config(args_for(tiny_model, run, f"fed.cache_dir={f}", "fed.cache_max_gb=1"), world_size=3)
     assert one_line(e) == f"fed.cache_dir: must name a folder for the emulator cache, got the file {f}"
     with pytest.raises(ConfigError) as e:
-        prepare_config(args_for(tiny_model, run, f"fed.cache_dir={f}/sub"), world_size=3)
+        prepare_config(args_for(tiny_model, run, f"fed.cache_dir={f}/sub", "fed.cache_max_gb=1"), world_size=3)
     assert one_line(e) == f"fed.cache_dir: cannot create the emulator cache folder {f}/sub: {f} is a file"
     ro = tmp_path / "readonly"
     ro.mkdir()
     real_access = C.os.access
     monkeypatch.setattr(C.os, "access", lambda p, mode: False if str(p) == str(ro) else real_access(p, mode))
     with pytest.raises(ConfigError) as e:
-        prepare_config(args_for(tiny_model, run, f"fed.cache_dir={ro}"), world_size=3)
+        prepare_config(args_for(tiny_model, run, f"fed.cache_dir={ro}", "fed.cache_max_gb=1"), world_size=3)
     assert one_line(e) == f"fed.cache_dir: the emulator cache folder must be writable, got {ro}"
     with pytest.raises(ConfigError) as e:
-        prepare_config(args_for(tiny_model, run, f"fed.cache_dir={ro}/a"), world_size=3)
+        prepare_config(args_for(tiny_model, run, f"fed.cache_dir={ro}/a", "fed.cache_max_gb=1"), world_size=3)
     assert one_line(e) == f"fed.cache_dir: cannot create the emulator cache folder {ro}/a: {ro} is not writable"
     # the default is the job's scratch: the message says where the folder came from
     monkeypatch.setenv("SLURM_TMPDIR", str(ro))
     with pytest.raises(ConfigError) as e:
-        prepare_config(args_for(tiny_model, run), world_size=3)
+        prepare_config(args_for(tiny_model, run, "fed.cache_max_gb=1"), world_size=3)
     assert one_line(e) == f"fed.cache_dir (default: $SLURM_TMPDIR): the emulator cache folder must be writable, got {ro}"
     # no disk tier, no check; a new folder under a writable one is fine (each rank creates its own subfolder)
     prepare_config(args_for(tiny_model, run, f"fed.cache_dir={ro}", "fed.cache_max_gb=0"), world_size=3)
-    prepare_config(args_for(tiny_model, run, f"fed.cache_dir={ro}", "fed.emulator_cache=false"), world_size=3)
-    cfg = prepare_config(args_for(tiny_model, run, f"fed.cache_dir={tmp_path}/new/cache"), world_size=3)
+    prepare_config(args_for(tiny_model, run, f"fed.cache_dir={ro}"), world_size=3)  # the default: no disk tier
+    prepare_config(args_for(tiny_model, run, f"fed.cache_dir={ro}", "fed.emulator_cache=false", "fed.cache_max_gb=1"),
+                   world_size=3)
+    cfg = prepare_config(args_for(tiny_model, run, f"fed.cache_dir={tmp_path}/new/cache", "fed.cache_max_gb=1"),
+                         world_size=3)
     assert cfg.fed.cache_dir == f"{tmp_path}/new/cache" and not (tmp_path / "new").exists()
 
 
