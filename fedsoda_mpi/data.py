@@ -174,7 +174,7 @@ def generate_public(model, tokenizer, count: int, max_new_tokens: int, temperatu
         for b, start in enumerate(range(0, count, batch_size)):
             chunk = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts[start:start + batch_size]]
             ids, mask = _left_pad(chunk, tokenizer.pad_token_id)
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # CUDA's stream too
                 torch.manual_seed(_batch_seed(seed, b))
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
                                      temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,

@@ -27,7 +27,7 @@ from .client import Client, Faults
 from .comm import Schema, install_abort_hook
 from .config import Config
 from .methods import Plan
-from .runlog import RunLog, archive_failed_attempt, run_dir_of
+from .runlog import RunFolderBusy, RunLog, archive_failed_attempt, run_dir_of, take_lock
 from .signals import PROGRESS, STOP_REQUESTED
 from .timing import EXTRA, PHASES, PhaseClock, split
 
@@ -69,11 +69,19 @@ def all_rejected_message(cfg: Config, rnd: int, clients: list[int]) -> str:
 
 
 def open_run(cfg: Config, comm) -> RunLog:
-    """The run folder (rank 0 names it and moves a failed attempt aside; every rank gets the name as bytes) and
-    this rank's log; a FATAL line of this rank also goes into its log."""
-    archived = archive_failed_attempt(run_dir_of(cfg)) if comm.is_server and cfg.resume != "auto" else None
-    name = {"run_dir": str(run_dir_of(cfg)).encode()} if comm.is_server else None
-    run_dir = Path(comm.broadcast_bytes(name, category="control")["run_dir"].decode())
+    """The run folder (rank 0 names it, locks it for one job at a time and moves a failed attempt aside; every
+    rank gets the name as bytes, or the reason the folder is not ours: RunFolderBusy on every rank) and this
+    rank's log; a FATAL line of this rank also goes into its log."""
+    msg, archived = None, None
+    if comm.is_server:
+        busy = take_lock(run_dir_of(cfg))
+        if busy is None and cfg.resume != "auto":
+            archived = archive_failed_attempt(run_dir_of(cfg))
+        msg = {"busy": busy.encode()} if busy else {"run_dir": str(run_dir_of(cfg)).encode()}
+    msg = comm.broadcast_bytes(msg, category="control")
+    if "busy" in msg:
+        raise RunFolderBusy(msg["busy"].decode())
+    run_dir = Path(msg["run_dir"].decode())
     log = RunLog(run_dir, comm.rank)
     install_abort_hook(lambda text: log.log(text, echo=False))
     PROGRESS["log"] = log

@@ -109,24 +109,19 @@ def partition_error(cfg: Config, e: ValueError) -> Exception:
     return data.DataError(f"data.split={cfg.data.split}: {e}")
 
 
-def lock_run_folder(cfg: Config, comm) -> None:
-    """Rank 0 locks the run folder (`runlog.lock_run_dir`) and tells every rank, in the one collective before
-    the run; a folder in use ends every rank with a ConfigError (rank 0's names the holder)."""
-    from .runlog import RunFolderBusy, lock_run_dir, run_dir_of
+def usage_exit(comm, e: Exception) -> int:
+    """Bad input found by every rank: rank 0 prints one line, every rank waits (at most 10 s) until it has, and
+    returns exit code 2; a rank alone with its error (a node-local folder) says it itself."""
+    from .data import DataError
+    from .models import ModelError
 
-    busy = None
+    kind = {DataError: "data", ModelError: "model"}.get(type(e), "config")
     if comm.rank == 0:
-        run_dir = run_dir_of(cfg)
-        try:
-            if not lock_run_dir(run_dir):
-                print(f"fedsoda-mpi: warning: {run_dir}: the file system does not support flock; the run folder is "
-                      "not locked against a second job", file=sys.stderr, flush=True)
-        except RunFolderBusy as e:
-            busy = str(e)
-        except OSError as e:
-            busy = f"output.dir: cannot create the lock file in {run_dir}: {e.strerror or e}"
-    if not comm.broadcast_flag(busy is None if comm.rank == 0 else None):
-        raise ConfigError(busy or "the run folder is in use by another job (rank 0 names it)")
+        print(f"fedsoda-mpi: {kind} error: {e}", file=sys.stderr, flush=True)
+    if not comm.settle() and comm.rank != 0:  # every rank found the same error: none exits (and has the job
+        # killed) before rank 0 printed; a rank alone with its error (a node-local folder, fed.cache_dir) says it
+        print(f"fedsoda-mpi: {kind} error on rank {comm.rank}: {e}", file=sys.stderr, flush=True)
+    return USAGE_EXIT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,20 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     from .comm import Comm, exit_with_launcher, install_abort_hook
     from .data import DataError
     from .models import ModelError
+    from .runlog import RunFolderBusy
 
     comm = Comm()  # no collective yet: rank and size only
     try:
         cfg = prepare_config(argv, comm.size)
         inputs = prepare_inputs(cfg)
-        lock_run_folder(cfg, comm)
     except (ConfigError, DataError, ModelError) as e:
-        kind = {ConfigError: "config", DataError: "data", ModelError: "model"}[type(e)]
-        if comm.rank == 0:
-            print(f"fedsoda-mpi: {kind} error: {e}", file=sys.stderr, flush=True)
-        if not comm.settle() and comm.rank != 0:  # every rank found the same error: none exits (and has the job
-            # killed) before rank 0 printed; a rank alone with its error (a node-local folder, fed.cache_dir) says it
-            print(f"fedsoda-mpi: {kind} error on rank {comm.rank}: {e}", file=sys.stderr, flush=True)
-        return USAGE_EXIT
+        return usage_exit(comm, e)
     from . import federation
 
     install_abort_hook()
@@ -156,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(comm.torch_threads())
     try:
         result = federation.run(cfg, comm, inputs)
+    except RunFolderBusy as e:  # every rank learns it from rank 0 when the run folder is opened
+        return usage_exit(comm, e)
     except Terminated:  # every `with` block on the way has run: temporary folders are gone
         if PROGRESS["log"] is not None:
             PROGRESS["log"].log(f"stopping on SIGTERM {where_now()}: the round is abandoned; run the same command "

@@ -22,7 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .config import ROOT, Config, to_yaml
+from .config import ROOT, Config, ConfigError, to_yaml
 
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "h5py", "numpy", "mpi4py", "safetensors")
 
@@ -80,7 +80,7 @@ def finished_run(run_dir: Path) -> bool:
 
 
 ATTEMPT_FILES = ("run.h5", "config.yaml", "log.txt", "log.rank*.txt", "client_rank*.json", "checkpoints", "adapter",
-                 "public_self.jsonl")  # data.SELF_FILE: a new attempt may generate its texts with other settings
+                 "public_self.jsonl", "public_self.jsonl.tmp")  # data.SELF_FILE: a new attempt may generate its texts with other settings
 
 
 def archive_failed_attempt(run_dir: Path) -> Path | None:
@@ -101,8 +101,8 @@ LOCK_FILE = ".lock"
 _HELD_LOCKS: list = []  # open lock files of this process (released when it exits, however it exits)
 
 
-class RunFolderBusy(RuntimeError):
-    """Another live process holds the run folder's lock."""
+class RunFolderBusy(ConfigError):
+    """Another live process holds the run folder's lock (or the lock file cannot be made)."""
 
 
 def lock_run_dir(run_dir: Path) -> bool:
@@ -131,6 +131,20 @@ def lock_run_dir(run_dir: Path) -> bool:
     f.flush()
     _HELD_LOCKS.append(f)
     return True
+
+
+def take_lock(run_dir: Path) -> str | None:
+    """Rank 0: `lock_run_dir`, or the one-line reason the run cannot have this folder (a live holder, a lock file
+    that cannot be created); a file system without flock is a warning on stderr, not a reason."""
+    try:
+        if not lock_run_dir(run_dir):
+            print(f"fedsoda-mpi: warning: {run_dir}: the file system does not support flock; the run folder is not "
+                  "locked against a second job", file=sys.stderr, flush=True)
+    except RunFolderBusy as e:
+        return str(e)
+    except OSError as e:
+        return f"output.dir: cannot create the lock file in {run_dir}: {e.strerror or e}"
+    return None
 
 
 class RunLog:
