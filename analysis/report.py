@@ -731,6 +731,13 @@ def issue16_settings(res: Results, stage: str) -> list[Setting]:
                                  and s["method"] == "fedsoda"])
 
 
+def stage_specs(res: Results, st: Setting, stage: str, key=None) -> list[tuple[str, list[dict]]]:
+    """[("FedSODA (main)", its runs)] + [(variant, its runs)] for every variant of `stage` in `st`, ordered by
+    `key` (default: the name)."""
+    names = sorted({s["variant"] for s in res.runs if s["stage"] == stage and setting_of(s) == st}, key=key)
+    return [("FedSODA (main)", res.main(st, "fedsoda"))] + [(name, res.variant(st, name)) for name in names]
+
+
 def sec_auto(res: Results) -> str:
     """sgp.auto: the (n, p) chosen for each budget K against FedSODA's main (n, p) = (3, 4), paired by seed."""
     settings = issue16_settings(res, AUTO)
@@ -741,8 +748,7 @@ def sec_auto(res: Results) -> str:
         ref = by_seed(res.main(st, "fedsoda"))
         budget = {s["variant"]: int((s.get("settings") or {}).get("sgp_remove_layers", 0)) for s in res.runs
                   if s["stage"] == AUTO and setting_of(s) == st}
-        specs = [("FedSODA (main)", res.main(st, "fedsoda"))] + [
-            (name, res.variant(st, name)) for name in sorted(budget, key=lambda v: (budget[v], v))]
+        specs = stage_specs(res, st, AUTO, key=lambda v: (budget[v], v))
         rows, cand = [], []
         for label, runs in specs:
             is_ref = label == "FedSODA (main)"
@@ -771,9 +777,7 @@ def sec_selfpublic(res: Results) -> str:
     parts = []
     for st in settings:
         ref = by_seed(res.main(st, "fedsoda"))
-        specs = [("FedSODA (main)", res.main(st, "fedsoda"))] + [
-            (name, res.variant(st, name)) for name in sorted({s["variant"] for s in res.runs if s["stage"] == SELF
-                                                              and setting_of(s) == st})]
+        specs = stage_specs(res, st, SELF)
         rows = []
         for label, runs in specs:
             is_ref = label == "FedSODA (main)"

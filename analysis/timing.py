@@ -16,7 +16,9 @@ import argparse
 import numpy as np
 from common import attr_str, main_guard, open_runs, reading, run_label
 
-CACHE_ROWS = ("ram_rows", "disk_rows", "emulator_rows")  # /timing/cache_<name>, rows per round and rank
+# /timing/cache_<name>, rows per round and rank: fedsoda_mpi.timing.CACHE_ROWS (analysis/ reads run files without
+# importing the package)
+CACHE_ROWS = ("ram_rows", "disk_rows", "emulator_rows")
 ROLE_PHASES = {"server": ("realign", "download", "upload", "aggregate", "evaluate", "idle", "other"),
                "clients": ("download", "emulator", "adapter", "upload", "idle", "other")}
 

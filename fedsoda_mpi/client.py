@@ -425,7 +425,7 @@ def disk_tier(fed, rank: int) -> dict:
     """`EmulatorCache` keyword arguments of this client rank's disk tier ({} without one: fed.emulator_cache=false
     or fed.cache_max_gb=0): its folder under fed.cache_dir (default the job's local scratch, `paths.scratch_dir`)
     and its cap in bytes (fed.cache_max_gb x 10^9). Stale folders of dead processes are swept first."""
-    if not (fed.emulator_cache and fed.cache_max_gb > 0):
+    if not fed.disk_tier:
         return {}
     root = scratch_dir(fed.cache_dir)[0]
     sweep_stale_caches(root)

@@ -128,6 +128,11 @@ class FedConfig:
     upload_density: float = 1.0  # fedsrd*: fraction of each LoRA update tensor a client uploads
     download_density: float = 1.0  # fedsrd*: fraction of the global update the server broadcasts
 
+    @property
+    def disk_tier(self) -> bool:
+        """Whether client ranks spill the emulator cache to disk (fed.emulator_cache and fed.cache_max_gb > 0)."""
+        return self.emulator_cache and self.cache_max_gb > 0
+
 
 @dataclass
 class EvalConfig:
@@ -574,7 +579,7 @@ def check_cache_dir(cfg: Config) -> None:
     fed.cache_max_gb > 0). Each client rank makes its own subfolder there at its first write."""
     from .paths import scratch_dir
 
-    if not (cfg.fed.emulator_cache and cfg.fed.cache_max_gb > 0):
+    if not cfg.fed.disk_tier:
         return
     folder, source = scratch_dir(cfg.fed.cache_dir)
     _check_folder(folder, "fed.cache_dir" if cfg.fed.cache_dir else f"fed.cache_dir (default: {source})",

@@ -163,6 +163,7 @@ class Server:
         candidate n) and the groups of the fixed or the chosen (n, p); records /sgp/distance, /sgp/candidates
         [C, 3] (n, p, summed distance; inf: no placement under sgp.max_distance) and the /sgp attributes."""
         s = self.cfg.sgp
+        asked = s.remove_layers if s.auto else s.n * s.p  # emulator layers to remove
         n_max = min(s.n_max or (L_E - 1 if s.auto else max(s.n, 4)), L_E - 1)
         t0 = time.time()
         res = sgp.run_sgp(self.full, self.public, n=s.n, p=s.p, num_emulator_layers=L_E, n_max=n_max, token=s.token,
@@ -172,7 +173,7 @@ class Server:
         self.log.write("sgp/distance", res.distance.astype(np.float32))
         self.log.write("sgp/candidates", np.asarray(rows, dtype=np.float64).reshape(-1, 3))
         self.log.set_attrs("sgp", auto=bool(s.auto), n=int(res.n), p=int(res.p), removed=int(res.n * res.p),
-                           remove_layers=int(s.remove_layers if s.auto else s.n * s.p), max_distance=float(s.max_distance),
+                           remove_layers=int(asked), max_distance=float(s.max_distance),
                            criterion="min sum_i d(x^t_i, x^(t_i+n)) / (n p) over n * p = remove_layers")
         table = ", ".join(f"({n},{p}) {c / (n * p):.4f}" if n * p and np.isfinite(c) else f"({n},{p}) -"
                           for n, p, c in rows)
@@ -186,9 +187,9 @@ class Server:
             raise ValueError(f"sgp.max_distance={s.max_distance:g} leaves no group to prune (the smallest group "
                              f"distance is {smallest:.4f}), so the clients would receive the whole LLM; raise "
                              "sgp.max_distance or set it to 0")
-        if res.n * res.p < (s.remove_layers if s.auto else s.n * s.p):
-            self.log.log(f"SGP: sgp.max_distance={s.max_distance:g} leaves {res.n * res.p} of the "
-                         f"{s.remove_layers if s.auto else s.n * s.p} requested layers to remove")
+        if res.n * res.p < asked:
+            self.log.log(f"SGP: sgp.max_distance={s.max_distance:g} leaves {res.n * res.p} of the {asked} requested "
+                         "layers to remove")
         return groups
 
     def _write_plan(self, plan: Plan) -> None:
