@@ -353,11 +353,15 @@ def sec_lr(res: Results) -> str:
             v = vals[key].get(lr, [])
             text = num(mean_std(v)[0]) + (f" (n={len(v)})" if len(v) > 1 else "")
             cells.append(f"**{text}**" if chosen is not None and float(chosen) == lr and v else text)
+        ran = [lr for lr in lrs if vals[key].get(lr)]
+        edge = chosen is not None and len(ran) > 1 and float(chosen) in (ran[0], ran[-1])
         rows.append([res.label(key[:3]), NAMES.get(key[3], key[3]), *cells,
-                     f"**{float(chosen):g}**" if chosen is not None else "pending"])
+                     (f"**{float(chosen):g}**" + (" (grid edge)" if edge else "")) if chosen is not None else "pending"])
     rule = res.selection.get("rule", "no selection.json yet")
     return (table(["task", "method", *[f"val. acc. % at lr = {lr:g}" for lr in lrs], "selected lr"], rows, 2)
-            + f"\n\nValidation accuracy (held-out training rows, never the test set). Rule: {rule}.")
+            + f"\n\nValidation accuracy (held-out training rows, never the test set). Rule: {rule}. \"Grid edge\": the "
+            "selected lr is the smallest or largest this method ran, so a better one may lie outside its grid "
+            "(the study's grid.lr_extend adds learning rates for one method).")
 
 
 def sec_table2(res: Results) -> str:

@@ -15,6 +15,8 @@ Protocol (paper Sec. 5.1: "the best combination of hyperparameters", "three diff
    split); ties go to the smaller lr. Written to <results>/selection.json; grid summaries get their
    variant ("main" at the selected lr, "lr=<value>" otherwise);
 3. stage `seeds`: the other seeds at the selected lr (variant "main");
+   `grid.lr_extend` adds learning rates for one method (one whose best lr was the grid's edge); a run whose
+   summary is at an lr the selection no longer picks is stale: `run` moves it aside and runs it again;
 4. one stage per variant group (ablation, parameter study, gap explanation): its runs at the selected
    lr of (`lr_of` or its method, task, model, split).
 Every finished run leaves a few-KB summary <results>/<run id>.json (`summarize`); analysis/report.py
@@ -162,6 +164,7 @@ def expand(spec: dict) -> Study:
     models, splits = _list(g, "models", ["smollm2"]), [_split_name(s) for s in _list(g, "splits", ["iid"])]
     seeds, lrs = [int(s) for s in _list(g, "seeds", [0])], [float(x) for x in _list(g, "lr")]
     select_seeds = [int(s) for s in _list(g, "select_seeds", seeds[:1])]
+    extend = _lr_extend(g.get("lr_extend"), methods, lrs)
     if not set(select_seeds) <= set(seeds):
         raise StudyError(f"grid.select_seeds {select_seeds} must be among grid.seeds {seeds}")
     np_, threads = int(spec.get("np", 3)), int(spec.get("threads", 1))
@@ -172,7 +175,7 @@ def expand(spec: dict) -> Study:
                 for method in methods:
                     jf = job.format(model=model, task=task)
                     for seed in select_seeds:
-                        for lr in lrs:
+                        for lr in lrs + extend.get(method, []):
                             runs.append(Run(_run_id(GRID, method, task, model, split, seed, lr), GRID, "", method,
                                             task, model, split, seed, lr, method, jf, base, np_, threads))
                     for seed in (s for s in seeds if s not in select_seeds):
@@ -195,6 +198,27 @@ def expand(spec: dict) -> Study:
     return Study(str(spec["name"]), runs, lrs, select_seeds, stages)
 
 
+def _lr_extend(spec, methods: list, lrs: list[float]) -> dict[str, list[float]]:
+    """grid.lr_extend: {method: [lr, ...]}, learning rates added to the shared grid for one method (e.g. when its
+    selected lr was the grid's edge: a best value at the edge is not a selected one)."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict) or set(map(str, spec)) - set(map(str, methods)):
+        raise StudyError(f"grid.lr_extend: expected a mapping from methods of grid.methods ({', '.join(map(str, methods))})"
+                         f" to lists of learning rates, got {spec!r}")
+    out = {}
+    for m, v in spec.items():
+        try:
+            extra = [float(x) for x in (v if isinstance(v, list) else [v])]
+        except (TypeError, ValueError):
+            raise StudyError(f"grid.lr_extend.{m}: expected learning rates, got {v!r}") from None
+        if any(not (math.isfinite(x) and x > 0) or x in lrs for x in extra) or len(set(extra)) < len(extra):
+            raise StudyError(f"grid.lr_extend.{m}: learning rates must be finite, > 0, distinct and not already in "
+                             f"grid.lr, got {v!r}")
+        out[str(m)] = extra
+    return out
+
+
 def _check_graph(runs: list[Run], stages: list[str]) -> None:
     """Every run at a selected lr has a grid to select it from; a stage (a Slurm array) has one rank count."""
     keys = {r.key for r in runs if r.stage == GRID}
@@ -212,7 +236,7 @@ def _check_graph(runs: list[Run], stages: list[str]) -> None:
 VARIANT_KEYS = {"group", "name", "method", "methods", "tasks", "models", "splits", "seeds", "lr", "lr_of", "lr_task",
                 "lr_split", "np", "threads", "overrides"}
 STUDY_KEYS = {"name", "job", "np", "threads", "base_eval", "overrides", "grid", "variants"}
-GRID_KEYS = {"methods", "tasks", "models", "splits", "seeds", "select_seeds", "lr"}
+GRID_KEYS = {"methods", "tasks", "models", "splits", "seeds", "select_seeds", "lr", "lr_extend"}
 
 
 def _variant_runs(v: dict, base: tuple, job: str, models, splits, seeds, np_: int, threads: int) -> list[Run]:
@@ -329,6 +353,29 @@ def lr_for(run: Run, chosen: dict[tuple, float]) -> float | None:
     return run.lr if run.lr is not None else chosen.get(run.key)
 
 
+def is_done(run: Run, lr: float | None, results: Path) -> bool:
+    """Whether `run` has a summary at learning rate `lr` (a summary at another lr is stale, see `supersede`)."""
+    path = results / f"{run.id}.json"
+    if not path.exists():
+        return False
+    old = json.loads(path.read_text(encoding="utf-8")).get("lr")
+    return lr is None or old is None or math.isclose(float(old), lr, rel_tol=1e-9)
+
+
+def supersede(run: Run, lr: float, results: Path, runs_root: Path) -> None:
+    """A run at a selected lr whose selection changed (an lr added to the grid won): its summary moves to
+    <results>/superseded/<id>.lr<old>.json (out of the report) and its run folder to <runs>/<id>.lr<old>, so
+    that the run starts over at `lr` and nothing measured is deleted."""
+    path = results / f"{run.id}.json"
+    old = float(json.loads(path.read_text(encoding="utf-8"))["lr"])
+    (results / "superseded").mkdir(exist_ok=True)
+    os.replace(path, results / "superseded" / f"{run.id}.lr{old:g}.json")
+    if (runs_root / run.id).exists():
+        os.replace(runs_root / run.id, runs_root / f"{run.id}.lr{old:g}")
+    print(f"[study] {run.id}: its summary is at lr {old:g} but the selected lr is now {lr:g}; moved it to "
+          f"{results / 'superseded'} and the run starts over", flush=True)
+
+
 # ---- summaries ------------------------------------------------------------------------------------------------
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -354,6 +401,8 @@ def summarize(run: Run, run_dir: Path, lr: float, study: str) -> dict:
             raise StudyError(f"{run_dir}/run.h5 has no /final: the run did not finish")
         fin, rounds = dict(f["final"].attrs), f["rounds"]
         cfg = json.loads(f.attrs["config_json"])
+        if not math.isclose(float(cfg["fed"]["lr"]), lr, rel_tol=1e-9):
+            raise StudyError(f"{run_dir} ran at fed.lr={cfg['fed']['lr']:g}, not at the lr {lr:g} it is summarized for")
         pre = dict(f["oda/pre"].attrs) if "oda/pre" in f else {}
         base = dict(f["base"].attrs) if "base" in f else {}
         sgp = dict(f["sgp"].attrs) if "sgp" in f else {}
@@ -462,14 +511,16 @@ def run_local(study: Study, results: Path, runs_root: Path, stages: list[str] | 
     for run in study.runs:
         if (stages and run.stage not in stages) or (tasks and run.task not in tasks):
             continue
-        if (results / f"{run.id}.json").exists():
-            continue
         lr = lr_for(run, write_selection(study, results))
+        if (results / f"{run.id}.json").exists() and is_done(run, lr, results):
+            continue
         if lr is None:
             print(f"[study] {run.id}: waiting for the lr selection of {run.key} (its grid runs are unfinished)")
             continue
         if max_runs and started >= max_runs:
             break
+        if (results / f"{run.id}.json").exists():
+            supersede(run, lr, results, runs_root)
         started += 1
         rc, stop = _launch(run, lr, runs_root / run.id)
         if stop or rc in (75, 143):
@@ -517,11 +568,12 @@ def list_runs(study: Study, results: Path) -> None:
         runs = study.stage(stage)
         if not runs:
             continue
-        done = sum((results / f"{r.id}.json").exists() for r in runs)
+        done = sum(is_done(r, lr_for(r, chosen), results) for r in runs)
         print(f"stage {stage}: {len(runs)} runs, {done} done")
         for r in runs:
             lr = lr_for(r, chosen)
-            state = "done" if (results / f"{r.id}.json").exists() else "todo"
+            state = "todo" if not (results / f"{r.id}.json").exists() else "done" if is_done(r, lr, results) \
+                else "stale"  # a summary at an lr the selection no longer picks: `run` moves it aside, runs again
             print(f"  {state}  {r.id}  lr={'selected (pending)' if lr is None else f'{lr:g}'}  np={r.np}")
 
 
@@ -590,9 +642,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise StudyError(f"{a.command}: give the stage and the array index")
             run, lr, run_dir = task_args(study, a.stage, a.index, results, runs_root)
             if a.command == "args":
-                if (results / f"{run.id}.json").exists():
+                if is_done(run, lr, results):
                     print(f"{run.id}: already done ({results / (run.id + '.json')})", file=sys.stderr)
                     return DONE_EXIT
+                if (results / f"{run.id}.json").exists():
+                    supersede(run, lr, results, runs_root)
                 print(shlex.join(run.args(lr, run_dir)))
             else:
                 results.mkdir(parents=True, exist_ok=True)

@@ -131,7 +131,7 @@ def test_full_report_tables(tmp_path):
     assert "| 2.112 | 145.2 | 244,224 | 83.0 ± 1.4 (2) |" in t2  # seeds 1, 2: not used to select the lr
     assert "| 244,224 | 93.0 (1) |" in t2 and "winner's curse" in t2
     lr = section(text, "lr")
-    assert "| sst2 | FedSODA | **80.0** | 70.0 | **0.001** |" in lr
+    assert "| sst2 | FedSODA | **80.0** | 70.0 | **0.001** (grid edge) |" in lr  # the smaller of two: an edge
     t3 = section(text, "table3")
     assert "| w/o re-alignment (no_re_align) | — | 70.0 ± 0.0 | 3 | -12.0 |" in t3
     assert "| w/o pre-alignment (no_pre_align) | — | — | 0 | — |" in t3

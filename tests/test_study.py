@@ -29,7 +29,8 @@ def _write(tmp_path, spec) -> str:
 
 def test_shipped_studies_expand_and_validate():
     cpu = S.load(ROOT / "studies/cpu_smollm2.yaml")
-    assert len(cpu.stage("grid")) == 4 * 2 * 3 and len(cpu.stage("seeds")) == 4 * 2 * 2  # methods x tasks x ...
+    assert len(cpu.stage("grid")) == 4 * 2 * 3 + 2 and len(cpu.stage("seeds")) == 4 * 2 * 2  # methods x tasks x ...
+    assert {r.lr for r in cpu.stage("grid") if r.method == "fedsoda"} == {3e-4, 1e-3, 3e-3, 1e-2}  # lr_extend
     assert {r.method for r in cpu.stage("grid")} == {"fedsoda", "fedpetuning", "fedot", "fedbiot"}
     assert sum("eval.base=true" in r.overrides for r in cpu.runs) == 3  # once per task: sst2, boolq, gsm8k
     drift = cpu.stage("drift")  # FedSODA SST-2, 3 seeds, tau = 1.1 without and with max_interval 5, selected lr
@@ -116,6 +117,9 @@ def test_task_args_of_an_array_index(tmp_path, capsys):
     ({**TOY, "variants": [{"name": "v", "method": "fedsoda", "tasks": ["sst2"], "seeds": [0], "np": 2},
                           {"name": "w", "method": "fedsoda", "tasks": ["sst2"], "seeds": [0]}]}, "different ranks"),
     ({**TOY, "grid": {**TOY["grid"], "lr": []}}, "grid.lr: must not be empty"),
+    ({**TOY, "grid": {**TOY["grid"], "lr_extend": {"fedbiot": [1e-2]}}}, "grid.lr_extend: expected a mapping from"),
+    ({**TOY, "grid": {**TOY["grid"], "lr_extend": {"fedsoda": [3e-3]}}}, "not already in grid.lr"),
+    ({**TOY, "grid": {**TOY["grid"], "lr_extend": {"fedsoda": ["fast"]}}}, "expected learning rates"),
 ])
 def test_bad_study_files_fail_with_one_line(tmp_path, capsys, spec, message):
     assert S.main(["list", _write(tmp_path, spec)]) == 2
@@ -250,3 +254,40 @@ def test_a_failed_grid_run_is_ranked_last_and_a_pending_key_has_no_main(tmp_path
     (res / f"{grid['fedsoda', 3e-3].id}.json").unlink()
     S.write_selection(st, res)
     assert json.loads((res / f"{grid['fedsoda', 1e-3].id}.json").read_text())["variant"] == ""
+
+
+def test_an_lr_added_to_one_method_supersedes_its_runs_at_the_old_selection(tmp_path, capsys):
+    """grid.lr_extend adds lr 1e-2 to FedSODA's grid only; when it wins on validation, a seeds run summarized at the
+    old selection (3e-3) is stale: `list` says so, `args` moves its summary to superseded/ and its run folder aside
+    (nothing measured is deleted) and gives the arguments at 1e-2; a summary at the selected lr stays done."""
+    spec = {**TOY, "grid": {**TOY["grid"], "lr_extend": {"fedsoda": [1e-2]}}}
+    path = _write(tmp_path, spec)
+    st = S.load(path)
+    lrs = {m: sorted(r.lr for r in st.stage("grid") if r.method == m) for m in ("fedsoda", "fedot")}
+    assert lrs == {"fedsoda": [1e-3, 3e-3, 1e-2], "fedot": [1e-3, 3e-3]}
+    grid = {(r.method, r.lr): r for r in st.stage("grid")}
+    res, runs = tmp_path / "results", tmp_path / "runs"
+    res.mkdir()
+    for lr, val in ((1e-3, 0.6), (3e-3, 0.7)):
+        (res / f"{grid['fedsoda', lr].id}.json").write_text(json.dumps({**_summary(grid["fedsoda", lr], val), "lr": lr}))
+    seeds = [r for r in st.stage("seeds") if r.method == "fedsoda"]
+    for r in seeds:  # both ran at the selection of the old grid, 3e-3
+        (res / f"{r.id}.json").write_text(json.dumps({**_summary(r, 0.7), "lr": 3e-3}))
+    (runs / seeds[0].id).mkdir(parents=True)
+    (runs / seeds[0].id / "run.h5").write_text("the old run")
+    assert S.main(["list", path, "--results", str(res)]) == 0
+    assert f"done  {seeds[0].id}  lr=selected (pending)" in capsys.readouterr().out  # 1e-2 unfinished: not stale yet
+    (res / f"{grid['fedsoda', 1e-2].id}.json").write_text(json.dumps({**_summary(grid["fedsoda", 1e-2], 0.8),
+                                                                        "lr": 1e-2}))
+    (res / f"{seeds[1].id}.json").write_text(json.dumps({**_summary(seeds[1], 0.7), "lr": 1e-2}))
+    assert S.main(["list", path, "--results", str(res)]) == 0
+    out = capsys.readouterr().out
+    assert f"stale  {seeds[0].id}  lr=0.01" in out and f"done  {seeds[1].id}  lr=0.01" in out
+    index = st.stage("seeds").index(seeds[0])
+    assert S.main(["args", path, "seeds", str(index), "--results", str(res), "--runs", str(runs)]) == 0
+    cap = capsys.readouterr()
+    assert "fed.lr=0.01" in cap.out and "starts over" in cap.out
+    assert not (res / f"{seeds[0].id}.json").exists() and not (runs / seeds[0].id).exists()
+    assert json.loads((res / "superseded" / f"{seeds[0].id}.lr0.003.json").read_text())["lr"] == 3e-3
+    assert (runs / f"{seeds[0].id}.lr0.003" / "run.h5").read_text() == "the old run"
+    assert S.main(["args", path, "seeds", str(st.stage("seeds").index(seeds[1])), "--results", str(res)]) == S.DONE_EXIT
