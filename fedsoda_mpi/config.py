@@ -422,6 +422,9 @@ def _validate_sgp_oda(cfg: Config) -> None:
     _one_of("oda.trigger", o.trigger, ("every", "drift"))
     _check(o.drift_threshold > 1, f"oda.drift_threshold: the ratio tau must be > 1, got {o.drift_threshold}")
     _at_least("oda.max_interval", o.max_interval, 0)
+    _check(o.max_interval == 0 or o.trigger == "drift",
+           f"oda.max_interval={o.max_interval}: applies to oda.trigger=drift only (oda.trigger=every re-aligns every "
+           "oda.every rounds); set oda.trigger=drift, or leave oda.max_interval at 0")
     _check(o.trigger == "every" or o.re_align,
            "oda.trigger=drift: re-alignment is off (oda.re_align=false); set oda.re_align=true, or leave oda.trigger=every")
     _at_least("oda.pre_epochs", o.pre_epochs, 0)
@@ -442,6 +445,8 @@ def _validate_sgp_auto(cfg: Config) -> None:
                                      f"got {s.max_distance}")
     _check(s.max_distance == 0 or s.enabled, f"sgp.max_distance={s.max_distance:g}: caps SGP's group distances, but "
                                               "sgp.enabled=false drops layers uniformly (no distance profile)")
+    _check(s.max_distance == 0 or s.p > 0, f"sgp.max_distance={s.max_distance:g}: caps SGP's group distances, but "
+                                           "sgp.p=0 turns pruning off (e.g. method=fedpetuning); use method=fedsoda")
     if not s.auto:
         _check(s.remove_layers == 0, f"sgp.remove_layers={s.remove_layers}: only sgp.auto=true uses it; set "
                                      "sgp.auto=true, or give the groups with sgp.n and sgp.p")

@@ -167,6 +167,11 @@ AUTO = ["sgp.auto=true", "sgp.remove_layers=12"]
     (["sgp.max_distance=1.5"], "sgp.max_distance: must be in [0, 1] (an angular distance; 0 = off), got 1.5"),
     (["sgp.max_distance=0.2", "method=fedbiot"], "sgp.max_distance=0.2: caps SGP's group distances, but "
                                                  "sgp.enabled=false drops layers uniformly (no distance profile)"),
+    (["sgp.max_distance=0.2", "method=fedpetuning"], "sgp.max_distance=0.2: caps SGP's group distances, but "
+                                                      "sgp.p=0 turns pruning off (e.g. method=fedpetuning); use "
+                                                      "method=fedsoda"),
+    (["oda.max_interval=5"], "oda.max_interval=5: applies to oda.trigger=drift only (oda.trigger=every re-aligns "
+                             "every oda.every rounds); set oda.trigger=drift, or leave oda.max_interval at 0"),
     (["data.public=self", "data.self_temperature=0"], "data.self_temperature: must be > 0 (sampling), got 0.0"),
     (["data.public=none"], "data.public: expected wikitext2, gsm8k or self, got 'none'"),
 ])
