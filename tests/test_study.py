@@ -29,8 +29,8 @@ def _write(tmp_path, spec) -> str:
 
 def test_shipped_studies_expand_and_validate():
     cpu = S.load(ROOT / "studies/cpu_smollm2.yaml")
-    assert len(cpu.stage("grid")) == 4 * 2 * 3 + 2 and len(cpu.stage("seeds")) == 4 * 2 * 2  # methods x tasks x ...
-    assert {r.lr for r in cpu.stage("grid") if r.method == "fedsoda"} == {3e-4, 1e-3, 3e-3, 1e-2}  # lr_extend
+    assert len(cpu.stage("grid")) == 4 * 2 * 3 + 2 * 2 and len(cpu.stage("seeds")) == 4 * 2 * 2  # methods x tasks x ...
+    assert {r.lr for r in cpu.stage("grid") if r.method == "fedsoda"} == {3e-4, 1e-3, 3e-3, 1e-2, 3e-2}  # lr_extend
     assert {r.method for r in cpu.stage("grid")} == {"fedsoda", "fedpetuning", "fedot", "fedbiot"}
     assert sum("eval.base=true" in r.overrides for r in cpu.runs) == 3  # once per task: sst2, boolq, gsm8k
     drift = cpu.stage("drift")  # FedSODA SST-2, 3 seeds, tau = 1.1 without and with max_interval 5, selected lr
