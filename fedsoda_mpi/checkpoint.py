@@ -108,6 +108,9 @@ def load(path: Path) -> Checkpoint:
     if not isinstance(state, dict) or not isinstance(state.get("sha256"), dict) or \
             not isinstance(state.get("round"), int):
         raise CheckpointError(f"{path / 'state.json'}: not a checkpoint state (a JSON object with round and sha256)")
+    if path.name.startswith("round") and path.name != f"round{state['round']:05d}":
+        raise CheckpointError(f"{path / 'state.json'}: says round {state['round']}, but the folder is {path.name}")
+    _check_plan(path, state)
     for name in FILES:
         want = state.get("sha256", {}).get(name)
         if not (path / name).is_file():
@@ -119,6 +122,16 @@ def load(path: Path) -> Checkpoint:
     except Exception as e:  # safetensors raises its own error types for a damaged header
         raise CheckpointError(f"{path}: safetensors unreadable ({e})") from None
     return Checkpoint(int(state["round"]), path, adapter, emulator, state)
+
+
+def _check_plan(path: Path, state: dict) -> None:
+    """The pruning plan a resume rebuilds M* and M from (methods.Plan.to_dict) must be readable."""
+    from .methods import Plan
+
+    try:
+        Plan.from_dict(state["plan"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path / 'state.json'}: no usable pruning plan ({type(e).__name__}: {e})") from None
 
 
 def latest(run_dir: Path, warn=print) -> Checkpoint | None:

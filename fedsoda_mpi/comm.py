@@ -164,8 +164,8 @@ class Comm:
         ranks_here = self.local_size()
         if self.is_server:
             return cores
-        if "OMP_NUM_THREADS" in os.environ:
-            return max(1, int(os.environ["OMP_NUM_THREADS"]))
+        if os.environ.get("OMP_NUM_THREADS", "").strip():  # checked before start-up (config.check_environment)
+            return max(1, int(os.environ["OMP_NUM_THREADS"].split(",")[0]))
         return max(1, cores // ranks_here)
 
     def device(self) -> torch.device:

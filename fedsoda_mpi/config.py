@@ -331,6 +331,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     The preset sits above the job file so that one job file serves every method (`method=fedbiot`
     sets oda.every=1 even though the file says 5); the command line can still change any key."""
     path = Path(path) if path else DEFAULT_JOB
+    if path.is_dir():
+        raise ConfigError(f"--config {path}: is a folder; give a job YAML file (e.g. jobs/smollm2_sst2_iid.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     data = read_yaml(path)
@@ -385,6 +387,10 @@ def _validate_top(cfg: Config) -> None:
     _at_least("model.adapter_layers", cfg.model.adapter_layers, 0)
     _at_least("model.adapter_first", cfg.model.adapter_first, 0)
     _one_of("quant.compute_dtype", cfg.quant.compute_dtype, ("float32", "bfloat16", "float16"))
+    name = cfg.output.name
+    _check(not name or (name not in (".", "..") and "/" not in name and "\\" not in name),
+           f"output.name: must be a plain folder name under output.root (no '/', not '.' or '..'; use output.dir for a "
+           f"path), got '{name}'")
 
 
 def _validate_data(cfg: Config) -> None:
@@ -571,6 +577,18 @@ def validate(cfg: Config, world_size: int | None = None, num_layers: int | None 
         _validate_layers(cfg, num_layers)
 
 
+def check_environment(env=None) -> None:
+    """Environment variables the ranks read after start-up: OMP_NUM_THREADS (the client ranks' torch threads,
+    comm.Comm.torch_threads) must be a positive integer, or an OpenMP list of them ("4,2": the first counts)."""
+    env = os.environ if env is None else env
+    value = env.get("OMP_NUM_THREADS")
+    if value is not None and value.strip():
+        first = value.split(",")[0].strip()
+        _check(first.isdigit() and int(first) >= 1,
+               f"OMP_NUM_THREADS: must be a positive integer (the client ranks' torch threads), got '{value}'; "
+               "unset it or set e.g. OMP_NUM_THREADS=1")
+
+
 def check_run_folder(run_dir: Path, key: str) -> None:
     """The run folder that rank 0 will create must be usable: an existing one a writable directory, a new one
     creatable (its nearest existing parent a writable directory). Nothing is created here. `key` is the
@@ -594,6 +612,11 @@ def check_cache_dir(cfg: Config) -> None:
 def _check_folder(folder: Path, key: str, what: str) -> None:
     """An existing `folder` must be a writable directory; a missing one creatable (its nearest existing parent a
     writable directory). ConfigError naming `key` and the "<what> folder" otherwise; nothing is created."""
+    try:
+        folder.resolve(strict=False)
+    except (RuntimeError, OSError) as e:  # RuntimeError: a symlink loop (Python 3.11)
+        raise ConfigError(f"{key}: cannot use the {what} folder {folder} ({getattr(e, 'strerror', None) or e})") \
+            from None
     try:
         if folder.exists():
             _check(folder.is_dir(), f"{key}: must name a folder for the {what}, got the file {folder}")

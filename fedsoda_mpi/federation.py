@@ -65,7 +65,8 @@ def all_rejected_message(cfg: Config, rnd: int, clients: list[int]) -> str:
     kept = f"its last checkpoint is round {last}" if last else "it has no checkpoint yet"
     return (f"round {rnd}: every client update was non-finite (NaN/Inf; clients {', '.join(map(str, sorted(clients)))}), "
             f"so the global LoRA cannot move; the run stops here ({kept}). Lower fed.lr (now {cfg.fed.lr:g}) or "
-            "check the data, then run again (resume=auto continues from that checkpoint)")
+            "check the data, then run the command again without resume=auto (this attempt is moved to "
+            "failed-<time>/ in the run folder; resume=auto would continue it with the same settings)")
 
 
 def open_run(cfg: Config, comm) -> RunLog:

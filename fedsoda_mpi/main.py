@@ -37,13 +37,14 @@ def prepare_config(argv: list[str], world_size: int) -> Config:
     """Load + validate everything that can be checked without a collective: every key, the model folder
     (config.json, tokenizer, architecture, LoRA target names) and the run folder."""
     from . import checkpoint, models
-    from .config import check_cache_dir, check_run_folder
+    from .config import check_cache_dir, check_environment, check_run_folder
     from .paths import model_path
     from .runlog import finished_run, run_dir_of
 
     path, overrides = parse_args(argv)
     cfg = load_config(path, overrides)
     validate(cfg, world_size=world_size)
+    check_environment()
     folder = model_path(cfg.model.name)
     try:
         layers = models.check_model_folder(folder)

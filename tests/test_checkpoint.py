@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from fedsoda_mpi import checkpoint
+from fedsoda_mpi.methods import Plan
+
+PLAN = {"num_layers": 4, "adapter_size": 1, "kept": [0, 1, 3], "groups": [[1, 2]], "layer_map": [[0, 0], [1, 1], [2, 3]]}
 
 
 def _save(run_dir, rnd, keep=2):
@@ -13,7 +16,7 @@ def _save(run_dir, rnd, keep=2):
     with h5py.File(run_file, "a") as f:
         f.attrs["last_round"] = rnd
     adapter = {"layers.17.lora_A": torch.full((2, 3), float(rnd)), "layers.17.lora_B": torch.zeros(3, 2)}
-    return checkpoint.save(run_dir, rnd, adapter, {}, run_file, {"plan": {"kept": [0, 1]}}, keep=keep)
+    return checkpoint.save(run_dir, rnd, adapter, {}, run_file, {"plan": PLAN}, keep=keep)
 
 
 def test_save_load_keep_newest(tmp_path):
@@ -21,7 +24,7 @@ def test_save_load_keep_newest(tmp_path):
         _save(tmp_path, rnd)
     assert checkpoint.rounds(tmp_path) == [2, 3]
     ck = checkpoint.latest(tmp_path)
-    assert ck.round == 3 and ck.emulator == {} and ck.state["plan"] == {"kept": [0, 1]}
+    assert ck.round == 3 and ck.emulator == {} and Plan.from_dict(ck.state["plan"]).kept == [0, 1, 3]
     assert torch.equal(ck.adapter["layers.17.lora_A"], torch.full((2, 3), 3.0))
     assert ck.state["rng"] == checkpoint.RNG_SCHEME
     with h5py.File(ck.path / "run.h5", "r") as f:  # the run file as it was at that round
@@ -30,7 +33,7 @@ def test_save_load_keep_newest(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncate_adapter", "flip_byte_h5", "bad_json", "json_list", "json_no_sums",
-                                    "missing_emulator"])
+                                    "no_plan", "wrong_round", "missing_emulator"])
 def test_corrupted_newest_falls_back_with_a_warning(tmp_path, damage):
     _save(tmp_path, 1)
     newest = _save(tmp_path, 2)
@@ -48,6 +51,10 @@ def test_corrupted_newest_falls_back_with_a_warning(tmp_path, damage):
         (newest / "state.json").write_text("[]")
     elif damage == "json_no_sums":
         (newest / "state.json").write_text('{"round": 2, "sha256": null}')
+    elif damage in ("no_plan", "wrong_round"):  # valid sums, but a KeyError traceback / "round 7 of 3" on resume
+        state = json.loads((newest / "state.json").read_text())
+        state.pop("plan") if damage == "no_plan" else state.update(round=7)
+        (newest / "state.json").write_text(json.dumps(state))
     else:
         (newest / "emulator.safetensors").unlink()
     warnings = []

@@ -7,6 +7,7 @@ import pytest
 
 from fedsoda_mpi.config import load_config
 from fedsoda_mpi.federation import client_schedule, placement
+from tests.conftest import ROOT
 
 
 def test_placement_balances_ranks_and_is_stable_under_full_participation():
@@ -200,3 +201,41 @@ def test_a_client_holds_what_it_received_tied_or_untied_head(family, request, tm
     assert weights >= embed * (1 if family == "llama" else 2)
     assert 0 <= weights - held["received_weight_bytes"] <= 1024
     assert held["received_weight_bytes"] < held["received_model_bytes"] <= 1.2 * held["received_weight_bytes"] + 2**20
+
+
+def test_a_reaper_removes_the_copy_of_a_sigkilled_process_and_exits_when_the_copy_is_gone(tmp_path):
+    """client.reap_when_gone: a SIGKILLed owner (mpirun's ~1 s grace after SIGTERM ends a rank loading the sub-LLM)
+    leaves no copy behind, also while it is an unreaped zombie; an owner that removes its copy itself ends the
+    reaper at once. The owner here runs the reaper exactly as Client.__init__ does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    owner_code = ("import sys, time; from pathlib import Path; from fedsoda_mpi.client import reap_when_gone; "
+                  "d = Path(sys.argv[1]); d.mkdir(); (d / 'model.safetensors').write_bytes(b'x' * 1000); "
+                  "r = reap_when_gone(d); print(r.pid, flush=True); time.sleep(60)")
+    copy = tmp_path / "fedsoda-client1-copy"
+    owner = subprocess.Popen([sys.executable, "-c", owner_code, str(copy)], stdout=subprocess.PIPE, text=True,
+                             cwd=ROOT)
+    reaper_pid = int(owner.stdout.readline())
+    assert copy.is_dir()
+    time.sleep(0.5)
+    assert copy.is_dir()  # the owner lives: nothing is removed
+    os.kill(owner.pid, signal.SIGKILL)  # not reaped yet (a zombie) until owner.wait() below
+    deadline = time.time() + 10
+    while copy.exists():
+        assert time.time() < deadline, "the reaper did not remove the copy of a SIGKILLed process"
+        time.sleep(0.05)
+    owner.wait()
+    from fedsoda_mpi.client import process_alive, reap_when_gone
+
+    while process_alive(reaper_pid):
+        assert time.time() < deadline
+        time.sleep(0.05)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    r = reap_when_gone(mine)
+    mine.rmdir()  # the owner removes its copy itself (the normal case): the reaper exits
+    assert r.wait(timeout=5) == 0

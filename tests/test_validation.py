@@ -523,3 +523,41 @@ def test_a_run_folder_in_use_is_one_line_and_exit_2(tiny_model, tiny_data, tmp_p
                                                    f"job (host "), p.stderr[-1500:]
     assert f"pid {holder.pid}" in lines[0] and "Traceback" not in p.stderr
     assert sorted(q.name for q in run_dir.iterdir()) == [".lock"] and p.leftover_tmp == []
+
+
+def test_a_symlink_loop_as_output_dir_is_named(tiny_model, tmp_path):
+    a, b = tmp_path / "loopA", tmp_path / "loopB"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    with pytest.raises(ConfigError) as e:
+        prepare_config(args_for(tiny_model, a), world_size=3)
+    assert one_line(e).startswith(f"output.dir: cannot use the run folder {a} (") and "ymlink loop" in one_line(e)
+
+
+def test_output_name_is_a_plain_folder_name():
+    for bad in ("../../escaped", "a/b", "..", "."):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [f"output.name={bad}"])
+        assert one_line(e) == ("output.name: must be a plain folder name under output.root (no '/', not '.' or "
+                               f"'..'; use output.dir for a path), got '{bad}'")
+    assert load_config(None, ["output.name=my-run_1"]).output.name == "my-run_1"
+
+
+def test_config_that_is_a_folder_says_so(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path, [])
+    assert one_line(e) == f"--config {tmp_path}: is a folder; give a job YAML file (e.g. jobs/smollm2_sst2_iid.yaml)"
+
+
+def test_omp_num_threads_is_checked_before_start_up(tiny_model, tmp_path, monkeypatch):
+    """OMP_NUM_THREADS=abc was a ValueError traceback on the client ranks after the run had started."""
+    for bad in ("abc", "0", "-2", "2.5"):
+        with pytest.raises(ConfigError) as e:
+            C.check_environment({"OMP_NUM_THREADS": bad})
+        assert one_line(e) == (f"OMP_NUM_THREADS: must be a positive integer (the client ranks' torch threads), got "
+                               f"'{bad}'; unset it or set e.g. OMP_NUM_THREADS=1")
+    for good in ({}, {"OMP_NUM_THREADS": "1"}, {"OMP_NUM_THREADS": "4,2"}, {"OMP_NUM_THREADS": ""}):
+        C.check_environment(good)
+    monkeypatch.setenv("OMP_NUM_THREADS", "abc")
+    with pytest.raises(ConfigError, match="^OMP_NUM_THREADS: must be a positive integer"):
+        prepare_config(args_for(tiny_model, tmp_path / "run"), world_size=3)
