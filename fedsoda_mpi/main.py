@@ -8,7 +8,8 @@
 Rank 0 is the server, ranks 1..N-1 host the clients (several virtual clients per rank when
 fed.clients > ranks - 1); the protocol is federation.py. Everything that can be checked is checked on every
 rank before any MPI collective: a bad value or file ends every rank with one line and exit code 2.
-Exit codes: 0 done, 2 bad input, 75 stopped on SIGUSR1 (resume=auto continues), 143 stopped on SIGTERM.
+Exit codes: 0 done, 2 bad input, 75 stopped on SIGUSR1 (resume=auto continues), 143 stopped on SIGTERM
+(each rank's code; mpirun itself, which ends the job about a second after forwarding SIGTERM, usually reports 1).
 """
 from __future__ import annotations
 
