@@ -38,6 +38,7 @@ from .checkpoint import torch_seed
 from .data import pad_batch
 from .methods import Plan
 from .paths import scratch_dir
+from .reaper import process_alive, reap_when_gone
 
 
 FILL_BATCH = 16  # examples per emulator pass when a client's cache is filled
@@ -366,55 +367,6 @@ class Faults:
             self.spent = True
             return {name: torch.full_like(t, float("nan")) for name, t in state.items()}
         return state
-
-
-def process_alive(pid: int) -> bool:
-    """True if `pid` runs. A zombie (killed, not yet reaped: in containers whose init never reaps, forever) is gone."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True  # no /proc (macOS): trust kill(0)
-    return state not in ("Z", "X", "x")
-
-
-# The reaper: a detached process that removes `paths` once process `pid` is gone (or they are gone already).
-# Standalone code (no imports of this package: it starts in ~20 ms) with process_alive's zombie rule.
-REAPER = """
-import os, shutil, sys, time
-pid, paths = int(sys.argv[1]), sys.argv[2:]
-def alive():
-    try:
-        os.kill(pid, 0)
-        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-    except ProcessLookupError:
-        return False
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X", "x")
-while alive() and any(os.path.exists(p) for p in paths):
-    time.sleep(0.2)
-for p in paths:
-    shutil.rmtree(p, ignore_errors=True)
-"""
-
-
-def reap_when_gone(*paths: Path):
-    """Start a reaper for `paths`: they are removed as soon as this process ends, however it ends. A rank that
-    mpirun SIGKILLs (its grace period after SIGTERM is about a second; a load of the sub-LLM in C code outlasts
-    it) cannot remove its own temporary files; the reaper, in a session of its own, outlives it and does. It
-    exits by itself once the paths are gone. Returns the Popen (poll it to reap it)."""
-    import subprocess
-    import sys
-
-    return subprocess.Popen([sys.executable, "-S", "-c", REAPER, str(os.getpid()), *map(str, paths)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, close_fds=True)
 
 
 def sweep_stale_copies(root: Path | None = None) -> list[str]:

@@ -164,9 +164,9 @@ class Comm:
         ranks_here = self.local_size()
         if self.is_server:
             return cores
-        if os.environ.get("OMP_NUM_THREADS", "").strip():  # checked before start-up (config.check_environment)
-            return max(1, int(os.environ["OMP_NUM_THREADS"].split(",")[0]))
-        return max(1, cores // ranks_here)
+        from .config import omp_num_threads  # checked before start-up (config.check_environment)
+
+        return omp_num_threads() or max(1, cores // ranks_here)
 
     def device(self) -> torch.device:
         """CUDA device from the node-local rank when CUDA is present, else CPU (fake GPUs fall back to CPU).

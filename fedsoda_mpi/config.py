@@ -577,16 +577,22 @@ def validate(cfg: Config, world_size: int | None = None, num_layers: int | None 
         _validate_layers(cfg, num_layers)
 
 
+def omp_num_threads(env=None) -> int | None:
+    """OMP_NUM_THREADS (the client ranks' torch threads, comm.Comm.torch_threads): None when unset or empty, else a
+    positive integer, or an OpenMP list of them ("4,2": the first counts); ConfigError naming it otherwise."""
+    value = (os.environ if env is None else env).get("OMP_NUM_THREADS", "")
+    if not value.strip():
+        return None
+    first = value.split(",")[0].strip()
+    _check(first.isdigit() and int(first) >= 1,
+           f"OMP_NUM_THREADS: must be a positive integer (the client ranks' torch threads), got '{value}'; "
+           "unset it or set e.g. OMP_NUM_THREADS=1")
+    return int(first)
+
+
 def check_environment(env=None) -> None:
-    """Environment variables the ranks read after start-up: OMP_NUM_THREADS (the client ranks' torch threads,
-    comm.Comm.torch_threads) must be a positive integer, or an OpenMP list of them ("4,2": the first counts)."""
-    env = os.environ if env is None else env
-    value = env.get("OMP_NUM_THREADS")
-    if value is not None and value.strip():
-        first = value.split(",")[0].strip()
-        _check(first.isdigit() and int(first) >= 1,
-               f"OMP_NUM_THREADS: must be a positive integer (the client ranks' torch threads), got '{value}'; "
-               "unset it or set e.g. OMP_NUM_THREADS=1")
+    """Environment variables the ranks read after start-up, checked before it: OMP_NUM_THREADS."""
+    omp_num_threads(env)
 
 
 def check_run_folder(run_dir: Path, key: str) -> None:

@@ -508,10 +508,11 @@ def run_local(study: Study, results: Path, runs_root: Path, stages: list[str] | 
     except OSError:
         raise StudyError(f"another `study run` is using {results}; wait for it or stop it first") from None
     failed, started = [], 0
+    chosen = write_selection(study, results)  # changes only when a run finishes (re-selected below)
     for run in study.runs:
         if (stages and run.stage not in stages) or (tasks and run.task not in tasks):
             continue
-        lr = lr_for(run, write_selection(study, results))
+        lr = lr_for(run, chosen)
         if (results / f"{run.id}.json").exists() and is_done(run, lr, results):
             continue
         if lr is None:
@@ -533,7 +534,7 @@ def run_local(study: Study, results: Path, runs_root: Path, stages: list[str] | 
         else:
             _write_json(results / f"{run.id}.json", summarize(run, runs_root / run.id, lr, study.name))
             print(f"[study {time.strftime('%H:%M:%S')}] {run.id}: done -> {results / (run.id + '.json')}", flush=True)
-        write_selection(study, results)
+        chosen = write_selection(study, results)
     if failed:
         print(f"[study] {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
