@@ -27,7 +27,7 @@ demo: prepare
 	$(MPIENV) $(BIN)/mpirun -n $(NP) $(BIN)/python -m mpi4py -m fedsoda_mpi.main $(ARGS)
 
 test: install
-	$(MPIENV) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(MPIENV) $(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 test-fast: install
 	$(MPIENV) $(BIN)/python -m pytest -q -m "not mpi and not real and not slurm and not slow" $(PYTEST_ARGS)

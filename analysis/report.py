@@ -636,8 +636,9 @@ GAP = [("FedSODA (main)", ("main", "fedsoda")), ("NF4 off (fp32_sub)", ("variant
        ("longer pre-alignment (pre_align_x4)", ("variant", "pre_align_x4")),
        ("larger adapter (adapter6)", ("variant", "adapter6")),
        ("no proximal term (mu0)", ("variant", "mu0")),
-       ("federated, perfect emulator: LoRA on the last 3 layers of the full model (fed_last3)",
+       ("federated, perfect emulator: LoRA on the last 3 layers of the full model, FedSODA's lr (fed_last3)",
         ("variant", "fed_last3")),
+       ("the same at FedPETuning's lr (fed_last3_lr_pet)", ("variant", "fed_last3_lr_pet")),
        ("centralized LoRA, last layers (central_last3)", ("variant", "central_last3")),
        ("centralized LoRA, all layers (central_all)", ("variant", "central_all")),
        ("FedPETuning (main)", ("main", "fedpetuning"))]

@@ -278,14 +278,14 @@ class Federation:
         (values, bytes) moved per client rank."""
         self.comm.idle_wait()
         t0 = time.perf_counter()
-        schemas = self.strategy.download_schemas(rnd, self.start + 1)
-        sent = self.strategy.download(self.server.global_adapter, rnd, self.start + 1) if self.server else \
-            [None] * len(schemas)
+        first = self.start + 1  # the first round of this process (after a resume, the receivers hold no state)
+        schemas = self.strategy.download_schemas(rnd, first)
+        sent = self.strategy.download(self.server.global_adapter, rnd, first) if self.server else [None] * len(schemas)
         msgs = [self.comm.broadcast(m, s, category="adapter_lora") for m, s in zip(sent, schemas)]
         if self.client:
-            self.global_state = self.strategy.receive(msgs, self.global_state, rnd, self.start + 1)
+            self.global_state = self.strategy.receive(msgs, self.global_state, rnd, first)
         self.clock.add("download", time.perf_counter() - t0)
-        return self.strategy.download_size(rnd, self.start + 1)
+        return self.strategy.download_size(rnd, first)
 
     def train(self, rnd: int, chosen: list[int], where: dict[int, int]) -> list[list[dict]]:
         """Lines 15-16 on a client rank: each client placed here trains from the global adapter LoRA; returns
