@@ -5,6 +5,7 @@ study, gap explanation); one expansion drives both routes.
     python -m fedsoda_mpi.study list studies/cpu_smollm2.yaml            # every run: stage, state, its lr
     python -m fedsoda_mpi.study run  studies/cpu_smollm2.yaml            # local route: runs in order under mpirun
     python -m fedsoda_mpi.study run  studies/cpu_smollm2.yaml --stage grid --max-runs 2
+    python -m fedsoda_mpi.study run  studies/cpu_smollm2.yaml --variant no_re_align --variant r1
     bash slurm/submit_all.sh studies/paper.yaml                          # Slurm route: one array per stage
 
 Protocol (paper Sec. 5.1: "the best combination of hyperparameters", "three different random seeds"):
@@ -496,8 +497,15 @@ MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMP_WAIT_POLICY": "PASSIVE", "FEDSODA_PROGRESS": "0"}  # passive: idle OpenMP threads must not spin on shared cores
 
 
+def wanted(run: Run, stages: list[str] | None = None, tasks: list[str] | None = None,
+           variants: list[str] | None = None) -> bool:
+    """`study run --stage/--task/--variant`: whether a run passes the filters (each empty filter passes all)."""
+    return (not stages or run.stage in stages) and (not tasks or run.task in tasks) and \
+        (not variants or run.variant in variants)
+
+
 def run_local(study: Study, results: Path, runs_root: Path, stages: list[str] | None, max_runs: int,
-              tasks: list[str] | None = None) -> int:
+              tasks: list[str] | None = None, variants: list[str] | None = None) -> int:
     """Run every unfinished run in order (each under its own mpirun, resume=auto), summarize it, re-select.
     A run that fails leaves a failed summary (selection ranks it last; delete it to try again) and the loop goes
     on. SIGUSR1 / SIGTERM / Ctrl-C are passed to the run's mpirun and stop the loop (the same command continues)."""
@@ -510,7 +518,7 @@ def run_local(study: Study, results: Path, runs_root: Path, stages: list[str] | 
     failed, started = [], 0
     chosen = write_selection(study, results)  # changes only when a run finishes (re-selected below)
     for run in study.runs:
-        if (stages and run.stage not in stages) or (tasks and run.task not in tasks):
+        if not wanted(run, stages, tasks, variants):
             continue
         lr = lr_for(run, chosen)
         if (results / f"{run.id}.json").exists() and is_done(run, lr, results):
@@ -600,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", help="run folders (default: runs/<study name>)")
     ap.add_argument("--stage", dest="stages", action="append", help="run: only these stages (repeatable)")
     ap.add_argument("--task", dest="tasks", action="append", help="run: only runs of these tasks (repeatable)")
+    ap.add_argument("--variant", dest="variants", action="append",
+                    help="run: only runs of these variants (repeatable; a variant's name, or main)")
     ap.add_argument("--all", action="store_true", help="summarize: every finished run folder under --runs")
     ap.add_argument("--failed", type=int, default=0, metavar="CODE",
                     help="summarize: record the run as failed with this exit code")
@@ -621,7 +631,12 @@ def main(argv: list[str] | None = None) -> int:
                 if runs:
                     print(stage, len(runs), max(r.np for r in runs), max(r.threads for r in runs))
         elif a.command == "run":
-            return run_local(study, results, runs_root, a.stages, a.max_runs, a.tasks)
+            names = {r.variant for r in study.runs}
+            unknown = sorted(set(a.variants or ()) - names)
+            if unknown:
+                raise StudyError(f"--variant {unknown[0]}: not a variant of {study.name} "
+                                 f"(its variants: {', '.join(sorted(n for n in names if n))})")
+            return run_local(study, results, runs_root, a.stages, a.max_runs, a.tasks, a.variants)
         elif a.command == "select":
             results.mkdir(parents=True, exist_ok=True)
             for key, lr in sorted(write_selection(study, results).items()):

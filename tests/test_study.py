@@ -291,3 +291,18 @@ def test_an_lr_added_to_one_method_supersedes_its_runs_at_the_old_selection(tmp_
     assert json.loads((res / "superseded" / f"{seeds[0].id}.lr0.003.json").read_text())["lr"] == 3e-3
     assert (runs / f"{seeds[0].id}.lr0.003" / "run.h5").read_text() == "the old run"
     assert S.main(["args", path, "seeds", str(st.stage("seeds").index(seeds[1])), "--results", str(res)]) == S.DONE_EXIT
+
+
+def test_run_filters_select_by_stage_task_and_variant(tmp_path, capsys):
+    """`study run --stage/--task/--variant` pass a run only when it meets every given filter; an unknown variant
+    name is refused before anything runs (exit 2, the study's variants named)."""
+    st = S.load(_write(tmp_path, TOY))
+    picked = [r.id for r in st.runs if S.wanted(r, variants=["no_pre"])]
+    assert picked and all(r.variant == "no_pre" for r in st.runs if r.id in picked)
+    assert all(r.variant == "no_pre" for r in st.runs if S.wanted(r, stages=["ablation"], variants=["no_pre"]))
+    assert not [r for r in st.runs if S.wanted(r, stages=["grid"], variants=["no_pre"])]
+    assert len([r for r in st.runs if S.wanted(r)]) == len(st.runs)
+    rc = S.main(["run", _write(tmp_path, TOY), "--results", str(tmp_path / "res"), "--runs", str(tmp_path / "runs"),
+                 "--variant", "no_such"])
+    assert rc == 2 and "--variant no_such: not a variant" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
