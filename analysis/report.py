@@ -769,7 +769,7 @@ def sec_auto(res: Results) -> str:
             + ("\n\n" + table(["run", "candidates (n, p): summed distance / K (chosen in bold)"], cand, 2)
                if cand else ""))
     return "\n\n".join(parts) + (
-        "\n\n`sgp.auto=true sgp.remove_layers=K`: among every (n, p) with n * p = K that fits the emulator, the one "
+        "\n\n`sgp.auto=true sgp.remove_layers=K`: among every (n, p) with n * p = K that fits the emulator (and n ≤ sgp.n_max when set), the one "
         "whose optimal groups lose the least summed angular distance d(x^t, x^(t+n)) per removed layer. KL: held-out "
         "KL(M ‖ M*) on WikiText-2 before and after pre-alignment, means over seeds. Δ: run − FedSODA main in points, paired by seed, 95% CI (Student t).")
 
