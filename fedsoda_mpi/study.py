@@ -504,6 +504,19 @@ def wanted(run: Run, stages: list[str] | None = None, tasks: list[str] | None = 
         (not variants or run.variant in variants)
 
 
+def check_filters(study: Study, stages: list[str] | None, tasks: list[str] | None,
+                  variants: list[str] | None) -> None:
+    """`study run --stage/--task/--variant`: every name given must name something of the study (a typo would
+    otherwise select nothing and exit 0 as if all were done)."""
+    for flag, given, have in (("--stage", stages, {r.stage for r in study.runs}),
+                              ("--task", tasks, {r.task for r in study.runs}),
+                              ("--variant", variants, {r.variant for r in study.runs})):
+        unknown = sorted(set(given or ()) - have)
+        if unknown:
+            raise StudyError(f"{flag} {unknown[0]}: not a {flag[2:]} of {study.name} "
+                             f"(its {flag[2:]}s: {', '.join(sorted(n for n in have if n))})")
+
+
 def run_local(study: Study, results: Path, runs_root: Path, stages: list[str] | None, max_runs: int,
               tasks: list[str] | None = None, variants: list[str] | None = None) -> int:
     """Run every unfinished run in order (each under its own mpirun, resume=auto), summarize it, re-select.
@@ -631,11 +644,7 @@ def main(argv: list[str] | None = None) -> int:
                 if runs:
                     print(stage, len(runs), max(r.np for r in runs), max(r.threads for r in runs))
         elif a.command == "run":
-            names = {r.variant for r in study.runs}
-            unknown = sorted(set(a.variants or ()) - names)
-            if unknown:
-                raise StudyError(f"--variant {unknown[0]}: not a variant of {study.name} "
-                                 f"(its variants: {', '.join(sorted(n for n in names if n))})")
+            check_filters(study, a.stages, a.tasks, a.variants)
             return run_local(study, results, runs_root, a.stages, a.max_runs, a.tasks, a.variants)
         elif a.command == "select":
             results.mkdir(parents=True, exist_ok=True)

@@ -294,15 +294,16 @@ def test_an_lr_added_to_one_method_supersedes_its_runs_at_the_old_selection(tmp_
 
 
 def test_run_filters_select_by_stage_task_and_variant(tmp_path, capsys):
-    """`study run --stage/--task/--variant` pass a run only when it meets every given filter; an unknown variant
-    name is refused before anything runs (exit 2, the study's variants named)."""
+    """`study run --stage/--task/--variant` pass a run only when it meets every given filter; an unknown stage, task
+    or variant name is refused before anything runs (exit 2, the study's names listed)."""
     st = S.load(_write(tmp_path, TOY))
     picked = [r.id for r in st.runs if S.wanted(r, variants=["no_pre"])]
     assert picked and all(r.variant == "no_pre" for r in st.runs if r.id in picked)
     assert all(r.variant == "no_pre" for r in st.runs if S.wanted(r, stages=["ablation"], variants=["no_pre"]))
     assert not [r for r in st.runs if S.wanted(r, stages=["grid"], variants=["no_pre"])]
     assert len([r for r in st.runs if S.wanted(r)]) == len(st.runs)
-    rc = S.main(["run", _write(tmp_path, TOY), "--results", str(tmp_path / "res"), "--runs", str(tmp_path / "runs"),
-                 "--variant", "no_such"])
-    assert rc == 2 and "--variant no_such: not a variant" in capsys.readouterr().err
+    for flag, name in (("--variant", "no_such"), ("--stage", "abaltion"), ("--task", "sst-2")):
+        rc = S.main(["run", _write(tmp_path, TOY), "--results", str(tmp_path / "res"), "--runs",
+                     str(tmp_path / "runs"), "--stage", "grid", flag, name])
+        assert rc == 2 and f"{flag} {name}: not a {flag[2:]} of" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
