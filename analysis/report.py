@@ -576,16 +576,23 @@ def sec_drift(res: Results) -> str:
             rows.append([label, trigger_text(runs) if runs else DASH,
                          *diff_cells(runs, None if sp == ("main", "fedsoda") else ref)[:4],
                          num(mean_of(realignments(s) for s in runs)), mib(mean_of(emulator_bytes(s) for s in runs), 2),
-                         mib(field_mean(runs, "comm_bytes_per_round"), 3)])
+                         mib(field_mean(runs, "comm_bytes_per_round"), 3), num(mean_of(probe_mean(s) for s in runs), 2)])
         parts.append(f"#### {res.label(st)}\n\n" + table(
             ["run", "re-alignment", *DIFF_HEADERS[:4], "re-alignments (mean)", "emulator MiB/client (run)",
-             "comm MiB/round/client"], rows, 2))
+             "comm MiB/round/client", "drift probe, run mean"], rows, 2))
     return "\n\n".join(parts) + (
         "\n\nDrift trigger: round t + 1 re-aligns when the output drift probe (KL(M ‖ M*) on a held-out public batch "
         "with the global adapter in both models) after round t exceeds τ × its value just after the last alignment "
         "(max k: also after k rounds without one). Emulator MiB/client: the emulator LoRA one client rank received "
-        "over the run's re-alignments (— for summaries written before `emulator_lora_bytes` was recorded). Δ: run − "
+        "over the run's re-alignments (— for summaries written before `emulator_lora_bytes` was recorded). Drift probe, "
+        "run mean: the probe after each round averaged over the run's rounds, then over seeds (how far the emulator "
+        "stayed from the full model while the clients trained). Δ: run − "
         "FedSODA main in points, paired by seed, 95% CI (Student t).")
+
+
+def probe_mean(s: dict):
+    """The output drift probe KL(M || M*) after each round, averaged over the run's rounds (None if unrecorded)."""
+    return mean_of(s.get("drift_probe") or [])
 
 
 def mean_curve(runs: list[dict]) -> list[tuple[int, float, float, float, int]]:

@@ -341,23 +341,26 @@ def test_every_variant_group_is_shown_paper_names_and_new_groups(tmp_path):
 
 def test_drift_table_compares_accuracy_and_emulator_bytes(tmp_path):
     """The drift section: r = 1, r = 5 (main), never and each drift variant with its re-alignments and the emulator
-    LoRA bytes a client received; a summary without `emulator_lora_bytes` (older code) shows —, never 0 or a guess."""
+    LoRA bytes a client received and the drift probe's run mean; a summary without `emulator_lora_bytes` or
+    `drift_probe` (older code) shows —, never 0 or a guess."""
     em = 3 * 2 ** 20  # 3 MiB per emulator LoRA message
     runs = full_study()  # FedSODA main: re-aligned at rounds 5 and 10, no emulator_lora_bytes (an older summary)
     runs += [summary("fedsoda", seed=s, acc=0.83, stage="param", variant="r1", realigned=[1] * ROUNDS,
                      realignments=ROUNDS, emulator_lora_bytes=em) for s in (0, 1)]
     drift = {"trigger": "drift", "drift_threshold": 1.5, "max_interval": 0}
     runs += [summary("fedsoda", seed=s, acc=a, stage="drift", variant="drift_tau1.5", realigned=flags,
-                     realignments=sum(flags), emulator_lora_bytes=em, settings=drift, comm_bytes_per_round=1.5 * 2 ** 20)
-             for s, a, flags in ((0, 0.81, [0, 0, 1, 0, 0, 0, 0, 0, 0, 0]), (1, 0.80, [0, 0, 1, 0, 0, 0, 1, 0, 0, 0]))]
+                     realignments=sum(flags), emulator_lora_bytes=em, settings=drift, comm_bytes_per_round=1.5 * 2 ** 20,
+                     drift_probe=probe)
+             for s, a, flags, probe in ((0, 0.81, [0, 0, 1, 0, 0, 0, 0, 0, 0, 0], [1.0] * 10),
+                                        (1, 0.80, [0, 0, 1, 0, 0, 0, 1, 0, 0, 0], [2.0, 4.0] * 5))]
     out = tmp_path / "r.md"
     assert run(write(tmp_path / "res", runs, SELECTION), out) == 0
     d = section(out.read_text(), "drift")
     assert "| r = 1 (r1) | every 1 | 83.0 ± 0.0 | 2 | +2.0 | [-10.7, +14.7] | 10.0 | 30.00 | 2.112 |" in d
-    assert "| r = 5 (FedSODA main) | every 5 | 82.0 ± 2.0 | 3 | (reference) | — | 2.0 | — | 2.112 |" in d
+    assert "| r = 5 (FedSODA main) | every 5 | 82.0 ± 2.0 | 3 | (reference) | — | 2.0 | — | 2.112 | — |" in d
     assert "| never (no_re_align) | never | 70.0 ± 0.0 | 3 | -12.0 |" in d and "| 0.0 | 0.00 |" in d
-    # drift: seeds 0, 1 vs FedSODA 80, 82 -> +1.0, -2.0; 1 and 2 re-alignments of 3 MiB
-    assert "| drift_tau1.5 | drift, τ = 1.5 | 80.5 ± 0.7 | 2 | -0.5 |" in d and "| 1.5 | 4.50 | 1.500 |" in d
+    # drift: seeds 0, 1 vs FedSODA 80, 82 -> +1.0, -2.0; 1 and 2 re-alignments of 3 MiB; probe run means 1 and 3
+    assert "| drift_tau1.5 | drift, τ = 1.5 | 80.5 ± 0.7 | 2 | -0.5 |" in d and "| 1.5 | 4.50 | 1.500 | 2.00 |" in d
     assert "drift_tau1.5" not in section(out.read_text(), "variants")  # shown once, in its own section
 
 
