@@ -643,6 +643,7 @@ GAP = [("FedSODA (main)", ("main", "fedsoda")), ("NF4 off (fp32_sub)", ("variant
        ("longer pre-alignment (pre_align_x4)", ("variant", "pre_align_x4")),
        ("larger adapter (adapter6)", ("variant", "adapter6")),
        ("no proximal term (mu0)", ("variant", "mu0")),
+       ("4x local steps (local_x4)", ("variant", "local_x4")),
        ("federated, perfect emulator: LoRA on the last 3 layers of the full model, FedSODA's lr (fed_last3)",
         ("variant", "fed_last3")),
        ("the same at FedPETuning's lr (fed_last3_lr_pet)", ("variant", "fed_last3_lr_pet")),
