@@ -576,7 +576,8 @@ def sec_drift(res: Results) -> str:
             rows.append([label, trigger_text(runs) if runs else DASH,
                          *diff_cells(runs, None if sp == ("main", "fedsoda") else ref)[:4],
                          num(mean_of(realignments(s) for s in runs)), mib(mean_of(emulator_bytes(s) for s in runs), 2),
-                         mib(field_mean(runs, "comm_bytes_per_round"), 3), num(mean_of(probe_mean(s) for s in runs), 2)])
+                         mib(field_mean(runs, "comm_bytes_per_round"), 3),
+                         num(mean_of(probe_mean(s) for s in runs), 2)])
         parts.append(f"#### {res.label(st)}\n\n" + table(
             ["run", "re-alignment", *DIFF_HEADERS[:4], "re-alignments (mean)", "emulator MiB/client (run)",
              "comm MiB/round/client", "drift probe, run mean"], rows, 2))
@@ -777,7 +778,8 @@ def sec_auto(res: Results) -> str:
             + ("\n\n" + table(["run", "candidates (n, p): summed distance / K (chosen in bold)"], cand, 2)
                if cand else ""))
     return "\n\n".join(parts) + (
-        "\n\n`sgp.auto=true sgp.remove_layers=K`: among every (n, p) with n * p = K that fits the emulator (and n ≤ sgp.n_max when set), the one "
+        "\n\n`sgp.auto=true sgp.remove_layers=K`: among every (n, p) with n * p = K that fits the emulator (and "
+        "n ≤ sgp.n_max when set), the one "
         "whose optimal groups lose the least summed angular distance d(x^t, x^(t+n)) per removed layer. KL: held-out "
         "KL(M ‖ M*) on WikiText-2 before and after pre-alignment, means over seeds. Δ: run − FedSODA main in points, paired by seed, 95% CI (Student t).")
 
