@@ -7,7 +7,7 @@ Reads <results>/*.json (one few-KB summary per finished run, written by fedsoda_
 <results>/selection.json (fedsoda_mpi.study.write_selection); never a run folder. In the --out markdown
 file, the lines between `<!-- report:begin NAME -->` and `<!-- report:end NAME -->` are replaced by freshly
 generated content and everything outside the markers is kept; a new file gets every section. Sections:
-setup, lr, table2, table3, table4, drift, table9, gap, gsm8k, auto, selfpublic, variants, curves (figures:
+setup, lr, table2, table3, table4, drift, table9, gap, gsm8k, auto, selfpublic, variants, curves, cost (figures:
 <figures>/<study>_curves_<task>.png, default <out folder>/gallery). drift shows the study's `drift` stage
 (oda.trigger=drift) beside the fixed re-alignment intervals r1, r = 5 (main) and no_re_align; auto and selfpublic
 show every run of the study's `auto` and `selfpublic` stages (issue #16) against the FedSODA main runs; variants
@@ -918,6 +918,45 @@ def sec_variants(res: Results) -> str:
         "when the group runs several methods (they are the reference), else the FedSODA main runs of the setting.")
 
 
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+def minutes_cells(runs: list[dict]) -> list[str]:
+    """[runs, hours summed, "median (min–max)" minutes per run] from the runs' recorded wall_s ("—" without)."""
+    mins = [float(s["wall_s"]) / 60 for s in runs if not missing(s.get("wall_s"))]
+    if not mins:
+        return [count(len(runs)), DASH, DASH]
+    return [count(len(runs)), num(sum(mins) / 60), f"{num(median(mins))} ({num(min(mins))}–{num(max(mins))})"]
+
+
+def sec_cost(res: Results) -> str:
+    """What the study cost in wall time (each summary's wall_s): per task and stage, then per method and task for
+    the grid and seeds runs, whose medians are the planning numbers for the runs still to come."""
+    R = res.runs
+    tasks = sorted({s["task"] for s in R}, key=lambda t: setting_order((t,)))
+    stages = [x for x in MAIN_STAGES if any(s["stage"] == x for s in R)] + \
+        sorted({s["stage"] for s in R} - set(MAIN_STAGES), key=natural)
+    rows = [[t, st, *minutes_cells(here)] for t in tasks for st in stages
+            if (here := [s for s in R if s["task"] == t and s["stage"] == st])]
+    rows.append(["all", "all", *minutes_cells(R)])
+    main = [s for s in R if s["stage"] in MAIN_STAGES]
+    methods = sorted({s["method"] for s in main}, key=method_order)
+    per = [[t, NAMES.get(m, m), *minutes_cells(here)] for t in tasks for m in methods
+           if (here := [s for s in main if s["task"] == t and s["method"] == m])]
+    parts = [table(["task", "stage", "runs", "wall time, h (sum)", "min per run: median (min–max)"], rows, 2)]
+    if per:
+        parts.append(table(["task", "method (grid and seeds runs)", "runs", "wall time, h (sum)",
+                            "min per run: median (min–max)"], per, 2))
+    return "\n\n".join(parts) + (
+        "\n\nWall time: the sum of each finished run's round times as its summary records it (`wall_s`: local "
+        "training, aggregation, re-alignment, the validation evaluations and the drift probe), on the 2-core machine "
+        "that ran it, including any contention (some runs shared the cores with a test suite), so the medians are "
+        "the planning numbers. Not included: start-up (model load, SGP, pre-alignment, shipping the sub-LLM) and "
+        "the final test evaluation. Failed runs are not counted.")
+
+
 NO_RUNS = "_No finished run of this study yet._"
 SECTIONS = {"setup": ("Setup", sec_setup), "lr": ("Learning-rate selection", sec_lr),
             "table2": ("Table 2: accuracy of the four methods", sec_table2),
@@ -927,7 +966,8 @@ SECTIONS = {"setup": ("Setup", sec_setup), "lr": ("Learning-rate selection", sec
             "gap": ("The FedSODA − FedPETuning gap on SST-2", sec_gap), "gsm8k": ("GSM8K", sec_gsm8k),
             "auto": ("Automatic pruning configuration (sgp.auto)", sec_auto),
             "selfpublic": ("Alignment without a public data set (data.public=self)", sec_selfpublic),
-            "variants": ("Other variants", sec_variants), "curves": ("Accuracy per round", sec_curves)}
+            "variants": ("Other variants", sec_variants), "curves": ("Accuracy per round", sec_curves),
+            "cost": ("What the study cost (wall time)", sec_cost)}
 
 
 # ---- the out file ---------------------------------------------------------------------------------------------

@@ -368,3 +368,23 @@ def test_drift_section_without_drift_runs(tmp_path):
     out = tmp_path / "r.md"
     assert run(write(tmp_path / "res", full_study(), SELECTION), out) == 0
     assert "_No drift-trigger runs yet._" in section(out.read_text(), "drift")
+
+
+def test_cost_section_sums_and_medians_of_recorded_wall_time(tmp_path):
+    """The cost section: per task and stage and per method, hours summed and the median (range) of minutes per run
+    from each summary's wall_s; a summary without wall_s counts as a run but adds no time (—, never 0)."""
+    runs = [summary("fedsoda", seed=0, lr=lr, wall_s=w) for lr, w in ((1e-3, 60.0), (3e-3, 180.0), (1e-2, 120.0))]
+    runs += [summary("fedpetuning", seed=1, wall_s=None)]
+    runs += [summary("fedsoda", seed=s, stage="gap", variant="fp32_sub", wall_s=3600.0) for s in (0, 1)]
+    runs += [summary("fedsoda", task="boolq", seed=0, wall_s=600.0)]
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", runs, SELECTION), out) == 0
+    c = section(out.read_text(), "cost")
+    assert "| sst2 | grid | 3 | 0.1 | 2.0 (1.0–3.0) |" in c  # 6 min in all; median of 1, 2, 3 minutes
+    assert "| sst2 | seeds | 1 | — | — |" in c  # no wall_s recorded
+    assert "| sst2 | gap | 2 | 2.0 | 60.0 (60.0–60.0) |" in c
+    assert "| boolq | grid | 1 | 0.2 | 10.0 (10.0–10.0) |" in c
+    assert "| all | all | 7 | 2.3 | 6.5 (1.0–60.0) |" in c  # 6 of the 7 record time: median of 1, 2, 3, 10, 60, 60
+    assert "| sst2 | FedSODA | 3 | 0.1 | 2.0 (1.0–3.0) |" in c and "| sst2 | FedPETuning | 1 | — | — |" in c
+    assert "| boolq | FedSODA | 1 |" in c and "fp32" not in c  # variants are not in the per-method table
+    assert report.median([4.0, 1.0, 3.0, 2.0]) == 2.5
