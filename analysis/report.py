@@ -645,6 +645,7 @@ GAP = [("FedSODA (main)", ("main", "fedsoda")), ("NF4 off (fp32_sub)", ("variant
        ("larger adapter (adapter6)", ("variant", "adapter6")),
        ("no proximal term (mu0)", ("variant", "mu0")),
        ("4x local steps (local_x4)", ("variant", "local_x4")),
+       ("FedSODA at FedPETuning's lr (lr_pet)", ("variant", "lr_pet")),
        ("federated, perfect emulator: LoRA on the last 3 layers of the full model, FedSODA's lr (fed_last3)",
         ("variant", "fed_last3")),
        ("the same at FedPETuning's lr (fed_last3_lr_pet)", ("variant", "fed_last3_lr_pet")),
