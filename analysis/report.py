@@ -7,7 +7,7 @@ Reads <results>/*.json (one few-KB summary per finished run, written by fedsoda_
 <results>/selection.json (fedsoda_mpi.study.write_selection); never a run folder. In the --out markdown
 file, the lines between `<!-- report:begin NAME -->` and `<!-- report:end NAME -->` are replaced by freshly
 generated content and everything outside the markers is kept; a new file gets every section. Sections:
-setup, lr, table2, table3, table4, drift, table9, gap, gsm8k, auto, selfpublic, variants, curves, cost (figures:
+setup, lr, table2, table3, table4, drift, table9, gap, bridge, gsm8k, auto, selfpublic, variants, curves, cost (figures:
 <figures>/<study>_curves_<task>.png, default <out folder>/gallery). drift shows the study's `drift` stage
 (oda.trigger=drift) beside the fixed re-alignment intervals r1, r = 5 (main) and no_re_align; auto and selfpublic
 show every run of the study's `auto` and `selfpublic` stages (issue #16) against the FedSODA main runs; variants
@@ -684,6 +684,45 @@ def sec_gap(res: Results) -> str:
         "every Table-2 run shares; the centralized rows are one client holding the union of the clients' examples.")
 
 
+# FedSODA -> FedBiOT one setting at a time, all at FedPETuning's selected lr (which FedBiOT selects too)
+BRIDGE = [("FedSODA at FedPETuning's lr (lr_pet)", ("variant", "lr_pet")),
+          ("NF4 off (fp32_sub_lr_pet)", ("variant", "fp32_sub_lr_pet")),
+          ("uniform layer drop instead of SGP (uniform_lr_pet)", ("variant", "uniform_lr_pet")),
+          ("re-align every round, r = 1 (r1_lr_pet)", ("variant", "r1_lr_pet")),
+          ("no proximal term, mu = 0 (mu0_lr_pet)", ("variant", "mu0_lr_pet")),
+          ("FedBiOT (main): all four", ("main", "fedbiot")),
+          ("perfect emulator: LoRA on the last 3 layers of the full model (fed_last3_lr_pet)",
+           ("variant", "fed_last3_lr_pet")),
+          ("FedPETuning (main)", ("main", "fedpetuning"))]
+
+
+def sec_bridge(res: Results) -> str:
+    """FedSODA -> FedBiOT on SST-2 at one lr: each setting FedBiOT changes (NF4, SGP, r, mu) alone, then all four,
+    against FedSODA at that lr (lr_pet), with the sub-LLM accuracy (the adapter on the emulator it trained on)."""
+    steps = {sp[1] for _, sp in BRIDGE[1:5]}
+    settings = res.settings([s for s in res.runs if s["task"] == "sst2" and s["stage"] not in (*MAIN_STAGES, GSM8K)
+                             and s["variant"] in steps])
+    if not settings:
+        return "_No runs of the FedSODA -> FedBiOT steps yet._"
+    parts = []
+    for st in settings:
+        ref = by_seed(res.rows(st, BRIDGE[0][1]))
+        rows = []
+        for label, sp in BRIDGE:
+            runs = res.rows(st, sp)
+            lrs = distinct([s.get("lr") for s in runs]) if runs else DASH
+            rows.append([label, lrs, *diff_cells(runs, None if sp == BRIDGE[0][1] else ref),
+                         pct(field_mean(runs, "sub_accuracy")), *cost_cells(runs)])
+        parts.append(f"#### {res.label(st)}\n\n" + table(
+            ["run", "lr", *DIFF_HEADERS[:2], "Δ vs lr_pet (pts)", *DIFF_HEADERS[3:], "sub-LLM acc. % (mean)",
+             *COST_HEADERS], rows, 2))
+    return "\n\n".join(parts) + (
+        "\n\nΔ: run − FedSODA at FedPETuning's lr (lr_pet) in points, paired by seed, 95% CI (Student t). "
+        "FedBiOT differs from FedSODA in four settings (fp32 sub-LLM, uniform layer drop instead of SGP, re-alignment "
+        "every round, mu = 0); each middle row changes one of them. Sub-LLM acc.: the adapter on the emulator it was "
+        "trained against (test set), beside the test accuracy of the same adapter plugged into the full model.")
+
+
 def sec_gsm8k(res: Results) -> str:
     """The gsm8k stage: one row per run."""
     runs = sorted((s for s in res.runs if s["stage"] == GSM8K),
@@ -884,7 +923,7 @@ def sec_curves(res: Results) -> str:
 def shown_elsewhere(res: Results) -> set[tuple[str, str]]:
     """(stage, variant) of the variant runs that Table 3, Table 4 or the gap section show."""
     names = {sp[1] for sp in (*[sp for _, sp in table3_specs(res)], *[sp for _, sp in table4_specs(res)],
-                              *[sp for _, sp in GAP]) if sp[0] == "variant"}
+                              *[sp for _, sp in GAP], *[sp for _, sp in BRIDGE]) if sp[0] == "variant"}
     return {(s["stage"], s["variant"]) for s in res.runs if s["variant"] in names
             and s["stage"] in ("ablation", "param", "gap", "ceiling")}
 
@@ -964,7 +1003,8 @@ SECTIONS = {"setup": ("Setup", sec_setup), "lr": ("Learning-rate selection", sec
             "table3": ("Table 3: ablation of ODA", sec_table3), "table4": ("Table 4: parameter study", sec_table4),
             "drift": ("Drift-triggered re-alignment", sec_drift),
             "table9": ("Table 9: rounds to reach FedOT's accuracy", sec_table9),
-            "gap": ("The FedSODA − FedPETuning gap on SST-2", sec_gap), "gsm8k": ("GSM8K", sec_gsm8k),
+            "gap": ("The FedSODA − FedPETuning gap on SST-2", sec_gap),
+            "bridge": ("FedSODA -> FedBiOT one setting at a time (SST-2)", sec_bridge), "gsm8k": ("GSM8K", sec_gsm8k),
             "auto": ("Automatic pruning configuration (sgp.auto)", sec_auto),
             "selfpublic": ("Alignment without a public data set (data.public=self)", sec_selfpublic),
             "variants": ("Other variants", sec_variants), "curves": ("Accuracy per round", sec_curves),

@@ -388,3 +388,34 @@ def test_cost_section_sums_and_medians_of_recorded_wall_time(tmp_path):
     assert "| sst2 | FedSODA | 3 | 0.1 | 2.0 (1.0–3.0) |" in c and "| sst2 | FedPETuning | 1 | — | — |" in c
     assert "| boolq | FedSODA | 1 |" in c and "fp32" not in c  # variants are not in the per-method table
     assert report.median([4.0, 1.0, 3.0, 2.0]) == 2.5
+
+
+def test_bridge_section_steps_from_fedsoda_to_fedbiot_at_one_lr(tmp_path):
+    """The bridge section: FedSODA at FedPETuning's lr is the reference; each one-setting step, FedBiOT and the
+    perfect-emulator row get Δ paired by seed against it, with their lr and the sub-LLM accuracy; a step without runs
+    shows dashes; the steps appear in no other section."""
+    runs = full_study()
+    runs += [summary("fedsoda", seed=s, acc=a, stage="gap", variant="lr_pet", sub_accuracy=a - 0.02)
+             for s, a in ((0, 0.60), (1, 0.56), (2, 0.52))]
+    runs += [summary("fedsoda", seed=s, acc=a, stage="gap", variant="uniform_lr_pet", kl_after=3.7,
+                     overrides=["fed.rounds=10", "eval.dtype=bfloat16", "sgp.enabled=false"])
+             for s, a in ((0, 0.64), (1, 0.60))]
+    runs += [summary("fedbiot", seed=s, acc=a, sub_accuracy=0.51) for s, a in ((0, 0.70), (1, 0.56), (2, 0.66))]
+    sel = {"selected": SELECTION["selected"] + [{"method": "fedbiot", "task": "sst2", "model": "smollm2",
+                                                  "split": "iid", "lr": 0.001}]}
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", runs, sel), out) == 0
+    b = section(out.read_text(), "bridge")
+    assert "| FedSODA at FedPETuning's lr (lr_pet) | 0.001 | 56.0 ± 4.0 | 3 | (reference) | — | — | 54.0 |" in b
+    # seeds 0, 1: +4.0 and +4.0 -> +4.0 (the CI of two equal differences has zero width)
+    assert "| uniform layer drop instead of SGP (uniform_lr_pet) | 0.001 | 62.0 ± 2.8 | 2 | +4.0 | [+4.0, +4.0] | 0, 1 |" in b
+    assert "| 3.700 |" in b  # its KL after pre-alignment
+    assert "| NF4 off (fp32_sub_lr_pet) | — | — | 0 | — |" in b
+    assert "| FedBiOT (main): all four | 0.001 | 64.0 ± 7.2 | 3 | +8.0 |" in b and "| 51.0 |" in b
+    assert "uniform_lr_pet" not in section(out.read_text(), "variants")
+
+
+def test_bridge_section_without_its_runs(tmp_path):
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", full_study(), SELECTION), out) == 0
+    assert "_No runs of the FedSODA -> FedBiOT steps yet._" in section(out.read_text(), "bridge")
