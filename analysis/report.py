@@ -27,6 +27,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from statistics import median
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -303,11 +304,16 @@ def distinct(values) -> str:
 
 # ---- sections -------------------------------------------------------------------------------------------------
 
+def stages_of(runs: list[dict], key=None) -> list[str]:
+    """The runs' stages: grid and seeds first, then the others sorted (by `key`)."""
+    return [x for x in MAIN_STAGES if any(s["stage"] == x for s in runs)] + \
+        sorted({s["stage"] for s in runs} - set(MAIN_STAGES), key=key)
+
+
 def sec_setup(res: Results) -> str:
     """Study, models, the settings the runs share, test and validation sizes, commits, number of summaries."""
     R = res.runs
-    stages = [x for x in MAIN_STAGES if any(s["stage"] == x for s in R)] + \
-        sorted({s["stage"] for s in R} - set(MAIN_STAGES))
+    stages = stages_of(R, key=None)
     per_task = lambda key: "; ".join(f"{t}: {distinct([s.get(key) for s in R if s['task'] == t])}"  # noqa: E731
                                      for t in sorted({s["task"] for s in R}, key=lambda t: setting_order((t,))))
     models = sorted({f"{s.get('model', '?')} ({s.get('model_name', '?')})" for s in R})
@@ -958,11 +964,6 @@ def sec_variants(res: Results) -> str:
         "when the group runs several methods (they are the reference), else the FedSODA main runs of the setting.")
 
 
-def median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
-
-
 def minutes_cells(runs: list[dict]) -> list[str]:
     """[runs, hours summed, "median (min–max)" minutes per run] from the runs' recorded wall_s ("—" without)."""
     mins = [float(s["wall_s"]) / 60 for s in runs if not missing(s.get("wall_s"))]
@@ -976,8 +977,7 @@ def sec_cost(res: Results) -> str:
     the grid and seeds runs, whose medians are the planning numbers for the runs still to come."""
     R = res.runs
     tasks = sorted({s["task"] for s in R}, key=lambda t: setting_order((t,)))
-    stages = [x for x in MAIN_STAGES if any(s["stage"] == x for s in R)] + \
-        sorted({s["stage"] for s in R} - set(MAIN_STAGES), key=natural)
+    stages = stages_of(R, key=natural)
     rows = [[t, st, *minutes_cells(here)] for t in tasks for st in stages
             if (here := [s for s in R if s["task"] == t and s["stage"] == st])]
     rows.append(["all", "all", *minutes_cells(R)])
