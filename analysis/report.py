@@ -388,10 +388,13 @@ def sec_table2(res: Results) -> str:
                          num(mean_std(by_seed(runs, "sub_accuracy").values())[0]),
                          mib(field_mean(runs, "comm_bytes_per_round"), 3),
                          mib(field_mean(runs, "client_model_bytes"), 1),
-                         count(field_mean(runs, "trainable_params")), unselected(runs)])
+                         count(field_mean(runs, "trainable_params")), unselected(runs), one_class(runs)])
         base = [s for s in res.runs if setting_of(s) == st and not missing(s.get("base_accuracy"))]
         bm, bs, bn = mean_std([100 * float(s["base_accuracy"]) for s in base])
-        rows.append(["base model", mean_pm(bm, bs, bn), DASH, str(bn), DASH, DASH, DASH, DASH, DASH, DASH])
+        rows.append(["base model", mean_pm(bm, bs, bn), DASH, str(bn)] + [DASH] * 7)
+        majority = majority_share([s for s in res.runs if setting_of(s) == st])
+        if majority is not None:
+            rows.append(["always the majority class", num(majority), DASH, DASH] + [DASH] * 7)
         diff_rows = []
         for m in METHODS[1:]:
             p = paired(accs["fedsoda"], accs[m])
@@ -401,7 +404,7 @@ def sec_table2(res: Results) -> str:
         parts.append(f"#### {res.label(st)}\n\n"
                      + table(["method", "test acc. % (mean ± std)", "95% CI", "n seeds", "test-set SE (pts)",
                               "sub-LLM acc. %", "comm MiB/round/client", "client model MiB", "trainable params",
-                              "seeds not used to select lr: acc. % (n)"], rows)
+                              "seeds not used to select lr: acc. % (n)", "seeds predicting one class"], rows)
                      + "\n\n" + table(["paired difference", "seeds", "mean Δ (pts)", "95% CI", "per seed",
                                        "CI excludes 0"], diff_rows))
     note = ("Test accuracy on the full test set, mean ± sample std over seeds at the selected lr; 95% CI of the mean "
@@ -410,8 +413,25 @@ def sec_table2(res: Results) -> str:
             "seeds both methods have. Base model: the pretrained model's test accuracy (n = its evaluations). "
             "The last column leaves out the grid seed(s) whose validation accuracy chose the lr: that run's test "
             "accuracy is biased upwards (the lr that happened to suit that seed best won: the winner's curse), the "
-            "others are not.")
+            "others are not. Seeds predicting one class: runs whose full model gives every test example the same "
+            "label (of the runs that record their predictions per class); such a run scores the test set's share "
+            "of that class, the \"always the majority class\" row when it is the majority.")
     return "\n\n".join(parts) + "\n\n" + note
+
+
+def one_class(runs: list[dict]) -> str:
+    """"k of n": of the n runs that record test predictions per class (pred_counts), the k whose full model
+    predicts one class for every test example; — when none records them (GSM8K, or runs from before)."""
+    counted = [s["pred_counts"] for s in runs if s.get("pred_counts")]
+    if not counted:
+        return DASH
+    return f"{sum(max(c) == sum(c) for c in counted)} of {len(counted)}"
+
+
+def majority_share(runs: list[dict]) -> float | None:
+    """The accuracy (%) of always predicting the test set's most frequent label, from any run's label_counts."""
+    counts = next((s["label_counts"] for s in runs if s.get("label_counts")), None)
+    return 100 * max(counts) / sum(counts) if counts else None
 
 
 def unselected(runs: list[dict]) -> str:

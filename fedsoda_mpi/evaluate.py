@@ -92,7 +92,8 @@ def label_accuracy(model: torch.nn.Module, tokenizer, task: str, rows: Sequence[
     Rows are sorted by prompt length into right-padded batches; the decoder body gives hidden states, the
     row's last non-pad position is gathered and only those B vectors go through the LM head. The prediction
     is the argmax over the label words' logits. Returns {"accuracy", "n", "predictions" [n] (row order),
-    "label_logits" [n, n_labels]}.
+    "label_logits" [n, n_labels], "pred_counts" and "label_counts" [n_labels] (how often each class is predicted
+    and how often it is the answer: a model that predicts one class scores the majority share, not chance)}.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -113,8 +114,10 @@ def label_accuracy(model: torch.nn.Module, tokenizer, task: str, rows: Sequence[
             last = hidden[torch.arange(len(idx), device=device), mask.sum(1) - 1]
             scores[idx] = _label_logits(head, last, word_ids.to(device)).cpu().numpy()
     predictions = scores.argmax(axis=1)
+    k = len(word_ids)
     return {"accuracy": float((predictions == labels).mean()), "n": len(rows), "predictions": predictions,
-            "label_logits": scores}
+            "label_logits": scores, "pred_counts": np.bincount(predictions, minlength=k).tolist(),
+            "label_counts": np.bincount(labels, minlength=k).tolist()}
 
 
 def _label_logits(head: torch.nn.Module, last: torch.Tensor, word_ids: torch.Tensor) -> torch.Tensor:

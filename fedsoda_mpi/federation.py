@@ -428,6 +428,9 @@ class Federation:
                "full_model_bytes": int(server.full_bytes), "val_accuracy": val["accuracy"], "n_val": val["n"],
                "task": cfg.data.task, "n_eval": full["n"], "aggregator": cfg.fed.aggregator,
                "upload_density": cfg.fed.upload_density, "download_density": cfg.fed.download_density}
+        if "pred_counts" in full:  # label tasks: test predictions per class, full model and sub-LLM, and the labels
+            res.update(pred_counts=full["pred_counts"], sub_pred_counts=sub["pred_counts"],
+                       label_counts=full["label_counts"])
         self.log.set_attrs("final", **res)
         out = server.export_adapter()
         self.log.log(f"bytes moved by rank 0: {dict(self.comm.bytes)}; MPI {self.comm.mpi_seconds:.2f}s, "

@@ -419,6 +419,7 @@ def summarize(run: Run, run_dir: Path, lr: float, study: str) -> dict:
                "accuracy": _r(fin["accuracy"]), "sub_accuracy": _r(fin["sub_accuracy"]),
                "base_accuracy": _r(base.get("accuracy", float("nan"))), "val_accuracy": _r(fin["val_accuracy"]),
                "n_eval": int(fin["n_eval"]), "n_val": int(fin["n_val"]), "eval_dtype": cfg["eval"]["dtype"],
+               **{k: counts(fin.get(k)) for k in ("pred_counts", "sub_pred_counts", "label_counts")},
                "eval_rounds": [int(x) for x in rounds["round"][:]],
                "eval_acc": [_r(x) for x in rounds["eval_acc"][:]],
                "train_loss": [_r(np.nanmean(x)) if np.isfinite(x).any() else None for x in rounds["train_loss"][:]],
@@ -450,6 +451,12 @@ def failed_summary(run: Run, lr: float, study: str, code: int) -> dict:
             "model": run.model, "split": run.split, "seed": run.seed, "lr": lr, "lr_from": list(run.key),
             "overrides": list(run.overrides), "accuracy": None, "val_accuracy": None,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())}
+
+
+def counts(x) -> list[int] | None:
+    """A /final per-class count attribute (test predictions or labels) as a list; None where the run has none
+    (GSM8K, or a run from before it was recorded)."""
+    return None if x is None else [int(v) for v in np.atleast_1d(x)]
 
 
 def candidates(rows) -> list[list]:

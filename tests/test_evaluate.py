@@ -129,6 +129,9 @@ def test_label_accuracy_matches_naive_full_forward(tiny_lm, tiny_tokenizer, task
     np.testing.assert_array_equal(res["predictions"], ref.argmax(1))
     labels = np.array([label_of(task, r) for r in rows[:13]])
     assert res["accuracy"] == pytest.approx(np.mean(res["predictions"] == labels))
+    # per-class counts of predictions and answers (a one-class model scores the majority share)
+    assert res["pred_counts"] == [int(np.sum(res["predictions"] == c)) for c in range(2)]
+    assert res["label_counts"] == [int(np.sum(labels == c)) for c in range(2)] and sum(res["label_counts"]) == 13
 
 
 def test_label_accuracy_peft_lora_restores_training_mode(tiny_lm, tiny_tokenizer):

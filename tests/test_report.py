@@ -130,6 +130,7 @@ def test_full_report_tables(tmp_path):
     assert "#### gsm8k" not in t2  # the gsm8k stage's "main" runs are not Table-2 runs
     assert "| 2.112 | 145.2 | 244,224 | 83.0 ± 1.4 (2) |" in t2  # seeds 1, 2: not used to select the lr
     assert "| 244,224 | 93.0 (1) |" in t2 and "winner's curse" in t2
+    assert "| 83.0 ± 1.4 (2) | — |" in t2 and "| always the majority class |" not in t2  # no run records them
     lr = section(text, "lr")
     assert "| sst2 | FedSODA | **80.0** | 70.0 | **0.001** (grid edge) |" in lr  # the smaller of two: an edge
     t3 = section(text, "table3")
@@ -419,3 +420,20 @@ def test_bridge_section_without_its_runs(tmp_path):
     out = tmp_path / "r.md"
     assert run(write(tmp_path / "res", full_study(), SELECTION), out) == 0
     assert "_No runs of the FedSODA -> FedBiOT steps yet._" in section(out.read_text(), "bridge")
+
+
+def test_table2_counts_one_class_runs_and_shows_the_majority_share(tmp_path):
+    """A run whose full model predicts one label for all 872 rows is counted; the majority row comes from the
+    recorded test labels (476 of 872 = 54.6 %), not from any accuracy."""
+    labels = [396, 476]
+    runs = [summary("fedsoda", seed=0, acc=0.546, pred_counts=[0, 872], label_counts=labels),
+            summary("fedsoda", seed=1, acc=0.60, pred_counts=[300, 572], label_counts=labels),
+            summary("fedsoda", seed=2, acc=0.454, pred_counts=[872, 0], label_counts=labels),
+            summary("fedot", seed=0, acc=0.7)]
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", runs), out) == 0
+    t2 = section(out.read_text(), "table2")
+    fedsoda = next(line for line in t2.splitlines() if line.startswith("| FedSODA |"))
+    assert fedsoda.endswith("| 2 of 3 |")
+    assert next(line for line in t2.splitlines() if line.startswith("| FedOT |")).endswith("| — |")
+    assert "| always the majority class | 54.6 | — | — |" in t2

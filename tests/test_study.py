@@ -160,6 +160,12 @@ def test_summary_of_a_run_file(tmp_path):
         f["rounds/drift_probe"] = np.array([3.0, 3.25], np.float32)
     out = S.summarize(run, tmp_path, 1e-3, "toy")
     assert out["emulator_lora_bytes"] == 786432 and out["drift_probe"] == [3.0, 3.25]
+    assert out["pred_counts"] is None and out["label_counts"] is None  # a run file from before they were recorded
+    with h5py.File(tmp_path / "run.h5", "a") as f:
+        f["final"].attrs.update({"pred_counts": [872, 0], "sub_pred_counts": [400, 472], "label_counts": [428, 444]})
+    out = S.summarize(run, tmp_path, 1e-3, "toy")
+    assert out["pred_counts"] == [872, 0] and out["sub_pred_counts"] == [400, 472] and out["label_counts"] == [428, 444]
+    json.dumps(out)  # plain ints, not numpy
 
 
 def test_summary_carries_the_chosen_n_p_candidates_and_both_kls(tmp_path):
@@ -221,6 +227,7 @@ def test_local_route_runs_selects_and_summarizes(tiny_model_dir, tmp_path):
     grid = [s for s in done.values() if s["stage"] == "grid"]
     assert sorted(s["variant"] for s in grid) == sorted(["main", f"lr={[x for x in (1e-3, 3e-3) if x != sel['lr']][0]:g}"])
     assert sum(s["base_accuracy"] is not None for s in done.values()) == 1
+    assert sum(seed1["pred_counts"]) == sum(seed1["label_counts"]) == 8 and sum(seed1["sub_pred_counts"]) == 8
     with h5py.File(runs / seed1["run"] / "run.h5", "r") as f:
         cfg = json.loads(f.attrs["config_json"])
         assert cfg["fed"]["lr"] == sel["lr"] and cfg["seed"] == 1
