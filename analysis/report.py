@@ -404,7 +404,7 @@ def sec_table2(res: Results) -> str:
         parts.append(f"#### {res.label(st)}\n\n"
                      + table(["method", "test acc. % (mean ± std)", "95% CI", "n seeds", "test-set SE (pts)",
                               "sub-LLM acc. %", "comm MiB/round/client", "client model MiB", "trainable params",
-                              "seeds not used to select lr: acc. % (n)", "seeds predicting one class"], rows)
+                              "seeds not used to select lr: acc. % (n)", "most-predicted label, % of test rows"], rows)
                      + "\n\n" + table(["paired difference", "seeds", "mean Δ (pts)", "95% CI", "per seed",
                                        "CI excludes 0"], diff_rows))
     note = ("Test accuracy on the full test set, mean ± sample std over seeds at the selected lr; 95% CI of the mean "
@@ -413,19 +413,17 @@ def sec_table2(res: Results) -> str:
             "seeds both methods have. Base model: the pretrained model's test accuracy (n = its evaluations). "
             "The last column leaves out the grid seed(s) whose validation accuracy chose the lr: that run's test "
             "accuracy is biased upwards (the lr that happened to suit that seed best won: the winner's curse), the "
-            "others are not. Seeds predicting one class: runs whose full model gives every test example the same "
-            "label (of the runs that record their predictions per class); such a run scores the test set's share "
-            "of that class, the \"always the majority class\" row when it is the majority.")
+            "others are not. Most-predicted label: per seed, the share of test rows to which the full model gives the label it "
+            "gives most (100 = one answer whatever the input; such a run scores that label's share of the test "
+            "set, the \"always the majority class\" row when it is the majority).")
     return "\n\n".join(parts) + "\n\n" + note
 
 
 def one_class(runs: list[dict]) -> str:
-    """"k of n": of the n runs that record test predictions per class (pred_counts), the k whose full model
-    predicts one class for every test example; — when none records them (GSM8K, or runs from before)."""
-    counted = [s["pred_counts"] for s in runs if s.get("pred_counts")]
-    if not counted:
-        return DASH
-    return f"{sum(max(c) == sum(c) for c in counted)} of {len(counted)}"
+    """Per seed, the share (%) of test rows given the label the run's full model predicts most (pred_counts): 100
+    is a model that answers one label whatever the input; — when no run records it (GSM8K, or runs from before)."""
+    shares = {s["seed"]: 100 * max(s["pred_counts"]) / sum(s["pred_counts"]) for s in runs if s.get("pred_counts")}
+    return ", ".join(f"s{k} {num(v)}" for k, v in sorted(shares.items())) or DASH
 
 
 def majority_share(runs: list[dict]) -> float | None:
