@@ -7,7 +7,7 @@ Reads <results>/*.json (one few-KB summary per finished run, written by fedsoda_
 <results>/selection.json (fedsoda_mpi.study.write_selection); never a run folder. In the --out markdown
 file, the lines between `<!-- report:begin NAME -->` and `<!-- report:end NAME -->` are replaced by freshly
 generated content and everything outside the markers is kept; a new file gets every section. Sections:
-setup, lr, table2, table3, table4, drift, table9, gap, bridge, gsm8k, auto, selfpublic, variants, curves, cost (figures:
+setup, lr, table2, table3, table4, drift, table9, gap, bridge, transfer, gsm8k, auto, selfpublic, variants, curves, cost (figures:
 <figures>/<study>_curves_<task>.png, default <out folder>/gallery). drift shows the study's `drift` stage
 (oda.trigger=drift) beside the fixed re-alignment intervals r1, r = 5 (main) and no_re_align; auto and selfpublic
 show every run of the study's `auto` and `selfpublic` stages (issue #16) against the FedSODA main runs; variants
@@ -747,6 +747,39 @@ def sec_bridge(res: Results) -> str:
         "trained against (test set), beside the test accuracy of the same adapter plugged into the full model.")
 
 
+LABEL_NAMES = {"sst2": ("negative", "positive"), "boolq": ("false", "true")}  # = fedsoda_mpi.data.LABEL_WORDS
+
+
+def share(counts, k: int = 1) -> str:
+    """The share (%) of class k in per-class counts (predictions or labels); — without counts."""
+    return num(100 * counts[k] / sum(counts)) if counts and sum(counts) else DASH
+
+
+def sec_transfer(res: Results) -> str:
+    """Per task: every grid and seeds run that records its test predictions per class, the adapter on the
+    full model and on the sub-LLM it was trained against: accuracy and the share of rows given class 1."""
+    runs = [s for s in res.runs if s["stage"] in MAIN_STAGES and s.get("pred_counts")]
+    if not runs:
+        return "_No run records its test predictions per class yet._"
+    parts = []
+    for task in sorted({s["task"] for s in runs}, key=lambda t: (TASKS.index(t) if t in TASKS else 99, t)):
+        word = LABEL_NAMES.get(task, ("class 0", "class 1"))[1]
+        mine = sorted((s for s in runs if s["task"] == task),
+                      key=lambda s: (method_order(s["method"]), float(s["lr"]), s["seed"]))
+        rows = [[NAMES.get(s["method"], s["method"]), s["stage"], f"{float(s['lr']):g}", str(s["seed"]),
+                 pct(s["accuracy"]), share(s["pred_counts"]), pct(s.get("sub_accuracy")),
+                 share(s.get("sub_pred_counts"))] for s in mine]
+        labels = next((s["label_counts"] for s in mine if s.get("label_counts")), None)
+        parts.append(f"#### {task} (test rows whose answer is \"{word}\": {share(labels)} %)\n\n" + table(
+            ["method", "stage", "lr", "seed", "full model: acc. %", f"full model: % \"{word}\"",
+             "sub-LLM: acc. %", f"sub-LLM: % \"{word}\""], rows, 2))
+    return "\n\n".join(parts) + (
+        "\n\nOne adapter, two hosts: the full model it is deployed on and the sub-LLM (emulator) it was trained "
+        "against (FedPETuning trains on the full model, so both columns are the same run). % \"word\": the share of "
+        "the test rows to which the model gives that label (0 or 100: one answer whatever the input). Only runs "
+        "that record their predictions per class are listed.")
+
+
 def sec_gsm8k(res: Results) -> str:
     """The gsm8k stage: one row per run."""
     runs = sorted((s for s in res.runs if s["stage"] == GSM8K),
@@ -1022,7 +1055,9 @@ SECTIONS = {"setup": ("Setup", sec_setup), "lr": ("Learning-rate selection", sec
             "drift": ("Drift-triggered re-alignment", sec_drift),
             "table9": ("Table 9: rounds to reach FedOT's accuracy", sec_table9),
             "gap": ("The FedSODA − FedPETuning gap on SST-2", sec_gap),
-            "bridge": ("FedSODA -> FedBiOT one setting at a time (SST-2)", sec_bridge), "gsm8k": ("GSM8K", sec_gsm8k),
+            "bridge": ("FedSODA -> FedBiOT one setting at a time (SST-2)", sec_bridge),
+            "transfer": ("What each adapter answers, on the full model and on its sub-LLM", sec_transfer),
+            "gsm8k": ("GSM8K", sec_gsm8k),
             "auto": ("Automatic pruning configuration (sgp.auto)", sec_auto),
             "selfpublic": ("Alignment without a public data set (data.public=self)", sec_selfpublic),
             "variants": ("Other variants", sec_variants), "curves": ("Accuracy per round", sec_curves),

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from fedsoda_mpi.data import LABEL_WORDS
+
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("report", ROOT / "analysis" / "report.py")
 report = sys.modules.setdefault("report", importlib.util.module_from_spec(_spec))
@@ -437,3 +439,24 @@ def test_table2_shows_the_most_predicted_label_share_and_the_majority_share(tmp_
     assert fedsoda.endswith("| s0 100.0, s1 65.6, s2 100.0 |")
     assert next(line for line in t2.splitlines() if line.startswith("| FedOT |")).endswith("| — |")
     assert "| always the majority class | 54.6 | — | — |" in t2
+
+
+def test_transfer_section_lists_what_each_adapter_answers_on_both_hosts(tmp_path):
+    """The share of test rows answered "true", full model beside sub-LLM, for runs that record it; others left out."""
+    labels = [1237, 2033]
+    runs = [summary("fedsoda", task="boolq", seed=0, acc=0.378, sub_accuracy=0.617, pred_counts=[3270, 0],
+                    sub_pred_counts=[49, 3221], label_counts=labels, n_eval=3270),
+            summary("fedpetuning", task="boolq", seed=0, acc=0.622, sub_accuracy=0.622, pred_counts=[0, 3270],
+                    sub_pred_counts=[0, 3270], label_counts=labels, n_eval=3270),
+            summary("fedot", task="sst2", seed=0, acc=0.7)]
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", runs), out) == 0
+    t = section(out.read_text(), "transfer")
+    assert '#### boolq (test rows whose answer is "true": 62.2 %)' in t and "#### sst2" not in t
+    assert "| FedSODA | grid | 0.001 | 0 | 37.8 | 0.0 | 61.7 | 98.5 |" in t
+    assert "| FedPETuning | grid | 0.001 | 0 | 62.2 | 100.0 | 62.2 | 100.0 |" in t
+    assert t.index("| FedSODA |") < t.index("| FedPETuning |")
+    assert report.LABEL_NAMES == {k: tuple(v) for k, v in LABEL_WORDS.items()}
+    empty = tmp_path / "e.md"
+    assert run(write(tmp_path / "res2", runs[2:]), empty) == 0
+    assert "No run records" in section(empty.read_text(), "transfer")
