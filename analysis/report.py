@@ -388,7 +388,7 @@ def sec_table2(res: Results) -> str:
                          num(mean_std(by_seed(runs, "sub_accuracy").values())[0]),
                          mib(field_mean(runs, "comm_bytes_per_round"), 3),
                          mib(field_mean(runs, "client_model_bytes"), 1),
-                         count(field_mean(runs, "trainable_params")), unselected(runs), one_class(runs)])
+                         count(field_mean(runs, "trainable_params")), unselected(runs), top_label_share(runs)])
         base = [s for s in res.runs if setting_of(s) == st and not missing(s.get("base_accuracy"))]
         bm, bs, bn = mean_std([100 * float(s["base_accuracy"]) for s in base])
         rows.append(["base model", mean_pm(bm, bs, bn), DASH, str(bn)] + [DASH] * 7)
@@ -413,13 +413,13 @@ def sec_table2(res: Results) -> str:
             "seeds both methods have. Base model: the pretrained model's test accuracy (n = its evaluations). "
             "The last column leaves out the grid seed(s) whose validation accuracy chose the lr: that run's test "
             "accuracy is biased upwards (the lr that happened to suit that seed best won: the winner's curse), the "
-            "others are not. Most-predicted label: per seed, the share of test rows to which the full model gives the label it "
-            "gives most (100 = one answer whatever the input; such a run scores that label's share of the test "
-            "set, the \"always the majority class\" row when it is the majority).")
+            "others are not. Most-predicted label: per seed, the share of test rows to which the full model gives "
+            "the label it gives most (100 = one answer whatever the input; such a run scores that label's share of "
+            "the test set, the \"always the majority class\" row when it is the majority).")
     return "\n\n".join(parts) + "\n\n" + note
 
 
-def one_class(runs: list[dict]) -> str:
+def top_label_share(runs: list[dict]) -> str:
     """Per seed, the share (%) of test rows given the label the run's full model predicts most (pred_counts): 100
     is a model that answers one label whatever the input; — when no run records it (GSM8K, or runs from before)."""
     shares = {s["seed"]: 100 * max(s["pred_counts"]) / sum(s["pred_counts"]) for s in runs if s.get("pred_counts")}
