@@ -313,7 +313,7 @@ def stages_of(runs: list[dict], key=None) -> list[str]:
 def sec_setup(res: Results) -> str:
     """Study, models, the settings the runs share, test and validation sizes, commits, number of summaries."""
     R = res.runs
-    stages = stages_of(R, key=None)
+    stages = stages_of(R)
     per_task = lambda key: "; ".join(f"{t}: {distinct([s.get(key) for s in R if s['task'] == t])}"  # noqa: E731
                                      for t in sorted({s["task"] for s in R}, key=lambda t: setting_order((t,))))
     models = sorted({f"{s.get('model', '?')} ({s.get('model_name', '?')})" for s in R})
@@ -426,9 +426,14 @@ def top_label_share(runs: list[dict]) -> str:
     return ", ".join(f"s{k} {num(v)}" for k, v in sorted(shares.items())) or DASH
 
 
+def label_counts_of(runs: list[dict]) -> list[int] | None:
+    """The test labels per class, from the first run that records them (every run of a task has the same)."""
+    return next((s["label_counts"] for s in runs if s.get("label_counts")), None)
+
+
 def majority_share(runs: list[dict]) -> float | None:
-    """The accuracy (%) of always predicting the test set's most frequent label, from any run's label_counts."""
-    counts = next((s["label_counts"] for s in runs if s.get("label_counts")), None)
+    """The accuracy (%) of always predicting the test set's most frequent label."""
+    counts = label_counts_of(runs)
     return 100 * max(counts) / sum(counts) if counts else None
 
 
@@ -762,15 +767,14 @@ def sec_transfer(res: Results) -> str:
     if not runs:
         return "_No run records its test predictions per class yet._"
     parts = []
-    for task in sorted({s["task"] for s in runs}, key=lambda t: (TASKS.index(t) if t in TASKS else 99, t)):
+    for task in sorted({s["task"] for s in runs}, key=lambda t: setting_order((t,))):
         word = LABEL_NAMES.get(task, ("class 0", "class 1"))[1]
         mine = sorted((s for s in runs if s["task"] == task),
                       key=lambda s: (method_order(s["method"]), float(s["lr"]), s["seed"]))
         rows = [[NAMES.get(s["method"], s["method"]), s["stage"], f"{float(s['lr']):g}", str(s["seed"]),
                  pct(s["accuracy"]), share(s["pred_counts"]), pct(s.get("sub_accuracy")),
                  share(s.get("sub_pred_counts"))] for s in mine]
-        labels = next((s["label_counts"] for s in mine if s.get("label_counts")), None)
-        parts.append(f"#### {task} (test rows whose answer is \"{word}\": {share(labels)} %)\n\n" + table(
+        parts.append(f"#### {task} (test rows whose answer is \"{word}\": {share(label_counts_of(mine))} %)\n\n" + table(
             ["method", "stage", "lr", "seed", "full model: acc. %", f"full model: % \"{word}\"",
              "sub-LLM: acc. %", f"sub-LLM: % \"{word}\""], rows, 2))
     return "\n\n".join(parts) + (
