@@ -5,6 +5,7 @@ adapter LoRA, and the sub-LLM M* for comparison).
   only on each row's last prompt token, and the prediction is the label word with the larger logit.
 - GSM8K: k-shot greedy generation (the paper's "GSM8K (4-shot)"), final-number extraction, numeric match.
   The k-shot prefix is the same for every question: it is prefilled once and its KV cache shared by batches.
+  An evaluation of hours can be resumed: a `Journal` file keeps the outputs of every finished batch.
 - Perplexity of plain text (a sanity metric for pruned / aligned sub-LLMs).
 
 Every entry point accepts plain HF causal LMs, PeftModels and NF4 (bitsandbytes Linear4bit) models; it runs
@@ -13,9 +14,13 @@ them in eval mode and restores each module's previous training flag on exit.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
+import os
 import re
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -216,8 +221,65 @@ def _prefix_cache(model: torch.nn.Module, prefix_ids: Sequence[int]) -> DynamicC
     return cache
 
 
+class Journal:
+    """Resumable generation: the outputs of every finished batch, appended to a JSON-lines file (one line per batch,
+    flushed and synced) after a header line with the evaluation's fingerprint (`fingerprint`: prompts, decoding
+    settings, the model's adapter weights). Opened again with the same fingerprint, it hands back the batches it
+    holds and `_generate` runs only the others; batches are cut from the whole ordered prompt list, so those are
+    exactly the batches of an uninterrupted evaluation and the outputs are the same. A last line cut short (SIGKILL
+    mid-write) is dropped; a file with another fingerprint is started over."""
+
+    def __init__(self, path: str | Path, fingerprint: dict):
+        self.path, self.fingerprint, self.done = Path(path), fingerprint, {}
+        lines = self.path.read_bytes().split(b"\n") if self.path.is_file() else []
+        try:
+            same = bool(lines) and json.loads(lines[0]) == {"fingerprint": fingerprint}
+        except ValueError:
+            same = False
+        kept = [lines[0]] if same else [json.dumps({"fingerprint": fingerprint}).encode()]
+        for line in lines[1:] if same else []:
+            try:
+                batch = json.loads(line)
+                self.done.update(zip(batch["rows"], batch["outputs"], strict=True))
+            except (ValueError, KeyError, TypeError):
+                break  # the line a kill cut short, and nothing after it
+            kept.append(line)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_bytes(b"".join(line + b"\n" for line in kept))
+        os.replace(tmp, self.path)
+        self.resumed = len(self.done)
+
+    def get(self, rows: Sequence[int]) -> list[str] | None:
+        """The recorded outputs of a batch of `rows`, or None when any of them is missing."""
+        return [self.done[i] for i in rows] if all(i in self.done for i in rows) else None
+
+    def record(self, rows: Sequence[int], outputs: Sequence[str]) -> None:
+        """Append one finished batch (flushed and fsynced: a kill right after it loses nothing)."""
+        with open(self.path, "ab") as f:
+            f.write(json.dumps({"rows": [int(i) for i in rows], "outputs": list(outputs)}).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done.update(zip(rows, outputs))
+
+
+def fingerprint(model: torch.nn.Module, prompts: Sequence[str], **settings) -> dict:
+    """What a journaled evaluation's outputs depend on: the prompts (sha256), the decoding `settings`, the autocast
+    dtype, every parameter's name, shape and dtype, and the values of the LoRA tensors (sha256; the frozen weights
+    are fixed by the names, the model file and the run's seed, and hashing them all would cost seconds per GB)."""
+    h = hashlib.sha256()
+    for name, t in sorted(models.causal_lm(model).state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        if "lora_" in name:
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    cast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    return {"prompts_sha256": hashlib.sha256("\0".join(prompts).encode()).hexdigest(), "n": len(prompts),
+            "weights_sha256": h.hexdigest(), "autocast": str(cast), **settings}
+
+
 def _generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int,
-              batch_size: int, shared_prefix: str = "") -> list[str]:
+              batch_size: int, shared_prefix: str = "", journal: Journal | None = None,
+              progress: Callable[[int, int, int], None] | None = None) -> list[str]:
     """Greedy continuations of `prompts`, cut at eos / stop strings and stripped of trailing whitespace.
 
     Whole-prompt path (`shared_prefix` ""): every prompt is tokenized whole; batches of `batch_size` prompts
@@ -231,84 +293,109 @@ def _generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new
     [prefix][pads][prompt rest] with attention mask 0 on the pads, so generate's position ids (attention mask
     cumsum - 1) of every real token are those of the unpadded prompt.
 
+    `journal`: batches it holds are not generated again, finished ones are recorded in it. `progress(done, total,
+    generated)` runs after every batch (prompts done, of all, of them generated by this call); it may raise to stop.
     Padding is built here from token ids, so the tokenizer's padding side is never changed.
     """
     config, eos = _greedy_config(model, tokenizer, max_new_tokens)
-    pad_id = config.pad_token_id
     encoded = tokenizer(list(prompts)).input_ids
-    outputs = [""] * len(prompts)
-    device = _device(model)
-    whole = list(range(len(prompts)))
-    cache, prefix_ids = None, []
+    outputs, done, generated = [""] * len(prompts), 0, 0
+    for idx, make in _batches(model, tokenizer, encoded, prompts, batch_size, shared_prefix, config.pad_token_id):
+        texts = journal.get(idx) if journal else None
+        if texts is None:
+            ids, mask, past = make()
+            stop = StoppingCriteriaList([_StopOnStrings(tokenizer, ids.shape[1])])
+            tokens = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                    stopping_criteria=stop, **({} if past is None else {"past_key_values": past}))
+            texts = [_decode(tokenizer, t, eos) for t in tokens[:, ids.shape[1]:].tolist()]
+            generated += len(idx)
+            if journal:
+                journal.record(idx, texts)
+        for i, text in zip(idx, texts):
+            outputs[i] = text
+        done += len(idx)
+        if progress:
+            progress(done, len(prompts), generated)
+    return outputs
+
+
+def _batches(model, tokenizer, encoded: list[list[int]], prompts: Sequence[str], batch_size: int,
+             shared_prefix: str, pad_id: int) -> list[tuple[list[int], Callable]]:
+    """The generation batches of `_generate`, in order: (prompt indices, a function building (input_ids,
+    attention_mask, prefix KV cache or None)); the prefix-cached batches first, then the whole-prompt ones."""
+    device, whole, batches = _device(model), list(range(len(prompts))), []
     if shared_prefix:
         prefix_ids = tokenizer(shared_prefix).input_ids
         cached = [i for i in whole if prompts[i].startswith(shared_prefix) and len(encoded[i]) > len(prefix_ids)
                   and encoded[i][:len(prefix_ids)] == prefix_ids]
-        if prefix_ids and cached:
-            cache = _prefix_cache(model, prefix_ids)
+        cache = _prefix_cache(model, prefix_ids) if prefix_ids and cached else None
         if cache is not None:
             whole = sorted(set(whole) - set(cached))
             rest = {i: encoded[i][len(prefix_ids):] for i in cached}
-            order = sorted(cached, key=lambda i: len(rest[i]))
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
+
+            def with_prefix(idx: list[int]) -> tuple:
                 ids, mask = _pad([rest[i] for i in idx], pad_id, "left", device)
                 head = torch.tensor(prefix_ids, dtype=torch.long, device=device).expand(len(idx), -1)
-                ids, mask = torch.cat([head, ids], 1), torch.cat([torch.ones_like(head), mask], 1)
                 past = copy.deepcopy(cache)
                 past.batch_repeat_interleave(len(idx))
-                stop = StoppingCriteriaList([_StopOnStrings(tokenizer, ids.shape[1])])
-                generated = model.generate(input_ids=ids, attention_mask=mask, past_key_values=past,
-                                           generation_config=config, stopping_criteria=stop)[:, ids.shape[1]:]
-                for i, tokens in zip(idx, generated.tolist()):
-                    outputs[i] = _decode(tokenizer, tokens, eos)
+                return torch.cat([head, ids], 1), torch.cat([torch.ones_like(head), mask], 1), past
+
+            order = sorted(cached, key=lambda i: len(rest[i]))
+            batches += [(idx, lambda idx=idx: with_prefix(idx))
+                        for idx in (order[s:s + batch_size] for s in range(0, len(order), batch_size))]
     order = sorted(whole, key=lambda i: len(encoded[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        ids, mask = _pad([encoded[i] for i in idx], pad_id, "left", device)
-        stop = StoppingCriteriaList([_StopOnStrings(tokenizer, ids.shape[1])])
-        generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                   stopping_criteria=stop)[:, ids.shape[1]:].tolist()
-        for i, tokens in zip(idx, generated):
-            outputs[i] = _decode(tokenizer, tokens, eos)
-    return outputs
+    batches += [(idx, lambda idx=idx: (*_pad([encoded[i] for i in idx], pad_id, "left", device), None))
+                for idx in (order[s:s + batch_size] for s in range(0, len(order), batch_size))]
+    return batches
 
 
 @torch.no_grad()
 def gsm8k_accuracy(model: torch.nn.Module, tokenizer, rows: Sequence[dict], train_rows: Sequence[dict], k: int = 4,
                    max_new_tokens: int = 256, batch_size: int = 4, max_examples: int | None = None,
-                   seed: int = 0, prefix_cache: bool = True) -> dict:
+                   seed: int = 0, prefix_cache: bool = True, journal: str | Path | None = None,
+                   progress: Callable[[int, int, int], None] | None = None) -> dict:
     """k-shot greedy GSM8K accuracy: the same k training solutions (chosen by `seed`) prefix every question;
     a solution is correct when its extracted final number equals the reference "#### N" numerically.
 
     prefix_cache True: the k-shot prefix without its trailing blank line (tokenized alone, "\\n\\n" becomes one
     token, but two before the question's "Below") is prefilled once and its KV cache shared by every batch of
     questions; False: every prompt is prefilled whole (`batch_size` 1: the naive one-question-at-a-time loop).
-    Returns {"accuracy", "n", "outputs" (generated texts, row order), "correct" [n] bool}.
+    `journal`: a file that keeps every finished batch (`Journal`), so a killed evaluation resumes where it stopped;
+    `progress` as in `_generate`.
+    Returns {"accuracy", "n", "outputs" (generated texts, row order), "correct" [n] bool, "resumed" (questions
+    taken from the journal)}.
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
     rows = _first(rows, max_examples)
     prefix = gsm8k_kshot_prefix(list(train_rows), k, seed)
     prompts = [prefix + prompt_and_answer("gsm8k", r)[0] for r in rows]
+    shared = prefix.rstrip() if prefix_cache else ""
     with models.mode(model):
-        outputs = _generate(model, tokenizer, prompts, max_new_tokens, batch_size,
-                            shared_prefix=prefix.rstrip() if prefix_cache else "")
+        book = None if journal is None else Journal(journal, fingerprint(
+            model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, shared_prefix=shared))
+        outputs = _generate(model, tokenizer, prompts, max_new_tokens, batch_size, shared_prefix=shared,
+                            journal=book, progress=progress)
     correct = np.array([_same_number(extract_number(o), gsm8k_final_number(r["answer"]))
                         for o, r in zip(outputs, rows)])
-    return {"accuracy": float(correct.mean()), "n": len(rows), "outputs": outputs, "correct": correct}
+    return {"accuracy": float(correct.mean()), "n": len(rows), "outputs": outputs, "correct": correct,
+            "resumed": book.resumed if book else 0}
 
 
 def evaluate(model: torch.nn.Module, tokenizer, task: str, max_examples: int | None = None, batch_size: int = 8,
              k_shot: int = 4, max_new_tokens: int = 256, seed: int = 0, rows: Sequence[dict] | None = None,
-             shot_rows: Sequence[dict] | None = None) -> dict:
+             shot_rows: Sequence[dict] | None = None, journal: str | Path | None = None,
+             progress: Callable[[int, int, int], None] | None = None) -> dict:
     """Accuracy of `model` on `task` (sst2 | boolq: label likelihood; gsm8k: k-shot generation) over `rows`
-    (default: the test split); GSM8K's k shots are drawn from `shot_rows` (default: the train split)."""
+    (default: the test split); GSM8K's k shots are drawn from `shot_rows` (default: the train split).
+    `journal` and `progress` serve GSM8K's generation, which takes hours (`gsm8k_accuracy`); a label task,
+    minutes, ignores them."""
     rows = load_rows(task, "test") if rows is None else rows
     if task == "gsm8k":
         shots = load_rows("gsm8k", "train") if shot_rows is None else shot_rows
         return gsm8k_accuracy(model, tokenizer, rows, shots, k=k_shot, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, max_examples=max_examples, seed=seed)
+                              batch_size=batch_size, max_examples=max_examples, seed=seed, journal=journal,
+                              progress=progress)
     if task in LABEL_WORDS:
         return label_accuracy(model, tokenizer, task, rows, batch_size=batch_size, max_examples=max_examples)
     raise ValueError(f"unknown task {task!r}; expected gsm8k or one of {sorted(LABEL_WORDS)}")

@@ -28,7 +28,7 @@ from .comm import Schema, install_abort_hook
 from .config import Config
 from .methods import Plan
 from .runlog import RunFolderBusy, RunLog, archive_failed_attempt, run_dir_of, take_lock
-from .signals import PROGRESS, STOP_REQUESTED
+from .signals import PROGRESS, STOP_REQUESTED, StopRequested
 from .timing import EXTRA, PHASES, PhaseClock, split
 
 
@@ -101,7 +101,12 @@ def set_up_server(cfg: Config, comm, log: RunLog, rows: list, hist) -> tuple:
     server = Server.load(cfg, log, comm.device())
     if ck is None:
         server.record_data([len(r) for r in rows], hist)
-        base, start = fresh_start(cfg, server, log), 0
+        try:
+            base, start = fresh_start(cfg, server, log), 0
+        except StopRequested as e:  # the journal keeps the base evaluation's finished batches
+            log.log(f"stopping on {STOP_REQUESTED[0]} before round 1: {e}; run the same command with resume=auto "
+                    "to continue")
+            return None, None, {"stopped": b""}
     else:
         base, start = log.attrs("base"), ck.round
         server.build(Plan.from_dict(ck.state["plan"]))
@@ -119,7 +124,7 @@ def fresh_start(cfg: Config, server, log: RunLog) -> dict:
     setup, base = {}, {"accuracy": float("nan"), "n": 0}  # eval.base=false: a study evaluates it once per task
     if cfg.eval.base:
         with _stopwatch(setup, "base_eval_s"):
-            base = server.evaluate("full")  # the LoRA is not attached yet
+            base = server.evaluate("full", journal="base")  # the LoRA is not attached yet
         log.log(f"base model accuracy ({cfg.data.task}, n={base['n']}): {base['accuracy']:.4f}")
     log.set_attrs("base", accuracy=base["accuracy"], n=base["n"])
     with _stopwatch(setup, "sgp_s"):
@@ -159,6 +164,9 @@ def run(cfg: Config, comm, inputs: tuple) -> dict | None:
     comm.idle_wait()  # line 6: send M* ONCE (quantized weights + config + tokenizer); never the full LLM
     t0 = time.time()
     files = comm.broadcast_bytes(files, category="model")
+    if "stopped" in files:  # SIGUSR1 during the base model's evaluation (set_up_server)
+        log.close()
+        return {"stopped": 0}
     plan, start = Plan.from_dict(json.loads(files.pop("plan.json"))), json.loads(files.pop("start.json"))
     if comm.is_server:
         model_bytes = sum(len(v) for v in files.values())
@@ -221,9 +229,16 @@ class Federation:
             self.log.log(f"end of the run: {self.client.cache.describe()}")
             self.log.close()
             self.comm.idle_wait()
-            return None
-        result = self.finish(base)
+            return {"stopped": self.cfg.fed.rounds} if self.comm.broadcast_flag(None) else None
+        try:
+            result = self.finish(base)
+        except StopRequested as e:  # the journals keep the final evaluation's finished batches
+            self.log.log(f"stopping on {STOP_REQUESTED[0]} in the final evaluation: {e}; run the same command "
+                         "with resume=auto to continue")
+            self.log.close()
+            result = {"stopped": self.cfg.fed.rounds}
         self.comm.idle_wait()
+        self.comm.broadcast_flag("stopped" in result)  # every rank then exits with the same code
         return result
 
     def round(self, rnd: int) -> bool:
@@ -413,8 +428,8 @@ class Federation:
     def finish(self, base: dict) -> dict:
         """Line 22 + evaluation: the full LLM with the plugged adapter (test and validation), the sub-LLM; /final."""
         cfg, server, em = self.cfg, self.server, self.em_schema
-        full = server.evaluate("full")
-        sub = full if server.sub_is_full else server.evaluate("sub")  # FedPETuning: the same weights and answers
+        full = server.evaluate("full", journal="full")
+        sub = full if server.sub_is_full else server.evaluate("sub", journal="sub")  # FedPETuning: same answers
         val = self.final_val_accuracy()
         values, nbytes = self.strategy.traffic()  # upload + download of the adapter LoRA
         sent, per, realignments = self.emulator_share()

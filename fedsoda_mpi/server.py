@@ -18,6 +18,7 @@ from .evaluate import evaluate
 from .methods import Plan
 from .paths import model_path, sha256_of
 from .runlog import RunLog
+from .signals import STOP_REQUESTED, StopRequested
 
 
 HELDOUT_TEXTS = 16  # held-out public texts of KL(M || M*) and of the drift probe (its first batch)
@@ -356,20 +357,43 @@ class Server:
             self._drift = (inputs, value)
         return self._drift[1].copy()
 
-    def evaluate(self, which: str = "full", split: str = "test") -> dict:
+    def evaluate(self, which: str = "full", split: str = "test", journal: str = "") -> dict:
         """Accuracy of the full LLM (with the plugged adapter) or the sub-LLM on the test split (its first
         eval.max_examples rows, 0 = all) or on the held-out validation rows (all of them; the test split
-        when data.val_size = 0)."""
+        when data.val_size = 0). `journal` names a GSM8K evaluation kept batch by batch in run_dir/eval/<name>.jsonl
+        (resumable after a kill; progress in the log; SIGUSR1 stops it between batches: `StopRequested`)."""
         c = self.cfg.eval
         model = self.full if which == "full" else self.sub
         if split == "val" and self.val_rows:
             rows, limit = self.val_rows, None
         else:
             rows, limit = None, c.max_examples or None
+        kept = {"journal": self.log.run_dir / "eval" / f"{journal}.jsonl", "progress": self.eval_progress(journal)} \
+            if journal else {}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.dtype == "bfloat16"):
             return evaluate(model, self.tok, self.cfg.data.task, max_examples=limit, batch_size=c.batch_size,
                             k_shot=c.k_shot, max_new_tokens=c.max_new_tokens, seed=self.cfg.seed, rows=rows,
-                            shot_rows=self.shot_rows)
+                            shot_rows=self.shot_rows, **kept)
+
+    def eval_progress(self, name: str, every_s: float = 60.0):
+        """The progress callback of a journaled evaluation: a log line at most every `every_s` seconds (and at the
+        end) with the questions done, the rate and the time left; raises StopRequested once SIGUSR1 has come."""
+        t0, last = time.time(), [0.0]
+
+        def progress(done: int, total: int, generated: int) -> None:
+            now = time.time()
+            if last[0] == 0.0 and done > generated:
+                self.log.log(f"eval {name}: {done - generated} of {total} questions taken from its journal "
+                             f"{self.log.run_dir / 'eval' / (name + '.jsonl')}")
+            if done == total or now - last[0] >= every_s:
+                rate = (now - t0) / max(generated, 1)
+                self.log.log(f"eval {name}: {done}/{total} questions, {rate:.1f} s/question, "
+                             f"about {rate * (total - done) / 60:.0f} min left")
+                last[0] = now
+            if STOP_REQUESTED[0] and done < total:
+                raise StopRequested(f"eval {name} stopped at {done}/{total} questions (kept in its journal)")
+
+        return progress
 
     @property
     def sub_is_full(self) -> bool:

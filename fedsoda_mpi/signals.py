@@ -1,7 +1,8 @@
 """Stop requests: SIGUSR1 ends the run cleanly after the current round; SIGTERM abandons the round at once.
 
     SIGUSR1  Slurm's `--signal=B:USR1@300` (forwarded by slurm/common.sh): the round finishes, rank 0 writes a
-             checkpoint, every rank exits with STOPPED_EXIT (75); `resume=auto` continues.
+             checkpoint, every rank exits with STOPPED_EXIT (75); `resume=auto` continues. In a GSM8K
+             evaluation (hours) rank 0 stops between two batches instead (StopRequested): its journal keeps them.
     SIGTERM  `scancel`, Slurm's time limit, `kill <mpirun>` (a SIGKILL follows after Slurm's KillWait, 30 s by
              default, or mpirun's own short grace period): every rank logs one line, abandons the round (the
              checkpoint of the last finished round stays the newest), removes its temporary files and exits
@@ -15,6 +16,11 @@ STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped early on SIGUSR1 after a checkpoint; c
 TERMINATED_EXIT = 128 + signal.SIGTERM  # stopped on SIGTERM: the round in progress is abandoned
 STOP_REQUESTED: list[str | None] = [None]  # the name of the signal that asked for a stop (read by rank 0 per round)
 PROGRESS = {"round": 0, "log": None}  # what a SIGTERM reports: the round in progress, this rank's RunLog
+
+
+class StopRequested(Exception):
+    """Raised on rank 0 between two batches of a long evaluation (GSM8K generation) once SIGUSR1 has asked for a
+    stop: the batches done so far are in the evaluation's journal, and resume=auto continues from them."""
 
 
 class Terminated(BaseException):

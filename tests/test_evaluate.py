@@ -369,3 +369,72 @@ def test_real_smollm2_gsm8k_and_perplexity(smollm2):
     ppl = ev.perplexity(model, tok, load_public("wikitext2", holdout=True)[:4], max_len=128)
     print(f"SmolLM2-135M perplexity on 4 held-out WikiText-2 paragraphs: {ppl:.1f}")
     assert 5 < ppl < 200
+
+
+# ---------------------------------------------------------------- resumable GSM8K evaluation (Journal)
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(n_batches: int):
+    """A progress callback that stops the evaluation after `n_batches` batches (what SIGUSR1 does on rank 0)."""
+    seen = []
+
+    def progress(done, total, generated):
+        seen.append((done, total, generated))
+        if len(seen) == n_batches:
+            raise _Stop()
+
+    return progress, seen
+
+
+def test_gsm8k_journal_resumes_a_stopped_evaluation_exactly(tiny_lm, tiny_tokenizer, tmp_path):
+    _sensitive_tiny_lm(tiny_lm)
+    rows, train = load_rows("gsm8k", "test")[:7], load_rows("gsm8k", "train")
+    kw = dict(batch_size=2, **GSM8K_KW)
+    whole = ev.gsm8k_accuracy(tiny_lm, tiny_tokenizer, rows, train, **kw)
+    path = tmp_path / "eval" / "full.jsonl"
+    progress, seen = _stop_after(2)
+    with pytest.raises(_Stop):
+        ev.gsm8k_accuracy(tiny_lm, tiny_tokenizer, rows, train, journal=path, progress=progress, **kw)
+    assert seen == [(2, 7, 2), (4, 7, 4)]
+    assert len(path.read_text().splitlines()) == 3  # the fingerprint, then one line per finished batch
+    spy = _GenerateSpy(tiny_lm)
+    progress, seen = _stop_after(-1)
+    again = ev.gsm8k_accuracy(tiny_lm, tiny_tokenizer, rows, train, journal=path, progress=progress, **kw)
+    assert len(spy.calls) == 2  # only the two batches (2 + 1 questions) not kept
+    assert seen == [(2, 7, 0), (4, 7, 0), (6, 7, 2), (7, 7, 3)] and again["resumed"] == 4
+    assert again["outputs"] == whole["outputs"] and again["accuracy"] == whole["accuracy"]
+    assert len(set(whole["outputs"])) > 1
+    spy.calls.clear()  # a finished journal answers everything without the model
+    assert ev.gsm8k_accuracy(tiny_lm, tiny_tokenizer, rows, train, journal=path, **kw)["outputs"] == whole["outputs"]
+    assert spy.calls == []
+
+
+def test_gsm8k_journal_drops_a_cut_line_and_restarts_for_another_model(tiny_lm, tiny_tokenizer, tmp_path):
+    _sensitive_tiny_lm(tiny_lm)
+    rows, train = load_rows("gsm8k", "test")[:4], load_rows("gsm8k", "train")
+    kw = dict(batch_size=1, **GSM8K_KW)
+    path = tmp_path / "sub.jsonl"
+    whole = ev.gsm8k_accuracy(tiny_lm, tiny_tokenizer, rows, train, journal=path, **kw)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:3]) + "\n" + lines[3][:10])  # SIGKILL in the middle of the third batch's line
+    spy = _GenerateSpy(tiny_lm)
+    again = ev.gsm8k_accuracy(tiny_lm, tiny_tokenizer, rows, train, journal=path, **kw)
+    assert len(spy.calls) == 2 and again["resumed"] == 2 and again["outputs"] == whole["outputs"]
+    assert path.read_text().splitlines()[1:] == lines[1:]  # the cut line was replaced by the regenerated batch
+    # other decoding settings, or other adapter weights: the journal is not theirs, it starts over
+    spy.calls.clear()
+    ev.gsm8k_accuracy(tiny_lm, tiny_tokenizer, rows, train, journal=path, batch_size=1, k=2, max_new_tokens=7, seed=3)
+    assert len(spy.calls) == 4
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_lm, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    a = ev.fingerprint(model, ["x"], batch_size=1)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).add_(1e-3)
+    assert ev.fingerprint(model, ["x"], batch_size=1)["weights_sha256"] != a["weights_sha256"]
+    assert ev.fingerprint(model, ["y"], batch_size=1)["prompts_sha256"] != a["prompts_sha256"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ev.fingerprint(model, ["x"], batch_size=1)["autocast"] == "torch.bfloat16" != a["autocast"]

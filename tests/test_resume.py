@@ -190,3 +190,48 @@ def test_sigterm_stops_every_rank_with_a_line_and_leaves_no_temporary_files(requ
         p = mpirun(3, args + [f"output.dir={run_dir}", "resume=auto"], timeout=1200)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         _assert_same(request.getfixturevalue("reference"), _record(run_dir))
+
+
+# GSM8K: the final evaluation generates for hours on the real model; SIGUSR1 during it stops between two batches,
+# the batches done stay in run_dir/eval/<full|sub>.jsonl and resume=auto generates only the others
+GSM8K = ["data.task=gsm8k", "fed.rounds=2", "eval.every=0", "eval.base=false", "eval.k_shot=1", "eval.max_examples=12",
+         "eval.batch_size=1", "eval.max_new_tokens=12", "data.max_len=128"]
+
+
+def _outputs(run_dir: Path) -> dict:
+    """Every journaled batch's outputs by question, per evaluation (the fingerprint line left out)."""
+    import json
+
+    kept = {}
+    for path in sorted((run_dir / "eval").glob("*.jsonl")):
+        lines = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+        kept[path.stem] = {i: o for line in lines for i, o in zip(line["rows"], line["outputs"])}
+    return kept
+
+
+def test_sigusr1_in_the_gsm8k_evaluation_then_resume_generates_only_the_rest(args, tmp_path):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    p = mpirun(3, args + GSM8K + [f"output.dir={ref_dir}"], timeout=1200)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "eval full: 12/12 questions" in p.stdout and "eval sub: 12/12 questions" in p.stdout
+    reference = _outputs(ref_dir)
+    assert sorted(reference) == ["full", "sub"] and all(len(v) == 12 for v in reference.values())
+
+    proc = _start(args + GSM8K, run_dir)
+    _wait_for(run_dir / "eval" / "full.jsonl", proc)  # the final evaluation has begun
+    proc.send_signal(signal.SIGUSR1)
+    out = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 75, out[-3000:]  # every rank exits with STOPPED_EXIT, as after a round
+    assert "in the final evaluation: eval full stopped at" in out and "resume=auto" in out, out[-3000:]
+    kept = _outputs(run_dir)
+    assert 0 < len(kept["full"]) < 12 and "sub" not in kept and not (run_dir / "adapter").exists(), kept
+    assert all(reference["full"][i] == o for i, o in kept["full"].items())
+
+    p = mpirun(3, args + GSM8K + [f"output.dir={run_dir}", "resume=auto"], timeout=1200)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert f"eval full: {len(kept['full'])} of 12 questions taken from its journal" in p.stdout, p.stdout[-3000:]
+    assert _outputs(run_dir) == reference
+    with h5py.File(ref_dir / "run.h5", "r") as a, h5py.File(run_dir / "run.h5", "r") as b:
+        for k in ("accuracy", "sub_accuracy", "n_eval"):
+            assert a["final"].attrs[k] == b["final"].attrs[k], k
+        assert b.attrs["resumed_from"].tolist() == [2]
