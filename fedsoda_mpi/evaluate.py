@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicLayer
 
@@ -32,6 +33,7 @@ from . import models
 from .data import (LABEL_WORDS, ensure_pad_token, gsm8k_final_number, gsm8k_kshot_prefix, label_of, load_rows,
                    prompt_and_answer)
 
+JOURNAL_FORMAT = 1  # of `Journal` files and of the decoding they record: raise it when either changes
 # A generated solution ends where the model starts a new instruction block of the few-shot prompt.
 STOP_STRINGS = ("\n\n### Instruction", "Below is an instruction")
 _NUMBER = re.compile(r"(?<![\w.])([-\u2212]?)\$?(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)")
@@ -240,13 +242,17 @@ class Journal:
         for line in lines[1:] if same else []:
             try:
                 batch = json.loads(line)
-                self.done.update(zip(batch["rows"], batch["outputs"], strict=True))
+                pairs = list(zip(batch["rows"], batch["outputs"], strict=True))
             except (ValueError, KeyError, TypeError):
                 break  # the line a kill cut short, and nothing after it
+            self.done.update(pairs)
             kept.append(line)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_bytes(b"".join(line + b"\n" for line in kept))
+        with open(tmp, "wb") as f:
+            f.write(b"".join(line + b"\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path)
         self.resumed = len(self.done)
 
@@ -265,15 +271,18 @@ class Journal:
 
 def fingerprint(model: torch.nn.Module, prompts: Sequence[str], **settings) -> dict:
     """What a journaled evaluation's outputs depend on: the prompts (sha256), the decoding `settings`, the autocast
-    dtype, every parameter's name, shape and dtype, and the values of the LoRA tensors (sha256; the frozen weights
-    are fixed by the names, the model file and the run's seed, and hashing them all would cost seconds per GB)."""
+    dtype on the model's device, the journal format and the transformers version, every parameter's name, shape and
+    dtype, and the values of the LoRA tensors (sha256; the frozen weights are fixed by the names, the model file and
+    the run's seed, and hashing them all would cost seconds per GB)."""
     h = hashlib.sha256()
     for name, t in sorted(models.causal_lm(model).state_dict().items()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         if "lora_" in name:
             h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    cast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-    return {"prompts_sha256": hashlib.sha256("\0".join(prompts).encode()).hexdigest(), "n": len(prompts),
+    device = _device(model).type
+    cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return {"format": JOURNAL_FORMAT, "transformers": transformers.__version__,
+            "prompts_sha256": hashlib.sha256("\0".join(prompts).encode()).hexdigest(), "n": len(prompts),
             "weights_sha256": h.hexdigest(), "autocast": str(cast), **settings}
 
 

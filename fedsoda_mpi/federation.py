@@ -106,7 +106,7 @@ def set_up_server(cfg: Config, comm, log: RunLog, rows: list, hist) -> tuple:
         except StopRequested as e:  # the journal keeps the base evaluation's finished batches
             log.log(f"stopping on {STOP_REQUESTED[0]} before round 1: {e}; run the same command with resume=auto "
                     "to continue")
-            return None, None, {"stopped": b""}
+            return None, None, {"stopped": b"1"}  # (broadcast_bytes sends no empty value)
     else:
         base, start = log.attrs("base"), ck.round
         server.build(Plan.from_dict(ck.state["plan"]))
@@ -233,6 +233,9 @@ class Federation:
         try:
             result = self.finish(base)
         except StopRequested as e:  # the journals keep the final evaluation's finished batches
+            every, rounds = self.cfg.fed.checkpoint_every, self.cfg.fed.rounds
+            if not (every and rounds % every == 0):  # resume=auto must start at the last round, not retrain
+                self.server.checkpoint(rounds)
             self.log.log(f"stopping on {STOP_REQUESTED[0]} in the final evaluation: {e}; run the same command "
                          "with resume=auto to continue")
             self.log.close()

@@ -377,19 +377,21 @@ class Server:
 
     def eval_progress(self, name: str, every_s: float = 60.0):
         """The progress callback of a journaled evaluation: a log line at most every `every_s` seconds (and at the
-        end) with the questions done, the rate and the time left; raises StopRequested once SIGUSR1 has come."""
-        t0, last = time.time(), [0.0]
+        end) with the questions done, the rate and the time left, after one line on what its journal already held;
+        raises StopRequested once SIGUSR1 has come."""
+        t0, last = time.time(), [None]
 
         def progress(done: int, total: int, generated: int) -> None:
             now = time.time()
-            if last[0] == 0.0 and done > generated:
-                self.log.log(f"eval {name}: {done - generated} of {total} questions taken from its journal "
-                             f"{self.log.run_dir / 'eval' / (name + '.jsonl')}")
-            if done == total or now - last[0] >= every_s:
-                rate = (now - t0) / max(generated, 1)
-                self.log.log(f"eval {name}: {done}/{total} questions, {rate:.1f} s/question, "
-                             f"about {rate * (total - done) / 60:.0f} min left")
-                last[0] = now
+            if generated or done == total:  # the journal's batches come first: now all of them are counted
+                if last[0] is None and done > generated:
+                    self.log.log(f"eval {name}: {done - generated} of {total} questions taken from its journal "
+                                 f"{self.log.run_dir / 'eval' / (name + '.jsonl')}")
+                if last[0] is None or done == total or now - last[0] >= every_s:
+                    rate = (now - t0) / max(generated, 1)
+                    self.log.log(f"eval {name}: {done}/{total} questions, {rate:.1f} s per generated question, "
+                                 f"about {rate * (total - done) / 60:.0f} min left")
+                    last[0] = now
             if STOP_REQUESTED[0] and done < total:
                 raise StopRequested(f"eval {name} stopped at {done}/{total} questions (kept in its journal)")
 

@@ -192,9 +192,9 @@ def test_sigterm_stops_every_rank_with_a_line_and_leaves_no_temporary_files(requ
         _assert_same(request.getfixturevalue("reference"), _record(run_dir))
 
 
-# GSM8K: the final evaluation generates for hours on the real model; SIGUSR1 during it stops between two batches,
-# the batches done stay in run_dir/eval/<full|sub>.jsonl and resume=auto generates only the others
-GSM8K = ["data.task=gsm8k", "fed.rounds=2", "eval.every=0", "eval.base=false", "eval.k_shot=1", "eval.max_examples=12",
+# GSM8K: the base and final evaluations generate for hours on the real model; SIGUSR1 during one stops between two
+# batches, the batches done stay in run_dir/eval/<base|full|sub>.jsonl and resume=auto generates only the others
+GSM8K = ["data.task=gsm8k", "fed.rounds=2", "eval.every=0", "eval.k_shot=1", "eval.max_examples=12",
          "eval.batch_size=1", "eval.max_new_tokens=12", "data.max_len=128"]
 
 
@@ -209,29 +209,40 @@ def _outputs(run_dir: Path) -> dict:
     return kept
 
 
-def test_sigusr1_in_the_gsm8k_evaluation_then_resume_generates_only_the_rest(args, tmp_path):
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    p = mpirun(3, args + GSM8K + [f"output.dir={ref_dir}"], timeout=1200)
+def _stop_when(args: list[str], run_dir: Path, journal: str) -> tuple[str, dict]:
+    """Start (or resume) the run, send SIGUSR1 once eval/<journal>.jsonl exists; (rank 0's output, the journals)."""
+    proc = _start(args, run_dir, "resume=auto")
+    _wait_for(run_dir / "eval" / f"{journal}.jsonl", proc)
+    proc.send_signal(signal.SIGUSR1)
+    out = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 75, out[-3000:]  # every rank exits with STOPPED_EXIT, as after a round
+    return out, _outputs(run_dir)
+
+
+def test_sigusr1_in_the_gsm8k_evaluations_then_resume_generates_only_the_rest(args, tmp_path):
+    ref_dir, run_dir, run = tmp_path / "ref", tmp_path / "run", args + GSM8K
+    p = mpirun(3, run + ["eval.base=false", f"output.dir={ref_dir}"], timeout=1200)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "eval full: 12/12 questions" in p.stdout and "eval sub: 12/12 questions" in p.stdout
     reference = _outputs(ref_dir)
     assert sorted(reference) == ["full", "sub"] and all(len(v) == 12 for v in reference.values())
 
-    proc = _start(args + GSM8K, run_dir)
-    _wait_for(run_dir / "eval" / "full.jsonl", proc)  # the final evaluation has begun
-    proc.send_signal(signal.SIGUSR1)
-    out = proc.communicate(timeout=900)[0]
-    assert proc.returncode == 75, out[-3000:]  # every rank exits with STOPPED_EXIT, as after a round
-    assert "in the final evaluation: eval full stopped at" in out and "resume=auto" in out, out[-3000:]
-    kept = _outputs(run_dir)
-    assert 0 < len(kept["full"]) < 12 and "sub" not in kept and not (run_dir / "adapter").exists(), kept
-    assert all(reference["full"][i] == o for i, o in kept["full"].items())
+    out, kept = _stop_when(run, run_dir, "base")  # in the base model's evaluation, before round 1
+    assert "before round 1: eval base stopped at" in out and "resume=auto" in out, out[-3000:]
+    assert sorted(kept) == ["base"] and 0 < len(kept["base"]) < 12 and not (run_dir / "checkpoints").exists()
+    n_base = len(kept["base"])
+    out, kept = _stop_when(run, run_dir, "full")  # in the final evaluation
+    assert f"eval base: {n_base} of 12 questions taken from its journal" in out, out[-3000:]
+    assert "in the final evaluation: eval full stopped at" in out, out[-3000:]
+    assert len(kept["base"]) == 12 and 0 < len(kept["full"]) < 12 and "sub" not in kept, kept
+    assert not (run_dir / "adapter").exists()
 
-    p = mpirun(3, args + GSM8K + [f"output.dir={run_dir}", "resume=auto"], timeout=1200)
+    p = mpirun(3, run + [f"output.dir={run_dir}", "resume=auto"], timeout=1200)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert f"eval full: {len(kept['full'])} of 12 questions taken from its journal" in p.stdout, p.stdout[-3000:]
-    assert _outputs(run_dir) == reference
+    final = _outputs(run_dir)
+    assert final["base"] == kept["base"] and {k: final[k] for k in ("full", "sub")} == reference
     with h5py.File(ref_dir / "run.h5", "r") as a, h5py.File(run_dir / "run.h5", "r") as b:
         for k in ("accuracy", "sub_accuracy", "n_eval"):
             assert a["final"].attrs[k] == b["final"].attrs[k], k
-        assert b.attrs["resumed_from"].tolist() == [2]
+        assert b["base"].attrs["n"] == 12 and b.attrs["resumed_from"].tolist() == [2]
