@@ -1019,9 +1019,9 @@ def sec_variants(res: Results) -> str:
         "when the group runs several methods (they are the reference), else the FedSODA main runs of the setting.")
 
 
-def minutes_cells(runs: list[dict]) -> list[str]:
-    """[runs, hours summed, "median (min–max)" minutes per run] from the runs' recorded wall_s ("—" without)."""
-    mins = [float(s["wall_s"]) / 60 for s in runs if not missing(s.get("wall_s"))]
+def minutes_cells(runs: list[dict], key: str = "wall_s") -> list[str]:
+    """[runs, hours summed, "median (min–max)" minutes per run] from the runs' recorded `key` seconds ("—" without)."""
+    mins = [float(s[key]) / 60 for s in runs if not missing(s.get(key))]
     if not mins:
         return [count(len(runs)), DASH, DASH]
     return [count(len(runs)), num(sum(mins) / 60), f"{num(median(mins))} ({num(min(mins))}–{num(max(mins))})"]
@@ -1044,12 +1044,22 @@ def sec_cost(res: Results) -> str:
     if per:
         parts.append(table(["task", "method (grid and seeds runs)", "runs", "wall time, h (sum)",
                             "min per run: median (min–max)"], per, 2))
+    timed = [s for s in R if not missing(s.get("eval_s"))]
+    evals = [[t, NAMES.get(m, m), *minutes_cells(here, "eval_s")] for t in tasks
+             for m in sorted({s["method"] for s in timed}, key=method_order)
+             if (here := [s for s in timed if s["task"] == t and s["method"] == m])]
+    if evals:
+        parts.append(table(["task", "method (runs that record it)", "runs", "final test evaluation, h (sum)",
+                            "min per run: median (min–max)"], evals, 2))
     return "\n\n".join(parts) + (
         "\n\nWall time: the sum of each finished run's round times as its summary records it (`wall_s`: local "
         "training, aggregation, re-alignment, the validation evaluations and the drift probe), on the 2-core machine "
         "that ran it, including any contention (some runs shared the cores with a test suite), so the medians are "
         "the planning numbers. Not included: start-up (model load, SGP, pre-alignment, shipping the sub-LLM) and "
-        "the final test evaluation. Failed runs are not counted.")
+        "the final test evaluation, which the last table lists for the runs that record it (`eval_s`; earlier "
+        "summaries lack it): the full model and, for a pruned sub-LLM, the sub-LLM too, on the whole test set; a "
+        "GSM8K evaluation that was stopped and resumed counts the generation time of the batches its journal "
+        "kept. Failed runs are not counted.")
 
 
 NO_RUNS = "_No finished run of this study yet._"

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -232,7 +233,7 @@ class Journal:
     mid-write) is dropped; a file with another fingerprint is started over."""
 
     def __init__(self, path: str | Path, fingerprint: dict):
-        self.path, self.fingerprint, self.done = Path(path), fingerprint, {}
+        self.path, self.fingerprint, self.done, self.earlier_s = Path(path), fingerprint, {}, 0.0
         lines = self.path.read_bytes().split(b"\n") if self.path.is_file() else []
         try:
             same = bool(lines) and json.loads(lines[0]) == {"fingerprint": fingerprint}
@@ -246,6 +247,7 @@ class Journal:
             except (ValueError, KeyError, TypeError):
                 break  # the line a kill cut short, and nothing after it
             self.done.update(pairs)
+            self.earlier_s += float(batch.get("s", 0.0))  # generation seconds of the batches earlier attempts did
             kept.append(line)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -260,10 +262,12 @@ class Journal:
         """The recorded outputs of a batch of `rows`, or None when any of them is missing."""
         return [self.done[i] for i in rows] if all(i in self.done for i in rows) else None
 
-    def record(self, rows: Sequence[int], outputs: Sequence[str]) -> None:
-        """Append one finished batch (flushed and fsynced: a kill right after it loses nothing)."""
+    def record(self, rows: Sequence[int], outputs: Sequence[str], seconds: float) -> None:
+        """Append one finished batch and the seconds it took (flushed and fsynced: a kill right after it loses
+        nothing)."""
+        line = {"rows": [int(i) for i in rows], "outputs": list(outputs), "s": round(seconds, 3)}
         with open(self.path, "ab") as f:
-            f.write(json.dumps({"rows": [int(i) for i in rows], "outputs": list(outputs)}).encode() + b"\n")
+            f.write(json.dumps(line).encode() + b"\n")
             f.flush()
             os.fsync(f.fileno())
         self.done.update(zip(rows, outputs))
@@ -312,6 +316,7 @@ def _generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new
     for idx, make in _batches(model, tokenizer, encoded, prompts, batch_size, shared_prefix, config.pad_token_id):
         texts = journal.get(idx) if journal else None
         if texts is None:
+            t0 = time.perf_counter()
             ids, mask, past = make()
             stop = StoppingCriteriaList([_StopOnStrings(tokenizer, ids.shape[1])])
             tokens = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
@@ -319,7 +324,7 @@ def _generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new
             texts = [_decode(tokenizer, t, eos) for t in tokens[:, ids.shape[1]:].tolist()]
             generated += len(idx)
             if journal:
-                journal.record(idx, texts)
+                journal.record(idx, texts, time.perf_counter() - t0)
         for i, text in zip(idx, texts):
             outputs[i] = text
         done += len(idx)
@@ -372,8 +377,9 @@ def gsm8k_accuracy(model: torch.nn.Module, tokenizer, rows: Sequence[dict], trai
     `journal`: a file that keeps every finished batch (`Journal`), so a killed evaluation resumes where it stopped;
     `progress` as in `_generate`.
     Returns {"accuracy", "n", "outputs" (generated texts, row order), "correct" [n] bool, "resumed" (questions
-    taken from the journal)}.
+    taken from the journal), "seconds" (this call's, plus the generation time of the journal's batches)}.
     """
+    t0 = time.perf_counter()
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
     rows = _first(rows, max_examples)
@@ -388,7 +394,8 @@ def gsm8k_accuracy(model: torch.nn.Module, tokenizer, rows: Sequence[dict], trai
     correct = np.array([_same_number(extract_number(o), gsm8k_final_number(r["answer"]))
                         for o, r in zip(outputs, rows)])
     return {"accuracy": float(correct.mean()), "n": len(rows), "outputs": outputs, "correct": correct,
-            "resumed": book.resumed if book else 0}
+            "resumed": book.resumed if book else 0,
+            "seconds": time.perf_counter() - t0 + (book.earlier_s if book else 0.0)}
 
 
 def evaluate(model: torch.nn.Module, tokenizer, task: str, max_examples: int | None = None, batch_size: int = 8,

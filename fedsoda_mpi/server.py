@@ -360,7 +360,7 @@ class Server:
     def evaluate(self, which: str = "full", split: str = "test", journal: str = "") -> dict:
         """Accuracy of the full LLM (with the plugged adapter) or the sub-LLM on the test split (its first
         eval.max_examples rows, 0 = all) or on the held-out validation rows (all of them; the test split
-        when data.val_size = 0). `journal` names a GSM8K evaluation kept batch by batch in run_dir/eval/<name>.jsonl
+        when data.val_size = 0); "seconds" it took. `journal` names a GSM8K evaluation kept batch by batch in run_dir/eval/<name>.jsonl
         (resumable after a kill; progress in the log; SIGUSR1 stops it between batches: `StopRequested`)."""
         c = self.cfg.eval
         model = self.full if which == "full" else self.sub
@@ -370,10 +370,12 @@ class Server:
             rows, limit = None, c.max_examples or None
         kept = {"journal": self.log.run_dir / "eval" / f"{journal}.jsonl", "progress": self.eval_progress(journal)} \
             if journal else {}
+        t0 = time.perf_counter()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.dtype == "bfloat16"):
-            return evaluate(model, self.tok, self.cfg.data.task, max_examples=limit, batch_size=c.batch_size,
-                            k_shot=c.k_shot, max_new_tokens=c.max_new_tokens, seed=self.cfg.seed, rows=rows,
-                            shot_rows=self.shot_rows, **kept)
+            res = evaluate(model, self.tok, self.cfg.data.task, max_examples=limit, batch_size=c.batch_size,
+                           k_shot=c.k_shot, max_new_tokens=c.max_new_tokens, seed=self.cfg.seed, rows=rows,
+                           shot_rows=self.shot_rows, **kept)
+        return {"seconds": time.perf_counter() - t0, **res}  # GSM8K's own counts its journal's earlier attempts
 
     def eval_progress(self, name: str, every_s: float = 60.0):
         """The progress callback of a journaled evaluation: a log line at most every `every_s` seconds (and at the

@@ -408,6 +408,7 @@ def summarize(run: Run, run_dir: Path, lr: float, study: str) -> dict:
         base = dict(f["base"].attrs) if "base" in f else {}
         sgp = dict(f["sgp"].attrs) if "sgp" in f else {}
         public = dict(f["public"].attrs) if "public" in f else {}
+        timing = dict(f["timing"].attrs) if "timing" in f else {}
         out = {"study": study, "run": run.id, "status": "ok", "stage": run.stage, "variant": run.variant,
                "method": run.method,
                "task": run.task, "model": run.model, "model_name": cfg["model"]["name"], "split": run.split,
@@ -439,6 +440,8 @@ def summarize(run: Run, run_dir: Path, lr: float, study: str) -> dict:
                "sgp_candidates": candidates(f["sgp/candidates"][:]) if "sgp/candidates" in f else [],
                "public_self": self_public(public),
                "wall_s": _r(float(np.sum(rounds["wall_s"][:])), 1), "world_size": int(f.attrs["world_size"]),
+               "eval_s": _r(fin["eval_s"], 1) if "eval_s" in fin else None,
+               "base_eval_s": _r(timing["base_eval_s"], 1) if "base_eval_s" in timing else None,
                "commit": str(f.attrs["git_commit"]),
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((Path(run_dir) / "run.h5").stat().st_mtime))}
     return out

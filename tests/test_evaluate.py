@@ -1,6 +1,7 @@
 """Tests of fedsoda_mpi.evaluate: final-number extraction, label-word likelihood (fast path == naive full
 forward, for plain / LoRA / NF4 models), batched == unbatched greedy GSM8K generation, perplexity, and the
 real SmolLM2-135M base accuracy (marked `real`)."""
+import json
 import time
 
 import numpy as np
@@ -405,6 +406,9 @@ def test_gsm8k_journal_resumes_a_stopped_evaluation_exactly(tiny_lm, tiny_tokeni
     again = ev.gsm8k_accuracy(tiny_lm, tiny_tokenizer, rows, train, journal=path, progress=progress, **kw)
     assert len(spy.calls) == 2  # only the two batches (2 + 1 questions) not kept
     assert seen == [(2, 7, 0), (4, 7, 0), (6, 7, 2), (7, 7, 3)] and again["resumed"] == 4
+    kept_s = [json.loads(line)["s"] for line in path.read_text().splitlines()[1:]]
+    assert len(kept_s) == 4 and min(kept_s) > 0  # every batch's generation seconds, whichever attempt ran it
+    assert again["seconds"] >= sum(kept_s[:2])  # the earlier attempt's batches count in the evaluation's time
     assert again["outputs"] == whole["outputs"] and again["accuracy"] == whole["accuracy"]
     assert len(set(whole["outputs"])) > 1
     spy.calls.clear()  # a finished journal answers everything without the model
@@ -423,7 +427,9 @@ def test_gsm8k_journal_drops_a_cut_line_and_restarts_for_another_model(tiny_lm, 
     spy = _GenerateSpy(tiny_lm)
     again = ev.gsm8k_accuracy(tiny_lm, tiny_tokenizer, rows, train, journal=path, **kw)
     assert len(spy.calls) == 2 and again["resumed"] == 2 and again["outputs"] == whole["outputs"]
-    assert path.read_text().splitlines()[1:] == lines[1:]  # the cut line was replaced by the regenerated batch
+    batches = lambda text: [{k: v for k, v in json.loads(line).items() if k != "s"}  # noqa: E731
+                            for line in text.splitlines()[1:]]
+    assert batches(path.read_text()) == batches("\n".join(lines))  # the cut line was replaced by the regenerated batch
     # other decoding settings, or other adapter weights: the journal is not theirs, it starts over
     spy.calls.clear()
     ev.gsm8k_accuracy(tiny_lm, tiny_tokenizer, rows, train, journal=path, batch_size=1, k=2, max_new_tokens=7, seed=3)

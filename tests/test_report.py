@@ -391,6 +391,22 @@ def test_cost_section_sums_and_medians_of_recorded_wall_time(tmp_path):
     assert "| sst2 | FedSODA | 3 | 0.1 | 2.0 (1.0–3.0) |" in c and "| sst2 | FedPETuning | 1 | — | — |" in c
     assert "| boolq | FedSODA | 1 |" in c and "fp32" not in c  # variants are not in the per-method table
     assert report.median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    assert "final test evaluation, h" not in c  # no summary records eval_s
+
+
+def test_cost_section_times_the_final_evaluation_of_runs_that_record_it(tmp_path):
+    runs = [summary("fedsoda", task="gsm8k", seed=0, wall_s=600.0, eval_s=4 * 3600.0),
+            summary("fedpetuning", task="gsm8k", seed=0, wall_s=900.0, eval_s=3600.0),
+            summary("fedsoda", task="boolq", seed=0, eval_s=300.0), summary("fedsoda", task="boolq", seed=1, eval_s=None),
+            summary("fedot", task="boolq", seed=0, eval_s=180.0)]
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", runs, SELECTION), out) == 0
+    c = section(out.read_text(), "cost")
+    evals = c[c.index("final test evaluation, h (sum)"):]
+    assert "| boolq | FedSODA | 1 | 0.1 | 5.0 (5.0–5.0) |" in evals  # the seed without eval_s is not a row's run
+    assert "| boolq | FedOT | 1 | 0.1 | 3.0 (3.0–3.0) |" in evals
+    assert "| gsm8k | FedSODA | 1 | 4.0 | 240.0 (240.0–240.0) |" in evals and "| gsm8k | FedPETuning | 1 | 1.0 |" in evals
+    assert evals.index("| boolq |") < evals.index("| gsm8k |")
 
 
 def test_bridge_section_steps_from_fedsoda_to_fedbiot_at_one_lr(tmp_path):

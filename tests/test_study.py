@@ -165,6 +165,12 @@ def test_summary_of_a_run_file(tmp_path):
         f["final"].attrs.update({"pred_counts": [872, 0], "sub_pred_counts": [400, 472], "label_counts": [428, 444]})
     out = S.summarize(run, tmp_path, 1e-3, "toy")
     assert out["pred_counts"] == [872, 0] and out["sub_pred_counts"] == [400, 472] and out["label_counts"] == [428, 444]
+    assert out["eval_s"] is None  # a run file from before the final evaluation was timed
+    with h5py.File(tmp_path / "run.h5", "a") as f:
+        f["final"].attrs["eval_s"] = 12.345
+        f.require_group("timing").attrs["base_eval_s"] = 6.78
+    out = S.summarize(run, tmp_path, 1e-3, "toy")
+    assert out["eval_s"] == 12.3 and out["base_eval_s"] == 6.8
     json.dumps(out)  # plain ints, not numpy
 
 
@@ -227,6 +233,8 @@ def test_local_route_runs_selects_and_summarizes(tiny_model_dir, tmp_path):
     grid = [s for s in done.values() if s["stage"] == "grid"]
     assert sorted(s["variant"] for s in grid) == sorted(["main", f"lr={[x for x in (1e-3, 3e-3) if x != sel['lr']][0]:g}"])
     assert sum(s["base_accuracy"] is not None for s in done.values()) == 1
+    assert sum(s["base_eval_s"] is not None for s in done.values()) == 1  # timed where the base was evaluated
+    assert all(s["eval_s"] > 0 for s in done.values())  # the final test evaluation, full model and sub-LLM
     assert sum(seed1["pred_counts"]) == sum(seed1["label_counts"]) == 8 and sum(seed1["sub_pred_counts"]) == 8
     with h5py.File(runs / seed1["run"] / "run.h5", "r") as f:
         cfg = json.loads(f.attrs["config_json"])
