@@ -360,8 +360,9 @@ class Server:
     def evaluate(self, which: str = "full", split: str = "test", journal: str = "") -> dict:
         """Accuracy of the full LLM (with the plugged adapter) or the sub-LLM on the test split (its first
         eval.max_examples rows, 0 = all) or on the held-out validation rows (all of them; the test split
-        when data.val_size = 0); "seconds" it took. `journal` names a GSM8K evaluation kept batch by batch in run_dir/eval/<name>.jsonl
-        (resumable after a kill; progress in the log; SIGUSR1 stops it between batches: `StopRequested`)."""
+        when data.val_size = 0), with the "seconds" it took. `journal` names a GSM8K evaluation kept batch by batch
+        in run_dir/eval/<name>.jsonl (resumable after a kill; progress in the log; SIGUSR1 stops it between two
+        batches: `StopRequested`)."""
         c = self.cfg.eval
         model = self.full if which == "full" else self.sub
         if split == "val" and self.val_rows:
