@@ -784,18 +784,36 @@ def sec_transfer(res: Results) -> str:
         "that record their predictions per class are listed.")
 
 
+def wilson(p, n, z: float = 1.96) -> tuple[float, float] | None:
+    """95% Wilson score interval (in %) of an accuracy `p` measured on `n` test questions; None without both."""
+    if missing(p) or missing(n) or int(n) < 1:
+        return None
+    p, n = float(p), int(n)
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return 100 * (centre - half) / (1 + z * z / n), 100 * (centre + half) / (1 + z * z / n)
+
+
 def sec_gsm8k(res: Results) -> str:
-    """The gsm8k stage: one row per run."""
+    """The gsm8k stage: one row per run, with the Wilson interval over the test questions, the sub-LLM, the time of
+    the final evaluation; then the base model (from the run that evaluated it)."""
     runs = sorted((s for s in res.runs if s["stage"] == GSM8K),
                   key=lambda s: (setting_order(setting_of(s)), method_order(s["method"]), int(s["seed"]), s["run"]))
     if not runs:
         return "_No gsm8k runs yet._"
+    hours = lambda s: DASH if missing(s.get("eval_s")) else num(float(s["eval_s"]) / 3600)  # noqa: E731
     rows = [[NAMES.get(s["method"], s["method"]), str(s["seed"]),
-             DASH if missing(s.get("lr")) else f"{float(s['lr']):g}",
-             pct(s.get("accuracy")), count(s.get("n_eval")), pct(s.get("sub_accuracy"))] for s in runs]
-    return table(["method", "seed", "lr", "test acc. %", "n_eval", "sub-LLM acc. %"], rows, 2) + (
+             DASH if missing(s.get("lr")) else f"{float(s['lr']):g}", pct(s.get("accuracy")),
+             ci_text(wilson(s.get("accuracy"), s.get("n_eval"))), count(s.get("n_eval")), pct(s.get("sub_accuracy")),
+             hours(s)] for s in runs]
+    based = [s for s in runs if not missing(s.get("base_accuracy"))][:1]  # the run that evaluated the base model
+    rows += [["base model", DASH, DASH, pct(s["base_accuracy"]), ci_text(wilson(s["base_accuracy"], s.get("n_eval"))),
+              count(s.get("n_eval")), DASH, DASH] for s in based]
+    return table(["method", "seed", "lr", "test acc. %", "95% CI", "n_eval", "sub-LLM acc. %",
+                  "final evaluation, h"], rows, 2) + (
         "\n\nGSM8K test accuracy: a k-shot generated answer counts when its final number equals the reference's; "
-        "one run per row.")
+        "one run per row. 95% CI: the Wilson score interval over the test questions, so it holds the test set's "
+        "sampling error only (one seed: the spread between seeds is not in it). Final evaluation: the hours of "
+        "generation for the full model and, for a pruned sub-LLM, the sub-LLM too.")
 
 
 AUTO, SELF = "auto", "selfpublic"  # the stages (variant groups) of issue #16's runs

@@ -152,7 +152,7 @@ def test_full_report_tables(tmp_path):
     # FedSODA's mean curve 72, 77, 80, 81, 82 reaches 70 at round 2; FedOT's 50, 60, 65, 70, 70 at round 8
     assert "| FedSODA | 3 | 2 | 72.0 | 82.0 |" in t9 and "| FedOT | 3 | 8 | 70.0 | 70.0 |" in t9
     gsm = section(text, "gsm8k")
-    assert "| FedSODA | 0 | 0.001 | 3.0 | 1,319 |" in gsm and "| FedPETuning | 0 |" in gsm
+    assert "| FedSODA | 0 | 0.001 | 3.0 | [2.2, 4.1] | 1,319 |" in gsm and "| FedPETuning | 0 |" in gsm
     setup = section(text, "setup")
     assert "`abc123`" in setup and "sst2: 872" in setup and "gsm8k: 1319" in setup and "17 run summaries" in setup
 
@@ -392,6 +392,26 @@ def test_cost_section_sums_and_medians_of_recorded_wall_time(tmp_path):
     assert "| boolq | FedSODA | 1 |" in c and "fp32" not in c  # variants are not in the per-method table
     assert report.median([4.0, 1.0, 3.0, 2.0]) == 2.5
     assert "final test evaluation, h" not in c  # no summary records eval_s
+
+
+def test_wilson_interval_and_the_gsm8k_rows(tmp_path):
+    for k, n in ((40, 1319), (0, 32), (1319, 1319), (5, 10)):
+        p, bounds = k / n, [b / 100 for b in report.wilson(k / n, n)]
+        # the Wilson bounds are the two p' with |p - p'| = 1.96 * sqrt(p' (1 - p') / n) (the score test's limits)
+        assert all(abs((p - b) ** 2 - 1.96 ** 2 * b * (1 - b) / n) < 1e-12 for b in bounds), (k, n, bounds)
+        assert 0 <= bounds[0] <= p <= bounds[1] <= 1
+    assert report.wilson(0.0, 32)[0] == 0.0 and 10.0 < report.wilson(0.0, 32)[1] < 11.0  # 0 of 32: [0, 10.7]
+    assert report.wilson(None, 10) is None and report.wilson(0.5, 0) is None
+    runs = [summary("fedsoda", task="gsm8k", seed=0, acc=0.05, stage="gsm8k", variant="main", n_eval=1319,
+                    sub_accuracy=0.02, eval_s=7200.0),
+            summary("fedpetuning", task="gsm8k", seed=0, acc=0.06, stage="gsm8k", variant="main", n_eval=1319,
+                    base_accuracy=0.01, eval_s=3600.0)]
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", runs, SELECTION), out) == 0
+    gsm = section(out.read_text(), "gsm8k")
+    assert "| FedSODA | 0 | 0.001 | 5.0 | [3.9, 6.3] | 1,319 | 2.0 | 2.0 |" in gsm
+    assert "| FedPETuning | 0 | 0.001 | 6.0 | [4.8, 7.4] | 1,319 | 1.0 | 1.0 |" in gsm
+    assert "| base model | — | — | 1.0 | [0.6, 1.7] | 1,319 | — | — |" in gsm  # from the run that evaluated it
 
 
 def test_cost_section_times_the_final_evaluation_of_runs_that_record_it(tmp_path):
