@@ -87,6 +87,26 @@ def paired(a: dict, b: dict) -> dict:
             "excludes_zero": None if ci is None else (ci[0] > 0 or ci[1] < 0)}
 
 
+def unbits(text: str, n: int) -> list[bool]:
+    """The per-question 0/1 vector a summary stores as hex of its bits (study.bits: the first question in the
+    high bit of the first byte)."""
+    return [bool(byte >> (7 - j) & 1) for byte in bytes.fromhex(text) for j in range(8)][:n]
+
+
+def mcnemar(a: list[bool], b: list[bool]) -> dict:
+    """Two models on the same test questions (a, b: answered correctly): a − b in points with a 95% Wald interval of
+    the paired difference, the discordant counts (only a right; only b right) and the exact two-sided McNemar p
+    (the binomial test of the discordant questions against 1/2)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired questions: {len(a)} against {len(b)}")
+    n, only_a, only_b = len(a), sum(x and not y for x, y in zip(a, b)), sum(y and not x for x, y in zip(a, b))
+    d, m = (only_a - only_b) / n, only_a + only_b
+    half = 1.96 * math.sqrt(max(m - (only_a - only_b) ** 2 / n, 0.0)) / n
+    p = 1.0 if m == 0 else min(1.0, 2 * sum(math.comb(m, i) for i in range(min(only_a, only_b) + 1)) / 2 ** m)
+    return {"diff": 100 * d, "ci": (100 * (d - half), 100 * (d + half)), "only_a": only_a, "only_b": only_b,
+            "p": p, "n": n}
+
+
 def binomial_se(p: float, n: int) -> float:
     """The standard error sqrt(p (1 - p) / n) of one accuracy measured on n test examples."""
     return math.sqrt(p * (1 - p) / n) if n > 0 and 0 <= p <= 1 else math.nan
@@ -809,11 +829,35 @@ def sec_gsm8k(res: Results) -> str:
     rows += [["base model", DASH, DASH, pct(s["base_accuracy"]), ci_text(wilson(s["base_accuracy"], s.get("n_eval"))),
               count(s.get("n_eval")), DASH, DASH] for s in based]
     return table(["method", "seed", "lr", "test acc. %", "95% CI", "n_eval", "sub-LLM acc. %",
-                  "final evaluation, h"], rows, 2) + (
+                  "final evaluation, h"], rows, 2) + gsm8k_paired(runs) + (
         "\n\nGSM8K test accuracy: a k-shot generated answer counts when its final number equals the reference's; "
         "one run per row. 95% CI: the Wilson score interval over the test questions, so it holds the test set's "
         "sampling error only (one seed: the spread between seeds is not in it). Final evaluation: the hours of "
-        "generation for the full model and, for a pruned sub-LLM, the sub-LLM too.")
+        "generation for the full model and, for a pruned sub-LLM, the sub-LLM too. Paired rows: the same test "
+        "questions answered by both models; Δ with a 95% Wald interval of the paired difference, and the exact "
+        "McNemar test on the questions only one of them answered correctly.")
+
+
+def gsm8k_paired(runs: list[dict]) -> str:
+    """FedSODA against each other method of the same seed, and each FedSODA run's full model against its sub-LLM,
+    question by question (`mcnemar`), for the runs whose summaries record which questions they answered."""
+    rows = []
+    for s in runs:
+        if s["method"] != "fedsoda" or not s.get("correct"):
+            continue
+        mine = unbits(s["correct"], int(s["n_eval"]))
+        others = [(NAMES.get(o["method"], o["method"]), unbits(o["correct"], int(o["n_eval"]))) for o in runs
+                  if o["method"] != "fedsoda" and o.get("correct") and o["seed"] == s["seed"]]
+        if s.get("sub_correct"):
+            others.append(("its sub-LLM", unbits(s["sub_correct"], int(s["n_eval"]))))
+        for name, theirs in others:
+            t = mcnemar(mine, theirs)
+            rows.append([f"FedSODA − {name}", str(s["seed"]), num(t["diff"], sign=True), ci_text(t["ci"], sign=True),
+                         count(t["only_a"]), count(t["only_b"]), f"{t['p']:.3g}"])
+    if not rows:
+        return ""
+    return "\n\n" + table(["paired on the test questions", "seed", "Δ (pts)", "95% CI", "only FedSODA right",
+                            "only the other right", "McNemar p (exact)"], rows, 1)
 
 
 AUTO, SELF = "auto", "selfpublic"  # the stages (variant groups) of issue #16's runs

@@ -447,6 +447,8 @@ class Federation:
                "task": cfg.data.task, "n_eval": full["n"], "aggregator": cfg.fed.aggregator,
                "upload_density": cfg.fed.upload_density, "download_density": cfg.fed.download_density,
                "eval_s": full["seconds"] + (0.0 if sub is full else sub["seconds"])}  # the final test evaluations
+        if "correct" in full:  # GSM8K: which test questions each model answered correctly (paired comparisons)
+            res.update(correct=full["correct"].astype(np.int8), sub_correct=sub["correct"].astype(np.int8))
         if "pred_counts" in full:  # label tasks: test predictions per class, full model and sub-LLM, and the labels
             res.update(pred_counts=full["pred_counts"], sub_pred_counts=sub["pred_counts"],
                        label_counts=full["label_counts"])

@@ -421,6 +421,7 @@ def summarize(run: Run, run_dir: Path, lr: float, study: str) -> dict:
                "base_accuracy": _r(base.get("accuracy", float("nan"))), "val_accuracy": _r(fin["val_accuracy"]),
                "n_eval": int(fin["n_eval"]), "n_val": int(fin["n_val"]), "eval_dtype": cfg["eval"]["dtype"],
                **{k: counts(fin.get(k)) for k in ("pred_counts", "sub_pred_counts", "label_counts")},
+               **{k: bits(fin.get(k)) for k in ("correct", "sub_correct")},
                "eval_rounds": [int(x) for x in rounds["round"][:]],
                "eval_acc": [_r(x) for x in rounds["eval_acc"][:]],
                "train_loss": [_r(np.nanmean(x)) if np.isfinite(x).any() else None for x in rounds["train_loss"][:]],
@@ -460,6 +461,17 @@ def counts(x) -> list[int] | None:
     """A /final per-class count attribute (test predictions or labels) as a list; None where the run has none
     (GSM8K, or a run from before it was recorded)."""
     return None if x is None else [int(v) for v in np.atleast_1d(x)]
+
+
+def bits(x) -> str | None:
+    """A /final per-question 0/1 attribute (GSM8K: answered correctly) as hex of its bits, 8 questions per byte in
+    test order, the first in the high bit (`unbits` reverses it); None where the run has none."""
+    return None if x is None else np.packbits(np.asarray(x, dtype=bool)).tobytes().hex()
+
+
+def unbits(text: str, n: int) -> np.ndarray:
+    """The [n] bool vector `bits` wrote."""
+    return np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:n].astype(bool)
 
 
 def candidates(rows) -> list[list]:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedsoda_mpi.data import LABEL_WORDS
@@ -412,6 +413,42 @@ def test_wilson_interval_and_the_gsm8k_rows(tmp_path):
     assert "| FedSODA | 0 | 0.001 | 5.0 | [3.9, 6.3] | 1,319 | 2.0 | 2.0 |" in gsm
     assert "| FedPETuning | 0 | 0.001 | 6.0 | [4.8, 7.4] | 1,319 | 1.0 | 1.0 |" in gsm
     assert "| base model | — | — | 1.0 | [0.6, 1.7] | 1,319 | — | — |" in gsm  # from the run that evaluated it
+
+
+def test_mcnemar_exact_p_and_paired_interval():
+    a = [True] * 10 + [False] * 2 + [True] * 5 + [False] * 83  # 10 only a, 2 only b, 5 both, 83 neither
+    b = [False] * 10 + [True] * 2 + [True] * 5 + [False] * 83
+    t = report.mcnemar(a, b)
+    assert (t["only_a"], t["only_b"], t["n"]) == (10, 2, 100) and t["diff"] == pytest.approx(8.0)
+    assert t["p"] == pytest.approx(2 * (1 + 12 + 66) / 4096)  # 2 P(X <= 2), X ~ Bin(12, 1/2) = 0.0386
+    half = 1.96 * math.sqrt(12 - 8 ** 2 / 100) / 100 * 100
+    assert t["ci"] == pytest.approx((8.0 - half, 8.0 + half))
+    assert report.mcnemar([True, False], [True, False])["p"] == 1.0  # no discordant question
+    assert report.mcnemar([True] * 3, [False] * 3)["p"] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="paired questions"):
+        report.mcnemar([True], [True, False])
+
+
+def test_gsm8k_paired_rows_from_the_summaries_bits(tmp_path):
+    from fedsoda_mpi.study import bits, unbits
+
+    rng = np.random.default_rng(0)
+    soda, pet, sub = (rng.random(1319) < p for p in (0.05, 0.08, 0.02))
+    assert report.unbits(bits(soda), 1319) == soda.tolist() == unbits(bits(soda), 1319).tolist()
+    runs = [summary("fedsoda", task="gsm8k", seed=0, acc=soda.mean(), stage="gsm8k", variant="main", n_eval=1319,
+                    correct=bits(soda), sub_correct=bits(sub)),
+            summary("fedpetuning", task="gsm8k", seed=0, acc=pet.mean(), stage="gsm8k", variant="main", n_eval=1319,
+                    correct=bits(pet)),
+            summary("fedot", task="gsm8k", seed=1, acc=0.05, stage="gsm8k", variant="main", n_eval=1319,
+                    correct=bits(pet))]  # another seed: not paired with FedSODA's seed 0
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", runs, SELECTION), out) == 0
+    gsm = section(out.read_text(), "gsm8k")
+    t = report.mcnemar(soda.tolist(), pet.tolist())
+    row = (f"| FedSODA − FedPETuning | 0 | {report.num(t['diff'], sign=True)} | {report.ci_text(t['ci'], sign=True)} "
+           f"| {t['only_a']} | {t['only_b']} | {t['p']:.3g} |")
+    assert row in gsm and "| FedSODA − its sub-LLM | 0 |" in gsm and "FedOT" not in gsm.split("paired on")[1]
+    assert t["only_a"] == int((soda & ~pet).sum()) and t["only_b"] == int((pet & ~soda).sum())
 
 
 def test_cost_section_times_the_final_evaluation_of_runs_that_record_it(tmp_path):

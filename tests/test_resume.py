@@ -245,4 +245,8 @@ def test_sigusr1_in_the_gsm8k_evaluations_then_resume_generates_only_the_rest(ar
     with h5py.File(ref_dir / "run.h5", "r") as a, h5py.File(run_dir / "run.h5", "r") as b:
         for k in ("accuracy", "sub_accuracy", "n_eval"):
             assert a["final"].attrs[k] == b["final"].attrs[k], k
+        for k, acc in (("correct", "accuracy"), ("sub_correct", "sub_accuracy")):  # which questions, per model
+            assert a["final"].attrs[k].tolist() == b["final"].attrs[k].tolist() and len(b["final"].attrs[k]) == 12
+            assert b["final"].attrs[k].mean() == b["final"].attrs[acc]
+        assert b["final"].attrs["eval_s"] > 0
         assert b["base"].attrs["n"] == 12 and b.attrs["resumed_from"].tolist() == [2]

@@ -171,6 +171,13 @@ def test_summary_of_a_run_file(tmp_path):
         f.require_group("timing").attrs["base_eval_s"] = 6.78
     out = S.summarize(run, tmp_path, 1e-3, "toy")
     assert out["eval_s"] == 12.3 and out["base_eval_s"] == 6.8
+    assert out["correct"] is None and out["sub_correct"] is None  # a label task: no per-question record
+    answered = np.array([1, 0, 0, 1, 1, 0, 0, 0, 1, 1], np.int8)  # GSM8K: which test questions were answered right
+    with h5py.File(tmp_path / "run.h5", "a") as f:
+        f["final"].attrs.update({"correct": answered, "sub_correct": np.zeros(10, np.int8)})
+    out = S.summarize(run, tmp_path, 1e-3, "toy")
+    assert out["correct"] == "98c0" and out["sub_correct"] == "0000"  # 1001 1000 | 11(00 0000)
+    assert S.unbits(out["correct"], 10).tolist() == answered.astype(bool).tolist()
     json.dumps(out)  # plain ints, not numpy
 
 
