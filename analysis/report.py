@@ -794,6 +794,8 @@ def sec_transfer(res: Results) -> str:
         rows = [[NAMES.get(s["method"], s["method"]), s["stage"], f"{float(s['lr']):g}", str(s["seed"]),
                  pct(s["accuracy"]), share(s["pred_counts"]), pct(s.get("sub_accuracy")),
                  share(s.get("sub_pred_counts"))] for s in mine]
+        rows += [["base model", DASH, DASH, DASH, pct(s.get("base_accuracy")), share(s["base_pred_counts"]), DASH, DASH]
+                 for s in [s for s in res.runs if s["task"] == task and s.get("base_pred_counts")][:1]]
         parts.append(f"#### {task} (test rows whose answer is \"{word}\": {share(label_counts_of(mine))} %)\n\n" + table(
             ["method", "stage", "lr", "seed", "full model: acc. %", f"full model: % \"{word}\"",
              "sub-LLM: acc. %", f"sub-LLM: % \"{word}\""], rows, 2))
@@ -801,7 +803,8 @@ def sec_transfer(res: Results) -> str:
         "\n\nOne adapter, two hosts: the full model it is deployed on and the sub-LLM (emulator) it was trained "
         "against (FedPETuning trains on the full model, so both columns are the same run). % \"word\": the share of "
         "the test rows to which the model gives that label (0 or 100: one answer whatever the input). Only runs "
-        "that record their predictions per class are listed.")
+        "that record their predictions per class are listed (and the base model where a run that evaluated it "
+        "recorded them).")
 
 
 def wilson(p, n, z: float = 1.96) -> tuple[float, float] | None:

@@ -529,6 +529,10 @@ def test_transfer_section_lists_what_each_adapter_answers_on_both_hosts(tmp_path
     assert "| FedSODA | grid | 0.001 | 0 | 37.8 | 0.0 | 61.7 | 98.5 |" in t
     assert "| FedPETuning | grid | 0.001 | 0 | 62.2 | 100.0 | 62.2 | 100.0 |" in t
     assert t.index("| FedSODA |") < t.index("| FedPETuning |")
+    assert "| base model |" not in t  # no run recorded the base model's answers
+    runs.append(summary("fedbiot", task="boolq", seed=0, acc=0.4, base_accuracy=0.506, base_pred_counts=[1742, 1528]))
+    assert run(write(tmp_path / "res3", runs), out) == 0
+    assert "| base model | — | — | — | 50.6 | 46.7 | — | — |" in section(out.read_text(), "transfer")
     assert report.LABEL_NAMES == {k: tuple(v) for k, v in LABEL_WORDS.items()}
     empty = tmp_path / "e.md"
     assert run(write(tmp_path / "res2", runs[2:]), empty) == 0

@@ -172,6 +172,7 @@ def test_summary_of_a_run_file(tmp_path):
     out = S.summarize(run, tmp_path, 1e-3, "toy")
     assert out["eval_s"] == 12.3 and out["base_eval_s"] == 6.8
     assert out["correct"] is None and out["sub_correct"] is None  # a label task: no per-question record
+    assert out["base_pred_counts"] is None  # a run file from before the base model's answers were counted
     answered = np.array([1, 0, 0, 1, 1, 0, 0, 0, 1, 1], np.int8)  # GSM8K: which test questions were answered right
     with h5py.File(tmp_path / "run.h5", "a") as f:
         f["final"].attrs.update({"correct": answered, "sub_correct": np.zeros(10, np.int8)})
@@ -241,6 +242,8 @@ def test_local_route_runs_selects_and_summarizes(tiny_model_dir, tmp_path):
     assert sorted(s["variant"] for s in grid) == sorted(["main", f"lr={[x for x in (1e-3, 3e-3) if x != sel['lr']][0]:g}"])
     assert sum(s["base_accuracy"] is not None for s in done.values()) == 1
     assert sum(s["base_eval_s"] is not None for s in done.values()) == 1  # timed where the base was evaluated
+    based = [s for s in done.values() if s["base_pred_counts"]]  # and its answers per class recorded there
+    assert len(based) == 1 and sum(based[0]["base_pred_counts"]) == 8
     assert all(s["eval_s"] > 0 for s in done.values())  # the final test evaluation, full model and sub-LLM
     assert sum(seed1["pred_counts"]) == sum(seed1["label_counts"]) == 8 and sum(seed1["sub_pred_counts"]) == 8
     with h5py.File(runs / seed1["run"] / "run.h5", "r") as f:
