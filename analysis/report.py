@@ -794,8 +794,9 @@ def sec_transfer(res: Results) -> str:
         rows = [[NAMES.get(s["method"], s["method"]), s["stage"], f"{float(s['lr']):g}", str(s["seed"]),
                  pct(s["accuracy"]), share(s["pred_counts"]), pct(s.get("sub_accuracy")),
                  share(s.get("sub_pred_counts"))] for s in mine]
-        rows += [["base model", DASH, DASH, DASH, pct(s.get("base_accuracy")), share(s["base_pred_counts"]), DASH, DASH]
-                 for s in [s for s in res.runs if s["task"] == task and s.get("base_pred_counts")][:1]]
+        if based := base_run([s for s in res.runs if s["task"] == task], "base_pred_counts"):
+            rows.append(["base model", DASH, DASH, DASH, pct(based.get("base_accuracy")),
+                         share(based["base_pred_counts"]), DASH, DASH])
         parts.append(f"#### {task} (test rows whose answer is \"{word}\": {share(label_counts_of(mine))} %)\n\n" + table(
             ["method", "stage", "lr", "seed", "full model: acc. %", f"full model: % \"{word}\"",
              "sub-LLM: acc. %", f"sub-LLM: % \"{word}\""], rows, 2))
@@ -805,6 +806,11 @@ def sec_transfer(res: Results) -> str:
         "the test rows to which the model gives that label (0 or 100: one answer whatever the input). Only runs "
         "that record their predictions per class are listed (and the base model where a run that evaluated it "
         "recorded them).")
+
+
+def base_run(runs: list[dict], key: str) -> dict | None:
+    """The run that evaluated the base model (a study does it once per task): the first whose `key` is recorded."""
+    return next((s for s in runs if not missing(s.get(key))), None)
 
 
 def wilson(p, n, z: float = 1.96) -> tuple[float, float] | None:
@@ -828,9 +834,9 @@ def sec_gsm8k(res: Results) -> str:
              DASH if missing(s.get("lr")) else f"{float(s['lr']):g}", pct(s.get("accuracy")),
              ci_text(wilson(s.get("accuracy"), s.get("n_eval"))), count(s.get("n_eval")), pct(s.get("sub_accuracy")),
              hours(s)] for s in runs]
-    based = [s for s in runs if not missing(s.get("base_accuracy"))][:1]  # the run that evaluated the base model
-    rows += [["base model", DASH, DASH, pct(s["base_accuracy"]), ci_text(wilson(s["base_accuracy"], s.get("n_eval"))),
-              count(s.get("n_eval")), DASH, DASH] for s in based]
+    if based := base_run(runs, "base_accuracy"):
+        rows.append(["base model", DASH, DASH, pct(based["base_accuracy"]),
+                     ci_text(wilson(based["base_accuracy"], based.get("n_eval"))), count(based.get("n_eval")), DASH, DASH])
     return table(["method", "seed", "lr", "test acc. %", "95% CI", "n_eval", "sub-LLM acc. %",
                   "final evaluation, h"], rows, 2) + gsm8k_paired(runs) + (
         "\n\nGSM8K test accuracy: a k-shot generated answer counts when its final number equals the reference's; "

@@ -233,7 +233,7 @@ class Journal:
     mid-write) is dropped; a file with another fingerprint is started over."""
 
     def __init__(self, path: str | Path, fingerprint: dict):
-        self.path, self.fingerprint, self.done, self.earlier_s = Path(path), fingerprint, {}, 0.0
+        self.path, self.done, self.earlier_s = Path(path), {}, 0.0
         lines = self.path.read_bytes().split(b"\n") if self.path.is_file() else []
         try:
             same = bool(lines) and json.loads(lines[0]) == {"fingerprint": fingerprint}

@@ -126,8 +126,8 @@ def fresh_start(cfg: Config, server, log: RunLog) -> dict:
         base = server.evaluate("full", journal="base")  # the LoRA is not attached yet
         setup["base_eval_s"] = base["seconds"]  # GSM8K: with the earlier attempts' batches from its journal
         log.log(f"base model accuracy ({cfg.data.task}, n={base['n']}): {base['accuracy']:.4f}")
-    log.set_attrs("base", accuracy=base["accuracy"], n=base["n"],  # label tasks: its test predictions per class
-                  **{k: base[k] for k in ("pred_counts",) if k in base})
+    counted = {"pred_counts": base["pred_counts"]} if "pred_counts" in base else {}  # label tasks: per class
+    log.set_attrs("base", accuracy=base["accuracy"], n=base["n"], **counted)
     with _stopwatch(setup, "sgp_s"):
         plan = server.plan_layers()
     with _stopwatch(setup, "build_s"):
