@@ -34,7 +34,8 @@ from . import models
 from .data import (LABEL_WORDS, ensure_pad_token, gsm8k_final_number, gsm8k_kshot_prefix, label_of, load_rows,
                    prompt_and_answer)
 
-JOURNAL_FORMAT = 1  # of `Journal` files and of the decoding they record: raise it when either changes
+JOURNAL_FORMAT = 2  # of `Journal` files and of the decoding they record: raise it when either changes
+# 2: a solution also ends with its final-answer line ("#### N" and its line break; `_answer_line_end`)
 # A generated solution ends where the model starts a new instruction block of the few-shot prompt.
 STOP_STRINGS = ("\n\n### Instruction", "Below is an instruction")
 _NUMBER = re.compile(r"(?<![\w.])([-\u2212]?)\$?(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)")
@@ -171,14 +172,26 @@ def _same_number(predicted: str | None, gold: str) -> bool:
     return math.isclose(float(predicted), float(reference), rel_tol=0.0, abs_tol=1e-6)
 
 
+def _answer_line_end(text: str) -> int | None:
+    """Index of the line break that ends the final-answer line (the line of the first "####") once that line holds
+    a number, else None. `extract_number` reads the first number after the first "####" and a number never spans a
+    line break, so nothing generated after this line can change the answer: generation may stop there."""
+    at = text.find("####")
+    end = text.find("\n", at + 4) if at >= 0 else -1
+    return end if end >= 0 and _numbers(text[at + 4:end]) else None
+
+
 def _truncate_at_stop(text: str) -> str:
-    """The generated text up to the first stop string (the start of a new instruction block)."""
+    """The generated text up to the first stop string (the start of a new instruction block) or the end of the
+    final-answer line (`_answer_line_end`), whichever comes first; the extracted answer is that of the whole text."""
     cut = min((i for i in (text.find(s) for s in STOP_STRINGS) if i >= 0), default=len(text))
-    return text[:cut]
+    end = _answer_line_end(text[:cut])
+    return text[:cut if end is None else end]
 
 
 class _StopOnStrings(StoppingCriteria):
-    """Per-row stop once the generated part (after the padded prompt of width `prompt_len`) holds a stop string."""
+    """Per-row stop once the generated part (after the padded prompt of width `prompt_len`) holds a stop string or
+    a finished final-answer line (`_truncate_at_stop` would cut it)."""
 
     def __init__(self, tokenizer, prompt_len: int):
         self.tokenizer, self.prompt_len = tokenizer, prompt_len
