@@ -306,7 +306,8 @@ def fingerprint(model: torch.nn.Module, prompts: Sequence[str], **settings) -> d
 def _generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int,
               batch_size: int, shared_prefix: str = "", journal: Journal | None = None,
               progress: Callable[[int, int, int], None] | None = None) -> list[str]:
-    """Greedy continuations of `prompts`, cut at eos / stop strings and stripped of trailing whitespace.
+    """Greedy continuations of `prompts`, cut at eos / stop strings / the end of the final-answer line
+    (`_truncate_at_stop`) and stripped of trailing whitespace.
 
     Whole-prompt path (`shared_prefix` ""): every prompt is tokenized whole; batches of `batch_size` prompts
     (sorted by length) are left-padded and generated. `batch_size` 1 is the naive reference loop.
