@@ -181,12 +181,18 @@ def _answer_line_end(text: str) -> int | None:
     return end if end >= 0 and _numbers(text[at + 4:end]) else None
 
 
-def _truncate_at_stop(text: str) -> str:
-    """The generated text up to the first stop string (the start of a new instruction block) or the end of the
-    final-answer line (`_answer_line_end`), whichever comes first; the extracted answer is that of the whole text."""
+def _cut_at_stop_strings(text: str) -> str:
+    """The generated text up to the first stop string (the start of a new instruction block)."""
     cut = min((i for i in (text.find(s) for s in STOP_STRINGS) if i >= 0), default=len(text))
-    end = _answer_line_end(text[:cut])
-    return text[:cut if end is None else end]
+    return text[:cut]
+
+
+def _truncate_at_stop(text: str) -> str:
+    """The generated text up to the first stop string or the end of the final-answer line (`_answer_line_end`),
+    whichever comes first; the extracted answer is that of the whole text."""
+    text = _cut_at_stop_strings(text)
+    end = _answer_line_end(text)
+    return text if end is None else text[:end]
 
 
 class _StopOnStrings(StoppingCriteria):

@@ -106,12 +106,6 @@ def test_truncate_and_stop_on_strings(tiny_tokenizer):
     assert stop.tolist() == [False, True, False, True]
 
 
-def _stop_strings_only(text: str) -> str:
-    """The truncation of journal format 1: stop strings only, no answer-line end."""
-    cut = min((i for i in (text.find(s) for s in ev.STOP_STRINGS) if i >= 0), default=len(text))
-    return text[:cut]
-
-
 def test_stopping_at_the_answer_line_never_changes_the_answer():
     """Generation stops at the first prefix `_truncate_at_stop` cuts; the answer extracted there must be the one the
     whole text (cut at stop strings only, as before the answer-line end existed) gives, for every character prefix
@@ -124,7 +118,7 @@ def test_stopping_at_the_answer_line_never_changes_the_answer():
     texts += ["#### 8.", "#### 8.\n5", "#### 1,23\n4", "####8\n9", "no marker 5 and 7\n#### \n 9\n", "#### x\ny 3\n"]
     fired = 0
     for text in texts:
-        whole = ev.extract_number(_stop_strings_only(text).rstrip())
+        whole = ev.extract_number(ev._cut_at_stop_strings(text).rstrip())  # journal format 1: no answer-line end
         for n in range(len(text) + 1):
             cut = ev._truncate_at_stop(text[:n])
             if cut != text[:n]:  # the stopping criterion fires here
