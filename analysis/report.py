@@ -843,30 +843,31 @@ def sec_gsm8k(res: Results) -> str:
         "one run per row. 95% CI: the Wilson score interval over the test questions, so it holds the test set's "
         "sampling error only (one seed: the spread between seeds is not in it). Final evaluation: the hours of "
         "generation for the full model and, for a pruned sub-LLM, the sub-LLM too. Paired rows: the same test "
-        "questions answered by both models; Δ with a 95% Wald interval of the paired difference, and the exact "
+        "questions answered by both models (the base model's answers come from the run that evaluated it); Δ with a 95% Wald interval of the paired difference, and the exact "
         "McNemar test on the questions only one of them answered correctly.")
 
 
 def gsm8k_paired(runs: list[dict]) -> str:
-    """FedSODA against each other method of the same seed, and each FedSODA run's full model against its sub-LLM,
-    question by question (`mcnemar`), for the runs whose summaries record which questions they answered."""
-    rows = []
-    for s in runs:
-        if s["method"] != "fedsoda" or not s.get("correct"):
-            continue
-        mine = unbits(s["correct"], int(s["n_eval"]))
-        others = [(NAMES.get(o["method"], o["method"]), unbits(o["correct"], int(o["n_eval"]))) for o in runs
+    """Question by question (`mcnemar`), for the runs whose summaries record which questions they answered: each
+    FedSODA run against every other method of its seed and against its own sub-LLM, then every run against the base
+    model (evaluated once per task, by the run that records `base_correct`)."""
+    name = lambda s: NAMES.get(s["method"], s["method"])  # noqa: E731
+    pairs = []  # (run a, its name, the name of b, b's answered-correctly bits)
+    for s in (s for s in runs if s["method"] == "fedsoda" and s.get("correct")):
+        pairs += [(s, "FedSODA", name(o), o["correct"]) for o in runs
                   if o["method"] != "fedsoda" and o.get("correct") and o["seed"] == s["seed"]]
-        if s.get("sub_correct"):
-            others.append(("its sub-LLM", unbits(s["sub_correct"], int(s["n_eval"]))))
-        for name, theirs in others:
-            t = mcnemar(mine, theirs)
-            rows.append([f"FedSODA − {name}", str(s["seed"]), num(t["diff"], sign=True), ci_text(t["ci"], sign=True),
-                         count(t["only_a"]), count(t["only_b"]), f"{t['p']:.3g}"])
+        pairs += [(s, "FedSODA", "its sub-LLM", s["sub_correct"])] if s.get("sub_correct") else []
+    if based := base_run(runs, "base_correct"):
+        pairs += [(s, name(s), "the base model", based["base_correct"]) for s in runs if s.get("correct")]
+    rows = []
+    for s, a, b, theirs in pairs:
+        t = mcnemar(unbits(s["correct"], int(s["n_eval"])), unbits(theirs, int(s["n_eval"])))
+        rows.append([f"{a} − {b}", str(s["seed"]), num(t["diff"], sign=True), ci_text(t["ci"], sign=True),
+                     count(t["only_a"]), count(t["only_b"]), f"{t['p']:.3g}"])
     if not rows:
         return ""
-    return "\n\n" + table(["paired on the test questions", "seed", "Δ (pts)", "95% CI", "only FedSODA right",
-                            "only the other right", "McNemar p (exact)"], rows, 1)
+    return "\n\n" + table(["paired on the test questions: a − b", "seed", "Δ (pts)", "95% CI", "only a right",
+                            "only b right", "McNemar p (exact)"], rows, 1)
 
 
 AUTO, SELF = "auto", "selfpublic"  # the stages (variant groups) of issue #16's runs

@@ -127,6 +127,8 @@ def fresh_start(cfg: Config, server, log: RunLog) -> dict:
         setup["base_eval_s"] = base["seconds"]  # GSM8K: with the earlier attempts' batches from its journal
         log.log(f"base model accuracy ({cfg.data.task}, n={base['n']}): {base['accuracy']:.4f}")
     counted = {"pred_counts": base["pred_counts"]} if "pred_counts" in base else {}  # label tasks: per class
+    if "correct" in base:  # GSM8K: which test questions the base model answered right (paired comparisons)
+        counted["correct"] = base["correct"].astype(np.int8)
     log.set_attrs("base", accuracy=base["accuracy"], n=base["n"], **counted)
     with _stopwatch(setup, "sgp_s"):
         plan = server.plan_layers()

@@ -422,7 +422,7 @@ def summarize(run: Run, run_dir: Path, lr: float, study: str) -> dict:
                "n_eval": int(fin["n_eval"]), "n_val": int(fin["n_val"]), "eval_dtype": cfg["eval"]["dtype"],
                **{k: counts(fin.get(k)) for k in ("pred_counts", "sub_pred_counts", "label_counts")},
                **{k: bits(fin.get(k)) for k in ("correct", "sub_correct")},
-               "base_pred_counts": counts(base.get("pred_counts")),
+               "base_pred_counts": counts(base.get("pred_counts")), "base_correct": bits(base.get("correct")),
                "eval_rounds": [int(x) for x in rounds["round"][:]],
                "eval_acc": [_r(x) for x in rounds["eval_acc"][:]],
                "train_loss": [_r(np.nanmean(x)) if np.isfinite(x).any() else None for x in rounds["train_loss"][:]],

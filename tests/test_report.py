@@ -433,10 +433,10 @@ def test_gsm8k_paired_rows_from_the_summaries_bits(tmp_path):
     from fedsoda_mpi.study import bits, unbits
 
     rng = np.random.default_rng(0)
-    soda, pet, sub = (rng.random(1319) < p for p in (0.05, 0.08, 0.02))
+    soda, pet, sub, base = (rng.random(1319) < p for p in (0.05, 0.08, 0.02, 0.015))
     assert report.unbits(bits(soda), 1319) == soda.tolist() == unbits(bits(soda), 1319).tolist()
     runs = [summary("fedsoda", task="gsm8k", seed=0, acc=soda.mean(), stage="gsm8k", variant="main", n_eval=1319,
-                    correct=bits(soda), sub_correct=bits(sub)),
+                    correct=bits(soda), sub_correct=bits(sub), base_accuracy=base.mean(), base_correct=bits(base)),
             summary("fedpetuning", task="gsm8k", seed=0, acc=pet.mean(), stage="gsm8k", variant="main", n_eval=1319,
                     correct=bits(pet)),
             summary("fedot", task="gsm8k", seed=1, acc=0.05, stage="gsm8k", variant="main", n_eval=1319,
@@ -447,8 +447,13 @@ def test_gsm8k_paired_rows_from_the_summaries_bits(tmp_path):
     t = report.mcnemar(soda.tolist(), pet.tolist())
     row = (f"| FedSODA − FedPETuning | 0 | {report.num(t['diff'], sign=True)} | {report.ci_text(t['ci'], sign=True)} "
            f"| {t['only_a']} | {t['only_b']} | {t['p']:.3g} |")
-    assert row in gsm and "| FedSODA − its sub-LLM | 0 |" in gsm and "FedOT" not in gsm.split("paired on")[1]
+    assert row in gsm and "| FedSODA − its sub-LLM | 0 |" in gsm and "FedSODA − FedOT" not in gsm
     assert t["only_a"] == int((soda & ~pet).sum()) and t["only_b"] == int((pet & ~soda).sum())
+    for method, seed, mine in (("FedSODA", 0, soda), ("FedPETuning", 0, pet), ("FedOT", 1, pet)):
+        t = report.mcnemar(mine.tolist(), base.tolist())  # every run against the base model's answers
+        assert (f"| {method} − the base model | {seed} | {report.num(t['diff'], sign=True)} | "
+                f"{report.ci_text(t['ci'], sign=True)} | {t['only_a']} | {t['only_b']} | {t['p']:.3g} |") in gsm
+    assert gsm.count("the base model |") == 3 and t["only_b"] == int((base & ~pet).sum())
 
 
 def test_cost_section_times_the_final_evaluation_of_runs_that_record_it(tmp_path):

@@ -250,3 +250,4 @@ def test_sigusr1_in_the_gsm8k_evaluations_then_resume_generates_only_the_rest(ar
             assert b["final"].attrs[k].mean() == b["final"].attrs[acc]
         assert b["final"].attrs["eval_s"] > 0
         assert b["base"].attrs["n"] == 12 and b.attrs["resumed_from"].tolist() == [2]
+        assert len(b["base"].attrs["correct"]) == 12 and b["base"].attrs["correct"].mean() == b["base"].attrs["accuracy"]

@@ -179,6 +179,10 @@ def test_summary_of_a_run_file(tmp_path):
     out = S.summarize(run, tmp_path, 1e-3, "toy")
     assert out["correct"] == "98c0" and out["sub_correct"] == "0000"  # 1001 1000 | 11(00 0000)
     assert S.unbits(out["correct"], 10).tolist() == answered.astype(bool).tolist()
+    assert out["base_correct"] is None  # no base model evaluation recorded in this run file
+    with h5py.File(tmp_path / "run.h5", "a") as f:
+        f.require_group("base").attrs["correct"] = answered[::-1]
+    assert S.summarize(run, tmp_path, 1e-3, "toy")["base_correct"] == "c640"  # 1100 0110 | 01(00 0000)
     json.dumps(out)  # plain ints, not numpy
 
 
