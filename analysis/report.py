@@ -834,9 +834,12 @@ def sec_gsm8k(res: Results) -> str:
              DASH if missing(s.get("lr")) else f"{float(s['lr']):g}", pct(s.get("accuracy")),
              ci_text(wilson(s.get("accuracy"), s.get("n_eval"))), count(s.get("n_eval")), pct(s.get("sub_accuracy")),
              hours(s)] for s in runs]
-    if based := base_run(runs, "base_accuracy"):
-        rows.append(["base model", DASH, DASH, pct(based["base_accuracy"]),
-                     ci_text(wilson(based["base_accuracy"], based.get("n_eval"))), count(based.get("n_eval")), DASH, DASH])
+    models = list(dict.fromkeys(s.get("model") for s in runs))
+    for model in models:
+        if based := gsm8k_base(runs, model):
+            rows.append(["base model" if len(models) == 1 else f"base model ({model})", DASH, DASH,
+                         pct(based["base_accuracy"]), ci_text(wilson(based["base_accuracy"], based.get("n_eval"))),
+                         count(based.get("n_eval")), DASH, DASH])
     return table(["method", "seed", "lr", "test acc. %", "95% CI", "n_eval", "sub-LLM acc. %",
                   "final evaluation, h"], rows, 2) + gsm8k_paired(runs) + (
         "\n\nGSM8K test accuracy: a k-shot generated answer counts when its final number equals the reference's; "
@@ -847,21 +850,31 @@ def sec_gsm8k(res: Results) -> str:
         "McNemar test on the questions only one of them answered correctly.")
 
 
+def gsm8k_base(runs: list[dict], model) -> dict | None:
+    """The run that evaluated `model`'s base model on GSM8K (a study does it once per task and model), preferring
+    one whose summary records which questions it answered (`base_correct`)."""
+    mine = [s for s in runs if s.get("model") == model]
+    return base_run(mine, "base_correct") or base_run(mine, "base_accuracy")
+
+
 def gsm8k_paired(runs: list[dict]) -> str:
     """Question by question (`mcnemar`), for the runs whose summaries record which questions they answered: each
-    FedSODA run against every other method of its seed and against its own sub-LLM, then every run against the base
-    model (evaluated once per task, by the run that records `base_correct`)."""
-    name = lambda s: NAMES.get(s["method"], s["method"])  # noqa: E731
-    pairs = []  # (run a, its name, the name of b, b's answered-correctly bits)
+    FedSODA run against every other method of its seed and setting and against its own sub-LLM, then every run
+    against its model's base model. Only models evaluated on the same test questions (the same n_eval: the first
+    n of the test file) are paired."""
+    several = len({s.get("model") for s in runs}) > 1  # then a row names its model
+    name = lambda s: NAMES.get(s["method"], s["method"]) + (f" ({s.get('model')})" if several else "")  # noqa: E731
+    pairs = []  # (run a, its name, the name of b, b's answered-correctly bits, b's n_eval)
     for s in (s for s in runs if s["method"] == "fedsoda" and s.get("correct")):
-        pairs += [(s, "FedSODA", name(o), o["correct"]) for o in runs
-                  if o["method"] != "fedsoda" and o.get("correct") and o["seed"] == s["seed"]]
-        pairs += [(s, "FedSODA", "its sub-LLM", s["sub_correct"])] if s.get("sub_correct") else []
-    if based := base_run(runs, "base_correct"):
-        pairs += [(s, name(s), "the base model", based["base_correct"]) for s in runs if s.get("correct")]
+        pairs += [(s, name(s), name(o), o["correct"], o["n_eval"]) for o in runs if o["method"] != "fedsoda"
+                  and o.get("correct") and o["seed"] == s["seed"] and setting_of(o) == setting_of(s)]
+        pairs += [(s, name(s), "its sub-LLM", s["sub_correct"], s["n_eval"])] if s.get("sub_correct") else []
+    for s in (s for s in runs if s.get("correct")):
+        if (based := gsm8k_base(runs, s.get("model"))) and based.get("base_correct"):
+            pairs.append((s, name(s), "the base model", based["base_correct"], based["n_eval"]))
     rows = []
-    for s, a, b, theirs in pairs:
-        t = mcnemar(unbits(s["correct"], int(s["n_eval"])), unbits(theirs, int(s["n_eval"])))
+    for s, a, b, theirs, n in (p for p in pairs if int(p[4]) == int(p[0]["n_eval"])):
+        t = mcnemar(unbits(s["correct"], int(n)), unbits(theirs, int(n)))
         rows.append([f"{a} − {b}", str(s["seed"]), num(t["diff"], sign=True), ci_text(t["ci"], sign=True),
                      count(t["only_a"]), count(t["only_b"]), f"{t['p']:.3g}"])
     if not rows:

@@ -433,27 +433,39 @@ def test_gsm8k_paired_rows_from_the_summaries_bits(tmp_path):
     from fedsoda_mpi.study import bits, unbits
 
     rng = np.random.default_rng(0)
-    soda, pet, sub, base = (rng.random(1319) < p for p in (0.05, 0.08, 0.02, 0.015))
+    soda, pet, ot, sub, base = (rng.random(1319) < p for p in (0.05, 0.08, 0.06, 0.02, 0.015))
     assert report.unbits(bits(soda), 1319) == soda.tolist() == unbits(bits(soda), 1319).tolist()
-    runs = [summary("fedsoda", task="gsm8k", seed=0, acc=soda.mean(), stage="gsm8k", variant="main", n_eval=1319,
-                    correct=bits(soda), sub_correct=bits(sub), base_accuracy=base.mean(), base_correct=bits(base)),
-            summary("fedpetuning", task="gsm8k", seed=0, acc=pet.mean(), stage="gsm8k", variant="main", n_eval=1319,
-                    correct=bits(pet)),
-            summary("fedot", task="gsm8k", seed=1, acc=0.05, stage="gsm8k", variant="main", n_eval=1319,
-                    correct=bits(pet))]  # another seed: not paired with FedSODA's seed 0
+    gsm = dict(task="gsm8k", stage="gsm8k", variant="main", n_eval=1319)
+    runs = [summary("fedsoda", seed=0, acc=soda.mean(), correct=bits(soda), sub_correct=bits(sub),
+                    base_accuracy=0.9, **gsm),  # a base record without its answers: neither the base row nor pairs
+            summary("fedpetuning", seed=0, acc=pet.mean(), correct=bits(pet), base_accuracy=base.mean(),
+                    base_correct=bits(base), **gsm),
+            summary("fedot", seed=1, acc=ot.mean(), correct=bits(ot), **gsm),  # seed 1: not paired with FedSODA
+            summary("fedbiot", seed=0, acc=0.05, correct=bits(soda[:1000]), **{**gsm, "n_eval": 1000})]  # other n
     out = tmp_path / "r.md"
     assert run(write(tmp_path / "res", runs, SELECTION), out) == 0
-    gsm = section(out.read_text(), "gsm8k")
-    t = report.mcnemar(soda.tolist(), pet.tolist())
-    row = (f"| FedSODA − FedPETuning | 0 | {report.num(t['diff'], sign=True)} | {report.ci_text(t['ci'], sign=True)} "
-           f"| {t['only_a']} | {t['only_b']} | {t['p']:.3g} |")
-    assert row in gsm and "| FedSODA − its sub-LLM | 0 |" in gsm and "FedSODA − FedOT" not in gsm
-    assert t["only_a"] == int((soda & ~pet).sum()) and t["only_b"] == int((pet & ~soda).sum())
-    for method, seed, mine in (("FedSODA", 0, soda), ("FedPETuning", 0, pet), ("FedOT", 1, pet)):
-        t = report.mcnemar(mine.tolist(), base.tolist())  # every run against the base model's answers
-        assert (f"| {method} − the base model | {seed} | {report.num(t['diff'], sign=True)} | "
-                f"{report.ci_text(t['ci'], sign=True)} | {t['only_a']} | {t['only_b']} | {t['p']:.3g} |") in gsm
-    assert gsm.count("the base model |") == 3 and t["only_b"] == int((base & ~pet).sum())
+    text = section(out.read_text(), "gsm8k")
+
+    def row(name: str, seed: int, a, b) -> str:
+        t = report.mcnemar(a.tolist(), b.tolist())
+        return (f"| {name} | {seed} | {report.num(t['diff'], sign=True)} | {report.ci_text(t['ci'], sign=True)} "
+                f"| {t['only_a']} | {t['only_b']} | {t['p']:.3g} |")
+
+    assert row("FedSODA − FedPETuning", 0, soda, pet) in text and row("FedSODA − its sub-LLM", 0, soda, sub) in text
+    for name, seed, mine in (("FedSODA", 0, soda), ("FedPETuning", 0, pet), ("FedOT", 1, ot)):
+        assert row(f"{name} − the base model", seed, mine, base) in text  # every run against the base's answers
+    assert f"| base model | — | — | {report.pct(base.mean())} |" in text
+    assert "FedSODA − FedOT" not in text and "FedBiOT −" not in text and "− FedBiOT" not in text
+    assert text.count("the base model |") == 3
+
+    other = rng.random(1319) < 0.03  # a second model's runs pair only with that model's runs and base
+    runs.append(summary("fedsoda", seed=0, acc=other.mean(), correct=bits(other), model="tiny", base_accuracy=0.02,
+                        base_correct=bits(base[::-1]), run="gsm8k.main-fedsoda-gsm8k-tiny-iid-s0", **gsm))
+    assert run(write(tmp_path / "res2", runs, SELECTION), out) == 0
+    text = section(out.read_text(), "gsm8k")
+    assert row("FedSODA (tiny) − the base model", 0, other, base[::-1]) in text
+    assert row("FedSODA (smollm2) − FedPETuning (smollm2)", 0, soda, pet) in text
+    assert "FedSODA (tiny) − FedPETuning" not in text and "| base model (tiny) | — | — | 2.0 |" in text
 
 
 def test_cost_section_times_the_final_evaluation_of_runs_that_record_it(tmp_path):
