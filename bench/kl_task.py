@@ -49,8 +49,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, ["method=fedsoda", *args.overrides])
     with tempfile.TemporaryDirectory() as tmp:
-        log = RunLog(Path(tmp), 0, echo=False)
-        log.open_h5(cfg, 2, cfg.model.name, mode="w")
+        log = RunLog(Path(tmp), 0, echo=False)  # its log.txt only: no run file to record into
         server = Server.load(cfg, log, torch.device("cpu"))
         server.build(server.plan_layers())
         sets = {f"{server.kl_on} held-out ({len(server.heldout)} batches, the run's kl_on)": server.heldout}

@@ -383,6 +383,13 @@ def _batches(model, tokenizer, encoded: list[list[int]], prompts: Sequence[str],
     return batches
 
 
+def gsm8k_correct(outputs: Sequence[str], rows: Sequence[dict]) -> np.ndarray:
+    """[n] int8, 1 where a generated solution's extracted final number equals its row's reference "#### N"
+    numerically (the per-question record run files keep as /final correct, /base correct)."""
+    return np.array([_same_number(extract_number(o), gsm8k_final_number(r["answer"]))
+                     for o, r in zip(outputs, rows)], dtype=np.int8)
+
+
 @torch.no_grad()
 def gsm8k_accuracy(model: torch.nn.Module, tokenizer, rows: Sequence[dict], train_rows: Sequence[dict], k: int = 4,
                    max_new_tokens: int = 256, batch_size: int = 4, max_examples: int | None = None,
@@ -396,7 +403,7 @@ def gsm8k_accuracy(model: torch.nn.Module, tokenizer, rows: Sequence[dict], trai
     questions; False: every prompt is prefilled whole (`batch_size` 1: the naive one-question-at-a-time loop).
     `journal`: a file that keeps every finished batch (`Journal`), so a killed evaluation resumes where it stopped;
     `progress` as in `_generate`.
-    Returns {"accuracy", "n", "outputs" (generated texts, row order), "correct" [n] bool, "resumed" (questions
+    Returns {"accuracy", "n", "outputs" (generated texts, row order), "correct" [n] int8 (`gsm8k_correct`), "resumed" (questions
     taken from the journal), "seconds" (this call's, plus the generation time of the journal's batches)}.
     """
     t0 = time.perf_counter()
@@ -411,8 +418,7 @@ def gsm8k_accuracy(model: torch.nn.Module, tokenizer, rows: Sequence[dict], trai
             model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, shared_prefix=shared))
         outputs = _generate(model, tokenizer, prompts, max_new_tokens, batch_size, shared_prefix=shared,
                             journal=book, progress=progress)
-    correct = np.array([_same_number(extract_number(o), gsm8k_final_number(r["answer"]))
-                        for o, r in zip(outputs, rows)])
+    correct = gsm8k_correct(outputs, rows)
     return {"accuracy": float(correct.mean()), "n": len(rows), "outputs": outputs, "correct": correct,
             "resumed": book.resumed if book else 0,
             "seconds": time.perf_counter() - t0 + (book.earlier_s if book else 0.0)}

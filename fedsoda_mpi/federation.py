@@ -128,7 +128,7 @@ def fresh_start(cfg: Config, server, log: RunLog) -> dict:
         log.log(f"base model accuracy ({cfg.data.task}, n={base['n']}): {base['accuracy']:.4f}")
     counted = {"pred_counts": base["pred_counts"]} if "pred_counts" in base else {}  # label tasks: per class
     if "correct" in base:  # GSM8K: which test questions the base model answered right (paired comparisons)
-        counted["correct"] = base["correct"].astype(np.int8)
+        counted["correct"] = base["correct"]
     log.set_attrs("base", accuracy=base["accuracy"], n=base["n"], **counted)
     with _stopwatch(setup, "sgp_s"):
         plan = server.plan_layers()
@@ -451,7 +451,7 @@ class Federation:
                "upload_density": cfg.fed.upload_density, "download_density": cfg.fed.download_density,
                "eval_s": full["seconds"] + (0.0 if sub is full else sub["seconds"])}  # the final test evaluations
         if "correct" in full:  # GSM8K: which test questions each model answered correctly (paired comparisons)
-            res.update(correct=full["correct"].astype(np.int8), sub_correct=sub["correct"].astype(np.int8))
+            res.update(correct=full["correct"], sub_correct=sub["correct"])
         if "pred_counts" in full:  # label tasks: test predictions per class, full model and sub-LLM, and the labels
             res.update(pred_counts=full["pred_counts"], sub_pred_counts=sub["pred_counts"],
                        label_counts=full["label_counts"])
