@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import Config, ConfigError, flatten, load_config
+from .host import to_host_state
 from .paths import sha256_of
 
 # How every random draw is derived (recorded in state.json; the sampler state is the round number).
@@ -70,8 +71,8 @@ def save(run_dir: Path, rnd: int, adapter: dict[str, torch.Tensor], emulator: di
     tmp = ckdir / f".round{rnd:05d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous() for k, v in adapter.items()}, tmp / "adapter.safetensors")
-    save_file({k: v.detach().contiguous() for k, v in emulator.items()}, tmp / "emulator.safetensors")
+    save_file(to_host_state(adapter), tmp / "adapter.safetensors")
+    save_file(to_host_state(emulator), tmp / "emulator.safetensors")
     shutil.copyfile(run_file, tmp / "run.h5")
     state = {**state, "round": rnd, "rng": RNG_SCHEME, "sha256": {f: sha256_of(tmp / f) for f in FILES}}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -157,7 +158,7 @@ def resume_point(run_dir: Path, log) -> Checkpoint | None:
 
 
 # keys that may change when a run is resumed; every other setting must equal the checkpointed run's
-RESUME_MAY_CHANGE = ("resume", "job", "debug.", "output.", "fed.rounds", "fed.checkpoint_every", "fed.keep_checkpoints",
+RESUME_MAY_CHANGE = ("resume", "device", "job", "debug.", "output.", "fed.rounds", "fed.checkpoint_every", "fed.keep_checkpoints",
                      "eval.", "fed.cache_dir", "fed.cache_max_gb")  # the disk tier changes no result
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .host import as_numpy, copy_into
+
 CHUNK_ELEMS = 1 << 30  # < 2^31: the classic MPI count limit
 
 # torch dtype -> (torch dtype of the wire view, MPI datatype name)
@@ -95,7 +97,7 @@ class Schema:
             if tuple(t.shape) != shape or t.dtype != self.torch_dtype:
                 raise SchemaError(f"{name}: got {tuple(t.shape)} {t.dtype}, schema says {shape} {self.dtype}")
             n = t.numel()
-            flat[offset:offset + n] = t.detach().reshape(-1).cpu()
+            copy_into(flat[offset:offset + n], t)
             offset += n
         return flat
 
@@ -116,7 +118,7 @@ def _wire(flat: torch.Tensor):
     from mpi4py import MPI
 
     wire_dtype, mpi_name = _WIRE[flat.dtype]
-    return flat.view(wire_dtype).numpy(), getattr(MPI, mpi_name)
+    return as_numpy(flat.view(wire_dtype)), getattr(MPI, mpi_name)
 
 
 class Comm:
@@ -168,13 +170,31 @@ class Comm:
 
         return omp_num_threads() or max(1, cores // ranks_here)
 
-    def device(self) -> torch.device:
-        """CUDA device from the node-local rank when CUDA is present, else CPU (fake GPUs fall back to CPU).
+    def agree_devices(self, setting: str, bf16_keys: list[str]):
+        """Every rank's device under the `device` setting (devices.assign on the reports of all ranks, gathered to
+        every rank, so that all of them stop together on a setting that cannot hold). Collective."""
+        from . import devices
 
-        GPU path: not executable on the CPU-only machines this project is tested on."""
-        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-            return torch.device("cuda", self.local_rank() % torch.cuda.device_count())
-        return torch.device("cpu")
+        seen = devices.Seen.here(self.local_rank())
+        table = [devices.Seen(**{**d, "names": tuple(d["names"]), "uuids": tuple(d["uuids"])}) for d in self.allgather_json(seen.__dict__)]
+        self.assignment = devices.assign(setting, table, bf16_keys)
+        return self.assignment
+
+    def device(self) -> torch.device:
+        """This rank's device, as `agree_devices` assigned it."""
+        return torch.device(self.assignment.devices[self.rank])
+
+    def allgather_json(self, obj) -> list:
+        """Every rank's JSON-encodable `obj`, in rank order, on every rank (lengths, then the bytes). Collective."""
+        data = np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8)
+        sizes = np.zeros(self.size, dtype=np.int64)
+        self._timed(self.comm.Allgather, [np.array([data.size], dtype=np.int64), self.MPI.INT64_T],
+                    [sizes, self.MPI.INT64_T])
+        displs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        recv = np.empty(int(sizes.sum()), dtype=np.uint8)
+        self._timed(self.comm.Allgatherv, [data, self.MPI.BYTE], [recv, (sizes.tolist(), displs.tolist()), self.MPI.BYTE])
+        self._count("control", sent=data.size * (self.size - 1), recv=int(sizes.sum()) - data.size)
+        return [json.loads(bytes(recv[d:d + n])) for d, n in zip(displs, sizes)]
 
     def _count(self, category: str, sent: int = 0, recv: int = 0) -> None:
         self.bytes[category]["sent"] += sent
@@ -222,7 +242,7 @@ class Comm:
         buf = torch.frombuffer(bytearray(text), dtype=torch.uint8) if self.rank == root else torch.empty(int(n), dtype=torch.uint8)
         self._bcast_flat(buf, root)
         self._count(category, *((8 + int(n)) * (self.size - 1), 0) if self.rank == root else (0, 8 + int(n)))
-        return schema if self.rank == root else Schema.from_json(bytes(buf.numpy()).decode())
+        return schema if self.rank == root else Schema.from_json(bytes(as_numpy(buf)).decode())
 
     def broadcast(self, tensors: dict[str, torch.Tensor] | None, schema: Schema, root: int = 0,
                   category: str = "broadcast") -> dict[str, torch.Tensor]:
@@ -275,7 +295,7 @@ class Comm:
             schema = Schema.of(tensors) if tensors else Schema((), (), "uint8")
         schema = self.agree_schema(schema, root, category=category)
         got = self.broadcast(tensors, schema, root, category=category)
-        return files if self.rank == root else {k: bytes(v.numpy()) for k, v in got.items()}
+        return files if self.rank == root else {k: bytes(as_numpy(v)) for k, v in got.items()}
 
     def broadcast_flag(self, value: bool | None, root: int = 0) -> bool:
         """One bool from `root` to every rank (8 bytes, counted as control)."""

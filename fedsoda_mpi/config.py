@@ -157,6 +157,7 @@ class DebugConfig:
     fail_rank: int = -1  # inject an exception on this rank ...
     fail_round: int = -1  # ... in this round (tests of the abort path)
     fail_kind: str = "raise"  # raise: an exception; oom: a simulated out-of-memory; nan: a client uploads NaN
+    deterministic: bool = False  # deterministic kernels (devices.deterministic): bit-identical repeats on one GPU
 
 
 @dataclass
@@ -164,6 +165,7 @@ class Config:
     method: str = "fedsoda"
     seed: int = 0
     resume: str = "none"  # none | auto
+    device: str = "auto"  # auto | cuda | cpu: each rank's compute device (fedsoda_mpi/devices.py)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sgp: SGPConfig = field(default_factory=SGPConfig)
@@ -382,6 +384,7 @@ def _validate_top(cfg: Config) -> None:
     _check(cfg.method in METHODS, f"method: '{cfg.method}' is not one of {', '.join(METHODS)}")
     _check(0 <= cfg.seed < 2**32, f"seed: must be in [0, 2**32), got {cfg.seed}")  # numpy seeds are unsigned
     _one_of("resume", cfg.resume, ("none", "auto"))
+    _one_of("device", cfg.device, ("auto", "cuda", "cpu"))
     _check(bool(cfg.model.name.strip()), "model.name: must name a prepared model or a model folder, got ''")
     _one_of("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
     _at_least("model.adapter_layers", cfg.model.adapter_layers, 0)

@@ -31,6 +31,7 @@ from transformers import DynamicCache, GenerationConfig, StoppingCriteria, Stopp
 from transformers.cache_utils import DynamicLayer
 
 from . import models
+from .host import to_numpy
 from .data import (LABEL_WORDS, ensure_pad_token, gsm8k_final_number, gsm8k_kshot_prefix, label_of, load_rows,
                    prompt_and_answer)
 
@@ -121,7 +122,7 @@ def label_accuracy(model: torch.nn.Module, tokenizer, task: str, rows: Sequence[
             ids, mask = _pad([encoded[i] for i in idx], tokenizer.pad_token_id, "right", device)
             hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             last = hidden[torch.arange(len(idx), device=device), mask.sum(1) - 1]
-            scores[idx] = _label_logits(head, last, word_ids.to(device)).cpu().numpy()
+            scores[idx] = to_numpy(_label_logits(head, last, word_ids.to(device)))
     predictions = scores.argmax(axis=1)
     k = len(word_ids)
     return {"accuracy": float((predictions == labels).mean()), "n": len(rows), "predictions": predictions,
@@ -301,7 +302,7 @@ def fingerprint(model: torch.nn.Module, prompts: Sequence[str], **settings) -> d
     for name, t in sorted(models.causal_lm(model).state_dict().items()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         if "lora_" in name:
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(to_numpy(t.detach().contiguous().view(torch.uint8)).tobytes())
     device = _device(model).type
     cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     return {"format": JOURNAL_FORMAT, "transformers": transformers.__version__,

@@ -26,6 +26,7 @@ from .aggregate import strategy_for
 from .client import Client, Faults
 from .comm import Schema, install_abort_hook
 from .config import Config
+from .host import as_numpy
 from .methods import Plan
 from .runlog import RunFolderBusy, RunLog, archive_failed_attempt, run_dir_of, take_lock
 from .signals import PROGRESS, STOP_REQUESTED, StopRequested
@@ -91,6 +92,19 @@ def open_run(cfg: Config, comm) -> RunLog:
     return log
 
 
+def record_devices(cfg: Config, assignment, log: RunLog) -> None:
+    """Rank 0: every rank's device (device=auto|cuda|cpu, devices.py) into the log and /devices of run.h5; a
+    shared GPU is a WARNING line."""
+    import h5py
+
+    log.log(f"device={cfg.device}: " + "; ".join(assignment.table()))
+    for line in assignment.warnings:
+        log.log(f"WARNING: {line}")
+    attrs = {k: np.array(v, dtype=h5py.string_dtype()) if isinstance(v[0], str) else np.array(v, dtype=np.int32)
+             for k, v in assignment.attrs().items()}
+    log.set_attrs("devices", setting=cfg.device, deterministic=cfg.debug.deterministic, **attrs)
+
+
 def set_up_server(cfg: Config, comm, log: RunLog, rows: list, hist) -> tuple:
     """Algorithm 2 lines 1-5 on rank 0 (or the state of the newest checkpoint with resume=auto).
     Returns (server, base accuracy, files to ship: M* + the plan + the first round)."""
@@ -98,6 +112,7 @@ def set_up_server(cfg: Config, comm, log: RunLog, rows: list, hist) -> tuple:
 
     ck = checkpoint.resume_point(log.run_dir, log) if cfg.resume == "auto" else None
     log.open_h5(cfg, comm.size, cfg.model.name, mode="a" if ck else "w")  # also writes config.yaml
+    record_devices(cfg, comm.assignment, log)
     server = Server.load(cfg, log, comm.device())
     if ck is None:
         server.record_data([len(r) for r in rows], hist)
@@ -206,7 +221,7 @@ class Federation:
                                            else (Schema((), (), "float32") if server else None))
         self.ad_schema = comm.agree_schema(Schema.of(server.global_adapter) if server else None)
         self.strategy = strategy_for(cfg, self.ad_schema)
-        self.clock = PhaseClock(comm)
+        self.clock = PhaseClock(comm, comm.device())
         self.t_schema = Schema(("t",), ((len(PHASES) + len(EXTRA),),), "float64")
         self.realign_every = realign_interval(cfg, plan)  # 0: never re-aligns (with oda.trigger=drift: r is unused)
         self.global_state = None  # a client rank's copy of the global adapter LoRA
@@ -394,7 +409,7 @@ class Federation:
         ranks = self.comm.gatherv([{"t": torch.from_numpy(self.clock.row())}], self.t_schema, [1] * self.comm.size,
                                   category="timing")
         if self.server:
-            self.log.append("timing", {"round": np.int32(rnd), **split(torch.stack([m[0]["t"] for m in ranks]).numpy())})
+            self.log.append("timing", {"round": np.int32(rnd), **split(as_numpy(torch.stack([m[0]["t"] for m in ranks])))})
             self.log.set_attrs("timing", phases=list(PHASES))
             self.log.flush()
 

@@ -29,6 +29,7 @@ import torch
 
 from .aggregate import TAIL, FedAvg, accepted, payload, tail
 from .checkpoint import FEDSRD_STREAM, torch_seed
+from .host import as_numpy
 
 State = dict[str, torch.Tensor]
 
@@ -105,9 +106,9 @@ def positions_to_bytes(positions: torch.Tensor, numel: int) -> torch.Tensor:
     is entry 8 j + i; else little-endian int32 indices)."""
     k = positions.numel()
     if 4 * k < math.ceil(numel / 8):
-        return torch.from_numpy(positions.numpy().astype("<i4").view(np.uint8).copy())
+        return torch.from_numpy(as_numpy(positions).astype("<i4").view(np.uint8).copy())
     mask = np.zeros(numel, dtype=bool)
-    mask[positions.numpy()] = True
+    mask[as_numpy(positions)] = True
     return torch.from_numpy(np.packbits(mask, bitorder="little"))
 
 
@@ -117,11 +118,11 @@ def bytes_to_positions(blob: torch.Tensor, numel: int, k: int) -> torch.Tensor:
     if blob.dtype != torch.uint8 or blob.numel() != position_bytes(numel, k):
         raise ValueError(f"positions: {blob.numel()} x {blob.dtype}, expected {position_bytes(numel, k)} x uint8")
     if 4 * k < math.ceil(numel / 8):
-        positions = torch.from_numpy(np.frombuffer(blob.numpy().tobytes(), dtype="<i4").astype(np.int64))
+        positions = torch.from_numpy(np.frombuffer(as_numpy(blob).tobytes(), dtype="<i4").astype(np.int64))
         if k and (positions[0] < 0 or positions[-1] >= numel or (positions.diff() <= 0).any()):
             raise ValueError(f"positions: indices not ascending in [0, {numel})")
         return positions
-    bits = np.unpackbits(blob.numpy(), bitorder="little")
+    bits = np.unpackbits(as_numpy(blob), bitorder="little")
     positions = torch.from_numpy(np.flatnonzero(bits[:numel]))
     if positions.numel() != k or bits[numel:].any():
         raise ValueError(f"positions: bitmask has {int(bits.sum())} set bits, expected {k} in [0, {numel})")

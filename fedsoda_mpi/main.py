@@ -117,7 +117,9 @@ def usage_exit(comm, e: Exception) -> int:
     from .data import DataError
     from .models import ModelError
 
-    kind = {DataError: "data", ModelError: "model"}.get(type(e), "config")
+    from .devices import DeviceError
+
+    kind = {DataError: "data", ModelError: "model", DeviceError: "device"}.get(type(e), "config")
     if comm.rank == 0:
         print(f"fedsoda-mpi: {kind} error: {e}", file=sys.stderr, flush=True)
     if not comm.settle() and comm.rank != 0:  # every rank found the same error: none exits (and has the job
@@ -128,6 +130,7 @@ def usage_exit(comm, e: Exception) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from . import devices
     from .comm import Comm, exit_with_launcher, install_abort_hook
     from .data import DataError
     from .models import ModelError
@@ -137,8 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = prepare_config(argv, comm.size)
         inputs = prepare_inputs(cfg)
-    except (ConfigError, DataError, ModelError) as e:
+        comm.agree_devices(cfg.device, devices.bf16_keys(cfg))  # the first collective: every rank's report
+    except (ConfigError, DataError, ModelError, devices.DeviceError) as e:
         return usage_exit(comm, e)
+    devices.activate(comm.device())
+    devices.deterministic(cfg.debug.deterministic)
     from . import federation
 
     install_abort_hook()

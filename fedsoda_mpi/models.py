@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import transformers as tf
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from .host import to_host_state
 from .methods import layer_maps
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -320,12 +321,13 @@ def _layer_of(key: str) -> int | None:
 
 
 def lora_state(model, layers: Iterable[int] | None = None) -> dict[str, torch.Tensor]:
-    """Detached copies of the LoRA tensors of `layers` (all if None), keyed as in get_peft_model_state_dict."""
+    """Copies in host memory (host.to_host) of the LoRA tensors of `layers` (all if None), keyed as in
+    get_peft_model_state_dict: what the strategies, MPI and checkpoints work on, whatever the model's device."""
     from peft import get_peft_model_state_dict
 
     wanted = None if layers is None else {int(i) for i in layers}
     state = get_peft_model_state_dict(model, save_embedding_layers=False)  # no embedding LoRA; skips a hub lookup
-    return {k: state[k].detach().clone() for k in sorted(state) if wanted is None or _layer_of(k) in wanted}
+    return to_host_state({k: state[k] for k in sorted(state) if wanted is None or _layer_of(k) in wanted})
 
 
 def _lora_params(model) -> dict[str, torch.nn.Parameter]:
@@ -508,5 +510,5 @@ def export_peft_adapter(base_path, adapter_state_full: dict, layers: Sequence[in
                         base_model_name_or_path=str(base_path))
     out_dir = Path(out_dir)
     config.save_pretrained(out_dir)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in sorted(adapter_state_full.items())}
+    tensors = to_host_state(dict(sorted(adapter_state_full.items())))
     save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})

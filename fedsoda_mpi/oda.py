@@ -17,6 +17,7 @@ from torch.nn import Parameter
 from tqdm import tqdm
 
 from . import models
+from .host import to_host
 from .sgp import angular_distance
 
 
@@ -199,14 +200,19 @@ def aligned_drift(full_model, sub_model, batch: dict, pairs: list[tuple[int, int
     at each row's last real token of `batch`, averaged over rows: how far the aligned emulator has drifted.
 
     Runs only the layers the pairs reach in each model (`models.layer_outputs`: no later layers, no LM head),
-    in eval mode; both models' previous modes are restored.
+    in eval mode; both models' previous modes are restored. Each model runs on its own device; the distances
+    are returned in host memory.
     """
-    last = batch["attention_mask"].sum(1) - 1
-    rows = torch.arange(len(last))
+    outs = []
     with models.mode(full_model, sub_model):
-        outs = [models.layer_outputs(m, batch["input_ids"], batch["attention_mask"], stop)[rows, last]  # [B, stop, D]
-                for m, stop in zip((full_model, sub_model), drift_stops(pairs))]
-    return torch.stack([angular_distance(outs[0][:, f], outs[1][:, s]).mean() for f, s in pairs])
+        for m, stop in zip((full_model, sub_model), drift_stops(pairs)):
+            device = next(m.parameters()).device
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            last = mask.sum(1) - 1
+            rows = torch.arange(len(last), device=device)
+            outs.append(models.layer_outputs(m, ids, mask, stop)[rows, last])  # [B, stop, D]
+    full, sub = outs[0].to(outs[1].device), outs[1]
+    return to_host(torch.stack([angular_distance(full[:, f], sub[:, s]).mean() for f, s in pairs]))
 
 
 def realign_due(rnd: int, last: int, probe: float, ref: float, tau: float, max_interval: int) -> bool:

@@ -15,6 +15,7 @@ import torch
 from . import checkpoint, data, models, oda, sgp
 from .config import Config
 from .evaluate import evaluate
+from .host import to_numpy
 from .methods import Plan
 from .paths import model_path, sha256_of
 from .runlog import RunLog
@@ -205,7 +206,7 @@ class Server:
         self.plan = plan
         t0 = time.time()
         sub = models.build_sub_model(self.full, plan.kept, cfg.quant.enabled, cfg.quant.compute_dtype,
-                                     cfg.quant.double_quant)
+                                     cfg.quant.double_quant, device=str(self.device))
         self.bundle = models.model_bundle(sub, self.tok)
         self.sub = models.add_lora(sub, plan.lora_sub, **cfg.lora.kwargs())
         self.full = models.add_lora(self.full, plan.adapter_full, **cfg.lora.kwargs())
@@ -353,7 +354,7 @@ class Server:
         same = self._drift is not None and all(
             a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(inputs, self._drift[0]))
         if not same:
-            value = oda.aligned_drift(self.full, self.sub, self.probe[0], pairs).numpy().astype(np.float32)
+            value = to_numpy(oda.aligned_drift(self.full, self.sub, self.probe[0], pairs)).astype(np.float32)
             self._drift = (inputs, value)
         return self._drift[1].copy()
 

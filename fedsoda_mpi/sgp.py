@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import models
+from .host import to_host, to_numpy
 
 TOKEN_MODES = ("last", "all")
 
@@ -65,7 +66,7 @@ def _batch_distance_sums(hidden: Tensor, select: Tensor, n_max: int) -> Tensor:
     sums = torch.zeros(n_max, num_layers, dtype=torch.float64)
     for n in range(1, n_max + 1):
         d = _unit_angle(units[:, :-n], units[:, n:])  # [T, L_E - n], eq. 5
-        sums[n - 1, : num_layers - n] = d.double().sum(dim=0).cpu()
+        sums[n - 1, : num_layers - n] = to_host(d.double().sum(dim=0))
     return sums
 
 
@@ -116,7 +117,7 @@ def distance_profile(model, batches: Iterable[dict], n_max: int, num_emulator_la
         sums, count = _profile_sums(model, batches, n_max, num_emulator_layers, token, progress)
     if count == 0:
         raise ValueError("distance_profile got no non-pad tokens")
-    distance = (sums / count).float().numpy()
+    distance = to_numpy((sums / count).float())
     l_idx, n_idx = np.meshgrid(np.arange(num_emulator_layers), np.arange(1, n_max + 1))
     distance[l_idx + n_idx >= num_emulator_layers] = np.nan
     return distance

@@ -10,7 +10,8 @@ them to run.h5:
     /timing/wall_s         [R, W]       float64  the rank's round time up to the gather
     /timing/local_steps    [R, W]       float64  optimizer steps the rank ran (clients)
     /timing/peak_rss_mb    [R, W]       float64  the process's peak resident set size so far
-    /timing/peak_gpu_mb    [R, W]       float64  torch.cuda.max_memory_allocated (0 on CPU)
+    /timing/peak_gpu_mb    [R, W]       float64  peak CUDA memory allocated on the rank's device during the round
+                                                (the first round's row includes set-up: SGP, ODA; 0 on the CPU)
     /timing/cache_ram_rows      [R, W]  float32  emulator-cache rows this round's fills found in memory (clients)
     /timing/cache_disk_rows     [R, W]  float32  ... loaded from the disk tier
     /timing/cache_emulator_rows [R, W]  float32  ... computed with the emulator (misses)
@@ -50,12 +51,14 @@ def peak_rss_mb() -> float:
 class PhaseClock:
     """Per-round phase seconds of one rank; `idle` comes from `comm.idle_seconds`, MPI from `comm.mpi_seconds`."""
 
-    def __init__(self, comm):
-        self.comm = comm
+    def __init__(self, comm, device: torch.device):
+        self.comm, self.device = comm, device
         self.cache_disk_peak_mb = 0.0  # a high-water mark, like peak RSS: never reset
-        self.start_round()
+        self.start_round(reset_gpu=False)  # the first round's GPU peak includes the set-up phases
 
-    def start_round(self) -> None:
+    def start_round(self, reset_gpu: bool = True) -> None:
+        if reset_gpu and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.t0 = time.perf_counter()
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.steps = 0
@@ -89,7 +92,7 @@ class PhaseClock:
         s = dict(self.seconds)
         s["idle"] = self.comm.idle_seconds - self._idle0
         s["other"] = max(0.0, wall - sum(v for k, v in s.items() if k != "other"))
-        gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+        gpu = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else 0.0
         extra = [self.comm.mpi_seconds - self._mpi0, wall, float(self.steps), peak_rss_mb(), gpu,
                  *(float(self.cache_rows[k]) for k in CACHE_ROWS), self.cache_disk_peak_mb]
         return np.array([s[p] for p in PHASES] + extra, dtype=np.float64)

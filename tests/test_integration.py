@@ -266,6 +266,8 @@ def test_nan_update_is_rejected_and_the_round_aggregates_the_others(tiny_model_d
     with h5py.File(run_dir / "run.h5", "r") as f:
         assert f["rounds/rejected"][:].tolist() == [[1, 0, 0, 0], [0, 0, 0, 0]]  # client 0 (rank 1), round 1 only
         assert 0 <= f["final"].attrs["accuracy"] <= 1
+        devices = f["devices"].attrs  # every rank's device (device=auto on a machine without GPUs: the CPU)
+        assert [str(d) for d in devices["device"]] == ["cpu"] * 3 and devices["setting"] == "auto"
     adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in adapter.values())
 

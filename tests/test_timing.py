@@ -3,6 +3,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from fedsoda_mpi.timing import EXTRA, PHASES, PhaseClock, split
 
@@ -14,7 +15,7 @@ class FakeComm:
 
 def test_phases_idle_other_add_up_to_wall():
     comm = FakeComm()
-    clock = PhaseClock(comm)
+    clock = PhaseClock(comm, torch.device("cpu"))
     with clock.phase("adapter"):
         time.sleep(0.05)
     clock.add("emulator", 0.01)
@@ -33,7 +34,7 @@ def test_phases_idle_other_add_up_to_wall():
 
 
 def test_unknown_or_derived_phase_rejected():
-    clock = PhaseClock(FakeComm())
+    clock = PhaseClock(FakeComm(), torch.device("cpu"))
     for name in ("idle", "other", "sgp"):
         with pytest.raises(ValueError, match="unknown phase"):
             with clock.phase(name):
