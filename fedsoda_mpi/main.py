@@ -140,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = prepare_config(argv, comm.size)
         inputs = prepare_inputs(cfg)
+        devices.deterministic(cfg.debug.deterministic)  # before any CUDA work: cuBLAS reads its workspace setting once
         comm.agree_devices(cfg.device, devices.bf16_keys(cfg))  # the first collective: every rank's report
     except (ConfigError, DataError, ModelError, devices.DeviceError) as e:
         return usage_exit(comm, e)
     devices.activate(comm.device())
-    devices.deterministic(cfg.debug.deterministic)
     from . import federation
 
     install_abort_hook()

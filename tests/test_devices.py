@@ -292,3 +292,16 @@ def test_device_cuda_without_a_gpu_stops_every_rank_with_one_line_and_exit_2(tin
                      f"{host}, rank 2 on {host}); request one GPU per rank (e.g. sbatch --gpus-per-task=1) or run "
                      "with device=auto or device=cpu"], lines
     assert "Traceback" not in p.stderr and not (tmp_path / "run" / "run.h5").exists()
+
+
+def test_tensors_leave_a_device_only_through_host_py():
+    """Host staging has one home: no `.numpy()` or `.cpu()` in fedsoda_mpi/ outside host.py (docs/design.md)."""
+    import re
+    from pathlib import Path
+
+    import fedsoda_mpi
+
+    found = [f"{p.name}:{i}: {line.strip()}" for p in sorted(Path(fedsoda_mpi.__file__).parent.glob("*.py"))
+             if p.name != "host.py" for i, line in enumerate(p.read_text().splitlines(), 1)
+             if re.search(r"\.(numpy|cpu)\(\)", line)]
+    assert found == []
