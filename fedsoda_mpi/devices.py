@@ -86,8 +86,17 @@ def assign(setting: str, seen: list[Seen], bf16_keys: list[str] | None = None) -
     devices = ["cpu" if setting == "cpu" or s.gpus == 0 else f"cuda:{s.local_rank % s.gpus}" for s in seen]
     out = Assignment(devices, list(seen))
     _check_bf16(out, bf16_keys or [])
-    out.warnings = sharing(out)
+    out.warnings = sharing(out) + mixed(out)
     return out
+
+
+def mixed(a: Assignment) -> list[str]:
+    """device=auto with some ranks on GPUs and some on the CPU: one warning naming the CPU ranks."""
+    cpu = [r for r, d in enumerate(a.devices) if d == "cpu"]
+    if not cpu or len(cpu) == len(a.devices):
+        return []
+    return [f"ranks {', '.join(map(str, cpu))} see no GPU and run on the CPU while the others use GPUs; a round "
+            "waits for its slowest rank (device=cuda makes this an error)"]
 
 
 def _check_bf16(a: Assignment, bf16_keys: list[str]) -> None:

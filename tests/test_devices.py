@@ -235,7 +235,10 @@ def test_device_cuda_with_a_rank_that_sees_no_gpu_is_one_line_naming_the_rank():
     seen = [Seen("a", 0, 1, True), Seen("b", 0, 0, True), Seen("b", 1, 0, True)]
     with pytest.raises(DeviceError, match=r"device=cuda: 2 of 3 ranks see no GPU \(rank 1 on b, rank 2 on b\)"):
         assign("cuda", seen)
-    assert assign("auto", seen).devices == ["cuda:0", "cpu", "cpu"]
+    auto = assign("auto", seen)
+    assert auto.devices == ["cuda:0", "cpu", "cpu"]
+    assert auto.warnings == ["ranks 1, 2 see no GPU and run on the CPU while the others use GPUs; a round waits for "
+                             "its slowest rank (device=cuda makes this an error)"]
     assert assign("cpu", seen).devices == ["cpu"] * 3
 
 
