@@ -22,7 +22,6 @@ import math
 import os
 import shutil
 import socket
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from .checkpoint import torch_seed
 from .data import pad_batch
 from .methods import Plan
 from .paths import scratch_dir
-from .reaper import process_alive, reap_when_gone
+from .reaper import process_alive, scratch, sweep_stale_copies
 
 
 FILL_BATCH = 16  # examples per emulator pass when a client's cache is filled
@@ -369,21 +368,6 @@ class Faults:
         return state
 
 
-def sweep_stale_copies(root: Path | None = None) -> list[str]:
-    """Remove the on-disk sub-LLM copies (TMPDIR/fedsoda-client<rank>-<pid>-*) of client processes that are gone:
-    a rank SIGKILLed while loading (mpirun's grace period after SIGTERM is about a second) could not remove its own."""
-    removed = []
-    for path in sorted(Path(root or tempfile.gettempdir()).glob("fedsoda-client*-*-*")):
-        try:
-            pid = int(path.name.split("-")[2])
-        except ValueError:
-            continue  # not a name this code writes
-        if not process_alive(pid):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path.name)
-    return removed
-
-
 def cache_folder_name(rank: int, pid: int | None = None) -> str:
     """This rank's disk-tier folder name, fedsoda-cache-<pid>-<host>-rank<R>: the pid (and host, in case the
     scratch folder is shared between nodes) let `sweep_stale_caches` tell a dead process's folder from a live one."""
@@ -442,11 +426,8 @@ class Client:
         self.model_bytes = sum(len(v) for v in files.values())  # config + weights + tokenizer, as received
         self.weight_bytes = models.safetensors_tensor_bytes(files["model.safetensors"])
         sweep_stale_copies()
-        with tempfile.TemporaryDirectory(prefix=f"fedsoda-client{rank}-{os.getpid()}-") as tmp:
-            reaper = reap_when_gone(tmp)  # removes the copy even if this rank is SIGKILLed while loading it
-            sub, self.tok = models.load_bundle(files, Path(tmp), str(device))
-        with contextlib.suppress(Exception):
-            reaper.wait(timeout=5)  # it sees the folder gone within 0.2 s and exits
+        with scratch(f"client{rank}") as tmp:  # removed even if this rank is SIGKILLed while loading it
+            sub, self.tok = models.load_bundle(files, tmp, str(device))
         data.ensure_pad_token(self.tok)
         torch.manual_seed(cfg.seed)
         self.sub = models.add_lora(sub, plan.lora_sub, **cfg.lora.kwargs())

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +23,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from .host import to_host_state
 from .methods import layer_maps
+from .reaper import scratch
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _LAYER_KEY = re.compile(r"\.layers\.(\d+)\.")
@@ -282,7 +282,7 @@ def build_sub_model(full_model, kept: Sequence[int], quantize: bool, compute_dty
         quant = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_use_double_quant=double_quant,
                                       bnb_4bit_compute_dtype=torch_dtype(compute_dtype))
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch("server") as tmp:
         folder = Path(workdir or tmp)
         folder.mkdir(parents=True, exist_ok=True)
         _write_checkpoint(full_model, _sub_config(copy.deepcopy(full_model.config), kept),
@@ -454,8 +454,8 @@ def model_bundle(model, tokenizer) -> dict[str, bytes]:
     model only (LoRA entries dropped, `.base_layer.` unwrapped); LoRA values travel separately."""
     causal = causal_lm(model)
     state = {k.replace(".base_layer.", "."): v for k, v in causal.state_dict().items() if "lora_" not in k}
-    with tempfile.TemporaryDirectory() as tmp:
-        _write_checkpoint(causal, causal.config, state, Path(tmp))
+    with scratch("server") as tmp:
+        _write_checkpoint(causal, causal.config, state, tmp)
         tokenizer.save_pretrained(tmp)
         return {str(p.relative_to(tmp)): p.read_bytes() for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
 

@@ -7,12 +7,16 @@ code outlasts it) cannot remove its own temporary copy; its reaper, in a session
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+SCRATCH_GLOBS = ("fedsoda-client*-*-*", "fedsoda-server-*-*")  # `scratch` folders: fedsoda-<role>-<pid>-<random>
 
 
 def process_alive(pid: int) -> bool:
@@ -36,6 +40,35 @@ def reap_when_gone(*paths: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "fedsoda_mpi.reaper", str(os.getpid()), *map(str, paths)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, close_fds=True)
+
+
+@contextlib.contextmanager
+def scratch(role: str):
+    """A temporary folder TMPDIR/fedsoda-<role>-<pid>-<random> (role: server, client<R>) for a model copy: removed
+    when the block ends, by its reaper when this process is SIGKILLed inside it, and by `sweep_stale_copies` at the
+    next start if even the reaper was killed."""
+    with tempfile.TemporaryDirectory(prefix=f"fedsoda-{role}-{os.getpid()}-") as tmp:
+        reaper = reap_when_gone(Path(tmp))
+        yield Path(tmp)
+    with contextlib.suppress(Exception):
+        reaper.wait(timeout=5)  # it sees the folder gone within 0.2 s and exits
+
+
+def sweep_stale_copies(root: Path | None = None) -> list[str]:
+    """Remove the `scratch` folders (TMPDIR/fedsoda-client<R>-<pid>-*, fedsoda-server-<pid>-*) of processes that are
+    gone: a rank SIGKILLed while building or loading a sub-LLM (mpirun's grace period after SIGTERM is about a
+    second) could not remove its own, nor could its reaper if it was killed too."""
+    removed = []
+    root = Path(root or tempfile.gettempdir())
+    for path in sorted({p for pattern in SCRATCH_GLOBS for p in root.glob(pattern)}):
+        try:
+            pid = int(path.name.split("-")[2])
+        except ValueError:
+            continue  # not a name this code writes
+        if not process_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
 
 
 def main(argv: list[str]) -> None:

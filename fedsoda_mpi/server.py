@@ -17,6 +17,7 @@ from .config import Config
 from .evaluate import evaluate
 from .host import to_numpy
 from .methods import Plan
+from .reaper import sweep_stale_copies
 from .paths import model_path, sha256_of
 from .runlog import RunLog
 from .signals import STOP_REQUESTED, StopRequested
@@ -205,6 +206,9 @@ class Server:
         cfg = self.cfg
         self.plan = plan
         t0 = time.time()
+        swept = sweep_stale_copies()  # a SIGKILLed earlier server's or client's copy of a sub-LLM in TMPDIR
+        if swept:
+            self.log.log(f"removed {len(swept)} stale temporary folder(s) of ended processes: {', '.join(swept)}")
         sub = models.build_sub_model(self.full, plan.kept, cfg.quant.enabled, cfg.quant.compute_dtype,
                                      cfg.quant.double_quant, device=str(self.device))
         self.bundle = models.model_bundle(sub, self.tok)

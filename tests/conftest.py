@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def running(pid: int) -> bool:
     """Whether process `pid` still runs (a zombie counts as gone): the code's own `client.process_alive`."""
-    from fedsoda_mpi.client import process_alive
+    from fedsoda_mpi.reaper import process_alive
 
     return process_alive(pid)
 

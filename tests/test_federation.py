@@ -38,15 +38,16 @@ def test_sweep_removes_only_copies_of_dead_client_processes(tmp_path, monkeypatc
     import sys
     import tempfile
 
-    from fedsoda_mpi.client import sweep_stale_copies
+    from fedsoda_mpi.reaper import sweep_stale_copies
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the default root: TMPDIR
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
     (tmp_path / f"fedsoda-client1-{dead}-abc").mkdir()
+    (tmp_path / f"fedsoda-server-{dead}-ghi").mkdir()  # the server's build of M* (SIGKILLed rank 0): swept too
     (tmp_path / f"fedsoda-client2-{os.getpid()}-def").mkdir()  # alive: kept
     (tmp_path / "fedsoda-client1-xyz").mkdir()  # not a name with a pid: kept
-    assert sweep_stale_copies() == [f"fedsoda-client1-{dead}-abc"]
+    assert sweep_stale_copies() == [f"fedsoda-client1-{dead}-abc", f"fedsoda-server-{dead}-ghi"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fedsoda-client1-xyz", f"fedsoda-client2-{os.getpid()}-def"]
 
 
@@ -83,7 +84,7 @@ def test_a_killed_but_unreaped_process_counts_as_gone(tmp_path):
     import sys
     import time
 
-    from fedsoda_mpi.client import process_alive, sweep_stale_copies
+    from fedsoda_mpi.reaper import process_alive, sweep_stale_copies
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     assert process_alive(child.pid)
@@ -204,7 +205,7 @@ def test_a_client_holds_what_it_received_tied_or_untied_head(family, request, tm
 
 
 def test_a_reaper_removes_the_copy_of_a_sigkilled_process_and_exits_when_the_copy_is_gone(tmp_path):
-    """client.reap_when_gone: a SIGKILLed owner (mpirun's ~1 s grace after SIGTERM ends a rank loading the sub-LLM)
+    """reaper.reap_when_gone: a SIGKILLed owner (mpirun's ~1 s grace after SIGTERM ends a rank loading the sub-LLM)
     leaves no copy behind, also while it is an unreaped zombie; an owner that removes its copy itself ends the
     reaper at once. The owner here runs the reaper exactly as Client.__init__ does."""
     import os
@@ -213,7 +214,7 @@ def test_a_reaper_removes_the_copy_of_a_sigkilled_process_and_exits_when_the_cop
     import sys
     import time
 
-    owner_code = ("import sys, time; from pathlib import Path; from fedsoda_mpi.client import reap_when_gone; "
+    owner_code = ("import sys, time; from pathlib import Path; from fedsoda_mpi.reaper import reap_when_gone; "
                   "d = Path(sys.argv[1]); d.mkdir(); (d / 'model.safetensors').write_bytes(b'x' * 1000); "
                   "r = reap_when_gone(d); print(r.pid, flush=True); time.sleep(60)")
     copy = tmp_path / "fedsoda-client1-copy"
@@ -229,7 +230,7 @@ def test_a_reaper_removes_the_copy_of_a_sigkilled_process_and_exits_when_the_cop
         assert time.time() < deadline, "the reaper did not remove the copy of a SIGKILLed process"
         time.sleep(0.05)
     owner.wait()
-    from fedsoda_mpi.client import process_alive, reap_when_gone
+    from fedsoda_mpi.reaper import process_alive, reap_when_gone
 
     while process_alive(reaper_pid):
         assert time.time() < deadline
@@ -239,3 +240,20 @@ def test_a_reaper_removes_the_copy_of_a_sigkilled_process_and_exits_when_the_cop
     r = reap_when_gone(mine)
     mine.rmdir()  # the owner removes its copy itself (the normal case): the reaper exits
     assert r.wait(timeout=5) == 0
+
+
+def test_the_servers_sub_llm_build_and_bundle_use_recognizable_scratch_folders(tiny_llama, tmp_path, monkeypatch):
+    """Rank 0's temporary copy of M* while it builds it is TMPDIR/fedsoda-server-<pid>-* (as is the bundle's,
+    `reaper.scratch`): a later start sweeps it when rank 0 was SIGKILLed mid-build, and it is gone after the call."""
+    import os
+    import tempfile
+
+    from fedsoda_mpi import models
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    seen = []
+    write = models._write_checkpoint
+    monkeypatch.setattr(models, "_write_checkpoint", lambda m, c, s, folder: seen.append(folder.name) or write(m, c, s, folder))
+    models.build_sub_model(tiny_llama, [0, 1, 2, 3], quantize=False)
+    assert len(seen) == 1 and seen[0].startswith(f"fedsoda-server-{os.getpid()}-")
+    assert list(tmp_path.iterdir()) == []

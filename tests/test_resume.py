@@ -183,7 +183,7 @@ def test_sigterm_stops_every_rank_with_a_line_and_leaves_no_temporary_files(requ
     if moment == "mid-run" or len(logged) == 2:  # every rank handled the signal: nothing of theirs is left
         assert logged == ["log.rank1.txt", "log.rank2.txt"] and not left, (logged, left)
     else:  # a client rank busy in C code (loading weights) outlived mpirun's ~1 s grace and was SIGKILLed: its
-        # reaper (client.reap_when_gone) removes its copy once it is gone (a zombie counts as gone)
+        # reaper (reaper.reap_when_gone) removes its copy once it is gone (a zombie counts as gone)
         deadline = time.time() + 30
         while list(tmp.glob("fedsoda*")) and time.time() < deadline:
             time.sleep(0.1)
