@@ -441,6 +441,9 @@ def _validate_sgp_oda(cfg: Config) -> None:
     _at_least("oda.re_samples", o.re_samples, 1)
     _at_least("oda.alpha", o.alpha, 0)
     _at_least("oda.beta", o.beta, 0)
+    _check(o.alpha + o.beta > 0 or not (o.pre_align or o.re_align),
+           "oda.alpha=0 and oda.beta=0: the alignment loss (eq. 8) is 0, so M* would ship unaligned; set one of them "
+           "> 0, or turn alignment off with oda.pre_align=false oda.re_align=false")
     _check(o.lr > 0, f"oda.lr: must be > 0, got {o.lr}")
     _at_least("oda.batch_size", o.batch_size, 1)
 

@@ -23,6 +23,10 @@ from .runlog import RunLog
 from .signals import STOP_REQUESTED, StopRequested
 
 
+class AlignmentDiverged(RuntimeError):
+    """ODA produced a non-finite loss or emulator LoRA (oda.lr too large)."""
+
+
 HELDOUT_TEXTS = 16  # held-out public texts of KL(M || M*) and of the drift probe (its first batch)
 
 
@@ -231,12 +235,20 @@ class Server:
         return oda.AlignPairs(inter=self.plan.align_pairs, full_final=self.plan.num_layers - self.plan.adapter_size - 1,
                               sub_final=self.plan.emulator_end - 1)
 
-    def _align(self, batches: list[dict], epochs: int) -> list[dict]:
+    def _align(self, batches: list[dict], epochs: int, what: str) -> list[dict]:
+        """ODA (eq. 8) on `batches`; a diverged alignment (non-finite loss or emulator LoRA) stops the run here with
+        one line naming oda.lr, before M* reaches the clients (their updates would all be rejected later)."""
         params = models.set_trainable(self.sub, self.plan.emulator_lora_sub)
         models.set_trainable(self.full, [])
         c = self.cfg.oda
-        return oda.align(self.full, self.sub, batches, self._pairs(), params, epochs, c.lr, c.alpha, c.beta,
-                         progress=os.environ.get("FEDSODA_PROGRESS", "1") == "1")
+        steps = oda.align(self.full, self.sub, batches, self._pairs(), params, epochs, c.lr, c.alpha, c.beta,
+                          progress=os.environ.get("FEDSODA_PROGRESS", "1") == "1")
+        bad = next((i for i, s in enumerate(steps) if not np.isfinite(s["loss"])), None)
+        if bad is not None or not all(bool(torch.isfinite(p).all()) for p in params):
+            where = f"loss {steps[bad]['loss']} at step {bad + 1} of {len(steps)}" if bad is not None else \
+                "the emulator LoRA holds NaN/Inf"
+            raise AlignmentDiverged(f"{what} diverged ({where}); lower oda.lr (now {c.lr:g}) and run again")
+        return steps
 
     # Algorithm 2 lines 3-5
     def pre_align(self) -> None:
@@ -244,7 +256,7 @@ class Server:
             return
         kl_before, self_before = self.held_out_kl()
         t0 = time.time()
-        steps = self._align(self.public, self.cfg.oda.pre_epochs)
+        steps = self._align(self.public, self.cfg.oda.pre_epochs, "pre-alignment")
         seconds = time.time() - t0
         kl_after, self_after = self.held_out_kl()
         for key in ("loss", "loss_rep", "loss_kl"):
@@ -268,7 +280,7 @@ class Server:
         rng = np.random.default_rng([self.cfg.seed, rnd, 7])
         torch.manual_seed(checkpoint.torch_seed(self.cfg.seed, rnd, checkpoint.REALIGN_STREAM))  # LoRA dropout
         batches = public_batches(self.cfg, self.tok, self.pool, self.cfg.oda.re_samples, rng=rng)
-        steps = self._align(batches, self.cfg.oda.re_epochs)
+        steps = self._align(batches, self.cfg.oda.re_epochs, f"round {rnd}: re-alignment")
         mean = {k: float(np.mean([s[k] for s in steps])) for k in ("loss", "loss_rep", "loss_kl")}
         self.log.append("oda/re", {"round": np.int32(rnd), **{k: np.float32(v) for k, v in mean.items()}})
         self.mark_aligned(rnd)

@@ -257,3 +257,23 @@ def test_the_servers_sub_llm_build_and_bundle_use_recognizable_scratch_folders(t
     models.build_sub_model(tiny_llama, [0, 1, 2, 3], quantize=False)
     assert len(seen) == 1 and seen[0].startswith(f"fedsoda-server-{os.getpid()}-")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_diverging_alignment_stops_before_the_clients_with_one_line_naming_oda_lr(tiny_model_dir, tmp_path):
+    """oda.lr=1e10 drives pre-alignment to NaN: the server stops right there naming oda.lr (issue 33), instead of
+    shipping a broken M* whose clients' updates round 1 would reject with advice about fed.lr."""
+    import torch
+
+    from fedsoda_mpi.runlog import RunLog
+    from fedsoda_mpi.server import AlignmentDiverged, Server
+
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", "fed.clients=2", "data.public_samples=8",
+                             "data.val_size=20", "oda.lr=1e10"])
+    log = RunLog(tmp_path, 0, echo=False)
+    log.open_h5(cfg, 2, cfg.model.name, mode="w")
+    server = Server.load(cfg, log, torch.device("cpu"))
+    server.build(server.plan_layers())
+    with pytest.raises(AlignmentDiverged, match=r"^pre-alignment diverged \((loss nan at step \d+ of \d+|the emulator "
+                                                r"LoRA holds NaN/Inf)\); lower oda.lr \(now 1e\+10\) and run again$"):
+        server.pre_align()
+    log.close()

@@ -174,6 +174,9 @@ AUTO = ["sgp.auto=true", "sgp.remove_layers=12"]
                              "every oda.every rounds); set oda.trigger=drift, or leave oda.max_interval at 0"),
     (["data.public=self", "data.self_temperature=0"], "data.self_temperature: must be > 0 (sampling), got 0.0"),
     (["data.public=none"], "data.public: expected wikitext2, gsm8k or self, got 'none'"),
+    (["oda.alpha=0", "oda.beta=0"], "oda.alpha=0 and oda.beta=0: the alignment loss (eq. 8) is 0, so M* would ship "
+                                    "unaligned; set one of them > 0, or turn alignment off with oda.pre_align=false "
+                                    "oda.re_align=false"),
 ])
 def test_auto_sgp_and_self_public_keys_name_the_key(args, msg):
     with pytest.raises(ConfigError) as e:
