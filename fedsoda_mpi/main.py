@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from .config import Config, ConfigError, load_config, validate
-from .signals import PROGRESS, STOPPED_EXIT, TERMINATED_EXIT, Terminated, install_stop_handlers, where_now
+from .signals import (PROGRESS, STOPPED_EXIT, TERMINATED_EXIT, Terminated, install_stop_handlers, resume_hint,
+                      where_now)
 
 USAGE_EXIT = 2
 
@@ -155,14 +156,14 @@ def main(argv: list[str] | None = None) -> int:
         result = federation.run(cfg, comm, inputs)
     except RunFolderBusy as e:  # every rank learns it from rank 0 when the run folder is opened
         return usage_exit(comm, e)
-    except Terminated:  # every `with` block on the way has run: temporary folders are gone
-        if PROGRESS["log"] is not None:
-            PROGRESS["log"].log(f"stopping on SIGTERM {where_now()}: the round is abandoned; run the same command "
-                                "with resume=auto to continue from the last checkpoint")
-            PROGRESS["log"].close()  # run.h5 closed cleanly (it was flushed at the end of the last round)
+    except Terminated as e:  # every `with` block on the way has run: temporary folders are gone
+        log = PROGRESS["log"]
+        hint = resume_hint(log.run_dir if log is not None else None)
+        if log is not None:
+            log.log(f"stopping on {e.signal} {where_now()}: the round is abandoned; {hint}")
+            log.close()  # run.h5 closed cleanly (it was flushed at the end of the last round)
         if comm.rank == 0:
-            print(f"fedsoda-mpi: stopped on SIGTERM {where_now()}; run the same command with resume=auto to "
-                  "continue from the last checkpoint", file=sys.stderr, flush=True)
+            print(f"fedsoda-mpi: stopped on {e.signal} {where_now()}; {hint}", file=sys.stderr, flush=True)
         os._exit(TERMINATED_EXIT)  # no MPI_Finalize: the other ranks are leaving too, not waiting in a collective
     return STOPPED_EXIT if result and "stopped" in result else 0
 
