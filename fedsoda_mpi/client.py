@@ -37,6 +37,7 @@ from .checkpoint import torch_seed
 from .data import pad_batch
 from .methods import Plan
 from .paths import scratch_dir
+from .host import to_host
 from .reaper import process_alive, scratch, sweep_stale_copies
 
 
@@ -216,7 +217,7 @@ class EmulatorCache:
             batch = pad_batch([examples[j] for _, j in chunk], pad_id)
             h = _emulator(model, plan, batch["input_ids"].to(device), batch["attention_mask"].to(device))
             for row, (n, j) in enumerate(chunk):
-                self.store[(client, j)] = h[row, :n].to("cpu", copy=True)
+                self.store[(client, j)] = to_host(h[row, :n])
         self.misses += len(missing)
         self.complete[client] = len(examples)
         self.seconds += time.perf_counter() - t0

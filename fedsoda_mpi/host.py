@@ -4,7 +4,8 @@ Models live on their rank's device (devices.py); everything downstream of a mode
 states (`models.lora_state`) that the strategies aggregate, MPI buffers (comm.py), numpy arrays, HDF5 rows,
 safetensors checkpoints and exports. Crossing goes through here:
 
-    to_host(t)          a detached copy in host memory (from any device)
+    to_host(t)          a detached copy in host memory (from any device): a snapshot, e.g. of LoRA weights
+    readable(t)         t in host memory for a read-only exit (a file, a hash): no copy when it is there already
     to_host_state(d)    the same for a dict of tensors (a LoRA state)
     to_numpy(t)         to_host(t) as a numpy array (from any device)
     copy_into(buf, t)   t (any device) copied into a slice of a host buffer, one copy (MPI send buffers)
@@ -29,6 +30,12 @@ class DeviceError(RuntimeError):
 def to_host(t: torch.Tensor) -> torch.Tensor:
     """A detached, contiguous copy of `t` in host memory (a copy even when `t` is already there)."""
     return t.detach().to(HOST, copy=True).contiguous()
+
+
+def readable(t: torch.Tensor) -> torch.Tensor:
+    """`t` detached and contiguous in host memory, sharing its memory when it is already there (read-only exits:
+    files, hashes; at 8B a copy of every weight on the way to a file would double the host memory)."""
+    return t.detach().to(HOST).contiguous()
 
 
 def to_host_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

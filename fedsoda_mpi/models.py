@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import transformers as tf
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from .host import to_host_state
+from .host import readable, to_host_state
 from .methods import layer_maps
 from .reaper import scratch
 
@@ -260,7 +260,7 @@ def _write_checkpoint(model, config, state: dict[str, torch.Tensor], folder: Pat
         if tensor.numel() and storage in seen:
             continue
         seen.add(storage)
-        unique[key] = tensor.detach().contiguous()
+        unique[key] = readable(tensor)
     save_file(unique, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
