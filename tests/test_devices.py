@@ -309,3 +309,26 @@ def test_tensors_leave_a_device_only_through_host_py():
              if p.name != "host.py" for i, line in enumerate(p.read_text().splitlines(), 1)
              if re.search(r"\.(numpy|cpu)\(\)|\.to\(\s*[\"']cpu", line)]
     assert found == []
+
+
+def test_evaluation_on_a_gpu_gives_the_cpu_answers(tiny_model_dir):
+    """Every evaluation path on virtual cuda:0 (label likelihood on SST-2 and BoolQ, k-shot GSM8K generation with
+    the shared-prefix KV cache and the stop criteria, perplexity) runs with its inputs on the model's device and
+    returns what the same model returns on the CPU."""
+    from fedsoda_mpi import data
+    from fedsoda_mpi.evaluate import evaluate, perplexity
+
+    model, tok = models.load_causal_lm(tiny_model_dir)
+    data.ensure_pad_token(tok)
+    texts = data.load_public("wikitext2", holdout=True)[:2]
+
+    def run():
+        out = {task: evaluate(model, tok, task, max_examples=4, batch_size=2, k_shot=2, max_new_tokens=6)
+               for task in ("sst2", "boolq", "gsm8k")}
+        return {t: (r["accuracy"], r.get("outputs", r.get("pred_counts"))) for t, r in out.items()}, \
+            perplexity(model, tok, texts, max_len=32)
+
+    expected = run()
+    with VirtualCuda():
+        place(model, "cuda:0")
+        assert run() == expected
