@@ -140,7 +140,8 @@ def test_rounds_in_one_process_server_client_and_strategy(tiny_model_dir, tmp_pa
         client.place({0, 1})
         fits = [client.fit(k, held, rnd) for k in (0, 1)]
         assert all(f.steps > 0 and f.n_samples == 4 and np.isfinite(f.loss) for f in fits)
-        if rnd == 1:  # the same client, round and global LoRA: the same update, bit for bit
+        if rnd == 1:  # the same client, round and global LoRA: the same update, bit for bit (on the CPU; on a GPU
+            # only with debug.deterministic=true: docs/design.md, Devices)
             again = client.fit(0, held, rnd)
             assert all(torch.equal(again.state[k], fits[0].state[k]) for k in again.state)
         uploads = [strategy.pack_upload(f.state, held, f.loss, f.n_samples) for f in fits]

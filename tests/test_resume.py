@@ -1,5 +1,7 @@
 """Resume after an interruption reproduces the uninterrupted run bit for bit (real mpirun; the tiny SmolLM2-shaped
-model folder `tiny_model_dir`: bit-identity and signal handling are wiring, not model quality).
+model folder `tiny_model_dir`: bit-identity and signal handling are wiring, not model quality). The guarantee holds
+on the CPU, where these tests run; on a GPU a resumed run is bit-identical only with debug.deterministic=true
+(nondeterministic CUDA kernels otherwise: docs/design.md, "Devices").
 
 Interruptions: SIGKILL of the whole mpirun process tree mid-run, and the SIGUSR1 stop request
 (what Slurm's `--signal=B:USR1@...` sends; slurm/common.sh forwards it to the MPI step)."""
