@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -111,6 +112,15 @@ class Schema:
             out[name] = flat[offset:offset + n].view(shape)
             offset += n
         return out
+
+
+def _byte_tensor(data) -> torch.Tensor:
+    """A uint8 tensor over a bytes-like object without copying it (only ever read: packed into a send buffer)."""
+    if not len(data):
+        return torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given buffer is not writable": it is never written
+        return torch.frombuffer(data, dtype=torch.uint8)
 
 
 def _wire(flat: torch.Tensor):
@@ -286,16 +296,21 @@ class Comm:
         self._count(category, sent=len(messages) * schema.nbytes)
         return None
 
-    def broadcast_bytes(self, files: dict[str, bytes] | None, root: int = 0, category: str = "model") -> dict[str, bytes]:
-        """Ship a set of files (e.g. the sub-LLM's safetensors + config) as one uint8 message."""
+    def broadcast_bytes(self, files: dict[str, bytes] | None, root: int = 0, category: str = "model",
+                        views: bool = False) -> dict:
+        """Ship a set of files (e.g. the sub-LLM's safetensors + config) as one uint8 message. The root packs its
+        files into the send buffer directly (one copy); with `views` the other ranks get memoryviews into the
+        receive buffer instead of bytes copies (the 8B sub-LLM is ~5 GB: one host copy per rank, not two)."""
         schema = None
         tensors = None
         if self.rank == root:
-            tensors = {name: torch.frombuffer(bytearray(data), dtype=torch.uint8) for name, data in files.items()}
+            tensors = {name: _byte_tensor(data) for name, data in files.items()}
             schema = Schema.of(tensors) if tensors else Schema((), (), "uint8")
         schema = self.agree_schema(schema, root, category=category)
         got = self.broadcast(tensors, schema, root, category=category)
-        return files if self.rank == root else {k: bytes(as_numpy(v)) for k, v in got.items()}
+        if self.rank == root:
+            return files
+        return {k: memoryview(as_numpy(v)) if views else bytes(as_numpy(v)) for k, v in got.items()}
 
     def broadcast_flag(self, value: bool | None, root: int = 0) -> bool:
         """One bool from `root` to every rank (8 bytes, counted as control)."""

@@ -129,7 +129,7 @@ def set_up_server(cfg: Config, comm, log: RunLog, rows: list, hist) -> tuple:
         log.set_attrs("/", resumed_from=np.append(log.attrs("/").get("resumed_from", []), start).astype(np.int32))
         log.log(f"resumed from {ck.path} (round {start} of {cfg.fed.rounds}); SGP and pre-alignment not repeated")
     files = {"plan.json": json.dumps(server.plan.to_dict()).encode(), "start.json": json.dumps(start).encode(),
-             **server.bundle}
+             **server.release_bundle()}
     log.flush()
     return server, base, files
 
@@ -181,11 +181,11 @@ def run(cfg: Config, comm, inputs: tuple) -> dict | None:
     server, base, files = set_up_server(cfg, comm, log, rows, hist) if comm.is_server else (None, None, None)
     comm.idle_wait()  # line 6: send M* ONCE (quantized weights + config + tokenizer); never the full LLM
     t0 = time.time()
-    files = comm.broadcast_bytes(files, category="model")
+    files = comm.broadcast_bytes(files, category="model", views=True)  # clients: views into one receive buffer
     if "stopped" in files:  # SIGUSR1 during the base model's evaluation (set_up_server)
         log.close()
         return {"stopped": 0}
-    plan, start = Plan.from_dict(json.loads(files.pop("plan.json"))), json.loads(files.pop("start.json"))
+    plan, start = Plan.from_dict(json.loads(bytes(files.pop("plan.json")))), json.loads(bytes(files.pop("start.json")))
     if comm.is_server:
         model_bytes = sum(len(v) for v in files.values())
         log.log(f"shipped the sub-LLM ({model_bytes / 2**20:.1f} MiB) to {comm.size - 1} client ranks in "

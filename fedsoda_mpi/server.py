@@ -223,6 +223,11 @@ class Server:
         self.log.log(f"sub-LLM: {plan.sub_layers}/{plan.num_layers} layers, quantized={cfg.quant.enabled}, "
                      f"{models.stored_bytes(sub) / 2**20:.1f} MiB as stored, built in {time.time() - t0:.1f}s")
 
+    def release_bundle(self) -> dict[str, bytes]:
+        """The bundle to ship (line 6), no longer held by the server (at 8B ~5 GB of host memory for the run)."""
+        bundle, self.bundle = self.bundle, None
+        return bundle
+
     def emulator_lora(self) -> dict[str, torch.Tensor]:
         return models.lora_state(self.sub, self.plan.emulator_lora_sub)
 
