@@ -691,7 +691,8 @@ def list_runs(study: Study, results: Path) -> None:
             continue
         states = [state(r, lr_for(r, chosen), results) for r in runs]
         failed = states.count("failed")
-        print(f"stage {stage}: {len(runs)} runs, {states.count('done')} done" + (f", {failed} failed" if failed else ""))
+        print(f"stage {stage}: {len(runs)} runs, {states.count('done')} done"
+              + (f", {failed} failed" if failed else ""))
         for r, now in zip(runs, states):  # stale: at an lr the selection no longer picks; failed: `run` runs it again
             lr = lr_for(r, chosen)
             print(f"  {now}  {r.id}  lr={'selected (pending)' if lr is None else f'{lr:g}'}  np={r.np}")

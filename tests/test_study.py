@@ -395,3 +395,31 @@ def test_a_failed_run_is_listed_as_failed_and_run_again(tmp_path, capsys, monkey
     assert launched == [run_id, run_id] and f"{run_id}: it failed before; running it again" in out
     assert "attempt 2 refused" in out and "attempt 1" not in out  # this attempt's line, not an older one's
     assert json.loads((res / f"{run_id}.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.mpi
+def test_a_run_that_fails_at_launch_is_failed_and_run_again_under_mpirun(tmp_path):
+    """The real route: a run that its mpirun refuses at start (a model folder that does not exist; `np: 1` did the
+    same before np was checked) leaves no log.txt; `study run` quotes the run's one-line error, names the stdout.txt
+    that holds it, lists the run as failed, and the next `study run` starts it again (it did nothing, exit 0)."""
+    import subprocess
+    import sys
+
+    spec = {"name": "tiny", "job": "jobs/smollm2_sst2_iid.yaml", "np": 2,
+            "overrides": {"fed.rounds": 1, "fed.clients": 1, "eval.every": 1, "model.name": str(tmp_path / "no-model")},
+            "grid": {"methods": ["fedsoda"], "tasks": ["sst2"], "seeds": [0], "lr": [1e-3]}}
+    path = _write(tmp_path, spec)
+    where = ["--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")]
+    run_id = S.load(path).runs[0].id
+    out = tmp_path / "runs" / run_id / "stdout.txt"
+    for attempt in (1, 2):
+        p = subprocess.run([sys.executable, "-m", "fedsoda_mpi.study", "run", path, *where], capture_output=True,
+                           text=True, timeout=600, cwd=ROOT)
+        assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
+        assert f"[study] {run_id}: exit code 2: fedsoda-mpi: config error: model.name: " in p.stdout, p.stdout[-3000:]
+        assert p.stdout.rstrip().endswith(f"; see {out}") and out.is_file(), p.stdout[-3000:]
+        assert not (tmp_path / "runs" / run_id / "log.txt").exists()
+        assert ("it failed before; running it again" in p.stdout) == (attempt == 2)
+        listed = subprocess.run([sys.executable, "-m", "fedsoda_mpi.study", "list", path, *where[:2]],
+                                capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert f"  failed  {run_id}  lr=0.001" in listed.stdout, listed.stdout
