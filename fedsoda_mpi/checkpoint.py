@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import Config, ConfigError, flatten, load_config
+from .config import Config, ConfigError, flatten, job_keys, set_key
 from .host import to_host_state
 from .paths import sha256_of
+from .runlog import RunFolderRefused, archive_failed_attempt, finished_rounds
 
 # How every random draw is derived (recorded in state.json; the sampler state is the round number).
 RNG_SCHEME = {
@@ -145,16 +146,41 @@ def latest(run_dir: Path, warn=print) -> Checkpoint | None:
     return None
 
 
-def resume_point(run_dir: Path, log) -> Checkpoint | None:
-    """resume=auto: the newest valid checkpoint (its run.h5 copy replaces the live one, so rows written after
-    it are dropped, not duplicated), or None for a fresh start."""
-    ck = latest(run_dir, warn=log.log)
-    if ck is None:
-        if (run_dir / "run.h5").exists():
-            log.log(f"WARNING: resume=auto but {run_dir} has no valid checkpoint; starting the run over")
-        return None
-    shutil.copyfile(ck.path / "run.h5", run_dir / "run.h5")
+def claim(cfg: Config, run_dir: Path) -> tuple[Checkpoint | None, list[str]]:
+    """Rank 0, the run folder locked, before any rank logs: the checkpoint this start continues from and the lines
+    for the log. Without resume=auto an unfinished attempt moves to failed-<time>/ (prepare_config refused a
+    finished run). With resume=auto: the newest valid checkpoint (a damaged newer one is named); with none valid, a
+    finished run is refused (RunFolderRefused: it is never started over in place) and an unfinished attempt moves
+    to failed-<time>/ (its generated public texts stay: the settings are the run's own) and the run starts over."""
+    notes: list[str] = []
+    if cfg.resume == "auto":
+        ck = latest(run_dir, warn=notes.append)
+        if ck is not None:
+            return ck, notes
+        done = finished_rounds(run_dir)
+        if done is not None:
+            raise RunFolderRefused(not_continuable(run_dir, done, "none of its checkpoints is valid"))
+    moved = archive_failed_attempt(run_dir, keep=("public_self.jsonl",) if cfg.resume == "auto" else ())
+    if moved and cfg.resume == "auto":
+        notes.append(f"resume=auto: the folder has no valid checkpoint to continue from: moved its unfinished attempt "
+                     f"(no /final) to {moved}; starting the run over")
+    elif moved:
+        notes.append(f"the folder held an unfinished attempt (no /final): moved it to {moved}; starting over")
+    return None, notes
+
+
+def resume_point(run_dir: Path, ck: Checkpoint) -> Checkpoint:
+    """resume=auto from `ck`: its run.h5 copy replaces the live one, so rows written after it are dropped, not
+    duplicated."""
+    shutil.copyfile(ck.path / "run.h5", Path(run_dir) / "run.h5")
     return ck
+
+
+def not_continuable(run_dir: Path, done: int, why: str) -> str:
+    """The refusal of resume=auto on a finished run that has no checkpoint to continue from."""
+    return (f"resume=auto: {run_dir} holds a finished run of {done} round{'s' * (done != 1)} but {why}, so it cannot "
+            "be continued, and it is not started over in place; run the longer run in another output.dir (or move "
+            "this folder away first)")
 
 
 # keys that may change when a run is resumed; every other setting must equal the checkpointed run's
@@ -163,15 +189,50 @@ RESUME_MAY_CHANGE = ("resume", "device", "job", "debug.", "output.", "fed.rounds
 
 
 def check_resumable(cfg: Config, run_dir: Path) -> None:
-    """resume=auto: the run folder must be fixed in advance, and a run found there must have the same settings."""
+    """resume=auto: the run folder must be fixed in advance; a run found there must have the same resolved settings
+    and must not have done more rounds than fed.rounds; a finished run needs a checkpoint to continue from."""
     if not (cfg.output.dir or cfg.output.name or os.environ.get("SLURM_JOB_ID")):
         raise ConfigError("resume=auto: set output.dir (or output.name) so that a restart finds the same run folder")
     saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return  # nothing to resume yet: a fresh run
-    old, new = flatten(load_config(str(saved), []).to_dict()), flatten(cfg.to_dict())
+    if saved.is_file():
+        _check_same_settings(cfg, saved)
+    _check_rounds(cfg, run_dir)
+
+
+def saved_settings(saved: Path) -> dict:
+    """The resolved settings a run wrote to its config.yaml, as flat keys: the file's values as they are (no method
+    preset is applied to them again); a key the file lacks (added to Config since) has its default."""
+    cfg = Config()
+    for key, value in job_keys(saved).items():
+        set_key(cfg, key, value)
+    return flatten(cfg.to_dict())
+
+
+def _check_same_settings(cfg: Config, saved: Path) -> None:
+    """Every setting outside RESUME_MAY_CHANGE equals the run's (both resolved: preset, job file, overrides)."""
+    try:
+        old = saved_settings(saved)
+    except ConfigError as e:
+        raise ConfigError(f"resume=auto: the run's settings cannot be read back ({e}); restore {saved} or choose "
+                          "another output.dir") from None
+    new = flatten(cfg.to_dict())
     for key in sorted(set(old) | set(new)):
         if not key.startswith(RESUME_MAY_CHANGE) and old.get(key) != new.get(key):
             raise ConfigError(f"resume=auto: {key} is {old.get(key)!r} in the run at {saved.parent} but {new.get(key)!r} "
                               "now; resume with the same settings (only rounds, eval, output, checkpoint keys may "
                               "change) or choose another output.dir")
+
+
+def _check_rounds(cfg: Config, run_dir: Path) -> None:
+    """fed.rounds may extend a run, never shorten it: not below the rounds of a finished run or the newest checkpoint
+    of an unfinished one; a finished run without checkpoints cannot be continued (cheap: folder names only; rank 0
+    verifies the checkpoints' files in `claim`)."""
+    done = finished_rounds(run_dir)
+    have = rounds(run_dir)
+    reached, what = (done, "finished after") if done is not None else (max(have, default=0), "has a checkpoint of")
+    if cfg.fed.rounds < reached:
+        raise ConfigError(f"fed.rounds={cfg.fed.rounds}: the run at {run_dir} {what} round {reached}; resume=auto "
+                          f"continues a run, it cannot shorten it: give fed.rounds >= {reached}, or choose another "
+                          "output.dir")
+    if done is not None and not have:
+        raise ConfigError(not_continuable(run_dir, done, "no checkpoint (fed.checkpoint_every=0 keeps none)"))

@@ -328,33 +328,58 @@ def read_yaml(path: Path):
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults < YAML file (default: jobs/smollm2_sst2_iid.yaml) < method preset < `key=value` overrides.
+    """Defaults < method preset < YAML file (default: jobs/smollm2_sst2_iid.yaml) < `key=value` overrides.
 
-    The preset sits above the job file so that one job file serves every method (`method=fedbiot`
-    sets oda.every=1 even though the file says 5); the command line can still change any key."""
+    The method (`method=` on the command line, else the file's `method:`) picks the preset; every key the job file
+    or the command line gives explicitly wins over it (`method=fedpetuning model.adapter_layers=3`: LoRA on the last
+    3 layers). The shipped job files leave the keys a preset owns (methods.PRESETS) to the presets, so one job file
+    serves every method. A run's saved config.yaml, given as the job file, resolves to exactly that run's settings."""
     path = Path(path) if path else DEFAULT_JOB
+    flat = job_keys(path)
+    cfg = Config()
+    method = dict(parse_override(a) for a in overrides).get("method", flat.get("method", cfg.method))
+    if method not in PRESETS:
+        raise ConfigError(f"method: '{method}' is not one of {', '.join(PRESETS)}")
+    for key, value in PRESETS[method].items():  # the method's defaults ...
+        set_key(cfg, key, value)
+    for key, value in flat.items():  # ... then what the job file says ...
+        set_key(cfg, key, value)
+    for arg in overrides:  # ... then the command line (ablations: method=fedbiot oda.re_align=false)
+        set_key(cfg, *parse_override(arg))
+    cfg.job = str(path)
+    validate(cfg)
+    return cfg
+
+
+def job_keys(path: Path) -> dict:
+    """The dotted keys of a job YAML file; ConfigError for a folder, a missing file or bad YAML."""
     if path.is_dir():
         raise ConfigError(f"--config {path}: is a folder; give a job YAML file (e.g. jobs/smollm2_sst2_iid.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     data = read_yaml(path)
-    cfg = Config()
     try:
-        flat = flatten(data)
+        return flatten(data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    method = dict(parse_override(a) for a in overrides).get("method", flat.get("method", cfg.method))
-    if method not in PRESETS:
-        raise ConfigError(f"method: '{method}' is not one of {', '.join(PRESETS)}")
-    for key, value in flat.items():
-        set_key(cfg, key, value)
-    for key, value in PRESETS[method].items():  # the keys a method owns win over the job file ...
-        set_key(cfg, key, value)
-    for arg in overrides:  # ... and the command line wins over both (ablations: method=fedbiot oda.re_align=false)
-        set_key(cfg, *parse_override(arg))
-    cfg.job = str(path)
-    validate(cfg)
-    return cfg
+
+
+def preset_keys_set_by_job(cfg: Config) -> list[str]:
+    """The keys of cfg.method's preset whose value in cfg comes from the job file and differs from the preset's,
+    e.g. ["oda.every=5 (the fedbiot preset: 1)"]: the run log names them. None in the shipped job files."""
+    try:
+        job, resolved = job_keys(Path(cfg.job)), flatten(cfg.to_dict())
+    except ConfigError:  # the file is gone or was edited into bad YAML since the start: nothing to name
+        return []
+    out = []
+    for key, value in PRESETS.get(cfg.method, {}).items():
+        if key in job:
+            from_job = Config()
+            set_key(from_job, key, job[key])
+            got = flatten(from_job.to_dict())[key]
+            if got == resolved[key] != value:  # (not when the command line set the key)
+                out.append(f"{key}={got} (the {cfg.method} preset: {value})")
+    return out
 
 
 def _check(ok: bool, msg: str) -> None:

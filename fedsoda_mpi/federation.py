@@ -25,10 +25,10 @@ from . import checkpoint
 from .aggregate import strategy_for
 from .client import Client, Faults
 from .comm import Schema, install_abort_hook
-from .config import Config
+from .config import Config, preset_keys_set_by_job
 from .host import as_numpy
 from .methods import Plan
-from .runlog import RunFolderBusy, RunLog, archive_failed_attempt, run_dir_of, take_lock
+from .runlog import RunFolderRefused, RunLog, run_dir_of, take_lock
 from .signals import PROGRESS, STOP_REQUESTED, StopRequested
 from .timing import EXTRA, PHASES, PhaseClock, split
 
@@ -70,26 +70,33 @@ def all_rejected_message(cfg: Config, rnd: int, clients: list[int]) -> str:
             "failed-<time>/ in the run folder; resume=auto would continue it with the same settings)")
 
 
-def open_run(cfg: Config, comm) -> RunLog:
-    """The run folder (rank 0 names it, locks it for one job at a time and moves a failed attempt aside; every
-    rank gets the name as bytes, or the reason the folder is not ours: RunFolderBusy on every rank) and this
-    rank's log; a FATAL line of this rank also goes into its log."""
-    msg, archived = None, None
+def open_run(cfg: Config, comm) -> tuple[RunLog, checkpoint.Checkpoint | None]:
+    """The run folder (rank 0 names it, locks it for one job at a time and claims it: the checkpoint to resume from,
+    or a failed attempt moved aside, `checkpoint.claim`; every rank gets the name as bytes, or the one-line reason
+    the folder cannot be used: RunFolderRefused on every rank) and this rank's log; a FATAL line of this rank also
+    goes into its log. Returns (the log, on rank 0 the checkpoint this start continues from, else None)."""
+    msg, ck, notes = None, None, []
     if comm.is_server:
-        busy = take_lock(run_dir_of(cfg))
-        if busy is None and cfg.resume != "auto":
-            archived = archive_failed_attempt(run_dir_of(cfg))
-        msg = {"busy": busy.encode()} if busy else {"run_dir": str(run_dir_of(cfg)).encode()}
+        run_dir = run_dir_of(cfg)
+        refused = take_lock(run_dir)
+        if refused is None:
+            try:
+                ck, notes = checkpoint.claim(cfg, run_dir)
+            except RunFolderRefused as e:
+                refused = str(e)
+        msg = {"refused": refused.encode()} if refused else {"run_dir": str(run_dir).encode()}
     msg = comm.broadcast_bytes(msg, category="control")
-    if "busy" in msg:
-        raise RunFolderBusy(msg["busy"].decode())
-    run_dir = Path(msg["run_dir"].decode())
-    log = RunLog(run_dir, comm.rank)
+    if "refused" in msg:
+        raise RunFolderRefused(msg["refused"].decode())
+    log = RunLog(Path(msg["run_dir"].decode()), comm.rank)
     install_abort_hook(lambda text: log.log(text, echo=False))
     PROGRESS["log"] = log
-    if archived:
-        log.log(f"the folder held an unfinished attempt (no /final): moved it to {archived}; starting over")
-    return log
+    for line in notes:
+        log.log(line)
+    if comm.is_server:
+        for key in preset_keys_set_by_job(cfg):
+            log.log(f"note: the job file {cfg.job} sets {key}; the job file wins over the method preset")
+    return log, ck
 
 
 def record_devices(cfg: Config, assignment, log: RunLog) -> None:
@@ -105,12 +112,13 @@ def record_devices(cfg: Config, assignment, log: RunLog) -> None:
     log.set_attrs("devices", setting=cfg.device, deterministic=cfg.debug.deterministic, **attrs)
 
 
-def set_up_server(cfg: Config, comm, log: RunLog, rows: list, hist) -> tuple:
-    """Algorithm 2 lines 1-5 on rank 0 (or the state of the newest checkpoint with resume=auto).
+def set_up_server(cfg: Config, comm, log: RunLog, rows: list, hist, ck: checkpoint.Checkpoint | None) -> tuple:
+    """Algorithm 2 lines 1-5 on rank 0, or the state of checkpoint `ck` (resume=auto, `checkpoint.claim`).
     Returns (server, base accuracy, files to ship: M* + the plan + the first round)."""
     from .server import Server
 
-    ck = checkpoint.resume_point(log.run_dir, log) if cfg.resume == "auto" else None
+    if ck is not None:
+        checkpoint.resume_point(log.run_dir, ck)
     log.open_h5(cfg, comm.size, cfg.model.name, mode="a" if ck else "w")  # also writes config.yaml
     record_devices(cfg, comm.assignment, log)
     server = Server.load(cfg, log, comm.device())
@@ -173,12 +181,12 @@ class _stopwatch:
 def run(cfg: Config, comm, inputs: tuple) -> dict | None:
     """Algorithm 2 across ranks; returns the final results on rank 0, {"stopped": round} on every rank after a
     stop request, None on client ranks otherwise. `inputs` = (the clients' rows, their label histogram)."""
-    log = open_run(cfg, comm)
+    log, ck = open_run(cfg, comm)
     seed_all(cfg.seed)
     log.log(f"rank {comm.rank}/{comm.size} on {comm.device()}, {torch.get_num_threads()} torch threads, "
             f"run dir {log.run_dir}")
     rows, hist = inputs
-    server, base, files = set_up_server(cfg, comm, log, rows, hist) if comm.is_server else (None, None, None)
+    server, base, files = set_up_server(cfg, comm, log, rows, hist, ck) if comm.is_server else (None, None, None)
     comm.idle_wait()  # line 6: send M* ONCE (quantized weights + config + tokenizer); never the full LLM
     t0 = time.time()
     files = comm.broadcast_bytes(files, category="model", views=True)  # clients: views into one receive buffer

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     from .comm import Comm, exit_with_launcher, install_abort_hook
     from .data import DataError
     from .models import ModelError
-    from .runlog import RunFolderBusy
+    from .runlog import RunFolderRefused
 
     comm = Comm()  # no collective yet: rank and size only
     try:
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(comm.torch_threads())
     try:
         result = federation.run(cfg, comm, inputs)
-    except RunFolderBusy as e:  # every rank learns it from rank 0 when the run folder is opened
+    except RunFolderRefused as e:  # every rank learns it from rank 0 when the run folder is opened
         return usage_exit(comm, e)
     except Terminated as e:  # every `with` block on the way has run: temporary folders are gone
         log = PROGRESS["log"]

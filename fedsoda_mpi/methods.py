@@ -1,16 +1,17 @@
 """Methods as presets of ONE pipeline, and the layer plan the server derives from them.
 
 A method only changes default config values (which layers form the sub-LLM, whether and how often
-the sub-LLM is aligned, whether it is quantized); the YAML file and `key=value` overrides apply on
-top, so ablations (`sgp.enabled=false`, `oda.re_align=false`, `quant.enabled=false`, ...) compose
-with every method.
+the sub-LLM is aligned, whether it is quantized); the job file and then the `key=value` overrides apply
+on top (config.load_config), so a key set explicitly always wins over the preset and ablations
+(`sgp.enabled=false`, `oda.re_align=false`, `quant.enabled=false`, ...) compose with every method.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-# dotted config defaults per method (applied before the YAML file and the overrides)
+# dotted config defaults per method (applied before the job file and the overrides; the shipped job files set none
+# of these keys, tests/test_config.py)
 PRESETS: dict[str, dict] = {
     # FedSODA: SGP (n=3, p=4) + pre-alignment + re-alignment every r + NF4 QLoRA clients
     "fedsoda": {},

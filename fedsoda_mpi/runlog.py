@@ -72,36 +72,76 @@ def run_dir_of(cfg: Config) -> Path:
 
 def finished_run(run_dir: Path) -> bool:
     """Whether run_dir/run.h5 is the record of a run that reached its final evaluation (/final)."""
+    return finished_rounds(run_dir) is not None
+
+
+def finished_rounds(run_dir: Path) -> int | None:
+    """The rounds a finished run did (the last /rounds/round of a run.h5 with /final), or None when run_dir holds
+    no finished run (no run.h5, one cut short by a crash or not HDF5, or one without /final)."""
     try:
         with h5py.File(run_dir / "run.h5", "r", locking=False) as f:
-            return "final" in f
-    except (OSError, ValueError):  # absent, truncated by a crash, not HDF5: no finished run there
-        return False
+            if "final" not in f:
+                return None
+            rounds = f["rounds/round"][:] if "rounds/round" in f else []
+            return int(max(rounds, default=0))
+    except (OSError, ValueError):
+        return None
 
 
 ATTEMPT_FILES = ("run.h5", "config.yaml", "log.txt", "log.rank*.txt", "client_rank*.json", "checkpoints", "adapter",
                  "public_self.jsonl", "public_self.jsonl.tmp")  # data.SELF_FILE: a new attempt may generate its texts with other settings
 
 
-def archive_failed_attempt(run_dir: Path) -> Path | None:
-    """A run started without resume=auto in a folder that holds an unfinished attempt (failed or interrupted,
-    no /final): move that attempt's files into run_dir/failed-<time>/ so the same command starts over and
-    nothing of the old attempt is lost (its log keeps the FATAL line). Rank 0 only, before any rank logs."""
-    found = [p for pattern in ATTEMPT_FILES for p in run_dir.glob(pattern)]
+class RunFolderRefused(ConfigError):
+    """The run folder cannot be used as asked (rank 0 finds it once the folder is locked; every rank stops with it)."""
+
+
+def archive_failed_attempt(run_dir: Path, keep: tuple[str, ...] = ()) -> Path | None:
+    """Move the files of an unfinished attempt (failed or interrupted, no /final) into run_dir/failed-<time>/ so the
+    run starts over and nothing of the old attempt is lost (its log keeps the FATAL line); the names in `keep` stay.
+    Rank 0 only, before any rank logs. All or nothing: when a file cannot be moved, those moved already go back and
+    RunFolderRefused names the file."""
+    found = [p for pattern in ATTEMPT_FILES for p in run_dir.glob(pattern) if p.name not in keep]
     if not found:
         return None
-    dest = run_dir / time.strftime("failed-%Y%m%d-%H%M%S")
-    dest.mkdir()
-    for p in found:
-        p.rename(dest / p.name)
+    dest = _new_folder_name(run_dir, time.strftime("failed-%Y%m%d-%H%M%S"))
+    moved: list[Path] = []
+    failing = dest
+    try:
+        dest.mkdir()
+        for failing in found:
+            failing.rename(dest / failing.name)
+            moved.append(failing)
+    except OSError as e:
+        for p in reversed(moved):  # back where they were (the same folder, the same file system)
+            try:
+                (dest / p.name).rename(p)
+            except OSError:
+                pass
+        try:
+            dest.rmdir()
+        except OSError:
+            pass
+        raise RunFolderRefused(f"{run_dir} holds an unfinished attempt (no /final) that cannot be moved aside into "
+                               f"{dest.name}/ ({failing}: {e.strerror or e}); nothing was moved: fix the permissions "
+                               "or choose another output.dir") from None
     return dest
+
+
+def _new_folder_name(parent: Path, stem: str) -> Path:
+    """parent/stem, or parent/stem-2, -3, ... when a folder of that name exists (two attempts in one second)."""
+    path, i = parent / stem, 1
+    while path.exists():
+        i += 1
+        path = parent / f"{stem}-{i}"
+    return path
 
 
 LOCK_FILE = ".lock"
 _HELD_LOCKS: list = []  # open lock files of this process (released when it exits, however it exits)
 
 
-class RunFolderBusy(ConfigError):
+class RunFolderBusy(RunFolderRefused):
     """Another live process holds the run folder's lock (or the lock file cannot be made)."""
 
 

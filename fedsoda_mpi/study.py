@@ -161,14 +161,14 @@ def expand(spec: dict) -> Study:
     for key in ("methods", "tasks", "lr"):
         if not _list(g, key):
             raise StudyError(f"grid.{key}: must not be empty")
-    methods, tasks = _list(g, "methods"), _list(g, "tasks")
-    models, splits = _list(g, "models", ["smollm2"]), [_split_name(s) for s in _list(g, "splits", ["iid"])]
-    seeds, lrs = [int(s) for s in _list(g, "seeds", [0])], [float(x) for x in _list(g, "lr")]
-    select_seeds = [int(s) for s in _list(g, "select_seeds", seeds[:1])]
+    methods, tasks = _axis(g, "methods", "grid", str), _axis(g, "tasks", "grid", str)
+    models, splits = _axis(g, "models", "grid", str, ["smollm2"]), _axis(g, "splits", "grid", _split_name, ["iid"])
+    seeds, lrs = _axis(g, "seeds", "grid", _seed, [0]), _axis(g, "lr", "grid", _lr)
+    select_seeds = _axis(g, "select_seeds", "grid", _seed, seeds[:1])
     extend = _lr_extend(g.get("lr_extend"), methods, lrs)
     if not set(select_seeds) <= set(seeds):
         raise StudyError(f"grid.select_seeds {select_seeds} must be among grid.seeds {seeds}")
-    np_, threads = int(spec.get("np", 3)), int(spec.get("threads", 1))
+    np_, threads = _count(spec, "np", "study", 3, 2), _count(spec, "threads", "study", 1, 1)
     runs: list[Run] = []
     for task in tasks:  # task-major: a session that stops early leaves whole tables, not slices of all of them
         for model in models:
@@ -197,6 +197,48 @@ def expand(spec: dict) -> Study:
     _check_unique(runs)
     _check_graph(runs, stages)
     return Study(str(spec["name"]), runs, lrs, select_seeds, stages)
+
+
+def _axis(spec: dict, key: str, where: str, convert, default=None) -> list:
+    """An axis of the study (methods, seeds, lr, ...): a list (or one value), each value converted (a ValueError
+    or TypeError of `convert` names the value), no value twice; StudyError with one line otherwise."""
+    values = []
+    for raw in _list(spec, key, default):
+        try:
+            value = convert(raw)
+        except StudyError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise StudyError(f"{where}.{key}: {e}, got {raw!r}") from None
+        if value in values:
+            raise StudyError(f"{where}.{key}: {raw!r} is given twice; give each value once")
+        values.append(value)
+    return values
+
+
+def _seed(raw) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw < 2**32:
+        raise ValueError("expected seeds, integers in [0, 2**32)")
+    return raw
+
+
+def _lr(raw) -> float:
+    try:
+        value = math.nan if isinstance(raw, bool) else float(raw)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError("expected learning rates, finite numbers > 0")
+    return value
+
+
+def _count(spec: dict, key: str, where: str, default: int, low: int) -> int:
+    """np (MPI ranks per run: rank 0 and at least one client rank, so >= 2) or threads (>= 1)."""
+    raw = spec.get(key, default)
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < low:
+        need = "the server rank plus at least one client rank" if key == "np" else "OpenMP threads per rank"
+        raise StudyError(f"{where}.{key}: must be an integer >= {low} ({need}), got {raw!r}")
+    return raw
 
 
 def _lr_extend(spec, methods: list, lrs: list[float]) -> dict[str, list[float]]:
@@ -251,20 +293,26 @@ def _variant_runs(v: dict, base: tuple, job: str, models, splits, seeds, np_: in
     name, group = str(v["name"]), str(v.get("group", "variants"))
     if group in (GRID, SEEDS):
         raise StudyError(f"variant {name}: group '{group}' is reserved")
-    lr = None if v.get("lr", "selected") == "selected" else float(v["lr"])
-    over = base + _overrides(v.get("overrides"), f"variants.{name}")
+    where = f"variants.{name}"
+    try:
+        lr = None if v.get("lr", "selected") == "selected" else _lr(v["lr"])
+    except ValueError as e:
+        raise StudyError(f"{where}.lr: {e} (or 'selected'), got {v['lr']!r}") from None
+    over = base + _overrides(v.get("overrides"), where)
     lr_split = _split_name(v["lr_split"]) if "lr_split" in v else ""
+    ranks, threads = _count(v, "np", where, np_, 2), _count(v, "threads", where, threads, 1)
+    methods = _axis(v, "methods", where, str, [v.get("method")])
+    models, splits = _axis(v, "models", where, str, models), _axis(v, "splits", where, _split_name, splits)
     out = []
-    for method in map(str, _list(v, "methods", [v.get("method")])):
-        for task in _list(v, "tasks"):
-            for model in _list(v, "models", models):
-                for split in (_split_name(s) for s in _list(v, "splits", splits)):
-                    for seed in (int(s) for s in _list(v, "seeds", seeds)):
+    for method in methods:
+        for task in _axis(v, "tasks", where, str):
+            for model in models:
+                for split in splits:
+                    for seed in _axis(v, "seeds", where, _seed, seeds):
                         rid = _run_id(f"{group}.{name}", method, task, model, split, seed, lr)
                         out.append(Run(rid, group, name, method, task, model, split, seed, lr,
                                        str(v.get("lr_of", method)), job.format(model=model, task=task), over,
-                                       int(v.get("np", np_)), int(v.get("threads", threads)), lr_split,
-                                       str(v.get("lr_task", ""))))
+                                       ranks, threads, lr_split, str(v.get("lr_task", ""))))
     return out
 
 
@@ -354,13 +402,18 @@ def lr_for(run: Run, chosen: dict[tuple, float]) -> float | None:
     return run.lr if run.lr is not None else chosen.get(run.key)
 
 
-def is_done(run: Run, lr: float | None, results: Path) -> bool:
-    """Whether `run` has a summary at learning rate `lr` (a summary at another lr is stale, see `supersede`)."""
+def state(run: Run, lr: float | None, results: Path) -> str:
+    """todo (no summary), done, failed (a failed summary: `study run` and `study args` run it again) or stale (a
+    summary at another lr than `lr`, see `supersede`)."""
     path = results / f"{run.id}.json"
     if not path.exists():
-        return False
-    old = json.loads(path.read_text(encoding="utf-8")).get("lr")
-    return lr is None or old is None or math.isclose(float(old), lr, rel_tol=1e-9)
+        return "todo"
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    old = summary.get("lr")
+    if not (lr is None or old is None or math.isclose(float(old), lr, rel_tol=1e-9)):
+        return "stale"
+    return "failed" if summary.get("status") == "failed" else "done"
+
 
 
 def supersede(run: Run, lr: float, results: Path, runs_root: Path) -> None:
@@ -543,8 +596,10 @@ def check_filters(study: Study, stages: list[str] | None, tasks: list[str] | Non
 def run_local(study: Study, results: Path, runs_root: Path, stages: list[str] | None, max_runs: int,
               tasks: list[str] | None = None, variants: list[str] | None = None) -> int:
     """Run every unfinished run in order (each under its own mpirun, resume=auto), summarize it, re-select.
-    A run that fails leaves a failed summary (selection ranks it last; delete it to try again) and the loop goes
-    on. SIGUSR1 / SIGTERM / Ctrl-C are passed to the run's mpirun and stop the loop (the same command continues)."""
+    A run that fails leaves a failed summary (selection ranks it last until it succeeds; `list` shows it as failed)
+    and the loop goes on; the next `study run` runs it again (resume=auto: from its checkpoint, else from the start,
+    the failed attempt moved aside). SIGUSR1 / SIGTERM / Ctrl-C are passed to the run's mpirun and stop the loop
+    (the same command continues)."""
     results.mkdir(parents=True, exist_ok=True)
     lock = open(results / ".lock", "w")
     try:
@@ -557,22 +612,27 @@ def run_local(study: Study, results: Path, runs_root: Path, stages: list[str] | 
         if not wanted(run, stages, tasks, variants):
             continue
         lr = lr_for(run, chosen)
-        if (results / f"{run.id}.json").exists() and is_done(run, lr, results):
+        now = state(run, lr, results)
+        if now == "done":
             continue
         if lr is None:
             print(f"[study] {run.id}: waiting for the lr selection of {run.key} (its grid runs are unfinished)")
             continue
         if max_runs and started >= max_runs:
             break
-        if (results / f"{run.id}.json").exists():
+        if now == "stale":
             supersede(run, lr, results, runs_root)
+        elif now == "failed":
+            print(f"[study] {run.id}: it failed before; running it again", flush=True)
         started += 1
+        out = runs_root / run.id / "stdout.txt"
+        since = out.stat().st_size if out.is_file() else 0
         rc, stop = _launch(run, lr, runs_root / run.id)
         if stop or rc in (75, 143):
             print(f"[study] stopped during {run.id} (exit code {rc}); run the same command to continue", flush=True)
             return rc or 75
         if rc != 0:
-            print(f"[study] {run.id}: exit code {rc}; see {runs_root / run.id}/log.txt", flush=True)
+            print(f"[study] {run.id}: exit code {rc}{failure_hint(runs_root / run.id, since)}", flush=True)
             _write_json(results / f"{run.id}.json", failed_summary(run, lr, study.name, rc))
             failed.append(run.id)
         else:
@@ -582,6 +642,22 @@ def run_local(study: Study, results: Path, runs_root: Path, stages: list[str] | 
     if failed:
         print(f"[study] {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def failure_hint(run_dir: Path, since: int = 0) -> str:
+    """The end of the line that reports a failed run: the last `fedsoda-mpi:` or FATAL line its mpirun wrote to
+    stdout.txt after byte `since` (this attempt's), and the files to read, those that exist (a run refused at
+    start writes no log.txt)."""
+    out, log = run_dir / "stdout.txt", run_dir / "log.txt"
+    try:
+        with open(out, "rb") as f:
+            f.seek(since)
+            lines = f.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        lines = []
+    said = [ln.strip() for ln in lines if ln.startswith("fedsoda-mpi:") or "FATAL" in ln]
+    files = [str(p) for p in (log, out) if p.is_file()]
+    return (f": {said[-1]}" if said else "") + (f"; see {' and '.join(files)}" if files else "")
 
 
 def _launch(run: Run, lr: float, run_dir: Path) -> tuple[int, int]:
@@ -613,13 +689,13 @@ def list_runs(study: Study, results: Path) -> None:
         runs = study.stage(stage)
         if not runs:
             continue
-        done = sum(is_done(r, lr_for(r, chosen), results) for r in runs)
-        print(f"stage {stage}: {len(runs)} runs, {done} done")
-        for r in runs:
+        states = [state(r, lr_for(r, chosen), results) for r in runs]
+        failed = states.count("failed")
+        print(f"stage {stage}: {len(runs)} runs, {states.count('done')} done"
+              + (f", {failed} failed" if failed else ""))
+        for r, now in zip(runs, states):  # stale: at an lr the selection no longer picks; failed: `run` runs it again
             lr = lr_for(r, chosen)
-            state = "todo" if not (results / f"{r.id}.json").exists() else "done" if is_done(r, lr, results) \
-                else "stale"  # a summary at an lr the selection no longer picks: `run` moves it aside, runs again
-            print(f"  {state}  {r.id}  lr={'selected (pending)' if lr is None else f'{lr:g}'}  np={r.np}")
+            print(f"  {now}  {r.id}  lr={'selected (pending)' if lr is None else f'{lr:g}'}  np={r.np}")
 
 
 def task_args(study: Study, stage: str, index: int, results: Path, runs_root: Path) -> tuple[Run, float, Path]:
@@ -690,10 +766,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise StudyError(f"{a.command}: give the stage and the array index")
             run, lr, run_dir = task_args(study, a.stage, a.index, results, runs_root)
             if a.command == "args":
-                if is_done(run, lr, results):
+                now = state(run, lr, results)
+                if now == "done":
                     print(f"{run.id}: already done ({results / (run.id + '.json')})", file=sys.stderr)
                     return DONE_EXIT
-                if (results / f"{run.id}.json").exists():
+                if now == "stale":
                     supersede(run, lr, results, runs_root)
                 print(shlex.join(run.args(lr, run_dir)))
             else:

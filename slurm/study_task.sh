@@ -31,7 +31,7 @@ args=$("$FEDSODA_PYTHON" -m fedsoda_mpi.study args "$STUDY" "$STAGE" "$task" "${
 [ "$rc" -eq 0 ] || exit 2
 eval "set -- $args"  # the arguments are shell-quoted by the study module
 fedsoda_step "$FEDSODA_PYTHON" -m mpi4py -m fedsoda_mpi.main "$@" || rc=$?
-if [ "$rc" -ne 0 ]; then  # a failed run leaves a failed summary (selection ranks it last) and fails the task
+if [ "$rc" -ne 0 ]; then  # a failed summary (ranked last; a resubmitted task runs it again), the task fails
   "$FEDSODA_PYTHON" -m fedsoda_mpi.study summarize "$STUDY" "$STAGE" "$task" "${where[@]}" --failed "$rc"
   exit "$rc"
 fi

@@ -3,9 +3,10 @@ import shutil
 
 import pytest
 
-from fedsoda_mpi.config import DEFAULT_JOB, ConfigError, load_config, validate
+from fedsoda_mpi.config import DEFAULT_JOB, ConfigError, flatten, load_config, preset_keys_set_by_job, to_yaml, validate
 from fedsoda_mpi.data import FIX
-from tests.conftest import mpirun
+from fedsoda_mpi.methods import PRESETS
+from tests.conftest import ROOT, mpirun
 
 
 def test_default_job_loads_with_required_keys():
@@ -97,6 +98,7 @@ def test_a_finished_run_is_refused_unless_resumed_a_failed_one_is_moved_aside(tm
         f.create_group("final")
     with pytest.raises(ConfigError, match=r"already holds a finished run \(run.h5 with /final\); extend it with"):
         prepare_config([model, f"output.dir={tmp_path}"], world_size=3)
+    (tmp_path / "checkpoints" / "round00001").mkdir(parents=True)  # (without one it cannot be continued)
     assert prepare_config([model, f"output.dir={tmp_path}", "resume=auto"], world_size=3).resume == "auto"
     assert prepare_config([model, f"output.dir={tmp_path / 'new'}"], world_size=3).output.dir == str(tmp_path / "new")
     failed = tmp_path / "failed_run"
@@ -181,3 +183,77 @@ def test_study_keys_are_validated():
         load_config(None, ["eval.dtype=int8"])
     with pytest.raises(ConfigError, match=r"data.val_size: must be >= 0, got -1"):
         load_config(None, ["data.val_size=-1"])
+
+
+def test_preset_then_job_file_then_command_line(tmp_path):
+    """One order everywhere: the method preset, then the job file, then key=value overrides; a key given
+    explicitly (in the file or on the command line) always wins over the preset."""
+    job = tmp_path / "job.yaml"
+    job.write_text("method: fedbiot\noda:\n  every: 2\nmodel:\n  adapter_layers: 4\n")
+    cfg = load_config(job)
+    assert cfg.oda.every == 2 and cfg.model.adapter_layers == 4  # the file over the preset (oda.every=1)
+    assert not cfg.quant.enabled and cfg.fed.mu == 0.0 and not cfg.sgp.enabled  # the keys the file leaves: preset
+    assert load_config(job, ["oda.every=3"]).oda.every == 3  # the command line over the file
+    cfg = load_config(job, ["method=fedpetuning"])  # the method of the command line picks the preset
+    assert cfg.method == "fedpetuning" and cfg.sgp.p == 0 and cfg.model.adapter_layers == 4
+    assert preset_keys_set_by_job(cfg) == ["model.adapter_layers=4 (the fedpetuning preset: 0)"]
+    assert preset_keys_set_by_job(load_config(job, ["method=fedpetuning", "model.adapter_layers=2"])) == []
+    cfg = load_config(None, ["method=fedpetuning", "model.adapter_layers=3"])
+    assert cfg.model.adapter_layers == 3 and cfg.sgp.p == 0
+    saved = tmp_path / "config.yaml"  # a run's resolved settings, given as the job file, are that run's settings
+    saved.write_text(to_yaml(cfg))
+    again = load_config(saved)
+    assert again.to_dict() == {**cfg.to_dict(), "job": str(saved)}
+
+
+@pytest.mark.parametrize("job", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_job_files_leave_the_preset_keys_to_the_presets(job):
+    """`method=X` on any shipped job file gives preset X (the study's baselines and the committed results resolve
+    to the same settings as when presets were applied after the job file)."""
+    for method, preset in PRESETS.items():
+        cfg = load_config(job, [f"method={method}"])
+        resolved = flatten(cfg.to_dict())
+        assert {k: resolved[k] for k in preset} == preset, method
+        assert preset_keys_set_by_job(cfg) == []
+
+
+@pytest.mark.parametrize("args,changed,message", [
+    (["method=fedpetuning", "model.adapter_layers=3"], "model.adapter_layers=4", "model.adapter_layers is 3 in the run"),
+    (["method=fedbiot", "oda.every=2"], "oda.every=1", "oda.every is 2 in the run"),
+    (["method=fedpetuning", "fed.mu=0.01"], "fed.mu=0", "fed.mu is 0.01 in the run"),
+    (["method=fedot"], "oda.pre_align=false", "oda.pre_align is True in the run"),
+])
+def test_resume_compares_the_resolved_settings(tmp_path, tiny_model_dir, monkeypatch, args, changed, message):
+    """The same command with resume=auto is accepted when it sets a key the method preset also sets (it was refused:
+    "model.adapter_layers is 0 in the run", the preset applied again on top of the saved settings); another value
+    of that key is still refused."""
+    from fedsoda_mpi.main import prepare_config
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    common = [f"model.name={tiny_model_dir}", f"output.dir={tmp_path}"]
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config(None, [*common, *args])))  # what the run wrote
+    assert prepare_config([*common, *args, "resume=auto"], world_size=3).resume == "auto"
+    with pytest.raises(ConfigError, match=message):
+        prepare_config([*common, *args, changed, "resume=auto"], world_size=3)
+
+
+def test_every_study_run_resumes_with_its_own_command(tmp_path):
+    """Every run of the shipped studies (fed_last3, fed_last3_lr_pet and central_last3 set a preset key) is accepted
+    by resume=auto with its own arguments after an interruption (Slurm requeue, `study run` again)."""
+    from fedsoda_mpi import study as S
+    from fedsoda_mpi.checkpoint import check_resumable
+
+    import yaml
+
+    checked = set()
+    for path in sorted((ROOT / "studies").glob("*.yaml")):
+        st = S.expand(yaml.safe_load(path.read_text()))
+        for run in st.runs:  # one run per job file, method and overrides (seed, task and lr touch no preset key)
+            if (run.job, run.method, run.overrides) in checked:
+                continue
+            checked.add((run.job, run.method, run.overrides))
+            args = run.args(run.lr or st.lr_grid[0], tmp_path)
+            cfg = load_config(ROOT / args[1], args[2:])
+            (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+            check_resumable(cfg, tmp_path)
+    assert len(checked) > 40

@@ -261,7 +261,8 @@ def test_local_route_runs_selects_and_summarizes(tiny_model_dir, tmp_path):
 
 def test_a_failed_grid_run_is_ranked_last_and_a_pending_key_has_no_main(tmp_path, capsys):
     """A grid run that failed (failed summary, no val_accuracy) never blocks the selection and is never chosen;
-    grid runs of a key whose selection became pending lose their "main" label; `args` of a done run exits 3."""
+    grid runs of a key whose selection became pending lose their "main" label; `args` runs a failed run again (the
+    Slurm route retries it like `study run`) and exits 3 for a done one."""
     path = _write(tmp_path, TOY)
     st = S.load(path)
     grid = {(r.method, r.lr): r for r in st.stage("grid")}
@@ -275,14 +276,17 @@ def test_a_failed_grid_run_is_ranked_last_and_a_pending_key_has_no_main(tmp_path
     (res / f"{grid['fedsoda', 1e-3].id}.json").write_text(json.dumps(S.failed_summary(grid["fedsoda", 1e-3], 1e-3,
                                                                                      "toy", 1)))
     assert S.write_selection(st, res) == {}  # every lr failed: nothing to select
-    assert S.main(["args", path, "grid", str(st.stage("grid").index(grid["fedsoda", 1e-3])), "--results",
-                   str(res)]) == S.DONE_EXIT
+    index = str(st.stage("grid").index(grid["fedsoda", 1e-3]))
+    assert S.main(["args", path, "grid", index, "--results", str(res), "--runs", str(tmp_path / "runs")]) == 0
+    assert "fed.lr=0.001" in capsys.readouterr().out  # the failed run's arguments: it runs again
+    assert (res / f"{grid['fedsoda', 1e-3].id}.json").exists()  # (its failed summary stays until it succeeds)
     # a key that was selected becomes pending (here: its summaries replaced): its grid runs lose "main"
     (res / f"{grid['fedsoda', 1e-3].id}.json").write_text(json.dumps({**_summary(grid["fedsoda", 1e-3], 0.6),
                                                                       "variant": "main"}))
     (res / f"{grid['fedsoda', 3e-3].id}.json").unlink()
     S.write_selection(st, res)
     assert json.loads((res / f"{grid['fedsoda', 1e-3].id}.json").read_text())["variant"] == ""
+    assert S.main(["args", path, "grid", index, "--results", str(res)]) == S.DONE_EXIT
 
 
 def test_an_lr_added_to_one_method_supersedes_its_runs_at_the_old_selection(tmp_path, capsys):
@@ -336,3 +340,86 @@ def test_run_filters_select_by_stage_task_and_variant(tmp_path, capsys):
                      str(tmp_path / "runs"), "--stage", "grid", flag, name])
         assert rc == 2 and f"{flag} {name}: not a {flag[2:]} of" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({**TOY, "np": 1}, "study.np: must be an integer >= 2 (the server rank plus at least one client rank), got 1"),
+    ({**TOY, "np": "three"}, "study.np: must be an integer >= 2"),
+    ({**TOY, "threads": 0}, "study.threads: must be an integer >= 1"),
+    ({**TOY, "variants": [{**TOY["variants"][0], "np": 1}]}, "variants.no_pre.np: must be an integer >= 2"),
+    ({**TOY, "grid": {**TOY["grid"], "seeds": [0, 0]}}, "grid.seeds: 0 is given twice; give each value once"),
+    ({**TOY, "grid": {**TOY["grid"], "seeds": [0, "x"]}}, "grid.seeds: expected seeds, integers in [0, 2**32), got 'x'"),
+    ({**TOY, "variants": [{**TOY["variants"][0], "seeds": [1, 1]}]}, "variants.no_pre.seeds: 1 is given twice"),
+    ({**TOY, "grid": {**TOY["grid"], "methods": ["fedsoda", "fedsoda"]}}, "grid.methods: 'fedsoda' is given twice"),
+    ({**TOY, "grid": {**TOY["grid"], "lr": ["abc"]}}, "grid.lr: expected learning rates, finite numbers > 0, got 'abc'"),
+    ({**TOY, "grid": {**TOY["grid"], "lr": [1e-3, -1]}}, "grid.lr: expected learning rates, finite numbers > 0, got -1"),
+    ({**TOY, "grid": {**TOY["grid"], "lr": [1e-3, 0.001]}}, "grid.lr: 0.001 is given twice"),
+    ({**TOY, "variants": [{**TOY["variants"][0], "lr": "fast"}]},
+     "variants.no_pre.lr: expected learning rates, finite numbers > 0 (or 'selected'), got 'fast'"),
+])
+def test_study_settings_are_checked_when_loaded(tmp_path, capsys, spec, message):
+    """np (>= 2: `np: 1` was accepted, failed at launch and then counted as done), seeds and other axis values
+    (unique: `seeds: [0, 0]` blamed the variant names) and learning rates (numbers: `lr: [abc]` gave a ValueError
+    traceback) are checked when the study is loaded: one line, exit 2."""
+    assert S.main(["list", _write(tmp_path, spec)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedsoda-mpi: study error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_a_failed_run_is_listed_as_failed_and_run_again(tmp_path, capsys, monkeypatch):
+    """A failed run is `failed` in `study list` (it was `done`), and `study run` starts it again (it did nothing and
+    exited 0); the failure line quotes the run's own error and names only files that exist."""
+    spec = {**TOY, "grid": {**TOY["grid"], "methods": ["fedsoda"], "seeds": [0], "lr": [1e-3]}, "variants": []}
+    path = _write(tmp_path, spec)
+    res, runs = tmp_path / "results", tmp_path / "runs"
+    run_id = S.load(path).runs[0].id
+    launched = []
+
+    def launch(run, lr, run_dir):  # what a run refused at start leaves: mpirun's output, no log.txt
+        launched.append(run.id)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "stdout.txt", "a") as f:
+            f.write(f"fedsoda-mpi: config error: attempt {len(launched)} refused\nmpirun noise\n")
+        return 2, 0
+
+    monkeypatch.setattr(S, "_launch", launch)
+    assert S.main(["run", path, "--results", str(res), "--runs", str(runs)]) == 1
+    out = capsys.readouterr().out
+    assert f"[study] {run_id}: exit code 2: fedsoda-mpi: config error: attempt 1 refused; see {runs / run_id}/stdout.txt" \
+        in out and "log.txt" not in out
+    assert S.main(["list", path, "--results", str(res)]) == 0
+    out = capsys.readouterr().out
+    assert "stage grid: 1 runs, 0 done, 1 failed" in out and f"  failed  {run_id}  lr=0.001" in out
+    assert S.main(["run", path, "--results", str(res), "--runs", str(runs)]) == 1
+    out = capsys.readouterr().out
+    assert launched == [run_id, run_id] and f"{run_id}: it failed before; running it again" in out
+    assert "attempt 2 refused" in out and "attempt 1" not in out  # this attempt's line, not an older one's
+    assert json.loads((res / f"{run_id}.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.mpi
+def test_a_run_that_fails_at_launch_is_failed_and_run_again_under_mpirun(tmp_path):
+    """The real route: a run that its mpirun refuses at start (a model folder that does not exist; `np: 1` did the
+    same before np was checked) leaves no log.txt; `study run` quotes the run's one-line error, names the stdout.txt
+    that holds it, lists the run as failed, and the next `study run` starts it again (it did nothing, exit 0)."""
+    import subprocess
+    import sys
+
+    spec = {"name": "tiny", "job": "jobs/smollm2_sst2_iid.yaml", "np": 2,
+            "overrides": {"fed.rounds": 1, "fed.clients": 1, "eval.every": 1, "model.name": str(tmp_path / "no-model")},
+            "grid": {"methods": ["fedsoda"], "tasks": ["sst2"], "seeds": [0], "lr": [1e-3]}}
+    path = _write(tmp_path, spec)
+    where = ["--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")]
+    run_id = S.load(path).runs[0].id
+    out = tmp_path / "runs" / run_id / "stdout.txt"
+    for attempt in (1, 2):
+        p = subprocess.run([sys.executable, "-m", "fedsoda_mpi.study", "run", path, *where], capture_output=True,
+                           text=True, timeout=600, cwd=ROOT)
+        assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
+        assert f"[study] {run_id}: exit code 2: fedsoda-mpi: config error: model.name: " in p.stdout, p.stdout[-3000:]
+        assert p.stdout.rstrip().endswith(f"; see {out}") and out.is_file(), p.stdout[-3000:]
+        assert not (tmp_path / "runs" / run_id / "log.txt").exists()
+        assert ("it failed before; running it again" in p.stdout) == (attempt == 2)
+        listed = subprocess.run([sys.executable, "-m", "fedsoda_mpi.study", "list", path, *where[:2]],
+                                capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert f"  failed  {run_id}  lr=0.001" in listed.stdout, listed.stdout
