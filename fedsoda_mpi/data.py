@@ -282,12 +282,22 @@ def gsm8k_final_number(answer: str) -> str:
     return tail[0].replace(",", "").rstrip(".") if tail else ""
 
 
-def gsm8k_kshot_prefix(train_rows: list[dict], k: int, seed: int) -> str:
-    """k solved GSM8K train examples in the task template (chosen by `seed`), to put before a test prompt."""
+def gsm8k_shots(train_rows: list[dict], k: int, seed: int) -> list[dict]:
+    """The k solved GSM8K train rows (chosen by `seed`) put before every test prompt."""
     if not 0 <= k <= len(train_rows):
         raise ValueError(f"k={k} must be in [0, {len(train_rows)}]")
     picks = np.random.default_rng(seed).choice(len(train_rows), size=k, replace=False)
-    return "".join("".join(prompt_and_answer("gsm8k", train_rows[i])) + "\n\n" for i in picks)
+    return [train_rows[i] for i in picks]
+
+
+def shots_prefix(shots: list[dict]) -> str:
+    """GSM8K shots in the task template, each followed by a blank line."""
+    return "".join("".join(prompt_and_answer("gsm8k", row)) + "\n\n" for row in shots)
+
+
+def gsm8k_kshot_prefix(train_rows: list[dict], k: int, seed: int) -> str:
+    """k solved GSM8K train examples in the task template (chosen by `seed`), to put before a test prompt."""
+    return shots_prefix(gsm8k_shots(train_rows, k, seed))
 
 
 def ensure_pad_token(tokenizer):
