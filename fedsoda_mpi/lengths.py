@@ -1,17 +1,17 @@
 """Bounded input lengths: every text a run tokenizes fits a fixed number of tokens, whatever the data files hold.
 
-- Training examples (`fit_rows`, then `data.tokenize_sft`), the prompts of SST-2 / BoolQ evaluation and GSM8K's
-  k shots fit data.max_len: the row's text (the SST-2 sentence, the BoolQ / GSM8K question) is cut from the left,
-  the prompt template and the answer stay whole, so the label word stays inside the window and a question keeps
-  its end. The room kept for a label task's answer is its longest label word, whatever the row's label, so a
-  prompt is cut the same way in training and evaluation and its length says nothing of its label.
-- A GSM8K question to generate from fits data.max_len on its own (`fit_rows(prompt_only=True)`); with k shots a
-  prompt holds at most (k + 1) x data.max_len tokens, plus eval.max_new_tokens generated.
+- Training examples (`fit_rows`, then `data.tokenize_sft`) fit data.max_len; the prompts of SST-2 / BoolQ
+  evaluation and GSM8K's k shots fit eval.max_len the same way: the row's text (the SST-2 sentence, the BoolQ /
+  GSM8K question) is cut from the left, the prompt template and the answer stay whole, so the label word stays
+  inside the window and a question keeps its end. The room kept for a label task's answer is its longest label
+  word, whatever the row's label, so a prompt's length says nothing of its label.
+- A GSM8K question to generate from fits eval.max_len on its own (`fit_rows(prompt_only=True)`); with k shots a
+  prompt holds at most (k + 1) x eval.max_len tokens, plus eval.max_new_tokens generated.
 - Public texts (SGP, alignment, KL) are cut to data.public_max_len by `data.tokenize_public` (`n_longer` counts them).
 
 A batch therefore holds at most batch size x its limit tokens, never the longest row. `truncation_counts` gives
-the numbers a run logs once and records in run.h5 (/truncated); `check_max_len` refuses a data.max_len that cannot
-hold the template, some text and the answer.
+the numbers a run logs once and records in run.h5 (/truncated); `check_max_len` refuses a data.max_len or
+eval.max_len that cannot hold the template, some text and the answer.
 """
 from __future__ import annotations
 
@@ -122,38 +122,43 @@ def n_longer(tokenizer, texts: list[str], max_len: int) -> int:
         if texts else 0
 
 
-def check_max_len(tokenizer, task: str, max_len: int) -> None:
-    """data.max_len must hold the task's prompt template, MIN_TEXT_TOKENS of text and the answer (`answer_room`);
-    ConfigError naming data.max_len and the smallest value that does."""
+def check_max_len(tokenizer, task: str, max_len: int, key: str = "data.max_len") -> None:
+    """`key` (data.max_len, eval.max_len) must hold the task's prompt template, MIN_TEXT_TOKENS of text and the
+    answer (`answer_room`); ConfigError naming the key and the smallest value that does."""
     from .config import ConfigError
 
     empty = {"sentence": "", "question": "", "label": 0, "answer": "" if task == "gsm8k" else False}
     need = _n_tokens(tokenizer, prompt_and_answer(task, empty)[0], True) + MIN_TEXT_TOKENS + \
         answer_room(tokenizer, task)
     if max_len < need:
-        raise ConfigError(f"data.max_len={max_len}: the {task} prompt template, {MIN_TEXT_TOKENS} tokens of text "
-                          f"and the answer need {need} tokens of this model's tokenizer; set data.max_len >= {need}")
+        raise ConfigError(f"{key}={max_len}: the {task} prompt template, {MIN_TEXT_TOKENS} tokens of text "
+                          f"and the answer need {need} tokens of this model's tokenizer; set {key} >= {need}")
 
 
-def truncation_counts(tokenizer, task: str, max_len: int, public_max_len: int, train: list[dict], val: list[dict],
+def truncation_counts(tokenizer, task: str, limits: dict[str, int], train: list[dict], val: list[dict],
                       test: list[dict], shots: list[dict], public: list[str]) -> dict[str, int]:
-    """How many inputs of a run are cut to fit, each with how many there are (n_<name>): `train` (the clients'
-    training rows), `val` and `test` (the rows evaluated), `shots` (GSM8K's k shots) to data.max_len as the run
-    cuts them (`fit_rows`), `public` (D_public's pool and held-out texts) to data.public_max_len."""
-    generate = task == "gsm8k"  # validation and test rows are prompts to generate from
-    counts = {"train": fit_rows(tokenizer, task, train, max_len)[1],
-              "val": fit_rows(tokenizer, task, val, max_len, prompt_only=generate)[1],
-              "test": fit_rows(tokenizer, task, test, max_len, prompt_only=generate)[1],
-              "shots": fit_rows(tokenizer, task, shots, max_len)[1],
-              "public": n_longer(tokenizer, public, public_max_len)}
+    """How many inputs of a run are cut to fit, each with how many there are (n_<name>), as the run cuts them:
+    `train` (the clients' training rows) to limits["max_len"] (data.max_len), `val` and `test` (the rows evaluated)
+    and `shots` (GSM8K's k shots) to limits["eval_max_len"], `public` (D_public's pool and held-out texts) to
+    limits["public_max_len"]."""
+    generate, at = task == "gsm8k", limits["eval_max_len"]  # GSM8K's validation and test rows: prompts alone
+    counts = {"train": fit_rows(tokenizer, task, train, limits["max_len"])[1],
+              "val": fit_rows(tokenizer, task, val, at, prompt_only=generate)[1],
+              "test": fit_rows(tokenizer, task, test, at, prompt_only=generate)[1],
+              "shots": fit_rows(tokenizer, task, shots, at)[1],
+              "public": n_longer(tokenizer, public, limits["public_max_len"])}
     sizes = {"n_train": len(train), "n_val": len(val), "n_test": len(test), "n_shots": len(shots),
              "n_public": len(public)}
     return {**counts, **sizes}
 
 
-def truncation_line(counts: dict[str, int], max_len: int, public_max_len: int) -> str:
+def truncation_line(counts: dict[str, int], limits: dict[str, int]) -> str:
     """The log line of `truncation_counts`."""
-    names = (("train", "training rows"), ("val", "validation rows"), ("test", "test rows"), ("shots", "GSM8K shots"))
-    parts = ", ".join(f"{counts[k]} of {counts['n_' + k]} {what}" for k, what in names if counts["n_" + k])
-    return (f"inputs cut to fit: {parts} (data.max_len={max_len} tokens); {counts['public']} of "
-            f"{counts['n_public']} public texts (data.public_max_len={public_max_len})")
+    def part(key: str, what: str) -> str:
+        return f"{counts[key]} of {counts['n_' + key]} {what}"
+
+    evaluated = ", ".join(part(k, what) for k, what in (("val", "validation rows"), ("test", "test rows"),
+                                                          ("shots", "GSM8K shots")) if counts["n_" + k])
+    return (f"inputs cut to fit: {part('train', 'training rows')} (data.max_len={limits['max_len']} tokens); "
+            f"{evaluated} (eval.max_len={limits['eval_max_len']}); {part('public', 'public texts')} "
+            f"(data.public_max_len={limits['public_max_len']})")

@@ -144,16 +144,16 @@ class Server:
                       eval_rounds_on="val" if cfg.data.val_size else "test", test_max_examples=cfg.eval.max_examples)
 
     def record_truncation(self, rows: list[list[dict]]) -> None:
-        """/truncated: how many training, validation, test rows and GSM8K shots this run cuts to data.max_len and
-        public texts to data.public_max_len (`lengths.truncation_counts`), logged in one line."""
+        """/truncated: how many training rows this run cuts to data.max_len, validation and test rows and GSM8K shots
+        to eval.max_len, public texts to data.public_max_len (`lengths.truncation_counts`), logged in one line."""
         c = self.cfg
         test = data.load_rows(c.data.task, "test")[:c.eval.max_examples or None]
         shots = data.gsm8k_shots(self.shot_rows, c.eval.k_shot, c.seed) if c.data.task == "gsm8k" else []
-        counts = lengths.truncation_counts(self.tok, c.data.task, c.data.max_len, c.data.public_max_len,
-                                           [r for part in rows for r in part], self.val_rows, test, shots,
-                                           self.pool + self.held_texts)
-        self.log.set_attrs("truncated", max_len=c.data.max_len, public_max_len=c.data.public_max_len, **counts)
-        self.log.log(lengths.truncation_line(counts, c.data.max_len, c.data.public_max_len))
+        limits = {"max_len": c.data.max_len, "eval_max_len": c.eval.max_len, "public_max_len": c.data.public_max_len}
+        counts = lengths.truncation_counts(self.tok, c.data.task, limits, [r for part in rows for r in part],
+                                           self.val_rows, test, shots, self.pool + self.held_texts)
+        self.log.set_attrs("truncated", **limits, **counts)
+        self.log.log(lengths.truncation_line(counts, limits))
 
     # Algorithm 1 / Algorithm 2 line 1
     def plan_layers(self) -> Plan:
@@ -410,7 +410,7 @@ class Server:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.dtype == "bfloat16"):
             res = evaluate(model, self.tok, self.cfg.data.task, max_examples=limit, batch_size=c.batch_size,
                            k_shot=c.k_shot, max_new_tokens=c.max_new_tokens, seed=self.cfg.seed, rows=rows,
-                           shot_rows=self.shot_rows, max_len=self.cfg.data.max_len, **kept)
+                           shot_rows=self.shot_rows, max_len=c.max_len, **kept)
         return {"seconds": time.perf_counter() - t0, **res}  # GSM8K's own counts its journal's earlier attempts
 
     def eval_progress(self, name: str, every_s: float = 60.0):

@@ -144,10 +144,11 @@ def test_public_texts_are_cut_to_their_limit_and_counted(tok):
 
 def test_truncation_counts_name_every_input(tok):
     train = D.load_rows("sst2", "train")[:8] + [rows_of("sst2", long_text())]
-    counts = N.truncation_counts(tok, "sst2", MAX_LEN, 64, train, train[:3], [rows_of("sst2", long_text())] * 2,
-                                 [], ["short text", long_text()])
+    limits = {"max_len": MAX_LEN, "eval_max_len": 256, "public_max_len": 64}
+    counts = N.truncation_counts(tok, "sst2", limits, train, train[:3], [rows_of("sst2", long_text())] * 2, [],
+                                 ["short text", long_text()])
     assert counts == {"train": 1, "val": 0, "test": 2, "shots": 0, "public": 1, "n_train": 9, "n_val": 3,
                       "n_test": 2, "n_shots": 0, "n_public": 2}
-    assert N.truncation_line(counts, MAX_LEN, 64) == (
-        "inputs cut to fit: 1 of 9 training rows, 0 of 3 validation rows, 2 of 2 test rows (data.max_len=128 tokens); "
-        "1 of 2 public texts (data.public_max_len=64)")
+    assert N.truncation_line(counts, limits) == (
+        "inputs cut to fit: 1 of 9 training rows (data.max_len=128 tokens); 0 of 3 validation rows, 2 of 2 test rows "
+        "(eval.max_len=256); 1 of 2 public texts (data.public_max_len=64)")
