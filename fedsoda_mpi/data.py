@@ -27,6 +27,8 @@ ANSWER_LEAD = "the correct answer is"
 FIX = "run `python -m fedsoda_mpi.prepare data` (or set FEDSODA_DATA to a folder laid out like shared/data)"
 PUBLIC_MIN_WORDS = 16
 HOLDOUT_FRACTION = 0.1
+PUBLIC_MIN_TEXTS = 10  # a public file gives at least this many texts: its last tenth (>= 1) is held out
+_FINAL_NUMBER = re.compile(r"[-\u2212]?\$?\d+(\.\d+)?")  # what `gsm8k_final_number` returns for a valid answer
 IGNORE = -100
 VAL_SEED = 2508  # fixed, independent of the run's seed: every run of a task holds out the same validation rows
 
@@ -60,8 +62,13 @@ def _check_row(task: str, row: object) -> str | None:
         return "label must be 0 or 1"
     if task == "boolq" and not isinstance(row.get("answer"), bool):
         return "answer must be true/false"
-    if task == "gsm8k" and "####" not in str(row.get("answer", "")):
-        return "answer lacks the '#### N' final answer"
+    if task == "gsm8k":
+        answer = row.get("answer")
+        if not isinstance(answer, str) or "####" not in answer:
+            return "answer lacks the '#### N' final answer"
+        final = gsm8k_final_number(answer)
+        if not _FINAL_NUMBER.fullmatch(final):
+            return f"the final answer after '####' must be a number (e.g. '#### 72'), got '#### {final}'"
     return None
 
 
@@ -125,8 +132,11 @@ def load_public(name: str = "wikitext2", holdout: bool = False) -> list[str]:
         raise ValueError("data.public=self has no file: the server generates it (Server.public_texts)")
     else:
         raise ValueError(f"unknown public dataset {name!r}; use wikitext2 or gsm8k")
-    if not texts:
-        raise DataError(f"public dataset {name} in {data_dir()} is empty; {FIX}")
+    if len(texts) < PUBLIC_MIN_TEXTS:
+        what = (f"wikitext2/test.txt gives {len(texts)} paragraphs of >= {PUBLIC_MIN_WORDS} words (headings "
+                "skipped)" if name == "wikitext2" else f"gsm8k/train.jsonl gives {len(texts)} rows")
+        raise DataError(f"public dataset {name}: {data_dir()}/{what}; need at least {PUBLIC_MIN_TEXTS} (the last "
+                        f"tenth is held out for KL(M || M*) and the drift probe); {FIX}")
     return _holdout_slice(texts, holdout)
 
 

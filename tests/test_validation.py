@@ -530,6 +530,30 @@ def test_non_utf8_byte_in_the_public_text(tiny_model, tiny_data, tmp_path):
     assert one_line(e) == f"{path}:22: not UTF-8 text (byte 0xff at column 1); {FIX}"
 
 
+@pytest.mark.parametrize("paragraphs", [0, 5, 9])
+def test_a_public_file_too_short_to_hold_out_text_is_one_line(tiny_model, tiny_data, tmp_path, paragraphs):
+    """5 paragraphs held out none (round(0.5) = 0): an IndexError on the drift probe after the model was loaded."""
+    path = tiny_data / "wikitext2" / "test.txt"
+    path.write_text("\n".join([" = Heading = "] + [WORDS] * paragraphs + ["too short"]) + "\n")
+    cfg = prepare_config(args_for(tiny_model, tmp_path / "run"), world_size=3)
+    with pytest.raises(DataError) as e:
+        prepare_inputs(cfg)
+    assert one_line(e) == (f"public dataset wikitext2: {tiny_data}/wikitext2/test.txt gives {paragraphs} paragraphs "
+                           "of >= 16 words (headings skipped); need at least 10 (the last tenth is held out for "
+                           f"KL(M || M*) and the drift probe); {FIX}")
+    path.write_text("\n".join([WORDS] * 10) + "\n")
+    prepare_inputs(cfg)
+
+
+def test_a_too_short_max_len_is_one_line(tiny_model, tiny_data, tmp_path):
+    for key in ("data.max_len", "eval.max_len"):
+        with pytest.raises(ConfigError) as e:
+            prepare_config(args_for(tiny_model, tmp_path / "run", f"{key}=16"), world_size=3)
+        assert one_line(e).startswith(f"{key}=16: the sst2 prompt template, 8 tokens of text and the answer need ")
+        assert one_line(e).endswith(" tokens of this model's tokenizer; set " + key + " >= " +
+                                    one_line(e).rsplit(">= ", 1)[1])
+
+
 def test_more_clients_or_validation_rows_than_training_rows(tiny_model, tiny_data, tmp_path):
     train = tiny_data / "sst2" / "train.jsonl"
     cfg = prepare_config(args_for(tiny_model, tmp_path / "run", "fed.clients=37"), world_size=3)
