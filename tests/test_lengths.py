@@ -152,3 +152,50 @@ def test_truncation_counts_name_every_input(tok):
     assert N.truncation_line(counts, limits) == (
         "inputs cut to fit: 1 of 9 training rows (data.max_len=128 tokens); 0 of 3 validation rows, 2 of 2 test rows "
         "(eval.max_len=256); 1 of 2 public texts (data.public_max_len=64)")
+
+
+def long_rows_data(root, task: str) -> dict:
+    """A data folder with a LONG-character row in `task`'s training and test files and in the public WikiText file,
+    beside the first real rows (test: the long row first, so the evaluation of the first rows includes it)."""
+    import json
+
+    (root / task).mkdir(parents=True)
+    (root / "wikitext2").mkdir()
+    train, test = D.load_rows(task, "train")[:30], D.load_rows(task, "test")[:4]
+    long_row = rows_of(task, long_text())
+    (root / task / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train[:15] + [long_row] + train[15:]))
+    (root / task / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [long_row] + test))
+    wiki = D.load_public("wikitext2")[:30]
+    (root / "wikitext2" / "test.txt").write_text("\n".join(wiki[:3] + [long_text("wiki")] + wiki[3:]) + "\n")
+    return {"n_train": 31, "n_test": 5, "n_public": 31}
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["sst2", "gsm8k"])
+def test_a_run_with_long_rows_in_every_file_finishes_and_records_the_cuts(tiny_model_dir, tmp_path, task):
+    """The real path under mpirun on the tiny model: a 200,000-character row in the training, test and public
+    files is cut (data.max_len=128 for training, eval.max_len=128 for evaluation, data.public_max_len=64), the run
+    ends with exit 0, and run.h5 /truncated and the log say how many rows were cut."""
+    import h5py
+
+    from tests.conftest import mpirun
+
+    sizes = long_rows_data(tmp_path / "data", task)
+    run = tmp_path / "run"
+    gen = ["eval.k_shot=1", "eval.max_new_tokens=4"] if task == "gsm8k" else []
+    p = mpirun(3, ["-m", "fedsoda_mpi.main", f"model.name={tiny_model_dir}", f"output.dir={run}", f"data.task={task}",
+                   "fed.rounds=1", "fed.clients=2", "fed.local_steps=1", "data.val_size=0", "data.max_len=128",
+                   "eval.max_len=128", "data.public_max_len=64", "data.public_samples=8", "oda.re_samples=4",
+                   "eval.every=0", "eval.max_examples=0", "eval.base=false", *gen],
+               timeout=900, env={"FEDSODA_DATA": str(tmp_path / "data")})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    with h5py.File(run / "run.h5", "r") as f:
+        cut = dict(f["truncated"].attrs)
+        assert 0 <= f["final"].attrs["accuracy"] <= 1 and f["final"].attrs["n_eval"] == sizes["n_test"]
+    assert {k: int(cut[k]) for k in sizes} == sizes
+    assert cut["test"] == 1 and cut["public"] >= 1  # the long test row; the long paragraph (and others over 64)
+    assert cut["train"] >= 1 and (cut["train"] == 1 or task == "gsm8k")  # real GSM8K rows may exceed 128 too
+    assert cut["max_len"] == cut["eval_max_len"] == 128 and cut["public_max_len"] == 64
+    lines = [line for line in p.stdout.splitlines() if "inputs cut to fit:" in line]
+    assert len(lines) == 1 and f"{cut['train']} of 31 training rows (data.max_len=128 tokens)" in lines[0]
