@@ -41,6 +41,9 @@ def _keep_last_tokens(tokenizer, text: str, keep: int) -> str:
     """The end of `text` that tokenizes to about its last `keep` tokens ("" for keep <= 0), cut at a token start."""
     if keep <= 0:
         return ""
+    if not getattr(tokenizer, "is_fast", False):  # no offsets: decode the kept tokens
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= keep else tokenizer.decode(ids[-keep:])
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     if len(enc["input_ids"]) <= keep:
         return text
@@ -49,6 +52,9 @@ def _keep_last_tokens(tokenizer, text: str, keep: int) -> str:
 
 def _keep_first_tokens(tokenizer, text: str, keep: int) -> str:
     """The start of `text` that tokenizes to about its first `keep` tokens, cut at a token end."""
+    if not getattr(tokenizer, "is_fast", False):  # no offsets: decode the kept tokens
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= keep else tokenizer.decode(ids[:max(keep, 1)])
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     return text if len(enc["input_ids"]) <= keep else text[:enc["offset_mapping"][max(keep, 1) - 1][1]]
 

@@ -199,3 +199,23 @@ def test_a_run_with_long_rows_in_every_file_finishes_and_records_the_cuts(tiny_m
     assert cut["max_len"] == cut["eval_max_len"] == 128 and cut["public_max_len"] == 64
     lines = [line for line in p.stdout.splitlines() if "inputs cut to fit:" in line]
     assert len(lines) == 1 and f"{cut['train']} of 31 training rows (data.max_len=128 tokens)" in lines[0]
+
+
+def test_a_tokenizer_without_offsets_cuts_by_decoding(tok):
+    """Tokenizers without offset mappings (slow, Python ones) cut the same way, by decoding the kept tokens."""
+
+    class Slow:
+        is_fast = False
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def __call__(self, text, **kw):
+            assert "return_offsets_mapping" not in kw
+            return tok(text, **kw)
+
+    row = rows_of("boolq", long_text())
+    fast, _ = N.fit_example(tok, "boolq", row, MAX_LEN)
+    slow, cut = N.fit_example(Slow(), "boolq", row, MAX_LEN)
+    assert cut and sum(map(len, n_example(tok, "boolq", slow))) <= MAX_LEN
+    assert slow["question"].strip() == fast["question"].strip()
