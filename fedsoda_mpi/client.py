@@ -440,7 +440,7 @@ class Client:
     def examples_of(self, k: int) -> list[dict]:
         if k not in self.examples:
             c = self.cfg.data
-            fitted, _ = lengths.fit_rows(self.tok, c.task, self.rows[k], c.max_len)  # rank 0 logs the count
+            fitted, _ = lengths.fit_rows(self.tok, c.task, self.rows[k], c.max_len)  # counted by rank 0 (/truncated)
             self.examples[k] = [data.tokenize_sft(self.tok, *data.prompt_and_answer(c.task, r), c.max_len)
                                 for r in fitted]
         return self.examples[k]

@@ -102,9 +102,9 @@ def label_accuracy(model: torch.nn.Module, tokenizer, task: str, rows: Sequence[
 
     Rows are sorted by prompt length into right-padded batches; the decoder body gives hidden states, the
     row's last non-pad position is gathered and only those B vectors go through the LM head. The prediction
-    is the argmax over the label words' logits. `max_len` (data.max_len): every prompt is cut as a training example
-    of that length would be (`data.fit_rows`: the text from the left, the template and the label position kept), so
-    a batch holds at most batch_size x max_len tokens; None keeps the prompts whole.
+    is the argmax over the label words' logits. `max_len` (eval.max_len): every prompt is cut as a training example
+    of that length would be (`lengths.fit_rows`: the text from the left, the template and the label position kept),
+    so a batch holds at most batch_size x max_len tokens; None keeps the prompts whole.
     Returns {"accuracy", "n", "truncated" (prompts cut to max_len), "predictions" [n] (row order),
     "label_logits" [n, n_labels], "pred_counts" and "label_counts" [n_labels] (how often each class is predicted
     and how often it is the answer: a model that predicts one class scores the majority share, not chance)}.
@@ -409,9 +409,9 @@ def gsm8k_accuracy(model: torch.nn.Module, tokenizer, rows: Sequence[dict], trai
     token, but two before the question's "Below") is prefilled once and its KV cache shared by every batch of
     questions; False: every prompt is prefilled whole (`batch_size` 1: the naive one-question-at-a-time loop).
     `journal`: a file that keeps every finished batch (`Journal`), so a killed evaluation resumes where it stopped;
-    `progress` as in `_generate`. `max_len` (data.max_len): each shot is cut as a training example of that length
-    (`data.fit_rows`) and each question's prompt to at most max_len tokens, its question from the left, so a prompt
-    holds at most (k + 1) x max_len tokens; None keeps them whole.
+    `progress` as in `_generate`. `max_len` (eval.max_len): each shot is cut as a training example of that length
+    (`lengths.fit_rows`) and each question's prompt to at most max_len tokens, its question from the left, so a
+    prompt holds at most (k + 1) x max_len tokens; None keeps them whole.
     Returns {"accuracy", "n", "outputs" (generated texts, row order), "correct" [n] int8 (`gsm8k_correct`), "resumed" (questions
     taken from the journal), "seconds" (this call's, plus the generation time of the journal's batches), "truncated"
     (questions cut), "shots_truncated" (shots cut)}.
