@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from . import data, models
+from . import data, lengths, models
 from .checkpoint import torch_seed
 from .data import pad_batch
 from .methods import Plan
@@ -440,8 +440,9 @@ class Client:
     def examples_of(self, k: int) -> list[dict]:
         if k not in self.examples:
             c = self.cfg.data
+            fitted, _ = lengths.fit_rows(self.tok, c.task, self.rows[k], c.max_len)  # counted by rank 0 (/truncated)
             self.examples[k] = [data.tokenize_sft(self.tok, *data.prompt_and_answer(c.task, r), c.max_len)
-                                for r in self.rows[k]]
+                                for r in fitted]
         return self.examples[k]
 
     def place(self, here: set[int]) -> None:

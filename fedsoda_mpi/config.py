@@ -143,6 +143,9 @@ class EvalConfig:
     base: bool = True  # evaluate the base model (round 0) on the test split; a study evaluates it once per task
     k_shot: int = 4  # GSM8K shots
     max_new_tokens: int = 256
+    max_len: int = 512  # tokens of an evaluation prompt (SST-2 / BoolQ), of each GSM8K shot (question + solution) and
+    #                     each GSM8K question; longer rows are cut as training rows are (fedsoda_mpi/lengths.py), so
+    #                     a batch holds at most batch_size x (k_shot + 1) x max_len (+ max_new_tokens) tokens
 
 
 @dataclass
@@ -550,6 +553,7 @@ def _validate_eval_debug(cfg: Config) -> None:
     _one_of("eval.dtype", e.dtype, ("float32", "bfloat16"))
     _at_least("eval.k_shot", e.k_shot, 0)
     _at_least("eval.max_new_tokens", e.max_new_tokens, 1)
+    _at_least("eval.max_len", e.max_len, 8)
     _at_least("debug.fail_rank", d.fail_rank, -1)
     _at_least("debug.fail_round", d.fail_round, -1)
     _one_of("debug.fail_kind", d.fail_kind, ("raise", "oom", "nan"))

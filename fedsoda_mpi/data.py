@@ -27,6 +27,8 @@ ANSWER_LEAD = "the correct answer is"
 FIX = "run `python -m fedsoda_mpi.prepare data` (or set FEDSODA_DATA to a folder laid out like shared/data)"
 PUBLIC_MIN_WORDS = 16
 HOLDOUT_FRACTION = 0.1
+PUBLIC_MIN_TEXTS = 10  # a public file gives at least this many texts: its last tenth (>= 1) is held out
+_FINAL_NUMBER = re.compile(r"[-\u2212]?\$?\d+(\.\d+)?")  # what `gsm8k_final_number` returns for a valid answer
 IGNORE = -100
 VAL_SEED = 2508  # fixed, independent of the run's seed: every run of a task holds out the same validation rows
 
@@ -60,8 +62,13 @@ def _check_row(task: str, row: object) -> str | None:
         return "label must be 0 or 1"
     if task == "boolq" and not isinstance(row.get("answer"), bool):
         return "answer must be true/false"
-    if task == "gsm8k" and "####" not in str(row.get("answer", "")):
-        return "answer lacks the '#### N' final answer"
+    if task == "gsm8k":
+        answer = row.get("answer")
+        if not isinstance(answer, str) or "####" not in answer:
+            return "answer lacks the '#### N' final answer"
+        final = gsm8k_final_number(answer)
+        if not _FINAL_NUMBER.fullmatch(final):
+            return f"the final answer after '####' must be a number (e.g. '#### 72'), got '#### {final}'"
     return None
 
 
@@ -125,8 +132,11 @@ def load_public(name: str = "wikitext2", holdout: bool = False) -> list[str]:
         raise ValueError("data.public=self has no file: the server generates it (Server.public_texts)")
     else:
         raise ValueError(f"unknown public dataset {name!r}; use wikitext2 or gsm8k")
-    if not texts:
-        raise DataError(f"public dataset {name} in {data_dir()} is empty; {FIX}")
+    if len(texts) < PUBLIC_MIN_TEXTS:
+        what = (f"wikitext2/test.txt gives {len(texts)} paragraphs of >= {PUBLIC_MIN_WORDS} words (headings "
+                "skipped)" if name == "wikitext2" else f"gsm8k/train.jsonl gives {len(texts)} rows")
+        raise DataError(f"public dataset {name}: {data_dir()}/{what}; need at least {PUBLIC_MIN_TEXTS} (the last "
+                        f"tenth is held out for KL(M || M*) and the drift probe); {FIX}")
     return _holdout_slice(texts, holdout)
 
 
@@ -282,12 +292,22 @@ def gsm8k_final_number(answer: str) -> str:
     return tail[0].replace(",", "").rstrip(".") if tail else ""
 
 
-def gsm8k_kshot_prefix(train_rows: list[dict], k: int, seed: int) -> str:
-    """k solved GSM8K train examples in the task template (chosen by `seed`), to put before a test prompt."""
+def gsm8k_shots(train_rows: list[dict], k: int, seed: int) -> list[dict]:
+    """The k solved GSM8K train rows (chosen by `seed`) put before every test prompt."""
     if not 0 <= k <= len(train_rows):
         raise ValueError(f"k={k} must be in [0, {len(train_rows)}]")
     picks = np.random.default_rng(seed).choice(len(train_rows), size=k, replace=False)
-    return "".join("".join(prompt_and_answer("gsm8k", train_rows[i])) + "\n\n" for i in picks)
+    return [train_rows[i] for i in picks]
+
+
+def shots_prefix(shots: list[dict]) -> str:
+    """GSM8K shots in the task template, each followed by a blank line."""
+    return "".join("".join(prompt_and_answer("gsm8k", row)) + "\n\n" for row in shots)
+
+
+def gsm8k_kshot_prefix(train_rows: list[dict], k: int, seed: int) -> str:
+    """k solved GSM8K train examples in the task template (chosen by `seed`), to put before a test prompt."""
+    return shots_prefix(gsm8k_shots(train_rows, k, seed))
 
 
 def ensure_pad_token(tokenizer):

@@ -31,9 +31,10 @@ from transformers import DynamicCache, GenerationConfig, StoppingCriteria, Stopp
 from transformers.cache_utils import DynamicLayer
 
 from . import models
+from .data import (LABEL_WORDS, ensure_pad_token, gsm8k_final_number, gsm8k_shots, label_of,
+                   load_rows, prompt_and_answer, shots_prefix)
 from .host import to_numpy
-from .data import (LABEL_WORDS, ensure_pad_token, gsm8k_final_number, gsm8k_kshot_prefix, label_of, load_rows,
-                   prompt_and_answer)
+from .lengths import fit_rows
 
 JOURNAL_FORMAT = 2  # of `Journal` files and of the decoding they record: raise it when either changes
 # 2: a solution also ends with its final-answer line ("#### N" and its line break; `_answer_line_end`)
@@ -96,12 +97,15 @@ def label_word_ids(tokenizer, task: str) -> list[int]:
 
 @torch.no_grad()
 def label_accuracy(model: torch.nn.Module, tokenizer, task: str, rows: Sequence[dict], batch_size: int = 8,
-                   max_examples: int | None = None) -> dict:
+                   max_examples: int | None = None, max_len: int | None = None) -> dict:
     """Label-word likelihood accuracy on SST-2 / BoolQ.
 
     Rows are sorted by prompt length into right-padded batches; the decoder body gives hidden states, the
     row's last non-pad position is gathered and only those B vectors go through the LM head. The prediction
-    is the argmax over the label words' logits. Returns {"accuracy", "n", "predictions" [n] (row order),
+    is the argmax over the label words' logits. `max_len` (eval.max_len): every prompt is cut as a training example
+    of that length would be (`lengths.fit_rows`: the text from the left, the template and the label position kept),
+    so a batch holds at most batch_size x max_len tokens; None keeps the prompts whole.
+    Returns {"accuracy", "n", "truncated" (prompts cut to max_len), "predictions" [n] (row order),
     "label_logits" [n, n_labels], "pred_counts" and "label_counts" [n_labels] (how often each class is predicted
     and how often it is the answer: a model that predicts one class scores the majority share, not chance)}.
     """
@@ -110,7 +114,8 @@ def label_accuracy(model: torch.nn.Module, tokenizer, task: str, rows: Sequence[
     rows = _first(rows, max_examples)
     word_ids = torch.tensor(label_word_ids(tokenizer, task))
     ensure_pad_token(tokenizer)
-    encoded = tokenizer([prompt_and_answer(task, r)[0] for r in rows]).input_ids
+    fitted, truncated = (rows, 0) if max_len is None else fit_rows(tokenizer, task, rows, max_len)
+    encoded = tokenizer([prompt_and_answer(task, r)[0] for r in fitted]).input_ids
     labels = np.array([label_of(task, r) for r in rows])
     order = np.argsort([len(e) for e in encoded], kind="stable")
     scores = np.zeros((len(rows), len(word_ids)), dtype=np.float32)
@@ -125,7 +130,8 @@ def label_accuracy(model: torch.nn.Module, tokenizer, task: str, rows: Sequence[
             scores[idx] = to_numpy(_label_logits(head, last, word_ids.to(device)))
     predictions = scores.argmax(axis=1)
     k = len(word_ids)
-    return {"accuracy": float((predictions == labels).mean()), "n": len(rows), "predictions": predictions,
+    return {"accuracy": float((predictions == labels).mean()), "n": len(rows), "truncated": truncated,
+            "predictions": predictions,
             "label_logits": scores, "pred_counts": np.bincount(predictions, minlength=k).tolist(),
             "label_counts": np.bincount(labels, minlength=k).tolist()}
 
@@ -395,7 +401,7 @@ def gsm8k_correct(outputs: Sequence[str], rows: Sequence[dict]) -> np.ndarray:
 def gsm8k_accuracy(model: torch.nn.Module, tokenizer, rows: Sequence[dict], train_rows: Sequence[dict], k: int = 4,
                    max_new_tokens: int = 256, batch_size: int = 4, max_examples: int | None = None,
                    seed: int = 0, prefix_cache: bool = True, journal: str | Path | None = None,
-                   progress: Callable[[int, int, int], None] | None = None) -> dict:
+                   progress: Callable[[int, int, int], None] | None = None, max_len: int | None = None) -> dict:
     """k-shot greedy GSM8K accuracy: the same k training solutions (chosen by `seed`) prefix every question;
     a solution is correct when its extracted final number equals the reference "#### N" numerically.
 
@@ -403,16 +409,24 @@ def gsm8k_accuracy(model: torch.nn.Module, tokenizer, rows: Sequence[dict], trai
     token, but two before the question's "Below") is prefilled once and its KV cache shared by every batch of
     questions; False: every prompt is prefilled whole (`batch_size` 1: the naive one-question-at-a-time loop).
     `journal`: a file that keeps every finished batch (`Journal`), so a killed evaluation resumes where it stopped;
-    `progress` as in `_generate`.
+    `progress` as in `_generate`. `max_len` (eval.max_len): each shot is cut as a training example of that length
+    (`lengths.fit_rows`) and each question's prompt to at most max_len tokens, its question from the left, so a
+    prompt holds at most (k + 1) x max_len tokens; None keeps them whole.
     Returns {"accuracy", "n", "outputs" (generated texts, row order), "correct" [n] int8 (`gsm8k_correct`), "resumed" (questions
-    taken from the journal), "seconds" (this call's, plus the generation time of the journal's batches)}.
+    taken from the journal), "seconds" (this call's, plus the generation time of the journal's batches), "truncated"
+    (questions cut), "shots_truncated" (shots cut)}.
     """
     t0 = time.perf_counter()
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
     rows = _first(rows, max_examples)
-    prefix = gsm8k_kshot_prefix(list(train_rows), k, seed)
-    prompts = [prefix + prompt_and_answer("gsm8k", r)[0] for r in rows]
+    shots = gsm8k_shots(list(train_rows), k, seed)
+    fitted, truncated, shots_truncated = rows, 0, 0
+    if max_len is not None:
+        shots, shots_truncated = fit_rows(tokenizer, "gsm8k", shots, max_len)
+        fitted, truncated = fit_rows(tokenizer, "gsm8k", rows, max_len, prompt_only=True)
+    prefix = shots_prefix(shots)
+    prompts = [prefix + prompt_and_answer("gsm8k", r)[0] for r in fitted]
     shared = prefix.rstrip() if prefix_cache else ""
     with models.mode(model):
         book = None if journal is None else Journal(journal, fingerprint(
@@ -421,26 +435,27 @@ def gsm8k_accuracy(model: torch.nn.Module, tokenizer, rows: Sequence[dict], trai
                             journal=book, progress=progress)
     correct = gsm8k_correct(outputs, rows)
     return {"accuracy": float(correct.mean()), "n": len(rows), "outputs": outputs, "correct": correct,
-            "resumed": book.resumed if book else 0,
+            "resumed": book.resumed if book else 0, "truncated": truncated, "shots_truncated": shots_truncated,
             "seconds": time.perf_counter() - t0 + (book.earlier_s if book else 0.0)}
 
 
 def evaluate(model: torch.nn.Module, tokenizer, task: str, max_examples: int | None = None, batch_size: int = 8,
              k_shot: int = 4, max_new_tokens: int = 256, seed: int = 0, rows: Sequence[dict] | None = None,
              shot_rows: Sequence[dict] | None = None, journal: str | Path | None = None,
-             progress: Callable[[int, int, int], None] | None = None) -> dict:
+             progress: Callable[[int, int, int], None] | None = None, max_len: int | None = None) -> dict:
     """Accuracy of `model` on `task` (sst2 | boolq: label likelihood; gsm8k: k-shot generation) over `rows`
     (default: the test split); GSM8K's k shots are drawn from `shot_rows` (default: the train split).
     `journal` and `progress` serve GSM8K's generation, which takes hours (`gsm8k_accuracy`); a label task,
-    minutes, ignores them."""
+    minutes, ignores them. `max_len` bounds the prompts (`label_accuracy`, `gsm8k_accuracy`)."""
     rows = load_rows(task, "test") if rows is None else rows
     if task == "gsm8k":
         shots = load_rows("gsm8k", "train") if shot_rows is None else shot_rows
         return gsm8k_accuracy(model, tokenizer, rows, shots, k=k_shot, max_new_tokens=max_new_tokens,
                               batch_size=batch_size, max_examples=max_examples, seed=seed, journal=journal,
-                              progress=progress)
+                              progress=progress, max_len=max_len)
     if task in LABEL_WORDS:
-        return label_accuracy(model, tokenizer, task, rows, batch_size=batch_size, max_examples=max_examples)
+        return label_accuracy(model, tokenizer, task, rows, batch_size=batch_size, max_examples=max_examples,
+                              max_len=max_len)
     raise ValueError(f"unknown task {task!r}; expected gsm8k or one of {sorted(LABEL_WORDS)}")
 
 

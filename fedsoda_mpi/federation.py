@@ -124,6 +124,7 @@ def set_up_server(cfg: Config, comm, log: RunLog, rows: list, hist, ck: checkpoi
     server = Server.load(cfg, log, comm.device())
     if ck is None:
         server.record_data([len(r) for r in rows], hist)
+        server.record_truncation(rows)
         try:
             base, start = fresh_start(cfg, server, log), 0
         except StopRequested as e:  # the journal keeps the base evaluation's finished batches

@@ -37,9 +37,13 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def prepare_config(argv: list[str], world_size: int) -> Config:
     """Load + validate everything that can be checked without a collective: every key, the model folder
-    (config.json, tokenizer, architecture, LoRA target names) and the run folder."""
+    (config.json, tokenizer, architecture, LoRA target names), data.max_len and eval.max_len against the
+    tokenizer, and the run folder."""
     from . import checkpoint, models
+    from transformers import AutoTokenizer
+
     from .config import check_cache_dir, check_environment, check_run_folder
+    from .lengths import check_max_len
     from .paths import model_path
     from .runlog import finished_run, run_dir_of
 
@@ -53,6 +57,9 @@ def prepare_config(argv: list[str], world_size: int) -> Config:
     except FileNotFoundError as e:
         raise ConfigError(f"model.name: {e}") from None
     validate(cfg, num_layers=layers, module_names=models.linear_module_names(folder))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    check_max_len(tokenizer, cfg.data.task, cfg.data.max_len)
+    check_max_len(tokenizer, cfg.data.task, cfg.eval.max_len, "eval.max_len")
     run_dir = run_dir_of(cfg)
     check_run_folder(run_dir, "output.dir" if cfg.output.dir else "output.root")
     check_cache_dir(cfg)

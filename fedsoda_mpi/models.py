@@ -64,19 +64,53 @@ def load_causal_lm(path, dtype: str = "float32", device: str = "cpu"):
 def check_weights(path) -> None:
     """Open every safetensors header of a model folder: a truncated or damaged file fails here, before any
     MPI work, instead of inside from_pretrained on rank 0 (flipped bits in tensor data are not detected;
-    `prepare` checks the download's sha256)."""
+    `prepare` checks the download's sha256). Then the tensors the headers list must be those config.json
+    describes (`check_weights_match_config`)."""
     from safetensors import safe_open
 
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise ModelError(f"no *.safetensors weights in {path}; run `python -m fedsoda_mpi.prepare model ...` again")
+    shapes: dict[str, tuple[tuple[int, ...], Path]] = {}
     for f in files:
         try:
             with safe_open(str(f), "pt") as st:
-                st.keys()
+                shapes.update({k: (tuple(st.get_slice(k).get_shape()), f) for k in st.keys()})
         except Exception as e:  # SafetensorError or OSError
             raise ModelError(f"{f} is damaged ({e}); delete the folder and run `python -m fedsoda_mpi.prepare "
                              f"model ...` again") from None
+    check_weights_match_config(path, shapes)
+
+
+def check_weights_match_config(path, stored: dict[str, tuple[tuple[int, ...], Path]]) -> None:
+    """The weights' tensors (`stored`: name -> (shape, file), from the safetensors headers) against the model
+    config.json describes (a skeleton on the meta device): the number of decoder layers, an output head
+    (lm_head.weight) when tie_word_embeddings is false, every tensor present with its shape. A config.json that
+    disagrees would load a smaller model, a random output head or fail inside transformers; ModelError names the
+    file, the setting and both values. Extra tensors (e.g. a tied model's saved lm_head.weight) are allowed."""
+    cfg_file = Path(path) / "config.json"
+    skeleton = _skeleton(path)
+    want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    n_cfg = skeleton.config.num_hidden_layers
+    n_stored = 1 + max((_layer_of(k) for k in stored if k.startswith("model.layers.")), default=-1)
+    if n_stored != n_cfg:
+        raise ModelError(f"{cfg_file}: num_hidden_layers is {n_cfg} but the weights hold {n_stored} decoder layers; "
+                         f"set num_hidden_layers to {n_stored}, or {_REPREPARE}")
+    tied = bool(getattr(skeleton.config, "tie_word_embeddings", False))
+    if tied:
+        want.pop("lm_head.weight", None)  # the output head is the embedding table
+    elif "lm_head.weight" in want and "lm_head.weight" not in stored:
+        raise ModelError(f"{cfg_file}: tie_word_embeddings is false but the weights have no lm_head.weight (the "
+                         f"output head would be random); set tie_word_embeddings to true, or {_REPREPARE}")
+    missing = sorted(set(want) - set(stored))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelError(f"{path}: the weights lack {missing[0]}{more}, which config.json's model has; {_REPREPARE}")
+    for name, shape in want.items():
+        have, f = stored[name]
+        if have != shape:
+            raise ModelError(f"{f}: {name} has shape {list(have)} but config.json {cfg_file} gives {list(shape)}; "
+                             f"{_REPREPARE}")
 
 
 # model types whose decoder layers the split forward (`_run_layers`) drives exactly like the HF forward does
@@ -135,17 +169,23 @@ def check_model_folder(path) -> int:
     return int(config["num_hidden_layers"])
 
 
-def linear_module_names(path) -> list[str]:
-    """Full names of the torch.nn.Linear modules inside the decoder layers of the model in `path` (what
-    lora.target_modules may name), from a skeleton built on the meta device: no weights are read or allocated."""
+def _skeleton(path):
+    """The model config.json of `path` describes, built on the meta device: no weights are read or allocated.
+    ModelError naming config.json when transformers cannot build it."""
     try:
         config = tf.AutoConfig.from_pretrained(path)
         with torch.device("meta"):
-            skeleton = tf.AutoModelForCausalLM.from_config(config)
+            return tf.AutoModelForCausalLM.from_config(config)
     except Exception as e:  # a config.json that transformers cannot build a model from
         first = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
         raise ModelError(f"{Path(path) / 'config.json'}: transformers cannot build the model "
                          f"({type(e).__name__}: {first}); {_REPREPARE}") from None
+
+
+def linear_module_names(path) -> list[str]:
+    """Full names of the torch.nn.Linear modules inside the decoder layers of the model in `path` (what
+    lora.target_modules may name), from a skeleton built on the meta device (`_skeleton`)."""
+    skeleton = _skeleton(path)
     return sorted(name for name, module in skeleton.named_modules()
                   if isinstance(module, torch.nn.Linear) and _layer_of(name + ".") is not None)
 

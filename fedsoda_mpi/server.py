@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, data, models, oda, sgp
+from . import checkpoint, data, lengths, models, oda, sgp
 from .config import Config
 from .evaluate import evaluate
 from .host import to_numpy
@@ -54,6 +54,7 @@ class Server:
         self.kl_on, kl_texts = self.kl_texts(self_heldout)
         self.heldout = public_batches(cfg, self.tok, kl_texts, HELDOUT_TEXTS)  # KL(M || M*) and the drift probe
         self.heldout_self = public_batches(cfg, self.tok, self_heldout, HELDOUT_TEXTS) if self_heldout else []
+        self.held_texts = kl_texts + self_heldout  # every public text the run may tokenize: pool + these
         self.probe = self.heldout[:1]
         log.set_attrs("public", mode=cfg.data.public, n_public=min(len(self.pool), cfg.data.public_samples),
                       n_pool=len(self.pool), kl_on=self.kl_on)
@@ -141,6 +142,18 @@ class Server:
                       n_train_file=self.n_train_file, val_min_words=data.VAL_MIN_WORDS.get(cfg.data.task, 0),
                       split=cfg.data.split, dirichlet_beta=cfg.data.dirichlet_beta,
                       eval_rounds_on="val" if cfg.data.val_size else "test", test_max_examples=cfg.eval.max_examples)
+
+    def record_truncation(self, rows: list[list[dict]]) -> None:
+        """/truncated: how many training rows this run cuts to data.max_len, validation and test rows and GSM8K shots
+        to eval.max_len, public texts to data.public_max_len (`lengths.truncation_counts`), logged in one line."""
+        c = self.cfg
+        test = data.load_rows(c.data.task, "test")[:c.eval.max_examples or None]
+        shots = data.gsm8k_shots(self.shot_rows, c.eval.k_shot, c.seed) if c.data.task == "gsm8k" else []
+        limits = {"max_len": c.data.max_len, "eval_max_len": c.eval.max_len, "public_max_len": c.data.public_max_len}
+        counts = lengths.truncation_counts(self.tok, c.data.task, limits, [r for part in rows for r in part],
+                                           self.val_rows, test, shots, self.pool + self.held_texts)
+        self.log.set_attrs("truncated", **limits, **counts)
+        self.log.log(lengths.truncation_line(counts, limits))
 
     # Algorithm 1 / Algorithm 2 line 1
     def plan_layers(self) -> Plan:
@@ -397,7 +410,7 @@ class Server:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.dtype == "bfloat16"):
             res = evaluate(model, self.tok, self.cfg.data.task, max_examples=limit, batch_size=c.batch_size,
                            k_shot=c.k_shot, max_new_tokens=c.max_new_tokens, seed=self.cfg.seed, rows=rows,
-                           shot_rows=self.shot_rows, **kept)
+                           shot_rows=self.shot_rows, max_len=c.max_len, **kept)
         return {"seconds": time.perf_counter() - t0, **res}  # GSM8K's own counts its journal's earlier attempts
 
     def eval_progress(self, name: str, every_s: float = 60.0):

@@ -189,6 +189,21 @@ def test_malformed_json_names_file_and_line(tmp_path, monkeypatch):
         D.load_rows("sst2", "train")
 
 
+@pytest.mark.parametrize("final", ["seventy-two", "", "72%", "1/2"])
+def test_gsm8k_final_answer_that_is_not_a_number_names_file_and_line(tmp_path, monkeypatch, final):
+    """Such an answer was accepted and could never be scored correct."""
+    monkeypatch.setenv("FEDSODA_DATA", str(tmp_path))
+    good = [json.dumps({"question": "q", "answer": f"1+1=2\n#### {n}"}) for n in ("2", "-3", "$1,000", "2.5.")]
+    bad = json.dumps({"question": "q", "answer": f"2\n#### {final}"})
+    path = _write(tmp_path, "gsm8k/test.jsonl", "\n".join(good + [bad]) + "\n")
+    with pytest.raises(D.DataError) as e:
+        D.load_rows("gsm8k", "test")
+    assert str(e.value) == (f"{path}:5: the final answer after '####' must be a number (e.g. '#### 72'), got "
+                            f"'#### {final}'; {D.FIX}")
+    path.write_text("\n".join(good) + "\n")
+    assert len(D.load_rows("gsm8k", "test")) == 4
+
+
 def test_gsm8k_answer_without_final_and_missing_file(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDSODA_DATA", str(tmp_path))
     good = json.dumps({"question": "q", "answer": "1+1=2\n#### 2"})

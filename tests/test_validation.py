@@ -1,7 +1,7 @@
 """Bad input is stopped before any MPI work with one line naming the key or file (issue 15, item 1).
 
 Most cases call `load_config`, `prepare_config` or `prepare_inputs` in-process on a tiny model folder (config.json,
-a copy of the BPE tokenizer of `tiny_model_dir`, a one-tensor safetensors file: nothing here loads weights) and a
+a copy of the BPE tokenizer of `tiny_model_dir`, zero weights of the config's shapes: nothing here loads weights) and a
 tiny data folder (FEDSODA_DATA); one case runs a real `mpirun` to show the line, the exit code 2 and that no
 traceback is printed."""
 import dataclasses
@@ -28,15 +28,24 @@ WORDS = " ".join(f"word{i}" for i in range(20))  # a WikiText paragraph long eno
 def tiny_model(tmp_path, tiny_model_dir):
     """A 24-layer llama folder that passes every pre-MPI model check (no real weights)."""
     from safetensors.torch import save_file
-    import torch
 
     folder = tmp_path / "tiny-llama"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(TINY_CONFIG))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_model_dir / name, folder / name)
-    save_file({"x": torch.zeros(1)}, str(folder / "model.safetensors"))
+    save_file(zero_weights(folder), str(folder / "model.safetensors"))
     return folder
+
+
+def zero_weights(folder) -> dict:
+    """Zero tensors of every name and shape the config.json in `folder` describes (a tied head stored once)."""
+    import torch
+    from fedsoda_mpi.models import _skeleton
+
+    skeleton = _skeleton(folder)
+    return {k: torch.zeros(v.shape) for k, v in skeleton.state_dict().items()
+            if not (k == "lm_head.weight" and skeleton.config.tie_word_embeddings)}
 
 
 @pytest.fixture
@@ -334,6 +343,68 @@ def test_damaged_tokenizer(tiny_model, tmp_path):
     assert one_line(e).startswith(f"model folder {tiny_model}: the tokenizer cannot be loaded (")
 
 
+def edited_copy(src, dest, **changes):
+    """A copy of the model folder `src` whose config.json has `changes` applied (the weights untouched)."""
+    shutil.copytree(src, dest)
+    config = json.loads((dest / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps({**config, **changes}))
+    return dest
+
+
+REPREPARE = "delete the folder and run `python -m fedsoda_mpi.prepare model ...` again"
+
+
+@pytest.mark.parametrize("layers", [20, 40])
+def test_config_json_layer_count_that_disagrees_with_the_weights(tiny_model_dir, tiny_data, tmp_path, layers):
+    bad = edited_copy(tiny_model_dir, tmp_path / "m", num_hidden_layers=layers)  # over 30-layer weights
+    cfg = prepare_config(args_for(bad, tmp_path / "run"), world_size=3)
+    with pytest.raises(ModelError) as e:
+        prepare_inputs(cfg)
+    assert one_line(e) == (f"{bad}/config.json: num_hidden_layers is {layers} but the weights hold 30 decoder "
+                           f"layers; set num_hidden_layers to 30, or {REPREPARE}")
+
+
+def test_config_json_untied_head_without_lm_head_weights(tiny_model_dir, tiny_data, tmp_path):
+    bad = edited_copy(tiny_model_dir, tmp_path / "m", tie_word_embeddings=False)  # the tied llama stores no head
+    cfg = prepare_config(args_for(bad, tmp_path / "run"), world_size=3)
+    with pytest.raises(ModelError) as e:
+        prepare_inputs(cfg)
+    assert one_line(e) == (f"{bad}/config.json: tie_word_embeddings is false but the weights have no lm_head.weight "
+                           f"(the output head would be random); set tie_word_embeddings to true, or {REPREPARE}")
+
+
+@pytest.mark.parametrize("change, name, have, want", [
+    ({"intermediate_size": 128}, "model.layers.0.mlp.gate_proj.weight", [256, 64], [128, 64]),
+    ({"vocab_size": 5000}, "model.embed_tokens.weight", [4096, 64], [5000, 64]),
+])
+def test_config_json_shapes_that_disagree_with_the_weights(tiny_model_dir, tiny_data, tmp_path, change, name, have,
+                                                           want):
+    bad = edited_copy(tiny_model_dir, tmp_path / "m", **change)
+    cfg = prepare_config(args_for(bad, tmp_path / "run"), world_size=3)
+    with pytest.raises(ModelError) as e:
+        prepare_inputs(cfg)
+    assert one_line(e) == (f"{bad}/model.safetensors: {name} has shape {have} but config.json {bad}/config.json "
+                           f"gives {want}; {REPREPARE}")
+
+
+def test_weights_lacking_a_tensor_are_named(tiny_model_dir, tiny_data, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = edited_copy(tiny_model_dir, tmp_path / "m")
+    tensors = load_file(str(bad / "model.safetensors"))
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(bad / "model.safetensors"))
+    cfg = prepare_config(args_for(bad, tmp_path / "run"), world_size=3)
+    with pytest.raises(ModelError) as e:
+        prepare_inputs(cfg)
+    assert one_line(e) == f"{bad}: the weights lack model.norm.weight, which config.json's model has; {REPREPARE}"
+
+
+def test_tied_and_untied_model_folders_that_agree_pass(tiny_model_dir, tiny_qwen2_dir, tiny_data, tmp_path):
+    for folder in (tiny_model_dir, tiny_qwen2_dir):  # tied llama (no lm_head.weight), untied qwen2 (its own head)
+        prepare_inputs(prepare_config(args_for(folder, tmp_path / "run"), world_size=3))
+
+
 def test_layer_count_comes_from_the_checked_config(tiny_model):
     from fedsoda_mpi.models import check_model_folder
 
@@ -457,6 +528,30 @@ def test_non_utf8_byte_in_the_public_text(tiny_model, tiny_data, tmp_path):
     with pytest.raises(DataError) as e:
         prepare_inputs(cfg)
     assert one_line(e) == f"{path}:22: not UTF-8 text (byte 0xff at column 1); {FIX}"
+
+
+@pytest.mark.parametrize("paragraphs", [0, 5, 9])
+def test_a_public_file_too_short_to_hold_out_text_is_one_line(tiny_model, tiny_data, tmp_path, paragraphs):
+    """5 paragraphs held out none (round(0.5) = 0): an IndexError on the drift probe after the model was loaded."""
+    path = tiny_data / "wikitext2" / "test.txt"
+    path.write_text("\n".join([" = Heading = "] + [WORDS] * paragraphs + ["too short"]) + "\n")
+    cfg = prepare_config(args_for(tiny_model, tmp_path / "run"), world_size=3)
+    with pytest.raises(DataError) as e:
+        prepare_inputs(cfg)
+    assert one_line(e) == (f"public dataset wikitext2: {tiny_data}/wikitext2/test.txt gives {paragraphs} paragraphs "
+                           "of >= 16 words (headings skipped); need at least 10 (the last tenth is held out for "
+                           f"KL(M || M*) and the drift probe); {FIX}")
+    path.write_text("\n".join([WORDS] * 10) + "\n")
+    prepare_inputs(cfg)
+
+
+def test_a_too_short_max_len_is_one_line(tiny_model, tiny_data, tmp_path):
+    for key in ("data.max_len", "eval.max_len"):
+        with pytest.raises(ConfigError) as e:
+            prepare_config(args_for(tiny_model, tmp_path / "run", f"{key}=16"), world_size=3)
+        assert one_line(e).startswith(f"{key}=16: the sst2 prompt template, 8 tokens of text and the answer need ")
+        assert one_line(e).endswith(" tokens of this model's tokenizer; set " + key + " >= " +
+                                    one_line(e).rsplit(">= ", 1)[1])
 
 
 def test_more_clients_or_validation_rows_than_training_rows(tiny_model, tiny_data, tmp_path):
