@@ -282,7 +282,8 @@ def step_lora_grad(run: ModelRun) -> str:
         for n, p in model.named_parameters():
             if "lora_B" in n:  # PEFT starts B at 0, which would zero every lora_A gradient
                 p.copy_((0.02 * torch.randn(p.shape, generator=gen)).to(p.device, p.dtype))
-    first = {n: p for n, p in model.named_parameters() if p.requires_grad and ".layers.0." in n}
+    first = {n.replace("base_model.model.", "", 1): p for n, p in model.named_parameters()
+             if p.requires_grad and ".layers.0." in n}
     check(first and len(linear4bit(model)) > 0, f"{len(first)} LoRA tensors in layer 0, "
           f"{len(linear4bit(model))} Linear4bit layers: nothing to check")
     vocab = models.causal_lm(model).config.vocab_size
@@ -550,8 +551,8 @@ def rank_peak(got: dict, r: int) -> str:
 
 def step_mpi_round(tiny: Path, devices: Devices, work: Path, launch: str, timeout: float) -> Outcome:
     """One real round under MPI with MPI_RANKS ranks on the tiny model, its ranks' devices and peaks from run.h5."""
-    out = work / "mpi-run"
-    cmd = [*launcher(launch, MPI_RANKS), sys.executable, "-m", "mpi4py", "-m", "fedsoda_mpi.main",
+    out, prefix = work / "mpi-run", launcher(launch, MPI_RANKS)
+    cmd = [*prefix, sys.executable, "-m", "mpi4py", "-m", "fedsoda_mpi.main",
            f"model.name={tiny}", f"device={devices.setting}", *TRAIN, *MPI_RUN, f"output.dir={out}"]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=mpi_env())
@@ -561,13 +562,13 @@ def step_mpi_round(tiny: Path, devices: Devices, work: Path, launch: str, timeou
         lines = [ln for ln in (res.stderr + res.stdout).splitlines() if ln.strip()]
         said = next((ln for ln in lines if "fedsoda-mpi:" in ln or "Error" in ln), lines[-1] if lines else "")
         (work / "mpi-round.log").write_text(res.stdout + res.stderr)
-        raise SmokeFailure(f"exit {res.returncode} of `{' '.join(cmd[:len(launcher(launch, MPI_RANKS)) + 5])} ...`: "
+        raise SmokeFailure(f"exit {res.returncode} of `{' '.join(cmd[:len(prefix) + 5])} ...`: "
                            f"{said.strip()[:300]}")
     check((out / "run.h5").is_file(), f"no run.h5 in {out}")
     got = read_mpi_run(out / "run.h5")
     lines = check_mpi_run(got, expected_device(devices.setting, devices))
     kind = "cuda" if got["device"][0] != "cpu" else "rss"
-    return Outcome(f"{MPI_RANKS} ranks exited 0, round 1 train loss {np.mean(got['loss'][0]):.3f}, final accuracy "
+    return Outcome(f"{MPI_RANKS} ranks ({Path(prefix[0]).name}) exited 0, round 1 train loss {np.mean(got['loss'][0]):.3f}, final accuracy "
                    f"{got['accuracy']:.3f}, /devices read back",
                    lines, where=",".join(got["device"]),
                    peak=",".join(rank_peak(got, r) for r in range(len(got["device"]))) + f" MiB {kind}")
