@@ -46,7 +46,6 @@ Measured on the 2-core CPU machines (docs/design.md, "Smoke check"): the tiny mo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import os
 import re
@@ -111,9 +110,6 @@ class Devices:
     setting: str
     server: torch.device
     client: torch.device
-
-    def label(self, *which: torch.device) -> str:
-        return ",".join(dict.fromkeys(str(d) for d in which))
 
 
 def resolve_devices(setting: str) -> Devices:

@@ -15,6 +15,9 @@ import torch
 from fedsoda_mpi import smoke as S
 from tests.conftest import MPI_ENV, ROOT
 
+# the in-process steps on the tiny model (~30 s for the shared fixture, ~15 s for a fresh FedSODA round): not in
+# `make test-fast`
+SLOW = pytest.mark.slow
 LINE = re.compile(r"^PASS (\S+) (\d+\.\d)s (\S+) peak ([\d,]+) MiB (rss|cuda): .+$")
 
 
@@ -55,6 +58,7 @@ def fails(step: str, run, match: str) -> str:
 
 # ------------------------------------------------------------------------------------ each step can fail
 
+@SLOW
 @pytest.mark.parametrize("fault", ["code", "absmax"])
 def test_nf4_bundle_fails_when_the_target_holds_other_weights(passed, monkeypatch, fault):
     """A bundle loaded with one flipped 4-bit code, or with a scaled block constant (absmax: the codes are equal,
@@ -94,6 +98,7 @@ def emulate_trap(monkeypatch) -> None:
     monkeypatch.setattr(bnb.nn.Linear4bit, "forward", trap)
 
 
+@SLOW
 def test_lora_grad_fails_when_gradients_vanish_after_an_eval_forward(passed, monkeypatch):
     """The trap emulated: layer 0's LoRA loses the gradient that came back through the 4-bit layers (what is left
     comes through the residual stream and the LoRA branches), so it changes or vanishes."""
@@ -101,6 +106,7 @@ def test_lora_grad_fails_when_gradients_vanish_after_an_eval_forward(passed, mon
     fails("lora-grad", passed, r"(vanished|changed by \S+ \(relative\)) after an eval/no-grad forward")
 
 
+@SLOW
 def test_a_real_fault_ends_the_check_at_its_step_with_exit_1(tiny_model_dir, monkeypatch, capsys):
     """The whole command with the real trap: models.fix_bnb_cpu switched off (on this AVX512-BF16 CPU an eval
     forward then repacks the 4-bit weights; elsewhere the trap is emulated as above). nf4-bundle passes,
@@ -111,6 +117,7 @@ def test_a_real_fault_ends_the_check_at_its_step_with_exit_1(tiny_model_dir, mon
         monkeypatch.setattr(models, "fix_bnb_cpu", lambda model: 0)
     else:
         emulate_trap(monkeypatch)
+    monkeypatch.setattr(S, "quiet", lambda: None)  # leaves this process's logging and environment alone
     rc = S.main(["--device", "cpu", "--model", str(tiny_model_dir), "--no-mpi"])
     lines = capsys.readouterr().out.strip().splitlines()
     name = tiny_model_dir.name
@@ -121,6 +128,7 @@ def test_a_real_fault_ends_the_check_at_its_step_with_exit_1(tiny_model_dir, mon
                                             lines[3]), lines
 
 
+@SLOW
 def test_fedsoda_round_fails_when_a_client_update_is_rejected(tiny_model_dir, tmp_path):
     """A client that uploads NaN (debug.fail_kind=nan: a diverged client) is rejected by FedAvg: the round FAILs."""
     run = S.ModelRun("tiny", tiny_model_dir, S.resolve_devices("cpu"), tmp_path,
@@ -131,6 +139,7 @@ def test_fedsoda_round_fails_when_a_client_update_is_rejected(tiny_model_dir, tm
         run.close()
 
 
+@SLOW
 def test_fedsrd_round_fails_when_the_client_rebuilds_another_global(passed, monkeypatch):
     """A client whose sparse download decodes differently from what the server applied (the two would drift
     apart silently, round after round) is caught."""
@@ -146,6 +155,7 @@ def test_fedsrd_round_fails_when_the_client_rebuilds_another_global(passed, monk
     fails("fedsrd-round", passed, "sparse download differs")
 
 
+@SLOW
 def test_drift_probe_fails_on_a_non_finite_probe(passed, monkeypatch):
     """The output drift probe KL(M || M*) overflowing (NaN, as a float16 forward would) is caught."""
     from fedsoda_mpi import oda
@@ -154,6 +164,7 @@ def test_drift_probe_fails_on_a_non_finite_probe(passed, monkeypatch):
     fails("drift-probe", passed, "output drift probe KL.* = nan")
 
 
+@SLOW
 def test_plug_in_fails_when_the_exported_adapter_is_not_the_plugged_one(passed, monkeypatch):
     """An export that writes the adapter with its B factors zeroed (the base model, in effect) is caught by the
     reload-and-compare."""
@@ -195,10 +206,11 @@ def test_mpi_round_fails_on_a_failed_launch_and_on_a_wrong_device(tmp_path, monk
         S.check_mpi_run({**got, "final": False}, "cuda")
 
 
-def test_device_cuda_without_a_gpu_fails_before_any_step_with_exit_2(capsys):
+def test_device_cuda_without_a_gpu_fails_before_any_step_with_exit_2(capsys, monkeypatch):
     """--device cuda on a machine whose torch sees no GPU: one FAIL line, exit 2, no step runs."""
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
+    monkeypatch.setattr(S, "quiet", lambda: None)
     assert S.main(["--device", "cuda", "--model", "tiny"]) == 2
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("FAIL device: --device cuda but torch") and "sees no GPU" in out[0]
