@@ -41,7 +41,8 @@ per rank (its device, host and peak memory). Peak memory: on a GPU torch.cuda.ma
 the step used, reset before the step ("cuda"); on the CPU the process's peak resident set size so far ("rss",
 ru_maxrss: a high-water mark of the whole process, not of the step alone). The first failure ends the check
 with exit code 1 (2: the device setting cannot hold, e.g. --device cuda without a GPU); a last line sums up.
-Measured on the 2-core CPU machines (docs/design.md, "Smoke check"): the tiny model alone in about a minute.
+Times measured on the project's 2-core CPU machine: docs/design.md, "Smoke check" (tiny model on the CPU: 2-3 min,
+most of it the MPI round; with SmolLM2 about 7 min; on a GPU node the model steps take seconds).
 """
 from __future__ import annotations
 
@@ -365,7 +366,7 @@ def step_fedsoda_round(run: ModelRun) -> str:
     kl = run.log.attrs("oda/pre")
     check(np.isfinite(kl.get("kl_before", np.nan)) and np.isfinite(kl.get("kl_after", np.nan)),
           f"pre-alignment KL(M || M*) {kl.get('kl_before')} -> {kl.get('kl_after')}")
-    client = run.client = Client(cfg, 1, plan, dict(server.bundle), run.rows, run.devices.client)
+    client = run.client = Client(cfg, 1, plan, server.release_bundle(), run.rows, run.devices.client)
     where = {str(p.device) for p in client.sub.parameters()}
     check(where == {str(run.devices.client)} and linear4bit(client.sub),
           f"the client's M* is on {sorted(where)} with {len(linear4bit(client.sub))} Linear4bit layers")
