@@ -224,7 +224,7 @@ def server_phases(cfg, arch: Arch, lay: Layout, eval_prompt: int) -> dict[str, f
     full = weight_bytes(arch, arch.layers, False, dense) + lay.adapter * arch.lora_params(r) * 4
     sub = weight_bytes(arch, lay.sub_layers, lay.quantized, dense) + (lay.adapter + lay.emulator_lora) * \
         arch.lora_params(r) * 4
-    separate_sub = lay.sub_layers < arch.layers or lay.quantized  # FedPETuning's M* is M: nothing else to hold
+    # Server.build always builds M* as a new model, also for FedPETuning (whose M* is an unquantized copy of M)
     ob, ps = cfg.oda.batch_size, cfg.data.public_max_len
     emulator_full = arch.layers - lay.adapter
     sgp = 2 * ob * ps * emulator_full * arch.hidden * act if cfg.sgp.p > 0 and cfg.sgp.enabled else 0
@@ -246,7 +246,7 @@ def server_phases(cfg, arch: Arch, lay: Layout, eval_prompt: int) -> dict[str, f
         evaluation = kv_cache + e.batch_size * length * transient_per_token(arch, act)
     else:
         evaluation = e.batch_size * eval_prompt * (transient_per_token(arch, act) + arch.hidden * act)
-    return {"weights": full + (sub if separate_sub else 0), "sgp": sgp, "align": align, "eval": evaluation}
+    return {"weights": full + sub, "sgp": sgp, "align": align, "eval": evaluation}
 
 
 def peaks(cfg) -> tuple[float, float, Arch, Layout]:
@@ -267,20 +267,26 @@ def on_gpu(tensor_bytes: float) -> float:
     return tensor_bytes * (1 + FRAGMENTATION) / GIB + ALLOWANCE_GIB
 
 
+# GiB a process can use on a "24 / 40 / 80 GB" card: vendor figures as nvidia-smi reports them (A10 / L4 about
+# 22.5 GiB, A100-40GB 39.6 GiB, A100 / H100 80GB 79.6 GiB), rounded down: an assumption, not measured here.
+USABLE_GIB = {24: 22.0, 40: 39.0, 80: 79.0}
+
+
 def fits(gib: float) -> str:
-    """The smallest of 24 / 40 / 80 GB GPUs (GiB as reported by nvidia-smi: 24, 40, 80 x 10^9 x ~0.93) that holds it."""
-    for size in (24, 40, 80):
-        if gib <= size * 1e9 / GIB * 0.98:  # ~2% of the card is not available to the process
+    """The smallest of the 24 / 40 / 80 GB GPUs (`USABLE_GIB`) that holds `gib`."""
+    for size, usable in USABLE_GIB.items():
+        if gib <= usable:
             return f"{size} GB"
     return "> 80 GB"
 
 
-def planning_table(jobs: list[Path], methods: tuple[str, ...]) -> list[str]:
-    """Markdown rows: job, method, rank 0 and client GiB on a GPU, the smallest GPU for each."""
+def planning_table(jobs: list[Path], methods: tuple[str, ...], overrides: tuple[str, ...] = ()) -> list[str]:
+    """Markdown rows: job, method, rank 0 and client GiB on a GPU, the smallest GPU for each (`overrides`: key=value
+    settings applied to every job, e.g. fed.batch_size=4)."""
     rows = ["| job | method | rank 0 GiB | rank 0 needs | client GiB | client needs |", "|---|---|---:|---|---:|---|"]
     for job in jobs:
         for method in methods:
-            cfg = load_config(str(job), [f"method={method}"])
+            cfg = load_config(str(job), [f"method={method}", *overrides])
             server, client, _, _ = peaks(cfg)
             rows.append(f"| {job.stem} | {method} | {on_gpu(server):.1f} | {fits(on_gpu(server))} | "
                         f"{on_gpu(client):.1f} | {fits(on_gpu(client))} |")
@@ -417,6 +423,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model folder for --validate (default: prepared SmolLM2)")
     ap.add_argument("--max-len", type=int, default=128, help="tokens per example in --validate")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--jobs", default="*", help="glob of job files under jobs/ (default: all)")
+    ap.add_argument("overrides", nargs="*", help="key=value settings applied to every job (what to change)")
     args = ap.parse_args()
     if args.validate:
         from fedsoda_mpi.paths import model_path
@@ -427,17 +435,17 @@ def main() -> None:
         for name, est, got in validate(model, args.max_len):
             print(f"| {name} | {est / 2**20:.1f} | {got / 2**20:.1f} | {est / got:.3f} |")
         return
-    jobs = sorted((ROOT / "jobs").glob("*.yaml"))
+    jobs = sorted((ROOT / "jobs").glob(f"{args.jobs}.yaml"))
     print(f"GiB per GPU: tensor peak x {1 + FRAGMENTATION:g} + {ALLOWANCE_GIB:g} GiB (assumptions: fragmentation, "
-          "CUDA context); one rank per GPU\n")
-    print("\n".join(planning_table(jobs, tuple(args.methods.split(",")))))
+          f"CUDA context); one rank per GPU{'; with ' + ' '.join(args.overrides) if args.overrides else ''}\n")
+    print("\n".join(planning_table(jobs, tuple(args.methods.split(",")), tuple(args.overrides))))
     print("\nHost memory and TMPDIR at start-up (GiB; estimate from the code's copies, see host_needs):\n")
     print("| job | method | bundle | rank 0 RAM | rank 0 TMPDIR | client RAM | client TMPDIR |\n|---|---|---:|---:|---:|---:|---:|")
     for job in jobs:
         if "gsm8k" not in job.stem:
             continue  # the same model and method need the same bytes on every task
         for method in args.methods.split(","):
-            h = host_needs(load_config(str(job), [f"method={method}"]))
+            h = host_needs(load_config(str(job), [f"method={method}", *args.overrides]))
             print(f"| {job.stem.split('_')[0]} | {method} | {h['bundle'] / GIB:.1f} | {h['server_ram'] / GIB:.1f} | "
                   f"{h['server_tmp'] / GIB:.1f} | {h['client_ram'] / GIB:.1f} | {h['client_tmp'] / GIB:.1f} |")
 
