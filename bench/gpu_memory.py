@@ -293,6 +293,21 @@ def planning_table(jobs: list[Path], methods: tuple[str, ...], overrides: tuple[
     return rows
 
 
+def summary_table(methods: tuple[str, ...], overrides: tuple[str, ...] = ()) -> list[str]:
+    """Markdown rows per 7-8B model and method: rank 0's GiB (its largest over the three tasks) and a client's on
+    each task, with the smallest card that holds it (the README's table)."""
+    rows = ["| model | method | rank 0 | client SST-2 | client BoolQ | client GSM8K |", "|---|---|---|---|---|---|"]
+    for model in ("llama3", "qwen2", "mistral"):
+        for method in methods:
+            cfgs = [load_config(str(ROOT / "jobs" / f"{model}_{task}_iid.yaml"), [f"method={method}", *overrides])
+                    for task in ("sst2", "boolq", "gsm8k")]
+            got = [peaks(cfg) for cfg in cfgs]
+            server = max(on_gpu(g[0]) for g in got)
+            cells = [f"{server:.1f} ({fits(server)})"] + [f"{on_gpu(g[1]):.1f} ({fits(on_gpu(g[1]))})" for g in got]
+            rows.append(f"| {model} | {method} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def host_needs(cfg) -> dict[str, float]:
     """Host RAM and TMPDIR bytes at start-up, from the copies the code makes (an estimate from reading the code):
     bundle = the sub-LLM's safetensors as shipped (NF4 or dense) + tokenizer (ignored);
@@ -424,6 +439,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=128, help="tokens per example in --validate")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--jobs", default="*", help="glob of job files under jobs/ (default: all)")
+    ap.add_argument("--summary", action="store_true", help="the README's table: 7-8B models, GiB (smallest card)")
     ap.add_argument("overrides", nargs="*", help="key=value settings applied to every job (what to change)")
     args = ap.parse_args()
     if args.validate:
@@ -434,6 +450,10 @@ def main() -> None:
         print("| phase | estimated MiB | allocated MiB | estimated / allocated |\n|---|---:|---:|---:|")
         for name, est, got in validate(model, args.max_len):
             print(f"| {name} | {est / 2**20:.1f} | {got / 2**20:.1f} | {est / got:.3f} |")
+        return
+    methods = tuple(args.methods.split(","))
+    if args.summary:
+        print("\n".join(summary_table(methods, tuple(args.overrides))))
         return
     jobs = sorted((ROOT / "jobs").glob(f"{args.jobs}.yaml"))
     print(f"GiB per GPU: tensor peak x {1 + FRAGMENTATION:g} + {ALLOWANCE_GIB:g} GiB (assumptions: fragmentation, "
