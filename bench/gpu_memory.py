@@ -12,12 +12,13 @@ and the caching allocator's fragmentation (the allowance ALLOWANCE_GIB + FRAGMEN
 measurements).
 
 What each rank holds at its peak (formulas in the functions named):
+  Sequence length: data.max_len for GSM8K, min(data.max_len, PROMPT_TOKENS) for SST-2 / BoolQ.
   client (`client_phases`): the shipped sub-LLM (NF4 decoder Linears at 4.127 bits/weight when quant.enabled,
     embeddings / LM head / norms in model.dtype), LoRA in fp32 on every sub-LLM layer that has it, AdamW state
     (grad + m + v) and the proximal anchor of the trained LoRA; then the larger of
     - the emulator-cache fill: FILL_BATCH examples x data.max_len through the emulator, no grad (one decoder
       layer's working set + one dequantized NF4 weight);
-    - a local step at fed.batch_size x data.max_len: the activations autograd saves in every layer from the
+    - a local step of fed.batch_size examples (sequence length above): the activations autograd saves in every layer from the
       first trained one up (`saved_per_token`), one layer's backward working set, and the label logits with
       their gradient (`label_logits`: 12 bytes x label tokens x vocab, + model.dtype copies).
   server (`server_phases`): the full LLM in model.dtype + its adapter LoRA, the sub-LLM as on a client with its
@@ -25,8 +26,8 @@ What each rank holds at its peak (formulas in the functions named):
     - SGP: every emulator layer's output for one public batch, twice (list + stack);
     - an ODA step (oda.batch_size x data.public_max_len): the teacher's hidden states and logits, the student's
       saved activations and logits, the token KL's [tokens, vocab] fp32 tensors and their gradients;
-    - evaluation: SST-2 / BoolQ one forward of eval.batch_size prompts (no truncation: the longest prompt
-      counts, PROMPT_TOKENS); GSM8K generation, whose KV cache holds (k_shot + 1) x data.max_len +
+    - evaluation: SST-2 / BoolQ one forward of eval.batch_size prompts of PROMPT_TOKENS (the longest); GSM8K
+      generation, whose KV cache holds (k_shot + 1) x data.max_len +
       eval.max_new_tokens tokens per row (an upper bound: every shot and the question as long as max_len).
   Label tokens per training example: SST-2 / BoolQ 2 (the label word, one token, + eos); GSM8K the whole
   sequence (data.max_len - 1): the worst case, a solution that fills max_len.
@@ -53,7 +54,11 @@ NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4-bit codes + fp8 absmax per 64 + fp3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ALLOWANCE_GIB = 1.0  # per GPU process: CUDA context (~0.3-0.6 GiB on CUDA 12) + cuBLAS workspaces: an assumption
 FRAGMENTATION = 0.10  # caching-allocator fragmentation on top of the tensor peak: an assumption
-PROMPT_TOKENS = {"sst2": 128, "boolq": 1024}  # longest evaluation prompt assumed (BoolQ: passage + question)
+# Longest SST-2 / BoolQ prompt or training example (BoolQ is question-only): 116 / 76 test-prompt tokens and 127 /
+# 82 training-example tokens with SmolLM2's tokenizer (all rows of both splits, `data.prompt_and_answer`); the
+# 7-8B tokenizers give about as many or fewer. Training batches are padded to their longest example, so a
+# label-task step is min(data.max_len, this) tokens wide.
+PROMPT_TOKENS = {"sst2": 128, "boolq": 128}
 LABEL_TOKENS = {"sst2": 2, "boolq": 2}  # label word + eos per example; GSM8K: data.max_len - 1
 METHODS = ("fedsoda", "fedpetuning", "fedot", "fedbiot")
 
@@ -250,10 +255,10 @@ def server_phases(cfg, arch: Arch, lay: Layout, eval_prompt: int) -> dict[str, f
 
 
 def peaks(cfg) -> tuple[float, float, Arch, Layout]:
-    """(server peak, client peak) tensor bytes of `cfg` at its planning shapes (fed.batch_size x data.max_len)."""
+    """(server peak, client peak) tensor bytes of `cfg` at its planning shapes (fed.batch_size examples of the sequence length in the module docstring)."""
     arch = arch_of(cfg.model.name)
     lay = layout(cfg, arch)
-    seq = cfg.data.max_len
+    seq = min(cfg.data.max_len, PROMPT_TOKENS.get(cfg.data.task, cfg.data.max_len))
     label = cfg.fed.batch_size * (LABEL_TOKENS[cfg.data.task] if cfg.data.task in LABEL_TOKENS else seq - 1)
     c = client_phases(cfg, arch, lay, cfg.fed.batch_size, seq, label)
     s = server_phases(cfg, arch, lay, PROMPT_TOKENS.get(cfg.data.task, 0))
