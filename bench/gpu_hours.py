@@ -2,6 +2,7 @@
 
     python bench/gpu_hours.py studies/paper.yaml                       # A100-80GB-class assumptions (below)
     python bench/gpu_hours.py studies/paper.yaml --mfu 0.2 --tflops 989 --hbm 3.35   # e.g. H100 SXM, lower MFU
+    python bench/gpu_hours.py --cache                                  # host memory of a client's emulator cache
 
 Every run of the study (`fedsoda_mpi.study.load`) is costed phase by phase with its own resolved config, in the
 order the ranks execute them (the server's phases and the clients' training never overlap, so a run's wall time
@@ -174,14 +175,37 @@ def study_hours(path: str, costs: Costs, decode: str) -> dict[tuple[str, str], l
     return out
 
 
+def cache_table() -> list[str]:
+    """Markdown rows: host GiB of one client rank's emulator cache per 7-8B job (10 client ranks, every training row
+    but the validation rows, mean tokens per example x hidden size x 2 bytes: the bf16 rows client.EmulatorCache keeps)."""
+    from fedsoda_mpi.config import load_config
+
+    rows = ["| job | examples per client rank | mean tokens | cache GiB per client rank |", "|---|---:|---:|---:|"]
+    for job in sorted((ROOT / "jobs").glob("*.yaml")):
+        cfg = load_config(str(job), [])
+        if cfg.model.dtype == "float32":
+            continue  # the CPU job
+        t = task_lengths(cfg.data.task, cfg.data.max_len, cfg.eval.k_shot)
+        per_rank = (t["n_train"] - cfg.data.val_size) / cfg.fed.clients
+        gib = per_rank * t["train"] * arch_of(cfg.model.name).hidden * 2 / 2**30
+        rows.append(f"| {job.stem} | {per_rank:.0f} | {t['train']:.0f} | {gib:.2f} |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("study")
+    ap.add_argument("study", nargs="?", help="a study file (or --cache)")
+    ap.add_argument("--cache", action="store_true", help="host memory of the emulator cache per 7-8B job instead")
     ap.add_argument("--tflops", type=float, default=312.0, help="dense bf16 peak per GPU, TFLOP/s (A100: 312)")
     ap.add_argument("--mfu", type=float, default=0.3, help="fraction of the peak the compute phases reach")
     ap.add_argument("--hbm", type=float, default=2.0, help="memory bandwidth per GPU, TB/s (A100-80GB: 2.0)")
     ap.add_argument("--hbm-eff", type=float, default=0.6, help="fraction of --hbm a decode step reaches")
     args = ap.parse_args()
+    if args.cache:
+        print("\n".join(cache_table()))
+        return
+    if not args.study:
+        ap.error("name a study file, e.g. studies/paper.yaml (or --cache)")
     costs = Costs(args.tflops * 1e12 * args.mfu, args.hbm * 1e12 * args.hbm_eff)
     print(f"{args.study}: GPU-hours estimated from FLOPs ({args.tflops:g} TFLOP/s x MFU {args.mfu:g}; decode at "
           f"{args.hbm:g} TB/s x {args.hbm_eff:g}); every rank holds one GPU for the whole run\n")
