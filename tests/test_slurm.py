@@ -106,6 +106,18 @@ def test_mpi_route_gives_one_world_of_three(cluster, tmp_path, launcher):
     assert "psec" not in text and "Sorry!" not in text, text  # PMIX_MCA_psec=native: no PMIx warnings
 
 
+def test_jobs_run_with_the_hubs_offline_mode_and_prepare_without(cluster, tmp_path):
+    """Compute nodes are offline: every job sourcing common.sh has HF_HUB_OFFLINE=1 and TRANSFORMERS_OFFLINE=1 (a
+    missing model file fails at once instead of waiting on the network); slurm/prepare.sh turns both off."""
+    job = write_job(tmp_path / "env.sh", 'echo "offline $HF_HUB_OFFLINE $TRANSFORMERS_OFFLINE"')
+    out = tmp_path / "out.txt"
+    res = sbatch(["--wait", "--parsable", "--ntasks=1", "-o", str(out), str(job)], job_env(tmp_path / "runs"),
+                 timeout=120)
+    assert res.returncode == 0 and "offline 1 1" in out.read_text(), out.read_text()
+    text = (ROOT / "slurm" / "prepare.sh").read_text()
+    assert text.index("export HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0") > text.index("slurm/common.sh")
+
+
 def test_usr1_is_forwarded_to_every_rank(cluster, tmp_path):
     """The preemption hook: USR1 to the batch shell (what --signal=B:USR1@300 sends) reaches all ranks."""
     script = tmp_path / "sig.py"
