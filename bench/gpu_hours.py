@@ -177,7 +177,7 @@ def study_hours(path: str, costs: Costs, decode: str) -> dict[tuple[str, str], l
 
 def cache_table() -> list[str]:
     """Markdown rows: host GiB of one client rank's emulator cache per 7-8B job (10 client ranks, every training row
-    but the validation rows, mean tokens per example x hidden size x 2 bytes: the bf16 rows client.EmulatorCache keeps)."""
+    but the validation rows, mean tokens per example x hidden size x 2 bytes: the bf16 rows EmulatorCache keeps)."""
     from fedsoda_mpi.config import load_config
 
     rows = ["| job | examples per client rank | mean tokens | cache GiB per client rank |", "|---|---:|---:|---:|"]

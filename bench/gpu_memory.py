@@ -18,8 +18,8 @@ What each rank holds at its peak (formulas in the functions named):
     (grad + m + v) and the proximal anchor of the trained LoRA; then the larger of
     - the emulator-cache fill: FILL_BATCH examples x data.max_len through the emulator, no grad (one decoder
       layer's working set + one dequantized NF4 weight);
-    - a local step of fed.batch_size examples (sequence length above): the activations autograd saves in every layer from the
-      first trained one up (`saved_per_token`), one layer's backward working set, and the label logits with
+    - a local step of fed.batch_size examples (sequence length above): the activations autograd saves in every
+      layer from the first trained one up (`saved_per_token`), one layer's backward working set, and the label logits with
       their gradient (`label_logits`: 12 bytes x label tokens x vocab, + model.dtype copies).
   server (`server_phases`): the full LLM in model.dtype + its adapter LoRA, the sub-LLM as on a client with its
     LoRA (after the device fix of issue 29 it is on the GPU), and the largest of
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,7 +254,8 @@ def server_phases(cfg, arch: Arch, lay: Layout, eval_prompt: int) -> dict[str, f
 
 
 def peaks(cfg) -> tuple[float, float, Arch, Layout]:
-    """(server peak, client peak) tensor bytes of `cfg` at its planning shapes (fed.batch_size examples of the sequence length in the module docstring)."""
+    """(server peak, client peak) tensor bytes of `cfg` at its planning shapes (fed.batch_size examples of the
+    sequence length in the module docstring)."""
     arch = arch_of(cfg.model.name)
     lay = layout(cfg, arch)
     seq = min(cfg.data.max_len, PROMPT_TOKENS.get(cfg.data.task, cfg.data.max_len))
@@ -335,9 +335,9 @@ def host_needs(cfg) -> dict[str, float]:
 
 def allocated_peak(fn) -> tuple[float, object]:
     """(peak bytes of CPU tensor memory allocated while fn() runs, above what was live before, fn's result):
-    torch.profiler's allocation events carry the CPU allocator's running total of bytes allocated during the
-    profile (c10's ProfiledCPUMemoryReporter); tensor storage only, not the process RSS."""
-    import torch
+    torch.profiler's allocation events carry the CPU allocator's running total of the bytes allocated during the
+    profile and not yet freed (c10's ProfiledCPUMemoryReporter; tensors that were live before and are freed during
+    it are not subtracted, so the peak can only be over-counted by those); tensor storage only, not the RSS."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
@@ -349,7 +349,6 @@ def allocated_peak(fn) -> tuple[float, object]:
         if ev.tag == _EventType.Allocation and ev.extra_fields.device.type == "cpu":
             peak = max(peak, ev.extra_fields.total_allocated)
         stack.extend(ev.children)
-    del torch
     return float(peak), out
 
 
@@ -466,7 +465,8 @@ def main() -> None:
           f"CUDA context); one rank per GPU{'; with ' + ' '.join(args.overrides) if args.overrides else ''}\n")
     print("\n".join(planning_table(jobs, tuple(args.methods.split(",")), tuple(args.overrides))))
     print("\nHost memory and TMPDIR at start-up (GiB; estimate from the code's copies, see host_needs):\n")
-    print("| job | method | bundle | rank 0 RAM | rank 0 TMPDIR | client RAM | client TMPDIR |\n|---|---|---:|---:|---:|---:|---:|")
+    print("| job | method | bundle | rank 0 RAM | rank 0 TMPDIR | client RAM | client TMPDIR |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for job in jobs:
         if "gsm8k" not in job.stem:
             continue  # the same model and method need the same bytes on every task
