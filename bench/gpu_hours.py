@@ -147,7 +147,7 @@ def run_seconds(cfg, world: int, costs: Costs, decode: str) -> dict[str, float]:
     tokens = per_rank * lengths["train"]
     step = 2 * forward_flops(arch, lay.grad_layers, tokens, lengths["train"], per_rank * lengths["labels"])
     fill = forward_flops(arch, sub - lay.grad_layers, tokens, lengths["train"])
-    every = 1 if cfg.method == "fedbiot" else cfg.oda.every
+    every = cfg.oda.every  # FedBiOT's preset: 1
     realign = lay.emulator_lora and cfg.oda.re_align
     for rnd in range(1, cfg.fed.rounds + 1):
         refill = rnd == 1 or (realign and rnd % every == 0)
