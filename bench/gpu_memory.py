@@ -318,17 +318,17 @@ def host_needs(cfg) -> dict[str, float]:
     bundle = the sub-LLM's safetensors as shipped (NF4 or dense) + tokenizer (ignored);
     rank 0: models.build_sub_model writes the kept layers in model.dtype to a temporary folder (TMPDIR) through
     safetensors.save_file, which builds the whole file in memory first (the folder is removed before model_bundle
-    writes its own, so TMPDIR holds one of the two at a time); model_bundle reads the quantized copy back
-    into bytes (kept as Server.bundle for the whole run), broadcast_bytes copies it into a bytearray and packs one
-    flat buffer: 3 copies at the broadcast;
-    a client rank: the received flat buffer, its bytes() copy per file (2 copies), load_bundle writes it to TMPDIR
-    and loads it from there."""
+    writes its own, so TMPDIR holds one of the two at a time); model_bundle reads the quantized copy back into
+    bytes, which broadcast_bytes packs into one send buffer: 2 copies at the broadcast (Server.release_bundle: the
+    server keeps none afterwards);
+    a client rank: the receive buffer (the files are memoryviews into it), which load_bundle writes to TMPDIR and
+    loads from there."""
     arch, lay = arch_of(cfg.model.name), layout(cfg, arch_of(cfg.model.name))
     dense = DTYPE_BYTES[cfg.model.dtype]
     bundle = weight_bytes(arch, lay.sub_layers, lay.quantized, dense)
     sub_dense = weight_bytes(arch, lay.sub_layers, False, dense)
-    return {"bundle": bundle, "server_ram": max(sub_dense, 3 * bundle), "server_tmp": max(sub_dense, bundle),
-            "client_ram": 2 * bundle, "client_tmp": bundle}
+    return {"bundle": bundle, "server_ram": max(sub_dense, 2 * bundle), "server_tmp": max(sub_dense, bundle),
+            "client_ram": bundle, "client_tmp": bundle}
 
 
 # ------------------------------------------------------------------------------------ the check on the CPU
