@@ -270,42 +270,81 @@ def _write_jsonl(path: Path, rows) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _fetch_hub(dest: Path) -> None:
-    """Fetch the four datasets from the HF hub with `datasets` and write the shared/data layout."""
+# The files each hub data set writes (`_fetch_set`); together exactly DATA_FILES.
+HUB_SETS = {"gsm8k": ("gsm8k/train.jsonl", "gsm8k/test.jsonl"), "sst2": ("sst2/train.jsonl", "sst2/test.jsonl"),
+            "boolq": ("boolq/train.jsonl", "boolq/test.jsonl"), "wikitext2": ("wikitext2/test.txt",)}
+
+
+def _fetch_set(name: str, dest: Path) -> None:
+    """Fetch one data set (a key of HUB_SETS) from the HF hub with `datasets` and write its files of the
+    shared/data layout into `dest`."""
     from datasets import load_dataset
 
     try:
-        gsm = load_dataset("openai/gsm8k", "main")
-        sst = load_dataset("nyu-mll/glue", "sst2")
-        boolq = load_dataset("google/boolq")
-        wiki = load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="test")
+        if name == "gsm8k":
+            gsm = load_dataset("openai/gsm8k", "main")
+            for split in ("train", "test"):
+                _write_jsonl(dest / f"gsm8k/{split}.jsonl", ({"question": r["question"], "answer": r["answer"]}
+                                                              for r in gsm[split]))
+        elif name == "sst2":
+            sst = load_dataset("nyu-mll/glue", "sst2")
+            for split, hub_split in (("train", "train"), ("test", "validation")):
+                _write_jsonl(dest / f"sst2/{split}.jsonl", ({"sentence": r["sentence"], "label": r["label"]}
+                                                             for r in sst[hub_split]))
+        elif name == "boolq":
+            boolq = load_dataset("google/boolq")
+            for split, hub_split in (("train", "train"), ("test", "validation")):
+                _write_jsonl(dest / f"boolq/{split}.jsonl", ({"question": r["question"], "passage": r["passage"],
+                                                              "answer": bool(r["answer"])} for r in boolq[hub_split]))
+        else:
+            wiki = load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="test")
+            lines = [t.rstrip("\n") for t in wiki["text"] if t.strip()]
+            (dest / "wikitext2").mkdir(parents=True, exist_ok=True)
+            (dest / "wikitext2/test.txt").write_text("\n".join(lines) + "\n")
     except Exception as exc:  # offline or hub changes
-        raise PrepareError(f"could not fetch the datasets from the Hugging Face hub ({type(exc).__name__}); "
+        raise PrepareError(f"could not fetch {name} from the Hugging Face hub ({type(exc).__name__}); "
                            "run on a machine with internet access or pass --from <folder like shared/data>") from exc
-    for split, hub_split in (("train", "train"), ("test", "test")):
-        _write_jsonl(dest / f"gsm8k/{split}.jsonl", ({"question": r["question"], "answer": r["answer"]}
-                                                      for r in gsm[hub_split]))
-    for split, hub_split in (("train", "train"), ("test", "validation")):
-        _write_jsonl(dest / f"sst2/{split}.jsonl", ({"sentence": r["sentence"], "label": r["label"]}
-                                                     for r in sst[hub_split]))
-        _write_jsonl(dest / f"boolq/{split}.jsonl", ({"question": r["question"], "passage": r["passage"],
-                                                      "answer": bool(r["answer"])} for r in boolq[hub_split]))
-    lines = [t.rstrip("\n") for t in wiki["text"] if t.strip()]
-    (dest / "wikitext2").mkdir(parents=True, exist_ok=True)
-    (dest / "wikitext2/test.txt").write_text("\n".join(lines) + "\n")
-    (dest / "SHA256SUMS").write_text("".join(f"{sha256_of(dest / rel)}  {rel}\n" for rel in DATA_FILES))
+
+
+def verified_files(folder: Path) -> set[str]:
+    """The DATA_FILES of `folder` whose sha256 matches its SHA256SUMS (a file without a recorded sum is not
+    verified)."""
+    sums = _read_sums(folder)
+    return {rel for rel in DATA_FILES if rel in sums and (folder / rel).is_file()
+            and sha256_of(folder / rel) == sums[rel]}
+
+
+def _fetch_hub(dest: Path) -> list[str]:
+    """Fetch from the HF hub the data sets of which `dest` lacks a verified file, then write SHA256SUMS of every
+    file: verified files are not downloaded again, so the command is idempotent. Returns the sets fetched."""
+    have = verified_files(dest)
+    wanted = [name for name, files in HUB_SETS.items() if not set(files) <= have]
+    for name in HUB_SETS:
+        if name in wanted:
+            log.info("fetching %s from the Hugging Face hub", name)
+            _fetch_set(name, dest)
+        else:
+            log.info("verified %s (sha256 ok): not downloaded again", ", ".join(HUB_SETS[name]))
+    if wanted:
+        sums = _read_sums(dest)
+        sums.update({rel: sha256_of(dest / rel) for name in wanted for rel in HUB_SETS[name]})
+        tmp = dest / "SHA256SUMS.tmp"
+        tmp.write_text("".join(f"{sums[rel]}  {rel}\n" for rel in DATA_FILES))
+        os.replace(tmp, dest / "SHA256SUMS")
+    return wanted
 
 
 def prepare_data(src: Path | None = None, dest: Path | None = None) -> Path:
     """Cache the task data (GSM8K, SST-2, BoolQ, WikiText-2 test) in `dest`; return `dest`.
 
-    Source: `src`, else the project's `../shared/data` if it exists, else the Hugging Face hub.
+    Source: `src`, else the project's `../shared/data` if it exists, else the Hugging Face hub (only the data sets
+    of which `dest` lacks a file matching its SHA256SUMS are downloaded: `_fetch_hub`).
     """
     dest = Path(dest) if dest else cache_data_dir()
     if src is None and shared_data_dir().is_dir():
         src = shared_data_dir()
     if src is None:
-        log.info("no local data folder: fetching from the Hugging Face hub into %s", dest)
+        log.info("no local data folder: the Hugging Face hub -> %s (files whose sha256 verifies are kept)", dest)
         dest.mkdir(parents=True, exist_ok=True)
         _fetch_hub(dest)
     elif not Path(src).is_dir():

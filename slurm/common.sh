@@ -13,6 +13,7 @@
 #   JOB_CONFIG         job YAML replacing the script's default (jobs/<model>_gsm8k_iid.yaml)
 #   FEDSODA_MODELS     prepared models, read by fedsoda_mpi               [~/.cache/fedsoda/models]
 #   FEDSODA_DATA       task data, read by fedsoda_mpi                     [../shared/data or ~/.cache/fedsoda/data]
+#   HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE  the Hugging Face hub's offline mode  [1; slurm/prepare.sh: 0]
 # Each run goes to $RUN_ROOT/<job name>[-<tag>]-<job id>/ (run.h5, config.yaml, log.txt, adapter/).
 #
 # MPI route. The ranks must use the MPI that mpi4py is linked against. Measured on a one-node Slurm
@@ -52,6 +53,9 @@ export FEDSODA_ROOT FEDSODA_PYTHON FEDSODA_LAUNCHER RUN_ROOT
 mkdir -p "$RUN_ROOT"
 
 export HDF5_USE_FILE_LOCKING=FALSE PYTHONUNBUFFERED=1
+# Compute nodes are offline: with the hub's offline mode a missing model or tokenizer file fails at once with
+# one line instead of waiting on network timeouts. slurm/prepare.sh (the one job that downloads) turns it off.
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}  # srun >= 22.05 no longer inherits --cpus-per-task
 export PMIX_MCA_psec=${PMIX_MCA_psec:-native}

@@ -4,6 +4,8 @@
 # found by their marker file and skipped, the data files are verified against their checksums.
 #
 #   bash slurm/prepare.sh                                               # on the login node (needs the internet)
+#   HF_TOKEN=hf_... bash slurm/prepare.sh                               # gated models (Llama-3, Mistral): a token
+#                                                                       # (or `huggingface-cli login` once)
 #   sbatch slurm/prepare.sh                                             # as a CPU job, where compute nodes are online
 #   JOB_CONFIG=jobs/smollm2_sst2_iid.yaml bash slurm/prepare.sh         # only what one job needs
 #
@@ -17,6 +19,7 @@
 #SBATCH --output=%x-%j.out
 
 source "${FEDSODA_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
+export HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0  # this job downloads (common.sh makes the other jobs offline)
 read -r -a configs <<<"${PREPARE_CONFIGS:-${JOB_CONFIG:-$(echo jobs/*.yaml)}}"
 read -r -a overrides <<<"${FEDSODA_OVERRIDES:-}"
 models=$("$FEDSODA_PYTHON" -c '

@@ -212,3 +212,37 @@ def test_cli_tampered_source_is_one_line_and_leaves_nothing(data_copy, tmp_path)
     assert res.returncode == 2 and len(err) == 1 and "Traceback" not in res.stderr
     assert err[0].startswith(f"error: sha256 mismatch for gsm8k/test.jsonl ({data_copy / 'gsm8k/test.jsonl'}): ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_prepare_data_from_the_hub_downloads_only_what_does_not_verify(tmp_path, monkeypatch):
+    """Without ../shared/data, `prepare data` fetches from the hub (monkeypatched downloader: no network): the
+    first call fetches every data set and records SHA256SUMS; a second call downloads nothing; a changed file or
+    a missing one brings back only its own data set; a file without a recorded sum is not trusted."""
+    fetched = []
+
+    def fake_fetch(name: str, dest: Path) -> None:
+        fetched.append(name)
+        for rel in P.HUB_SETS[name]:
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).write_text(f"{rel} from the hub\n")
+
+    monkeypatch.setattr(P, "shared_data_dir", lambda: tmp_path / "no-shared-data")
+    monkeypatch.setattr(P, "_fetch_set", fake_fetch)
+    assert sorted(f for files in P.HUB_SETS.values() for f in files) == sorted(P.DATA_FILES)
+    dest = tmp_path / "data"
+    assert P.prepare_data(dest=dest) == dest
+    assert fetched == list(P.HUB_SETS) and P.verified_files(dest) == set(P.DATA_FILES)
+    before = snapshot(dest)
+    fetched.clear()
+    P.prepare_data(dest=dest)
+    assert fetched == [] and snapshot(dest) == before
+    (dest / "sst2/test.jsonl").write_text("changed\n")
+    (dest / "wikitext2/test.txt").unlink()
+    P.prepare_data(dest=dest)
+    assert fetched == ["sst2", "wikitext2"] and snapshot(dest) == before
+    fetched.clear()
+    sums = (dest / "SHA256SUMS").read_text().splitlines()
+    (dest / "SHA256SUMS").write_text("".join(line + "\n" for line in sums if "boolq/train" not in line))
+    P.prepare_data(dest=dest)
+    assert fetched == ["boolq"] and snapshot(dest) == before
+    assert not list(dest.glob("*.tmp"))

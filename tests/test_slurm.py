@@ -7,6 +7,7 @@ a real toy FedSODA run through `sbatch slurm/llama3_iid.sh`, and the whole depen
 (`tiny_model_dir`, passed as model.name): they check the Slurm plumbing, not the model.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -105,6 +106,18 @@ def test_mpi_route_gives_one_world_of_three(cluster, tmp_path, launcher):
     assert "psec" not in text and "Sorry!" not in text, text  # PMIX_MCA_psec=native: no PMIx warnings
 
 
+def test_jobs_run_with_the_hubs_offline_mode_and_prepare_without(cluster, tmp_path):
+    """Compute nodes are offline: every job sourcing common.sh has HF_HUB_OFFLINE=1 and TRANSFORMERS_OFFLINE=1 (a
+    missing model file fails at once instead of waiting on the network); slurm/prepare.sh turns both off."""
+    job = write_job(tmp_path / "env.sh", 'echo "offline $HF_HUB_OFFLINE $TRANSFORMERS_OFFLINE"')
+    out = tmp_path / "out.txt"
+    res = sbatch(["--wait", "--parsable", "--ntasks=1", "-o", str(out), str(job)], job_env(tmp_path / "runs"),
+                 timeout=120)
+    assert res.returncode == 0 and "offline 1 1" in out.read_text(), out.read_text()
+    text = (ROOT / "slurm" / "prepare.sh").read_text()
+    assert text.index("export HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0") > text.index("slurm/common.sh")
+
+
 def test_usr1_is_forwarded_to_every_rank(cluster, tmp_path):
     """The preemption hook: USR1 to the batch shell (what --signal=B:USR1@300 sends) reaches all ranks."""
     script = tmp_path / "sig.py"
@@ -172,6 +185,46 @@ def test_submit_all_stops_at_a_failed_submission(cluster, tmp_path):
     subprocess.run(["scancel", *ids], timeout=60)
     assert res.returncode == 2 and "failed" in res.stderr, (res.stdout, res.stderr)
     assert [line.split()[0] for line in res.stdout.splitlines()] == ["prepare"], res.stdout
+
+
+def test_submit_all_needs_the_study_file(tmp_path):
+    """No study file (or only the flag, or an unknown option): the usage line and exit 2, before anything is
+    submitted (no cluster needed)."""
+    for args in ([], ["--no-prepare"], ["--hold", "studies/paper.yaml"], ["a.yaml", "b.yaml"]):
+        res = subprocess.run(["bash", "slurm/submit_all.sh", *args], cwd=ROOT, env=job_env(tmp_path),
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and res.stdout == "", (args, res.stdout, res.stderr)
+        assert res.stderr.strip() == "usage: bash slurm/submit_all.sh [--no-prepare] STUDY_FILE   (e.g. studies/paper.yaml)"
+    res = subprocess.run(["bash", "slurm/submit_all.sh", "studies/nothing.yaml"], cwd=ROOT, env=job_env(tmp_path),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "no study file studies/nothing.yaml" in res.stderr
+
+
+@pytest.mark.parametrize("skip", [["--no-prepare"], []], ids=["flag", "env"])
+def test_submit_all_can_leave_out_the_prepare_job(cluster, tmp_path, skip):
+    """--no-prepare (or SUBMIT_PREPARE=0): no prepare job; the grid array waits for nothing, the select job for the
+    grid, the other stages for the select job (every job held, then cancelled)."""
+    env = job_env(tmp_path, SUBMIT_ARGS="--hold", SUBMIT_RUN_ARGS="--cpus-per-task=1",
+                  **({} if skip else {"SUBMIT_PREPARE": "0"}))
+    res = subprocess.run(["bash", "slurm/submit_all.sh", *skip, "studies/cpu_smollm2.yaml"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    jobs = _submitted(res.stdout)
+    ids = [j.split()[0] for kind in jobs.values() for j in kind if j]
+    try:
+        assert res.returncode == 0, res.stderr
+        assert "prepare" not in jobs and sorted(jobs) == ["array", "report", "select"], res.stdout
+        arrays = {a.split()[1]: a.split()[0] for a in jobs["array"]}
+
+        def dependency(jid: str) -> str:
+            show = subprocess.run(["scontrol", "show", "job", jid], capture_output=True, text=True, timeout=60).stdout
+            return re.search(r"Dependency=(\S+)", show).group(1)
+
+        assert dependency(arrays["grid"]) == "(null)"
+        assert dependency(jobs["select"][0]).startswith(f"afterany:{arrays['grid']}")
+        assert all(dependency(jid).startswith(f"afterok:{jobs['select'][0]}") for stage, jid in arrays.items()
+                   if stage != "grid")
+    finally:
+        subprocess.run(["scancel", *ids], timeout=60)
 
 
 def test_submit_all_runs_a_toy_study_graph(cluster, tiny_model_dir, tmp_path):
