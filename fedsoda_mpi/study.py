@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .config import ROOT, ConfigError, load_config
+from .config import ROOT, Config, ConfigError, load_config
 
 GRID, SEEDS = "grid", "seeds"
 DONE_EXIT = 3  # `study args`: the run's summary exists already (a re-submitted array task has nothing to do)
@@ -93,6 +93,7 @@ class Study:
     lr_grid: list[float]
     select_seeds: list[int]
     stages: list[str] = field(default_factory=list)
+    reuse: list[Path] = field(default_factory=list)  # results folders whose identical runs are copied, not rerun
 
     def stage(self, name: str) -> list[Run]:
         return [r for r in self.runs if r.stage == name]
@@ -196,7 +197,8 @@ def expand(spec: dict) -> Study:
                 for r in runs]
     _check_unique(runs)
     _check_graph(runs, stages)
-    return Study(str(spec["name"]), runs, lrs, select_seeds, stages)
+    reuse = [Path(x) if Path(x).is_absolute() else ROOT / x for x in _list(spec, "reuse", [])]
+    return Study(str(spec["name"]), runs, lrs, select_seeds, stages, reuse)
 
 
 def _lr_extend(spec, methods: list, lrs: list[float]) -> dict[str, list[float]]:
@@ -236,7 +238,7 @@ def _check_graph(runs: list[Run], stages: list[str]) -> None:
 
 VARIANT_KEYS = {"group", "name", "method", "methods", "tasks", "models", "splits", "seeds", "lr", "lr_of", "lr_task",
                 "lr_split", "np", "threads", "overrides"}
-STUDY_KEYS = {"name", "job", "np", "threads", "base_eval", "overrides", "grid", "variants"}
+STUDY_KEYS = {"name", "job", "np", "threads", "base_eval", "overrides", "grid", "variants", "reuse"}
 GRID_KEYS = {"methods", "tasks", "models", "splits", "seeds", "select_seeds", "lr", "lr_extend"}
 
 
@@ -506,6 +508,86 @@ def settings(cfg: dict, sgp: dict | None = None) -> dict:
             "public": cfg["data"]["public"], "val_size": cfg["data"].get("val_size", 0)}
 
 
+# ---- reuse: a run another study already made with identical settings ------------------------------------------
+
+def _fingerprint(summary: dict) -> dict:
+    """What a summary says about how its run was set up (beyond its id): the fields `reusable` compares."""
+    keep = ("method", "task", "model", "model_name", "split", "seed", "rounds", "clients", "examples_per_client",
+            "pooled_clients", "eval_dtype", "n_val", "settings")
+    return {k: summary.get(k) for k in keep}
+
+
+def reusable(run: Run, lr: float, source: dict[str, dict]) -> tuple[str, dict] | None:
+    """A finished summary of another study (`source`: its summaries by id) whose run had the resolved settings of
+    `run` at `lr`: the same method, task, model, split, seed and lr, the same overrides (eval.base aside: it only
+    says whether that run also scored the base model) and the same resolved settings (from the job file through
+    the overrides: rounds, clients, examples per client, the table's settings). (its id, its summary) or None."""
+    own = sorted(o for o in run.overrides if not o.startswith("eval.base="))
+    for sid, s in sorted(source.items(), key=lambda kv: (kv[0] != run.id, kv[0])):  # its own id first
+        if s.get("status") != "ok" or s.get("lr") is None or not math.isclose(float(s["lr"]), lr, rel_tol=1e-9):
+            continue
+        if (s.get("method"), s.get("task"), s.get("model"), s.get("split"), s.get("seed")) != \
+                (run.method, run.task, run.model, run.split, run.seed):
+            continue
+        if sorted(o for o in s.get("overrides", []) if not o.startswith("eval.base=")) != own:
+            continue
+        cfg = load_config(run.job, run.args(lr, Path("runs/_check"))[2:]).to_dict()
+        want = settings(cfg)
+        # a setting an older summary lacks is an option added since: it matches if this run leaves it at its
+        # built-in default (the behaviour before the option existed)
+        default = settings(Config().to_dict())
+        have = {**{k: v for k, v in want.items() if v == default[k]}, **(s.get("settings") or {})}
+        if want.get("sgp_auto"):  # (n, p) are what SGP chose at run time
+            for k in ("sgp_n", "sgp_p"):
+                want.pop(k, None), have.pop(k, None)
+        if have != want:
+            continue
+        if (s.get("rounds"), s.get("clients"), s.get("examples_per_client"), s.get("pooled_clients"),
+                s.get("eval_dtype"), s.get("model_name")) != \
+                (cfg["fed"]["rounds"], cfg["fed"]["clients"], cfg["data"]["max_train_per_client"],
+                 cfg["data"].get("pooled_clients", 0), cfg["eval"]["dtype"], cfg["model"]["name"]):
+            continue
+        return sid, s
+    return None
+
+
+def reuse_summary(study: Study, run: Run, lr: float, results: Path) -> str | None:
+    """Copy an identical run's summary from the study's `reuse` folders under this run's id (with reused_from);
+    the source's id, or None when no folder has one."""
+    for folder in study.reuse:
+        if not folder.is_dir():
+            continue
+        hit = reusable(run, lr, summaries(folder))
+        if hit:
+            sid, s = hit
+            _write_json(results / f"{run.id}.json",
+                        {**s, "study": study.name, "run": run.id, "stage": run.stage, "variant": run.variant,
+                         "lr_from": list(run.key), "overrides": list(run.overrides),
+                         "reused_from": f"{folder.name}/{sid}"})
+            return f"{folder.name}/{sid}"
+    return None
+
+
+def reuse_all(study: Study, results: Path, stages=None, tasks=None, variants=None) -> dict[tuple, float]:
+    """Copy every reusable summary whose run's lr is known now (a selected lr may become known as copies arrive,
+    so until nothing more is copied); the selection afterwards."""
+    chosen = write_selection(study, results)
+    while study.reuse:
+        copied = 0
+        for run in study.runs:
+            lr = lr_for(run, chosen)
+            if lr is None or not wanted(run, stages, tasks, variants) or (results / f"{run.id}.json").exists():
+                continue
+            source = reuse_summary(study, run, lr, results)
+            if source:
+                copied += 1
+                print(f"[study] {run.id}: identical to {source}; its summary is reused, not run again", flush=True)
+        chosen = write_selection(study, results)
+        if not copied:
+            break
+    return chosen
+
+
 # ---- routes ---------------------------------------------------------------------------------------------------
 
 def mpirun_command(run: Run, lr: float, run_dir: Path) -> list[str]:
@@ -552,6 +634,7 @@ def run_local(study: Study, results: Path, runs_root: Path, stages: list[str] | 
     except OSError:
         raise StudyError(f"another `study run` is using {results}; wait for it or stop it first") from None
     failed, started = [], 0
+    chosen = reuse_all(study, results, stages, tasks, variants)
     chosen = write_selection(study, results)  # changes only when a run finishes (re-selected below)
     for run in study.runs:
         if not wanted(run, stages, tasks, variants):
@@ -562,10 +645,15 @@ def run_local(study: Study, results: Path, runs_root: Path, stages: list[str] | 
         if lr is None:
             print(f"[study] {run.id}: waiting for the lr selection of {run.key} (its grid runs are unfinished)")
             continue
-        if max_runs and started >= max_runs:
-            break
         if (results / f"{run.id}.json").exists():
             supersede(run, lr, results, runs_root)
+        source = reuse_summary(study, run, lr, results)
+        if source:
+            print(f"[study] {run.id}: identical to {source}; its summary is reused, not run again", flush=True)
+            chosen = write_selection(study, results)
+            continue
+        if max_runs and started >= max_runs:
+            break
         started += 1
         rc, stop = _launch(run, lr, runs_root / run.id)
         if stop or rc in (75, 143):
