@@ -72,6 +72,7 @@ class Run:
     threads: int = 1
     lr_split: str = ""  # the split whose selection gives the lr ("": this run's own; non-IID variants: iid)
     lr_task: str = ""  # the task whose selection gives the lr ("": this run's own)
+    lr_step: int | None = None  # variants' lr_steps: this many steps from the (selected) lr on the 1-3-10 ladder
 
     @property
     def key(self) -> tuple[str, str, str, str]:
@@ -143,9 +144,24 @@ def _split_name(split) -> str:
     raise StudyError(f"splits: expected iid or dirichlet-<beta> (e.g. dirichlet-0.5), got '{split}'")
 
 
-def _run_id(stage: str, method: str, task: str, model: str, split: str, seed: int, lr: float | None) -> str:
+def _run_id(stage: str, method: str, task: str, model: str, split: str, seed: int, lr: float | None,
+            step: int | None = None) -> str:
     lr_part = f"-lr{lr:g}" if lr is not None else ""
-    return f"{stage}-{method}-{task}-{model}-{split}{lr_part}-s{seed}"
+    step_part = f"-step{step:+d}" if step is not None else ""
+    return f"{stage}-{method}-{task}-{model}-{split}{lr_part}{step_part}-s{seed}"
+
+
+def lr_step(lr: float, steps: int) -> float:
+    """`lr` moved `steps` places along the ladder ..., 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, ... (the grids' half-decade
+    steps); an lr off the ladder moves by 10 ** (steps / 2), to two significant digits."""
+    if not steps:
+        return lr
+    e = math.floor(math.log10(lr) + 1e-9)
+    mantissa = lr / 10 ** e
+    if math.isclose(mantissa, 1, rel_tol=1e-6) or math.isclose(mantissa, 3, rel_tol=1e-6):
+        e, odd = divmod(2 * e + (mantissa > 2) + steps, 2)
+        return float(f"{3 if odd else 1}e{e}")
+    return float(f"{lr * 10 ** (steps / 2):.2g}")
 
 
 def expand(spec: dict) -> Study:
@@ -237,7 +253,7 @@ def _check_graph(runs: list[Run], stages: list[str]) -> None:
 
 
 VARIANT_KEYS = {"group", "name", "method", "methods", "tasks", "models", "splits", "seeds", "lr", "lr_of", "lr_task",
-                "lr_split", "np", "threads", "overrides"}
+                "lr_split", "lr_steps", "np", "threads", "overrides"}
 STUDY_KEYS = {"name", "job", "np", "threads", "base_eval", "overrides", "grid", "variants", "reuse"}
 GRID_KEYS = {"methods", "tasks", "models", "splits", "seeds", "select_seeds", "lr", "lr_extend"}
 
@@ -256,17 +272,25 @@ def _variant_runs(v: dict, base: tuple, job: str, models, splits, seeds, np_: in
     lr = None if v.get("lr", "selected") == "selected" else float(v["lr"])
     over = base + _overrides(v.get("overrides"), f"variants.{name}")
     lr_split = _split_name(v["lr_split"]) if "lr_split" in v else ""
+    # lr_steps: the runs at each of these steps from the (selected) lr along the 1-3-10 ladder, e.g. [0, -1, 1]:
+    # a 3-point grid around a selection that is not known yet (the report selects among them); run ids name the step
+    steps = v.get("lr_steps")
+    if steps is not None and (not isinstance(steps, list) or not steps or any(type(k) is not int for k in steps)
+                              or len(set(steps)) < len(steps)):
+        raise StudyError(f"variant {name}: lr_steps: expected a list of distinct integers (steps along the 1-3-10 lr "
+                         f"ladder from the selected lr, e.g. [0, -1, 1]), got {steps!r}")
     out = []
     for method in map(str, _list(v, "methods", [v.get("method")])):
         for task in _list(v, "tasks"):
             for model in _list(v, "models", models):
                 for split in (_split_name(s) for s in _list(v, "splits", splits)):
-                    for seed in (int(s) for s in _list(v, "seeds", seeds)):
-                        rid = _run_id(f"{group}.{name}", method, task, model, split, seed, lr)
-                        out.append(Run(rid, group, name, method, task, model, split, seed, lr,
-                                       str(v.get("lr_of", method)), job.format(model=model, task=task), over,
-                                       int(v.get("np", np_)), int(v.get("threads", threads)), lr_split,
-                                       str(v.get("lr_task", ""))))
+                    for step in (steps if steps is not None else [None]):  # step-major: a cut keeps whole steps
+                        for seed in (int(s) for s in _list(v, "seeds", seeds)):
+                            rid = _run_id(f"{group}.{name}", method, task, model, split, seed, lr, step)
+                            out.append(Run(rid, group, name, method, task, model, split, seed, lr,
+                                           str(v.get("lr_of", method)), job.format(model=model, task=task), over,
+                                           int(v.get("np", np_)), int(v.get("threads", threads)), lr_split,
+                                           str(v.get("lr_task", "")), step))
     return out
 
 
@@ -353,7 +377,8 @@ def write_selection(study: Study, results: Path) -> dict[tuple, float]:
 
 
 def lr_for(run: Run, chosen: dict[tuple, float]) -> float | None:
-    return run.lr if run.lr is not None else chosen.get(run.key)
+    lr = run.lr if run.lr is not None else chosen.get(run.key)
+    return lr if lr is None or run.lr_step is None else lr_step(lr, run.lr_step)
 
 
 def is_done(run: Run, lr: float | None, results: Path) -> bool:
@@ -414,7 +439,8 @@ def summarize(run: Run, run_dir: Path, lr: float, study: str) -> dict:
         out = {"study": study, "run": run.id, "status": "ok", "stage": run.stage, "variant": run.variant,
                "method": run.method,
                "task": run.task, "model": run.model, "model_name": cfg["model"]["name"], "split": run.split,
-               "seed": run.seed, "lr": lr, "lr_from": list(run.key), "overrides": list(run.overrides),
+               "seed": run.seed, "lr": lr, "lr_from": list(run.key),
+               **({"lr_step": run.lr_step} if run.lr_step is not None else {}), "overrides": list(run.overrides),
                "rounds": int(cfg["fed"]["rounds"]), "clients": int(cfg["fed"]["clients"]),
                "examples_per_client": int(cfg["data"]["max_train_per_client"]),
                "pooled_clients": int(cfg["data"].get("pooled_clients", 0)), "settings": settings(cfg, sgp),
@@ -456,6 +482,7 @@ def failed_summary(run: Run, lr: float, study: str, code: int) -> dict:
     return {"study": study, "run": run.id, "status": "failed", "exit_code": code, "stage": run.stage,
             "variant": run.variant if run.stage != GRID else "", "method": run.method, "task": run.task,
             "model": run.model, "split": run.split, "seed": run.seed, "lr": lr, "lr_from": list(run.key),
+            **({"lr_step": run.lr_step} if run.lr_step is not None else {}),
             "overrides": list(run.overrides), "accuracy": None, "val_accuracy": None,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())}
 
@@ -562,7 +589,8 @@ def reuse_summary(study: Study, run: Run, lr: float, results: Path) -> str | Non
             sid, s = hit
             _write_json(results / f"{run.id}.json",
                         {**s, "study": study.name, "run": run.id, "stage": run.stage, "variant": run.variant,
-                         "lr_from": list(run.key), "overrides": list(run.overrides),
+                         "lr_from": list(run.key), **({"lr_step": run.lr_step} if run.lr_step is not None else {}),
+                         "overrides": list(run.overrides),
                          "reused_from": f"{folder.name}/{sid}"})
             return f"{folder.name}/{sid}"
     return None
