@@ -1147,6 +1147,93 @@ def sec_cost(res: Results) -> str:
         "kept. Failed runs are not counted.")
 
 
+def seed0_choice(per_lr: dict[float, dict[int, dict]]) -> float | None:
+    """The lr a seed-0-only selection picks from a grid {lr: {seed: summary}}: the best seed-0 validation accuracy,
+    ties to the smaller lr; None until every lr has a finished seed-0 run."""
+    vals = {lr: by_seed.get(0, {}).get("val_accuracy") for lr, by_seed in per_lr.items()}
+    if not vals or any(missing(v) for v in vals.values()):
+        return None
+    return min(vals, key=lambda lr: (-float(vals[lr]), lr))
+
+
+def sec_seeds3(res: Results) -> str:
+    """Selection over three seeds (issue 32): per method, the grid's validation accuracy per lr and seed, the lr a
+    seed-0-only selection picks and the one the study's rule (selection.json: best mean over its select seeds)
+    picks; the test accuracy over seeds at both, their paired difference, and FedSODA − each baseline at both."""
+    grid = [s for s in res.runs if s["stage"] == "grid" and not missing(s.get("lr"))]
+    settings = [st for st in res.settings(grid) if len({int(s["seed"]) for s in grid if setting_of(s) == st}) > 1]
+    if not settings:
+        return "_No grid at more than one seed yet (grid.select_seeds over several seeds)._"
+    parts = []
+    for st in settings:
+        per: dict[str, dict[float, dict[int, dict]]] = {}
+        for s in grid:
+            if setting_of(s) == st:
+                per.setdefault(s["method"], {}).setdefault(float(s["lr"]), {})[int(s["seed"])] = s
+        methods = sorted(per, key=method_order)
+        lrs = sorted({lr for m in methods for lr in per[m]})
+        seeds = sorted({seed for m in methods for by in per[m].values() for seed in by})
+        chosen = {m: res.selected(st, m) for m in methods}
+        first = {m: seed0_choice(per[m]) for m in methods}
+        val_rows, acc_rows, accs = [], [], {}
+        for m in methods:
+            cells = []
+            for lr in lrs:
+                by = per[m].get(lr, {})
+                v = by_seed(list(by.values()), "val_accuracy")
+                if not v:
+                    cells.append(DASH)
+                    continue
+                text = f"{num(mean_std(v.values())[0])} ({' · '.join(num(v[x]) if x in v else DASH for x in seeds)})"
+                mark = "**" if chosen[m] is not None and float(chosen[m]) == lr else ""
+                cells.append(mark + text + mark + (" †" if first[m] == lr else ""))
+            val_rows.append([NAMES.get(m, m), *cells])
+            row, accs[m] = [NAMES.get(m, m)], {}
+            for which, lr in (("seed0", first[m]), ("all", chosen[m])):
+                runs = list(per[m].get(float(lr), {}).values()) if lr is not None else []
+                a = by_seed(runs)
+                accs[m][which] = a
+                row += [f"{float(lr):g}" if lr is not None else "pending", mean_pm(*mean_std(a.values())),
+                        ci_text(t_ci(a.values())), str(len(a))]
+            same = first[m] is not None and chosen[m] is not None and float(first[m]) == float(chosen[m])
+            d = paired(accs[m]["all"], accs[m]["seed0"])
+            row += ["no (the same runs)" if same else ("yes" if chosen[m] is not None and first[m] is not None
+                                                       else "pending"),
+                    DASH if same or not d["n"] else f"{num(d['mean'], sign=True)} {ci_text(d['ci'], sign=True)}"]
+            acc_rows.append(row)
+        diff_rows = []
+        for m in methods:
+            if m == "fedsoda" or "fedsoda" not in methods:
+                continue
+            cells = []
+            for which in ("seed0", "all"):
+                d = paired(accs["fedsoda"][which], accs[m][which])
+                cells += [num(d["mean"], sign=True), ci_text(d["ci"], sign=True), per_seed(d)]
+            diff_rows.append([f"FedSODA − {NAMES.get(m, m)}", *cells])
+        seed_text = ", ".join(map(str, seeds))
+        parts.append(
+            f"#### {res.label(st)}\n\n"
+            + table(["method", *[f"val. acc. % at lr = {lr:g}: mean (s{' · s'.join(map(str, seeds))})" for lr in lrs]],
+                    val_rows)
+            + "\n\n" + table(["method", "seed-0 selection: lr", "test acc. % (mean ± std)", "95% CI", "n",
+                               f"selection over seeds {seed_text}: lr", "test acc. % (mean ± std)", "95% CI", "n",
+                               "selection changed", "Δ new − seed-0 selection (pts) [95% CI]"], acc_rows)
+            + ("\n\n" + table(["paired difference", "at seed-0 selections: mean Δ (pts)", "95% CI", "per seed",
+                                f"at selections over seeds {seed_text}: mean Δ (pts)", "95% CI", "per seed"],
+                               diff_rows) if diff_rows else ""))
+    rule = res.selection.get("rule", "no selection.json yet")
+    return "\n\n".join(parts) + (
+        "\n\nFirst table: validation accuracy (held-out training rows, never the test set) of every grid run, the mean "
+        "over seeds and each seed in parentheses; **bold**: the lr the study's rule selects (" + rule + "); †: the lr "
+        "a selection on seed 0 alone picks (the rule of the first CPU study). Second table: test accuracy over the "
+        "seeds at each of the two selections (mean ± sample std, 95% CI of the mean with Student t, df = n − 1) and "
+        "the paired difference by seed; where the selection did not change the runs are the same. Third: FedSODA − "
+        "each baseline paired by seed, at both selections. Every run at the new selection took part in choosing it "
+        "(its validation accuracy entered the mean), so Table 2's column of seeds not used to select the lr has no "
+        "counterpart here: the choice now rests on three seeds' mean, which shrinks the winner's curse of a one-seed "
+        "choice without removing it (the test accuracies were never looked at).")
+
+
 NO_RUNS = "_No finished run of this study yet._"
 SECTIONS = {"setup": ("Setup", sec_setup), "lr": ("Learning-rate selection", sec_lr),
             "table2": ("Table 2: accuracy of the four methods", sec_table2),
@@ -1160,7 +1247,8 @@ SECTIONS = {"setup": ("Setup", sec_setup), "lr": ("Learning-rate selection", sec
             "auto": ("Automatic pruning configuration (sgp.auto)", sec_auto),
             "selfpublic": ("Alignment without a public data set (data.public=self)", sec_selfpublic),
             "variants": ("Other variants", sec_variants), "curves": ("Accuracy per round", sec_curves),
-            "cost": ("What the study cost (wall time)", sec_cost)}
+            "cost": ("What the study cost (wall time)", sec_cost),
+            "seeds3": ("Selection over three seeds", sec_seeds3)}
 
 
 # ---- the out file ---------------------------------------------------------------------------------------------
@@ -1169,9 +1257,10 @@ def names_in(text: str) -> list[str]:
     return [m.group(1) for m in (BEGIN.match(line.rstrip("\n")) for line in text.splitlines()) if m]
 
 
-def splice(text: str, content: dict[str, str]) -> tuple[str, list[str]]:
-    """Replace the lines between each begin/end marker pair whose NAME is in `content`; keep everything else.
-    Returns the new text and warnings (unknown names, a begin without its end)."""
+def splice(text: str, content: dict[str, str], ignore: frozenset = frozenset()) -> tuple[str, list[str]]:
+    """Replace the lines between each begin/end marker pair whose NAME is in `content`; keep everything else (the
+    names in `ignore` without a warning: another study's sections). Returns the new text and warnings (unknown
+    names, a begin without its end)."""
     lines, out, warnings, i = text.splitlines(keepends=True), [], [], 0
     while i < len(lines):
         m = BEGIN.match(lines[i].rstrip("\n"))
@@ -1181,7 +1270,8 @@ def splice(text: str, content: dict[str, str]) -> tuple[str, list[str]]:
             continue
         name = m.group(1)
         if name not in content:
-            warnings.append(f"unknown report section '{name}'; left alone")
+            if name not in ignore:
+                warnings.append(f"unknown report section '{name}'; left alone")
             continue
         end = next((j for j in range(i, len(lines)) if lines[j].strip() == END.format(name)), None)
         if end is None:
@@ -1218,14 +1308,25 @@ def main(argv: list[str] | None = None) -> int:
         runs, selection = load(Path(a.results))
         res = Results(runs, selection, out, Path(a.figures) if a.figures else out.parent / "gallery")
         text = out.read_text(encoding="utf-8") if out.exists() else None
-        wanted = list(SECTIONS) if text is None else [n for n in SECTIONS if n in names_in(text)]
-        content = {n: (SECTIONS[n][1](res) if res.runs else NO_RUNS) if n in wanted else "" for n in SECTIONS}
+        markers = names_in(text) if text is not None else []
+        tagged = {n: n.split("@", 1) for n in markers if "@" in n}  # NAME@STUDY: rewritten by that study's report
+        own = [n for n, (name, study) in tagged.items() if study == res.study and name in SECTIONS]
+        if own:  # the file holds sections of this study by tag: only those are rewritten, nothing else
+            wanted = [tagged[n][0] for n in own]
+            keys = {tagged[n][0]: n for n in own}
+        else:
+            wanted = list(SECTIONS) if text is None else [n for n in SECTIONS if n in markers]
+            keys = {n: n for n in SECTIONS}
+        made = {n: (SECTIONS[n][1](res) if res.runs else NO_RUNS) if n in wanted else "" for n in SECTIONS}
+        content = {keys[n]: made[n] for n in SECTIONS if n in keys}
         if text is None:
             new, warnings = new_file(res, content), []
         else:
-            new, warnings = splice(text, content)
-            skipped = [n for n in SECTIONS if n not in wanted]
-            if skipped:
+            new, warnings = splice(text, content, frozenset(markers) - set(content)) if own else \
+                splice(text, content, frozenset(tagged))
+            elsewhere = {name for name, _ in tagged.values()}  # a section another study's report fills
+            skipped = [n for n in SECTIONS if n not in wanted and n not in elsewhere]
+            if skipped and not own:
                 warnings.append(f"{out} has no section(s) {', '.join(skipped)} "
                                 "(add their report markers to include them)")
         for w in warnings:
