@@ -7,11 +7,18 @@ Reads <results>/*.json (one few-KB summary per finished run, written by fedsoda_
 <results>/selection.json (fedsoda_mpi.study.write_selection); never a run folder. In the --out markdown
 file, the lines between `<!-- report:begin NAME -->` and `<!-- report:end NAME -->` are replaced by freshly
 generated content and everything outside the markers is kept; a new file gets every section. Sections:
-setup, lr, table2, table3, table4, drift, table9, gap, bridge, transfer, gsm8k, auto, selfpublic, variants, curves, cost (figures:
+setup, lr, table2, table3, table4, drift, table9, gap, bridge, transfer, gsm8k, auto, selfpublic, variants, curves, cost,
+seeds3 (figures:
 <figures>/<study>_curves_<task>.png, default <out folder>/gallery). drift shows the study's `drift` stage
 (oda.trigger=drift) beside the fixed re-alignment intervals r1, r = 5 (main) and no_re_align; auto and selfpublic
 show every run of the study's `auto` and `selfpublic` stages (issue #16) against the FedSODA main runs; variants
-shows every variant run that no other section shows.
+shows every variant run that no other section shows; seeds3 compares the study's lr selection over several seeds
+with a seed-0-only selection of the same grid.
+
+One file, several studies: a marker `<!-- report:begin NAME@STUDY -->` belongs to the report of the results folder
+whose summaries are of study STUDY; when the file has such markers for the study being reported, only they are
+rewritten (docs/results.md: `python analysis/report.py results/cpu_smollm2_ii --out docs/results.md` rewrites the
+Evidence II sections); otherwise the untagged markers are, and other studies' tagged sections are left alone.
 
 Table-2 runs are the grid and seeds stages at the selected lr (variant "main"); other stages are found by
 variant name (the gsm8k stage's "main" runs never enter Table 2). Statistics over seeds: mean +- sample
