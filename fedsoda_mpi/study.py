@@ -537,13 +537,6 @@ def settings(cfg: dict, sgp: dict | None = None) -> dict:
 
 # ---- reuse: a run another study already made with identical settings ------------------------------------------
 
-def _fingerprint(summary: dict) -> dict:
-    """What a summary says about how its run was set up (beyond its id): the fields `reusable` compares."""
-    keep = ("method", "task", "model", "model_name", "split", "seed", "rounds", "clients", "examples_per_client",
-            "pooled_clients", "eval_dtype", "n_val", "settings")
-    return {k: summary.get(k) for k in keep}
-
-
 def reusable(run: Run, lr: float, source: dict[str, dict]) -> tuple[str, dict] | None:
     """A finished summary of another study (`source`: its summaries by id) whose run had the resolved settings of
     `run` at `lr`: the same method, task, model, split, seed and lr, the same overrides (eval.base aside: it only
@@ -662,8 +655,7 @@ def run_local(study: Study, results: Path, runs_root: Path, stages: list[str] | 
     except OSError:
         raise StudyError(f"another `study run` is using {results}; wait for it or stop it first") from None
     failed, started = [], 0
-    chosen = reuse_all(study, results, stages, tasks, variants)
-    chosen = write_selection(study, results)  # changes only when a run finishes (re-selected below)
+    chosen = reuse_all(study, results, stages, tasks, variants)  # the selection; re-selected when a run finishes
     for run in study.runs:
         if not wanted(run, stages, tasks, variants):
             continue
