@@ -1202,6 +1202,10 @@ def sec_seeds3(res: Results) -> str:
                 accs[m][which] = a
                 row += [f"{float(lr):g}" if lr is not None else "pending", mean_pm(*mean_std(a.values())),
                         ci_text(t_ci(a.values())), str(len(a))]
+            means = {lr: mean_std(by_seed(list(by.values()), "val_accuracy").values())[0] for lr, by in per[m].items()}
+            rest = [v for lr, v in means.items() if chosen[m] is None or lr != float(chosen[m])]
+            margin = means.get(float(chosen[m])) - max(rest) if chosen[m] is not None and rest else None
+            row.append(num(margin))
             same = first[m] is not None and chosen[m] is not None and float(first[m]) == float(chosen[m])
             d = paired(accs[m]["all"], accs[m]["seed0"])
             row += ["no (the same runs)" if same else ("yes" if chosen[m] is not None and first[m] is not None
@@ -1224,7 +1228,7 @@ def sec_seeds3(res: Results) -> str:
                     val_rows)
             + "\n\n" + table(["method", "seed-0 selection: lr", "test acc. % (mean ± std)", "95% CI", "n",
                                f"selection over seeds {seed_text}: lr", "test acc. % (mean ± std)", "95% CI", "n",
-                               "selection changed", "Δ new − seed-0 selection (pts) [95% CI]"], acc_rows)
+                               "val. margin over the next lr (pts)", "selection changed", "Δ new − seed-0 selection (pts) [95% CI]"], acc_rows)
             + ("\n\n" + table(["paired difference", "at seed-0 selections: mean Δ (pts)", "95% CI", "per seed",
                                 f"at selections over seeds {seed_text}: mean Δ (pts)", "95% CI", "per seed"],
                                diff_rows) if diff_rows else ""))
@@ -1234,7 +1238,9 @@ def sec_seeds3(res: Results) -> str:
         "over seeds and each seed in parentheses; **bold**: the lr the study's rule selects (" + rule + "); †: the lr "
         "a selection on seed 0 alone picks (the rule of the first CPU study). Second table: test accuracy over the "
         "seeds at each of the two selections (mean ± sample std, 95% CI of the mean with Student t, df = n − 1) and "
-        "the paired difference by seed; where the selection did not change the runs are the same. Third: FedSODA − "
+        "the paired difference by seed; where the selection did not change the runs are the same. Margin: the selected "
+        "lr's mean validation accuracy minus the best other lr's (a margin within the evaluation noise between machines "
+        "is a tie; docs/results.md measures that noise on one rerun). Third: FedSODA − "
         "each baseline paired by seed, at both selections. Every run at the new selection took part in choosing it "
         "(its validation accuracy entered the mean), so Table 2's column of seeds not used to select the lr has no "
         "counterpart here: the choice now rests on three seeds' mean, which shrinks the winner's curse of a one-seed "

@@ -600,8 +600,8 @@ def test_selection_over_three_seeds_beside_the_seed0_selection(tmp_path):
     d = [60 - 70, 64 - 50, 68 - 52]
     dhalf = 4.303 * float(np.std(d, ddof=1)) / math.sqrt(3)
     assert (f"| FedSODA | 0.003 | 57.3 ± 11.0 | [{172 / 3 - half:.1f}, {172 / 3 + half:.1f}] | 3 | 0.001 | 64.0 ± 4.0 "
-            f"| [54.1, 73.9] | 3 | yes | +{np.mean(d):.1f} [{np.mean(d) - dhalf:+.1f}, {np.mean(d) + dhalf:+.1f}] |") in text
-    assert "| FedPETuning | 0.001 | 85.0 ± 1.0 |" in text and "| no (the same runs) | — |" in text
+            f"| [54.1, 73.9] | 3 | 5.3 | yes | +{np.mean(d):.1f} [{np.mean(d) - dhalf:+.1f}, {np.mean(d) + dhalf:+.1f}] |") in text
+    assert "| FedPETuning | 0.001 | 85.0 ± 1.0 |" in text and "| 4.0 | no (the same runs) | — |" in text
     assert "| FedSODA − FedPETuning | -27.7 |" in text and "| -21.0 |" in text  # at seed-0, at three-seed selections
     one_seed = [s for s in runs if s["seed"] == 0]
     assert run(write(tmp_path / "res1", one_seed, SELECTION), tmp_path / "r1.md") == 0
