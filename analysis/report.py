@@ -1086,7 +1086,7 @@ def sec_variants(res: Results) -> str:
     group and setting; Δ against the same variant's FedSODA runs when the group has several methods, else
     against the FedSODA main runs of the setting."""
     done = shown_elsewhere(res)
-    runs = [s for s in res.runs if s["stage"] not in (*MAIN_STAGES, GSM8K, AUTO, SELF, DRIFT)
+    runs = [s for s in res.runs if s["stage"] not in (*MAIN_STAGES, GSM8K, AUTO, SELF, DRIFT, BUDGET)
             and (s["stage"], s["variant"]) not in done]
     if not runs:
         return "_No other variant runs._"
@@ -1247,6 +1247,94 @@ def sec_seeds3(res: Results) -> str:
         "choice without removing it (the test accuracies were never looked at).")
 
 
+BUDGET = "budget"  # the stage of the data-budget runs (studies/cpu_smollm2_ii.yaml: group budget)
+
+
+def series_of(s: dict) -> str:
+    """A budget run's series: its variant name without the examples-per-client part (x64, fed_last3_x16 ->
+    fed_last3), or its method when nothing is left."""
+    name = re.sub(r"(^|_)x\d+$", "", str(s.get("variant", "")))
+    return name or str(s["method"])
+
+
+def select_by_val(runs: list[dict]) -> tuple[float | None, float | None, list[dict], int]:
+    """Among runs at several lrs and seeds: the lr with the best mean validation accuracy over seeds (ties to the
+    smaller lr; None while some lr lacks a seed another lr has), its margin over the next lr (points), its runs,
+    and how many lrs ran."""
+    per: dict[float, list[dict]] = {}
+    for s in runs:
+        if not missing(s.get("lr")):
+            per.setdefault(float(s["lr"]), []).append(s)
+    seeds = {int(s["seed"]) for s in runs}
+    if not per or any({int(s["seed"]) for s in v} != seeds for v in per.values()):
+        return None, None, [], len(per)
+    means = {lr: mean_std(by_seed(v, "val_accuracy").values())[0] for lr, v in per.items()}
+    best = min(means, key=lambda lr: (-means[lr], lr))
+    rest = [v for lr, v in means.items() if lr != best]
+    return best, (means[best] - max(rest)) if rest else None, per[best], len(per)
+
+
+def sec_budget(res: Results) -> str:
+    """Issue 32's budget axis: per series (method, or the fed_last3 perfect emulator) and training examples per
+    client, the lr selected by mean validation accuracy over the seeds among the budget runs' lr steps (at the
+    first grid budget: the Table-2 runs at the study's selection), its test accuracy over seeds, and the FedSODA
+    gaps paired by seed at each budget with how they change from the smallest budget to each larger one."""
+    budget = [s for s in res.runs if s["stage"] == BUDGET]
+    if not budget:
+        return "_No budget runs yet._"
+    parts = []
+    for st in res.settings(budget):
+        here = [s for s in budget if setting_of(s) == st]
+        points: dict[tuple[str, int], tuple] = {}  # (series, examples) -> (lr, margin, runs, lrs ran)
+        for m in sorted({s["method"] for s in res.runs if s["stage"] in MAIN_STAGES and setting_of(s) == st},
+                        key=method_order):
+            main = res.main(st, m)
+            if main and m in {series_of(s) for s in here}:
+                ex = int(main[0].get("examples_per_client") or 0)
+                points[m, ex] = (res.selected(st, m), None, main, DASH)
+        for key in sorted({(series_of(s), int(s.get("examples_per_client") or 0)) for s in here}):
+            lr, margin, runs, n_lr = select_by_val([s for s in here if (series_of(s), int(
+                s.get("examples_per_client") or 0)) == key])
+            points[key] = (lr, margin, runs, n_lr)
+        order = lambda k: (method_order(k[0]) if k[0] in METHODS else (len(METHODS), k[0]), k[1])  # noqa: E731
+        rows, accs = [], {}
+        for key in sorted(points, key=order):
+            lr, margin, runs, n_lr = points[key]
+            accs[key] = by_seed(runs)
+            rows.append([NAMES.get(key[0], key[0]), str(key[1]), f"{float(lr):g}" if lr is not None else "pending",
+                         str(n_lr), num(margin), mean_pm(*mean_std(accs[key].values())),
+                         ci_text(t_ci(accs[key].values())), str(len(accs[key]))])
+        examples = sorted({k[1] for k in points})
+        gaps = []
+        for other in sorted({k[0] for k in points if k[0] != "fedsoda"},
+                            key=lambda x: method_order(x) if x in METHODS else (len(METHODS), x)):
+            diffs = {ex: paired(accs.get(("fedsoda", ex), {}), accs.get((other, ex), {})) for ex in examples}
+            cells = [f"{num(d['mean'], sign=True)} {ci_text(d['ci'], sign=True)} (n={d['n']})" if d["n"] else DASH
+                     for d in diffs.values()]
+            for ex in examples[1:]:  # the change of the gap, paired by seed: (a - b) at ex minus (a - b) at the first
+                a = dict(zip(diffs[ex]["seeds"], diffs[ex]["diffs"]))
+                b = dict(zip(diffs[examples[0]]["seeds"], diffs[examples[0]]["diffs"]))
+                ch = paired(a, b)
+                cells.append(f"{num(ch['mean'], sign=True)} {ci_text(ch['ci'], sign=True)} (n={ch['n']})"
+                             if ch["n"] else DASH)
+            gaps.append([f"FedSODA − {NAMES.get(other, other)}", *cells])
+        part = f"#### {res.label(st)}\n\n" + table(
+            ["series", "examples per client", "selected lr", "lrs run", "val. margin over the next lr (pts)",
+             "test acc. % (mean ± std)", "95% CI", "n seeds"], rows, 2)
+        if gaps and "fedsoda" in {k[0] for k in points}:
+            part += "\n\n" + table(["paired gap (pts)", *[f"at {ex} per client: mean [95% CI]" for ex in examples],
+                                     *[f"change {examples[0]} → {ex}: mean [95% CI]" for ex in examples[1:]]], gaps)
+        parts.append(part)
+    return "\n\n".join(parts) + (
+        "\n\nSeries: a method, or `fed_last3` (FedPETuning's LoRA on the last 3 layers of the full model: a perfect "
+        "emulator for FedSODA's 3-layer adapter, run at FedSODA's lr steps). At each budget the lr is the one with "
+        "the best mean validation accuracy over the seeds among the lrs run (ties to the smaller; \"pending\" until "
+        "every lr has every seed); at the grid's budget a method's point is its Table-2 runs at the study's "
+        "selection. Test accuracy: mean ± sample std over seeds, 95% CI with Student t. Gaps: FedSODA − the series, "
+        "paired by seed; the change of a gap is paired by seed too ((a − b) at the larger budget minus (a − b) at the "
+        "smaller), so a negative change in a negative gap means the gap grew.")
+
+
 NO_RUNS = "_No finished run of this study yet._"
 SECTIONS = {"setup": ("Setup", sec_setup), "lr": ("Learning-rate selection", sec_lr),
             "table2": ("Table 2: accuracy of the four methods", sec_table2),
@@ -1261,7 +1349,8 @@ SECTIONS = {"setup": ("Setup", sec_setup), "lr": ("Learning-rate selection", sec
             "selfpublic": ("Alignment without a public data set (data.public=self)", sec_selfpublic),
             "variants": ("Other variants", sec_variants), "curves": ("Accuracy per round", sec_curves),
             "cost": ("What the study cost (wall time)", sec_cost),
-            "seeds3": ("Selection over three seeds", sec_seeds3)}
+            "seeds3": ("Selection over three seeds", sec_seeds3),
+            "budget": ("Accuracy against training examples per client", sec_budget)}
 
 
 # ---- the out file ---------------------------------------------------------------------------------------------

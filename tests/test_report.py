@@ -626,3 +626,38 @@ def test_tagged_sections_belong_to_their_study(tmp_path, capsys):
     assert "OLD II" not in after and "**62.0 (60.0 · 62.0 · 64.0)**" in after
     assert after.split("<!-- report:begin seeds3@ii -->")[0] == text.split("<!-- report:begin seeds3@ii -->")[0]
     assert "warning" not in capsys.readouterr().err
+
+
+def test_budget_axis_selects_per_budget_and_pairs_the_gaps(tmp_path):
+    """budget: per series and examples per client the lr with the best mean validation accuracy over seeds among
+    the lr steps run (the Table-2 runs at the grid's budget), test accuracy over seeds, FedSODA − each series paired
+    by seed at each budget and the change of that gap, paired by seed; incomplete lr steps are pending."""
+    runs, sel = three_seed_grid()
+    acc64 = {("fedsoda", "x64", 3e-4): (0.70, 0.72, 0.74), ("fedsoda", "x64", 1e-3): (0.76, 0.78, 0.80),
+             ("fedpetuning", "fed_last3_x16", 1e-3): (0.62, 0.66, 0.70),
+             ("fedpetuning", "fed_last3_x64", 1e-3): (0.80, 0.80, 0.86)}
+    val64 = {("fedsoda", "x64", 3e-4): 0.70, ("fedsoda", "x64", 1e-3): 0.75,
+             ("fedpetuning", "fed_last3_x16", 1e-3): 0.6, ("fedpetuning", "fed_last3_x64", 1e-3): 0.8}
+    for (m, v, lr), accs in acc64.items():
+        for sd, a in enumerate(accs):
+            s = summary(m, seed=sd, acc=a, stage="budget", variant=v, lr=lr, study="ii",
+                        val=[0.5, 0.5, 0.5, 0.5, val64[m, v, lr]],
+                        examples_per_client=16 if v.endswith("x16") else 64)
+            s["run"] = f"budget.{v}-{m}-sst2-smollm2-iid-step{lr:g}-s{sd}"
+            runs.append(s)
+    pet = summary("fedpetuning", seed=0, acc=0.9, stage="budget", variant="x64", lr=1e-3, study="ii",
+                  examples_per_client=64)
+    pet["run"] = "budget.x64-fedpetuning-sst2-smollm2-iid-step+0-s0"
+    runs.append(pet)
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", runs, sel), out) == 0
+    text = section(out.read_text(), "budget")
+    assert "| FedSODA | 16 | 0.001 | — | — | 64.0 ± 4.0 | [54.1, 73.9] | 3 |" in text  # the Table-2 runs
+    assert "| FedSODA | 64 | 0.001 | 2 | 5.0 | 78.0 ± 2.0 | [73.0, 83.0] | 3 |" in text
+    assert "| FedPETuning | 64 | 0.001 | 1 | — | 90.0 | — | 1 |" in text
+    assert "| fed_last3 | 16 | 0.001 | 1 | — | 66.0 ± 4.0 |" in text and "| fed_last3 | 64 | 0.001 | 1 |" in text
+    # FedSODA − fed_last3: at 16 (60-62, 64-66, 68-70) = -2 each; at 64 (76-80, 78-80, 80-86) = -4, -2, -6
+    assert "| FedSODA − fed_last3 | -2.0 [-2.0, -2.0] (n=3) | -4.0 [-9.0, +1.0] (n=3) | -2.0 [-7.0, +3.0] (n=3) |" \
+        in text
+    assert "| FedSODA − FedPETuning | -21.0 [-33.4, -8.6] (n=3) | -14.0 — (n=1) | +12.0 — (n=1) |" in text
+    assert "budget" not in section(out.read_text(), "variants")  # shown here, not among the other variants
