@@ -7,11 +7,18 @@ Reads <results>/*.json (one few-KB summary per finished run, written by fedsoda_
 <results>/selection.json (fedsoda_mpi.study.write_selection); never a run folder. In the --out markdown
 file, the lines between `<!-- report:begin NAME -->` and `<!-- report:end NAME -->` are replaced by freshly
 generated content and everything outside the markers is kept; a new file gets every section. Sections:
-setup, lr, table2, table3, table4, drift, table9, gap, bridge, transfer, gsm8k, auto, selfpublic, variants, curves, cost (figures:
+setup, lr, table2, table3, table4, drift, table9, gap, bridge, transfer, gsm8k, auto, selfpublic, variants, curves, cost,
+seeds3 (figures:
 <figures>/<study>_curves_<task>.png, default <out folder>/gallery). drift shows the study's `drift` stage
 (oda.trigger=drift) beside the fixed re-alignment intervals r1, r = 5 (main) and no_re_align; auto and selfpublic
 show every run of the study's `auto` and `selfpublic` stages (issue #16) against the FedSODA main runs; variants
-shows every variant run that no other section shows.
+shows every variant run that no other section shows; seeds3 compares the study's lr selection over several seeds
+with a seed-0-only selection of the same grid.
+
+One file, several studies: a marker `<!-- report:begin NAME@STUDY -->` belongs to the report of the results folder
+whose summaries are of study STUDY; when the file has such markers for the study being reported, only they are
+rewritten (docs/results.md: `python analysis/report.py results/cpu_smollm2_ii --out docs/results.md` rewrites the
+Evidence II sections); otherwise the untagged markers are, and other studies' tagged sections are left alone.
 
 Table-2 runs are the grid and seeds stages at the selected lr (variant "main"); other stages are found by
 variant name (the gsm8k stage's "main" runs never enter Table 2). Statistics over seeds: mean +- sample
@@ -1079,7 +1086,7 @@ def sec_variants(res: Results) -> str:
     group and setting; Δ against the same variant's FedSODA runs when the group has several methods, else
     against the FedSODA main runs of the setting."""
     done = shown_elsewhere(res)
-    runs = [s for s in res.runs if s["stage"] not in (*MAIN_STAGES, GSM8K, AUTO, SELF, DRIFT)
+    runs = [s for s in res.runs if s["stage"] not in (*MAIN_STAGES, GSM8K, AUTO, SELF, DRIFT, BUDGET)
             and (s["stage"], s["variant"]) not in done]
     if not runs:
         return "_No other variant runs._"
@@ -1147,6 +1154,187 @@ def sec_cost(res: Results) -> str:
         "kept. Failed runs are not counted.")
 
 
+def seed0_choice(per_lr: dict[float, dict[int, dict]]) -> float | None:
+    """The lr a seed-0-only selection picks from a grid {lr: {seed: summary}}: the best seed-0 validation accuracy,
+    ties to the smaller lr; None until every lr has a finished seed-0 run."""
+    vals = {lr: by_seed.get(0, {}).get("val_accuracy") for lr, by_seed in per_lr.items()}
+    if not vals or any(missing(v) for v in vals.values()):
+        return None
+    return min(vals, key=lambda lr: (-float(vals[lr]), lr))
+
+
+def sec_seeds3(res: Results) -> str:
+    """Selection over three seeds (issue 32): per method, the grid's validation accuracy per lr and seed, the lr a
+    seed-0-only selection picks and the one the study's rule (selection.json: best mean over its select seeds)
+    picks; the test accuracy over seeds at both, their paired difference, and FedSODA − each baseline at both."""
+    grid = [s for s in res.runs if s["stage"] == "grid" and not missing(s.get("lr"))]
+    settings = [st for st in res.settings(grid) if len({int(s["seed"]) for s in grid if setting_of(s) == st}) > 1]
+    if not settings:
+        return "_No grid at more than one seed yet (grid.select_seeds over several seeds)._"
+    parts = []
+    for st in settings:
+        per: dict[str, dict[float, dict[int, dict]]] = {}
+        for s in grid:
+            if setting_of(s) == st:
+                per.setdefault(s["method"], {}).setdefault(float(s["lr"]), {})[int(s["seed"])] = s
+        methods = sorted(per, key=method_order)
+        lrs = sorted({lr for m in methods for lr in per[m]})
+        seeds = sorted({seed for m in methods for by in per[m].values() for seed in by})
+        chosen = {m: res.selected(st, m) for m in methods}
+        first = {m: seed0_choice(per[m]) for m in methods}
+        val_rows, acc_rows, accs = [], [], {}
+        for m in methods:
+            cells = []
+            for lr in lrs:
+                by = per[m].get(lr, {})
+                v = by_seed(list(by.values()), "val_accuracy")
+                if not v:
+                    cells.append(DASH)
+                    continue
+                text = f"{num(mean_std(v.values())[0])} ({' · '.join(num(v[x]) if x in v else DASH for x in seeds)})"
+                mark = "**" if chosen[m] is not None and float(chosen[m]) == lr else ""
+                cells.append(mark + text + mark + (" †" if first[m] == lr else ""))
+            val_rows.append([NAMES.get(m, m), *cells])
+            row, accs[m] = [NAMES.get(m, m)], {}
+            for which, lr in (("seed0", first[m]), ("all", chosen[m])):
+                runs = list(per[m].get(float(lr), {}).values()) if lr is not None else []
+                a = by_seed(runs)
+                accs[m][which] = a
+                row += [f"{float(lr):g}" if lr is not None else "pending", mean_pm(*mean_std(a.values())),
+                        ci_text(t_ci(a.values())), str(len(a))]
+            means = {lr: mean_std(by_seed(list(by.values()), "val_accuracy").values())[0] for lr, by in per[m].items()}
+            rest = [v for lr, v in means.items() if chosen[m] is None or lr != float(chosen[m])]
+            margin = means.get(float(chosen[m])) - max(rest) if chosen[m] is not None and rest else None
+            row.append(num(margin))
+            same = first[m] is not None and chosen[m] is not None and float(first[m]) == float(chosen[m])
+            d = paired(accs[m]["all"], accs[m]["seed0"])
+            row += ["no (the same runs)" if same else ("yes" if chosen[m] is not None and first[m] is not None
+                                                       else "pending"),
+                    DASH if same or not d["n"] else f"{num(d['mean'], sign=True)} {ci_text(d['ci'], sign=True)}"]
+            acc_rows.append(row)
+        diff_rows = []
+        for m in methods:
+            if m == "fedsoda" or "fedsoda" not in methods:
+                continue
+            cells = []
+            for which in ("seed0", "all"):
+                d = paired(accs["fedsoda"][which], accs[m][which])
+                cells += [num(d["mean"], sign=True), ci_text(d["ci"], sign=True), per_seed(d)]
+            diff_rows.append([f"FedSODA − {NAMES.get(m, m)}", *cells])
+        seed_text = ", ".join(map(str, seeds))
+        parts.append(
+            f"#### {res.label(st)}\n\n"
+            + table(["method", *[f"val. acc. % at lr = {lr:g}: mean (s{' · s'.join(map(str, seeds))})" for lr in lrs]],
+                    val_rows)
+            + "\n\n" + table(["method", "seed-0 selection: lr", "test acc. % (mean ± std)", "95% CI", "n",
+                               f"selection over seeds {seed_text}: lr", "test acc. % (mean ± std)", "95% CI", "n",
+                               "val. margin over the next lr (pts)", "selection changed", "Δ new − seed-0 selection (pts) [95% CI]"], acc_rows)
+            + ("\n\n" + table(["paired difference", "at seed-0 selections: mean Δ (pts)", "95% CI", "per seed",
+                                f"at selections over seeds {seed_text}: mean Δ (pts)", "95% CI", "per seed"],
+                               diff_rows) if diff_rows else ""))
+    rule = res.selection.get("rule", "no selection.json yet")
+    return "\n\n".join(parts) + (
+        "\n\nFirst table: validation accuracy (held-out training rows, never the test set) of every grid run, the mean "
+        "over seeds and each seed in parentheses; **bold**: the lr the study's rule selects (" + rule + "); †: the lr "
+        "a selection on seed 0 alone picks (the rule of the first CPU study). Second table: test accuracy over the "
+        "seeds at each of the two selections (mean ± sample std, 95% CI of the mean with Student t, df = n − 1) and "
+        "the paired difference by seed; where the selection did not change the runs are the same. Margin: the selected "
+        "lr's mean validation accuracy minus the best other lr's (a margin within the evaluation noise between machines "
+        "is a tie; docs/results.md measures that noise on one rerun). Third: FedSODA − "
+        "each baseline paired by seed, at both selections. Every run at the new selection took part in choosing it "
+        "(its validation accuracy entered the mean), so Table 2's column of seeds not used to select the lr has no "
+        "counterpart here: the choice now rests on three seeds' mean, which shrinks the winner's curse of a one-seed "
+        "choice without removing it (the test accuracies were never looked at).")
+
+
+BUDGET = "budget"  # the stage of the data-budget runs (studies/cpu_smollm2_ii.yaml: group budget)
+
+
+def series_of(s: dict) -> str:
+    """A budget run's series: its variant name without the examples-per-client part (x64, fed_last3_x16 ->
+    fed_last3), or its method when nothing is left."""
+    name = re.sub(r"(^|_)x\d+$", "", str(s.get("variant", "")))
+    return name or str(s["method"])
+
+
+def select_by_val(runs: list[dict]) -> tuple[float | None, float | None, list[dict], int]:
+    """Among runs at several lrs and seeds: the lr with the best mean validation accuracy over seeds (ties to the
+    smaller lr; None while some lr lacks a seed another lr has), its margin over the next lr (points), its runs,
+    and how many lrs ran."""
+    per: dict[float, list[dict]] = {}
+    for s in runs:
+        if not missing(s.get("lr")):
+            per.setdefault(float(s["lr"]), []).append(s)
+    seeds = {int(s["seed"]) for s in runs}
+    if not per or any({int(s["seed"]) for s in v} != seeds for v in per.values()):
+        return None, None, [], len(per)
+    means = {lr: mean_std(by_seed(v, "val_accuracy").values())[0] for lr, v in per.items()}
+    best = min(means, key=lambda lr: (-means[lr], lr))
+    rest = [v for lr, v in means.items() if lr != best]
+    return best, (means[best] - max(rest)) if rest else None, per[best], len(per)
+
+
+def sec_budget(res: Results) -> str:
+    """Issue 32's budget axis: per series (method, or the fed_last3 perfect emulator) and training examples per
+    client, the lr selected by mean validation accuracy over the seeds among the budget runs' lr steps (at the
+    first grid budget: the Table-2 runs at the study's selection), its test accuracy over seeds, and the FedSODA
+    gaps paired by seed at each budget with how they change from the smallest budget to each larger one."""
+    budget = [s for s in res.runs if s["stage"] == BUDGET]
+    if not budget:
+        return "_No budget runs yet._"
+    parts = []
+    for st in res.settings(budget):
+        here = [s for s in budget if setting_of(s) == st]
+        points: dict[tuple[str, int], tuple] = {}  # (series, examples) -> (lr, margin, runs, lrs ran)
+        for m in sorted({s["method"] for s in res.runs if s["stage"] in MAIN_STAGES and setting_of(s) == st},
+                        key=method_order):
+            main = res.main(st, m)
+            if main and m in {series_of(s) for s in here}:
+                ex = int(main[0].get("examples_per_client") or 0)
+                points[m, ex] = (res.selected(st, m), None, main, DASH)
+        for key in sorted({(series_of(s), int(s.get("examples_per_client") or 0)) for s in here}):
+            lr, margin, runs, n_lr = select_by_val([s for s in here if (series_of(s), int(
+                s.get("examples_per_client") or 0)) == key])
+            points[key] = (lr, margin, runs, n_lr)
+        order = lambda k: (method_order(k[0]) if k[0] in METHODS else (len(METHODS), k[0]), k[1])  # noqa: E731
+        rows, accs = [], {}
+        for key in sorted(points, key=order):
+            lr, margin, runs, n_lr = points[key]
+            accs[key] = by_seed(runs)
+            rows.append([NAMES.get(key[0], key[0]), str(key[1]), f"{float(lr):g}" if lr is not None else "pending",
+                         str(n_lr), num(margin), mean_pm(*mean_std(accs[key].values())),
+                         ci_text(t_ci(accs[key].values())), str(len(accs[key]))])
+        examples = sorted({k[1] for k in points})
+        gaps = []
+        for other in sorted({k[0] for k in points if k[0] != "fedsoda"},
+                            key=lambda x: method_order(x) if x in METHODS else (len(METHODS), x)):
+            diffs = {ex: paired(accs.get(("fedsoda", ex), {}), accs.get((other, ex), {})) for ex in examples}
+            cells = [f"{num(d['mean'], sign=True)} {ci_text(d['ci'], sign=True)} (n={d['n']})" if d["n"] else DASH
+                     for d in diffs.values()]
+            for ex in examples[1:]:  # the change of the gap, paired by seed: (a - b) at ex minus (a - b) at the first
+                a = dict(zip(diffs[ex]["seeds"], diffs[ex]["diffs"]))
+                b = dict(zip(diffs[examples[0]]["seeds"], diffs[examples[0]]["diffs"]))
+                ch = paired(a, b)
+                cells.append(f"{num(ch['mean'], sign=True)} {ci_text(ch['ci'], sign=True)} (n={ch['n']})"
+                             if ch["n"] else DASH)
+            gaps.append([f"FedSODA − {NAMES.get(other, other)}", *cells])
+        part = f"#### {res.label(st)}\n\n" + table(
+            ["series", "examples per client", "selected lr", "lrs run", "val. margin over the next lr (pts)",
+             "test acc. % (mean ± std)", "95% CI", "n seeds"], rows, 2)
+        if gaps and "fedsoda" in {k[0] for k in points}:
+            part += "\n\n" + table(["paired gap (pts)", *[f"at {ex} per client: mean [95% CI]" for ex in examples],
+                                     *[f"change {examples[0]} → {ex}: mean [95% CI]" for ex in examples[1:]]], gaps)
+        parts.append(part)
+    return "\n\n".join(parts) + (
+        "\n\nSeries: a method, or `fed_last3` (FedPETuning's LoRA on the last 3 layers of the full model: a perfect "
+        "emulator for FedSODA's 3-layer adapter, run at FedSODA's lr steps). At each budget the lr is the one with "
+        "the best mean validation accuracy over the seeds among the lrs run (ties to the smaller; \"pending\" until "
+        "every lr has every seed); at the grid's budget a method's point is its Table-2 runs at the study's "
+        "selection. Test accuracy: mean ± sample std over seeds, 95% CI with Student t. Gaps: FedSODA − the series, "
+        "paired by seed; the change of a gap is paired by seed too ((a − b) at the larger budget minus (a − b) at the "
+        "smaller), so a negative change in a negative gap means the gap grew.")
+
+
 NO_RUNS = "_No finished run of this study yet._"
 SECTIONS = {"setup": ("Setup", sec_setup), "lr": ("Learning-rate selection", sec_lr),
             "table2": ("Table 2: accuracy of the four methods", sec_table2),
@@ -1160,7 +1348,9 @@ SECTIONS = {"setup": ("Setup", sec_setup), "lr": ("Learning-rate selection", sec
             "auto": ("Automatic pruning configuration (sgp.auto)", sec_auto),
             "selfpublic": ("Alignment without a public data set (data.public=self)", sec_selfpublic),
             "variants": ("Other variants", sec_variants), "curves": ("Accuracy per round", sec_curves),
-            "cost": ("What the study cost (wall time)", sec_cost)}
+            "cost": ("What the study cost (wall time)", sec_cost),
+            "seeds3": ("Selection over three seeds", sec_seeds3),
+            "budget": ("Accuracy against training examples per client", sec_budget)}
 
 
 # ---- the out file ---------------------------------------------------------------------------------------------
@@ -1169,9 +1359,10 @@ def names_in(text: str) -> list[str]:
     return [m.group(1) for m in (BEGIN.match(line.rstrip("\n")) for line in text.splitlines()) if m]
 
 
-def splice(text: str, content: dict[str, str]) -> tuple[str, list[str]]:
-    """Replace the lines between each begin/end marker pair whose NAME is in `content`; keep everything else.
-    Returns the new text and warnings (unknown names, a begin without its end)."""
+def splice(text: str, content: dict[str, str], ignore: frozenset = frozenset()) -> tuple[str, list[str]]:
+    """Replace the lines between each begin/end marker pair whose NAME is in `content`; keep everything else (the
+    names in `ignore` without a warning: another study's sections). Returns the new text and warnings (unknown
+    names, a begin without its end)."""
     lines, out, warnings, i = text.splitlines(keepends=True), [], [], 0
     while i < len(lines):
         m = BEGIN.match(lines[i].rstrip("\n"))
@@ -1181,7 +1372,8 @@ def splice(text: str, content: dict[str, str]) -> tuple[str, list[str]]:
             continue
         name = m.group(1)
         if name not in content:
-            warnings.append(f"unknown report section '{name}'; left alone")
+            if name not in ignore:
+                warnings.append(f"unknown report section '{name}'; left alone")
             continue
         end = next((j for j in range(i, len(lines)) if lines[j].strip() == END.format(name)), None)
         if end is None:
@@ -1218,14 +1410,25 @@ def main(argv: list[str] | None = None) -> int:
         runs, selection = load(Path(a.results))
         res = Results(runs, selection, out, Path(a.figures) if a.figures else out.parent / "gallery")
         text = out.read_text(encoding="utf-8") if out.exists() else None
-        wanted = list(SECTIONS) if text is None else [n for n in SECTIONS if n in names_in(text)]
-        content = {n: (SECTIONS[n][1](res) if res.runs else NO_RUNS) if n in wanted else "" for n in SECTIONS}
+        markers = names_in(text) if text is not None else []
+        tagged = {n: n.split("@", 1) for n in markers if "@" in n}  # NAME@STUDY: rewritten by that study's report
+        own = [n for n, (name, study) in tagged.items() if study == res.study and name in SECTIONS]
+        if own:  # the file holds sections of this study by tag: only those are rewritten, nothing else
+            wanted = [tagged[n][0] for n in own]
+            keys = {tagged[n][0]: n for n in own}
+        else:
+            wanted = list(SECTIONS) if text is None else [n for n in SECTIONS if n in markers]
+            keys = {n: n for n in SECTIONS}
+        made = {n: (SECTIONS[n][1](res) if res.runs else NO_RUNS) if n in wanted else "" for n in SECTIONS}
+        content = {keys[n]: made[n] for n in SECTIONS if n in keys}
         if text is None:
             new, warnings = new_file(res, content), []
         else:
-            new, warnings = splice(text, content)
-            skipped = [n for n in SECTIONS if n not in wanted]
-            if skipped:
+            new, warnings = splice(text, content, frozenset(markers) - set(content)) if own else \
+                splice(text, content, frozenset(tagged))
+            elsewhere = {name for name, _ in tagged.values()}  # a section another study's report fills
+            skipped = [n for n in SECTIONS if n not in wanted and n not in elsewhere]
+            if skipped and not own:
                 warnings.append(f"{out} has no section(s) {', '.join(skipped)} "
                                 "(add their report markers to include them)")
         for w in warnings:

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .config import ROOT, ConfigError, load_config
+from .config import ROOT, Config, ConfigError, load_config
 
 GRID, SEEDS = "grid", "seeds"
 DONE_EXIT = 3  # `study args`: the run's summary exists already (a re-submitted array task has nothing to do)
@@ -72,6 +72,7 @@ class Run:
     threads: int = 1
     lr_split: str = ""  # the split whose selection gives the lr ("": this run's own; non-IID variants: iid)
     lr_task: str = ""  # the task whose selection gives the lr ("": this run's own)
+    lr_step: int | None = None  # variants' lr_steps: this many steps from the (selected) lr on the 1-3-10 ladder
 
     @property
     def key(self) -> tuple[str, str, str, str]:
@@ -93,6 +94,7 @@ class Study:
     lr_grid: list[float]
     select_seeds: list[int]
     stages: list[str] = field(default_factory=list)
+    reuse: list[Path] = field(default_factory=list)  # results folders whose identical runs are copied, not rerun
 
     def stage(self, name: str) -> list[Run]:
         return [r for r in self.runs if r.stage == name]
@@ -142,9 +144,24 @@ def _split_name(split) -> str:
     raise StudyError(f"splits: expected iid or dirichlet-<beta> (e.g. dirichlet-0.5), got '{split}'")
 
 
-def _run_id(stage: str, method: str, task: str, model: str, split: str, seed: int, lr: float | None) -> str:
+def _run_id(stage: str, method: str, task: str, model: str, split: str, seed: int, lr: float | None,
+            step: int | None = None) -> str:
     lr_part = f"-lr{lr:g}" if lr is not None else ""
-    return f"{stage}-{method}-{task}-{model}-{split}{lr_part}-s{seed}"
+    step_part = f"-step{step:+d}" if step is not None else ""
+    return f"{stage}-{method}-{task}-{model}-{split}{lr_part}{step_part}-s{seed}"
+
+
+def lr_step(lr: float, steps: int) -> float:
+    """`lr` moved `steps` places along the ladder ..., 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, ... (the grids' half-decade
+    steps); an lr off the ladder moves by 10 ** (steps / 2), to two significant digits."""
+    if not steps:
+        return lr
+    e = math.floor(math.log10(lr) + 1e-9)
+    mantissa = lr / 10 ** e
+    if math.isclose(mantissa, 1, rel_tol=1e-6) or math.isclose(mantissa, 3, rel_tol=1e-6):
+        e, odd = divmod(2 * e + (mantissa > 2) + steps, 2)
+        return float(f"{3 if odd else 1}e{e}")
+    return float(f"{lr * 10 ** (steps / 2):.2g}")
 
 
 def expand(spec: dict) -> Study:
@@ -196,7 +213,8 @@ def expand(spec: dict) -> Study:
                 for r in runs]
     _check_unique(runs)
     _check_graph(runs, stages)
-    return Study(str(spec["name"]), runs, lrs, select_seeds, stages)
+    reuse = [Path(x) if Path(x).is_absolute() else ROOT / x for x in _list(spec, "reuse", [])]
+    return Study(str(spec["name"]), runs, lrs, select_seeds, stages, reuse)
 
 
 def _axis(spec: dict, key: str, where: str, convert, default=None) -> list:
@@ -277,8 +295,8 @@ def _check_graph(runs: list[Run], stages: list[str]) -> None:
 
 
 VARIANT_KEYS = {"group", "name", "method", "methods", "tasks", "models", "splits", "seeds", "lr", "lr_of", "lr_task",
-                "lr_split", "np", "threads", "overrides"}
-STUDY_KEYS = {"name", "job", "np", "threads", "base_eval", "overrides", "grid", "variants"}
+                "lr_split", "lr_steps", "np", "threads", "overrides"}
+STUDY_KEYS = {"name", "job", "np", "threads", "base_eval", "overrides", "grid", "variants", "reuse"}
 GRID_KEYS = {"methods", "tasks", "models", "splits", "seeds", "select_seeds", "lr", "lr_extend"}
 
 
@@ -301,6 +319,13 @@ def _variant_runs(v: dict, base: tuple, job: str, models, splits, seeds, np_: in
     over = base + _overrides(v.get("overrides"), where)
     lr_split = _split_name(v["lr_split"]) if "lr_split" in v else ""
     ranks, threads = _count(v, "np", where, np_, 2), _count(v, "threads", where, threads, 1)
+    # lr_steps: the runs at each of these steps from the (selected) lr along the 1-3-10 ladder, e.g. [0, -1, 1]:
+    # a 3-point grid around a selection that is not known yet (the report selects among them); run ids name the step
+    steps = v.get("lr_steps")
+    if steps is not None and (not isinstance(steps, list) or not steps or any(type(k) is not int for k in steps)
+                              or len(set(steps)) < len(steps)):
+        raise StudyError(f"variant {name}: lr_steps: expected a list of distinct integers (steps along the 1-3-10 lr "
+                         f"ladder from the selected lr, e.g. [0, -1, 1]), got {steps!r}")
     methods = _axis(v, "methods", where, str, [v.get("method")])
     models, splits = _axis(v, "models", where, str, models), _axis(v, "splits", where, _split_name, splits)
     out = []
@@ -308,11 +333,12 @@ def _variant_runs(v: dict, base: tuple, job: str, models, splits, seeds, np_: in
         for task in _axis(v, "tasks", where, str):
             for model in models:
                 for split in splits:
-                    for seed in _axis(v, "seeds", where, _seed, seeds):
-                        rid = _run_id(f"{group}.{name}", method, task, model, split, seed, lr)
-                        out.append(Run(rid, group, name, method, task, model, split, seed, lr,
-                                       str(v.get("lr_of", method)), job.format(model=model, task=task), over,
-                                       ranks, threads, lr_split, str(v.get("lr_task", ""))))
+                    for step in (steps if steps is not None else [None]):  # step-major: a cut keeps whole steps
+                        for seed in _axis(v, "seeds", where, _seed, seeds):
+                            rid = _run_id(f"{group}.{name}", method, task, model, split, seed, lr, step)
+                            out.append(Run(rid, group, name, method, task, model, split, seed, lr,
+                                           str(v.get("lr_of", method)), job.format(model=model, task=task), over,
+                                           ranks, threads, lr_split, str(v.get("lr_task", "")), step))
     return out
 
 
@@ -399,7 +425,8 @@ def write_selection(study: Study, results: Path) -> dict[tuple, float]:
 
 
 def lr_for(run: Run, chosen: dict[tuple, float]) -> float | None:
-    return run.lr if run.lr is not None else chosen.get(run.key)
+    lr = run.lr if run.lr is not None else chosen.get(run.key)
+    return lr if lr is None or run.lr_step is None else lr_step(lr, run.lr_step)
 
 
 def state(run: Run, lr: float | None, results: Path) -> str:
@@ -465,7 +492,8 @@ def summarize(run: Run, run_dir: Path, lr: float, study: str) -> dict:
         out = {"study": study, "run": run.id, "status": "ok", "stage": run.stage, "variant": run.variant,
                "method": run.method,
                "task": run.task, "model": run.model, "model_name": cfg["model"]["name"], "split": run.split,
-               "seed": run.seed, "lr": lr, "lr_from": list(run.key), "overrides": list(run.overrides),
+               "seed": run.seed, "lr": lr, "lr_from": list(run.key),
+               **({"lr_step": run.lr_step} if run.lr_step is not None else {}), "overrides": list(run.overrides),
                "rounds": int(cfg["fed"]["rounds"]), "clients": int(cfg["fed"]["clients"]),
                "examples_per_client": int(cfg["data"]["max_train_per_client"]),
                "pooled_clients": int(cfg["data"].get("pooled_clients", 0)), "settings": settings(cfg, sgp),
@@ -507,6 +535,7 @@ def failed_summary(run: Run, lr: float, study: str, code: int) -> dict:
     return {"study": study, "run": run.id, "status": "failed", "exit_code": code, "stage": run.stage,
             "variant": run.variant if run.stage != GRID else "", "method": run.method, "task": run.task,
             "model": run.model, "split": run.split, "seed": run.seed, "lr": lr, "lr_from": list(run.key),
+            **({"lr_step": run.lr_step} if run.lr_step is not None else {}),
             "overrides": list(run.overrides), "accuracy": None, "val_accuracy": None,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())}
 
@@ -559,6 +588,80 @@ def settings(cfg: dict, sgp: dict | None = None) -> dict:
             "public": cfg["data"]["public"], "val_size": cfg["data"].get("val_size", 0)}
 
 
+# ---- reuse: a run another study already made with identical settings ------------------------------------------
+
+def reusable(run: Run, lr: float, source: dict[str, dict]) -> tuple[str, dict] | None:
+    """A finished summary of another study (`source`: its summaries by id) whose run had the resolved settings of
+    `run` at `lr`: the same method, task, model, split, seed and lr, the same overrides (eval.base aside: it only
+    says whether that run also scored the base model) and the same resolved settings (from the job file through
+    the overrides: rounds, clients, examples per client, the table's settings). (its id, its summary) or None."""
+    own = sorted(o for o in run.overrides if not o.startswith("eval.base="))
+    for sid, s in sorted(source.items(), key=lambda kv: (kv[0] != run.id, kv[0])):  # its own id first
+        if s.get("status") != "ok" or s.get("lr") is None or not math.isclose(float(s["lr"]), lr, rel_tol=1e-9):
+            continue
+        if (s.get("method"), s.get("task"), s.get("model"), s.get("split"), s.get("seed")) != \
+                (run.method, run.task, run.model, run.split, run.seed):
+            continue
+        if sorted(o for o in s.get("overrides", []) if not o.startswith("eval.base=")) != own:
+            continue
+        cfg = load_config(run.job, run.args(lr, Path("runs/_check"))[2:]).to_dict()
+        want = settings(cfg)
+        # a setting an older summary lacks is an option added since: it matches if this run leaves it at its
+        # built-in default (the behaviour before the option existed)
+        default = settings(Config().to_dict())
+        have = {**{k: v for k, v in want.items() if v == default[k]}, **(s.get("settings") or {})}
+        if want.get("sgp_auto"):  # (n, p) are what SGP chose at run time
+            for k in ("sgp_n", "sgp_p"):
+                want.pop(k, None), have.pop(k, None)
+        if have != want:
+            continue
+        if (s.get("rounds"), s.get("clients"), s.get("examples_per_client"), s.get("pooled_clients"),
+                s.get("eval_dtype"), s.get("model_name")) != \
+                (cfg["fed"]["rounds"], cfg["fed"]["clients"], cfg["data"]["max_train_per_client"],
+                 cfg["data"].get("pooled_clients", 0), cfg["eval"]["dtype"], cfg["model"]["name"]):
+            continue
+        return sid, s
+    return None
+
+
+def reuse_summary(study: Study, run: Run, lr: float, results: Path) -> str | None:
+    """Copy an identical run's summary from the study's `reuse` folders under this run's id (with reused_from);
+    the source's id, or None when no folder has one."""
+    for folder in study.reuse:
+        if not folder.is_dir():
+            continue
+        hit = reusable(run, lr, summaries(folder))
+        if hit:
+            sid, s = hit
+            _write_json(results / f"{run.id}.json",
+                        {**s, "study": study.name, "run": run.id, "stage": run.stage, "variant": run.variant,
+                         "lr_from": list(run.key), **({"lr_step": run.lr_step} if run.lr_step is not None else {}),
+                         "overrides": list(run.overrides),
+                         "reused_from": f"{folder.name}/{sid}"})
+            return f"{folder.name}/{sid}"
+    return None
+
+
+def reuse_all(study: Study, results: Path, stages=None, tasks=None, variants=None) -> dict[tuple, float]:
+    """Copy every reusable summary whose run's lr is known now (a selected lr may become known as copies arrive,
+    so until nothing more is copied); the selection afterwards."""
+    chosen = write_selection(study, results)
+    while study.reuse:
+        copied = 0
+        for run in study.runs:
+            lr = lr_for(run, chosen)
+            if lr is None or not wanted(run, stages, tasks, variants) or (results / f"{run.id}.json").exists():
+                continue
+            source = reuse_summary(study, run, lr, results)
+            if source:
+                copied += 1
+                print(f"[study] {run.id}: identical to {source}; its summary is reused, not run again", flush=True)
+        chosen = write_selection(study, results)
+        if not copied:
+            break
+    return chosen
+
+
 # ---- routes ---------------------------------------------------------------------------------------------------
 
 def mpirun_command(run: Run, lr: float, run_dir: Path) -> list[str]:
@@ -607,7 +710,7 @@ def run_local(study: Study, results: Path, runs_root: Path, stages: list[str] | 
     except OSError:
         raise StudyError(f"another `study run` is using {results}; wait for it or stop it first") from None
     failed, started = [], 0
-    chosen = write_selection(study, results)  # changes only when a run finishes (re-selected below)
+    chosen = reuse_all(study, results, stages, tasks, variants)  # the selection; re-selected when a run finishes
     for run in study.runs:
         if not wanted(run, stages, tasks, variants):
             continue
@@ -618,12 +721,17 @@ def run_local(study: Study, results: Path, runs_root: Path, stages: list[str] | 
         if lr is None:
             print(f"[study] {run.id}: waiting for the lr selection of {run.key} (its grid runs are unfinished)")
             continue
-        if max_runs and started >= max_runs:
-            break
         if now == "stale":
             supersede(run, lr, results, runs_root)
         elif now == "failed":
             print(f"[study] {run.id}: it failed before; running it again", flush=True)
+        source = reuse_summary(study, run, lr, results)
+        if source:
+            print(f"[study] {run.id}: identical to {source}; its summary is reused, not run again", flush=True)
+            chosen = write_selection(study, results)
+            continue
+        if max_runs and started >= max_runs:
+            break
         started += 1
         out = runs_root / run.id / "stdout.txt"
         since = out.stat().st_size if out.is_file() else 0

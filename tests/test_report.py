@@ -314,6 +314,19 @@ def test_docs_results_is_what_the_report_makes_of_the_committed_summaries(tmp_pa
         "docs/results.md is stale: run `python analysis/report.py results/cpu_smollm2 --out docs/results.md`"
 
 
+def test_docs_results_evidence_ii_sections_are_what_the_report_makes_of_its_summaries(tmp_path):
+    """docs/results.md's sections tagged @cpu_smollm2_ii are exactly the report of results/cpu_smollm2_ii."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.md").write_text((ROOT / "docs" / "results.md").read_text())
+    p = subprocess.run([sys.executable, str(ROOT / "analysis" / "report.py"),
+                        str(ROOT / "results" / "cpu_smollm2_ii"), "--out", str(docs / "results.md")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert (docs / "results.md").read_text() == (ROOT / "docs" / "results.md").read_text(), \
+        "docs/results.md is stale: run `python analysis/report.py results/cpu_smollm2_ii --out docs/results.md`"
+
+
 def test_every_variant_group_is_shown_paper_names_and_new_groups(tmp_path):
     """paper.yaml's variants (n2p6, n4p3, r2, r10, no_align, the non-IID and public-data groups) and any new group
     land in a table: Table 3/4 take every ablation/param variant, the rest goes to "Other variants"."""
@@ -554,3 +567,97 @@ def test_transfer_section_lists_what_each_adapter_answers_on_both_hosts(tmp_path
     empty = tmp_path / "e.md"
     assert run(write(tmp_path / "res2", runs[2:]), empty) == 0
     assert "No run records" in section(empty.read_text(), "transfer")
+
+
+def three_seed_grid(study="ii") -> tuple[list[dict], dict]:
+    """A grid at seeds 0-2: FedSODA's seed 0 prefers 3e-3 but the mean over seeds 1e-3; FedPETuning 1e-3 both ways."""
+    vals = {("fedsoda", 1e-3): (0.60, 0.62, 0.64), ("fedsoda", 3e-3): (0.70, 0.50, 0.50),
+            ("fedpetuning", 1e-3): (0.85, 0.84, 0.83), ("fedpetuning", 3e-3): (0.80, 0.80, 0.80)}
+    accs = {("fedsoda", 1e-3): (0.60, 0.64, 0.68), ("fedsoda", 3e-3): (0.70, 0.50, 0.52),
+            ("fedpetuning", 1e-3): (0.86, 0.85, 0.84), ("fedpetuning", 3e-3): (0.81, 0.80, 0.79)}
+    runs = [summary(m, seed=sd, acc=accs[m, lr][sd], stage="grid", lr=lr, study=study,
+                    val=[0.5, 0.5, 0.5, 0.5, vals[m, lr][sd]], variant="main" if lr == 1e-3 else f"lr={lr:g}")
+            for (m, lr) in vals for sd in (0, 1, 2)]
+    for s in runs:
+        s["run"] = f"grid-{s['method']}-sst2-smollm2-iid-lr{s['lr']:g}-s{s['seed']}"
+    sel = {"study": study, "rule": "max mean val_accuracy over seeds [0, 1, 2]; ties to the smaller lr",
+           "selected": [{"method": m, "task": "sst2", "model": "smollm2", "split": "iid", "lr": 1e-3}
+                        for m in ("fedsoda", "fedpetuning")]}
+    return runs, sel
+
+
+def test_selection_over_three_seeds_beside_the_seed0_selection(tmp_path):
+    """seeds3: validation accuracy per lr and seed, the rule's choice in bold, the seed-0 choice marked †; test
+    accuracy at both selections with the paired change (only where the selection changed) and FedSODA − baseline."""
+    runs, sel = three_seed_grid()
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", runs, sel), out) == 0
+    text = section(out.read_text(), "seeds3")
+    assert "| FedSODA | **62.0 (60.0 · 62.0 · 64.0)** | 56.7 (70.0 · 50.0 · 50.0) † |" in text
+    assert "| FedPETuning | **84.0 (85.0 · 84.0 · 83.0)** † | 80.0 (80.0 · 80.0 · 80.0) |" in text
+    # FedSODA: seed-0 selection 3e-3 (70, 50, 52) -> 1e-3 (60, 64, 68): +6.7 paired; CIs with t(2) = 4.303
+    half = 4.303 * float(np.std([70, 50, 52], ddof=1)) / math.sqrt(3)  # 27.4 around 57.3
+    d = [60 - 70, 64 - 50, 68 - 52]
+    dhalf = 4.303 * float(np.std(d, ddof=1)) / math.sqrt(3)
+    assert (f"| FedSODA | 0.003 | 57.3 ± 11.0 | [{172 / 3 - half:.1f}, {172 / 3 + half:.1f}] | 3 | 0.001 | 64.0 ± 4.0 "
+            f"| [54.1, 73.9] | 3 | 5.3 | yes | +{np.mean(d):.1f} [{np.mean(d) - dhalf:+.1f}, {np.mean(d) + dhalf:+.1f}] |") in text
+    assert "| FedPETuning | 0.001 | 85.0 ± 1.0 |" in text and "| 4.0 | no (the same runs) | — |" in text
+    assert "| FedSODA − FedPETuning | -27.7 |" in text and "| -21.0 |" in text  # at seed-0, at three-seed selections
+    one_seed = [s for s in runs if s["seed"] == 0]
+    assert run(write(tmp_path / "res1", one_seed, SELECTION), tmp_path / "r1.md") == 0
+    assert "No grid at more than one seed" in section((tmp_path / "r1.md").read_text(), "seeds3")
+
+
+def test_tagged_sections_belong_to_their_study(tmp_path, capsys):
+    """A marker NAME@STUDY is rewritten only by the report of STUDY, which then rewrites nothing else; the report of
+    another study leaves it alone, without a warning (and does not ask for the plain NAME section)."""
+    ii_runs, ii_sel = three_seed_grid("ii")
+    ii = write(tmp_path / "ii", ii_runs, ii_sel)
+    first = write(tmp_path / "first", full_study(), SELECTION)
+    out = tmp_path / "results.md"
+    out.write_text("<!-- report:begin table2 -->\nOLD\n<!-- report:end table2 -->\n\n"
+                   "<!-- report:begin seeds3@ii -->\nOLD II\n<!-- report:end seeds3@ii -->\n")
+    assert run(first, out) == 0
+    text = out.read_text()
+    assert "OLD\n" not in text.split("seeds3@ii")[0] and "OLD II" in text
+    assert "seeds3" not in capsys.readouterr().err
+    assert run(ii, out) == 0
+    after = out.read_text()
+    assert "OLD II" not in after and "**62.0 (60.0 · 62.0 · 64.0)**" in after
+    assert after.split("<!-- report:begin seeds3@ii -->")[0] == text.split("<!-- report:begin seeds3@ii -->")[0]
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_budget_axis_selects_per_budget_and_pairs_the_gaps(tmp_path):
+    """budget: per series and examples per client the lr with the best mean validation accuracy over seeds among
+    the lr steps run (the Table-2 runs at the grid's budget), test accuracy over seeds, FedSODA − each series paired
+    by seed at each budget and the change of that gap, paired by seed; incomplete lr steps are pending."""
+    runs, sel = three_seed_grid()
+    acc64 = {("fedsoda", "x64", 3e-4): (0.70, 0.72, 0.74), ("fedsoda", "x64", 1e-3): (0.76, 0.78, 0.80),
+             ("fedpetuning", "fed_last3_x16", 1e-3): (0.62, 0.66, 0.70),
+             ("fedpetuning", "fed_last3_x64", 1e-3): (0.80, 0.80, 0.86)}
+    val64 = {("fedsoda", "x64", 3e-4): 0.70, ("fedsoda", "x64", 1e-3): 0.75,
+             ("fedpetuning", "fed_last3_x16", 1e-3): 0.6, ("fedpetuning", "fed_last3_x64", 1e-3): 0.8}
+    for (m, v, lr), accs in acc64.items():
+        for sd, a in enumerate(accs):
+            s = summary(m, seed=sd, acc=a, stage="budget", variant=v, lr=lr, study="ii",
+                        val=[0.5, 0.5, 0.5, 0.5, val64[m, v, lr]],
+                        examples_per_client=16 if v.endswith("x16") else 64)
+            s["run"] = f"budget.{v}-{m}-sst2-smollm2-iid-step{lr:g}-s{sd}"
+            runs.append(s)
+    pet = summary("fedpetuning", seed=0, acc=0.9, stage="budget", variant="x64", lr=1e-3, study="ii",
+                  examples_per_client=64)
+    pet["run"] = "budget.x64-fedpetuning-sst2-smollm2-iid-step+0-s0"
+    runs.append(pet)
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", runs, sel), out) == 0
+    text = section(out.read_text(), "budget")
+    assert "| FedSODA | 16 | 0.001 | — | — | 64.0 ± 4.0 | [54.1, 73.9] | 3 |" in text  # the Table-2 runs
+    assert "| FedSODA | 64 | 0.001 | 2 | 5.0 | 78.0 ± 2.0 | [73.0, 83.0] | 3 |" in text
+    assert "| FedPETuning | 64 | 0.001 | 1 | — | 90.0 | — | 1 |" in text
+    assert "| fed_last3 | 16 | 0.001 | 1 | — | 66.0 ± 4.0 |" in text and "| fed_last3 | 64 | 0.001 | 1 |" in text
+    # FedSODA − fed_last3: at 16 (60-62, 64-66, 68-70) = -2 each; at 64 (76-80, 78-80, 80-86) = -4, -2, -6
+    assert "| FedSODA − fed_last3 | -2.0 [-2.0, -2.0] (n=3) | -4.0 [-9.0, +1.0] (n=3) | -2.0 [-7.0, +3.0] (n=3) |" \
+        in text
+    assert "| FedSODA − FedPETuning | -21.0 [-33.4, -8.6] (n=3) | -14.0 — (n=1) | +12.0 — (n=1) |" in text
+    assert "budget" not in section(out.read_text(), "variants")  # shown here, not among the other variants

@@ -423,3 +423,98 @@ def test_a_run_that_fails_at_launch_is_failed_and_run_again_under_mpirun(tmp_pat
         listed = subprocess.run([sys.executable, "-m", "fedsoda_mpi.study", "list", path, *where[:2]],
                                 capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert f"  failed  {run_id}  lr=0.001" in listed.stdout, listed.stdout
+
+
+def test_lr_steps_move_along_the_1_3_10_ladder_from_the_selection(tmp_path, capsys):
+    """variants.lr_steps: one run per step from the selected lr (a grid around a selection not known when the study
+    is written); the id names the step, the lr resolves once the selection exists; summaries record the step."""
+    assert [S.lr_step(1e-3, k) for k in (-2, -1, 0, 1, 2)] == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+    assert [S.lr_step(3e-2, k) for k in (-1, 1)] == [1e-2, 1e-1] and S.lr_step(5e-5, 2) == 5e-4
+    spec = {**TOY, "variants": [{"group": "budget", "name": "x64", "method": "fedsoda", "tasks": ["sst2"],
+                                 "lr_steps": [0, -1, 1], "seeds": [0, 1],
+                                 "overrides": {"data.max_train_per_client": 64}}]}
+    path = _write(tmp_path, spec)
+    st = S.load(path)
+    runs = st.stage("budget")
+    assert [r.id for r in runs[:3]] == ["budget.x64-fedsoda-sst2-smollm2-iid-step+0-s0",
+                                        "budget.x64-fedsoda-sst2-smollm2-iid-step+0-s1",
+                                        "budget.x64-fedsoda-sst2-smollm2-iid-step-1-s0"]  # step-major
+    assert [r.lr_step for r in runs] == [0, 0, -1, -1, 1, 1] and all(r.lr is None for r in runs)
+    cfg = S.load_config(runs[0].job, runs[0].args(1e-3, tmp_path / "r")[2:])
+    assert cfg.data.max_train_per_client == 64  # the variant's override wins over the study's
+    res = tmp_path / "results"
+    res.mkdir()
+    assert all(S.lr_for(r, S.write_selection(st, res)) is None for r in runs)  # pending until the grid is done
+    grid = {(r.method, r.lr): r for r in st.stage("grid") if r.seed == 0}
+    for (method, lr), val in (((("fedsoda", 1e-3), 0.7)), (("fedsoda", 3e-3), 0.6)):
+        (res / f"{grid[method, lr].id}.json").write_text(json.dumps({**_summary(grid[method, lr], val), "lr": lr}))
+    chosen = S.write_selection(st, res)
+    assert [S.lr_for(r, chosen) for r in runs] == [1e-3, 1e-3, 3e-4, 3e-4, 3e-3, 3e-3]
+    assert S.main(["list", path, "--results", str(res)]) == 0
+    assert "todo  budget.x64-fedsoda-sst2-smollm2-iid-step-1-s0  lr=0.0003" in capsys.readouterr().out
+    failed = S.failed_summary(runs[2], 3e-4, "toy", 1)
+    assert failed["lr_step"] == -1 and "lr_step" not in S.failed_summary(grid["fedsoda", 1e-3], 1e-3, "toy", 1)
+    bad = {**spec, "variants": [{**spec["variants"][0], "lr_steps": [0, 0]}]}
+    assert S.main(["list", _write(tmp_path, bad)]) == 2
+    assert "lr_steps: expected a list of distinct integers" in capsys.readouterr().err
+
+
+def _source_summary(run, lr, **change):
+    """A finished summary of another study for `run` at `lr`, with the settings its resolved config gives."""
+    cfg = S.load_config(run.job, run.args(lr, __import__("pathlib").Path("x"))[2:]).to_dict()
+    over = [o for o in run.overrides if not o.startswith("eval.base=")] + ["eval.base=true"]
+    out = {"run": "other-" + run.id, "status": "ok", "stage": "seeds", "variant": "main", "method": run.method,
+           "task": run.task, "model": run.model, "model_name": cfg["model"]["name"], "split": run.split,
+           "seed": run.seed, "lr": lr, "overrides": over, "rounds": cfg["fed"]["rounds"],
+           "clients": cfg["fed"]["clients"], "examples_per_client": cfg["data"]["max_train_per_client"],
+           "pooled_clients": 0, "eval_dtype": cfg["eval"]["dtype"], "settings": S.settings(cfg),
+           "val_accuracy": 0.7, "accuracy": 0.8, "commit": "abc"}
+    out.update(change)
+    return out
+
+
+def test_reuse_copies_only_runs_with_identical_resolved_settings(tmp_path, capsys):
+    """A study's `reuse` folders: a finished run there with the same method, task, model, split, seed, lr, overrides
+    (eval.base aside) and resolved settings is copied under this study's id (reused_from), never run again; an
+    override or a setting that differs, another seed or lr, or a failed run is not reused. A setting an older
+    summary lacks matches only at its default."""
+    src = tmp_path / "old"
+    src.mkdir()
+    spec = {**TOY, "reuse": [str(src)]}
+    path = _write(tmp_path, spec)
+    st = S.load(path)
+    assert st.reuse == [src]
+    grid = {(r.method, r.lr, r.seed): r for r in st.stage("grid")}
+    a, b, c = grid["fedsoda", 1e-3, 0], grid["fedsoda", 3e-3, 0], grid["fedot", 1e-3, 0]
+    old = _source_summary(a, 1e-3)
+    old["settings"] = {k: v for k, v in old["settings"].items() if k not in ("trigger", "sgp_auto")}  # predates them
+    srcs = {"a": old,
+            "b_other_mu": _source_summary(b, 3e-3, overrides=[*_source_summary(b, 3e-3)["overrides"], "fed.mu=0"]),
+            "b_other_seed": _source_summary(b, 3e-3, seed=1),
+            "b_other_lr": _source_summary(b, 1e-3),
+            "b_failed": _source_summary(b, 3e-3, status="failed"),
+            "c_other_setting": _source_summary(c, 1e-3, settings={**_source_summary(c, 1e-3)["settings"],
+                                                                  "trigger": "drift"})}
+    for name, s in srcs.items():
+        (src / f"{name}.json").write_text(json.dumps(s))
+    res = tmp_path / "results"
+    res.mkdir()
+    S.reuse_all(st, res)
+    copied = json.loads((res / f"{a.id}.json").read_text())
+    assert copied["reused_from"] == "old/a" and copied["run"] == a.id and copied["stage"] == "grid"
+    assert copied["overrides"] == list(a.overrides) and copied["val_accuracy"] == 0.7 and copied["commit"] == "abc"
+    assert not (res / f"{b.id}.json").exists() and not (res / f"{c.id}.json").exists()
+    assert "identical to old/a" in capsys.readouterr().out
+    assert S.main(["list", path, "--results", str(res)]) == 0
+    assert f"done  {a.id}" in capsys.readouterr().out
+
+
+def test_evidence_ii_study_selects_over_three_seeds_and_reuses_the_cpu_study():
+    ii = S.load(ROOT / "studies/cpu_smollm2_ii.yaml")
+    assert ii.select_seeds == [0, 1, 2] and not ii.stage("seeds") and len(ii.stage("grid")) == 3 * (5 + 3 * 3)
+    assert ii.reuse == [ROOT / "results/cpu_smollm2"]
+    budget = ii.stage("budget")
+    assert len(budget) == 5 * 3 * 3 and {r.lr_step for r in budget} == {-1, 0, 1}
+    assert {r.key[0] for r in budget if "fed_last3" in r.variant} == {"fedsoda"}  # paired with FedSODA's lr
+    assert {r.split for r in ii.stage("noniid")} == {"dirichlet-0.1", "dirichlet-1.0"}
+    assert all(r.key[3] == "iid" for r in ii.stage("noniid"))
