@@ -27,11 +27,19 @@ from .signals import (PROGRESS, STOPPED_EXIT, TERMINATED_EXIT, Terminated, insta
 USAGE_EXIT = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """A command-line error is a ConfigError (one line from rank 0, exit 2), not usage text from every rank."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (usage: {self.format_usage().strip().removeprefix('usage: ')})")
+
+
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
-    ap = argparse.ArgumentParser(prog="fedsoda_mpi.main", description=__doc__.split("\n")[0])
+    """(--config, the key=value overrides), which may come before, after or around --config."""
+    ap = _Parser(prog="fedsoda_mpi.main", description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=None, help="job YAML (default: jobs/smollm2_sst2_iid.yaml)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. fed.rounds=2")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     return args.config, args.overrides
 
 

@@ -257,3 +257,16 @@ def test_every_study_run_resumes_with_its_own_command(tmp_path):
             (tmp_path / "config.yaml").write_text(to_yaml(cfg))
             check_resumable(cfg, tmp_path)
     assert len(checked) > 40
+
+
+def test_overrides_may_come_before_and_after_config_and_a_bad_option_is_one_config_error():
+    """`a=1 --config f b=2` was refused with usage text printed by every rank; an unknown option likewise."""
+    from fedsoda_mpi.main import parse_args
+
+    assert parse_args(["fed.rounds=1", "--config", "jobs/x.yaml", "seed=2"]) == ("jobs/x.yaml", ["fed.rounds=1", "seed=2"])
+    usage = "(usage: fedsoda_mpi.main [-h] [--config CONFIG] [overrides ...])"
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--bogus"])
+    assert str(e.value) == f"unrecognized arguments: --bogus {usage}"
+    with pytest.raises(ConfigError, match=r"^argument --config: expected one argument"):
+        parse_args(["--config"])
