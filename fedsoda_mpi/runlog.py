@@ -207,6 +207,23 @@ class RunLog:
         if (self.echo if echo is None else echo) and self.rank == 0:
             print(line, flush=True)
 
+    def progress(self, what: str, total: int, unit: str = "steps", every_s: float = 60.0):
+        """A callback `done -> None` for a long phase of `total` units: one line now with the count, one after the
+        first unit with the time it took and an estimate of the rest, then at most one every `every_s` seconds
+        and one at the end."""
+        self.log(f"{what}: {total} {unit} to run")
+        t0, last = time.time(), [None]
+
+        def step(done: int) -> None:
+            now = time.time()
+            if done == 1 or done == total or now - last[0] >= every_s:
+                rate = (now - t0) / max(done, 1)
+                self.log(f"{what}: {done}/{total} {unit}, {rate:.2f} s each, about {rate * (total - done) / 60:.1f} "
+                         "min left")
+                last[0] = now
+
+        return step
+
     def open_h5(self, cfg: Config, world_size: int, model_name: str, mode: str = "a") -> h5py.File:
         """Create (mode 'w') or reopen on resume (mode 'a') run.h5 with the root attributes and write config.yaml."""
         assert self.rank == 0, "only rank 0 writes the run file"

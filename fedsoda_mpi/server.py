@@ -51,6 +51,10 @@ class Server:
         self.full_bytes = models.stored_bytes(self.full)  # as loaded, before any LoRA is attached
         self.pool, self_heldout = self.public_texts()  # D_public: SGP, pre- and re-alignment draw from it
         self.public = public_batches(cfg, self.tok, self.pool, cfg.data.public_samples)
+        for key, asked in (("data.public_samples", cfg.data.public_samples), ("oda.re_samples", cfg.oda.re_samples)):
+            if asked > len(self.pool):
+                log.log(f"{key}={asked} is more than the {len(self.pool)} texts of D_public ({cfg.data.public}); "
+                        f"using all {len(self.pool)}")
         self.kl_on, kl_texts = self.kl_texts(self_heldout)
         self.heldout = public_batches(cfg, self.tok, kl_texts, HELDOUT_TEXTS)  # KL(M || M*) and the drift probe
         self.heldout_self = public_batches(cfg, self.tok, self_heldout, HELDOUT_TEXTS) if self_heldout else []
@@ -187,7 +191,8 @@ class Server:
         n_max = min(s.n_max or (L_E - 1 if s.auto else max(s.n, 4)), L_E - 1)
         t0 = time.time()
         res = sgp.run_sgp(self.full, self.public, n=s.n, p=s.p, num_emulator_layers=L_E, n_max=n_max, token=s.token,
-                          remove_layers=s.remove_layers if s.auto else 0, max_distance=s.max_distance)
+                          remove_layers=s.remove_layers if s.auto else 0, max_distance=s.max_distance,
+                          progress=self.log.progress("SGP distance profile", len(self.public), "batches"))
         groups = [tuple(map(int, g)) for g in res.groups]
         rows = [(c.n, c.p, c.cost) for c in res.candidates]
         self.log.write("sgp/distance", res.distance.astype(np.float32))
@@ -259,8 +264,10 @@ class Server:
         params = models.set_trainable(self.sub, self.plan.emulator_lora_sub)
         models.set_trainable(self.full, [])
         c = self.cfg.oda
+        step = self.log.progress(what, epochs * len(batches))
+        done = iter(range(1, epochs * len(batches) + 1))
         steps = oda.align(self.full, self.sub, batches, self._pairs(), params, epochs, c.lr, c.alpha, c.beta,
-                          progress=os.environ.get("FEDSODA_PROGRESS", "1") == "1")
+                          progress=os.environ.get("FEDSODA_PROGRESS", "1") == "1", log=lambda _: step(next(done)))
         bad = next((i for i, s in enumerate(steps) if not np.isfinite(s["loss"])), None)
         if bad is not None or not all(bool(torch.isfinite(p).all()) for p in params):
             where = f"loss {steps[bad]['loss']} at step {bad + 1} of {len(steps)}" if bad is not None else \

@@ -315,7 +315,8 @@ def select_groups(distance: np.ndarray, n: int, p: int, remove_layers: int = 0, 
 
 
 def run_sgp(model, batches: Iterable[dict], n: int, p: int, num_emulator_layers: int, n_max: int | None = None,
-            token: str = "last", remove_layers: int = 0, max_distance: float = 0.0) -> SGPResult:
+            token: str = "last", remove_layers: int = 0, max_distance: float = 0.0,
+            progress: Callable[[int], None] | None = None) -> SGPResult:
     """Algorithm 1 end to end on the full model (L layers). n_max defaults to the whole profile (L_E - 1).
 
     remove_layers > 0: automatic (n, p) (`choose_auto`; n and p are ignored, n_max caps the group length);
@@ -323,7 +324,7 @@ def run_sgp(model, batches: Iterable[dict], n: int, p: int, num_emulator_layers:
     n_max = num_emulator_layers - 1 if n_max is None else n_max
     if remove_layers <= 0 and n > n_max:
         raise ValueError(f"n={n} exceeds n_max={n_max}")
-    distance = distance_profile(model, batches, n_max, num_emulator_layers, token)
+    distance = distance_profile(model, batches, n_max, num_emulator_layers, token, progress)
     n, p, groups, candidates = select_groups(distance, n, p, remove_layers, n_max, max_distance)
     kept = kept_layers(model.config.num_hidden_layers, groups)
     return SGPResult(distance, groups, kept, layer_map(groups, kept), n, p, candidates)

@@ -269,7 +269,7 @@ def test_a_diverging_alignment_stops_before_the_clients_with_one_line_naming_oda
     from fedsoda_mpi.server import AlignmentDiverged, Server
 
     cfg = load_config(None, [f"model.name={tiny_model_dir}", "fed.clients=2", "data.public_samples=8",
-                             "data.val_size=20", "oda.lr=1e10"])
+                             "data.val_size=20", "oda.lr=1e10", "oda.re_samples=100000"])
     log = RunLog(tmp_path, 0, echo=False)
     log.open_h5(cfg, 2, cfg.model.name, mode="w")
     server = Server.load(cfg, log, torch.device("cpu"))
@@ -278,3 +278,8 @@ def test_a_diverging_alignment_stops_before_the_clients_with_one_line_naming_oda
                                                 r"LoRA holds NaN/Inf)\); lower oda.lr \(now 1e\+10\) and run again$"):
         server.pre_align()
     log.close()
+    text = (tmp_path / "log.txt").read_text()
+    pool = len(server.pool)
+    assert f"oda.re_samples=100000 is more than the {pool} texts of D_public (wikitext2); using all {pool}" in text
+    assert "SGP distance profile: 2 batches to run" in text and "pre-alignment: 2 steps to run" in text
+    assert "pre-alignment: 1/2 steps, " in text  # after the first step: its time and the estimate of the rest
