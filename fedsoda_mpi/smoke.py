@@ -10,10 +10,10 @@ the reason; any HF folder given by path) it runs, on the device it is given, the
 round under MPI on the tiny model. Each step compares something and FAILs when it is wrong:
 
     nf4-bundle     the NF4 sub-LLM, built on the CPU and shipped as a bundle (models.model_bundle / load_bundle),
-                   on the client's device: the packed 4-bit codes are the shipped bytes (bit-identical), and
-                   bitsandbytes' dequantize_4bit of every Linear4bit gives the CPU side's weights within
-                   NF4_TOL x max|W| (why that tolerance: `NF4_TOL`), which are the full model's within NF4's
-                   own rounding (relative Frobenius error < NF4_ERROR)
+                   on the client's device: bitsandbytes' dequantize_4bit of every Linear4bit gives the CPU
+                   side's weights within NF4_TOL x max|W| (why that tolerance: `NF4_TOL`), which are the full
+                   model's within NF4's own rounding (relative Frobenius error < NF4_ERROR); how many layers
+                   kept the shipped 4-bit codes byte for byte is reported (a device may repack them)
     lora-grad      LoRA on every layer of that shipped NF4 sub-LLM: every LoRA tensor of the first layer (its
                    gradient flows back through every later 4-bit layer) gets a finite, non-zero gradient, and
                    the same one (GRAD_RTOL) after a plain eval/no-grad forward: bitsandbytes' CPU trap
@@ -232,13 +232,13 @@ def step_nf4_bundle(run: ModelRun) -> str:
     check(cpu_side, "the sub-LLM built with quantize=True has no Linear4bit layer (NF4 is not on)")
     check(far.keys() == cpu_side.keys(), f"{len(far)} Linear4bit layers on the target, {len(cpu_side)} on the CPU "
           f"side (e.g. {sorted(set(cpu_side) ^ set(far))[:1]})")
-    full_state, worst, worst_err = full.state_dict(), 0.0, 0.0
+    full_state, worst, worst_err, same_codes = full.state_dict(), 0.0, 0.0, 0
     for name, here in cpu_side.items():
         there = far[name]
         check(there.weight.device == run.devices.client, f"{name}: weight on {there.weight.device}, not on "
               f"{run.devices.client}")
-        check(torch.equal(here.weight.data.cpu(), there.weight.data.cpu()),
-              f"{name}: the packed 4-bit codes on {run.devices.client} differ from the shipped ones")
+        same_codes += torch.equal(here.weight.data.cpu(), there.weight.data.cpu())  # reported, not required: a
+        # device may keep another layout of the same weights; what must hold is what they dequantize to
         a, b = dequantized(here), dequantized(there)
         diff = float((a - b).abs().max()) / max(float(a.abs().max()), 1e-30)
         check(diff <= NF4_TOL, f"{name}: dequantized on {run.devices.client} differs from the CPU side by "
@@ -250,8 +250,9 @@ def step_nf4_bundle(run: ModelRun) -> str:
               f"expected < {NF4_ERROR} (NF4 rounding is ~0.1)")
         worst, worst_err = max(worst, diff), max(worst_err, err)
     del full, sub, target
-    return (f"{len(cpu_side)} Linear4bit layers of {len(run.kept)}/{layers} kept layers: codes bit-identical, "
-            f"dequantized max diff {worst:.1e} x max|W| (<= {NF4_TOL:g}), NF4 error <= {worst_err:.3f}")
+    return (f"{len(cpu_side)} Linear4bit layers of {len(run.kept)}/{layers} kept layers: dequantized max diff "
+            f"{worst:.1e} x max|W| (<= {NF4_TOL:g}), packed codes identical in {same_codes}/{len(cpu_side)}, NF4 "
+            f"error <= {worst_err:.3f}")
 
 
 def lora_grads(model, batch: dict, first: dict) -> dict[str, torch.Tensor]:
@@ -273,7 +274,7 @@ def step_lora_grad(run: ModelRun) -> str:
     layers = len(models.get_layers(sub))
     torch.manual_seed(0)
     model = models.add_lora(sub, range(layers), r=8, alpha=16, dropout=0.0)
-    params = models.set_trainable(model, range(layers))
+    models.set_trainable(model, range(layers))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -296,13 +297,14 @@ def step_lora_grad(run: ModelRun) -> str:
     after = lora_grads(model, batch, first)
     worst = 0.0
     for n, g in after.items():
+        check(torch.isfinite(g).all(), f"{n}: the LoRA gradient is not finite after an eval/no-grad forward")
         check(g.abs().max() > 0, f"{n}: the LoRA gradient vanished after an eval/no-grad forward (the bitsandbytes "
               "CPU trap: models.fix_bnb_cpu not applied)")
         rel = float((g - before[n]).norm() / before[n].norm())
         check(rel <= GRAD_RTOL, f"{n}: the LoRA gradient changed by {rel:.2e} (relative) after an eval/no-grad "
               f"forward, > {GRAD_RTOL:g}")
         worst = max(worst, rel)
-    del model, sub, params
+    del model, sub
     return (f"{len(first)} LoRA tensors of layer 0 (below {layers - 1} NF4 layers): non-zero gradients, "
             f"the same after an eval/no-grad forward (max change {worst:.1e} <= {GRAD_RTOL:g})")
 
