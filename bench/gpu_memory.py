@@ -197,6 +197,12 @@ def kl_step(arch: Arch, batch: int, seq: int, act: int, backward: bool) -> float
     return forward + ((2 * 4 + act) * t * v if backward else 0)
 
 
+def generation(arch: Arch, act: int, batch: int, prompt: int, new: int) -> float:
+    """generate() of `new` tokens after prompts of `prompt` tokens: the KV cache of every layer (K and V, kv wide,
+    for prompt + new tokens) and the prefill's working set of one layer."""
+    return 2 * arch.layers * arch.kv * act * batch * (prompt + new) + batch * prompt * transient_per_token(arch, act)
+
+
 def client_phases(cfg, arch: Arch, lay: Layout, batch: int, seq: int, label_tokens: int) -> dict[str, float]:
     """Device bytes of a client rank: {"weights", "state", "fill", "step"}; its peak is weights + state + the larger
     phase. `state`: the LoRA, and the trained LoRA's grad, AdamW m and v and proximal anchor (16 bytes/param)."""
@@ -245,9 +251,7 @@ def server_phases(cfg, arch: Arch, lay: Layout, eval_prompt: int) -> dict[str, f
             + adamw
     e = cfg.eval
     if cfg.data.task == "gsm8k":
-        length = (e.k_shot + 1) * cfg.data.max_len + e.max_new_tokens
-        kv_cache = 2 * arch.layers * arch.kv * act * e.batch_size * length
-        evaluation = kv_cache + e.batch_size * length * transient_per_token(arch, act)
+        evaluation = generation(arch, act, e.batch_size, (e.k_shot + 1) * cfg.data.max_len, e.max_new_tokens)
     else:
         evaluation = e.batch_size * eval_prompt * (transient_per_token(arch, act) + arch.hidden * act)
     return {"weights": full + sub, "sgp": sgp, "align": align, "eval": evaluation}
@@ -434,6 +438,15 @@ def validate(model_dir: str, seq: int, batch: int = 4, examples: int = 16, answe
     s = server_phases(cfg, arch, lay, seq)
     measured, _ = allocated_peak(label_eval)
     out.append(("server: label evaluation forward", s["eval"], measured))
+    new = 16
+
+    def generate():
+        with torch.no_grad(), models.mode(full):
+            return full.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                 min_new_tokens=new, do_sample=False, pad_token_id=0)
+
+    measured, _ = allocated_peak(generate)
+    out.append((f"server: generation ({new} new tokens)", generation(arch, 4, eval_batch, seq, new), measured))
     return out
 
 
