@@ -61,6 +61,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .host import to_host
+
 STEPS = ("nf4-bundle", "lora-grad", "fedsoda-round", "fedsrd-round", "drift-probe", "plug-in")
 MPI_STEP = "mpi-round"
 MPI_RANKS = 3
@@ -210,7 +212,7 @@ def dequantized(module) -> torch.Tensor:
     from bitsandbytes.functional import dequantize_4bit
 
     w = module.weight
-    return dequantize_4bit(w.data, w.quant_state).float().cpu()
+    return to_host(dequantize_4bit(w.data, w.quant_state).float())
 
 
 def kept_layers(n: int) -> list[int]:
@@ -237,7 +239,7 @@ def step_nf4_bundle(run: ModelRun) -> str:
         there = far[name]
         check(there.weight.device == run.devices.client, f"{name}: weight on {there.weight.device}, not on "
               f"{run.devices.client}")
-        same_codes += torch.equal(here.weight.data.cpu(), there.weight.data.cpu())  # reported, not required: a
+        same_codes += torch.equal(to_host(here.weight.data), to_host(there.weight.data))  # reported, not required: a
         # device may keep another layout of the same weights; what must hold is what they dequantize to
         a, b = dequantized(here), dequantized(there)
         diff = float((a - b).abs().max()) / max(float(a.abs().max()), 1e-30)
@@ -261,7 +263,7 @@ def lora_grads(model, batch: dict, first: dict) -> dict[str, torch.Tensor]:
     for p in first.values():
         p.grad = None
     model(**batch).loss.backward()
-    return {n: (p.grad.detach().float().cpu() if p.grad is not None else torch.zeros(p.shape)) for n, p in first.items()}
+    return {n: (to_host(p.grad.float()) if p.grad is not None else torch.zeros(p.shape)) for n, p in first.items()}
 
 
 def step_lora_grad(run: ModelRun) -> str:
@@ -429,7 +431,7 @@ def logits_of(model, batch: dict, device: torch.device) -> torch.Tensor:
 
     with models.mode(model), torch.no_grad():
         out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-    return out.logits.float().cpu()
+    return to_host(out.logits.float())
 
 
 def step_plug_in(run: ModelRun) -> str:
