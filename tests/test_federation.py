@@ -283,3 +283,41 @@ def test_a_diverging_alignment_stops_before_the_clients_with_one_line_naming_oda
     assert f"oda.re_samples=100000 is more than the {pool} texts of D_public (wikitext2); using all {pool}" in text
     assert "SGP distance profile: 2 batches to run" in text and "pre-alignment: 2 steps to run" in text
     assert "pre-alignment: 1/2 steps, " in text  # after the first step: its time and the estimate of the rest
+
+
+class _OneRank:
+    """The part of comm.Comm that federation.open_run uses, for rank 0 alone."""
+    rank, is_server = 0, True
+
+    def broadcast_bytes(self, msg, category):
+        return msg
+
+
+def test_open_run_names_job_file_keys_over_the_preset_and_refuses_for_every_rank(tmp_path, monkeypatch):
+    """Rank 0 logs the preset keys a job file overrides (the job file wins); a run folder that `checkpoint.claim`
+    refuses (a finished run whose every checkpoint is damaged) is the one-line RunFolderRefused that every rank
+    raises, before any log file is opened."""
+    import sys
+
+    import h5py
+
+    from fedsoda_mpi.federation import open_run
+    from fedsoda_mpi.runlog import RunFolderRefused
+    from fedsoda_mpi.signals import PROGRESS
+
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # (open_run installs the abort hook)
+    monkeypatch.setitem(PROGRESS, "log", None)
+    job = tmp_path / "job.yaml"
+    job.write_text("method: fedsoda\noda:\n  every: 5\n")
+    log, ck = open_run(load_config(job, ["method=fedbiot", f"output.dir={tmp_path / 'run'}"]), _OneRank())
+    log.close()
+    assert ck is None and (f"note: the job file {job} sets oda.every=5 (the fedbiot preset: 1); the job file wins over "
+                           "the method preset") in (tmp_path / "run" / "log.txt").read_text()
+    finished = tmp_path / "finished"
+    (finished / "checkpoints" / "round00001").mkdir(parents=True)  # no state.json: not a valid checkpoint
+    with h5py.File(finished / "run.h5", "w") as f:
+        f.create_dataset("rounds/round", data=[1])
+        f.create_group("final")
+    with pytest.raises(RunFolderRefused, match="holds a finished run of 1 round but none of its checkpoints is valid"):
+        open_run(load_config(None, ["resume=auto", f"output.dir={finished}"]), _OneRank())
+    assert not (finished / "log.txt").exists()
