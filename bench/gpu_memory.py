@@ -321,17 +321,16 @@ def host_needs(cfg) -> dict[str, float]:
     """Host RAM and TMPDIR bytes at start-up, from the copies the code makes (an estimate from reading the code):
     bundle = the sub-LLM's safetensors as shipped (NF4 or dense) + tokenizer (ignored);
     rank 0: models.build_sub_model writes the kept layers in model.dtype to a temporary folder (TMPDIR) through
-    safetensors.save_file, which builds the whole file in memory first (the folder is removed before model_bundle
-    writes its own, so TMPDIR holds one of the two at a time); model_bundle reads the quantized copy back into
-    bytes, which broadcast_bytes packs into one send buffer: 2 copies at the broadcast (Server.release_bundle: the
-    server keeps none afterwards);
+    safetensors.save_file, which builds the whole file in memory first; model_bundle serializes the quantized copy
+    in memory (safetensors.save; only config and tokenizer go to TMPDIR), and broadcast_bytes packs those bytes into
+    one send buffer: 2 copies at the broadcast (Server.release_bundle: the server keeps none afterwards);
     a client rank: the receive buffer (the files are memoryviews into it), which load_bundle writes to TMPDIR and
     loads from there."""
     arch, lay = arch_of(cfg.model.name), layout(cfg, arch_of(cfg.model.name))
     dense = DTYPE_BYTES[cfg.model.dtype]
     bundle = weight_bytes(arch, lay.sub_layers, lay.quantized, dense)
     sub_dense = weight_bytes(arch, lay.sub_layers, False, dense)
-    return {"bundle": bundle, "server_ram": max(sub_dense, 2 * bundle), "server_tmp": max(sub_dense, bundle),
+    return {"bundle": bundle, "server_ram": max(sub_dense, 2 * bundle), "server_tmp": sub_dense,
             "client_ram": bundle, "client_tmp": bundle}
 
 

@@ -284,8 +284,8 @@ def _sub_state(full_model, kept: list[int]) -> dict[str, torch.Tensor]:
     return state
 
 
-def _write_checkpoint(model, config, state: dict[str, torch.Tensor], folder: Path) -> None:
-    """Write config (+ generation config) and one safetensors file; tied tensors are written once.
+def _write_checkpoint(model, config, state: dict[str, torch.Tensor], folder: Path, weights: bool = True) -> None:
+    """Write config (+ generation config) and, with `weights`, one safetensors file (`_unique_tensors`).
 
     Used instead of save_pretrained because transformers 5 ignores save_pretrained(state_dict=...) for
     bitsandbytes-quantized models, and the sub-LLM and the peft base model both need a custom state dict."""
@@ -294,6 +294,12 @@ def _write_checkpoint(model, config, state: dict[str, torch.Tensor], folder: Pat
     config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
+    if weights:
+        save_file(_unique_tensors(state), str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state in host memory (`host.readable`) with tied tensors once (the first key that names them)."""
     unique, seen = {}, set()
     for key, tensor in state.items():
         storage = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
@@ -301,7 +307,7 @@ def _write_checkpoint(model, config, state: dict[str, torch.Tensor], folder: Pat
             continue
         seen.add(storage)
         unique[key] = readable(tensor)
-    save_file(unique, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return unique
 
 
 def build_sub_model(full_model, kept: Sequence[int], quantize: bool, compute_dtype: str = "float32",
@@ -492,12 +498,16 @@ def model_bundle(model, tokenizer) -> dict[str, bytes]:
     """The sub-LLM M* as files {relative name: bytes} (config, safetensors with NF4 weights pre-quantized,
     tokenizer): what the server ships once to every client (Algorithm 2 step 6). A PeftModel ships its base
     model only (LoRA entries dropped, `.base_layer.` unwrapped); LoRA values travel separately."""
+    from safetensors.torch import save
+
     causal = causal_lm(model)
     state = {k.replace(".base_layer.", "."): v for k, v in causal.state_dict().items() if "lora_" not in k}
-    with scratch("server") as tmp:
-        _write_checkpoint(causal, causal.config, state, tmp)
+    with scratch("server") as tmp:  # the small files only: the weights are serialized in memory, not via TMPDIR
+        _write_checkpoint(causal, causal.config, state, tmp, weights=False)
         tokenizer.save_pretrained(tmp)
-        return {str(p.relative_to(tmp)): p.read_bytes() for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
+        files = {str(p.relative_to(tmp)): p.read_bytes() for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
+    files["model.safetensors"] = save(_unique_tensors(state), metadata={"format": "pt"})
+    return dict(sorted(files.items()))
 
 
 def load_bundle(files: dict[str, bytes], workdir: Path, device: str = "cpu"):

@@ -386,3 +386,29 @@ def test_smollm2_nf4_sub_model(smollm2_dir):
     with torch.no_grad():
         logits = sub(**batch_enc).logits
     assert torch.isfinite(logits).all()
+
+
+def test_the_bundle_serializes_its_weights_in_memory_to_the_bytes_a_file_would_hold(tiny_model_dir, tmp_path,
+                                                                                  monkeypatch):
+    """model_bundle writes only the small files (config, tokenizer) to TMPDIR; its model.safetensors is the same
+    bytes that writing the checkpoint to a folder gives (at 8B that file was ~4 GB of TMPDIR and a read back)."""
+    import tempfile
+
+    from fedsoda_mpi import models
+
+    full, tok = models.load_causal_lm(tiny_model_dir)
+    sub = models.add_lora(models.build_sub_model(full, list(range(0, 30, 2)), quantize=True), [0, 1])
+    written = []
+    save_file = models._write_checkpoint
+    monkeypatch.setattr(models, "_write_checkpoint", lambda *a, **k: written.append(k.get("weights", True)) or
+                        save_file(*a, **k))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    bundle = models.model_bundle(sub, tok)
+    assert written == [False] and list((tmp_path / "tmp").iterdir()) == []
+    causal = models.causal_lm(sub)
+    state = {k.replace(".base_layer.", "."): v for k, v in causal.state_dict().items() if "lora_" not in k}
+    save_file(causal, causal.config, state, tmp_path / "ref")
+    tok.save_pretrained(tmp_path / "ref")
+    ref = {str(p.relative_to(tmp_path / "ref")): p.read_bytes() for p in sorted((tmp_path / "ref").rglob("*"))}
+    assert bundle.keys() == ref.keys() and all(bundle[k] == ref[k] for k in ref)
