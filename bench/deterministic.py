@@ -8,32 +8,19 @@ the FedPETuning client (full fp32 model, LoRA on every layer), as in bench/step.
 settings give the same loss bit for bit (on the CPU torch's kernels are deterministic already, so they should;
 on CUDA the switch is what makes two runs agree, at a cost this CPU measurement cannot show).
 """
-import argparse
 import statistics
 import time
 
 import numpy as np
 import torch
 
-from fedsoda_mpi import data, devices, models
+from fedsoda_mpi import devices, models
 from fedsoda_mpi.client import EmulatorCache, local_train
-from fedsoda_mpi.prepare import prepare_model
-from step import FEDPETUNING, FEDSODA, client
+from step import FEDPETUNING, FEDSODA, client, set_up
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--examples", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    full, tok = models.load_causal_lm(prepare_model("smollm2-135m"))
-    data.ensure_pad_token(tok)
-    rows = data.load_rows("sst2", "train")[:args.examples]
-    examples = [data.tokenize_sft(tok, *data.prompt_and_answer("sst2", r), 128) for r in rows]
+    args, full, tok, examples = set_up(examples=32, steps=8)
     routes = {"FedSODA client (NF4 sub-LLM, cached)": (*client(full, FEDSODA, True), FEDSODA, True),
               "FedPETuning client (fp32, 30 LoRA layers)": (*client(full, FEDPETUNING, False), FEDPETUNING, False)}
     del full

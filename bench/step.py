@@ -36,11 +36,13 @@ def client(full, plan: Plan, quantize: bool):
     return model, models.set_trainable(model, plan.adapter_sub)
 
 
-def main() -> None:
+def set_up(examples: int, steps: int):
+    """The options of the client-step benchmarks (parsed, threads set), SmolLM2-135M and its tokenizer, and the
+    first `--examples` SST-2 training rows as SFT examples of 128 tokens: (args, full model, tokenizer, examples)."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--examples", type=int, default=64)
+    ap.add_argument("--examples", type=int, default=examples)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -48,7 +50,11 @@ def main() -> None:
     full, tok = models.load_causal_lm(prepare_model("smollm2-135m"))
     data.ensure_pad_token(tok)
     rows = data.load_rows("sst2", "train")[:args.examples]
-    examples = [data.tokenize_sft(tok, *data.prompt_and_answer("sst2", r), 128) for r in rows]
+    return args, full, tok, [data.tokenize_sft(tok, *data.prompt_and_answer("sst2", r), 128) for r in rows]
+
+
+def main() -> None:
+    args, full, tok, examples = set_up(examples=64, steps=16)
     routes = {
         "FedPETuning (full fp32 model, LoRA on 30 layers)": (*client(full, FEDPETUNING, False), FEDPETUNING, False),
         "FedSODA, emulator cached (NF4 sub-LLM, 3 adapter layers)": (*client(full, FEDSODA, True), FEDSODA, True),

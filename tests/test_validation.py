@@ -354,22 +354,24 @@ def edited_copy(src, dest, **changes):
 REPREPARE = "delete the folder and run `python -m fedsoda_mpi.prepare model ...` again"
 
 
+def model_error(folder, tmp_path) -> str:
+    """The one-line ModelError that prepare_inputs gives for the model folder `folder`."""
+    cfg = prepare_config(args_for(folder, tmp_path / "run"), world_size=3)
+    with pytest.raises(ModelError) as e:
+        prepare_inputs(cfg)
+    return one_line(e)
+
+
 @pytest.mark.parametrize("layers", [20, 40])
 def test_config_json_layer_count_that_disagrees_with_the_weights(tiny_model_dir, tiny_data, tmp_path, layers):
     bad = edited_copy(tiny_model_dir, tmp_path / "m", num_hidden_layers=layers)  # over 30-layer weights
-    cfg = prepare_config(args_for(bad, tmp_path / "run"), world_size=3)
-    with pytest.raises(ModelError) as e:
-        prepare_inputs(cfg)
-    assert one_line(e) == (f"{bad}/config.json: num_hidden_layers is {layers} but the weights hold 30 decoder "
+    assert model_error(bad, tmp_path) == (f"{bad}/config.json: num_hidden_layers is {layers} but the weights hold 30 decoder "
                            f"layers; set num_hidden_layers to 30, or {REPREPARE}")
 
 
 def test_config_json_untied_head_without_lm_head_weights(tiny_model_dir, tiny_data, tmp_path):
     bad = edited_copy(tiny_model_dir, tmp_path / "m", tie_word_embeddings=False)  # the tied llama stores no head
-    cfg = prepare_config(args_for(bad, tmp_path / "run"), world_size=3)
-    with pytest.raises(ModelError) as e:
-        prepare_inputs(cfg)
-    assert one_line(e) == (f"{bad}/config.json: tie_word_embeddings is false but the weights have no lm_head.weight "
+    assert model_error(bad, tmp_path) == (f"{bad}/config.json: tie_word_embeddings is false but the weights have no lm_head.weight "
                            f"(the output head would be random); set tie_word_embeddings to true, or {REPREPARE}")
 
 
@@ -380,10 +382,7 @@ def test_config_json_untied_head_without_lm_head_weights(tiny_model_dir, tiny_da
 def test_config_json_shapes_that_disagree_with_the_weights(tiny_model_dir, tiny_data, tmp_path, change, name, have,
                                                            want):
     bad = edited_copy(tiny_model_dir, tmp_path / "m", **change)
-    cfg = prepare_config(args_for(bad, tmp_path / "run"), world_size=3)
-    with pytest.raises(ModelError) as e:
-        prepare_inputs(cfg)
-    assert one_line(e) == (f"{bad}/model.safetensors: {name} has shape {have} but config.json {bad}/config.json "
+    assert model_error(bad, tmp_path) == (f"{bad}/model.safetensors: {name} has shape {have} but config.json {bad}/config.json "
                            f"gives {want}; {REPREPARE}")
 
 
