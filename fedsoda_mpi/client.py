@@ -39,6 +39,7 @@ from .methods import Plan
 from .paths import scratch_dir
 from .host import to_host
 from .reaper import process_alive, scratch, sweep_stale_copies
+from .tasks import task_id
 
 
 FILL_BATCH = 16  # examples per emulator pass when a client's cache is filled
@@ -440,8 +441,9 @@ class Client:
     def examples_of(self, k: int) -> list[dict]:
         if k not in self.examples:
             c = self.cfg.data
-            fitted, _ = lengths.fit_rows(self.tok, c.task, self.rows[k], c.max_len)  # counted by rank 0 (/truncated)
-            self.examples[k] = [data.tokenize_sft(self.tok, *data.prompt_and_answer(c.task, r), c.max_len)
+            task = task_id(c)
+            fitted, _ = lengths.fit_rows(self.tok, task, self.rows[k], c.max_len)  # counted by rank 0 (/truncated)
+            self.examples[k] = [data.tokenize_sft(self.tok, *data.prompt_and_answer(task, r), c.max_len)
                                 for r in fitted]
         return self.examples[k]
 

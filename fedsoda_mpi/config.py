@@ -40,7 +40,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "sst2"  # sst2 | boolq | gsm8k
+    task: str = "sst2"  # sst2 | boolq | gsm8k | custom (your own dataset: data.custom, docs/datasets.md)
+    custom: str = ""  # data.task=custom: the task folder, a name under <data>/custom/ or a path (docs/datasets.md)
     public: str = "wikitext2"  # D_public for SGP and ODA: wikitext2 | gsm8k (train split, disjoint from eval) |
     #                            self (text the full LLM samples itself, cached in <run>/public_self.jsonl)
     split: str = "iid"  # iid | dirichlet (label skew)
@@ -427,7 +428,12 @@ def _validate_top(cfg: Config) -> None:
 def _validate_data(cfg: Config) -> None:
     """data.* (the checks that need the files themselves are in main.prepare_inputs)."""
     d = cfg.data
-    _check(d.task in TASKS, f"data.task: '{d.task}' is not one of {', '.join(TASKS)}")
+    _check(d.task in (*TASKS, "custom"), f"data.task: '{d.task}' is not one of {', '.join(TASKS)}, custom")
+    _check(d.task != "custom" or bool(d.custom.strip()),
+           "data.custom: data.task=custom needs the custom task's folder (a name under <data>/custom/ or a path; "
+           "docs/datasets.md)")
+    _check(d.task == "custom" or not d.custom,
+           f"data.custom='{d.custom}': only data.task=custom reads it; set data.task=custom, or leave data.custom empty")
     _one_of("data.public", d.public, PUBLIC_SETS)
     _one_of("data.split", d.split, ("iid", "dirichlet"))
     _check(d.dirichlet_beta > 0, f"data.dirichlet_beta: must be > 0, got {d.dirichlet_beta}")

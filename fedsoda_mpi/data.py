@@ -1,4 +1,4 @@
-"""Task data (GSM8K, SST-2, BoolQ), the public pool (WikiText-2; GSM8K train for the Fig. 4 ablation; or text
+"""Task data (GSM8K, SST-2, BoolQ, a custom task: fedsoda_mpi/tasks.py), the public pool (WikiText-2; GSM8K train for the Fig. 4 ablation; or text
 the full LLM generates itself, data.public=self), LLM-Adapters (Alpaca) prompts, SFT tokenization, and IID /
 Dirichlet label-skew client partitions (paper Sec. 5.1: "IID and non-IID (Dirichlet) data distributions across
 clients").
@@ -16,33 +16,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import tasks
 from .config import TASKS
-from .paths import cache_data_dir, shared_data_dir
+from .tasks import (ANSWER_LEAD, FIX, LABEL_WORDS, TEMPLATE, DataError, check_row, data_dir,  # noqa: F401 (re-exported)
+                    gsm8k_final_number)
 
-LABEL_WORDS = {"sst2": ("negative", "positive"), "boolq": ("false", "true")}
-N_CLASSES = {"sst2": 2, "boolq": 2, "gsm8k": 4}
-TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-            "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-ANSWER_LEAD = "the correct answer is"
-FIX = "run `python -m fedsoda_mpi.prepare data` (or set FEDSODA_DATA to a folder laid out like shared/data)"
+N_CLASSES = {"sst2": 2, "boolq": 2, "gsm8k": 4}  # built-in tasks; any task: tasks.n_classes
+CUSTOM_FIX = "fix the rows (docs/datasets.md), or write the folder again with `python -m fedsoda_mpi.prepare data --custom`"
 PUBLIC_MIN_WORDS = 16
 HOLDOUT_FRACTION = 0.1
 PUBLIC_MIN_TEXTS = 10  # a public file gives at least this many texts: its last tenth (>= 1) is held out
-_FINAL_NUMBER = re.compile(r"[-\u2212]?\$?\d+(\.\d+)?")  # what `gsm8k_final_number` returns for a valid answer
 IGNORE = -100
 VAL_SEED = 2508  # fixed, independent of the run's seed: every run of a task holds out the same validation rows
-
-
-class DataError(RuntimeError):
-    """A data file is missing or malformed; the message names the file (and line) and the fix."""
-
-
-def data_dir() -> Path:
-    """`$FEDSODA_DATA` if set; else `<repo>/../shared/data` if it exists; else `~/.cache/fedsoda/data`."""
-    if os.environ.get("FEDSODA_DATA"):
-        return Path(os.environ["FEDSODA_DATA"]).expanduser()
-    shared = shared_data_dir()
-    return shared if shared.is_dir() else cache_data_dir()
 
 
 def _data_file(rel: str) -> Path:
@@ -52,24 +37,11 @@ def _data_file(rel: str) -> Path:
     return path
 
 
-def _check_row(task: str, row: object) -> str | None:
-    """Return what is wrong with one row of `task`, or None if it is valid."""
-    if not isinstance(row, dict):
-        return "row is not a JSON object"
-    if not isinstance(row.get("question" if task != "sst2" else "sentence"), str):
-        return "missing text field"
-    if task == "sst2" and row.get("label") not in (0, 1):
-        return "label must be 0 or 1"
-    if task == "boolq" and not isinstance(row.get("answer"), bool):
-        return "answer must be true/false"
-    if task == "gsm8k":
-        answer = row.get("answer")
-        if not isinstance(answer, str) or "####" not in answer:
-            return "answer lacks the '#### N' final answer"
-        final = gsm8k_final_number(answer)
-        if not _FINAL_NUMBER.fullmatch(final):
-            return f"the final answer after '####' must be a number (e.g. '#### 72'), got '#### {final}'"
-    return None
+def split_file(task: str, split: str) -> Path:
+    """The path of `<task>/<split>.jsonl` (a custom task: in its folder, `tasks.custom_folder`)."""
+    if tasks.is_custom(task):
+        return tasks.custom_folder(task[len(tasks.CUSTOM):]) / f"{split}.jsonl"
+    return data_dir() / f"{task}/{split}.jsonl"
 
 
 def _read_text(path: Path) -> str:
@@ -86,25 +58,36 @@ def _read_text(path: Path) -> str:
 
 
 def load_rows(task: str, split: str) -> list[dict]:
-    """All rows of `<task>/<split>.jsonl` (split "train" or "test"), validated field by field; a file without
-    rows, a non-UTF-8 byte or a bad row raises DataError naming the file (and line)."""
-    if task not in TASKS or split not in ("train", "test"):
-        raise ValueError(f"unknown task/split {task}/{split}; tasks: {TASKS}, splits: train, test")
-    path = _data_file(f"{task}/{split}.jsonl")
-    rows = []
+    """All rows of `<task>/<split>.jsonl` (split "train" or "test"; a custom task's in its folder), validated field
+    by field; a file without rows, a non-UTF-8 byte or bad rows raise DataError: one line naming the file, the
+    first bad line and its problem, and how many other lines are bad."""
+    if (task not in TASKS and not tasks.is_custom(task)) or split not in ("train", "test"):
+        raise ValueError(f"unknown task/split {task}/{split}; tasks: {TASKS} or custom:<name>, splits: train, test")
+    fix = FIX
+    if tasks.is_custom(task):
+        tasks.spec(task)  # its task.json first: the rows are checked against it
+        fix = CUSTOM_FIX
+    path = split_file(task, split)
+    if not path.is_file():
+        raise DataError(f"missing data file {path}; {fix}")
+    rows, problems = [], []
     for lineno, line in enumerate(io.StringIO(_read_text(path), newline=None), 1):  # newlines as open() reads them
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: bad JSON ({exc.msg}); {FIX}") from None
-        problem = _check_row(task, row)
+            problems.append(f"{path}:{lineno}: bad JSON ({exc.msg})")
+            continue
+        problem = check_row(task, row)
         if problem:
-            raise DataError(f"{path}:{lineno}: {problem}; {FIX}")
+            problems.append(f"{path}:{lineno}: {problem}")
         rows.append(row)
+    if problems:
+        more = f" (and {len(problems) - 1} more bad lines)" if len(problems) > 1 else ""
+        raise DataError(f"{problems[0]}{more}; {fix}")
     if not rows:
-        raise DataError(f"{path}: is empty (no rows); {FIX}")
+        raise DataError(f"{path}: is empty (no rows); {fix}")
     return rows
 
 
@@ -254,6 +237,8 @@ def prompt_and_answer(task: str, row: dict) -> tuple[str, str]:
     after the prompt. BoolQ is question-only, as in LLM-Adapters. GSM8K: the prompt is the template of
     the question and the answer the chain of thought ending "#### N" (calculator annotations removed).
     """
+    if tasks.is_custom(task):
+        return tasks.custom_prompt_and_answer(task, row)
     if task == "sst2":
         instruction = (f"Please classify the sentiment of the following sentence as positive or negative, "
                        f"sentence: {row['sentence'].strip()}\n\nAnswer format: positive/negative")
@@ -274,7 +259,10 @@ def gsm8k_steps(answer: str) -> int:
 
 def label_of(task: str, row: dict) -> int:
     """Class used for Dirichlet label skew: SST-2 label; BoolQ int(answer); GSM8K the number of solution
-    steps bucketed into 4 roughly balanced classes (<=2, 3, 4, >=5 lines: 1960/2149/1660/1704 in train)."""
+    steps bucketed into 4 roughly balanced classes (<=2, 3, 4, >=5 lines: 1960/2149/1660/1704 in train); a custom
+    task its label's index (generation: 0, one class)."""
+    if tasks.is_custom(task):
+        return tasks.custom_label(task, row)
     if task == "sst2":
         return int(row["label"])
     if task == "boolq":
@@ -282,14 +270,6 @@ def label_of(task: str, row: dict) -> int:
     if task == "gsm8k":
         return min(max(gsm8k_steps(row["answer"]) - 2, 0), 3)
     raise ValueError(f"unknown task {task!r}; tasks: {TASKS}")
-
-
-def gsm8k_final_number(answer: str) -> str:
-    """The number after the first '####' (commas and a trailing period stripped); ValueError if absent."""
-    if "####" not in answer:
-        raise ValueError("answer has no '#### N' final answer")
-    tail = answer.split("####", 1)[1].split()
-    return tail[0].replace(",", "").rstrip(".") if tail else ""
 
 
 def gsm8k_shots(train_rows: list[dict], k: int, seed: int) -> list[dict]:
@@ -300,9 +280,9 @@ def gsm8k_shots(train_rows: list[dict], k: int, seed: int) -> list[dict]:
     return [train_rows[i] for i in picks]
 
 
-def shots_prefix(shots: list[dict]) -> str:
-    """GSM8K shots in the task template, each followed by a blank line."""
-    return "".join("".join(prompt_and_answer("gsm8k", row)) + "\n\n" for row in shots)
+def shots_prefix(shots: list[dict], task: str = "gsm8k") -> str:
+    """The shots of a generation task (GSM8K, custom) in the task template, each followed by a blank line."""
+    return "".join("".join(prompt_and_answer(task, row)) + "\n\n" for row in shots)
 
 
 def gsm8k_kshot_prefix(train_rows: list[dict], k: int, seed: int) -> str:
@@ -420,7 +400,7 @@ VAL_MIN_WORDS = {"sst2": 10}  # SST-2's training file is mostly phrases, its tes
 
 def text_of(task: str, row: dict) -> str:
     """The input text of a row (what two rows must differ in to be different examples)."""
-    return row["sentence"] if task == "sst2" else row["question"]
+    return row[tasks.text_key(task)]
 
 
 def validation_index(rows: list[dict], task: str, n_val: int) -> np.ndarray:
@@ -466,4 +446,4 @@ def client_datasets(task: str, n_clients: int, split: str, beta: float, seed: in
             raise ValueError(f"max_per_client={max_per_client} must be >= 1")
         parts = [np.sort(np.random.default_rng([seed, k]).choice(p, min(len(p), max_per_client), replace=False))
                  for k, p in enumerate(parts)]
-    return [[rows[i] for i in p] for p in parts], label_histogram(labels, parts, N_CLASSES[task])
+    return [[rows[i] for i in p] for p in parts], label_histogram(labels, parts, tasks.n_classes(task))

@@ -31,8 +31,9 @@ from transformers import DynamicCache, GenerationConfig, StoppingCriteria, Stopp
 from transformers.cache_utils import DynamicLayer
 
 from . import models
-from .data import (LABEL_WORDS, ensure_pad_token, gsm8k_final_number, gsm8k_shots, label_of,
-                   load_rows, prompt_and_answer, shots_prefix)
+from .data import (ensure_pad_token, gsm8k_final_number, gsm8k_shots, label_of, load_rows, prompt_and_answer,
+                   shots_prefix)
+from .tasks import custom_correct, is_custom, is_generation, label_words
 from .host import to_numpy
 from .lengths import fit_rows
 
@@ -81,16 +82,17 @@ def label_word_ids(tokenizer, task: str) -> list[int]:
     This is the token `data.tokenize_sft` trains the model to predict right after the prompt (the answer
     " positive" is tokenized on its own); ValueError if two label words start with the same token.
     """
-    if task not in LABEL_WORDS:
-        raise ValueError(f"task {task!r} has no label words; expected one of {sorted(LABEL_WORDS)}")
+    words = label_words(task)
+    if not words:
+        raise ValueError(f"task {task!r} has no label words (a generation task)")
     ids = []
-    for word in LABEL_WORDS[task]:
+    for word in words:
         tokens = tokenizer(" " + word, add_special_tokens=False).input_ids
         if not tokens:
             raise ValueError(f"label word {word!r} tokenizes to nothing")
         ids.append(tokens[0])
     if len(set(ids)) != len(ids):
-        raise ValueError(f"label words {LABEL_WORDS[task]} of task {task!r} share a first token ({ids}); "
+        raise ValueError(f"label words {', '.join(words)} of task {task!r} share a first token ({ids}); "
                          "label-word likelihood cannot tell them apart with this tokenizer")
     return ids
 
@@ -390,9 +392,12 @@ def _batches(model, tokenizer, encoded: list[list[int]], prompts: Sequence[str],
     return batches
 
 
-def gsm8k_correct(outputs: Sequence[str], rows: Sequence[dict]) -> np.ndarray:
+def gsm8k_correct(outputs: Sequence[str], rows: Sequence[dict], task: str = "gsm8k") -> np.ndarray:
     """[n] int8, 1 where a generated solution's extracted final number equals its row's reference "#### N"
-    numerically (the per-question record run files keep as /final correct, /base correct)."""
+    numerically (the per-question record run files keep as /final correct, /base correct); a custom task compares
+    the final answers its task.json defines (`tasks.custom_correct`)."""
+    if is_custom(task):
+        return np.array([custom_correct(task, o, r) for o, r in zip(outputs, rows)], dtype=np.int8)
     return np.array([_same_number(extract_number(o), gsm8k_final_number(r["answer"]))
                      for o, r in zip(outputs, rows)], dtype=np.int8)
 
@@ -401,8 +406,9 @@ def gsm8k_correct(outputs: Sequence[str], rows: Sequence[dict]) -> np.ndarray:
 def gsm8k_accuracy(model: torch.nn.Module, tokenizer, rows: Sequence[dict], train_rows: Sequence[dict], k: int = 4,
                    max_new_tokens: int = 256, batch_size: int = 4, max_examples: int | None = None,
                    seed: int = 0, prefix_cache: bool = True, journal: str | Path | None = None,
-                   progress: Callable[[int, int, int], None] | None = None, max_len: int | None = None) -> dict:
-    """k-shot greedy GSM8K accuracy: the same k training solutions (chosen by `seed`) prefix every question;
+                   progress: Callable[[int, int, int], None] | None = None, max_len: int | None = None,
+                   task: str = "gsm8k") -> dict:
+    """k-shot greedy GSM8K accuracy (or that of a custom generation `task`): the same k training solutions (chosen by `seed`) prefix every question;
     a solution is correct when its extracted final number equals the reference "#### N" numerically.
 
     prefix_cache True: the k-shot prefix without its trailing blank line (tokenized alone, "\\n\\n" becomes one
@@ -423,17 +429,17 @@ def gsm8k_accuracy(model: torch.nn.Module, tokenizer, rows: Sequence[dict], trai
     shots = gsm8k_shots(list(train_rows), k, seed)
     fitted, truncated, shots_truncated = rows, 0, 0
     if max_len is not None:
-        shots, shots_truncated = fit_rows(tokenizer, "gsm8k", shots, max_len)
-        fitted, truncated = fit_rows(tokenizer, "gsm8k", rows, max_len, prompt_only=True)
-    prefix = shots_prefix(shots)
-    prompts = [prefix + prompt_and_answer("gsm8k", r)[0] for r in fitted]
+        shots, shots_truncated = fit_rows(tokenizer, task, shots, max_len)
+        fitted, truncated = fit_rows(tokenizer, task, rows, max_len, prompt_only=True)
+    prefix = shots_prefix(shots, task)
+    prompts = [prefix + prompt_and_answer(task, r)[0] for r in fitted]
     shared = prefix.rstrip() if prefix_cache else ""
     with models.mode(model):
         book = None if journal is None else Journal(journal, fingerprint(
             model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, shared_prefix=shared))
         outputs = _generate(model, tokenizer, prompts, max_new_tokens, batch_size, shared_prefix=shared,
                             journal=book, progress=progress)
-    correct = gsm8k_correct(outputs, rows)
+    correct = gsm8k_correct(outputs, rows, task)
     return {"accuracy": float(correct.mean()), "n": len(rows), "outputs": outputs, "correct": correct,
             "resumed": book.resumed if book else 0, "truncated": truncated, "shots_truncated": shots_truncated,
             "seconds": time.perf_counter() - t0 + (book.earlier_s if book else 0.0)}
@@ -443,20 +449,19 @@ def evaluate(model: torch.nn.Module, tokenizer, task: str, max_examples: int | N
              k_shot: int = 4, max_new_tokens: int = 256, seed: int = 0, rows: Sequence[dict] | None = None,
              shot_rows: Sequence[dict] | None = None, journal: str | Path | None = None,
              progress: Callable[[int, int, int], None] | None = None, max_len: int | None = None) -> dict:
-    """Accuracy of `model` on `task` (sst2 | boolq: label likelihood; gsm8k: k-shot generation) over `rows`
-    (default: the test split); GSM8K's k shots are drawn from `shot_rows` (default: the train split).
+    """Accuracy of `model` on `task` (sst2 | boolq | custom classification: label likelihood; gsm8k | custom
+    generation: k-shot generation) over `rows` (default: the test split); the k shots are drawn from `shot_rows`
+    (default: the train split).
     `journal` and `progress` serve GSM8K's generation, which takes hours (`gsm8k_accuracy`); a label task,
     minutes, ignores them. `max_len` bounds the prompts (`label_accuracy`, `gsm8k_accuracy`)."""
     rows = load_rows(task, "test") if rows is None else rows
-    if task == "gsm8k":
-        shots = load_rows("gsm8k", "train") if shot_rows is None else shot_rows
+    if is_generation(task):
+        shots = load_rows(task, "train") if shot_rows is None else shot_rows
         return gsm8k_accuracy(model, tokenizer, rows, shots, k=k_shot, max_new_tokens=max_new_tokens,
                               batch_size=batch_size, max_examples=max_examples, seed=seed, journal=journal,
-                              progress=progress, max_len=max_len)
-    if task in LABEL_WORDS:
-        return label_accuracy(model, tokenizer, task, rows, batch_size=batch_size, max_examples=max_examples,
-                              max_len=max_len)
-    raise ValueError(f"unknown task {task!r}; expected gsm8k or one of {sorted(LABEL_WORDS)}")
+                              progress=progress, max_len=max_len, task=task)
+    return label_accuracy(model, tokenizer, task, rows, batch_size=batch_size, max_examples=max_examples,
+                          max_len=max_len)
 
 
 @torch.no_grad()

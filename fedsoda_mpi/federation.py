@@ -30,6 +30,7 @@ from .host import as_numpy
 from .methods import Plan
 from .runlog import RunFolderRefused, RunLog, run_dir_of, take_lock
 from .signals import PROGRESS, STOP_REQUESTED, StopRequested
+from .tasks import task_label
 from .timing import EXTRA, PHASES, PhaseClock, split
 
 
@@ -149,7 +150,7 @@ def fresh_start(cfg: Config, server, log: RunLog) -> dict:
     if cfg.eval.base:
         base = server.evaluate("full", journal="base")  # the LoRA is not attached yet
         setup["base_eval_s"] = base["seconds"]  # GSM8K: with the earlier attempts' batches from its journal
-        log.log(f"base model accuracy ({cfg.data.task}, n={base['n']}): {base['accuracy']:.4f}")
+        log.log(f"base model accuracy ({task_label(cfg.data)}, n={base['n']}): {base['accuracy']:.4f}")
     counted = {"pred_counts": base["pred_counts"]} if "pred_counts" in base else {}  # label tasks: per class
     if "correct" in base:  # GSM8K: which test questions the base model answered right (paired comparisons)
         counted["correct"] = base["correct"]
@@ -471,7 +472,7 @@ class Federation:
                "emulator_lora_bytes": int(em.nbytes),
                "client_model_bytes": int(self.model_bytes + self.ad_schema.nbytes + em.nbytes),
                "full_model_bytes": int(server.full_bytes), "val_accuracy": val["accuracy"], "n_val": val["n"],
-               "task": cfg.data.task, "n_eval": full["n"], "aggregator": cfg.fed.aggregator,
+               "task": task_label(cfg.data), "n_eval": full["n"], "aggregator": cfg.fed.aggregator,
                "upload_density": cfg.fed.upload_density, "download_density": cfg.fed.download_density,
                "eval_s": full["seconds"] + (0.0 if sub is full else sub["seconds"])}  # the final test evaluations
         if "correct" in full:  # GSM8K: which test questions each model answered correctly (paired comparisons)
@@ -492,7 +493,7 @@ def print_results(cfg: Config, res: dict, base: dict, sub: dict, full: dict, val
                   run_file: Path, adapter: Path) -> None:
     """The final table on stdout."""
     table = [
-        ("task / method", f"{cfg.data.task} / {cfg.method}"),
+        ("task / method", f"{task_label(cfg.data)} / {cfg.method}"),
         ("base model accuracy", f"{base['accuracy']:.4f}"),
         ("sub-LLM accuracy", f"{sub['accuracy']:.4f}"),
         ("full LLM + adapter accuracy", f"{full['accuracy']:.4f}  (n={full['n']})"),

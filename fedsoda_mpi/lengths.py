@@ -15,13 +15,10 @@ eval.max_len that cannot hold the template, some text and the answer.
 """
 from __future__ import annotations
 
-from .data import LABEL_WORDS, gsm8k_shots, prompt_and_answer
+from .data import gsm8k_shots, prompt_and_answer
+from .tasks import empty_row, is_generation, label_words, text_key
 
 MIN_TEXT_TOKENS = 8  # data.max_len must leave a row's text at least this many tokens beside template and answer
-
-
-def _text_key(task: str) -> str:
-    return "sentence" if task == "sst2" else "question"
 
 
 def _n_tokens(tokenizer, text: str, special: bool) -> int:
@@ -32,8 +29,8 @@ def answer_room(tokenizer, task: str, row: dict | None = None) -> int:
     """Tokens a row's answer takes after its prompt in a training example (+ eos): on SST-2 / BoolQ the longest
     label word of the task, whatever the row's label (so a prompt is cut the same way for training and evaluation
     and its length says nothing of the label); on GSM8K the row's solution (MIN_TEXT_TOKENS without a row)."""
-    if task in LABEL_WORDS:
-        return 1 + max(_n_tokens(tokenizer, " " + w, False) for w in LABEL_WORDS[task])
+    if words := label_words(task):
+        return 1 + max(_n_tokens(tokenizer, " " + w, False) for w in words)
     return 1 + (MIN_TEXT_TOKENS if row is None else _n_tokens(tokenizer, prompt_and_answer(task, row)[1], False))
 
 
@@ -67,7 +64,7 @@ def fit_prompt(tokenizer, task: str, row: dict, budget: int) -> tuple[dict, bool
     n = _n_tokens(tokenizer, prompt_and_answer(task, row)[0], True)
     if n <= budget:
         return row, False
-    key = _text_key(task)
+    key = text_key(task)
     text = row[key]
     keep = _n_tokens(tokenizer, text, False) - (n - budget)
     for _ in range(4):  # the tokens at the cut and the template's seams may merge differently: a few corrections
@@ -89,11 +86,12 @@ def fit_example(tokenizer, task: str, row: dict, max_len: int, room: int | None 
     room = answer_room(tokenizer, task, row) if room is None else room
     if _n_tokens(tokenizer, prompt_and_answer(task, row)[0], True) + room <= max_len:
         return row, False
-    if task == "gsm8k":
-        overhead = _n_tokens(tokenizer, prompt_and_answer(task, {**row, "question": ""})[0], True)
+    if is_generation(task):
+        key = text_key(task)
+        overhead = _n_tokens(tokenizer, prompt_and_answer(task, {**row, key: ""})[0], True)
         if overhead + room > max_len:
             answer = _keep_first_tokens(tokenizer, prompt_and_answer(task, row)[1], max_len - overhead - 1)
-            return {**row, "question": "", "answer": answer}, True
+            return {**row, key: "", "answer": answer}, True
     return fit_prompt(tokenizer, task, row, max_len - room)[0], True
 
 
@@ -106,7 +104,7 @@ def fit_rows(tokenizer, task: str, rows: list[dict], max_len: int, prompt_only: 
     lengths = [len(x) for x in tokenizer(prompts, add_special_tokens=True)["input_ids"]] if rows else []
     if prompt_only:
         rooms = [0] * len(rows)
-    elif task in LABEL_WORDS:
+    elif label_words(task):
         rooms = [answer_room(tokenizer, task)] * len(rows)
     else:
         answers = [prompt_and_answer(task, r)[1] for r in rows]
@@ -133,8 +131,7 @@ def check_max_len(tokenizer, task: str, max_len: int, key: str = "data.max_len")
     answer (`answer_room`); ConfigError naming the key and the smallest value that does."""
     from .config import ConfigError
 
-    empty = {"sentence": "", "question": "", "label": 0, "answer": "" if task == "gsm8k" else False}
-    need = _n_tokens(tokenizer, prompt_and_answer(task, empty)[0], True) + MIN_TEXT_TOKENS + \
+    need = _n_tokens(tokenizer, prompt_and_answer(task, empty_row(task))[0], True) + MIN_TEXT_TOKENS + \
         answer_room(tokenizer, task)
     if max_len < need:
         raise ConfigError(f"{key}={max_len}: the {task} prompt template, {MIN_TEXT_TOKENS} tokens of text "
@@ -147,7 +144,7 @@ def truncation_counts(tokenizer, task: str, limits: dict[str, int], train: list[
     `train` (the clients' training rows) to limits["max_len"] (data.max_len), `val` and `test` (the rows evaluated)
     and `shots` (GSM8K's k shots) to limits["eval_max_len"], `public` (D_public's pool and held-out texts) to
     limits["public_max_len"]."""
-    generate, at = task == "gsm8k", limits["eval_max_len"]  # GSM8K's validation and test rows: prompts alone
+    generate, at = is_generation(task), limits["eval_max_len"]  # GSM8K's validation and test rows: prompts alone
     counts = {"train": fit_rows(tokenizer, task, train, limits["max_len"])[1],
               "val": fit_rows(tokenizer, task, val, at, prompt_only=generate)[1],
               "test": fit_rows(tokenizer, task, test, at, prompt_only=generate)[1],

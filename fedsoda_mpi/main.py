@@ -54,6 +54,7 @@ def prepare_config(argv: list[str], world_size: int) -> Config:
     from .lengths import check_max_len
     from .paths import model_path
     from .runlog import finished_run, run_dir_of
+    from .tasks import task_id
 
     path, overrides = parse_args(argv)
     cfg = load_config(path, overrides)
@@ -66,8 +67,9 @@ def prepare_config(argv: list[str], world_size: int) -> Config:
         raise ConfigError(f"model.name: {e}") from None
     validate(cfg, num_layers=layers, module_names=models.linear_module_names(folder))
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    check_max_len(tokenizer, cfg.data.task, cfg.data.max_len)
-    check_max_len(tokenizer, cfg.data.task, cfg.eval.max_len, "eval.max_len")
+    check_task(cfg, tokenizer)
+    check_max_len(tokenizer, task_id(cfg.data), cfg.data.max_len)
+    check_max_len(tokenizer, task_id(cfg.data), cfg.eval.max_len, "eval.max_len")
     run_dir = run_dir_of(cfg)
     check_run_folder(run_dir, "output.dir" if cfg.output.dir else "output.root")
     check_cache_dir(cfg)
@@ -79,6 +81,27 @@ def prepare_config(argv: list[str], world_size: int) -> Config:
     return cfg
 
 
+def check_task(cfg: Config, tokenizer) -> None:
+    """A custom task (data.task=custom): its task.json reads (DataError naming it), data.split=dirichlet has labels
+    to skew, and the label words start with distinct tokens of the model's tokenizer (label-word likelihood)."""
+    from . import tasks
+    from .evaluate import label_word_ids
+
+    if cfg.data.task != "custom":
+        return
+    task = tasks.task_id(cfg.data)
+    spec = tasks.spec(task)
+    if cfg.data.split == "dirichlet" and spec.kind == "generation":
+        raise ConfigError(f"data.split=dirichlet: skews the label distribution, but the custom task {cfg.data.custom} "
+                          "is a generation task (no labels); use data.split=iid")
+    if spec.kind == "classification":
+        try:
+            label_word_ids(tokenizer, task)
+        except ValueError as e:
+            raise ConfigError(f"data.custom={cfg.data.custom}: {e}; choose label words that start differently "
+                              f"({spec.folder / tasks.SPEC_FILE})") from None
+
+
 def prepare_inputs(cfg: Config) -> tuple[list[list[dict]], np.ndarray]:
     """Read what the run needs from disk before any MPI collective, on every rank: the clients' partition
     (identical everywhere, seeded), the test and public texts, and the model's weight headers.
@@ -87,19 +110,20 @@ def prepare_inputs(cfg: Config) -> tuple[list[list[dict]], np.ndarray]:
     ConfigError naming the key and the file."""
     from . import data, models
     from .paths import model_path
+    from .tasks import is_generation, task_id
 
-    task, val_size = cfg.data.task, cfg.data.val_size
+    task, val_size = task_id(cfg.data), cfg.data.val_size
     try:
         rows, hist = data.client_datasets(task, cfg.fed.clients, cfg.data.split, cfg.data.dirichlet_beta,
                                           cfg.seed, cfg.data.max_train_per_client or None, val_size,
                                           cfg.data.pooled_clients)
     except ValueError as e:  # a partition that cannot give every client data: name the key (the file reads fine)
         raise partition_error(cfg, e) from None
-    if task == "gsm8k" and cfg.eval.k_shot > sum(len(r) for r in rows):  # shots come from train minus validation
+    if is_generation(task) and cfg.eval.k_shot > sum(len(r) for r in rows):  # shots come from train minus validation
         n_shots = len(data.load_rows(task, "train")) - val_size
         if cfg.eval.k_shot > n_shots:
             raise ConfigError(f"eval.k_shot: must be at most the {n_shots} training rows of "
-                              f"{data.data_dir() / task / 'train.jsonl'} (after data.val_size={val_size}), "
+                              f"{data.split_file(task, 'train')} (after data.val_size={val_size}), "
                               f"got {cfg.eval.k_shot}")
     data.load_rows(task, "test")
     if cfg.data.public != "self":  # self: rank 0 generates it (server.Server.self_public)
@@ -111,9 +135,10 @@ def prepare_inputs(cfg: Config) -> tuple[list[list[dict]], np.ndarray]:
 def partition_error(cfg: Config, e: ValueError) -> Exception:
     """The one-line error for a client partition the training file cannot give (names the key and the file)."""
     from . import data
+    from .tasks import task_id
 
-    task, val_size = cfg.data.task, cfg.data.val_size
-    train = data.data_dir() / task / "train.jsonl"
+    task, val_size = task_id(cfg.data), cfg.data.val_size
+    train = data.split_file(task, "train")
     n_train = len(data.load_rows(task, "train"))
     clients, key = (cfg.data.pooled_clients, "data.pooled_clients") if cfg.data.pooled_clients else \
         (cfg.fed.clients, "fed.clients")

