@@ -6,14 +6,13 @@ import sys
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 
 from fedsoda_mpi import data as D
 from fedsoda_mpi import lengths, tasks
 from fedsoda_mpi.config import ConfigError, load_config
 from fedsoda_mpi.prepare import main as prepare_main
-from tests.conftest import MPI_ENV, ROOT, mpirun
+from tests.conftest import ROOT, mpirun
 
 GOOD = ["a good and fun film", "the acting was good", "a fun , warm story", "good music and a good cast"]
 BAD = ["a bad and dull film", "the acting was bad", "a dull , cold story", "bad music and a bad cast"]
@@ -211,8 +210,7 @@ def _run(tiny_model_dir, folder: Path, run_dir: Path, *extra: str):
 def test_custom_classification_round_end_to_end(tiny_model_dir, tmp_path):
     folder = write_task(tmp_path / "sent", CLS, classification_rows(40), classification_rows(12))
     fin, hist = _run(tiny_model_dir, folder, tmp_path / "run", "data.split=dirichlet", "data.dirichlet_beta=1.0")
-    assert hist.shape == (2, 2) and hist.sum() == 16
-    assert sum(fin["pred_counts"]) == 6 if "pred_counts" in fin else True
+    assert hist.shape == (2, 2) and (0 < hist.sum(axis=1)).all() and (hist.sum(axis=1) <= 8).all()
 
 
 @pytest.mark.mpi
@@ -222,10 +220,21 @@ def test_custom_generation_round_end_to_end(tiny_model_dir, tmp_path):
     assert hist.shape == (2, 1)
 
 
-@pytest.mark.mpi
-def test_dirichlet_on_a_generation_task_is_a_config_error(tiny_model_dir, tmp_path):
-    folder = write_task(tmp_path / "sums", GEN, generation_rows(40), generation_rows(12))
-    p = mpirun(3, [*RUN, f"model.name={tiny_model_dir}", f"data.custom={folder}", f"output.dir={tmp_path / 'run'}",
-                   "data.split=dirichlet"], timeout=300)
-    assert p.returncode == 2 and "fedsoda-mpi: config error: data.split=dirichlet: skews the label distribution" \
-        in p.stderr, p.stderr[-2000:]
+def test_checks_before_mpi_work(tiny_model_dir, tmp_path):
+    """main.prepare_config / prepare_inputs (what every rank runs before the first collective) on custom tasks:
+    Dirichlet needs labels, label words must start with distinct tokens, bad rows are one-line DataErrors."""
+    from fedsoda_mpi.main import prepare_config, prepare_inputs
+
+    gen = write_task(tmp_path / "sums", GEN, generation_rows(40), generation_rows(12))
+    argv = RUN[2:] + [f"model.name={tiny_model_dir}", f"output.dir={tmp_path / 'run'}"]
+    with pytest.raises(ConfigError, match="data.split=dirichlet: skews the label distribution, but the custom task "
+                                          f"{gen} is a generation task"):
+        prepare_config([*argv, f"data.custom={gen}", "data.split=dirichlet"], 3)
+    same = write_task(tmp_path / "same", {"kind": "classification", "labels": ["yes", "yess"]},
+                      classification_rows(2), classification_rows(2))
+    with pytest.raises(ConfigError, match="share a first token"):
+        prepare_config([*argv, f"data.custom={same}"], 3)
+    bad = write_task(tmp_path / "bad", CLS, classification_rows(40), classification_rows(11) + ["{oops"])
+    cfg = prepare_config([*argv, f"data.custom={bad}"], 3)
+    with pytest.raises(D.DataError, match=r"bad/test.jsonl:12: bad JSON"):
+        prepare_inputs(cfg)
