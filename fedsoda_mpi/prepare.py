@@ -370,7 +370,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--from", dest="src", default=None,
                    help="folder laid out like shared/data; with --custom: a dataset (folder, file or hub id)")
     d.add_argument("--dest", type=Path, default=None, help="target folder (default: $FEDSODA_DATA; with --custom: "
-                                                           "the folder runs read, fedsoda_mpi.data.data_dir())")
+                                                           "<data folder>/custom/NAME, docs/datasets.md)")
     prepare_custom.add_arguments(d)
     return p
 

@@ -147,9 +147,9 @@ def write_custom(args, dest_root: Path) -> Path:
     """Write `<dest_root>/custom/<args.custom>` from `args.src` (see the module docstring); returns the folder."""
     from .data import DataError, load_rows
 
-    folder = tasks.custom_folder(args.custom) if dest_root is None else Path(dest_root) / "custom" / args.custom
     if not tasks.NAME.fullmatch(args.custom):
         raise CustomError(f"--custom {args.custom}: a plain name (letters, digits, '.', '_', '-')")
+    folder = (tasks.custom_root() if dest_root is None else Path(dest_root) / "custom") / args.custom
     train, test = pick_splits(load_source(str(args.src), args.subset), args.train_split, args.test_split,
                               args.test_fraction)
     cols = {"text": args.text, "label": args.label} if args.kind == "classification" else \
@@ -162,7 +162,8 @@ def write_custom(args, dest_root: Path) -> Path:
         staged = Path(tmp) / folder.name
         staged.mkdir()
         try:
-            tasks.write_spec(staged, args.kind, words, args.instruction, args.final_regex, args.compare, str(args.src))
+            tasks.write_spec(staged, args.kind, words, args.instruction, args.final_regex, args.compare,
+                             _source(args.src))
         except ValueError as e:
             raise CustomError(f"task.json: {e}") from None
         for split_name, split in (("train", train), ("test", test)):
@@ -186,3 +187,9 @@ def _replace(staged: Path, folder: Path) -> None:
                               "choose another --custom name")
         shutil.rmtree(folder)
     os.replace(staged, folder)
+
+
+def _source(src) -> str:
+    """What task.json records as the source: an existing path made absolute, else the hub id."""
+    path = Path(src).expanduser()
+    return str(path.resolve()) if path.exists() else str(src)

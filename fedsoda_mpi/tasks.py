@@ -86,14 +86,23 @@ def is_custom(task: str) -> bool:
 
 
 def custom_folder(name: str) -> Path:
-    """The folder of custom task `name`: `<data_dir>/custom/<name>` for a plain name, else the path `name`
-    (one holding a '/' or starting with '~')."""
+    """The folder of custom task `name`: for a plain name the first of `<data_dir>/custom/<name>` and
+    `~/.cache/fedsoda/data/custom/<name>` that exists (else the first), else the path `name` (one holding a '/' or
+    starting with '~')."""
     if "/" in name or name.startswith("~"):
         return Path(name).expanduser()
     if not NAME.fullmatch(name):
         raise DataError(f"data.custom: '{name}' is neither a plain name (letters, digits, '.', '_', '-') nor a folder "
                         "path")
-    return data_dir() / "custom" / name
+    places = [data_dir() / "custom" / name, cache_data_dir() / "custom" / name]
+    return next((p for p in places if p.is_dir()), places[0])
+
+
+def custom_root() -> Path:
+    """Where `prepare data --custom` writes by default: `<data_dir>/custom` if it can be written, else
+    `~/.cache/fedsoda/data/custom` (a read-only shared data folder)."""
+    root = data_dir()
+    return (root if root.is_dir() and os.access(root, os.W_OK) else cache_data_dir()) / "custom"
 
 
 def spec(task: str) -> CustomTask:
