@@ -433,7 +433,7 @@ def _validate_data(cfg: Config) -> None:
            "data.custom: data.task=custom needs the custom task's folder (a name under <data>/custom/ or a path; "
            "docs/datasets.md)")
     _check(d.task == "custom" or not d.custom,
-           f"data.custom='{d.custom}': only data.task=custom reads it; set data.task=custom, or leave data.custom empty")
+           f"data.custom='{d.custom}': only data.task=custom reads it; set data.task=custom, or leave it empty")
     _one_of("data.public", d.public, PUBLIC_SETS)
     _one_of("data.split", d.split, ("iid", "dirichlet"))
     _check(d.dirichlet_beta > 0, f"data.dirichlet_beta: must be > 0, got {d.dirichlet_beta}")

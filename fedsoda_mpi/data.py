@@ -1,9 +1,10 @@
-"""Task data (GSM8K, SST-2, BoolQ, a custom task: fedsoda_mpi/tasks.py), the public pool (WikiText-2; GSM8K train for the Fig. 4 ablation; or text
-the full LLM generates itself, data.public=self), LLM-Adapters (Alpaca) prompts, SFT tokenization, and IID /
-Dirichlet label-skew client partitions (paper Sec. 5.1: "IID and non-IID (Dirichlet) data distributions across
-clients").
+"""Task data (GSM8K, SST-2, BoolQ, a custom task: fedsoda_mpi/tasks.py), the public pool (WikiText-2; GSM8K train
+for the Fig. 4 ablation; or text the full LLM generates itself, data.public=self), LLM-Adapters (Alpaca) prompts,
+SFT tokenization, and IID / Dirichlet label-skew client partitions (paper Sec. 5.1: "IID and non-IID (Dirichlet)
+data distributions across clients").
 
-Files live in `data_dir()` with the layout of `shared/data` (see `python -m fedsoda_mpi.prepare data`).
+Files live in `data_dir()` with the layout of `shared/data` (see `python -m fedsoda_mpi.prepare data`); a custom
+task's in its own folder (`tasks.custom_folder`, docs/datasets.md).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from .tasks import (ANSWER_LEAD, FIX, LABEL_WORDS, TEMPLATE, DataError, check_ro
                     gsm8k_final_number)
 
 N_CLASSES = {"sst2": 2, "boolq": 2, "gsm8k": 4}  # built-in tasks; any task: tasks.n_classes
-CUSTOM_FIX = "fix the rows (docs/datasets.md), or write the folder again with `python -m fedsoda_mpi.prepare data --custom`"
+CUSTOM_FIX = ("fix the rows (docs/datasets.md), or write the folder again with "
+              "`python -m fedsoda_mpi.prepare data --custom`")
 PUBLIC_MIN_WORDS = 16
 HOLDOUT_FRACTION = 0.1
 PUBLIC_MIN_TEXTS = 10  # a public file gives at least this many texts: its last tenth (>= 1) is held out

@@ -248,7 +248,8 @@ def check_custom_row(s: CustomTask, row: object) -> str | None:
         if "label" not in row:
             return "missing field 'label'"
         if _label_index(s, row["label"]) is None:
-            return f"unknown label {row['label']!r}: use one of {', '.join(s.labels)} or its index 0..{len(s.labels) - 1}"
+            return (f"unknown label {row['label']!r}: use one of {', '.join(s.labels)} or its index "
+                    f"0..{len(s.labels) - 1}")
         return None
     for key in ("prompt", "answer"):
         if not isinstance(row.get(key), str):
