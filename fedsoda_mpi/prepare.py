@@ -394,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
             path = prepare_model(args.name, args.dest)
         elif args.custom is not None:
             path = _prepare_custom(args)
+        elif given := prepare_custom.options_given(args):
+            raise PrepareError(f"{given} belongs to a custom dataset: add --custom NAME (docs/datasets.md)")
         else:
             path = prepare_data(Path(args.src) if args.src else None, args.dest)
     except (PrepareError, prepare_custom.CustomError) as exc:

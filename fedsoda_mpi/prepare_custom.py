@@ -45,6 +45,14 @@ def add_arguments(d) -> None:
     g.add_argument("--test-fraction", type=float, default=0.1, help="of the training rows, when no test split")
 
 
+def options_given(args) -> str | None:
+    """The first --custom-only option set on the command line (None if none): without --custom it is a mistake."""
+    for option in ("text", "label", "labels", "prompt", "answer", "final_regex", "instruction", "subset"):
+        if getattr(args, option) is not None:
+            return "--" + option.replace("_", "-")
+    return None
+
+
 class CustomError(RuntimeError):
     """A custom dataset cannot be written as asked; the message says why (prepare prints it as one line)."""
 

@@ -183,6 +183,8 @@ def test_prepare_from_csv_generation_and_errors(tmp_path, capsys):
     assert prepare_main(["data", "--custom", "x", "--from", "no-such/dataset-id", "--text", "t", "--label", "l",
                          "--dest", str(tmp_path / "data")]) == 2
     assert "could not load no-such/dataset-id from the Hugging Face hub" in capsys.readouterr().err
+    assert prepare_main(["data", "--from", str(csv), "--text", "q", "--dest", str(tmp_path / "d2")]) == 2
+    assert "--text belongs to a custom dataset: add --custom NAME" in capsys.readouterr().err
 
 
 # ---- one 3-rank round end to end per kind -----------------------------------------------------------------------
