@@ -127,6 +127,7 @@ class FedConfig:
     aggregator: str = "fedavg"  # fedavg | fedsrd | fedsrd-e (fedsoda_mpi/fedsrd.py)
     upload_density: float = 1.0  # fedsrd*: fraction of each LoRA update tensor a client uploads
     download_density: float = 1.0  # fedsrd*: fraction of the global update the server broadcasts
+    stall_timeout: float = 1800.0  # seconds a rank may give no heartbeat before a waiting rank ends the job (0: never)
 
     @property
     def disk_tier(self) -> bool:
@@ -536,6 +537,8 @@ def _validate_fed(cfg: Config) -> None:
     _at_least("fed.checkpoint_every", f.checkpoint_every, 0)
     _at_least("fed.keep_checkpoints", f.keep_checkpoints, 1)
     _at_least("fed.cache_max_gb", f.cache_max_gb, 0)
+    _check(f.stall_timeout == 0 or f.stall_timeout >= 5,
+           f"fed.stall_timeout: must be 0 (never) or >= 5 seconds (heartbeats come every tenth of it), got {f.stall_timeout}")
     _one_of("fed.aggregator", f.aggregator, ("fedavg", "fedsrd", "fedsrd-e"))
     for key in ("upload_density", "download_density"):
         d = getattr(f, key)
