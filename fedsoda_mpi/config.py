@@ -162,6 +162,7 @@ class DebugConfig:
     fail_round: int = -1  # ... in this round (tests of the abort path)
     fail_kind: str = "raise"  # raise: an exception; oom: a simulated out-of-memory; nan: a client uploads NaN
     deterministic: bool = False  # deterministic kernels (devices.deterministic): bit-identical repeats on one GPU
+    allow_degenerate: bool = False  # run settings that are legal but make the run meaningless (config._degenerate)
 
 
 @dataclass
@@ -560,6 +561,18 @@ def _validate_eval_debug(cfg: Config) -> None:
     _at_least("debug.fail_rank", d.fail_rank, -1)
     _at_least("debug.fail_round", d.fail_round, -1)
     _one_of("debug.fail_kind", d.fail_kind, ("raise", "oom", "nan"))
+    if not d.allow_degenerate:
+        _degenerate(cfg)
+
+
+def _degenerate(cfg: Config) -> None:
+    """Settings that are legal but make a run meaningless stop with one line unless debug.allow_degenerate=true.
+    (A zero LoRA scaling, lora.alpha=0, and targets that match no layer are refused outright by _validate_lora; a
+    sgp.max_distance under which no group qualifies stops rank 0 right after SGP, Server.sgp_groups.)"""
+    _check(cfg.sgp.p > 0 or cfg.method == "fedpetuning",
+           f"sgp.p=0 with method={cfg.method}: the plan removes no layer, so the clients' sub-LLM is the whole emulator "
+           "(nothing compressed, nothing for ODA to align); give sgp.p >= 1, use method=fedpetuning for an "
+           "uncompressed baseline, or set debug.allow_degenerate=true to run it anyway")
 
 
 def _validate_world(cfg: Config, world_size: int) -> None:
