@@ -162,12 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .models import ModelError
     from .runlog import RunFolderRefused
+    from .space import check_space
     from .watchdog import RankStalled
 
     comm = Comm()  # no collective yet: rank and size only
     try:
         cfg = prepare_config(argv, comm.size)
         inputs = prepare_inputs(cfg)
+        check_space(cfg, comm.rank)  # this rank's TMPDIR holds its copy of the sub-LLM
         devices.deterministic(cfg.debug.deterministic)  # before any CUDA work: cuBLAS reads its workspace setting once
         comm.agree_devices(cfg.device, devices.bf16_keys(cfg))  # the first collective: every rank's report
     except (ConfigError, DataError, ModelError, devices.DeviceError) as e:
