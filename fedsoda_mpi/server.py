@@ -145,7 +145,7 @@ class Server:
         log.write("data/client_label_hist", np.asarray(label_hist, dtype=np.int64))
         log.write("data/val_index", self.val_index.astype(np.int64))
         log.set_attrs("data", task=task_label(cfg.data), val_size=cfg.data.val_size, val_seed=data.VAL_SEED,
-                      n_train_file=self.n_train_file, val_min_words=data.VAL_MIN_WORDS.get(cfg.data.task, 0),
+                      n_train_file=self.n_train_file, val_min_words=data.VAL_MIN_WORDS.get(task_id(cfg.data), 0),
                       split=cfg.data.split, dirichlet_beta=cfg.data.dirichlet_beta,
                       eval_rounds_on="val" if cfg.data.val_size else "test", test_max_examples=cfg.eval.max_examples)
 
@@ -429,7 +429,7 @@ class Server:
         its journal already held; GSM8K's raises StopRequested once SIGUSR1 has come (its journal keeps the batches
         done; a label task's evaluation, minutes, runs to its end)."""
         t0, last = time.time(), [None]
-        gsm8k = self.cfg.data.task == "gsm8k"
+        gsm8k = is_generation(task_id(self.cfg.data))  # GSM8K or a custom generation task
         unit, verb = ("questions", "generated question") if gsm8k else ("rows", "row")
 
         def progress(done: int, total: int, generated: int) -> None:
