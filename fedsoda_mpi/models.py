@@ -140,15 +140,15 @@ def model_config(path) -> dict:
                          f"{_REPREPARE}") from None
     if not isinstance(config, dict):
         raise ModelError(f"{cfg_file}: expected a JSON object, got {type(config).__name__}; {_REPREPARE}")
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        arch = ", ".join(map(str, config.get("architectures") or [])) or "no architectures"
+        raise ModelError(f"{cfg_file}: {families.refusal(model_type, arch, path)}")
     layers = config.get("num_hidden_layers")
     if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
         what = "has no num_hidden_layers" if layers is None else \
             f"num_hidden_layers must be an integer >= 1, got {layers!r}"
         raise ModelError(f"{cfg_file}: {what}; {_REPREPARE}")
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        arch = ", ".join(map(str, config.get("architectures") or [])) or "no architectures"
-        raise ModelError(f"{cfg_file}: {families.refusal(model_type, arch, path)}")
     return config
 
 
