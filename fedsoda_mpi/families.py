@@ -35,6 +35,13 @@ FAMILIES = {
     "phi3": "fused qkv_proj and gate_up_proj (set lora.target_modules), sliding window",
     "olmo2": "post-attention and post-feedforward norms, q/k norms",
     "granite": "embedding_multiplier, residual_multiplier, attention_multiplier, logits_scaling",
+    "olmo3": "olmo2's norms, layer_types with a rotary table per type",
+    "smollm3": "layer_types (no rotary on some layers)",
+    "ministral": "layer_types (sliding)",
+    "starcoder2": "LayerNorm with biases, c_fc/c_proj MLP, sliding window",
+    "cohere": "LayerNorm, parallel attention and MLP, logit_scale",
+    "cohere2": "cohere's layout with sliding/full layer_types, logit_scale",
+    "exaone4": "post-norms, q/k norms, sliding/full layer_types",
 }
 
 

@@ -13,7 +13,7 @@ and a ChatML chat template.
   same special-token ids) but hidden 64, 4 heads of 16 (2 KV heads), MLP 256, vocab VOCAB: ~8 MB of fp32;
   every decoder Linear has a multiple of 64 weights, so bitsandbytes NF4 (blocksize 64) quantizes it on CPU.
 - "qwen2": Qwen2ForCausalLM of the same shape with an UNTIED output head (tie_word_embeddings=false).
-- the other families of FAMILY_CONFIGS (mistral, qwen3, gemma, gemma2, gemma3_text, phi3, olmo2, granite): the same
+- the other families of FAMILY_CONFIGS (mistral, qwen3, gemma, gemma2, gemma3_text, phi3, olmo2, granite, ...): the same
   shape with each family's own features switched on (sliding windows of WINDOW tokens, logit softcapping, granite's
   multipliers); tests/test_families.py builds them, in memory (`model_config`) or as folders.
 
@@ -86,7 +86,7 @@ def build_tokenizer(folder: Path):
 
 
 # the configs of the other families (`FAMILY_CONFIGS`): small sliding windows so short test sequences cross them,
-# and each family's own extras switched on (gemma logit softcapping, granite multipliers)
+# and each family's own extras switched on (gemma logit softcapping, granite multipliers, cohere logit_scale)
 WINDOW = 8
 
 
@@ -108,13 +108,21 @@ def _family_kwargs(family: str, layers: int) -> tuple[str, dict]:
         "granite": ("GraniteConfig", dict(tie_word_embeddings=True, embedding_multiplier=12.0,
                                           residual_multiplier=0.22, attention_multiplier=1.0 / HEAD_DIM,
                                           logits_scaling=8.0)),
+        "olmo3": ("Olmo3Config", dict(tie_word_embeddings=False, sliding_window=WINDOW)),
+        "smollm3": ("SmolLM3Config", dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=WINDOW)),
+        "ministral": ("MinistralConfig", dict(tie_word_embeddings=False, sliding_window=WINDOW)),
+        "starcoder2": ("Starcoder2Config", dict(tie_word_embeddings=True, sliding_window=WINDOW)),
+        "cohere": ("CohereConfig", dict(tie_word_embeddings=True, logit_scale=0.5)),
+        "cohere2": ("Cohere2Config", dict(tie_word_embeddings=True, sliding_window=WINDOW, logit_scale=0.5)),
+        "exaone4": ("Exaone4Config", dict(tie_word_embeddings=False, sliding_window=WINDOW)),
     }
     if family not in table:
         raise ValueError(f"tiny.py builds no {family!r} model; families: {', '.join(table)}")
     return table[family]
 
 
-FAMILY_CONFIGS = ("llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "granite")
+FAMILY_CONFIGS = ("llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "granite",
+                  "olmo3", "smollm3", "ministral", "starcoder2", "cohere", "cohere2", "exaone4")
 
 
 def model_config(family: str, vocab: int, layers: int = LAYERS):

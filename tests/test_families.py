@@ -60,7 +60,7 @@ def test_split_forward_equals_the_hf_forward(family):
         loss = M.label_loss(model, final, labels)
     torch.testing.assert_close(loss, ref.loss, rtol=1e-5, atol=1e-6)
     assert model.config.num_hidden_layers == LAYERS and len(M.get_layers(model)) == LAYERS  # the window is undone
-    if any(getattr(model.config, k, None) for k in ("final_logit_softcapping", "logits_scaling")):
+    if any(getattr(model.config, k, None) for k in ("final_logit_softcapping", "logits_scaling", "logit_scale")):
         raw = model.get_output_embeddings()(final)  # the transform matters at this scale: the check can see it
         assert (raw - ref.logits).abs().max() > 1e-3
 
@@ -122,8 +122,8 @@ def write_config(folder, config) -> None:
                    vocab_size=VOCAB, is_decoder=True),
      "no single decoder layer list at `model.layers` (its 2 layers are at `bert.encoder.layer`)"),
     (tf.T5Config(num_layers=2, d_model=64, vocab_size=VOCAB), "transformers builds no causal LM from it"),
-    (tf.Starcoder2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=128, vocab_size=VOCAB),
+    (tf.ArceeConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=128, vocab_size=VOCAB),
      "its layout fits (`model.layers`) but tests/test_families.py does not check it yet; add it as docs/models.md "
      "describes"),
 ])
