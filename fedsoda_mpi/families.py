@@ -44,6 +44,19 @@ FAMILIES = {
     "exaone4": "post-norms, q/k norms, sliding/full layer_types",
 }
 
+# config lists with one entry per decoder layer (read by position in the forward, or by layer_idx when a layer is
+# built): cut with the layer list, for a window (`_window`) as for a sub-LLM (`models.build_sub_model`)
+PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
+
+
+def cut_per_layer(config, kept: list[int]) -> None:
+    """Keep the entries of `kept` in every per-layer list of `config` (PER_LAYER_KEYS) and set num_hidden_layers."""
+    for key in PER_LAYER_KEYS:
+        values = getattr(config, key, None)
+        if values is not None:
+            setattr(config, key, [values[i] for i in kept])
+    config.num_hidden_layers = len(kept)
+
 
 class FamilyError(RuntimeError):
     """A model whose structure the split forward cannot drive."""
@@ -109,17 +122,13 @@ def refusal(model_type, architectures: str, path) -> str:
 
 @contextmanager
 def _window(inner, start: int, stop: int) -> Iterator[torch.nn.ModuleList]:
-    """For the block, `inner.layers` is layers start..stop-1 and its config's num_hidden_layers / layer_types
-    (read by position in the HF forward) are cut to match; both are restored afterwards."""
+    """For the block, `inner.layers` is layers start..stop-1 and its config's num_hidden_layers and per-layer lists
+    (`cut_per_layer`; the HF forward reads `layer_types[i]` by position) are cut to match; all restored afterwards."""
     config, layers = inner.config, inner.layers
-    saved = {"num_hidden_layers": config.num_hidden_layers}
-    if getattr(config, "layer_types", None) is not None:
-        saved["layer_types"] = config.layer_types
+    saved = {key: getattr(config, key) for key in ("num_hidden_layers", *PER_LAYER_KEYS) if hasattr(config, key)}
     window = torch.nn.ModuleList(layers[start:stop])
     inner.layers = window
-    config.num_hidden_layers = len(window)
-    if "layer_types" in saved:
-        config.layer_types = list(saved["layer_types"][start:stop])
+    cut_per_layer(config, list(range(start, start + len(window))))
     try:
         yield window
     finally:

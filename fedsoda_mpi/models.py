@@ -263,10 +263,9 @@ def _check_kept(kept: Sequence[int], n_layers: int) -> list[int]:
 
 
 def _sub_config(config, kept: list[int]):
-    """Config of the sub-LLM: L* = len(kept) layers; per-layer lists (Qwen2/Gemma `layer_types`) are cut."""
-    config.num_hidden_layers = len(kept)
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [config.layer_types[i] for i in kept]
+    """Config of the sub-LLM: L* = len(kept) layers; per-layer lists (`layer_types`, SmolLM3's `no_rope_layers`:
+    `families.cut_per_layer`) keep the kept layers' entries."""
+    families.cut_per_layer(config, kept)
     return config
 
 

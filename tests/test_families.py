@@ -65,6 +65,25 @@ def test_split_forward_equals_the_hf_forward(family):
         assert (raw - ref.logits).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_sub_llm_is_the_full_models_kept_layers(family):
+    """M* (unquantized) gives the logits of the full model whose layer list is cut to the kept layers by hand:
+    per-layer settings (sliding or full, rotary or not) follow each kept layer."""
+    import copy
+
+    full = tiny_family(family)
+    sub = M.build_sub_model(full, KEPT, quantize=False)
+    by_hand = copy.deepcopy(full)
+    by_hand.model.layers = torch.nn.ModuleList(by_hand.model.layers[i] for i in KEPT)
+    by_hand.config.num_hidden_layers = len(KEPT)
+    if getattr(by_hand.config, "layer_types", None) is not None:
+        by_hand.config.layer_types = [full.config.layer_types[i] for i in KEPT]
+    ids, mask, _ = padded_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(sub(input_ids=ids, attention_mask=mask, use_cache=False).logits,
+                                   by_hand(input_ids=ids, attention_mask=mask, use_cache=False).logits)
+
+
 def lora_targets(model) -> list[str]:
     """The Linear layers of the decoder layers by short name (phi3: qkv_proj, gate_up_proj, ...)."""
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
