@@ -76,7 +76,9 @@ def decoder_of(causal) -> torch.nn.Module:
 
 def _missing_layers(model) -> str:
     """What a model lacks for the split forward: one line naming where its layers are instead, if anywhere."""
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config  # multimodal: its text model
+    n = getattr(text, "num_hidden_layers", None)
     lists = [name for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
     where = f" (its {n} layers are at `{lists[0]}`)" if lists else ""
     return f"no single decoder layer list at `model.layers`{where}"

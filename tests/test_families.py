@@ -160,7 +160,8 @@ def test_the_multimodal_gemma3_names_its_text_layer_list(tmp_path):
     config = tf.Gemma3Config(text_config=text, vision_config=dict(hidden_size=32, intermediate_size=64,
                                                                    num_hidden_layers=1, num_attention_heads=2))
     write_config(tmp_path / "m", config)
-    with pytest.raises(M.ModelError, match=r"model_type 'gemma3' \(.*\) is not supported: .*model\.layers"):
+    with pytest.raises(M.ModelError, match=r"model_type 'gemma3' \(.*\) is not supported: no single decoder layer list "
+                                           r"at `model.layers` \(its 2 layers are at `model.language_model.layers`\)"):
         M.model_config(tmp_path / "m")
 
 
