@@ -2,8 +2,7 @@
 
     rank 0       Server   (server.py)  SGP, build M*, pre-align; per round: re-align, aggregate, evaluate, record
     ranks 1..W-1 Client   (client.py)  load M* once; per round: local training of the clients placed on the rank
-    every rank   strategy (strategy.py: the interface; aggregate.py, fedsrd.py)  what is uploaded, aggregated,
-                 downloaded
+    every rank   strategy (strategy.py; aggregate.py, fedsrd.py)  what is uploaded, aggregated, downloaded
     every rank   comm     (comm.py)    typed flat buffers over MPI, byte counters
 
     run:    set up (lines 1-5) -> ship M* once (line 6) -> agree schemas -> send the emulator LoRA

@@ -58,7 +58,8 @@ class Strategy(Protocol):
 
 def fit_message(loss: float, n: int) -> State:
     """Line 17, client: the `FIT` message beside a client's upload."""
-    return {"loss": torch.tensor([loss], dtype=torch.float32), "n_samples": torch.tensor([float(n)], dtype=torch.float32)}
+    return {"loss": torch.tensor([loss], dtype=torch.float32),
+            "n_samples": torch.tensor([float(n)], dtype=torch.float32)}
 
 
 def fit_values(msg: State) -> tuple[float, float]:
