@@ -72,8 +72,9 @@ def _pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str, device: torch.de
 
 
 def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(decoder stack, LM head) of an HF causal LM, or of the model inside a PeftModel (LoRA layers stay active)."""
-    return models.decoder(model), models.causal_lm(model).get_output_embeddings()
+    """(decoder stack, causal LM) of an HF causal LM, or of the model inside a PeftModel (LoRA layers stay active):
+    the body gives final hidden states, the causal LM's head and logit transforms (`models.head_logits`) logits."""
+    return models.decoder(model), models.causal_lm(model)
 
 
 def label_word_ids(tokenizer, task: str) -> list[int]:
@@ -124,14 +125,14 @@ def label_accuracy(model: torch.nn.Module, tokenizer, task: str, rows: Sequence[
     order = np.argsort([len(e) for e in encoded], kind="stable")
     scores = np.zeros((len(rows), len(word_ids)), dtype=np.float32)
     with models.mode(model):
-        body, head = _body_and_head(model)
+        body, causal = _body_and_head(model)
         device = _device(model)
         for start in range(0, len(rows), batch_size):
             idx = order[start:start + batch_size]
             ids, mask = _pad([encoded[i] for i in idx], tokenizer.pad_token_id, "right", device)
             hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             last = hidden[torch.arange(len(idx), device=device), mask.sum(1) - 1]
-            scores[idx] = to_numpy(_label_logits(head, last, word_ids.to(device)))
+            scores[idx] = to_numpy(_label_logits(causal, last, word_ids.to(device)))
             if progress:
                 progress(start + len(idx), len(rows), start + len(idx))
     predictions = scores.argmax(axis=1)
@@ -142,12 +143,13 @@ def label_accuracy(model: torch.nn.Module, tokenizer, task: str, rows: Sequence[
             "label_counts": np.bincount(labels, minlength=k).tolist()}
 
 
-def _label_logits(head: torch.nn.Module, last: torch.Tensor, word_ids: torch.Tensor) -> torch.Tensor:
-    """The label words' logits of the LM head, run outside autocast in the head's own dtype: under
-    eval.dtype=bfloat16 an fp32 model's head still gives fp32 logits (at logits of 16-32 bfloat16 resolves
-    steps of 0.125, and argmax would break the rounded ties towards class 0)."""
+def _label_logits(causal: torch.nn.Module, last: torch.Tensor, word_ids: torch.Tensor) -> torch.Tensor:
+    """The label words' logits (LM head and the family's logit transforms, `models.head_logits`), run outside
+    autocast in the head's own dtype: under eval.dtype=bfloat16 an fp32 model's head still gives fp32 logits (at
+    logits of 16-32 bfloat16 resolves steps of 0.125, and argmax would break the rounded ties towards class 0)."""
+    head = causal.get_output_embeddings()
     with torch.autocast(last.device.type, enabled=False):
-        return head(last.to(head.weight.dtype))[:, word_ids].float()
+        return models.head_logits(causal, last.to(head.weight.dtype))[:, word_ids].float()
 
 
 def _normalise(sign: str, digits: str) -> str:

@@ -2,7 +2,7 @@
 
     rank 0       Server   (server.py)  SGP, build M*, pre-align; per round: re-align, aggregate, evaluate, record
     ranks 1..W-1 Client   (client.py)  load M* once; per round: local training of the clients placed on the rank
-    every rank   strategy (aggregate.py, fedsrd.py)  what is uploaded, aggregated, downloaded
+    every rank   strategy (strategy.py; aggregate.py, fedsrd.py)  what is uploaded, aggregated, downloaded
     every rank   comm     (comm.py)    typed flat buffers over MPI, byte counters
 
     run:    set up (lines 1-5) -> ship M* once (line 6) -> agree schemas -> send the emulator LoRA
@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .aggregate import strategy_for
 from .client import Client, Faults
 from .comm import Schema, install_abort_hook
 from .config import Config, preset_keys_set_by_job
@@ -31,6 +30,8 @@ from .host import as_numpy
 from .methods import Plan
 from .runlog import RunFolderRefused, RunLog, run_dir_of, take_lock
 from .signals import PROGRESS, STOP_REQUESTED, StopRequested
+from .strategies import strategy_for
+from .strategy import FIT, download_size, fit_message, fit_values, traffic, upload_size
 from .tasks import task_label
 from .timing import EXTRA, PHASES, PhaseClock, split
 from .watchdog import Heartbeat, Watch, period_for
@@ -315,7 +316,7 @@ class Federation:
         with self.clock.phase("upload"):  # line 17
             counts = [0] + [sum(1 for k in chosen if where[k] == r) for r in self.comm.client_ranks]
             gathered = [self.comm.gatherv([u[i] for u in uploads], schema, counts, category="upload")
-                        for i, schema in enumerate(self.strategy.up)]
+                        for i, schema in enumerate([*self.strategy.up, FIT])]
         if self.server:  # line 18
             self.aggregate_and_record(rnd, gathered, chosen, where, realigned, down, t_round, sent0)
         elif rnd == 1 or realigned:
@@ -353,11 +354,11 @@ class Federation:
         if self.client:
             self.global_state = self.strategy.receive(msgs, self.global_state, rnd, first)
         self.clock.add("download", time.perf_counter() - t0)
-        return self.strategy.download_size(rnd, first)
+        return download_size(self.strategy, rnd, first)
 
     def train(self, rnd: int, chosen: list[int], where: dict[int, int]) -> list[list[dict]]:
         """Lines 15-16 on a client rank: each client placed here trains from the global adapter LoRA; returns
-        their uploads (the strategy's messages), in client order."""
+        their uploads (the strategy's messages, then the `FIT` message), in client order."""
         here = {k for k in chosen if where[k] == self.comm.rank}
         cache0, t0 = self.client.cache.stats(), time.perf_counter()
         self.client.place(here)  # the clients that left spill their emulator cache to disk
@@ -369,7 +370,8 @@ class Federation:
             self.clock.add("adapter", fit.seconds - fit.emulator_seconds)
             self.clock.steps += fit.steps
             t0 = time.perf_counter()
-            uploads.append(self.strategy.pack_upload(fit.state, self.global_state, fit.loss, fit.n_samples))
+            uploads.append([*self.strategy.pack_upload(fit.state, self.global_state),
+                            fit_message(fit.loss, fit.n_samples)])
             self.clock.add("upload", time.perf_counter() - t0)
         self.clock.count_cache(cache0, self.client.cache.stats())
         return uploads
@@ -383,9 +385,9 @@ class Federation:
         order = [k for r in self.comm.client_ranks for k in chosen if where[k] == r]
         losses, nk = np.full(n, np.nan, np.float32), np.zeros(n, np.float32)
         updates, weights = [], []
-        for k, msgs in zip(order, flat):
-            state, losses[k], nk[k] = self.strategy.unpack_upload(msgs, server.global_adapter)
-            updates.append(state)
+        for k, (*msgs, fit) in zip(order, flat):
+            losses[k], nk[k] = fit_values(fit)
+            updates.append(self.strategy.unpack_upload(msgs, server.global_adapter))
             weights.append(nk[k])
         new, rejected = self.strategy.aggregate(updates, weights, server.global_adapter, rnd)
         if new is None:
@@ -420,14 +422,14 @@ class Federation:
     def bytes_row(self, chosen: list[int], realigned: bool, down: tuple[int, int], sent0: dict) -> dict:
         """The round's byte columns of /rounds: measured by comm's counters, and the LoRA payload the strategy's
         schemas say the round had to move (the download to every client rank, + the re-aligned emulator LoRA,
-        one upload per sampled client without its loss and n_k)."""
+        one upload per sampled client without its `FIT` message); /rounds/upload_bytes counts the FIT message."""
         comm, strategy, em = self.comm, self.strategy, self.em_schema
         now = comm.totals()
         moved = now["sent"] + now["recv"] - self.moved_mark["sent"] - self.moved_mark["recv"]
         self.moved_mark = now
-        (up_values, up_bytes), (down_values, down_bytes) = strategy.upload_size(), down
+        (up_values, up_bytes), (down_values, down_bytes) = upload_size(strategy), down
         upload = np.zeros(self.cfg.fed.clients, np.int64)
-        upload[chosen] = sum(s.nbytes for s in strategy.up)
+        upload[chosen] = sum(s.nbytes for s in strategy.up) + FIT.nbytes
         payload = (comm.size - 1) * (down_bytes + (em.nbytes if realigned else 0)) + len(chosen) * up_bytes
         return {"upload_bytes": upload, "download_bytes": np.int64((now["sent"] - sent0["sent"]) // (comm.size - 1)),
                 "comm_params": np.int64(up_values + down_values + (em.numel if realigned else 0)),
@@ -484,7 +486,7 @@ class Federation:
         full = server.evaluate("full", journal="full")
         sub = full if server.sub_is_full else server.evaluate("sub", journal="sub")  # FedPETuning: same answers
         val = self.final_val_accuracy()
-        values, nbytes = self.strategy.traffic()  # upload + download of the adapter LoRA
+        values, nbytes = traffic(self.strategy)  # upload + download of the adapter LoRA
         sent, per, realignments = self.emulator_share()
         per_round = nbytes + em.nbytes * sent / per
         res = {"accuracy": full["accuracy"], "sub_accuracy": sub["accuracy"], "base_accuracy": base["accuracy"],

@@ -18,7 +18,7 @@ Wire format: `encode` -> (positions, values): two fixed Schemas, `<name>.pos` ui
 (k values, ascending position). A tensor's positions are a bitmask (1 bit per entry, numel / 8 bytes) or, when
 that is smaller (density below 1/32), its int32 flat indices (4 bytes per kept entry); every rank derives which
 from (numel, k), so a density-d payload costs min(d + 1/32, 2 d) of the dense float32 bytes (0.331 at d = 0.3).
-`FedSRD` is the aggregation strategy (aggregate.py's interface) that moves them.
+`FedSRD` is the aggregation strategy (strategy.py's `Strategy`) that moves them.
 """
 from __future__ import annotations
 
@@ -27,11 +27,10 @@ import math
 import numpy as np
 import torch
 
-from .aggregate import TAIL, FedAvg, accepted, payload, tail
 from .checkpoint import FEDSRD_STREAM, torch_seed
+from .comm import Schema
 from .host import as_numpy
-
-State = dict[str, torch.Tensor]
+from .strategy import State, accepted, payload
 
 
 def lora_pairs(state: State) -> list[tuple[str, str]]:
@@ -99,6 +98,12 @@ def payload_shapes(shapes: dict[str, tuple], density: float) -> tuple[dict[str, 
     ks = {n: (math.prod(s), keep_count(math.prod(s), density)) for n, s in shapes.items()}
     return ({f"{n}.pos": (position_bytes(numel, k),) for n, (numel, k) in ks.items()},
             {f"{n}.val": (k,) for n, (_, k) in ks.items()})
+
+
+def wire_schemas(shapes: dict[str, tuple], density: float) -> tuple[Schema, Schema]:
+    """Sparsify (wire): the fixed (positions uint8, values float32) Schemas of `encode` at `density`."""
+    pos, val = payload_shapes(shapes, density)
+    return Schema(tuple(pos), tuple(pos.values()), "uint8"), Schema(tuple(val), tuple(val.values()), "float32")
 
 
 def positions_to_bytes(positions: torch.Tensor, numel: int) -> torch.Tensor:
@@ -231,7 +236,7 @@ def broadcast_update(target: State, received: State, scale: float, factor: str, 
 
 def _server_round(updates: list[State], weights: list[float], received: State, scale: float, r: int | None,
                   download_density: float, factor: str, generator: torch.Generator | None):
-    """Reconstruct + Aggregate (+ Decompose if r is not None) + broadcast; rejects like `aggregate.fedavg`."""
+    """Reconstruct + Aggregate (+ Decompose if r is not None) + broadcast; rejects as `strategy.accepted`."""
     keep, rejected = accepted(updates, weights)
     if not keep:
         return None, rejected
@@ -257,40 +262,35 @@ def fedsrd_e(updates: list[State], weights: list[float], received: State, scale:
     return _server_round(updates, weights, received, scale, None, download_density, factor, generator)
 
 
-class FedSRD(FedAvg):
+class FedSRD:
     """FedSRD (svd=True) / FedSRD-e as an aggregation strategy. Uploads: the dense local LoRA, or at
     fed.upload_density < 1 the top-k update as (uint8 positions, float32 values) messages. Downloads: the dense global
     LoRA in the first round of a run (or of a resume), then at fed.download_density < 1 the previous round's
     sparse update of one factor (`factor_for_round`, known to every rank); the server keeps what it sent
     (`pending`) and applies the same decoded values, so it and the clients stay bit-identical."""
 
-    def __init__(self, schema, cfg, svd: bool = True):
-        from .comm import Schema
-
-        super().__init__(schema, cfg)
+    def __init__(self, schema: Schema, cfg, svd: bool = True):
+        self.schema, self.cfg, self.shapes = schema, cfg, dict(zip(schema.names, schema.shapes))
         self.svd, self.up_d, self.down_d = svd, cfg.fed.upload_density, cfg.fed.download_density
         self.pending = None  # server: (factor, pos, val) that the next round downloads
-        if self.up_d < 1:
-            pos, val = payload_shapes(self.shapes, self.up_d)
-            self.up = [Schema(tuple(pos), tuple(pos.values()), "uint8"),
-                       Schema(tuple(val) + TAIL, tuple(val.values()) + ((1,), (1,)), "float32")]
+        self.up = [schema] if self.up_d >= 1 else list(wire_schemas(self.shapes, self.up_d))
         self.down = {}
         for factor in ("A", "B"):
             part = {n: s for n, s in self.shapes.items() if f"lora_{factor}" in n}
-            pos, val = payload_shapes(part, self.down_d)
-            self.down[factor] = (part, Schema(tuple(pos), tuple(pos.values()), "uint8"),
-                                 Schema(tuple(val), tuple(val.values()), "float32"))
+            self.down[factor] = (part, *wire_schemas(part, self.down_d))
 
     def sparse_round(self, rnd: int, first: int) -> bool:
         """Round `rnd` downloads the previous round's sparse update (not in the first round of a run or resume)."""
         return self.down_d < 1 and rnd > first
 
-    def download_schemas(self, rnd: int, first: int) -> list:
+    def download_schemas(self, rnd: int, first: int) -> list[Schema]:
+        """Line 7: the dense global LoRA, or the (positions, values) of the previous round's factor."""
         if not self.sparse_round(rnd, first):
             return [self.schema]
         return list(self.down[factor_for_round(rnd - 1)][1:])
 
     def download(self, global_state: State, rnd: int, first: int) -> list[State]:
+        """Line 7, server: the dense global LoRA, or the sparse update the previous round's `aggregate` kept."""
         if not self.sparse_round(rnd, first):
             return [global_state]
         factor, pos, val = self.pending
@@ -298,29 +298,26 @@ class FedSRD(FedAvg):
         return [pos, val]
 
     def receive(self, msgs: list[State], held: State | None, rnd: int, first: int) -> State:
+        """Reconstruct (client): the dense global LoRA, or `held` + the decoded sparse update."""
         if not self.sparse_round(rnd, first):
             return msgs[0]
         return apply_update(held, sparse_update(self.shapes, *msgs, self.down[factor_for_round(rnd - 1)][0]))
 
-    def pack_upload(self, local: State, received: State, loss: float, n: int) -> list[State]:
+    def pack_upload(self, local: State, received: State) -> list[State]:
         """Sparsify (client): the dense local LoRA, or the top-k update."""
         if self.up_d >= 1:
-            return super().pack_upload(local, received, loss, n)
-        pos, val = encode(sparsify(local, received, self.up_d), self.up_d)
-        return [pos, {**val, **tail(loss, n)}]
+            return [local]
+        return list(encode(sparsify(local, received, self.up_d), self.up_d))
 
-    def unpack_upload(self, msgs: list[State], received: State) -> tuple[State, float, float]:
-        """(the client's update local - received, loss, n_k); malformed positions give a NaN update, which
-        `aggregate` rejects and reports like a diverged one."""
-        last = msgs[-1]
-        if self.up_d < 1:
-            try:
-                state = decode(msgs[0], last, self.shapes)
-            except ValueError:
-                state = {n: torch.full(s, float("nan")) for n, s in self.shapes.items()}
-        else:
-            state = {n: last[n].clone() - received[n] for n in self.shapes}
-        return state, float(last["__loss"]), float(last["__n_samples"])
+    def unpack_upload(self, msgs: list[State], received: State) -> State:
+        """Reconstruct (server): the client's update local - received; malformed positions give a NaN update,
+        which `aggregate` rejects and reports like a diverged one."""
+        if self.up_d >= 1:
+            return {n: msgs[0][n].clone() - received[n] for n in self.shapes}
+        try:
+            return decode(msgs[0], msgs[1], self.shapes)
+        except ValueError:
+            return {n: torch.full(s, float("nan")) for n, s in self.shapes.items()}
 
     def aggregate(self, updates: list[State], weights: list[float], global_state: State, rnd: int):
         """Reconstruct, Aggregate, Decompose (SVD unless FedSRD-e), project on this round's factor, Sparsify;
@@ -340,8 +337,8 @@ class FedSRD(FedAvg):
         return apply_update(global_state, update), rejected
 
     def steady_download_size(self) -> tuple[float, float]:
-        """A sparse download carries one factor per round: the mean of an A and a B round."""
+        """The dense global LoRA, or (sparse) one factor per round: the mean of an A and a B round."""
         if self.down_d >= 1:
-            return super().steady_download_size()
+            return payload([self.schema])
         sizes = [payload(list(self.down[f][1:])) for f in "AB"]
         return sum(v for v, _ in sizes) / 2, sum(b for _, b in sizes) / 2

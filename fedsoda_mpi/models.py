@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers as tf
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from . import families
 from .host import readable, to_host_state
 from .methods import layer_maps
 from .reaper import scratch
@@ -113,8 +113,9 @@ def check_weights_match_config(path, stored: dict[str, tuple[tuple[int, ...], Pa
                              f"{_REPREPARE}")
 
 
-# model types whose decoder layers the split forward (`_run_layers`) drives exactly like the HF forward does
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# model types whose decoder layers the split forward (`families.run_layers`) drives through their own HF forward,
+# each checked by tests/test_families.py (docs/models.md)
+SUPPORTED_MODEL_TYPES = tuple(families.FAMILIES)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 _REPREPARE = "delete the folder and run `python -m fedsoda_mpi.prepare model ...` again"
 
@@ -139,16 +140,15 @@ def model_config(path) -> dict:
                          f"{_REPREPARE}") from None
     if not isinstance(config, dict):
         raise ModelError(f"{cfg_file}: expected a JSON object, got {type(config).__name__}; {_REPREPARE}")
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        arch = ", ".join(map(str, config.get("architectures") or [])) or "no architectures"
+        raise ModelError(f"{cfg_file}: {families.refusal(model_type, arch, path)}")
     layers = config.get("num_hidden_layers")
     if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
         what = "has no num_hidden_layers" if layers is None else \
             f"num_hidden_layers must be an integer >= 1, got {layers!r}"
         raise ModelError(f"{cfg_file}: {what}; {_REPREPARE}")
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        arch = ", ".join(map(str, config.get("architectures") or [])) or "no architectures"
-        raise ModelError(f"{cfg_file}: model_type {model_type!r} ({arch}) is not supported; fedsoda-mpi runs "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)} models")
     return config
 
 
@@ -243,10 +243,10 @@ def causal_lm(model):
 def decoder(model):
     """The decoder stack of a plain or peft-wrapped causal LM: the inner HF *Model (embeddings, decoder layers,
     final norm) without the LM head (not PEFT's `base_model`, which is the wrapped causal LM)."""
-    inner = getattr(causal_lm(model), "model", None)
-    if inner is None or not hasattr(inner, "layers"):
-        raise ModelError(f"{type(model).__name__} has no `.model.layers`; not a Llama/Qwen2/Mistral-style causal LM")
-    return inner
+    try:
+        return families.decoder_of(causal_lm(model))
+    except families.FamilyError as e:
+        raise ModelError(str(e)) from None
 
 
 def get_layers(model) -> torch.nn.ModuleList:
@@ -263,10 +263,9 @@ def _check_kept(kept: Sequence[int], n_layers: int) -> list[int]:
 
 
 def _sub_config(config, kept: list[int]):
-    """Config of the sub-LLM: L* = len(kept) layers; per-layer lists (Qwen2/Gemma `layer_types`) are cut."""
-    config.num_hidden_layers = len(kept)
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [config.layer_types[i] for i in kept]
+    """Config of the sub-LLM: L* = len(kept) layers; per-layer lists (`layer_types`, SmolLM3's `no_rope_layers`:
+    `families.cut_per_layer`) keep the kept layers' entries."""
+    families.cut_per_layer(config, kept)
     return config
 
 
@@ -421,34 +420,7 @@ def set_trainable(model, layers: Iterable[int]) -> list[torch.nn.Parameter]:
 
 
 # ------------------------------------------------------------------------------------- split forward pass
-
-def _layer_masks(inner, hidden: torch.Tensor, attention_mask, position_ids) -> list:
-    """The attention mask of every decoder layer, built exactly as the HF model's own forward builds it."""
-    config = inner.config
-    kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None,
-                  position_ids=position_ids)
-    types = getattr(config, "layer_types", None)
-    if types is None:
-        sliding = getattr(config, "sliding_window", None) is not None
-        types = ["sliding_attention" if sliding else "full_attention"] * len(inner.layers)
-    makers = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-    masks = {t: makers[t](**kwargs) for t in set(types)}
-    return [masks[t] for t in types]
-
-
-def _run_layers(model, hidden: torch.Tensor, attention_mask, start: int, stop: int,
-                collect: list | None = None) -> torch.Tensor:
-    inner = decoder(model)
-    position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-    masks = _layer_masks(inner, hidden, attention_mask, position_ids)
-    position_embeddings = inner.rotary_emb(hidden, position_ids=position_ids)
-    for i in range(start, stop):
-        hidden = inner.layers[i](hidden, attention_mask=masks[i], position_ids=position_ids,
-                                 position_embeddings=position_embeddings)
-        if collect is not None:
-            collect.append(hidden)
-    return hidden
-
+# Every helper runs a window of decoder layers through the model's own HF forward (`families.run_layers`).
 
 def layer_outputs(model, input_ids, attention_mask, stop: int) -> torch.Tensor:
     """Outputs x^0..x^{stop-1} of decoder layers 0..stop-1 as [B, S, stop, D], running those layers only
@@ -457,18 +429,18 @@ def layer_outputs(model, input_ids, attention_mask, stop: int) -> torch.Tensor:
     if not 1 <= stop <= n_layers:
         raise ValueError(f"stop layer {stop} outside [1, {n_layers}]")
     outs: list[torch.Tensor] = []
-    _run_layers(model, decoder(model).embed_tokens(input_ids), attention_mask, 0, stop, collect=outs)
+    families.run_layers(causal_lm(model), attention_mask, 0, stop, input_ids=input_ids, collect=outs)
     return torch.stack(outs, dim=2)
 
 
 def hidden_before_layer(model, input_ids, attention_mask, layer: int) -> torch.Tensor:
-    """Hidden state entering decoder layer `layer` (x^{layer-1}; the embeddings for 0), running layers
-    0..layer-1 only. With layer = L* - a this is the frozen sub-emulator output E*(x) a client caches (Sec. 4.4)."""
+    """Hidden state entering decoder layer `layer` (x^{layer-1}; the embedding output, scaled as the family
+    scales it, for 0), running layers 0..layer-1 only. With layer = L* - a this is the frozen sub-emulator output
+    E*(x) a client caches (Sec. 4.4)."""
     n_layers = len(get_layers(model))
     if not 0 <= layer <= n_layers:
         raise ValueError(f"layer {layer} outside [0, {n_layers}]")
-    hidden = decoder(model).embed_tokens(input_ids)
-    return _run_layers(model, hidden, attention_mask, 0, layer)
+    return families.run_layers(causal_lm(model), attention_mask, 0, layer, input_ids=input_ids)
 
 
 def forward_from_layer(model, hidden, attention_mask, start: int) -> torch.Tensor:
@@ -478,7 +450,12 @@ def forward_from_layer(model, hidden, attention_mask, start: int) -> torch.Tenso
     n_layers = len(get_layers(model))
     if not 0 <= start <= n_layers:
         raise ValueError(f"start layer {start} outside [0, {n_layers}]")
-    return decoder(model).norm(_run_layers(model, hidden, attention_mask, start, n_layers))
+    return families.run_layers(causal_lm(model), attention_mask, start, n_layers, hidden=hidden, final_norm=True)
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits of final hidden states: the LM head and the family's logit transforms (`families.head_logits`)."""
+    return families.head_logits(causal_lm(model), hidden)
 
 
 def label_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -487,8 +464,7 @@ def label_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     keep = labels[:, 1:] != -100
     if not keep.any():
         raise ValueError("label_loss: every label is -100, nothing to score")
-    head = causal_lm(model).get_output_embeddings()
-    logits = head(hidden[:, :-1][keep])
+    logits = head_logits(model, hidden[:, :-1][keep])
     return F.cross_entropy(logits.float(), labels[:, 1:][keep])
 
 

@@ -175,14 +175,13 @@ def adapter_inputs(full_model, sub_model, batch: dict, starts: tuple[int, int]) 
 def adapter_kl(full_model, sub_model, batch: dict, hidden: tuple[Tensor, Tensor], starts: tuple[int, int]) -> float:
     """Mean token KL(M || M*) (eq. 7) over the non-pad tokens of `batch`, as `kl_divergence(full, sub, [batch])`
     computes it, but running only each model's layers from `starts` on (the adapter, from the `adapter_inputs`
-    computed once per alignment), the final norm and the LM head: the emulators' forwards are not repeated while
-    only the adapter LoRA changes. Eval mode; previous modes restored."""
+    computed once per alignment), the final norm and the LM head with the family's logit transforms: the emulators'
+    forwards are not repeated while only the adapter LoRA changes. Eval mode; previous modes restored."""
     logits = []
     with models.mode(full_model, sub_model):
         for model, h, start in zip((full_model, sub_model), hidden, starts):
             mask = batch["attention_mask"].to(h.device)
-            logits.append(models.causal_lm(model).get_output_embeddings()(
-                models.forward_from_layer(model, h, mask, start)))
+            logits.append(models.head_logits(model, models.forward_from_layer(model, h, mask, start)))
     kl = _token_kl(logits[0], logits[1], batch["attention_mask"].to(logits[1].device))
     if kl.numel() == 0:
         raise ValueError("adapter_kl got no non-pad tokens")

@@ -319,8 +319,8 @@ def through_buffers(msgs: list[dict]) -> list[dict]:
 
 
 def message_bytes(msgs: list[dict]) -> int:
-    """Bytes of messages in their MPI buffers (without the loss / n_k tail)."""
-    return sum(v.numel() * v.element_size() for m in msgs for k, v in m.items() if not k.startswith("__"))
+    """Bytes of messages in their MPI buffers."""
+    return sum(v.numel() * v.element_size() for m in msgs for v in m.values())
 
 
 def one_round(run: ModelRun, strategy, rnd: int) -> tuple[dict, list, list[dict]]:
@@ -334,9 +334,9 @@ def one_round(run: ModelRun, strategy, rnd: int) -> tuple[dict, list, list[dict]
     fits = [client.fit(k, held, rnd) for k in (0, 1)]
     for k, f in enumerate(fits):
         check(f.steps > 0 and np.isfinite(f.loss), f"client {k}: {f.steps} local steps, loss {f.loss}")
-    uploads = [through_buffers(strategy.pack_upload(f.state, held, f.loss, f.n_samples)) for f in fits]
-    unpacked = [strategy.unpack_upload(u, old) for u in uploads]
-    new, rejected = strategy.aggregate([u[0] for u in unpacked], [u[2] for u in unpacked], old, rnd)
+    uploads = [through_buffers(strategy.pack_upload(f.state, held)) for f in fits]
+    updates = [strategy.unpack_upload(u, old) for u in uploads]
+    new, rejected = strategy.aggregate(updates, [float(f.n_samples) for f in fits], old, rnd)
     check(new is not None and not rejected, f"the aggregation rejected clients {rejected} (non-finite updates)")
     check(all(torch.isfinite(t).all() for t in new.values()), "the new global adapter LoRA is not finite")
     moved = sum(not torch.equal(new[k], old[k]) for k in new)
@@ -346,12 +346,12 @@ def one_round(run: ModelRun, strategy, rnd: int) -> tuple[dict, list, list[dict]
 
 def step_fedsoda_round(run: ModelRun) -> str:
     """One in-process FedSODA round, server and client on the device, NF4 on, FedAvg."""
-    from .aggregate import strategy_for
     from .client import Client
     from .comm import Schema
     from .main import prepare_inputs
     from .runlog import RunLog
     from .server import Server
+    from .strategies import strategy_for
 
     cfg = run.config()
     run.log = RunLog(run.work / "run", 0, echo=False)
@@ -384,9 +384,9 @@ def step_fedsoda_round(run: ModelRun) -> str:
 
 def step_fedsrd_round(run: ModelRun) -> str:
     """One FedSRD round at upload and download density 0.5 on the fedsoda-round's server and client."""
-    from .aggregate import strategy_for
     from .comm import Schema
     from .fedsrd import factor_for_round
+    from .strategies import strategy_for
 
     check(run.server is not None and run.client is not None, "no server and client: fedsoda-round did not run")
     cfg = run.config(FEDSRD)

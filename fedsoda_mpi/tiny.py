@@ -13,6 +13,9 @@ and a ChatML chat template.
   same special-token ids) but hidden 64, 4 heads of 16 (2 KV heads), MLP 256, vocab VOCAB: ~8 MB of fp32;
   every decoder Linear has a multiple of 64 weights, so bitsandbytes NF4 (blocksize 64) quantizes it on CPU.
 - "qwen2": Qwen2ForCausalLM of the same shape with an UNTIED output head (tie_word_embeddings=false).
+- the other families of FAMILY_CONFIGS (mistral, qwen3, gemma, gemma2, gemma3_text, phi3, olmo2, granite, ...): the same
+  shape with each family's own features switched on (sliding windows of WINDOW tokens, logit softcapping, granite's
+  multipliers); tests/test_families.py builds them, in memory (`model_config`) or as folders.
 
 No file depends on the SmolLM2 GGUF conversion; the same inputs give the same bytes (seeded init, deterministic
 BPE training on a fixed corpus).
@@ -82,30 +85,69 @@ def build_tokenizer(folder: Path):
     return fast
 
 
-def model_config(family: str, vocab: int):
+# the configs of the other families (`FAMILY_CONFIGS`): small sliding windows so short test sequences cross them,
+# and each family's own extras switched on (gemma logit softcapping, granite multipliers, cohere logit_scale)
+WINDOW = 8
+
+
+def _family_kwargs(family: str, layers: int) -> tuple[str, dict]:
+    """(transformers config class name, the family's own settings) of a tiny `family` model."""
+    table = {
+        "llama": ("LlamaConfig", dict(tie_word_embeddings=True, rope_theta=100000.0)),
+        "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False, use_sliding_window=False)),
+        "mistral": ("MistralConfig", dict(tie_word_embeddings=False, sliding_window=WINDOW)),
+        "qwen3": ("Qwen3Config", dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=WINDOW,
+                                      max_window_layers=layers // 2)),
+        "gemma": ("GemmaConfig", dict(tie_word_embeddings=True)),
+        "gemma2": ("Gemma2Config", dict(tie_word_embeddings=True, sliding_window=WINDOW, query_pre_attn_scalar=HEAD_DIM,
+                                        final_logit_softcapping=5.0, attn_logit_softcapping=50.0)),
+        "gemma3_text": ("Gemma3TextConfig", dict(tie_word_embeddings=True, sliding_window=WINDOW,
+                                                 query_pre_attn_scalar=HEAD_DIM, final_logit_softcapping=5.0)),
+        "phi3": ("Phi3Config", dict(tie_word_embeddings=False, sliding_window=WINDOW)),
+        "olmo2": ("Olmo2Config", dict(tie_word_embeddings=False)),
+        "granite": ("GraniteConfig", dict(tie_word_embeddings=True, embedding_multiplier=12.0,
+                                          residual_multiplier=0.22, attention_multiplier=1.0 / HEAD_DIM,
+                                          logits_scaling=8.0)),
+        "olmo3": ("Olmo3Config", dict(tie_word_embeddings=False, sliding_window=WINDOW)),
+        "smollm3": ("SmolLM3Config", dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=WINDOW)),
+        "ministral": ("MinistralConfig", dict(tie_word_embeddings=False, sliding_window=WINDOW)),
+        "starcoder2": ("Starcoder2Config", dict(tie_word_embeddings=True, sliding_window=WINDOW)),
+        "cohere": ("CohereConfig", dict(tie_word_embeddings=True, logit_scale=0.5)),
+        "cohere2": ("Cohere2Config", dict(tie_word_embeddings=True, sliding_window=WINDOW, logit_scale=0.5)),
+        "exaone4": ("Exaone4Config", dict(tie_word_embeddings=False, sliding_window=WINDOW)),
+    }
+    if family not in table:
+        raise ValueError(f"tiny.py builds no {family!r} model; families: {', '.join(table)}")
+    return table[family]
+
+
+FAMILY_CONFIGS = ("llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "granite",
+                  "olmo3", "smollm3", "ministral", "starcoder2", "cohere", "cohere2", "exaone4")
+
+
+def model_config(family: str, vocab: int, layers: int = LAYERS):
+    """The config of a tiny `family` model (one of FAMILY_CONFIGS): SmolLM2's special-token ids, hidden 64,
+    4 heads of 16 (2 KV heads), MLP 256, `layers` decoder layers, plus the family's own settings."""
     import transformers as tf
 
-    common = dict(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+    common = dict(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=layers,
                   num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
                   max_position_embeddings=4096, rms_norm_eps=1e-5, initializer_range=0.02,
                   bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    if family == "llama":
-        return tf.LlamaConfig(**common, tie_word_embeddings=True, rope_theta=100000.0)
-    if family == "qwen2":
-        return tf.Qwen2Config(**common, tie_word_embeddings=False, use_sliding_window=False)
-    raise ValueError(family)
+    cls_name, extra = _family_kwargs(family, layers)
+    return getattr(tf, cls_name)(**common, **extra)
 
 
-def build_model(folder: Path, family: str = "llama", seed: int = 0) -> Path:
+def build_model(folder: Path, family: str = "llama", seed: int = 0, layers: int = LAYERS) -> Path:
     """A seeded random-weight `family` model + the tiny tokenizer in `folder` (created); returns `folder`."""
     import torch
     import transformers as tf
 
     tokenizer = build_tokenizer(folder)
-    config = model_config(family, len(tokenizer))
-    config.architectures = ["LlamaForCausalLM" if family == "llama" else "Qwen2ForCausalLM"]
+    config = model_config(family, len(tokenizer), layers)
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.config.architectures = [type(model).__name__]
     model.generation_config = tf.GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
     model.save_pretrained(folder, safe_serialization=True)
     return folder

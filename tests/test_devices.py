@@ -68,8 +68,8 @@ def test_aligned_drift_feeds_each_model_on_its_device_and_returns_host_values():
 def test_lora_state_is_staged_to_the_host_so_fedsrd_can_encode_a_gpu_clients_update():
     """Issue 29 bug 3: a client's LoRA lives on its GPU; what leaves the model (models.lora_state) is in host
     memory, so FedSRD's sparse upload (local - received, top-k, positions via numpy) and the MPI buffer work."""
-    from fedsoda_mpi.aggregate import strategy_for
     from fedsoda_mpi.comm import Schema
+    from fedsoda_mpi.strategies import strategy_for
 
     cfg = load_config(None, ["fed.aggregator=fedsrd", "fed.upload_density=0.5", "fed.download_density=0.5"])
     with VirtualCuda():
@@ -81,11 +81,11 @@ def test_lora_state_is_staged_to_the_host_so_fedsrd_can_encode_a_gpu_clients_upd
         assert {device_of(t) for t in local.values()} == {"cpu"}
         received = {k: torch.zeros_like(v) for k, v in local.items()}
         strategy = strategy_for(cfg, Schema.of(received))
-        msgs = strategy.pack_upload(local, received, 0.5, 4)
+        msgs = strategy.pack_upload(local, received)
         flat = [Schema.of(m).pack(m) for m in msgs]
         assert all(device_of(f) == "cpu" for f in flat)
-        update, loss, n = strategy.unpack_upload(msgs, received)
-        assert (loss, n) == (0.5, 4) and all(device_of(t) == "cpu" for t in update.values())
+        update = strategy.unpack_upload(msgs, received)
+        assert all(device_of(t) == "cpu" for t in update.values())
 
 
 def test_the_timing_row_reads_and_resets_the_peak_of_the_ranks_own_gpu(monkeypatch):
@@ -151,12 +151,12 @@ def test_algorithm_2_in_one_process_with_the_server_on_cuda0_and_a_client_on_cud
     drift probes, two rounds of local training, upload through the strategy (FedSRD: sparse upload and download
     at density 0.5), aggregation, evaluation, a checkpoint and the PEFT export. NF4 is off: bitsandbytes' kernels
     cannot run on a virtual device (the NF4 path on a GPU is what `python -m fedsoda_mpi.smoke` checks there)."""
-    from fedsoda_mpi.aggregate import strategy_for
     from fedsoda_mpi.client import Client
     from fedsoda_mpi.comm import Schema
     from fedsoda_mpi.main import prepare_inputs
     from fedsoda_mpi.runlog import RunLog
     from fedsoda_mpi.server import Server
+    from fedsoda_mpi.strategies import strategy_for
 
     cfg = load_config(None, [f"model.name={tiny_model_dir}", "fed.clients=2", "data.max_train_per_client=4",
                              "data.public_samples=8", "data.val_size=20", "eval.max_examples=8", "quant.enabled=false",
@@ -182,11 +182,10 @@ def test_algorithm_2_in_one_process_with_the_server_on_cuda0_and_a_client_on_cud
             held = strategy.receive(msgs, held, rnd, 1)
             client.place({0, 1})
             fits = [client.fit(k, held, rnd) for k in (0, 1)]
-            uploads = [[Schema.of(m).unpack(Schema.of(m).pack(m)) for m in strategy.pack_upload(f.state, held, f.loss,
-                                                                                              f.n_samples)] for f in fits]
-            unpacked = [strategy.unpack_upload(u, server.global_adapter) for u in uploads]
-            new, rejected = strategy.aggregate([u[0] for u in unpacked], [u[2] for u in unpacked],
-                                               server.global_adapter, rnd)
+            uploads = [[Schema.of(m).unpack(Schema.of(m).pack(m)) for m in strategy.pack_upload(f.state, held)]
+                       for f in fits]
+            updates = [strategy.unpack_upload(u, server.global_adapter) for u in uploads]
+            new, rejected = strategy.aggregate(updates, [float(f.n_samples) for f in fits], server.global_adapter, rnd)
             assert rejected == [] and {device_of(t) for t in new.values()} == {"cpu"}
             server.set_global(new)
             assert np.isfinite(server.probe_round()) and np.isfinite(server.drift()).all()

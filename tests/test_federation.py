@@ -112,12 +112,12 @@ def test_rounds_in_one_process_server_client_and_strategy(tiny_model_dir, tmp_pa
     import torch
 
     from fedsoda_mpi import models
-    from fedsoda_mpi.aggregate import strategy_for
     from fedsoda_mpi.client import Client
     from fedsoda_mpi.comm import Schema
     from fedsoda_mpi.main import prepare_inputs
     from fedsoda_mpi.runlog import RunLog
     from fedsoda_mpi.server import Server
+    from fedsoda_mpi.strategies import strategy_for
 
     cfg = load_config(None, [f"model.name={tiny_model_dir}", "fed.clients=2", "data.max_train_per_client=4",
                              "data.public_samples=8", "data.val_size=20", "eval.max_examples=8",
@@ -144,10 +144,8 @@ def test_rounds_in_one_process_server_client_and_strategy(tiny_model_dir, tmp_pa
             # only with debug.deterministic=true: docs/design.md, Devices)
             again = client.fit(0, held, rnd)
             assert all(torch.equal(again.state[k], fits[0].state[k]) for k in again.state)
-        uploads = [strategy.pack_upload(f.state, held, f.loss, f.n_samples) for f in fits]
-        unpacked = [strategy.unpack_upload(u, server.global_adapter) for u in uploads]
-        new, rejected = strategy.aggregate([u[0] for u in unpacked], [u[2] for u in unpacked],
-                                           server.global_adapter, rnd)
+        updates = [strategy.unpack_upload(strategy.pack_upload(f.state, held), server.global_adapter) for f in fits]
+        new, rejected = strategy.aggregate(updates, [float(f.n_samples) for f in fits], server.global_adapter, rnd)
         assert rejected == ([0] if rnd == 2 else [])  # round 2: client 0's update is NaN (the injected fault)
         assert not any(torch.equal(new[k], server.global_adapter[k]) for k in new if "lora_B" in k)
         server.set_global(new)

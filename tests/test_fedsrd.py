@@ -9,6 +9,7 @@ from fedsoda_mpi.comm import Schema
 from fedsoda_mpi.fedsrd import (aggregate_full_rank, apply_update, decode, decompose, encode,
                                 factor_for_round, fedsrd, fedsrd_e, importance, lora_pairs, payload_shapes,
                                 random_sparsify, sparsify)
+from fedsoda_mpi.strategy import download_size, traffic, upload_size
 
 SCALE = 2.0  # alpha / r = 16 / 8
 MODS = ["base_model.model.model.layers.0.self_attn.q_proj", "base_model.model.model.layers.1.mlp.down_proj"]
@@ -176,12 +177,12 @@ def test_malformed_positions_are_refused_and_a_malformed_upload_is_rejected():
             decode({"x.pos": pos["x.pos"][:-1]}, val, {"x": (64,)})
     received, local = _lora_state(0), _lora_state(1)
     strategy = _strategy("fedsrd", 0.25, 1.0, received)
-    msgs = strategy.pack_upload(local, received, 0.1, 3)
+    msgs = strategy.pack_upload(local, received)
     name = next(iter(msgs[0]))
     msgs[0][name] = torch.zeros_like(msgs[0][name])  # no position set
-    update, loss, n = strategy.unpack_upload(msgs, received)
-    assert (loss, n) == (pytest.approx(0.1), 3.0) and all(torch.isnan(t).all() for t in update.values())
-    good = strategy.unpack_upload(strategy.pack_upload(local, received, 0.1, 3), received)[0]
+    update = strategy.unpack_upload(msgs, received)
+    assert all(torch.isnan(t).all() for t in update.values())
+    good = strategy.unpack_upload(strategy.pack_upload(local, received), received)
     new, rejected = strategy.aggregate([good, update], [3.0, 3.0], received, 1)
     assert new is not None and rejected == [1]
 
@@ -208,8 +209,8 @@ def test_upload_bytes_at_density_0_3_on_a_real_lora_schema():
                          "down": (FF, D)}.items():
         shapes[f"l.{name}.lora_A.weight"], shapes[f"l.{name}.lora_B.weight"] = (r, i), (o, r)
     state = {n: torch.zeros(s) for n, s in shapes.items()}
-    dense = _strategy("fedavg", 1.0, 1.0, state).upload_size()[1]
-    sparse = _strategy("fedsrd", 0.3, 1.0, state).upload_size()[1]
+    dense = upload_size(_strategy("fedavg", 1.0, 1.0, state))[1]
+    sparse = upload_size(_strategy("fedsrd", 0.3, 1.0, state))[1]
     assert sparse / dense == pytest.approx(0.3 + 1 / 32, abs=2e-3) and sparse / dense <= 0.35
 
 
@@ -306,9 +307,9 @@ def _lora_state(seed: int, r: int = 4) -> dict:
 
 
 def _strategy(aggregator: str, up: float, down: float, state: dict):
-    from fedsoda_mpi.aggregate import strategy_for
     from fedsoda_mpi.comm import Schema
     from fedsoda_mpi.config import load_config
+    from fedsoda_mpi.strategies import strategy_for
 
     cfg = load_config(None, [f"fed.aggregator={aggregator}", f"fed.upload_density={up}", f"fed.download_density={down}"])
     return strategy_for(cfg, Schema.of(state))
@@ -321,14 +322,14 @@ CASES = [("fedavg", 1.0, 1.0), ("fedsrd", 1.0, 1.0), ("fedsrd", 0.25, 0.5), ("fe
 def test_upload_round_trip_and_traffic_from_the_schemas(aggregator, up, down):
     received, local = _lora_state(0), _lora_state(1)
     strategy = _strategy(aggregator, up, down, received)
-    msgs = strategy.pack_upload(local, received, loss=0.5, n=7)
+    msgs = strategy.pack_upload(local, received)
     assert [set(m) for m in msgs] == [set(s.names) for s in strategy.up]  # what is sent matches the schemas
     assert all(tuple(m[name].shape) == shape for m, s in zip(msgs, strategy.up) for name, shape in zip(s.names, s.shapes))
-    state, loss, n = strategy.unpack_upload(msgs, received)
-    assert (loss, n) == (0.5, 7.0)
+    assert all(s.torch_dtype == t.dtype for m, s in zip(msgs, strategy.up) for t in m.values())
+    state = strategy.unpack_upload(msgs, received)
     dense = sum(t.numel() for t in local.values())
     if aggregator == "fedavg":
-        assert all(torch.equal(state[k], local[k]) for k in local) and strategy.traffic() == (2 * dense, 8 * dense)
+        assert all(torch.equal(state[k], local[k]) for k in local) and traffic(strategy) == (2 * dense, 8 * dense)
     elif up == 1.0:
         assert all(torch.equal(state[k], local[k] - received[k]) for k in local)
     else:
@@ -336,13 +337,13 @@ def test_upload_round_trip_and_traffic_from_the_schemas(aggregator, up, down):
         assert all(torch.equal(state[k], want[k]) for k in local)
         kept = sum(srd.keep_count(t.numel(), up) for t in local.values())
         positions = sum(srd.position_bytes(t.numel(), srd.keep_count(t.numel(), up)) for t in local.values())
-        assert sum(s.nbytes for s in strategy.up) == positions + 4 * kept + 8  # + loss and n_k
-        assert strategy.upload_size() == (kept, positions + 4 * kept)  # what the run file counts: without them
-    params, nbytes = strategy.traffic()
+        assert sum(s.nbytes for s in strategy.up) == positions + 4 * kept
+        assert upload_size(strategy) == (kept, positions + 4 * kept)
+    params, nbytes = traffic(strategy)
     assert nbytes < 8 * dense or (up, down) == (1.0, 1.0)
     sparse_down = aggregator != "fedavg" and down < 1
-    assert strategy.download_size(1, 1) == (dense, 4 * dense)  # the first round of a run: the dense global LoRA
-    assert (strategy.download_size(2, 1) != (dense, 4 * dense)) == sparse_down
+    assert download_size(strategy, 1, 1) == (dense, 4 * dense)  # the first round of a run: the dense global LoRA
+    assert (download_size(strategy, 2, 1) != (dense, 4 * dense)) == sparse_down
 
 
 @pytest.mark.parametrize("aggregator,up,down", CASES)
@@ -356,9 +357,9 @@ def test_server_and_clients_hold_the_same_global_lora_after_each_round(aggregato
         sent = server.download(server_global, rnd, 1)
         held = client.receive([{k: v.clone() for k, v in m.items()} for m in sent], held, rnd, 1)
         assert held.keys() == server_global.keys() and all(torch.equal(held[k], server_global[k]) for k in held)
-        uploads = [client.pack_upload(_lora_state(10 * rnd + c), held, 0.1, 4 + c) for c in range(3)]
-        unpacked = [server.unpack_upload(m, server_global) for m in uploads]
-        new, rejected = server.aggregate([u[0] for u in unpacked], [u[2] for u in unpacked], server_global, rnd)
+        uploads = [client.pack_upload(_lora_state(10 * rnd + c), held) for c in range(3)]
+        updates = [server.unpack_upload(m, server_global) for m in uploads]
+        new, rejected = server.aggregate(updates, [4.0, 5.0, 6.0], server_global, rnd)
         assert rejected == [] and not all(torch.equal(new[k], server_global[k]) for k in new)
         server_global = new
 
@@ -368,6 +369,6 @@ def test_all_rejected_round_gives_no_new_global():
     for aggregator, up, down in CASES:
         strategy = _strategy(aggregator, up, down, received)
         bad = {k: torch.full_like(v, float("nan")) for k, v in received.items()}
-        msgs = strategy.pack_upload(bad, received, 0.1, 3)
-        new, rejected = strategy.aggregate([strategy.unpack_upload(msgs, received)[0]], [3.0], received, 1)
+        msgs = strategy.pack_upload(bad, received)
+        new, rejected = strategy.aggregate([strategy.unpack_upload(msgs, received)], [3.0], received, 1)
         assert new is None and rejected == [0]

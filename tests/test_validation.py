@@ -324,7 +324,7 @@ def test_config_json_cut_in_half(tiny_model, tmp_path):
     (dict(num_hidden_layers=None), "has no num_hidden_layers"),
     (dict(num_hidden_layers="24"), "num_hidden_layers must be an integer >= 1, got '24'"),
     (dict(model_type="gpt2", architectures=["GPT2LMHeadModel"]),
-     "model_type 'gpt2' (GPT2LMHeadModel) is not supported; fedsoda-mpi runs llama, mistral, qwen2 models"),
+     "model_type 'gpt2' (GPT2LMHeadModel) is not supported: no single decoder layer list at `model.layers` (its "),
     (dict(model_type=None), "model_type None (LlamaForCausalLM) is not supported"),
 ])
 def test_config_json_fields(tiny_model, tmp_path, change, msg):
