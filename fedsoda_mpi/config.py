@@ -123,7 +123,7 @@ class FedConfig:
     cache_dir: str = ""  # node-local folder of the cache's disk tier ("": $SLURM_TMPDIR, else $TMPDIR, else /tmp)
     cache_max_gb: float = 0.0  # disk tier cap per client rank, GB (10^9 bytes), LRU eviction; 0 = no disk tier (opt-in)
     checkpoint_every: int = 1  # rounds between checkpoints (0: none; resume=auto then has nothing to resume from)
-    keep_checkpoints: int = 2  # newest checkpoints kept (>= 2, so a corrupted newest one has a fallback)
+    keep_checkpoints: int = 2  # newest checkpoints kept (>= 1; with 2 or more a corrupted newest one has a fallback)
     aggregator: str = "fedavg"  # fedavg | fedsrd | fedsrd-e (fedsoda_mpi/fedsrd.py)
     upload_density: float = 1.0  # fedsrd*: fraction of each LoRA update tensor a client uploads
     download_density: float = 1.0  # fedsrd*: fraction of the global update the server broadcasts
