@@ -295,8 +295,8 @@ class _OneRank:
 
 def test_open_run_names_job_file_keys_over_the_preset_and_refuses_for_every_rank(tmp_path, monkeypatch):
     """Rank 0 logs the resolved config and the preset keys a job file overrides (the job file wins); a run folder
-    that `checkpoint.claim` refuses (a finished run whose every checkpoint is damaged) is the one-line RunFolderRefused that every rank
-    raises, before any log file is opened."""
+    that `checkpoint.claim` refuses (a finished run whose every checkpoint is damaged) is the one-line
+    RunFolderRefused that every rank raises, before any log file is opened."""
     import sys
 
     import h5py
