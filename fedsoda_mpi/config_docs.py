@@ -65,14 +65,16 @@ ENV_VARS = [  # (name, who reads it, meaning [default])
                                     "`hf auth login`"),
     ("HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE", "slurm/common.sh", "the hub's offline mode on compute nodes [1; "
                                                                 "slurm/prepare.sh: 0]"),
-    ("FEDSODA_PROGRESS", "fedsoda_mpi", "0 hides the progress bars of loading and generation [1]"),
+    ("FEDSODA_PROGRESS", "fedsoda_mpi", "0 hides the alignment's progress bar (the study route and the smoke "
+                                        "check set 0) [1]"),
     ("FEDSODA_ROOT", "slurm/*.sh", "the repository [the submit directory]"),
     ("FEDSODA_PYTHON", "slurm/*.sh", "python with fedsoda_mpi and mpi4py, e.g. .venv/bin/python [python]"),
     ("FEDSODA_LAUNCHER", "slurm/*.sh", "srun (`srun --mpi=pmix`) or mpirun (mpi4py's own MPI) [srun]"),
     ("FEDSODA_OVERRIDES", "slurm/*.sh", "space-separated key=value config overrides, appended last (they win)"),
     ("FEDSODA_REQUEUE", "slurm/common.sh", "0: no `scontrol requeue` after a USR1 stop [1]"),
     ("RUN_ROOT", "slurm/*.sh", "where run folders go (output.root) [runs]"),
-    ("RUN_TAG", "slurm/common.sh", "a tag in the run folder's name: $RUN_ROOT/<job name>-<RUN_TAG>-<job id>/ [none]"),
+    ("RUN_TAG", "slurm/*_iid.sh (slurm/common.sh)", "a tag in the run folder's name: "
+                                                    "$RUN_ROOT/<job name>-<RUN_TAG>-<job id>/ [none]"),
     ("JOB_CONFIG", "slurm/*_iid.sh, slurm/prepare.sh", "job YAML replacing the script's default "
                                                        "(jobs/<model>_gsm8k_iid.yaml)"),
     ("PREPARE_CONFIGS", "slurm/prepare.sh", "space-separated job files whose models to prepare [JOB_CONFIG, else "
@@ -230,7 +232,7 @@ def render() -> str:
             "Read by fedsoda_mpi or by the Slurm scripts (`slurm/common.sh` lists the scripts' own); "
             "[default] in brackets.", "",
             "| variable | read by | meaning |", "|---|---|---|"]
-    out += [f"| `{name}` | {who} | {meaning} |" for name, who, meaning in ENV_VARS]
+    out += [f"| `{name}` | {who} | {meaning.replace('|', chr(92) + '|')} |" for name, who, meaning in ENV_VARS]
     return "\n".join(out) + "\n"
 
 
