@@ -111,7 +111,9 @@ def open_runs(paths: list, need: str) -> list[h5py.File]:
         if need in f:
             files.append(f)
         else:
-            print(f"warning: skipping {f.filename}: no /{need} (unfinished or failed run?)", file=sys.stderr)
+            why = (f"a finished {f.attrs.get('method', '?')} run: its method does not record it" if "final" in f
+                   else "unfinished or failed run?")
+            print(f"warning: skipping {f.filename}: no /{need} ({why})", file=sys.stderr)
             f.close()
     if not files:
         raise RunFileError(f"none of the {len(paths)} run file(s) has /{need}")

@@ -185,7 +185,8 @@ def not_continuable(run_dir: Path, done: int, why: str) -> str:
 
 # keys that may change when a run is resumed; every other setting must equal the checkpointed run's
 RESUME_MAY_CHANGE = ("resume", "device", "job", "debug.", "output.", "fed.rounds", "fed.checkpoint_every", "fed.keep_checkpoints",
-                     "eval.", "fed.cache_dir", "fed.cache_max_gb")  # the disk tier changes no result
+                     "eval.", "fed.cache_dir", "fed.cache_max_gb",  # the disk tier changes no result
+                     "fed.stall_timeout")
 
 
 def check_resumable(cfg: Config, run_dir: Path) -> None:

@@ -127,6 +127,7 @@ class FedConfig:
     aggregator: str = "fedavg"  # fedavg | fedsrd | fedsrd-e (fedsoda_mpi/fedsrd.py)
     upload_density: float = 1.0  # fedsrd*: fraction of each LoRA update tensor a client uploads
     download_density: float = 1.0  # fedsrd*: fraction of the global update the server broadcasts
+    stall_timeout: float = 1800.0  # seconds a rank may give no heartbeat before a waiting rank ends the job (0: never)
 
     @property
     def disk_tier(self) -> bool:
@@ -161,6 +162,7 @@ class DebugConfig:
     fail_round: int = -1  # ... in this round (tests of the abort path)
     fail_kind: str = "raise"  # raise: an exception; oom: a simulated out-of-memory; nan: a client uploads NaN
     deterministic: bool = False  # deterministic kernels (devices.deterministic): bit-identical repeats on one GPU
+    allow_degenerate: bool = False  # run settings that are legal but make the run meaningless (config._degenerate)
 
 
 @dataclass
@@ -536,6 +538,8 @@ def _validate_fed(cfg: Config) -> None:
     _at_least("fed.checkpoint_every", f.checkpoint_every, 0)
     _at_least("fed.keep_checkpoints", f.keep_checkpoints, 1)
     _at_least("fed.cache_max_gb", f.cache_max_gb, 0)
+    _check(f.stall_timeout == 0 or f.stall_timeout >= 5,
+           f"fed.stall_timeout: must be 0 (never) or >= 5 seconds (heartbeats come every tenth of it), got {f.stall_timeout}")
     _one_of("fed.aggregator", f.aggregator, ("fedavg", "fedsrd", "fedsrd-e"))
     for key in ("upload_density", "download_density"):
         d = getattr(f, key)
@@ -557,6 +561,18 @@ def _validate_eval_debug(cfg: Config) -> None:
     _at_least("debug.fail_rank", d.fail_rank, -1)
     _at_least("debug.fail_round", d.fail_round, -1)
     _one_of("debug.fail_kind", d.fail_kind, ("raise", "oom", "nan"))
+    if not d.allow_degenerate:
+        _degenerate(cfg)
+
+
+def _degenerate(cfg: Config) -> None:
+    """Settings that are legal but make a run meaningless stop with one line unless debug.allow_degenerate=true.
+    (A zero LoRA scaling, lora.alpha=0, and targets that match no layer are refused outright by _validate_lora; a
+    sgp.max_distance under which no group qualifies stops rank 0 right after SGP, Server.sgp_groups.)"""
+    _check(cfg.sgp.p > 0 or cfg.method == "fedpetuning",
+           f"sgp.p=0 with method={cfg.method}: the plan removes no layer, so the clients' sub-LLM is the whole emulator "
+           "(nothing compressed, nothing for ODA to align); give sgp.p >= 1, use method=fedpetuning for an "
+           "uncompressed baseline, or set debug.allow_degenerate=true to run it anyway")
 
 
 def _validate_world(cfg: Config, world_size: int) -> None:

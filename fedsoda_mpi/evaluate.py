@@ -97,14 +97,16 @@ def label_word_ids(tokenizer, task: str) -> list[int]:
 
 @torch.no_grad()
 def label_accuracy(model: torch.nn.Module, tokenizer, task: str, rows: Sequence[dict], batch_size: int = 8,
-                   max_examples: int | None = None, max_len: int | None = None) -> dict:
+                   max_examples: int | None = None, max_len: int | None = None,
+                   progress: Callable[[int, int, int], None] | None = None) -> dict:
     """Label-word likelihood accuracy on SST-2 / BoolQ.
 
     Rows are sorted by prompt length into right-padded batches; the decoder body gives hidden states, the
     row's last non-pad position is gathered and only those B vectors go through the LM head. The prediction
     is the argmax over the label words' logits. `max_len` (eval.max_len): every prompt is cut as a training example
     of that length would be (`lengths.fit_rows`: the text from the left, the template and the label position kept),
-    so a batch holds at most batch_size x max_len tokens; None keeps the prompts whole.
+    so a batch holds at most batch_size x max_len tokens; None keeps the prompts whole. `progress(done, total, done)`
+    is called after every batch (rows done of all).
     Returns {"accuracy", "n", "truncated" (prompts cut to max_len), "predictions" [n] (row order),
     "label_logits" [n, n_labels], "pred_counts" and "label_counts" [n_labels] (how often each class is predicted
     and how often it is the answer: a model that predicts one class scores the majority share, not chance)}.
@@ -128,6 +130,8 @@ def label_accuracy(model: torch.nn.Module, tokenizer, task: str, rows: Sequence[
             hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             last = hidden[torch.arange(len(idx), device=device), mask.sum(1) - 1]
             scores[idx] = to_numpy(_label_logits(head, last, word_ids.to(device)))
+            if progress:
+                progress(start + len(idx), len(rows), start + len(idx))
     predictions = scores.argmax(axis=1)
     k = len(word_ids)
     return {"accuracy": float((predictions == labels).mean()), "n": len(rows), "truncated": truncated,
@@ -445,8 +449,8 @@ def evaluate(model: torch.nn.Module, tokenizer, task: str, max_examples: int | N
              progress: Callable[[int, int, int], None] | None = None, max_len: int | None = None) -> dict:
     """Accuracy of `model` on `task` (sst2 | boolq: label likelihood; gsm8k: k-shot generation) over `rows`
     (default: the test split); GSM8K's k shots are drawn from `shot_rows` (default: the train split).
-    `journal` and `progress` serve GSM8K's generation, which takes hours (`gsm8k_accuracy`); a label task,
-    minutes, ignores them. `max_len` bounds the prompts (`label_accuracy`, `gsm8k_accuracy`)."""
+    `journal` serves GSM8K's generation, which takes hours (`gsm8k_accuracy`); a label task, minutes, ignores it.
+    `progress` is called as the rows are done. `max_len` bounds the prompts (`label_accuracy`, `gsm8k_accuracy`)."""
     rows = load_rows(task, "test") if rows is None else rows
     if task == "gsm8k":
         shots = load_rows("gsm8k", "train") if shot_rows is None else shot_rows
@@ -455,7 +459,7 @@ def evaluate(model: torch.nn.Module, tokenizer, task: str, max_examples: int | N
                               progress=progress, max_len=max_len)
     if task in LABEL_WORDS:
         return label_accuracy(model, tokenizer, task, rows, batch_size=batch_size, max_examples=max_examples,
-                              max_len=max_len)
+                              max_len=max_len, progress=progress)
     raise ValueError(f"unknown task {task!r}; expected gsm8k or one of {sorted(LABEL_WORDS)}")
 
 

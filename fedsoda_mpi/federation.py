@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from .methods import Plan
 from .runlog import RunFolderRefused, RunLog, run_dir_of, take_lock
 from .signals import PROGRESS, STOP_REQUESTED, StopRequested
 from .timing import EXTRA, PHASES, PhaseClock, split
+from .watchdog import Heartbeat, Watch, period_for
 
 
 def client_schedule(cfg: Config, world_size: int, rnd: int) -> list[int]:
@@ -184,6 +186,26 @@ def run(cfg: Config, comm, inputs: tuple) -> dict | None:
     """Algorithm 2 across ranks; returns the final results on rank 0, {"stopped": round} on every rank after a
     stop request, None on client ranks otherwise. `inputs` = (the clients' rows, their label histogram)."""
     log, ck = open_run(cfg, comm)
+    with watching(cfg, comm, log.run_dir):
+        return _run(cfg, comm, inputs, log, ck)
+
+
+@contextmanager
+def watching(cfg: Config, comm, run_dir: Path):
+    """This rank's heartbeat and its watch of the other ranks' (watchdog.py) for as long as the run lasts."""
+    if cfg.fed.stall_timeout <= 0:
+        yield
+        return
+    with Heartbeat(run_dir, comm.rank, period_for(cfg.fed.stall_timeout)):
+        comm.watch = Watch(run_dir, comm.rank, list(range(comm.size)), cfg.fed.stall_timeout)
+        try:
+            yield
+        finally:
+            comm.watch = None
+
+
+def _run(cfg: Config, comm, inputs: tuple, log: RunLog, ck) -> dict | None:
+    """The run once its folder is open (`run`)."""
     seed_all(cfg.seed)
     log.log(f"rank {comm.rank}/{comm.size} on {comm.device()}, {torch.get_num_threads()} torch threads, "
             f"run dir {log.run_dir}")

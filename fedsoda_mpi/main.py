@@ -184,6 +184,17 @@ def usage_exit(comm, e: Exception) -> int:
     return USAGE_EXIT
 
 
+def stalled_exit(comm, e: Exception) -> None:
+    """One line (stderr and this rank's log) naming the stalled rank, then MPI_Abort: the launcher kills every rank."""
+    log = PROGRESS["log"]
+    line = f"fedsoda-mpi: {e}, {where_now()}; ending the job; {resume_hint(log.run_dir if log else None)}"
+    if log is not None:
+        log.log(line)
+        log.close()
+    print(line, file=sys.stderr, flush=True)
+    comm.comm.Abort(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     printed = print_config(argv)  # --help (argparse exits 0) and --print-config: no MPI
@@ -194,11 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .models import ModelError
     from .runlog import RunFolderRefused
+    from .space import check_space
+    from .watchdog import RankStalled
 
     comm = Comm()  # no collective yet: rank and size only
     try:
         cfg = prepare_config(argv, comm.size)
         inputs = prepare_inputs(cfg)
+        check_space(cfg, comm.rank)  # this rank's TMPDIR holds its copy of the sub-LLM
         devices.deterministic(cfg.debug.deterministic)  # before any CUDA work: cuBLAS reads its workspace setting once
         comm.agree_devices(cfg.device, devices.bf16_keys(cfg))  # the first collective: every rank's report
     except (ConfigError, DataError, ModelError, devices.DeviceError) as e:
@@ -223,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         if comm.rank == 0:
             print(f"fedsoda-mpi: stopped on {e.signal} {where_now()}; {hint}", file=sys.stderr, flush=True)
         os._exit(TERMINATED_EXIT)  # no MPI_Finalize: the other ranks are leaving too, not waiting in a collective
+    except RankStalled as e:  # seen by a rank waiting for the others (watchdog.py): end every rank, the stalled one too
+        stalled_exit(comm, e)
     return STOPPED_EXIT if result and "stopped" in result else 0
 
 

@@ -83,8 +83,10 @@ def _clear_stale(dest: Path) -> None:
     """Remove an interrupted (marker-less) model folder, refusing to touch anything that is not ours."""
     if not dest.exists():
         return
+    if not dest.is_dir():
+        raise PrepareError(f"--dest {dest} exists and is not a folder; remove it or pass another --dest")
     foreign = [p.name for p in dest.iterdir() if p.name not in _OWN_FILES]
-    if not dest.is_dir() or foreign:
+    if foreign:
         raise PrepareError(f"{dest} exists but is not a prepared model folder (found {foreign[:3]}); "
                            "remove it or pass another --dest")
     log.info("removing interrupted preparation in %s", dest)
@@ -375,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         path = prepare_model(args.name, args.dest) if args.what == "model" else prepare_data(args.src, args.dest)
     except PrepareError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a read-only or full destination: one line naming the file, not a traceback
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
     print(path)
     return 0

@@ -54,13 +54,14 @@ _STARTED: list[str] = []  # this process's start time as run names use it, fixed
 
 
 def run_name(cfg: Config) -> str:
-    """output.name, or <job>-<method>-<Slurm job id (_array task) or the start time>. The start time is taken
-    once per process, so every call names the same folder (the lock and the run must be one folder)."""
+    """output.name, or <job>-<method>-<Slurm job id (_array task), or the start time and process id>. The start
+    time is taken once per process, so every call names the same folder (the lock and the run must be one folder);
+    the process id keeps two runs started in the same second apart (rank 0 names the folder for every rank)."""
     job = Path(cfg.job).stem if cfg.job else "job"
     slurm = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
     task = os.environ.get("SLURM_ARRAY_TASK_ID")
     if not _STARTED:
-        _STARTED.append(time.strftime("%Y%m%d-%H%M%S"))
+        _STARTED.append(f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     tag = f"{slurm}_{task}" if slurm and task else (slurm or _STARTED[0])
     return cfg.output.name or f"{job}-{cfg.method}-{tag}"
 

@@ -421,10 +421,13 @@ class Server:
         return {"seconds": time.perf_counter() - t0, **res}  # GSM8K's own counts its journal's earlier attempts
 
     def eval_progress(self, name: str, every_s: float = 60.0):
-        """The progress callback of a journaled evaluation: a log line at most every `every_s` seconds (and at the
-        end) with the questions done, the rate and the time left, after one line on what its journal already held;
-        raises StopRequested once SIGUSR1 has come."""
+        """The progress callback of a journaled evaluation: a log line after the first batch, then at most every
+        `every_s` seconds (and at the end) with the rows done, the rate and the time left, after one line on what
+        its journal already held; GSM8K's raises StopRequested once SIGUSR1 has come (its journal keeps the batches
+        done; a label task's evaluation, minutes, runs to its end)."""
         t0, last = time.time(), [None]
+        gsm8k = self.cfg.data.task == "gsm8k"
+        unit, verb = ("questions", "generated question") if gsm8k else ("rows", "row")
 
         def progress(done: int, total: int, generated: int) -> None:
             now = time.time()
@@ -434,10 +437,10 @@ class Server:
                                  f"{self.log.run_dir / 'eval' / (name + '.jsonl')}")
                 if last[0] is None or done == total or now - last[0] >= every_s:
                     rate = (now - t0) / max(generated, 1)
-                    self.log.log(f"eval {name}: {done}/{total} questions, {rate:.1f} s per generated question, "
+                    self.log.log(f"eval {name}: {done}/{total} {unit}, {rate:.{1 if gsm8k else 3}f} s per {verb}, "
                                  f"about {rate * (total - done) / 60:.0f} min left")
                     last[0] = now
-            if STOP_REQUESTED[0] and done < total:
+            if gsm8k and STOP_REQUESTED[0] and done < total:
                 raise StopRequested(f"eval {name} stopped at {done}/{total} questions (kept in its journal)")
 
         return progress

@@ -333,6 +333,17 @@ def test_unfinished_run_is_still_skipped_with_a_warning(runs, tmp_path, monkeypa
     assert code == 0 and err == [f"warning: skipping {runs[1]}: no /final (unfinished or failed run?)"]
 
 
+def test_distance_profile_of_a_run_without_sgp_says_its_method_records_none(runs, tmp_path, monkeypatch, capsys):
+    """A finished FedPETuning run has no /sgp: the warning names its method, not an "unfinished or failed run"."""
+    with h5py.File(runs[1], "a") as f:
+        del f["sgp"]
+        f.attrs["method"] = "fedpetuning"
+    code, err = run_main("plot_distance_profile.py", *runs, "--out", tmp_path / "fig", monkeypatch=monkeypatch,
+                         capsys=capsys)
+    assert code == 0 and err == [f"warning: skipping {runs[1]}: no /sgp/distance (a finished fedpetuning run: its "
+                                 "method does not record it)"]
+
+
 @pytest.fixture
 def unwritable_dir(tmp_path) -> Path:
     """A folder in which no file can be created: a mode-0555 folder, or /sys when running as root."""

@@ -325,3 +325,29 @@ def test_open_run_names_job_file_keys_over_the_preset_and_refuses_for_every_rank
     with pytest.raises(RunFolderRefused, match="holds a finished run of 1 round but none of its checkpoints is valid"):
         open_run(load_config(None, ["resume=auto", f"output.dir={finished}"]), _OneRank())
     assert not (finished / "log.txt").exists()
+
+
+def test_label_evaluation_logs_its_progress(tiny_model_dir):
+    """A label task's final evaluation (thousands of rows at 8B) logs after its first batch and at its end (and at
+    most once a minute between), through the same callback as GSM8K's, in rows; it never stops half-way."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from fedsoda_mpi import data, models
+    from fedsoda_mpi.evaluate import label_accuracy
+    from fedsoda_mpi.server import Server
+    from fedsoda_mpi.signals import STOP_REQUESTED
+
+    model, tok = models.load_causal_lm(tiny_model_dir)
+    lines, calls = [], []
+    fake = SimpleNamespace(cfg=load_config(None, []), log=SimpleNamespace(log=lines.append, run_dir=Path("-")))
+    step = Server.eval_progress(fake, "full")
+    STOP_REQUESTED[0] = "SIGUSR1"  # a stop request waits for the end of a label evaluation
+    try:
+        label_accuracy(model, tok, "sst2", data.load_rows("sst2", "test")[:10], batch_size=4,
+                       progress=lambda *a: (calls.append(a), step(*a)))
+    finally:
+        STOP_REQUESTED[0] = None
+    assert calls == [(4, 10, 4), (8, 10, 8), (10, 10, 10)]
+    assert [line.split(",")[0] for line in lines] == ["eval full: 4/10 rows", "eval full: 10/10 rows"], lines
+    assert " s per row, about " in lines[0]

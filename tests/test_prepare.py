@@ -78,6 +78,23 @@ def test_foreign_dest_is_not_deleted(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_model_dest_that_is_a_file_or_unwritable_is_one_line(tmp_path, monkeypatch, capsys):
+    """`prepare model --dest` a file: a PrepareError; a folder it cannot write (root ignores chmod, so the
+    PermissionError is injected where the build starts): exit 2, one line naming the path, no traceback."""
+    dest = tmp_path / "m"
+    dest.write_text("a file")
+    with pytest.raises(P.PrepareError, match=f"--dest {dest} exists and is not a folder"):
+        P.prepare_model("smollm2-135m", dest=dest)
+    assert dest.read_text() == "a file"
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "ro"))
+
+    monkeypatch.setattr(P.tempfile, "TemporaryDirectory", refuse)
+    assert P.main(["model", "smollm2-135m", "--dest", str(tmp_path / "ro" / "m")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: Permission denied: {tmp_path / 'ro'}"]
+
+
 def test_hf_download_offline_is_a_clear_error(tmp_path, monkeypatch):
     import huggingface_hub.constants
 

@@ -1,13 +1,18 @@
 """Run file: schema round trip, resizable per-round rows, readable while open."""
 import json
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
 
 from fedsoda_mpi.config import load_config
 from fedsoda_mpi.runlog import RunLog, versions
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_schema_round_trip(tmp_path):
@@ -72,3 +77,19 @@ def test_a_run_folder_is_locked_by_one_process_and_freed_when_it_dies(tmp_path):
         holder.wait()
     assert lock_run_dir(run_dir)  # the kernel released the killed holder's lock: no stale lock
     assert (run_dir / ".lock").read_text().startswith(f"host {socket.gethostname()}, pid {os.getpid()}")
+
+
+def test_default_run_folders_of_two_runs_started_in_the_same_second_differ(tmp_path):
+    """No output.name, no Slurm job id: the run folder is <job>-<method>-<start time>-<pid of rank 0>, so two runs
+    started in the same second get two folders instead of the second being refused by the first one's lock."""
+    code = ("import time; from fedsoda_mpi.config import load_config; from fedsoda_mpi.runlog import run_dir_of; "
+            "time.sleep(1 - time.time() % 1); cfg = load_config('jobs/smollm2_sst2_iid.yaml', []); "
+            "print(run_dir_of(cfg).name, run_dir_of(cfg).name)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    names = [p.communicate(timeout=120)[0].split() for p in procs]
+    assert all(a == b for a, b in names)  # one process, one name
+    assert names[0][0] != names[1][0]
+    for (name, _), p in zip(names, procs):
+        assert re.fullmatch(rf"smollm2_sst2_iid-fedsoda-\d{{8}}-\d{{6}}-{p.pid}", name), name

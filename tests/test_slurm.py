@@ -49,9 +49,27 @@ def job_env(run_root: Path, **extra) -> dict:
             "FEDSODA_PROGRESS": "0", **extra}
 
 
+def queue_report() -> str:
+    """What the scheduler says about its queue and node (jobs with their pending reasons, node states, the tail
+    of slurmctld's log): attached to a job that timed out, so a stalled queue explains itself."""
+    cmds = (["squeue", "-o", "%i %j %T %R %C %b"], ["sinfo", "-N", "-o", "%N %T %C %E"])
+    parts = [subprocess.run(c, capture_output=True, text=True, timeout=60).stdout for c in cmds]
+    log = Path(os.environ.get("SLURM_LOCAL_DIR", "/tmp/local-slurm")) / "log" / "slurmctld.log"
+    tail = log.read_text().splitlines()[-20:] if log.is_file() else []
+    return "\n".join([*parts, *tail])
+
+
 def sbatch(args: list[str], env: dict, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(["timeout", str(int(timeout)), "sbatch", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout + 30)
+    """`sbatch ARGS` under `timeout`; a `--wait` that times out cancels its job (it would hold the node for the
+    tests after it) and fails with the queue report."""
+    res = subprocess.run(["timeout", str(int(timeout)), "sbatch", *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=timeout + 30)
+    if res.returncode == 124:
+        report = queue_report()
+        if res.stdout.strip():
+            subprocess.run(["scancel", job_id(res)], timeout=60)
+        pytest.fail(f"sbatch {' '.join(args)} did not end within {timeout:.0f} s; the queue then:\n{report}")
+    return res
 
 
 def job_id(res: subprocess.CompletedProcess) -> str:
@@ -141,7 +159,8 @@ def test_bad_config_fails_the_job_with_exit_code_2(cluster, tmp_path):
     """The launch line reaches fedsoda_mpi.main with the overrides; a config error ends every rank (exit 2)."""
     env = job_env(tmp_path, JOB_CONFIG="jobs/smollm2_sst2_iid.yaml", FEDSODA_OVERRIDES="fed.clients=0")
     out = tmp_path / "job.out"
-    res = sbatch(["--wait", "--parsable", "--ntasks=3", "-o", str(out), "slurm/llama3_iid.sh"], env, timeout=300)
+    res = sbatch(["--wait", "--parsable", "--ntasks=3", "--cpus-per-task=1", "-o", str(out), "slurm/llama3_iid.sh"],
+                 env, timeout=300)
     jid = job_id(res)
     assert res.returncode == 2 and wait_done(jid, timeout=60) == ("FAILED", "2:0"), out.read_text()
     text = out.read_text()
@@ -154,7 +173,8 @@ def test_llama3_iid_script_toy_run(cluster, toy, tmp_path):
     env = job_env(tmp_path, JOB_CONFIG="jobs/smollm2_sst2_iid.yaml", FEDSODA_OVERRIDES=toy)
     out = tmp_path / "job.out"
     t0 = time.time()
-    res = sbatch(["--wait", "--parsable", "--ntasks=3", "-o", str(out), "slurm/llama3_iid.sh"], env)
+    res = sbatch(["--wait", "--parsable", "--ntasks=3", "--cpus-per-task=1", "-o", str(out), "slurm/llama3_iid.sh"],
+                 env)
     log = out.read_text() if out.exists() else res.stderr
     jid = job_id(res)
     assert res.returncode == 0, log[-4000:]
@@ -296,8 +316,8 @@ def test_usr1_checkpoints_requeues_and_the_job_matches_an_uninterrupted_one(clus
     env = job_env(tmp_path, JOB_CONFIG="jobs/smollm2_sst2_iid.yaml", FEDSODA_OVERRIDES=toy)
     ids = {}
     for name in ("plain", "requeued"):
-        res = sbatch(["--parsable", "--ntasks=3", "-J", name, "-o", str(tmp_path / f"{name}-%j.out"),
-                      "slurm/llama3_iid.sh"], env, timeout=60)
+        res = sbatch(["--parsable", "--ntasks=3", "--cpus-per-task=1", "-J", name, "-o",
+                      str(tmp_path / f"{name}-%j.out"), "slurm/llama3_iid.sh"], env, timeout=60)
         assert res.returncode == 0, res.stderr
         ids[name] = job_id(res)
     run = {name: tmp_path / f"{name}-{jid}" for name, jid in ids.items()}

@@ -149,11 +149,24 @@ def test_yaml_anchors_and_the_shipped_jobs_still_load(tmp_path):
     ("oda.drift_threshold=0.5", "oda.drift_threshold: the ratio tau must be > 1, got 0.5"),
     ("oda.drift_threshold=inf", "oda.drift_threshold: must be a finite number, got inf"),
     ("oda.max_interval=-1", "oda.max_interval: must be >= 0, got -1"),
+    ("fed.stall_timeout=2", "fed.stall_timeout: must be 0 (never) or >= 5 seconds (heartbeats come every tenth of it), "
+                            "got 2.0"),
+    ("sgp.p=0", "sgp.p=0 with method=fedsoda: the plan removes no layer, so the clients' sub-LLM is the whole emulator "
+                "(nothing compressed, nothing for ODA to align); give sgp.p >= 1, use method=fedpetuning for an "
+                "uncompressed baseline, or set debug.allow_degenerate=true to run it anyway"),
 ])
 def test_bad_key_names_that_key(arg, msg):
     with pytest.raises(ConfigError) as e:
         load_config(None, [arg])
     assert one_line(e) == msg
+
+
+def test_a_degenerate_setting_runs_when_allowed():
+    """debug.allow_degenerate=true lets a legal but meaningless setting through (here: an emulator method that
+    prunes nothing); FedPETuning's own sgp.p=0 needs no confirmation."""
+    for method in ("fedsoda", "fedot", "fedbiot"):
+        assert load_config(None, [f"method={method}", "sgp.p=0", "debug.allow_degenerate=true"]).sgp.p == 0
+    assert load_config(None, ["method=fedpetuning"]).sgp.p == 0
 
 
 AUTO = ["sgp.auto=true", "sgp.remove_layers=12"]
