@@ -32,7 +32,7 @@ What each rank holds at its peak (formulas in the functions named):
   Label tokens per training example: SST-2 / BoolQ 2 (the label word, one token, + eos); GSM8K the whole
   sequence (data.max_len - 1): the worst case, a solution that fills max_len.
 Host RAM and TMPDIR at 8B (`host_needs`): from the code's copies of the bundle (models.model_bundle,
-comm.broadcast_bytes, models.load_bundle) and of the sub-LLM (models.build_sub_model); see the README table.
+comm.broadcast_bytes, models.load_bundle) and of the sub-LLM (models.build_sub_model); see the table in docs/gpu.md.
 """
 from __future__ import annotations
 
@@ -304,7 +304,7 @@ def planning_table(jobs: list[Path], methods: tuple[str, ...], overrides: tuple[
 
 def summary_table(methods: tuple[str, ...], overrides: tuple[str, ...] = ()) -> list[str]:
     """Markdown rows per 7-8B model and method: rank 0's GiB (its largest over the three tasks) and a client's on
-    each task, with the smallest card that holds it (the README's table)."""
+    each task, with the smallest card that holds it (the table in docs/gpu.md)."""
     rows = ["| model | method | rank 0 | client SST-2 | client BoolQ | client GSM8K |", "|---|---|---|---|---|---|"]
     for model in ("llama3", "qwen2", "mistral"):
         for method in methods:
@@ -456,7 +456,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=128, help="tokens per example in --validate")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--jobs", default="*", help="glob of job files under jobs/ (default: all)")
-    ap.add_argument("--summary", action="store_true", help="the README's table: 7-8B models, GiB (smallest card)")
+    ap.add_argument("--summary", action="store_true", help="docs/gpu.md's table: 7-8B models, GiB (smallest card)")
     ap.add_argument("overrides", nargs="*", help="key=value settings applied to every job (what to change)")
     args = ap.parse_args()
     if args.validate:

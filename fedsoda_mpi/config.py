@@ -40,12 +40,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "sst2"  # sst2 | boolq | gsm8k | custom (your own dataset: data.custom, docs/datasets.md)
+    task: str = "sst2"  # the task the clients train on and the model is evaluated on: sst2 | boolq | gsm8k | custom (your own dataset: data.custom, docs/datasets.md)
     custom: str = ""  # data.task=custom: the task folder, a name under <data>/custom/ or a path (docs/datasets.md)
     public: str = "wikitext2"  # D_public for SGP and ODA: wikitext2 | gsm8k (train split, disjoint from eval) |
     #                            self (text the full LLM samples itself, cached in <run>/public_self.jsonl)
     split: str = "iid"  # iid | dirichlet (label skew)
-    dirichlet_beta: float = 0.5
+    dirichlet_beta: float = 0.5  # data.split=dirichlet: concentration of the label skew (smaller: more skewed)
     max_len: int = 128  # tokens per training example
     max_train_per_client: int = 0  # 0 = the client's whole partition
     pooled_clients: int = 0  # K > 0: partition over K clients as usual, then pool it all into the one client
@@ -53,7 +53,7 @@ class DataConfig:
     val_size: int = 500  # validation rows held out of the training file (fixed rows, data.VAL_SEED); no client
     #                      trains on them; per-round evaluation and learning-rate selection use them (0 = none)
     public_samples: int = 64  # paragraphs of D_public used for SGP and pre-alignment (public=self: texts generated)
-    public_max_len: int = 128
+    public_max_len: int = 128  # tokens per public text (SGP, alignment, KL, drift probe); longer texts are cut
     self_temperature: float = 0.8  # public=self: sampling temperature of the full LLM (> 0)
     self_max_new_tokens: int = 64  # public=self: tokens generated after each generic prompt
     self_batch_size: int = 16  # public=self: prompts per batched generate() call
@@ -74,8 +74,8 @@ class SGPConfig:
 
 @dataclass
 class ODAConfig:
-    pre_align: bool = True
-    re_align: bool = True
+    pre_align: bool = True  # align M* to the full LLM once before round 1 (pre-alignment, E_p epochs)
+    re_align: bool = True  # re-align M* during training (oda.trigger) and send the emulator LoRA again
     every: int = 5  # r: re-align every r rounds (oda.trigger=every)
     trigger: str = "every"  # every: every r rounds | drift: when the output drift probe (KL on the held-out probe
     #                         batch) after a round exceeds drift_threshold x its value just after the last alignment
@@ -86,16 +86,16 @@ class ODAConfig:
     re_samples: int = 32  # random public paragraphs per re-alignment
     alpha: float = 1.0  # weight of L_rep (eq. 8)
     beta: float = 1.0  # weight of L_KL (eq. 8)
-    lr: float = 1e-4
-    batch_size: int = 4
+    lr: float = 1e-4  # learning rate of the alignment (AdamW on the emulator LoRA)
+    batch_size: int = 4  # public texts per alignment step (also per batch of SGP's profile and the KL probes)
 
 
 @dataclass
 class LoraConfig:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: list = field(
+    r: int = 8  # LoRA rank
+    alpha: int = 16  # LoRA scaling alpha (the update is scaled by alpha / r)
+    dropout: float = 0.05  # LoRA dropout
+    target_modules: list = field(  # Linear layers of each decoder layer that get LoRA (comma-separated)
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
     def kwargs(self) -> dict:
@@ -106,25 +106,25 @@ class LoraConfig:
 @dataclass
 class QuantConfig:
     enabled: bool = True  # NF4 sub-LLM on the clients (QLoRA)
-    compute_dtype: str = "float32"
-    double_quant: bool = True
+    compute_dtype: str = "float32"  # dtype the NF4 layers compute in (bitsandbytes bnb_4bit_compute_dtype)
+    double_quant: bool = True  # quantize the NF4 scales too (bitsandbytes double quantization)
 
 
 @dataclass
 class FedConfig:
-    rounds: int = 10
+    rounds: int = 10  # T: federated rounds
     clients: int = 10  # N virtual clients, spread over the client ranks
     clients_per_round: int = 0  # 0 = all clients every round
     local_steps: int = 10  # optimizer steps per round; 0 = run local_epochs full epochs
     local_epochs: int = 1  # H (used when local_steps = 0)
-    batch_size: int = 4
-    lr: float = 1e-4
+    batch_size: int = 4  # examples per local step
+    lr: float = 1e-4  # local learning rate (AdamW, betas 0.9 / 0.95)
     mu: float = 0.01  # proximal weight (eq. 9)
     emulator_cache: bool = True  # cache the frozen sub-emulator's outputs between re-alignments
     cache_dir: str = ""  # node-local folder of the cache's disk tier ("": $SLURM_TMPDIR, else $TMPDIR, else /tmp)
     cache_max_gb: float = 0.0  # disk tier cap per client rank, GB (10^9 bytes), LRU eviction; 0 = no disk tier (opt-in)
     checkpoint_every: int = 1  # rounds between checkpoints (0: none; resume=auto then has nothing to resume from)
-    keep_checkpoints: int = 2  # newest checkpoints kept (>= 2, so a corrupted newest one has a fallback)
+    keep_checkpoints: int = 2  # newest checkpoints kept (>= 1; with 2 or more a corrupted newest one has a fallback)
     aggregator: str = "fedavg"  # fedavg | fedsrd | fedsrd-e (fedsoda_mpi/fedsrd.py)
     upload_density: float = 1.0  # fedsrd*: fraction of each LoRA update tensor a client uploads
     download_density: float = 1.0  # fedsrd*: fraction of the global update the server broadcasts
@@ -140,11 +140,11 @@ class FedConfig:
 class EvalConfig:
     every: int = 5  # evaluate the full LLM + adapter on the validation rows every k rounds (0 = only at the end)
     max_examples: int = 200  # test examples of the final evaluation (the first ones; bounds CPU time); 0 = all
-    batch_size: int = 8
+    batch_size: int = 8  # examples per evaluation forward (GSM8K: questions per generate() call)
     dtype: str = "float32"  # float32 | bfloat16: evaluation forwards under autocast (bfloat16: ~2.5x faster on CPUs with AVX512-BF16)
     base: bool = True  # evaluate the base model (round 0) on the test split; a study evaluates it once per task
     k_shot: int = 4  # GSM8K shots
-    max_new_tokens: int = 256
+    max_new_tokens: int = 256  # GSM8K: tokens generated per answer at most (greedy decoding)
     max_len: int = 512  # tokens of an evaluation prompt (SST-2 / BoolQ), of each GSM8K shot (question + solution) and
     #                     each GSM8K question; longer rows are cut as training rows are (fedsoda_mpi/lengths.py), so
     #                     a batch holds at most batch_size x (k_shot + 1) x max_len (+ max_new_tokens) tokens
@@ -168,9 +168,9 @@ class DebugConfig:
 
 @dataclass
 class Config:
-    method: str = "fedsoda"
-    seed: int = 0
-    resume: str = "none"  # none | auto
+    method: str = "fedsoda"  # the method preset (fedsoda_mpi/methods.py), applied before the job file
+    seed: int = 0  # seeds the client split, sampling, batch order and dropout (every draw: seed, round, client)
+    resume: str = "none"  # none | auto: continue from the run folder's newest valid checkpoint (output.dir), else start
     device: str = "auto"  # auto | cuda | cpu: each rank's compute device (fedsoda_mpi/devices.py)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -98,6 +98,7 @@ def open_run(cfg: Config, comm) -> tuple[RunLog, checkpoint.Checkpoint | None]:
     for line in notes:
         log.log(line)
     if comm.is_server:
+        log.log_config(cfg)
         for key in preset_keys_set_by_job(cfg):
             log.log(f"note: the job file {cfg.job} sets {key}; the job file wins over the method preset")
     return log, ck

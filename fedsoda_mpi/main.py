@@ -31,16 +31,56 @@ class _Parser(argparse.ArgumentParser):
     """A command-line error is a ConfigError (one line from rank 0, exit 2), not usage text from every rank."""
 
     def error(self, message: str):
-        raise ConfigError(f"{message} (usage: {self.format_usage().strip().removeprefix('usage: ')})")
+        usage = " ".join(self.format_usage().split()).removeprefix("usage: ")  # one line, however argparse wraps it
+        raise ConfigError(f"{message} (usage: {usage})")
+
+
+def help_epilog() -> str:
+    """The --help text after the options: the config sections, where every key is documented, the order."""
+    from .config_docs import SECTIONS
+
+    width = max(len(name) for name in SECTIONS) + 4
+    lines = [f"  {name + '.*' if name else 'top level':<{width}} {text}" for name, text in SECTIONS.items()]
+    return ("config sections (key=value overrides; every key, its type, default, allowed values and the methods it\n"
+            "applies to: docs/config.md):\n" + "\n".join(lines) + "\n\n"
+            "order: defaults < the method's preset < the job file (--config) < key=value overrides.\n"
+            "launch: mpirun -n 3 python -m mpi4py -m fedsoda_mpi.main [--config JOB] [key=value ...]")
+
+
+def parse_options(argv: list[str]) -> argparse.Namespace:
+    """--config, --print-config and the key=value overrides, which may come before, after or around the options."""
+    ap = _Parser(prog="fedsoda_mpi.main", description=__doc__.split("\n")[0], epilog=help_epilog(),
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="job YAML (default: jobs/smollm2_sst2_iid.yaml)")
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the resolved config (preset, job file, overrides applied) as YAML and exit; no run")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. fed.rounds=2")
+    return ap.parse_intermixed_args(argv)
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
     """(--config, the key=value overrides), which may come before, after or around --config."""
-    ap = _Parser(prog="fedsoda_mpi.main", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default=None, help="job YAML (default: jobs/smollm2_sst2_iid.yaml)")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. fed.rounds=2")
-    args = ap.parse_intermixed_args(argv)
+    args = parse_options(argv)
     return args.config, args.overrides
+
+
+def print_config(argv: list[str]) -> int | None:
+    """--print-config: the resolved config as YAML on stdout and 0, or one config error line and 2; before any MPI
+    (no mpirun needed). None when argv does not ask for it (or cannot be parsed: the run reports that)."""
+    from .config import to_yaml
+
+    try:
+        args = parse_options(argv)
+    except ConfigError:
+        return None
+    if not args.print_config:
+        return None
+    try:
+        print(to_yaml(load_config(args.config, args.overrides)), end="")
+    except ConfigError as e:
+        print(f"fedsoda-mpi: config error: {e}", file=sys.stderr)
+        return USAGE_EXIT
+    return 0
 
 
 def prepare_config(argv: list[str], world_size: int) -> Config:
@@ -182,6 +222,9 @@ def stalled_exit(comm, e: Exception) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    printed = print_config(argv)  # --help (argparse exits 0) and --print-config: no MPI
+    if printed is not None:
+        return printed
     from . import devices
     from .comm import Comm, exit_with_launcher, install_abort_hook
     from .data import DataError

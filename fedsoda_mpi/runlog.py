@@ -208,6 +208,13 @@ class RunLog:
         if (self.echo if echo is None else echo) and self.rank == 0:
             print(line, flush=True)
 
+    def log_config(self, cfg: Config) -> None:
+        """The resolved config (method preset < job file < overrides; config.yaml holds the same), one line per
+        YAML line after a header line; only the header is echoed to stdout."""
+        self.log(f"resolved config (the {cfg.method} preset < {cfg.job} < key=value overrides; also config.yaml):")
+        for line in to_yaml(cfg).splitlines():
+            self.log(f"  {line}", echo=False)
+
     def progress(self, what: str, total: int, unit: str = "steps", every_s: float = 60.0):
         """A callback `done -> None` for a long phase of `total` units: one line now with the count, one after the
         first unit with the time it took and an estimate of the rest, then at most one every `every_s` seconds

@@ -1,5 +1,5 @@
-"""The README's cluster section says what the scripts and benchmarks say: the Slurm resources table matches the
-scripts' #SBATCH lines, the memory tables match bench/gpu_memory.py, the GPU-hour table bench/gpu_hours.py."""
+"""The cluster docs say what the scripts and benchmarks say: the README's Slurm resources table matches the
+scripts' #SBATCH lines; docs/gpu.md's memory tables match bench/gpu_memory.py, its GPU-hour table bench/gpu_hours.py."""
 import re
 import subprocess
 import sys
@@ -9,12 +9,13 @@ import pytest
 from tests.conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
+GPU_DOC = (ROOT / "docs" / "gpu.md").read_text()
 
 
-def section(title: str) -> str:
-    """The README text from the heading `title` to the next heading."""
-    start = README.index(title)
-    rest = README[start + len(title):]
+def section(title: str, text: str = README) -> str:
+    """The text of a markdown file (the README by default) from the heading `title` to the next heading."""
+    start = text.index(title)
+    rest = text[start + len(title):]
     return rest[:re.search(r"^#{2,3} ", rest, re.M).start()]
 
 
@@ -48,11 +49,11 @@ def test_the_memory_tables_are_the_benchmarks_output():
                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     summary = [line for line in p.stdout.splitlines() if line.startswith("| ")][1:]
-    assert table_rows(section("### GPU memory per rank (estimate)"))[:len(summary)] == summary
+    assert table_rows(section("## GPU memory per rank (estimate)", GPU_DOC))[:len(summary)] == summary
     p = subprocess.run([sys.executable, "bench/gpu_memory.py", "--jobs", "*gsm8k*"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     host = set(p.stdout.splitlines())
-    rows = table_rows(section("### Host memory and TMPDIR at 7-8B (estimate)"))
+    rows = table_rows(section("## Host memory and TMPDIR at 7-8B (estimate)", GPU_DOC))
     assert rows and all(row in host for row in rows), rows
 
 
@@ -61,5 +62,5 @@ def test_the_gpu_hour_table_is_the_benchmarks_output(smollm2_dir):
     p = subprocess.run([sys.executable, "bench/gpu_hours.py", "studies/paper.yaml"], cwd=ROOT, capture_output=True,
                        text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
-    rows = table_rows(section("### GPU-hours of `studies/paper.yaml` (estimate)"))
+    rows = table_rows(section("## GPU-hours of `studies/paper.yaml` (estimate)", GPU_DOC))
     assert rows == [line for line in p.stdout.splitlines() if line.startswith("| ")][1:]

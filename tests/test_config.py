@@ -264,7 +264,7 @@ def test_overrides_may_come_before_and_after_config_and_a_bad_option_is_one_conf
     from fedsoda_mpi.main import parse_args
 
     assert parse_args(["fed.rounds=1", "--config", "jobs/x.yaml", "seed=2"]) == ("jobs/x.yaml", ["fed.rounds=1", "seed=2"])
-    usage = "(usage: fedsoda_mpi.main [-h] [--config CONFIG] [overrides ...])"
+    usage = "(usage: fedsoda_mpi.main [-h] [--config CONFIG] [--print-config] [overrides ...])"
     with pytest.raises(ConfigError) as e:
         parse_args(["--bogus"])
     assert str(e.value) == f"unrecognized arguments: --bogus {usage}"

@@ -292,9 +292,9 @@ class _OneRank:
 
 
 def test_open_run_names_job_file_keys_over_the_preset_and_refuses_for_every_rank(tmp_path, monkeypatch):
-    """Rank 0 logs the preset keys a job file overrides (the job file wins); a run folder that `checkpoint.claim`
-    refuses (a finished run whose every checkpoint is damaged) is the one-line RunFolderRefused that every rank
-    raises, before any log file is opened."""
+    """Rank 0 logs the resolved config and the preset keys a job file overrides (the job file wins); a run folder
+    that `checkpoint.claim` refuses (a finished run whose every checkpoint is damaged) is the one-line
+    RunFolderRefused that every rank raises, before any log file is opened."""
     import sys
 
     import h5py
@@ -309,8 +309,12 @@ def test_open_run_names_job_file_keys_over_the_preset_and_refuses_for_every_rank
     job.write_text("method: fedsoda\noda:\n  every: 5\n")
     log, ck = open_run(load_config(job, ["method=fedbiot", f"output.dir={tmp_path / 'run'}"]), _OneRank())
     log.close()
+    text = (tmp_path / "run" / "log.txt").read_text()
     assert ck is None and (f"note: the job file {job} sets oda.every=5 (the fedbiot preset: 1); the job file wins over "
-                           "the method preset") in (tmp_path / "run" / "log.txt").read_text()
+                           "the method preset") in text
+    assert f"resolved config (the fedbiot preset < {job} < key=value overrides; also config.yaml):" in text
+    assert "]   method: fedbiot\n" in text and "]     every: 5\n" in text  # the YAML, a line each, before the note
+    assert text.index("]     every: 5") < text.index("note: the job file")
     finished = tmp_path / "finished"
     (finished / "checkpoints" / "round00001").mkdir(parents=True)  # no state.json: not a valid checkpoint
     with h5py.File(finished / "run.h5", "w") as f:
