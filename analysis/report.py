@@ -38,16 +38,15 @@ from statistics import median
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the repository's fedsoda_mpi also without an installed package
+from fedsoda_mpi.methods import METHODS, NAMES  # noqa: E402
+from fedsoda_mpi.stats import binomial_se, mcnemar, mean_of, mean_std, missing, paired, t_ci, unbits, wilson  # noqa: E402
+
 DASH = "—"
 MAIN_STAGES = ("grid", "seeds")
 GSM8K = "gsm8k"
-METHODS = ("fedsoda", "fedpetuning", "fedot", "fedbiot")
-NAMES = {"fedsoda": "FedSODA", "fedpetuning": "FedPETuning", "fedot": "FedOT", "fedbiot": "FedBiOT"}
 TASKS = ("sst2", "boolq", "gsm8k")  # display order; other tasks follow alphabetically
 REQUIRED = ("run", "stage", "variant", "method", "task", "seed", "accuracy")
-# t_{0.975, df} for df = 1..30 (scipy is not a dependency); 1.96 beyond
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 BEGIN = re.compile(r"^<!-- report:begin (\S+) -->\s*$")
 END = "<!-- report:end {} -->"
 WARNED: set[str] = set()  # runs already warned about (one warning each)
@@ -57,73 +56,7 @@ class ReportError(ValueError):
     """Bad input; the message is the one line the user sees (exit code 2)."""
 
 
-# ---- statistics (pure) ----------------------------------------------------------------------------------------
-
-def t975(df: int) -> float:
-    """The 0.975 quantile of Student's t with `df` degrees of freedom (1.96 beyond df = 30)."""
-    return T975[df - 1] if df <= len(T975) else 1.96
-
-
-def mean_std(xs) -> tuple[float, float, int]:
-    """Mean, sample standard deviation (ddof = 1) and n of `xs`; std is nan for n < 2, both nan for n = 0."""
-    xs = [float(x) for x in xs]
-    n = len(xs)
-    if n == 0:
-        return math.nan, math.nan, 0
-    m = math.fsum(xs) / n
-    s = math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else math.nan
-    return m, s, n
-
-
-def t_ci(xs) -> tuple[float, float] | None:
-    """The 95% confidence interval of the mean of `xs` (Student t, df = n - 1); None for n < 2."""
-    m, s, n = mean_std(xs)
-    if n < 2:
-        return None
-    half = t975(n - 1) * s / math.sqrt(n)
-    return m - half, m + half
-
-
-def paired(a: dict, b: dict) -> dict:
-    """a - b paired by seed (only the seeds both have): seeds, per-seed diffs, their mean, 95% CI (None for
-    n < 2) and whether the CI excludes 0 (None without a CI)."""
-    seeds = sorted(set(a) & set(b))
-    diffs = [float(a[s]) - float(b[s]) for s in seeds]
-    ci = t_ci(diffs)
-    return {"seeds": seeds, "diffs": diffs, "mean": mean_std(diffs)[0], "n": len(seeds), "ci": ci,
-            "excludes_zero": None if ci is None else (ci[0] > 0 or ci[1] < 0)}
-
-
-def unbits(text: str, n: int) -> list[bool]:
-    """The per-question 0/1 vector a summary stores as hex of its bits (study.bits: the first question in the
-    high bit of the first byte)."""
-    return [bool(byte >> (7 - j) & 1) for byte in bytes.fromhex(text) for j in range(8)][:n]
-
-
-def mcnemar(a: list[bool], b: list[bool]) -> dict:
-    """Two models on the same test questions (a, b: answered correctly): a − b in points with a 95% Wald interval of
-    the paired difference, the discordant counts (only a right; only b right) and the exact two-sided McNemar p
-    (the binomial test of the discordant questions against 1/2)."""
-    if len(a) != len(b) or not a:
-        raise ValueError(f"paired questions: {len(a)} against {len(b)}")
-    n, only_a, only_b = len(a), sum(x and not y for x, y in zip(a, b)), sum(y and not x for x, y in zip(a, b))
-    d, m = (only_a - only_b) / n, only_a + only_b
-    half = 1.96 * math.sqrt(max(m - (only_a - only_b) ** 2 / n, 0.0)) / n
-    p = 1.0 if m == 0 else min(1.0, 2 * sum(math.comb(m, i) for i in range(min(only_a, only_b) + 1)) / 2 ** m)
-    return {"diff": 100 * d, "ci": (100 * (d - half), 100 * (d + half)), "only_a": only_a, "only_b": only_b,
-            "p": p, "n": n}
-
-
-def binomial_se(p: float, n: int) -> float:
-    """The standard error sqrt(p (1 - p) / n) of one accuracy measured on n test examples."""
-    return math.sqrt(p * (1 - p) / n) if n > 0 and 0 <= p <= 1 else math.nan
-
-
 # ---- formatting -----------------------------------------------------------------------------------------------
-
-def missing(x) -> bool:
-    return x is None or (isinstance(x, float) and math.isnan(x))
-
 
 def num(x, digits: int = 1, sign: bool = False) -> str:
     """`x` with `digits` decimals (no "-0.0"), "—" when missing."""
@@ -612,11 +545,6 @@ def trigger_text(runs: list[dict]) -> str:
     return r if r in (DASH, "never") else f"every {r}"
 
 
-def mean_of(values) -> float | None:
-    vals = [float(v) for v in values if not missing(v)]
-    return math.fsum(vals) / len(vals) if vals else None
-
-
 def sec_drift(res: Results) -> str:
     """Drift-triggered re-alignment against the fixed intervals r = 1, 5 and never: accuracy vs emulator bytes."""
     settings = res.settings([s for s in res.runs if s["stage"] == DRIFT])
@@ -818,15 +746,6 @@ def sec_transfer(res: Results) -> str:
 def base_run(runs: list[dict], key: str) -> dict | None:
     """The run that evaluated the base model (a study does it once per task): the first whose `key` is recorded."""
     return next((s for s in runs if not missing(s.get(key))), None)
-
-
-def wilson(p, n, z: float = 1.96) -> tuple[float, float] | None:
-    """95% Wilson score interval (in %) of an accuracy `p` measured on `n` test questions; None without both."""
-    if missing(p) or missing(n) or int(n) < 1:
-        return None
-    p, n = float(p), int(n)
-    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return 100 * (centre - half) / (1 + z * z / n), 100 * (centre + half) / (1 + z * z / n)
 
 
 def sec_gsm8k(res: Results) -> str:

@@ -43,6 +43,7 @@ import numpy as np
 import yaml
 
 from .config import ROOT, Config, ConfigError, load_config
+from .stats import bits
 
 GRID, SEEDS = "grid", "seeds"
 DONE_EXIT = 3  # `study args`: the run's summary exists already (a re-submitted array task has nothing to do)
@@ -544,17 +545,6 @@ def counts(x) -> list[int] | None:
     """A /final per-class count attribute (test predictions or labels) as a list; None where the run has none
     (GSM8K, or a run from before it was recorded)."""
     return None if x is None else [int(v) for v in np.atleast_1d(x)]
-
-
-def bits(x) -> str | None:
-    """A /final per-question 0/1 attribute (GSM8K: answered correctly) as hex of its bits, 8 questions per byte in
-    test order, the first in the high bit (`unbits` reverses it); None where the run has none."""
-    return None if x is None else np.packbits(np.asarray(x, dtype=bool)).tobytes().hex()
-
-
-def unbits(text: str, n: int) -> np.ndarray:
-    """The [n] bool vector `bits` wrote."""
-    return np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:n].astype(bool)
 
 
 def candidates(rows) -> list[list]:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fedsoda_mpi.data import LABEL_WORDS
+from fedsoda_mpi.stats import bits, mcnemar
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("report", ROOT / "analysis" / "report.py")
@@ -83,30 +84,7 @@ def run(folder: Path, out: Path, *extra) -> int:
     return report.main([str(folder), "--out", str(out), *extra])
 
 
-# ---- statistics ----------------------------------------------------------------------------------------------
-
-def test_mean_std_ci_hand_computed():
-    m, s, n = report.mean_std([80.0, 82.0, 84.0])
-    assert (m, n) == (82.0, 3) and s == pytest.approx(2.0)
-    lo, hi = report.t_ci([80.0, 82.0, 84.0])
-    assert (hi - lo) / 2 == pytest.approx(4.303 * 2 / math.sqrt(3)) and (lo + hi) / 2 == pytest.approx(82.0)
-    assert report.t_ci([80.0]) is None and math.isnan(report.mean_std([80.0])[1])
-    assert report.mean_std([])[2] == 0
-    assert report.t975(1) == 12.706 and report.t975(2) == 4.303 and report.t975(30) == 2.042
-    assert report.t975(31) == 1.96
-    assert report.binomial_se(0.5, 100) == pytest.approx(0.05)
-
-
-def test_paired_uses_only_common_seeds():
-    p = report.paired({0: 80.0, 1: 82.0, 2: 84.0}, {1: 80.0, 2: 81.0, 3: 99.0})
-    assert p["seeds"] == [1, 2] and p["diffs"] == [2.0, 3.0] and p["mean"] == 2.5
-    half = 12.706 * math.sqrt(0.5) / math.sqrt(2)
-    assert p["ci"] == pytest.approx((2.5 - half, 2.5 + half)) and p["excludes_zero"] is False
-    one = report.paired({0: 80.0}, {0: 70.0, 1: 60.0})
-    assert one["n"] == 1 and one["ci"] is None and one["excludes_zero"] is None
-    assert report.paired({0: 1.0}, {1: 1.0})["n"] == 0
-    assert report.paired({0: 90.0, 1: 91.0, 2: 92.5}, {0: 80.0, 1: 80.0, 2: 80.0})["excludes_zero"] is True
-
+# ---- formatting ----------------------------------------------------------------------------------------------
 
 def test_formatting():
     assert report.num(-0.04, sign=True) == "+0.0" and report.num(None) == "—" and report.pct(0.8254) == "82.5"
@@ -408,14 +386,7 @@ def test_cost_section_sums_and_medians_of_recorded_wall_time(tmp_path):
     assert "final test evaluation, h" not in c  # no summary records eval_s
 
 
-def test_wilson_interval_and_the_gsm8k_rows(tmp_path):
-    for k, n in ((40, 1319), (0, 32), (1319, 1319), (5, 10)):
-        p, bounds = k / n, [b / 100 for b in report.wilson(k / n, n)]
-        # the Wilson bounds are the two p' with |p - p'| = 1.96 * sqrt(p' (1 - p') / n) (the score test's limits)
-        assert all(abs((p - b) ** 2 - 1.96 ** 2 * b * (1 - b) / n) < 1e-12 for b in bounds), (k, n, bounds)
-        assert 0 <= bounds[0] <= p <= bounds[1] <= 1
-    assert report.wilson(0.0, 32)[0] == 0.0 and 10.0 < report.wilson(0.0, 32)[1] < 11.0  # 0 of 32: [0, 10.7]
-    assert report.wilson(None, 10) is None and report.wilson(0.5, 0) is None
+def test_the_gsm8k_rows(tmp_path):
     runs = [summary("fedsoda", task="gsm8k", seed=0, acc=0.05, stage="gsm8k", variant="main", n_eval=1319,
                     sub_accuracy=0.02, eval_s=7200.0),
             summary("fedpetuning", task="gsm8k", seed=0, acc=0.06, stage="gsm8k", variant="main", n_eval=1319,
@@ -428,26 +399,9 @@ def test_wilson_interval_and_the_gsm8k_rows(tmp_path):
     assert "| base model | — | — | 1.0 | [0.6, 1.7] | 1,319 | — | — |" in gsm  # from the run that evaluated it
 
 
-def test_mcnemar_exact_p_and_paired_interval():
-    a = [True] * 10 + [False] * 2 + [True] * 5 + [False] * 83  # 10 only a, 2 only b, 5 both, 83 neither
-    b = [False] * 10 + [True] * 2 + [True] * 5 + [False] * 83
-    t = report.mcnemar(a, b)
-    assert (t["only_a"], t["only_b"], t["n"]) == (10, 2, 100) and t["diff"] == pytest.approx(8.0)
-    assert t["p"] == pytest.approx(2 * (1 + 12 + 66) / 4096)  # 2 P(X <= 2), X ~ Bin(12, 1/2) = 0.0386
-    half = 1.96 * math.sqrt(12 - 8 ** 2 / 100) / 100 * 100
-    assert t["ci"] == pytest.approx((8.0 - half, 8.0 + half))
-    assert report.mcnemar([True, False], [True, False])["p"] == 1.0  # no discordant question
-    assert report.mcnemar([True] * 3, [False] * 3)["p"] == pytest.approx(0.25)
-    with pytest.raises(ValueError, match="paired questions"):
-        report.mcnemar([True], [True, False])
-
-
 def test_gsm8k_paired_rows_from_the_summaries_bits(tmp_path):
-    from fedsoda_mpi.study import bits, unbits
-
     rng = np.random.default_rng(0)
     soda, pet, ot, sub, base = (rng.random(1319) < p for p in (0.05, 0.08, 0.06, 0.02, 0.015))
-    assert report.unbits(bits(soda), 1319) == soda.tolist() == unbits(bits(soda), 1319).tolist()
     gsm = dict(task="gsm8k", stage="gsm8k", variant="main", n_eval=1319)
     runs = [summary("fedsoda", seed=0, acc=soda.mean(), correct=bits(soda), sub_correct=bits(sub),
                     base_accuracy=0.9, **gsm),  # a base record without its answers: neither the base row nor pairs
@@ -460,7 +414,7 @@ def test_gsm8k_paired_rows_from_the_summaries_bits(tmp_path):
     text = section(out.read_text(), "gsm8k")
 
     def row(name: str, seed: int, a, b) -> str:
-        t = report.mcnemar(a.tolist(), b.tolist())
+        t = mcnemar(a.tolist(), b.tolist())
         return (f"| {name} | {seed} | {report.num(t['diff'], sign=True)} | {report.ci_text(t['ci'], sign=True)} "
                 f"| {t['only_a']} | {t['only_b']} | {t['p']:.3g} |")
 

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from fedsoda_mpi import study as S
+from fedsoda_mpi.stats import unbits
 from tests.conftest import ROOT
 
 TOY = {"name": "toy", "job": "jobs/smollm2_sst2_iid.yaml", "overrides": {"fed.rounds": 4, "eval.every": 2},
@@ -178,7 +179,7 @@ def test_summary_of_a_run_file(tmp_path):
         f["final"].attrs.update({"correct": answered, "sub_correct": np.zeros(10, np.int8)})
     out = S.summarize(run, tmp_path, 1e-3, "toy")
     assert out["correct"] == "98c0" and out["sub_correct"] == "0000"  # 1001 1000 | 11(00 0000)
-    assert S.unbits(out["correct"], 10).tolist() == answered.astype(bool).tolist()
+    assert unbits(out["correct"], 10) == answered.astype(bool).tolist()
     assert out["base_correct"] is None  # no base model evaluation recorded in this run file
     with h5py.File(tmp_path / "run.h5", "a") as f:
         f.require_group("base").attrs["correct"] = answered[::-1]
