@@ -40,13 +40,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the repository's fedsoda_mpi also without an installed package
 from fedsoda_mpi.methods import METHODS, NAMES  # noqa: E402
+from fedsoda_mpi.summary import RunSummary, SummaryError  # noqa: E402
 from fedsoda_mpi.stats import binomial_se, mcnemar, mean_of, mean_std, missing, paired, t_ci, unbits, wilson  # noqa: E402
 
 DASH = "—"
 MAIN_STAGES = ("grid", "seeds")
 GSM8K = "gsm8k"
 TASKS = ("sst2", "boolq", "gsm8k")  # display order; other tasks follow alphabetically
-REQUIRED = ("run", "stage", "variant", "method", "task", "seed", "accuracy")
 BEGIN = re.compile(r"^<!-- report:begin (\S+) -->\s*$")
 END = "<!-- report:end {} -->"
 WARNED: set[str] = set()  # runs already warned about (one warning each)
@@ -110,7 +110,7 @@ def read_json(path: Path):
         raise ReportError(f"{path}: not a readable JSON file ({str(e).splitlines()[0]})") from None
 
 
-def load(folder: Path) -> tuple[list[dict], dict]:
+def load(folder: Path) -> tuple[list[RunSummary], dict]:
     """The summaries of `folder` (sorted by run id) and its selection.json ({} when absent)."""
     if not folder.is_dir():
         raise ReportError(f"{folder}: not a folder")
@@ -118,29 +118,28 @@ def load(folder: Path) -> tuple[list[dict], dict]:
     for path in sorted(folder.glob("*.json")):
         if path.name == "selection.json":
             continue
-        s = read_json(path)
-        if not isinstance(s, dict) or any(k not in s for k in REQUIRED):
-            lacking = [k for k in REQUIRED if not isinstance(s, dict) or k not in s]
-            raise ReportError(f"{path}: not a run summary (no {', '.join(lacking)})")
-        runs.append(s)
+        try:
+            runs.append(RunSummary.from_json(read_json(path), str(path)))
+        except SummaryError as e:
+            raise ReportError(str(e)) from None
     if not runs:  # a study that has just started: every section says so
         print(f"warning: {folder}: no run summaries yet (*.json besides selection.json)", file=sys.stderr)
-    failed = [s for s in runs if s.get("status") == "failed"]
+    failed = [s for s in runs if s.status == "failed"]
     for s in failed:
-        print(f"warning: {s['run']} failed (exit code {s.get('exit_code')}): in no table", file=sys.stderr)
-    runs = [s for s in runs if s.get("status") != "failed"]
+        print(f"warning: {s.run} failed (exit code {s.exit_code}): in no table", file=sys.stderr)
+    runs = [s for s in runs if s.status != "failed"]
     sel_path = folder / "selection.json"
     selection = read_json(sel_path) if sel_path.exists() else {}
     if not isinstance(selection, dict):
         raise ReportError(f"{sel_path}: not a selection file (expected a JSON object)")
-    return sorted(runs, key=lambda s: str(s["run"])), selection
+    return sorted(runs, key=lambda s: str(s.run)), selection
 
 
 Setting = tuple  # (task, model, split)
 
 
-def setting_of(s: dict) -> Setting:
-    return (str(s["task"]), str(s.get("model", "?")), str(s.get("split", "?")))
+def setting_of(s: RunSummary) -> Setting:
+    return (str(s.task), str(s.model), str(s.split))
 
 
 def setting_order(st: Setting) -> tuple:
@@ -155,16 +154,16 @@ def method_order(m: str) -> tuple:
 class Results:
     """All summaries of a study folder plus where the report goes."""
 
-    runs: list[dict]
+    runs: list[RunSummary]
     selection: dict
     out: Path
     figures: Path
 
     @property
     def study(self) -> str:
-        return ", ".join(sorted({str(s.get("study", "?")) for s in self.runs}))
+        return ", ".join(sorted({str(s.study) for s in self.runs}))
 
-    def settings(self, runs: list[dict] | None = None) -> list[Setting]:
+    def settings(self, runs: list[RunSummary] | None = None) -> list[Setting]:
         return sorted({setting_of(s) for s in (self.runs if runs is None else runs)}, key=setting_order)
 
     def label(self, st: Setting) -> str:
@@ -173,18 +172,18 @@ class Results:
             return f"{st[0]} ({st[1]}, {st[2]})"
         return st[0]
 
-    def main(self, st: Setting, method: str) -> list[dict]:
+    def main(self, st: Setting, method: str) -> list[RunSummary]:
         """The Table-2 runs of `method` in setting `st`: grid and seeds stages at the lr selection.json chose
         (a run labelled main at another lr, e.g. after the grid changed, is left out with a warning)."""
         chosen = self.selected(st, method)
-        runs = [s for s in self.runs if s["stage"] in MAIN_STAGES and s["variant"] == "main"
-                and s["method"] == method and setting_of(s) == st]
+        runs = [s for s in self.runs if s.stage in MAIN_STAGES and s.variant == "main"
+                and s.method == method and setting_of(s) == st]
         for s in runs:
-            if chosen is not None and s.get("lr") != chosen and s["run"] not in WARNED:
-                WARNED.add(s["run"])
-                print(f"warning: {s['run']} ran at lr {s.get('lr')} but the selected lr is {chosen}: left out",
+            if chosen is not None and s.lr != chosen and s.run not in WARNED:
+                WARNED.add(s.run)
+                print(f"warning: {s.run} ran at lr {s.lr} but the selected lr is {chosen}: left out",
                       file=sys.stderr)
-        return [s for s in runs if chosen is None or s.get("lr") == chosen]
+        return [s for s in runs if chosen is None or s.lr == chosen]
 
     def selected(self, st: Setting, method: str) -> float | None:
         """The lr selection.json chose for (method, task, model, split), None when it has no entry."""
@@ -193,46 +192,46 @@ class Results:
                 return row.get("lr")
         return None
 
-    def variant(self, st: Setting, name: str) -> list[dict]:
+    def variant(self, st: Setting, name: str) -> list[RunSummary]:
         """The runs of variant `name` (any variant group; never grid, seeds or gsm8k) in setting `st`."""
-        return [s for s in self.runs if s["stage"] not in (*MAIN_STAGES, GSM8K) and s["variant"] == name
+        return [s for s in self.runs if s.stage not in (*MAIN_STAGES, GSM8K) and s.variant == name
                 and setting_of(s) == st]
 
-    def rows(self, st: Setting, spec: tuple) -> list[dict]:
+    def rows(self, st: Setting, spec: tuple) -> list[RunSummary]:
         """A table row's runs: spec = ("main", method) or ("variant", name)."""
         return self.main(st, spec[1]) if spec[0] == "main" else self.variant(st, spec[1])
 
 
-def by_seed(runs: list[dict], key: str = "accuracy") -> dict[int, float]:
+def by_seed(runs: list[RunSummary], key: str = "accuracy") -> dict[int, float]:
     """{seed: 100 * run[key]} (points), the runs without a value left out; one run per seed."""
     out = {}
     for s in runs:
-        if not missing(s.get(key)):
-            if int(s["seed"]) in out and s["run"] not in WARNED:
-                WARNED.add(s["run"])
-                print(f"warning: two runs of seed {s['seed']} in one group; using {s['run']}", file=sys.stderr)
-            out[int(s["seed"])] = 100 * float(s[key])
+        if not missing(getattr(s, key)):
+            if int(s.seed) in out and s.run not in WARNED:
+                WARNED.add(s.run)
+                print(f"warning: two runs of seed {s.seed} in one group; using {s.run}", file=sys.stderr)
+            out[int(s.seed)] = 100 * float(getattr(s, key))
     return out
 
 
-def field_mean(runs: list[dict], key: str):
+def field_mean(runs: list[RunSummary], key: str):
     """Mean of `key` over the runs that have it (None if none)."""
-    vals = [float(s[key]) for s in runs if not missing(s.get(key))]
+    vals = [float(getattr(s, key)) for s in runs if not missing(getattr(s, key))]
     return math.fsum(vals) / len(vals) if vals else None
 
 
-def groups_np(runs: list[dict]) -> str:
+def groups_np(runs: list[RunSummary]) -> str:
     """(n, p) of SGP read from the runs' pruned groups [t, e] (layers t < l <= e): n = e - t, p = the count."""
-    found = sorted({(tuple(sorted({int(e) - int(t) for t, e in s["sgp_groups"]})), len(s["sgp_groups"]))
-                    for s in runs if s.get("sgp_groups")})
+    found = sorted({(tuple(sorted({int(e) - int(t) for t, e in s.sgp_groups})), len(s.sgp_groups))
+                    for s in runs if s.sgp_groups})
     return ", ".join(f"({'/'.join(map(str, n))}, {p})" for n, p in found) or DASH
 
 
-def realign_r(runs: list[dict]) -> str:
+def realign_r(runs: list[RunSummary]) -> str:
     """The re-alignment interval r read from the runs' per-round `realigned` flags ("never" without any)."""
     found = set()
     for s in runs:
-        flags, rounds = s.get("realigned") or [], s.get("eval_rounds") or []
+        flags, rounds = s.realigned or [], s.eval_rounds or []
         if not flags:
             continue
         rounds = rounds if len(rounds) == len(flags) else range(1, len(flags) + 1)
@@ -242,11 +241,11 @@ def realign_r(runs: list[dict]) -> str:
     return ", ".join(sorted(found)) or DASH
 
 
-def extra_overrides(res: "Results", runs: list[dict]) -> str:
+def extra_overrides(res: "Results", runs: list[RunSummary]) -> str:
     """The overrides of `runs` beyond those every Table-2 run shares (what makes a variant a variant)."""
-    shared = [set(s.get("overrides") or []) for s in res.runs if s["stage"] in MAIN_STAGES]
+    shared = [set(s.overrides or []) for s in res.runs if s.stage in MAIN_STAGES]
     shared = set.intersection(*shared) if shared else set()
-    extra = sorted({o for s in runs for o in (s.get("overrides") or []) if o not in shared
+    extra = sorted({o for s in runs for o in (s.overrides or []) if o not in shared
                     and not o.startswith("eval.base=")})
     return ", ".join(f"`{o}`" for o in extra) or DASH
 
@@ -264,31 +263,31 @@ def distinct(values) -> str:
 
 # ---- sections -------------------------------------------------------------------------------------------------
 
-def stages_of(runs: list[dict], key=None) -> list[str]:
+def stages_of(runs: list[RunSummary], key=None) -> list[str]:
     """The runs' stages: grid and seeds first, then the others sorted (by `key`)."""
-    return [x for x in MAIN_STAGES if any(s["stage"] == x for s in runs)] + \
-        sorted({s["stage"] for s in runs} - set(MAIN_STAGES), key=key)
+    return [x for x in MAIN_STAGES if any(s.stage == x for s in runs)] + \
+        sorted({s.stage for s in runs} - set(MAIN_STAGES), key=key)
 
 
 def sec_setup(res: Results) -> str:
     """Study, models, the settings the runs share, test and validation sizes, commits, number of summaries."""
     R = res.runs
     stages = stages_of(R)
-    per_task = lambda key: "; ".join(f"{t}: {distinct([s.get(key) for s in R if s['task'] == t])}"  # noqa: E731
-                                     for t in sorted({s["task"] for s in R}, key=lambda t: setting_order((t,))))
-    models = sorted({f"{s.get('model', '?')} ({s.get('model_name', '?')})" for s in R})
-    grid_lrs = sorted({float(s["lr"]) for s in R if s["stage"] == "grid" and not missing(s.get("lr"))})
-    commits = sorted({str(s.get("commit", "?")) for s in R})
+    per_task = lambda key: "; ".join(f"{t}: {distinct([getattr(s, key) for s in R if s.task == t])}"  # noqa: E731
+                                     for t in sorted({s.task for s in R}, key=lambda t: setting_order((t,))))
+    models = sorted({f"{s.model} ({s.model_name})" for s in R})
+    grid_lrs = sorted({float(s.lr) for s in R if s.stage == "grid" and not missing(s.lr)})
+    commits = sorted({str(s.commit) for s in R})
     lines = [f"- study: `{res.study}`; {len(R)} run summaries ("
-             + ", ".join(f"{st} {sum(s['stage'] == st for s in R)}" for st in stages) + ")",
-             f"- model(s): {', '.join(models)}; split(s): {distinct([s.get('split') for s in R])}",
-             f"- rounds: {distinct([s.get('rounds') for s in R])}; clients: {distinct([s.get('clients') for s in R])}; "
-             f"training examples per client: {distinct([s.get('examples_per_client') for s in R])}",
-             f"- seeds: {', '.join(str(x) for x in sorted({int(s['seed']) for s in R}))}; "
+             + ", ".join(f"{st} {sum(s.stage == st for s in R)}" for st in stages) + ")",
+             f"- model(s): {', '.join(models)}; split(s): {distinct([s.split for s in R])}",
+             f"- rounds: {distinct([s.rounds for s in R])}; clients: {distinct([s.clients for s in R])}; "
+             f"training examples per client: {distinct([s.examples_per_client for s in R])}",
+             f"- seeds: {', '.join(str(x) for x in sorted({int(s.seed) for s in R}))}; "
              f"learning-rate grid: {', '.join(f'{x:g}' for x in grid_lrs) or DASH}",
              f"- test set size n_eval (accuracy is on the full test set): {per_task('n_eval')}",
              f"- validation rows n_val (lr selection, per-round curves): {per_task('n_val')}",
-             f"- evaluation dtype: {distinct([s.get('eval_dtype') for s in R])}",
+             f"- evaluation dtype: {distinct([s.eval_dtype for s in R])}",
              f"- commits of the runs: {', '.join(f'`{c}`' for c in commits)}"]
     return "\n".join(lines)
 
@@ -299,9 +298,9 @@ def sec_lr(res: Results) -> str:
                 for e in res.selection.get("selected", []) if isinstance(e, dict) and "method" in e and "task" in e}
     vals: dict[tuple, dict[float, list[float]]] = {}
     for s in res.runs:  # grid summaries: also the keys whose selection is pending
-        if s["stage"] == "grid" and not missing(s.get("lr")) and not missing(s.get("val_accuracy")):
-            vals.setdefault((*setting_of(s), s["method"]), {}).setdefault(float(s["lr"]), []).append(
-                100 * float(s["val_accuracy"]))
+        if s.stage == "grid" and not missing(s.lr) and not missing(s.val_accuracy):
+            vals.setdefault((*setting_of(s), s.method), {}).setdefault(float(s.lr), []).append(
+                100 * float(s.val_accuracy))
     for key, e in selected.items():  # the record behind each choice ("<lr>/s<seed>": accuracy)
         rec: dict[float, list[float]] = {}
         for k, v in sorted((e.get("val_accuracy") or {}).items()):
@@ -332,7 +331,7 @@ def sec_lr(res: Results) -> str:
 
 def sec_table2(res: Results) -> str:
     """Per task: the four methods (mean ± std, CI, n, sub-LLM, bytes) and FedSODA − baseline paired by seed."""
-    settings = res.settings([s for s in res.runs if s["stage"] in MAIN_STAGES])
+    settings = res.settings([s for s in res.runs if s.stage in MAIN_STAGES])
     if not settings:
         return "_No Table-2 runs yet._"
     parts = []
@@ -342,15 +341,15 @@ def sec_table2(res: Results) -> str:
             runs = res.main(st, m)
             accs[m] = by_seed(runs)
             mu, sd, n = mean_std(accs[m].values())
-            n_eval = min((int(s["n_eval"]) for s in runs if not missing(s.get("n_eval"))), default=0)
+            n_eval = min((int(s.n_eval) for s in runs if not missing(s.n_eval)), default=0)
             se = 100 * binomial_se(mu / 100, n_eval) if n else math.nan
             rows.append([NAMES[m], mean_pm(mu, sd, n), ci_text(t_ci(accs[m].values())), str(n), num(se),
                          num(mean_std(by_seed(runs, "sub_accuracy").values())[0]),
                          mib(field_mean(runs, "comm_bytes_per_round"), 3),
                          mib(field_mean(runs, "client_model_bytes"), 1),
                          count(field_mean(runs, "trainable_params")), unselected(runs), top_label_share(runs)])
-        base = [s for s in res.runs if setting_of(s) == st and not missing(s.get("base_accuracy"))]
-        bm, bs, bn = mean_std([100 * float(s["base_accuracy"]) for s in base])
+        base = [s for s in res.runs if setting_of(s) == st and not missing(s.base_accuracy)]
+        bm, bs, bn = mean_std([100 * float(s.base_accuracy) for s in base])
         rows.append(["base model", mean_pm(bm, bs, bn), DASH, str(bn)] + [DASH] * 7)
         majority = majority_share([s for s in res.runs if setting_of(s) == st])
         if majority is not None:
@@ -379,27 +378,27 @@ def sec_table2(res: Results) -> str:
     return "\n\n".join(parts) + "\n\n" + note
 
 
-def top_label_share(runs: list[dict]) -> str:
+def top_label_share(runs: list[RunSummary]) -> str:
     """Per seed, the share (%) of test rows given the label the run's full model predicts most (pred_counts): 100
     is a model that answers one label whatever the input; — when no run records it (GSM8K, or runs from before)."""
-    shares = {s["seed"]: 100 * max(s["pred_counts"]) / sum(s["pred_counts"]) for s in runs if s.get("pred_counts")}
+    shares = {s.seed: 100 * max(s.pred_counts) / sum(s.pred_counts) for s in runs if s.pred_counts}
     return ", ".join(f"s{k} {num(v)}" for k, v in sorted(shares.items())) or DASH
 
 
-def label_counts_of(runs: list[dict]) -> list[int] | None:
+def label_counts_of(runs: list[RunSummary]) -> list[int] | None:
     """The test labels per class, from the first run that records them (every run of a task has the same)."""
-    return next((s["label_counts"] for s in runs if s.get("label_counts")), None)
+    return next((s.label_counts for s in runs if s.label_counts), None)
 
 
-def majority_share(runs: list[dict]) -> float | None:
+def majority_share(runs: list[RunSummary]) -> float | None:
     """The accuracy (%) of always predicting the test set's most frequent label."""
     counts = label_counts_of(runs)
     return 100 * max(counts) / sum(counts) if counts else None
 
 
-def unselected(runs: list[dict]) -> str:
+def unselected(runs: list[RunSummary]) -> str:
     """Mean ± std (n) of the runs that did not take part in the lr selection (stage seeds, not grid)."""
-    acc = by_seed([s for s in runs if s["stage"] != "grid"])
+    acc = by_seed([s for s in runs if s.stage != "grid"])
     return f"{mean_pm(*mean_std(acc.values()))} ({len(acc)})" if acc else DASH
 
 
@@ -407,7 +406,7 @@ def per_seed(p: dict) -> str:
     return ", ".join(f"s{s} {num(d, sign=True)}" for s, d in zip(p["seeds"], p["diffs"])) or DASH
 
 
-def diff_cells(runs: list[dict], ref: dict[int, float] | None) -> list[str]:
+def diff_cells(runs: list[RunSummary], ref: dict[int, float] | None) -> list[str]:
     """Accuracy mean ± std and n of `runs`, then Δ vs `ref` paired by seed: mean, 95% CI, seeds."""
     acc = by_seed(runs)
     cells = [mean_pm(*mean_std(acc.values())), str(len(acc))]
@@ -423,9 +422,9 @@ DIFF_HEADERS = ["test acc. % (mean ± std)", "n", "Δ vs FedSODA (pts)", "95% CI
 def variant_settings(res: Results, specs: list[tuple], task: str | None = None) -> list[Setting]:
     """The settings holding any variant run of a table, else those with FedSODA main runs (rendered with —)."""
     names = {sp[1] for sp in specs if sp[0] == "variant"}
-    have = res.settings([s for s in res.runs if s["stage"] not in (*MAIN_STAGES, GSM8K) and s["variant"] in names])
-    have = have or res.settings([s for s in res.runs if s["stage"] in MAIN_STAGES and s["variant"] == "main"
-                                 and s["method"] == "fedsoda"])
+    have = res.settings([s for s in res.runs if s.stage not in (*MAIN_STAGES, GSM8K) and s.variant in names])
+    have = have or res.settings([s for s in res.runs if s.stage in MAIN_STAGES and s.variant == "main"
+                                 and s.method == "fedsoda"])
     return [st for st in have if task is None or st[0] == task]
 
 
@@ -441,7 +440,7 @@ def natural(name: str) -> tuple:
 
 def stage_variants(res: Results, stage: str) -> list[str]:
     """The variant names of a stage's runs, naturally sorted."""
-    return sorted({s["variant"] for s in res.runs if s["stage"] == stage}, key=natural)
+    return sorted({s.variant for s in res.runs if s.stage == stage}, key=natural)
 
 
 def table3_specs(res: Results) -> list[tuple]:
@@ -469,7 +468,7 @@ def sec_table3(res: Results) -> str:
 def param_kind(res: Results, name: str) -> str:
     """What a parameter-study variant changes, from its runs' overrides: "(n, p)" (sgp.*) or "r" (anything else,
     i.e. oda.every)."""
-    overrides = [o for s in res.runs if s["variant"] == name for o in (s.get("overrides") or [])]
+    overrides = [o for s in res.runs if s.variant == name for o in (s.overrides or [])]
     return "(n, p)" if any(o.startswith("sgp.") for o in overrides) else "r"
 
 
@@ -508,7 +507,7 @@ def sec_table4(res: Results) -> str:
 COST_HEADERS = ["comm MiB/round/client", "client model MiB", "KL after pre-align (mean)"]
 
 
-def cost_cells(runs: list[dict]) -> list[str]:
+def cost_cells(runs: list[RunSummary]) -> list[str]:
     return [mib(field_mean(runs, "comm_bytes_per_round"), 3), mib(field_mean(runs, "client_model_bytes"), 1),
             num(field_mean(runs, "kl_after"), 3)]
 
@@ -518,27 +517,27 @@ DRIFT_BASE = [("r = 1 (r1)", ("variant", "r1")), ("r = 5 (FedSODA main)", ("main
               ("never (no_re_align)", ("variant", "no_re_align"))]
 
 
-def realignments(s: dict):
+def realignments(s: RunSummary):
     """The number of re-alignments of one run (`realignments`, else counted from the per-round flags)."""
-    if not missing(s.get("realignments")):
-        return int(s["realignments"])
-    return sum(int(x) for x in s["realigned"]) if s.get("realigned") else None
+    if not missing(s.realignments):
+        return int(s.realignments)
+    return sum(int(x) for x in s.realigned) if s.realigned else None
 
 
-def emulator_bytes(s: dict):
+def emulator_bytes(s: RunSummary):
     """The emulator LoRA bytes one client rank received over the run's re-alignments (the copy after pre-alignment,
     which every aligned run sends once, left out); None when the summary predates `emulator_lora_bytes`."""
     n = realignments(s)
     if n == 0:
         return 0
-    return None if n is None or missing(s.get("emulator_lora_bytes")) else n * int(s["emulator_lora_bytes"])
+    return None if n is None or missing(s.emulator_lora_bytes) else n * int(s.emulator_lora_bytes)
 
 
-def trigger_text(runs: list[dict]) -> str:
+def trigger_text(runs: list[RunSummary]) -> str:
     """How the runs decided to re-align: `drift, τ = <tau>[, max <k>]` or the fixed interval r (`realign_r`)."""
     found = sorted({f"drift, τ = {float(st['drift_threshold']):g}"
                     + (f", max {int(st['max_interval'])}" if st.get("max_interval") else "")
-                    for st in (s.get("settings") or {} for s in runs) if st.get("trigger") == "drift"})
+                    for st in (s.settings or {} for s in runs) if st.get("trigger") == "drift"})
     if found:
         return ", ".join(found)
     r = realign_r(runs)
@@ -547,13 +546,13 @@ def trigger_text(runs: list[dict]) -> str:
 
 def sec_drift(res: Results) -> str:
     """Drift-triggered re-alignment against the fixed intervals r = 1, 5 and never: accuracy vs emulator bytes."""
-    settings = res.settings([s for s in res.runs if s["stage"] == DRIFT])
+    settings = res.settings([s for s in res.runs if s.stage == DRIFT])
     if not settings:
         return "_No drift-trigger runs yet._"
     parts = []
     for st in settings:
         ref = by_seed(res.main(st, "fedsoda"))
-        names = sorted({s["variant"] for s in res.runs if s["stage"] == DRIFT and setting_of(s) == st})
+        names = sorted({s.variant for s in res.runs if s.stage == DRIFT and setting_of(s) == st})
         rows = []
         for label, sp in DRIFT_BASE + [(name, ("variant", name)) for name in names]:
             runs = res.rows(st, sp)
@@ -575,30 +574,30 @@ def sec_drift(res: Results) -> str:
         "FedSODA main in points, paired by seed, 95% CI (Student t).")
 
 
-def probe_mean(s: dict):
+def probe_mean(s: RunSummary):
     """The output drift probe KL(M || M*) after each round, averaged over the run's rounds (None if unrecorded)."""
-    return mean_of(s.get("drift_probe") or [])
+    return mean_of(s.drift_probe or [])
 
 
-def mean_curve(runs: list[dict]) -> list[tuple[int, float, float, float, int]]:
+def mean_curve(runs: list[RunSummary]) -> list[tuple[int, float, float, float, int]]:
     """Per evaluated round: (round, mean, min, max, n) of the validation accuracy (%) over the runs."""
     per: dict[int, list[float]] = {}
     for s in runs:
-        for r, a in zip(s.get("eval_rounds") or [], s.get("eval_acc") or []):
+        for r, a in zip(s.eval_rounds or [], s.eval_acc or []):
             if not missing(a):
                 per.setdefault(int(r), []).append(100 * float(a))
     return [(r, mean_std(v)[0], min(v), max(v), len(v)) for r, v in sorted(per.items())]
 
 
-def last_val(s: dict):
+def last_val(s: RunSummary):
     """The validation accuracy (%) of a run's last evaluated round (None if never evaluated)."""
-    pts = [a for a in (s.get("eval_acc") or []) if not missing(a)]
+    pts = [a for a in (s.eval_acc or []) if not missing(a)]
     return 100 * float(pts[-1]) if pts else None
 
 
 def sec_table9(res: Results) -> str:
     """Rounds until each method's mean validation curve reaches FedOT's final validation accuracy."""
-    settings = res.settings([s for s in res.runs if s["stage"] in MAIN_STAGES and s["variant"] == "main"])
+    settings = res.settings([s for s in res.runs if s.stage in MAIN_STAGES and s.variant == "main"])
     if not settings:
         return "_No Table-2 runs yet._"
     parts = []
@@ -641,7 +640,7 @@ GAP = [("FedSODA (main)", ("main", "fedsoda")), ("NF4 off (fp32_sub)", ("variant
 def sec_gap(res: Results) -> str:
     """The FedSODA − FedPETuning gap on SST-2, factor by factor, with the share of the gap each closes."""
     settings = variant_settings(res, [sp for _, sp in GAP], task="sst2")
-    settings = settings or res.settings([s for s in res.runs if s["task"] == "sst2" and s["stage"] in MAIN_STAGES])
+    settings = settings or res.settings([s for s in res.runs if s.task == "sst2" and s.stage in MAIN_STAGES])
     if not settings:
         return "_No SST-2 runs yet._"
     parts = []
@@ -654,7 +653,7 @@ def sec_gap(res: Results) -> str:
             p = paired(by_seed(runs), ref)
             share = 100 * p["mean"] / gap["mean"] if p["n"] and gap["n"] and gap["mean"] != 0 else math.nan
             is_ref = sp == ("main", "fedsoda")
-            method = sorted({s["method"] for s in runs}, key=method_order)
+            method = sorted({s.method for s in runs}, key=method_order)
             rows.append([label, ", ".join(NAMES.get(m, m) for m in method) or DASH,
                          extra_overrides(res, runs) if sp[0] == "variant" else DASH,
                          *diff_cells(runs, None if is_ref else ref)[:4], "(reference)" if is_ref else num(share),
@@ -684,8 +683,8 @@ def sec_bridge(res: Results) -> str:
     """FedSODA -> FedBiOT on SST-2 at one lr: each setting FedBiOT changes (NF4, SGP, r, mu) alone, then all four,
     against FedSODA at that lr (lr_pet), with the sub-LLM accuracy (the adapter on the emulator it trained on)."""
     steps = {sp[1] for _, sp in BRIDGE[1:5]}
-    settings = res.settings([s for s in res.runs if s["task"] == "sst2" and s["stage"] not in (*MAIN_STAGES, GSM8K)
-                             and s["variant"] in steps])
+    settings = res.settings([s for s in res.runs if s.task == "sst2" and s.stage not in (*MAIN_STAGES, GSM8K)
+                             and s.variant in steps])
     if not settings:
         return "_No runs of the FedSODA -> FedBiOT steps yet._"
     parts = []
@@ -694,7 +693,7 @@ def sec_bridge(res: Results) -> str:
         rows = []
         for label, sp in BRIDGE:
             runs = res.rows(st, sp)
-            lrs = distinct([s.get("lr") for s in runs]) if runs else DASH
+            lrs = distinct([s.lr for s in runs]) if runs else DASH
             rows.append([label, lrs, *diff_cells(runs, None if sp == BRIDGE[0][1] else ref),
                          pct(field_mean(runs, "sub_accuracy")), *cost_cells(runs)])
         parts.append(f"#### {res.label(st)}\n\n" + table(
@@ -718,20 +717,20 @@ def share(counts, k: int = 1) -> str:
 def sec_transfer(res: Results) -> str:
     """Per task: every grid and seeds run that records its test predictions per class, the adapter on the
     full model and on the sub-LLM it was trained against: accuracy and the share of rows given class 1."""
-    runs = [s for s in res.runs if s["stage"] in MAIN_STAGES and s.get("pred_counts")]
+    runs = [s for s in res.runs if s.stage in MAIN_STAGES and s.pred_counts]
     if not runs:
         return "_No run records its test predictions per class yet._"
     parts = []
-    for task in sorted({s["task"] for s in runs}, key=lambda t: setting_order((t,))):
+    for task in sorted({s.task for s in runs}, key=lambda t: setting_order((t,))):
         word = LABEL_NAMES.get(task, ("class 0", "class 1"))[1]
-        mine = sorted((s for s in runs if s["task"] == task),
-                      key=lambda s: (method_order(s["method"]), float(s["lr"]), s["seed"]))
-        rows = [[NAMES.get(s["method"], s["method"]), s["stage"], f"{float(s['lr']):g}", str(s["seed"]),
-                 pct(s["accuracy"]), share(s["pred_counts"]), pct(s.get("sub_accuracy")),
-                 share(s.get("sub_pred_counts"))] for s in mine]
-        if based := base_run([s for s in res.runs if s["task"] == task], "base_pred_counts"):
-            rows.append(["base model", DASH, DASH, DASH, pct(based.get("base_accuracy")),
-                         share(based["base_pred_counts"]), DASH, DASH])
+        mine = sorted((s for s in runs if s.task == task),
+                      key=lambda s: (method_order(s.method), float(s.lr), s.seed))
+        rows = [[NAMES.get(s.method, s.method), s.stage, f"{float(s.lr):g}", str(s.seed),
+                 pct(s.accuracy), share(s.pred_counts), pct(s.sub_accuracy),
+                 share(s.sub_pred_counts)] for s in mine]
+        if based := base_run([s for s in res.runs if s.task == task], "base_pred_counts"):
+            rows.append(["base model", DASH, DASH, DASH, pct(based.base_accuracy),
+                         share(based.base_pred_counts), DASH, DASH])
         parts.append(f"#### {task} (test rows whose answer is \"{word}\": {share(label_counts_of(mine))} %)\n\n" + table(
             ["method", "stage", "lr", "seed", "full model: acc. %", f"full model: % \"{word}\"",
              "sub-LLM: acc. %", f"sub-LLM: % \"{word}\""], rows, 2))
@@ -743,29 +742,29 @@ def sec_transfer(res: Results) -> str:
         "recorded them).")
 
 
-def base_run(runs: list[dict], key: str) -> dict | None:
+def base_run(runs: list[RunSummary], key: str) -> RunSummary | None:
     """The run that evaluated the base model (a study does it once per task): the first whose `key` is recorded."""
-    return next((s for s in runs if not missing(s.get(key))), None)
+    return next((s for s in runs if not missing(getattr(s, key))), None)
 
 
 def sec_gsm8k(res: Results) -> str:
     """The gsm8k stage: one row per run, with the Wilson interval over the test questions, the sub-LLM, the time of
     the final evaluation; then the base model (from the run that evaluated it)."""
-    runs = sorted((s for s in res.runs if s["stage"] == GSM8K),
-                  key=lambda s: (setting_order(setting_of(s)), method_order(s["method"]), int(s["seed"]), s["run"]))
+    runs = sorted((s for s in res.runs if s.stage == GSM8K),
+                  key=lambda s: (setting_order(setting_of(s)), method_order(s.method), int(s.seed), s.run))
     if not runs:
         return "_No gsm8k runs yet._"
-    hours = lambda s: DASH if missing(s.get("eval_s")) else num(float(s["eval_s"]) / 3600)  # noqa: E731
-    rows = [[NAMES.get(s["method"], s["method"]), str(s["seed"]),
-             DASH if missing(s.get("lr")) else f"{float(s['lr']):g}", pct(s.get("accuracy")),
-             ci_text(wilson(s.get("accuracy"), s.get("n_eval"))), count(s.get("n_eval")), pct(s.get("sub_accuracy")),
+    hours = lambda s: DASH if missing(s.eval_s) else num(float(s.eval_s) / 3600)  # noqa: E731
+    rows = [[NAMES.get(s.method, s.method), str(s.seed),
+             DASH if missing(s.lr) else f"{float(s.lr):g}", pct(s.accuracy),
+             ci_text(wilson(s.accuracy, s.n_eval)), count(s.n_eval), pct(s.sub_accuracy),
              hours(s)] for s in runs]
-    models = list(dict.fromkeys(s.get("model") for s in runs))
+    models = list(dict.fromkeys(s.model for s in runs))
     for model in models:
         if based := gsm8k_base(runs, model):
             rows.append(["base model" if len(models) == 1 else f"base model ({model})", DASH, DASH,
-                         pct(based["base_accuracy"]), ci_text(wilson(based["base_accuracy"], based.get("n_eval"))),
-                         count(based.get("n_eval")), DASH, DASH])
+                         pct(based.base_accuracy), ci_text(wilson(based.base_accuracy, based.n_eval)),
+                         count(based.n_eval), DASH, DASH])
     return table(["method", "seed", "lr", "test acc. %", "95% CI", "n_eval", "sub-LLM acc. %",
                   "final evaluation, h"], rows, 2) + gsm8k_paired(runs) + (
         "\n\nGSM8K test accuracy: a k-shot generated answer counts when its final number equals the reference's; "
@@ -776,32 +775,32 @@ def sec_gsm8k(res: Results) -> str:
         "McNemar test on the questions only one of them answered correctly.")
 
 
-def gsm8k_base(runs: list[dict], model) -> dict | None:
+def gsm8k_base(runs: list[RunSummary], model) -> RunSummary | None:
     """The run that evaluated `model`'s base model on GSM8K (a study does it once per task and model), preferring
     one whose summary records which questions it answered (`base_correct`)."""
-    mine = [s for s in runs if s.get("model") == model]
+    mine = [s for s in runs if s.model == model]
     return base_run(mine, "base_correct") or base_run(mine, "base_accuracy")
 
 
-def gsm8k_paired(runs: list[dict]) -> str:
+def gsm8k_paired(runs: list[RunSummary]) -> str:
     """Question by question (`mcnemar`), for the runs whose summaries record which questions they answered: each
     FedSODA run against every other method of its seed and setting and against its own sub-LLM, then every run
     against its model's base model. Only models evaluated on the same test questions (the same n_eval: the first
     n of the test file) are paired."""
-    several = len({s.get("model") for s in runs}) > 1  # then a row names its model
-    name = lambda s: NAMES.get(s["method"], s["method"]) + (f" ({s.get('model')})" if several else "")  # noqa: E731
+    several = len({s.model for s in runs}) > 1  # then a row names its model
+    name = lambda s: NAMES.get(s.method, s.method) + (f" ({s.model})" if several else "")  # noqa: E731
     pairs = []  # (run a, its name, the name of b, b's answered-correctly bits, b's n_eval)
-    for s in (s for s in runs if s["method"] == "fedsoda" and s.get("correct")):
-        pairs += [(s, name(s), name(o), o["correct"], o["n_eval"]) for o in runs if o["method"] != "fedsoda"
-                  and o.get("correct") and o["seed"] == s["seed"] and setting_of(o) == setting_of(s)]
-        pairs += [(s, name(s), "its sub-LLM", s["sub_correct"], s["n_eval"])] if s.get("sub_correct") else []
-    for s in (s for s in runs if s.get("correct")):
-        if (based := gsm8k_base(runs, s.get("model"))) and based.get("base_correct"):
-            pairs.append((s, name(s), "the base model", based["base_correct"], based["n_eval"]))
+    for s in (s for s in runs if s.method == "fedsoda" and s.correct):
+        pairs += [(s, name(s), name(o), o.correct, o.n_eval) for o in runs if o.method != "fedsoda"
+                  and o.correct and o.seed == s.seed and setting_of(o) == setting_of(s)]
+        pairs += [(s, name(s), "its sub-LLM", s.sub_correct, s.n_eval)] if s.sub_correct else []
+    for s in (s for s in runs if s.correct):
+        if (based := gsm8k_base(runs, s.model)) and based.base_correct:
+            pairs.append((s, name(s), "the base model", based.base_correct, based.n_eval))
     rows = []
-    for s, a, b, theirs, n in (p for p in pairs if int(p[4]) == int(p[0]["n_eval"])):
-        t = mcnemar(unbits(s["correct"], int(n)), unbits(theirs, int(n)))
-        rows.append([f"{a} − {b}", str(s["seed"]), num(t["diff"], sign=True), ci_text(t["ci"], sign=True),
+    for s, a, b, theirs, n in (p for p in pairs if int(p[4]) == int(p[0].n_eval)):
+        t = mcnemar(unbits(s.correct, int(n)), unbits(theirs, int(n)))
+        rows.append([f"{a} − {b}", str(s.seed), num(t["diff"], sign=True), ci_text(t["ci"], sign=True),
                      count(t["only_a"]), count(t["only_b"]), f"{t['p']:.3g}"])
     if not rows:
         return ""
@@ -812,38 +811,38 @@ def gsm8k_paired(runs: list[dict]) -> str:
 AUTO, SELF = "auto", "selfpublic"  # the stages (variant groups) of issue #16's runs
 
 
-def chosen_np(runs: list[dict]) -> str:
+def chosen_np(runs: list[RunSummary]) -> str:
     """(n, p) the runs pruned with: the summaries' settings (the chosen ones for sgp.auto), else their groups."""
-    found = sorted({(int(s["settings"]["sgp_n"]), int(s["settings"]["sgp_p"])) for s in runs
-                    if "sgp_auto" in (s.get("settings") or {})})
+    found = sorted({(int(s.settings["sgp_n"]), int(s.settings["sgp_p"])) for s in runs
+                    if "sgp_auto" in (s.settings or {})})
     return ", ".join(f"({n}, {p})" for n, p in found) if found else groups_np(runs)
 
 
-def removed_layers(runs: list[dict]) -> str:
+def removed_layers(runs: list[RunSummary]) -> str:
     """The emulator layers the runs pruned: n * p of their groups."""
-    found = sorted({sum(int(e) - int(t) for t, e in s["sgp_groups"]) for s in runs if s.get("sgp_groups")})
+    found = sorted({sum(int(e) - int(t) for t, e in s.sgp_groups) for s in runs if s.sgp_groups})
     return ", ".join(map(str, found)) or DASH
 
 
-def chosen_distance(s: dict):
+def chosen_distance(s: RunSummary):
     """The summed distance per removed layer of a run's (n, p) (its sgp_candidates row), None when unknown."""
-    st, n_p = s.get("settings") or {}, None
+    st, n_p = s.settings or {}, None
     if "sgp_auto" in st:
         n_p = (int(st["sgp_n"]), int(st["sgp_p"]))
-    for n, p, cost in s.get("sgp_candidates") or []:
+    for n, p, cost in s.sgp_candidates or []:
         if (int(n), int(p)) == n_p and not missing(cost) and n * p:
             return float(cost) / (n * p)
     return None
 
 
-def candidates_text(runs: list[dict]) -> str:
+def candidates_text(runs: list[RunSummary]) -> str:
     """Every (n, p) a run compared with its distance per removed layer (— for no placement under
     sgp.max_distance), the chosen one in bold; from the first run that has them (seeds share the public texts)."""
     for s in runs:
-        if s.get("sgp_candidates"):
-            chosen = (int(s["settings"]["sgp_n"]), int(s["settings"]["sgp_p"]))
+        if s.sgp_candidates:
+            chosen = (int(s.settings["sgp_n"]), int(s.settings["sgp_p"]))
             cells = []
-            for n, p, cost in s["sgp_candidates"]:
+            for n, p, cost in s.sgp_candidates:
                 text = f"({n}, {p}) {DASH if missing(cost) else f'{float(cost) / (n * p):.4f}'}"
                 cells.append(f"**{text}**" if (int(n), int(p)) == chosen else text)
             return "; ".join(cells)
@@ -852,15 +851,15 @@ def candidates_text(runs: list[dict]) -> str:
 
 def issue16_settings(res: Results, stage: str) -> list[Setting]:
     """The settings with runs of `stage`, else those with FedSODA main runs (rendered with —)."""
-    have = res.settings([s for s in res.runs if s["stage"] == stage])
-    return have or res.settings([s for s in res.runs if s["stage"] in MAIN_STAGES and s["variant"] == "main"
-                                 and s["method"] == "fedsoda"])
+    have = res.settings([s for s in res.runs if s.stage == stage])
+    return have or res.settings([s for s in res.runs if s.stage in MAIN_STAGES and s.variant == "main"
+                                 and s.method == "fedsoda"])
 
 
-def stage_specs(res: Results, st: Setting, stage: str, key=None) -> list[tuple[str, list[dict]]]:
+def stage_specs(res: Results, st: Setting, stage: str, key=None) -> list[tuple[str, list[RunSummary]]]:
     """[("FedSODA (main)", its runs)] + [(variant, its runs)] for every variant of `stage` in `st`, ordered by
     `key` (default: the name)."""
-    names = sorted({s["variant"] for s in res.runs if s["stage"] == stage and setting_of(s) == st}, key=key)
+    names = sorted({s.variant for s in res.runs if s.stage == stage and setting_of(s) == st}, key=key)
     return [("FedSODA (main)", res.main(st, "fedsoda"))] + [(name, res.variant(st, name)) for name in names]
 
 
@@ -872,14 +871,14 @@ def sec_auto(res: Results) -> str:
     parts = []
     for st in settings:
         ref = by_seed(res.main(st, "fedsoda"))
-        budget = {s["variant"]: int((s.get("settings") or {}).get("sgp_remove_layers", 0)) for s in res.runs
-                  if s["stage"] == AUTO and setting_of(s) == st}
+        budget = {s.variant: int((s.settings or {}).get("sgp_remove_layers", 0)) for s in res.runs
+                  if s.stage == AUTO and setting_of(s) == st}
         specs = stage_specs(res, st, AUTO, key=lambda v: (budget[v], v))
         rows, cand = [], []
         for label, runs in specs:
             is_ref = label == "FedSODA (main)"
             rows.append([label, removed_layers(runs), chosen_np(runs),
-                         num(field_mean([{"d": chosen_distance(s)} for s in runs], "d"), 4),
+                         num(mean_of(chosen_distance(s) for s in runs), 4),
                          *diff_cells(runs, None if is_ref else ref)[:4], before_after(runs, "kl_before", "kl_after"),
                          mib(field_mean(runs, "comm_bytes_per_round"), 3), mib(field_mean(runs, "client_model_bytes"), 1)])
             if not is_ref:
@@ -908,8 +907,8 @@ def sec_selfpublic(res: Results) -> str:
         rows = []
         for label, runs in specs:
             is_ref = label == "FedSODA (main)"
-            public = distinct([(s.get("settings") or {}).get("public") for s in runs])
-            kl_on = distinct([s.get("kl_on", "wikitext2") for s in runs])
+            public = distinct([(s.settings or {}).get("public") for s in runs])
+            kl_on = distinct([s.kl_on for s in runs])
             rows.append([label, public, chosen_np(runs), groups_text(runs), *diff_cells(runs, None if is_ref else ref)[:4],
                          before_after(runs, "kl_before", "kl_after"), kl_on,
                          before_after(runs, "kl_before_self", "kl_after_self"), generation_text(runs)])
@@ -923,22 +922,22 @@ def sec_selfpublic(res: Results) -> str:
         "points, paired by seed, 95% CI (Student t).")
 
 
-def before_after(runs: list[dict], before: str, after: str) -> str:
+def before_after(runs: list[RunSummary], before: str, after: str) -> str:
     """`mean before → mean after` over the runs (— when neither is recorded)."""
     a, b = field_mean(runs, before), field_mean(runs, after)
     return DASH if a is None and b is None else f"{num(a, 3)} → {num(b, 3)}"
 
 
-def groups_text(runs: list[dict]) -> str:
+def groups_text(runs: list[RunSummary]) -> str:
     """The distinct SGP groups of the runs (seeds may differ when the public texts are generated per seed)."""
-    found = sorted({" ".join(f"({int(t)},{int(e)})" for t, e in s["sgp_groups"]) for s in runs if s.get("sgp_groups")})
+    found = sorted({" ".join(f"({int(t)},{int(e)})" for t, e in s.sgp_groups) for s in runs if s.sgp_groups})
     return "; ".join(found) or DASH
 
 
-def generation_text(runs: list[dict]) -> str:
+def generation_text(runs: list[RunSummary]) -> str:
     """temperature, new tokens and texts of the self-generated public data (— for a public file)."""
     found = sorted({(g.get("temperature"), g.get("max_new_tokens"), g.get("n_public")) for g in
-                    (s.get("public_self") or {} for s in runs) if g}, key=str)
+                    (s.public_self or {} for s in runs) if g}, key=str)
     return "; ".join(f"T={t:g}, {m} new tokens, {n} texts" for t, m, n in found) or DASH
 
 
@@ -996,8 +995,8 @@ def shown_elsewhere(res: Results) -> set[tuple[str, str]]:
     """(stage, variant) of the variant runs that Table 3, Table 4 or the gap section show."""
     names = {sp[1] for sp in (*[sp for _, sp in table3_specs(res)], *[sp for _, sp in table4_specs(res)],
                               *[sp for _, sp in GAP], *[sp for _, sp in BRIDGE]) if sp[0] == "variant"}
-    return {(s["stage"], s["variant"]) for s in res.runs if s["variant"] in names
-            and s["stage"] in ("ablation", "param", "gap", "ceiling")}
+    return {(s.stage, s.variant) for s in res.runs if s.variant in names
+            and s.stage in ("ablation", "param", "gap", "ceiling")}
 
 
 def sec_variants(res: Results) -> str:
@@ -1005,21 +1004,21 @@ def sec_variants(res: Results) -> str:
     group and setting; Δ against the same variant's FedSODA runs when the group has several methods, else
     against the FedSODA main runs of the setting."""
     done = shown_elsewhere(res)
-    runs = [s for s in res.runs if s["stage"] not in (*MAIN_STAGES, GSM8K, AUTO, SELF, DRIFT, BUDGET)
-            and (s["stage"], s["variant"]) not in done]
+    runs = [s for s in res.runs if s.stage not in (*MAIN_STAGES, GSM8K, AUTO, SELF, DRIFT, BUDGET)
+            and (s.stage, s.variant) not in done]
     if not runs:
         return "_No other variant runs._"
     parts = []
-    for stage in sorted({s["stage"] for s in runs}, key=natural):
-        for st in res.settings([s for s in runs if s["stage"] == stage]):
-            here = [s for s in runs if s["stage"] == stage and setting_of(s) == st]
+    for stage in sorted({s.stage for s in runs}, key=natural):
+        for st in res.settings([s for s in runs if s.stage == stage]):
+            here = [s for s in runs if s.stage == stage and setting_of(s) == st]
             rows = []
-            for name in sorted({s["variant"] for s in here}, key=natural):
-                of = [s for s in here if s["variant"] == name]
-                methods = sorted({s["method"] for s in of}, key=method_order)
-                ref_runs = [s for s in of if s["method"] == "fedsoda"] if len(methods) > 1 else res.main(st, "fedsoda")
+            for name in sorted({s.variant for s in here}, key=natural):
+                of = [s for s in here if s.variant == name]
+                methods = sorted({s.method for s in of}, key=method_order)
+                ref_runs = [s for s in of if s.method == "fedsoda"] if len(methods) > 1 else res.main(st, "fedsoda")
                 for m in methods:
-                    mine = [s for s in of if s["method"] == m]
+                    mine = [s for s in of if s.method == m]
                     ref = None if (len(methods) > 1 and m == "fedsoda") else (by_seed(ref_runs) or {})
                     cells = diff_cells(mine, ref)
                     rows.append([name, NAMES.get(m, m), extra_overrides(res, mine), *cells[:4], *cost_cells(mine)])
@@ -1030,9 +1029,9 @@ def sec_variants(res: Results) -> str:
         "when the group runs several methods (they are the reference), else the FedSODA main runs of the setting.")
 
 
-def minutes_cells(runs: list[dict], key: str = "wall_s") -> list[str]:
+def minutes_cells(runs: list[RunSummary], key: str = "wall_s") -> list[str]:
     """[runs, hours summed, "median (min–max)" minutes per run] from the runs' recorded `key` seconds ("—" without)."""
-    mins = [float(s[key]) / 60 for s in runs if not missing(s.get(key))]
+    mins = [float(getattr(s, key)) / 60 for s in runs if not missing(getattr(s, key))]
     if not mins:
         return [count(len(runs)), DASH, DASH]
     return [count(len(runs)), num(sum(mins) / 60), f"{num(median(mins))} ({num(min(mins))}–{num(max(mins))})"]
@@ -1042,23 +1041,23 @@ def sec_cost(res: Results) -> str:
     """What the study cost in wall time (each summary's wall_s): per task and stage, then per method and task for
     the grid and seeds runs, whose medians are the planning numbers for the runs still to come."""
     R = res.runs
-    tasks = sorted({s["task"] for s in R}, key=lambda t: setting_order((t,)))
+    tasks = sorted({s.task for s in R}, key=lambda t: setting_order((t,)))
     stages = stages_of(R, key=natural)
     rows = [[t, st, *minutes_cells(here)] for t in tasks for st in stages
-            if (here := [s for s in R if s["task"] == t and s["stage"] == st])]
+            if (here := [s for s in R if s.task == t and s.stage == st])]
     rows.append(["all", "all", *minutes_cells(R)])
-    main = [s for s in R if s["stage"] in MAIN_STAGES]
-    methods = sorted({s["method"] for s in main}, key=method_order)
+    main = [s for s in R if s.stage in MAIN_STAGES]
+    methods = sorted({s.method for s in main}, key=method_order)
     per = [[t, NAMES.get(m, m), *minutes_cells(here)] for t in tasks for m in methods
-           if (here := [s for s in main if s["task"] == t and s["method"] == m])]
+           if (here := [s for s in main if s.task == t and s.method == m])]
     parts = [table(["task", "stage", "runs", "wall time, h (sum)", "min per run: median (min–max)"], rows, 2)]
     if per:
         parts.append(table(["task", "method (grid and seeds runs)", "runs", "wall time, h (sum)",
                             "min per run: median (min–max)"], per, 2))
-    timed = [s for s in R if not missing(s.get("eval_s"))]
+    timed = [s for s in R if not missing(s.eval_s)]
     evals = [[t, NAMES.get(m, m), *minutes_cells(here, "eval_s")] for t in tasks
-             for m in sorted({s["method"] for s in timed}, key=method_order)
-             if (here := [s for s in timed if s["task"] == t and s["method"] == m])]
+             for m in sorted({s.method for s in timed}, key=method_order)
+             if (here := [s for s in timed if s.task == t and s.method == m])]
     if evals:
         parts.append(table(["task", "method (runs that record it)", "runs", "final test evaluation, h (sum)",
                             "min per run: median (min–max)"], evals, 2))
@@ -1076,7 +1075,7 @@ def sec_cost(res: Results) -> str:
 def seed0_choice(per_lr: dict[float, dict[int, dict]]) -> float | None:
     """The lr a seed-0-only selection picks from a grid {lr: {seed: summary}}: the best seed-0 validation accuracy,
     ties to the smaller lr; None until every lr has a finished seed-0 run."""
-    vals = {lr: by_seed.get(0, {}).get("val_accuracy") for lr, by_seed in per_lr.items()}
+    vals = {lr: runs[0].val_accuracy if 0 in runs else None for lr, runs in per_lr.items()}
     if not vals or any(missing(v) for v in vals.values()):
         return None
     return min(vals, key=lambda lr: (-float(vals[lr]), lr))
@@ -1086,8 +1085,8 @@ def sec_seeds3(res: Results) -> str:
     """Selection over three seeds (issue 32): per method, the grid's validation accuracy per lr and seed, the lr a
     seed-0-only selection picks and the one the study's rule (selection.json: best mean over its select seeds)
     picks; the test accuracy over seeds at both, their paired difference, and FedSODA − each baseline at both."""
-    grid = [s for s in res.runs if s["stage"] == "grid" and not missing(s.get("lr"))]
-    settings = [st for st in res.settings(grid) if len({int(s["seed"]) for s in grid if setting_of(s) == st}) > 1]
+    grid = [s for s in res.runs if s.stage == "grid" and not missing(s.lr)]
+    settings = [st for st in res.settings(grid) if len({int(s.seed) for s in grid if setting_of(s) == st}) > 1]
     if not settings:
         return "_No grid at more than one seed yet (grid.select_seeds over several seeds)._"
     parts = []
@@ -1095,7 +1094,7 @@ def sec_seeds3(res: Results) -> str:
         per: dict[str, dict[float, dict[int, dict]]] = {}
         for s in grid:
             if setting_of(s) == st:
-                per.setdefault(s["method"], {}).setdefault(float(s["lr"]), {})[int(s["seed"])] = s
+                per.setdefault(s.method, {}).setdefault(float(s.lr), {})[int(s.seed)] = s
         methods = sorted(per, key=method_order)
         lrs = sorted({lr for m in methods for lr in per[m]})
         seeds = sorted({seed for m in methods for by in per[m].values() for seed in by})
@@ -1169,23 +1168,23 @@ def sec_seeds3(res: Results) -> str:
 BUDGET = "budget"  # the stage of the data-budget runs (studies/cpu_smollm2_ii.yaml: group budget)
 
 
-def series_of(s: dict) -> str:
+def series_of(s: RunSummary) -> str:
     """A budget run's series: its variant name without the examples-per-client part (x64, fed_last3_x16 ->
     fed_last3), or its method when nothing is left."""
-    name = re.sub(r"(^|_)x\d+$", "", str(s.get("variant", "")))
-    return name or str(s["method"])
+    name = re.sub(r"(^|_)x\d+$", "", str(s.variant))
+    return name or str(s.method)
 
 
-def select_by_val(runs: list[dict]) -> tuple[float | None, float | None, list[dict], int]:
+def select_by_val(runs: list[RunSummary]) -> tuple[float | None, float | None, list[RunSummary], int]:
     """Among runs at several lrs and seeds: the lr with the best mean validation accuracy over seeds (ties to the
     smaller lr; None while some lr lacks a seed another lr has), its margin over the next lr (points), its runs,
     and how many lrs ran."""
-    per: dict[float, list[dict]] = {}
+    per: dict[float, list[RunSummary]] = {}
     for s in runs:
-        if not missing(s.get("lr")):
-            per.setdefault(float(s["lr"]), []).append(s)
-    seeds = {int(s["seed"]) for s in runs}
-    if not per or any({int(s["seed"]) for s in v} != seeds for v in per.values()):
+        if not missing(s.lr):
+            per.setdefault(float(s.lr), []).append(s)
+    seeds = {int(s.seed) for s in runs}
+    if not per or any({int(s.seed) for s in v} != seeds for v in per.values()):
         return None, None, [], len(per)
     means = {lr: mean_std(by_seed(v, "val_accuracy").values())[0] for lr, v in per.items()}
     best = min(means, key=lambda lr: (-means[lr], lr))
@@ -1198,22 +1197,22 @@ def sec_budget(res: Results) -> str:
     client, the lr selected by mean validation accuracy over the seeds among the budget runs' lr steps (at the
     first grid budget: the Table-2 runs at the study's selection), its test accuracy over seeds, and the FedSODA
     gaps paired by seed at each budget with how they change from the smallest budget to each larger one."""
-    budget = [s for s in res.runs if s["stage"] == BUDGET]
+    budget = [s for s in res.runs if s.stage == BUDGET]
     if not budget:
         return "_No budget runs yet._"
     parts = []
     for st in res.settings(budget):
         here = [s for s in budget if setting_of(s) == st]
         points: dict[tuple[str, int], tuple] = {}  # (series, examples) -> (lr, margin, runs, lrs ran)
-        for m in sorted({s["method"] for s in res.runs if s["stage"] in MAIN_STAGES and setting_of(s) == st},
+        for m in sorted({s.method for s in res.runs if s.stage in MAIN_STAGES and setting_of(s) == st},
                         key=method_order):
             main = res.main(st, m)
             if main and m in {series_of(s) for s in here}:
-                ex = int(main[0].get("examples_per_client") or 0)
+                ex = int(main[0].examples_per_client or 0)
                 points[m, ex] = (res.selected(st, m), None, main, DASH)
-        for key in sorted({(series_of(s), int(s.get("examples_per_client") or 0)) for s in here}):
+        for key in sorted({(series_of(s), int(s.examples_per_client or 0)) for s in here}):
             lr, margin, runs, n_lr = select_by_val([s for s in here if (series_of(s), int(
-                s.get("examples_per_client") or 0)) == key])
+                s.examples_per_client or 0)) == key])
             points[key] = (lr, margin, runs, n_lr)
         order = lambda k: (method_order(k[0]) if k[0] in METHODS else (len(METHODS), k[0]), k[1])  # noqa: E731
         rows, accs = [], {}

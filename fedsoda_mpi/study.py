@@ -44,6 +44,7 @@ import yaml
 
 from .config import ROOT, Config, ConfigError, load_config
 from .stats import bits
+from .summary import RunSummary
 
 GRID, SEEDS = "grid", "seeds"
 DONE_EXIT = 3  # `study args`: the run's summary exists already (a re-submitted array task has nothing to do)
@@ -528,17 +529,16 @@ def summarize(run: Run, run_dir: Path, lr: float, study: str) -> dict:
                "base_eval_s": _r(timing["base_eval_s"], 1) if "base_eval_s" in timing else None,
                "commit": str(f.attrs["git_commit"]),
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((Path(run_dir) / "run.h5").stat().st_mtime))}
-    return out
+    return RunSummary(**out).to_json()
 
 
 def failed_summary(run: Run, lr: float, study: str, code: int) -> dict:
     """The record of a run that ended without /final: selection ranks it last, the report lists it."""
-    return {"study": study, "run": run.id, "status": "failed", "exit_code": code, "stage": run.stage,
-            "variant": run.variant if run.stage != GRID else "", "method": run.method, "task": run.task,
-            "model": run.model, "split": run.split, "seed": run.seed, "lr": lr, "lr_from": list(run.key),
-            **({"lr_step": run.lr_step} if run.lr_step is not None else {}),
-            "overrides": list(run.overrides), "accuracy": None, "val_accuracy": None,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())}
+    return RunSummary(study=study, run=run.id, status="failed", exit_code=code, stage=run.stage,
+                      variant=run.variant if run.stage != GRID else "", method=run.method, task=run.task,
+                      model=run.model, split=run.split, seed=run.seed, lr=lr, lr_from=list(run.key),
+                      lr_step=run.lr_step, overrides=list(run.overrides), accuracy=None, val_accuracy=None,
+                      finished=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())).to_json()
 
 
 def counts(x) -> list[int] | None:
@@ -623,11 +623,10 @@ def reuse_summary(study: Study, run: Run, lr: float, results: Path) -> str | Non
         hit = reusable(run, lr, summaries(folder))
         if hit:
             sid, s = hit
-            _write_json(results / f"{run.id}.json",
-                        {**s, "study": study.name, "run": run.id, "stage": run.stage, "variant": run.variant,
-                         "lr_from": list(run.key), **({"lr_step": run.lr_step} if run.lr_step is not None else {}),
-                         "overrides": list(run.overrides),
-                         "reused_from": f"{folder.name}/{sid}"})
+            copy = replace(RunSummary.from_json(s, f"{folder}/{sid}.json"), study=study.name, run=run.id,
+                           stage=run.stage, variant=run.variant, lr_from=list(run.key), lr_step=run.lr_step,
+                           overrides=list(run.overrides), reused_from=f"{folder.name}/{sid}")
+            _write_json(results / f"{run.id}.json", copy.to_json())
             return f"{folder.name}/{sid}"
     return None
 

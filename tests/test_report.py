@@ -12,6 +12,7 @@ import pytest
 
 from fedsoda_mpi.data import LABEL_WORDS
 from fedsoda_mpi.stats import bits, mcnemar
+from fedsoda_mpi.summary import RunSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("report", ROOT / "analysis" / "report.py")
@@ -22,7 +23,7 @@ ROUNDS = 10
 
 
 def summary(method="fedsoda", task="sst2", seed=0, acc=0.8, stage=None, variant="main", lr=1e-3, val=None,
-            **kw) -> dict:
+            **kw) -> RunSummary:
     """A run summary as study.summarize writes it; val: per-round validation accuracies of rounds 2, 4, ... 10."""
     stage = stage or ("grid" if seed == 0 else "seeds")
     val = val or [acc - 0.1, acc - 0.05, acc - 0.02, acc - 0.01, acc]
@@ -41,14 +42,13 @@ def summary(method="fedsoda", task="sst2", seed=0, acc=0.8, stage=None, variant=
          "client_model_bytes": 152250762, "full_model_bytes": 538060288, "trainable_params": 244224,
          "kl_before": 6.5, "kl_after": 5.5, "sgp_groups": [[1, 4], [8, 11], [12, 15], [16, 19]], "wall_s": 100.0,
          "world_size": 3, "commit": "abc123", "finished": "2026-12-01"}
-    s.update(kw)
-    return s
+    return RunSummary(**{**s, **kw})
 
 
-def write(folder: Path, summaries: list[dict], selection: dict | None = None) -> Path:
+def write(folder: Path, summaries: list[RunSummary], selection: dict | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for s in summaries:
-        (folder / f"{s['run']}.json").write_text(json.dumps(s, indent=1))
+        (folder / f"{s.run}.json").write_text(json.dumps(s.to_json(), indent=1))
     if selection is not None:
         (folder / "selection.json").write_text(json.dumps(selection))
     return folder
@@ -58,7 +58,7 @@ def section(text: str, name: str) -> str:
     return text.split(f"<!-- report:begin {name} -->")[1].split(f"<!-- report:end {name} -->")[0]
 
 
-def full_study() -> list[dict]:
+def full_study() -> list[RunSummary]:
     """Table 2 on SST-2 (FedSODA 3 seeds, FedPETuning 2, FedOT 3, FedBiOT none), a base run, variants, gsm8k."""
     runs = [summary("fedsoda", seed=s, acc=a) for s, a in zip((0, 1, 2), (0.80, 0.82, 0.84))]
     runs += [summary("fedpetuning", seed=s, acc=a) for s, a in ((0, 0.90), (2, 0.93))]
@@ -533,7 +533,7 @@ def three_seed_grid(study="ii") -> tuple[list[dict], dict]:
                     val=[0.5, 0.5, 0.5, 0.5, vals[m, lr][sd]], variant="main" if lr == 1e-3 else f"lr={lr:g}")
             for (m, lr) in vals for sd in (0, 1, 2)]
     for s in runs:
-        s["run"] = f"grid-{s['method']}-sst2-smollm2-iid-lr{s['lr']:g}-s{s['seed']}"
+        s.run = f"grid-{s.method}-sst2-smollm2-iid-lr{s.lr:g}-s{s.seed}"
     sel = {"study": study, "rule": "max mean val_accuracy over seeds [0, 1, 2]; ties to the smaller lr",
            "selected": [{"method": m, "task": "sst2", "model": "smollm2", "split": "iid", "lr": 1e-3}
                         for m in ("fedsoda", "fedpetuning")]}
@@ -557,7 +557,7 @@ def test_selection_over_three_seeds_beside_the_seed0_selection(tmp_path):
             f"| [54.1, 73.9] | 3 | 5.3 | yes | +{np.mean(d):.1f} [{np.mean(d) - dhalf:+.1f}, {np.mean(d) + dhalf:+.1f}] |") in text
     assert "| FedPETuning | 0.001 | 85.0 ± 1.0 |" in text and "| 4.0 | no (the same runs) | — |" in text
     assert "| FedSODA − FedPETuning | -27.7 |" in text and "| -21.0 |" in text  # at seed-0, at three-seed selections
-    one_seed = [s for s in runs if s["seed"] == 0]
+    one_seed = [s for s in runs if s.seed == 0]
     assert run(write(tmp_path / "res1", one_seed, SELECTION), tmp_path / "r1.md") == 0
     assert "No grid at more than one seed" in section((tmp_path / "r1.md").read_text(), "seeds3")
 
@@ -597,11 +597,11 @@ def test_budget_axis_selects_per_budget_and_pairs_the_gaps(tmp_path):
             s = summary(m, seed=sd, acc=a, stage="budget", variant=v, lr=lr, study="ii",
                         val=[0.5, 0.5, 0.5, 0.5, val64[m, v, lr]],
                         examples_per_client=16 if v.endswith("x16") else 64)
-            s["run"] = f"budget.{v}-{m}-sst2-smollm2-iid-step{lr:g}-s{sd}"
+            s.run = f"budget.{v}-{m}-sst2-smollm2-iid-step{lr:g}-s{sd}"
             runs.append(s)
     pet = summary("fedpetuning", seed=0, acc=0.9, stage="budget", variant="x64", lr=1e-3, study="ii",
                   examples_per_client=64)
-    pet["run"] = "budget.x64-fedpetuning-sst2-smollm2-iid-step+0-s0"
+    pet.run = "budget.x64-fedpetuning-sst2-smollm2-iid-step+0-s0"
     runs.append(pet)
     out = tmp_path / "r.md"
     assert run(write(tmp_path / "res", runs, sel), out) == 0
