@@ -416,7 +416,44 @@ def diff_cells(runs: list[RunSummary], ref: dict[int, float] | None) -> list[str
     return cells + [num(p["mean"], sign=True), ci_text(p["ci"], sign=True), ", ".join(map(str, p["seeds"])) or DASH]
 
 
+@dataclass(frozen=True)
+class Row:
+    """One row of a comparison table: its label cells, its runs, and the reference its Δ is paired with ({seed:
+    test accuracy in points}; None: this row is the reference)."""
+
+    label: tuple
+    runs: list
+    ref: dict | None
+
+
+Col = tuple  # (header, cell: Row -> str)
 DIFF_HEADERS = ["test acc. % (mean ± std)", "n", "Δ vs FedSODA (pts)", "95% CI", "paired seeds"]
+COST: list[Col] = [("comm MiB/round/client", lambda r: mib(field_mean(r.runs, "comm_bytes_per_round"), 3)),
+                   ("client model MiB", lambda r: mib(field_mean(r.runs, "client_model_bytes"), 1)),
+                   ("KL after pre-align (mean)", lambda r: num(field_mean(r.runs, "kl_after"), 3))]
+
+
+def comparison(rows: list[Row], labels: list[str], before: list[Col] = (), after: list[Col] = (), left: int = 1,
+               seeds: bool = False, delta: str = DIFF_HEADERS[2]) -> str:
+    """The table "Δ vs a reference, paired by seed": per row its label cells, the `before` columns, the test accuracy
+    (mean ± std, n), Δ vs the row's reference with its 95% CI (and the paired seeds when `seeds`), then the `after`
+    columns."""
+    diff = [*DIFF_HEADERS[:2], delta, *DIFF_HEADERS[3:5 if seeds else 4]]
+    body = [[*r.label, *(cell(r) for _, cell in before), *diff_cells(r.runs, r.ref)[:len(diff)],
+             *(cell(r) for _, cell in after)] for r in rows]
+    return table([*labels, *(h for h, _ in before), *diff, *(h for h, _ in after)], body, left)
+
+
+def per_setting(res: Results, settings: list[Setting], render, empty: str, caption: str) -> str:
+    """One `#### <setting>` part per setting (`render(st)`), then the caption; `empty` without settings."""
+    if not settings:
+        return empty
+    return "\n\n".join(f"#### {res.label(st)}\n\n" + render(st) for st in settings) + "\n\n" + caption
+
+
+def main_ref(res: Results, st: Setting) -> dict[int, float]:
+    """The FedSODA main runs' test accuracy by seed: the usual reference."""
+    return by_seed(res.main(st, "fedsoda"))
 
 
 def variant_settings(res: Results, specs: list[tuple], task: str | None = None) -> list[Setting]:
@@ -453,16 +490,15 @@ def table3_specs(res: Results) -> list[tuple]:
 def sec_table3(res: Results) -> str:
     """The ablation of ODA on each task that has ablation runs."""
     specs = table3_specs(res)
-    settings = variant_settings(res, [sp for _, sp in specs])
-    if not settings:
-        return "_No FedSODA or ablation runs yet._"
-    parts = []
-    for st in settings:
-        ref = by_seed(res.main(st, "fedsoda"))
-        rows = [[label, extra_overrides(res, res.rows(st, sp)) if sp[0] == "variant" else DASH,
-                 *diff_cells(res.rows(st, sp), None if sp == ("main", "fedsoda") else ref)] for label, sp in specs]
-        parts.append(f"#### {res.label(st)}\n\n" + table(["variant", "overrides", *DIFF_HEADERS], rows, 2))
-    return "\n\n".join(parts) + "\n\nΔ: variant − FedSODA in points, paired by seed, 95% CI (Student t)."
+
+    def render(st: Setting) -> str:
+        ref = main_ref(res, st)
+        rows = [Row((label, extra_overrides(res, runs) if sp[0] == "variant" else DASH), runs,
+                    None if sp == ("main", "fedsoda") else ref) for label, sp in specs for runs in [res.rows(st, sp)]]
+        return comparison(rows, ["variant", "overrides"], left=2, seeds=True)
+    return per_setting(res, variant_settings(res, [sp for _, sp in specs]), render,
+                       "_No FedSODA or ablation runs yet._",
+                       "Δ: variant − FedSODA in points, paired by seed, 95% CI (Student t).")
 
 
 def param_kind(res: Results, name: str) -> str:
@@ -485,31 +521,18 @@ def table4_specs(res: Results) -> list[tuple]:
 def sec_table4(res: Results) -> str:
     """The parameter study: (n, p) and the re-alignment interval r (every variant of the param stage)."""
     specs = table4_specs(res)
-    settings = variant_settings(res, [sp for _, sp in specs])
-    if not settings:
-        return "_No FedSODA or parameter-study runs yet._"
-    parts = []
-    for st in settings:
-        ref = by_seed(res.main(st, "fedsoda"))
-        rows = []
-        for study, sp in specs:
-            runs = res.rows(st, sp)
-            rows.append([study, sp[1] if sp[0] == "variant" else "FedSODA (main)", groups_np(runs), realign_r(runs),
-                         *diff_cells(runs, None if sp[0] == "main" else ref)[:4], *cost_cells(runs)])
-        parts.append(f"#### {res.label(st)}\n\n" + table(
-            ["study", "variant", "(n, p)", "r", *DIFF_HEADERS[:4], *COST_HEADERS], rows, 2))
-    return "\n\n".join(parts) + (
-        "\n\n(n, p) and r as the runs record them: n layers in each of the p pruned groups (`sgp_groups`), r the "
+
+    def render(st: Setting) -> str:
+        ref = main_ref(res, st)
+        rows = [Row((study, sp[1] if sp[0] == "variant" else "FedSODA (main)"), res.rows(st, sp),
+                    None if sp[0] == "main" else ref) for study, sp in specs]
+        return comparison(rows, ["study", "variant"], [("(n, p)", lambda r: groups_np(r.runs)),
+                                                       ("r", lambda r: realign_r(r.runs))], COST, left=2)
+    return per_setting(res, variant_settings(res, [sp for _, sp in specs]), render,
+                       "_No FedSODA or parameter-study runs yet._", (
+        "(n, p) and r as the runs record them: n layers in each of the p pruned groups (`sgp_groups`), r the "
         "rounds between re-alignments (`realigned`); the FedSODA main runs appear in both studies. Δ: variant − "
-        "FedSODA in points, paired by seed, 95% CI (Student t).")
-
-
-COST_HEADERS = ["comm MiB/round/client", "client model MiB", "KL after pre-align (mean)"]
-
-
-def cost_cells(runs: list[RunSummary]) -> list[str]:
-    return [mib(field_mean(runs, "comm_bytes_per_round"), 3), mib(field_mean(runs, "client_model_bytes"), 1),
-            num(field_mean(runs, "kl_after"), 3)]
+        "FedSODA in points, paired by seed, 95% CI (Student t)."))
 
 
 DRIFT = "drift"  # the stage of the drift-trigger variants (studies/*.yaml: group drift)
@@ -546,32 +569,24 @@ def trigger_text(runs: list[RunSummary]) -> str:
 
 def sec_drift(res: Results) -> str:
     """Drift-triggered re-alignment against the fixed intervals r = 1, 5 and never: accuracy vs emulator bytes."""
-    settings = res.settings([s for s in res.runs if s.stage == DRIFT])
-    if not settings:
-        return "_No drift-trigger runs yet._"
-    parts = []
-    for st in settings:
-        ref = by_seed(res.main(st, "fedsoda"))
+    def render(st: Setting) -> str:
+        ref = main_ref(res, st)
         names = sorted({s.variant for s in res.runs if s.stage == DRIFT and setting_of(s) == st})
-        rows = []
-        for label, sp in DRIFT_BASE + [(name, ("variant", name)) for name in names]:
-            runs = res.rows(st, sp)
-            rows.append([label, trigger_text(runs) if runs else DASH,
-                         *diff_cells(runs, None if sp == ("main", "fedsoda") else ref)[:4],
-                         num(mean_of(realignments(s) for s in runs)), mib(mean_of(emulator_bytes(s) for s in runs), 2),
-                         mib(field_mean(runs, "comm_bytes_per_round"), 3),
-                         num(mean_of(probe_mean(s) for s in runs), 2)])
-        parts.append(f"#### {res.label(st)}\n\n" + table(
-            ["run", "re-alignment", *DIFF_HEADERS[:4], "re-alignments (mean)", "emulator MiB/client (run)",
-             "comm MiB/round/client", "drift probe, run mean"], rows, 2))
-    return "\n\n".join(parts) + (
-        "\n\nDrift trigger: round t + 1 re-aligns when the output drift probe (KL(M ‖ M*) on a held-out public batch "
+        rows = [Row((label,), res.rows(st, sp), None if sp == ("main", "fedsoda") else ref)
+                for label, sp in DRIFT_BASE + [(name, ("variant", name)) for name in names]]
+        return comparison(rows, ["run"], [("re-alignment", lambda r: trigger_text(r.runs) if r.runs else DASH)], [
+            ("re-alignments (mean)", lambda r: num(mean_of(realignments(s) for s in r.runs))),
+            ("emulator MiB/client (run)", lambda r: mib(mean_of(emulator_bytes(s) for s in r.runs), 2)), COST[0],
+            ("drift probe, run mean", lambda r: num(mean_of(probe_mean(s) for s in r.runs), 2))], left=2)
+    return per_setting(res, res.settings([s for s in res.runs if s.stage == DRIFT]), render,
+                       "_No drift-trigger runs yet._", (
+        "Drift trigger: round t + 1 re-aligns when the output drift probe (KL(M ‖ M*) on a held-out public batch "
         "with the global adapter in both models) after round t exceeds τ × its value just after the last alignment "
         "(max k: also after k rounds without one). Emulator MiB/client: the emulator LoRA one client rank received "
         "over the run's re-alignments (— for summaries written before `emulator_lora_bytes` was recorded). Drift probe, "
         "run mean: the probe after each round averaged over the run's rounds, then over seeds (how far the emulator "
         "stayed from the full model while the clients trained). Δ: run − "
-        "FedSODA main in points, paired by seed, 95% CI (Student t).")
+        "FedSODA main in points, paired by seed, 95% CI (Student t)."))
 
 
 def probe_mean(s: RunSummary):
@@ -641,30 +656,24 @@ def sec_gap(res: Results) -> str:
     """The FedSODA − FedPETuning gap on SST-2, factor by factor, with the share of the gap each closes."""
     settings = variant_settings(res, [sp for _, sp in GAP], task="sst2")
     settings = settings or res.settings([s for s in res.runs if s.task == "sst2" and s.stage in MAIN_STAGES])
-    if not settings:
-        return "_No SST-2 runs yet._"
-    parts = []
-    for st in settings:
-        ref = by_seed(res.main(st, "fedsoda"))
+
+    def render(st: Setting) -> str:
+        ref = main_ref(res, st)
         gap = paired(by_seed(res.main(st, "fedpetuning")), ref)
-        rows = []
-        for label, sp in GAP:
-            runs = res.rows(st, sp)
-            p = paired(by_seed(runs), ref)
-            share = 100 * p["mean"] / gap["mean"] if p["n"] and gap["n"] and gap["mean"] != 0 else math.nan
-            is_ref = sp == ("main", "fedsoda")
-            method = sorted({s.method for s in runs}, key=method_order)
-            rows.append([label, ", ".join(NAMES.get(m, m) for m in method) or DASH,
-                         extra_overrides(res, runs) if sp[0] == "variant" else DASH,
-                         *diff_cells(runs, None if is_ref else ref)[:4], "(reference)" if is_ref else num(share),
-                         num(field_mean(runs, "kl_after"), 3)])
-        parts.append(f"#### {res.label(st)}\n\n" + table(
-            ["run", "method", "overrides", *DIFF_HEADERS[:4], "gap closed %", "KL after pre-align (mean)"], rows, 3))
-    return "\n\n".join(parts) + (
-        "\n\nΔ: run − FedSODA main in points, paired by seed, 95% CI (Student t). "
+
+        def closed(r: Row) -> str:
+            p = paired(by_seed(r.runs), ref)
+            return "(reference)" if r.ref is None else num(
+                100 * p["mean"] / gap["mean"] if p["n"] and gap["n"] and gap["mean"] != 0 else math.nan)
+        rows = [Row((label, ", ".join(NAMES.get(m, m) for m in sorted({s.method for s in runs}, key=method_order))
+                     or DASH, extra_overrides(res, runs) if sp[0] == "variant" else DASH), runs,
+                    None if sp == ("main", "fedsoda") else ref) for label, sp in GAP for runs in [res.rows(st, sp)]]
+        return comparison(rows, ["run", "method", "overrides"], [], [("gap closed %", closed), COST[2]], left=3)
+    return per_setting(res, settings, render, "_No SST-2 runs yet._", (
+        "Δ: run − FedSODA main in points, paired by seed, 95% CI (Student t). "
         "Gap closed = Δ(run) / Δ(FedPETuning), "
         "both paired by seed with FedSODA (100% = as good as FedPETuning). Overrides: the run's settings beyond those "
-        "every Table-2 run shares; the centralized rows are one client holding the union of the clients' examples.")
+        "every Table-2 run shares; the centralized rows are one client holding the union of the clients' examples."))
 
 
 # FedSODA -> FedBiOT one setting at a time, all at FedPETuning's selected lr (which FedBiOT selects too)
@@ -685,25 +694,18 @@ def sec_bridge(res: Results) -> str:
     steps = {sp[1] for _, sp in BRIDGE[1:5]}
     settings = res.settings([s for s in res.runs if s.task == "sst2" and s.stage not in (*MAIN_STAGES, GSM8K)
                              and s.variant in steps])
-    if not settings:
-        return "_No runs of the FedSODA -> FedBiOT steps yet._"
-    parts = []
-    for st in settings:
+
+    def render(st: Setting) -> str:
         ref = by_seed(res.rows(st, BRIDGE[0][1]))
-        rows = []
-        for label, sp in BRIDGE:
-            runs = res.rows(st, sp)
-            lrs = distinct([s.lr for s in runs]) if runs else DASH
-            rows.append([label, lrs, *diff_cells(runs, None if sp == BRIDGE[0][1] else ref),
-                         pct(field_mean(runs, "sub_accuracy")), *cost_cells(runs)])
-        parts.append(f"#### {res.label(st)}\n\n" + table(
-            ["run", "lr", *DIFF_HEADERS[:2], "Δ vs lr_pet (pts)", *DIFF_HEADERS[3:], "sub-LLM acc. % (mean)",
-             *COST_HEADERS], rows, 2))
-    return "\n\n".join(parts) + (
-        "\n\nΔ: run − FedSODA at FedPETuning's lr (lr_pet) in points, paired by seed, 95% CI (Student t). "
+        rows = [Row((label,), res.rows(st, sp), None if sp == BRIDGE[0][1] else ref) for label, sp in BRIDGE]
+        return comparison(rows, ["run"], [("lr", lambda r: distinct([s.lr for s in r.runs]) if r.runs else DASH)],
+                          [("sub-LLM acc. % (mean)", lambda r: pct(field_mean(r.runs, "sub_accuracy"))), *COST],
+                          left=2, seeds=True, delta="Δ vs lr_pet (pts)")
+    return per_setting(res, settings, render, "_No runs of the FedSODA -> FedBiOT steps yet._", (
+        "Δ: run − FedSODA at FedPETuning's lr (lr_pet) in points, paired by seed, 95% CI (Student t). "
         "FedBiOT differs from FedSODA in four settings (fp32 sub-LLM, uniform layer drop instead of SGP, re-alignment "
         "every round, mu = 0); each middle row changes one of them. Sub-LLM acc.: the adapter on the emulator it was "
-        "trained against (test set), beside the test accuracy of the same adapter plugged into the full model.")
+        "trained against (test set), beside the test accuracy of the same adapter plugged into the full model."))
 
 
 LABEL_NAMES = {"sst2": ("negative", "positive"), "boolq": ("false", "true")}  # = fedsoda_mpi.data.LABEL_WORDS
@@ -865,61 +867,44 @@ def stage_specs(res: Results, st: Setting, stage: str, key=None) -> list[tuple[s
 
 def sec_auto(res: Results) -> str:
     """sgp.auto: the (n, p) chosen for each budget K against FedSODA's main (n, p) = (3, 4), paired by seed."""
-    settings = issue16_settings(res, AUTO)
-    if not settings:
-        return "_No FedSODA or `auto` runs yet._"
-    parts = []
-    for st in settings:
-        ref = by_seed(res.main(st, "fedsoda"))
+    def render(st: Setting) -> str:
+        ref = main_ref(res, st)
         budget = {s.variant: int((s.settings or {}).get("sgp_remove_layers", 0)) for s in res.runs
                   if s.stage == AUTO and setting_of(s) == st}
-        specs = stage_specs(res, st, AUTO, key=lambda v: (budget[v], v))
-        rows, cand = [], []
-        for label, runs in specs:
-            is_ref = label == "FedSODA (main)"
-            rows.append([label, removed_layers(runs), chosen_np(runs),
-                         num(mean_of(chosen_distance(s) for s in runs), 4),
-                         *diff_cells(runs, None if is_ref else ref)[:4], before_after(runs, "kl_before", "kl_after"),
-                         mib(field_mean(runs, "comm_bytes_per_round"), 3), mib(field_mean(runs, "client_model_bytes"), 1)])
-            if not is_ref:
-                cand.append([label, candidates_text(runs)])
-        parts.append(f"#### {res.label(st)}\n\n" + table(
-            ["run", "layers removed K", "(n, p)", "distance / removed layer", *DIFF_HEADERS[:4],
-             "held-out KL before → after pre-align", "comm MiB/round/client", "client model MiB"], rows, 3)
-            + ("\n\n" + table(["run", "candidates (n, p): summed distance / K (chosen in bold)"], cand, 2)
-               if cand else ""))
-    return "\n\n".join(parts) + (
-        "\n\n`sgp.auto=true sgp.remove_layers=K`: among every (n, p) with n * p = K that fits the emulator (and "
+        rows = [Row((label,), runs, None if label == "FedSODA (main)" else ref)
+                for label, runs in stage_specs(res, st, AUTO, key=lambda v: (budget[v], v))]
+        cand = [[r.label[0], candidates_text(r.runs)] for r in rows if r.ref is not None]
+        return comparison(rows, ["run"], [
+            ("layers removed K", lambda r: removed_layers(r.runs)), ("(n, p)", lambda r: chosen_np(r.runs)),
+            ("distance / removed layer", lambda r: num(mean_of(chosen_distance(s) for s in r.runs), 4))],
+            [("held-out KL before → after pre-align", lambda r: before_after(r.runs, "kl_before", "kl_after")),
+             *COST[:2]], left=3) + (
+            "\n\n" + table(["run", "candidates (n, p): summed distance / K (chosen in bold)"], cand, 2) if cand else "")
+    return per_setting(res, issue16_settings(res, AUTO), render, "_No FedSODA or `auto` runs yet._", (
+        "`sgp.auto=true sgp.remove_layers=K`: among every (n, p) with n * p = K that fits the emulator (and "
         "n ≤ sgp.n_max when set), the one "
         "whose optimal groups lose the least summed angular distance d(x^t, x^(t+n)) per removed layer. KL: held-out "
-        "KL(M ‖ M*) on WikiText-2 before and after pre-alignment, means over seeds. Δ: run − FedSODA main in points, paired by seed, 95% CI (Student t).")
+        "KL(M ‖ M*) on WikiText-2 before and after pre-alignment, means over seeds. Δ: run − FedSODA main in points, paired by seed, 95% CI (Student t)."))
 
 
 def sec_selfpublic(res: Results) -> str:
     """data.public=self: SGP and ODA on text the full LLM generated, against FedSODA main on WikiText-2."""
-    settings = issue16_settings(res, SELF)
-    if not settings:
-        return "_No FedSODA or `selfpublic` runs yet._"
-    parts = []
-    for st in settings:
-        ref = by_seed(res.main(st, "fedsoda"))
-        specs = stage_specs(res, st, SELF)
-        rows = []
-        for label, runs in specs:
-            is_ref = label == "FedSODA (main)"
-            public = distinct([(s.settings or {}).get("public") for s in runs])
-            kl_on = distinct([s.kl_on for s in runs])
-            rows.append([label, public, chosen_np(runs), groups_text(runs), *diff_cells(runs, None if is_ref else ref)[:4],
-                         before_after(runs, "kl_before", "kl_after"), kl_on,
-                         before_after(runs, "kl_before_self", "kl_after_self"), generation_text(runs)])
-        parts.append(f"#### {res.label(st)}\n\n" + table(
-            ["run", "D_public", "(n, p)", "SGP groups", *DIFF_HEADERS[:4], "held-out KL before → after pre-align",
-             "KL measured on", "KL on generated text", "generation"], rows, 4))
-    return "\n\n".join(parts) + (
-        "\n\n`data.public=self`: the server samples D_public from the full LLM (generic prompts, seeded; cached in the "
+    def render(st: Setting) -> str:
+        ref = main_ref(res, st)
+        rows = [Row((label,), runs, None if label == "FedSODA (main)" else ref)
+                for label, runs in stage_specs(res, st, SELF)]
+        return comparison(rows, ["run"], [
+            ("D_public", lambda r: distinct([(s.settings or {}).get("public") for s in r.runs])),
+            ("(n, p)", lambda r: chosen_np(r.runs)), ("SGP groups", lambda r: groups_text(r.runs))], [
+            ("held-out KL before → after pre-align", lambda r: before_after(r.runs, "kl_before", "kl_after")),
+            ("KL measured on", lambda r: distinct([s.kl_on for s in r.runs])),
+            ("KL on generated text", lambda r: before_after(r.runs, "kl_before_self", "kl_after_self")),
+            ("generation", lambda r: generation_text(r.runs))], left=4)
+    return per_setting(res, issue16_settings(res, SELF), render, "_No FedSODA or `selfpublic` runs yet._", (
+        "`data.public=self`: the server samples D_public from the full LLM (generic prompts, seeded; cached in the "
         "run folder) for SGP and ODA. Held-out KL(M ‖ M*) is means over seeds, measured on WikiText-2's held-out slice "
         "when it exists (comparable with the main runs) and on held-out generated text. Δ: run − FedSODA main in "
-        "points, paired by seed, 95% CI (Student t).")
+        "points, paired by seed, 95% CI (Student t)."))
 
 
 def before_after(runs: list[RunSummary], before: str, after: str) -> str:
@@ -1016,14 +1001,12 @@ def sec_variants(res: Results) -> str:
             for name in sorted({s.variant for s in here}, key=natural):
                 of = [s for s in here if s.variant == name]
                 methods = sorted({s.method for s in of}, key=method_order)
-                ref_runs = [s for s in of if s.method == "fedsoda"] if len(methods) > 1 else res.main(st, "fedsoda")
-                for m in methods:
-                    mine = [s for s in of if s.method == m]
-                    ref = None if (len(methods) > 1 and m == "fedsoda") else (by_seed(ref_runs) or {})
-                    cells = diff_cells(mine, ref)
-                    rows.append([name, NAMES.get(m, m), extra_overrides(res, mine), *cells[:4], *cost_cells(mine)])
-            parts.append(f"#### {stage}: {res.label(st)}\n\n" + table(
-                ["variant", "method", "overrides", *DIFF_HEADERS[:4], *COST_HEADERS], rows, 3))
+                ref = by_seed([s for s in of if s.method == "fedsoda"] if len(methods) > 1 else res.main(st, "fedsoda"))
+                rows += [Row((name, NAMES.get(m, m), extra_overrides(res, mine)), mine,
+                             None if len(methods) > 1 and m == "fedsoda" else ref)
+                         for m in methods for mine in [[s for s in of if s.method == m]]]
+            parts.append(f"#### {stage}: {res.label(st)}\n\n"
+                         + comparison(rows, ["variant", "method", "overrides"], [], COST, left=3))
     return "\n\n".join(parts) + (
         "\n\nΔ: run − FedSODA in points, paired by seed, 95% CI (Student t); the FedSODA runs of the same variant "
         "when the group runs several methods (they are the reference), else the FedSODA main runs of the setting.")
