@@ -6,7 +6,9 @@
 Reads <results>/*.json (one few-KB summary per finished run, written by fedsoda_mpi.study.summarize) and
 <results>/selection.json (fedsoda_mpi.study.write_selection); never a run folder. In the --out markdown
 file, the lines between `<!-- report:begin NAME -->` and `<!-- report:end NAME -->` are replaced by freshly
-generated content and everything outside the markers is kept; a new file gets every section. Sections:
+generated content and everything outside the markers is kept: the captions that explain each table live there
+(docs/results.md), the generated content is the tables and the captions that depend on the data; a new file gets
+every section. Sections:
 setup, lr, table2, table3, table4, drift, table9, gap, bridge, transfer, gsm8k, auto, selfpublic, variants, curves, cost,
 seeds3 (figures:
 <figures>/<study>_curves_<task>.png, default <out folder>/gallery). drift shows the study's `drift` stage
@@ -366,16 +368,7 @@ def sec_table2(res: Results) -> str:
                               "seeds not used to select lr: acc. % (n)", "most-predicted label, % of test rows"], rows)
                      + "\n\n" + table(["paired difference", "seeds", "mean Δ (pts)", "95% CI", "per seed",
                                        "CI excludes 0"], diff_rows))
-    note = ("Test accuracy on the full test set, mean ± sample std over seeds at the selected lr; 95% CI of the mean "
-            "with Student t (df = n − 1; — for n = 1). Test-set SE = sqrt(p(1 − p)/n_eval) at the mean p: the "
-            "sampling noise of one run's accuracy, to set beside the seed std. Paired differences use only the "
-            "seeds both methods have. Base model: the pretrained model's test accuracy (n = its evaluations). "
-            "The last column leaves out the grid seed(s) whose validation accuracy chose the lr: that run's test "
-            "accuracy is biased upwards (the lr that happened to suit that seed best won: the winner's curse), the "
-            "others are not. Most-predicted label: per seed, the share of test rows to which the full model gives "
-            "the label it gives most (100 = one answer whatever the input; such a run scores that label's share of "
-            "the test set, the \"always the majority class\" row when it is the majority).")
-    return "\n\n".join(parts) + "\n\n" + note
+    return "\n\n".join(parts)
 
 
 def top_label_share(runs: list[RunSummary]) -> str:
@@ -444,11 +437,11 @@ def comparison(rows: list[Row], labels: list[str], before: list[Col] = (), after
     return table([*labels, *(h for h, _ in before), *diff, *(h for h, _ in after)], body, left)
 
 
-def per_setting(res: Results, settings: list[Setting], render, empty: str, caption: str) -> str:
-    """One `#### <setting>` part per setting (`render(st)`), then the caption; `empty` without settings."""
+def per_setting(res: Results, settings: list[Setting], render, empty: str) -> str:
+    """One `#### <setting>` part per setting (`render(st)`); `empty` without settings."""
     if not settings:
         return empty
-    return "\n\n".join(f"#### {res.label(st)}\n\n" + render(st) for st in settings) + "\n\n" + caption
+    return "\n\n".join(f"#### {res.label(st)}\n\n" + render(st) for st in settings)
 
 
 def main_ref(res: Results, st: Setting) -> dict[int, float]:
@@ -497,8 +490,7 @@ def sec_table3(res: Results) -> str:
                     None if sp == ("main", "fedsoda") else ref) for label, sp in specs for runs in [res.rows(st, sp)]]
         return comparison(rows, ["variant", "overrides"], left=2, seeds=True)
     return per_setting(res, variant_settings(res, [sp for _, sp in specs]), render,
-                       "_No FedSODA or ablation runs yet._",
-                       "Δ: variant − FedSODA in points, paired by seed, 95% CI (Student t).")
+                       "_No FedSODA or ablation runs yet._")
 
 
 def param_kind(res: Results, name: str) -> str:
@@ -529,10 +521,7 @@ def sec_table4(res: Results) -> str:
         return comparison(rows, ["study", "variant"], [("(n, p)", lambda r: groups_np(r.runs)),
                                                        ("r", lambda r: realign_r(r.runs))], COST, left=2)
     return per_setting(res, variant_settings(res, [sp for _, sp in specs]), render,
-                       "_No FedSODA or parameter-study runs yet._", (
-        "(n, p) and r as the runs record them: n layers in each of the p pruned groups (`sgp_groups`), r the "
-        "rounds between re-alignments (`realigned`); the FedSODA main runs appear in both studies. Δ: variant − "
-        "FedSODA in points, paired by seed, 95% CI (Student t)."))
+                       "_No FedSODA or parameter-study runs yet._")
 
 
 DRIFT = "drift"  # the stage of the drift-trigger variants (studies/*.yaml: group drift)
@@ -579,14 +568,7 @@ def sec_drift(res: Results) -> str:
             ("emulator MiB/client (run)", lambda r: mib(mean_of(emulator_bytes(s) for s in r.runs), 2)), COST[0],
             ("drift probe, run mean", lambda r: num(mean_of(probe_mean(s) for s in r.runs), 2))], left=2)
     return per_setting(res, res.settings([s for s in res.runs if s.stage == DRIFT]), render,
-                       "_No drift-trigger runs yet._", (
-        "Drift trigger: round t + 1 re-aligns when the output drift probe (KL(M ‖ M*) on a held-out public batch "
-        "with the global adapter in both models) after round t exceeds τ × its value just after the last alignment "
-        "(max k: also after k rounds without one). Emulator MiB/client: the emulator LoRA one client rank received "
-        "over the run's re-alignments (— for summaries written before `emulator_lora_bytes` was recorded). Drift probe, "
-        "run mean: the probe after each round averaged over the run's rounds, then over seeds (how far the emulator "
-        "stayed from the full model while the clients trained). Δ: run − "
-        "FedSODA main in points, paired by seed, 95% CI (Student t)."))
+                       "_No drift-trigger runs yet._")
 
 
 def probe_mean(s: RunSummary):
@@ -631,10 +613,7 @@ def sec_table9(res: Results) -> str:
         parts.append(f"#### {res.label(st)}\n\nFedOT's target: {goal}\n\n" + table(
             ["method", "n seeds", "first round with mean val. acc. ≥ target", "mean val. acc. % there",
              "mean val. acc. % at the last evaluated round"], rows))
-    return "\n\n".join(parts) + (
-        "\n\nOn the VALIDATION rows (held out of the training file), not the test set: the per-round curves are "
-        "evaluated there only. Target = mean over FedOT's seeds of its last evaluated round's validation accuracy; "
-        "each method's curve is its mean over seeds at each evaluated round.")
+    return "\n\n".join(parts)
 
 
 GAP = [("FedSODA (main)", ("main", "fedsoda")), ("NF4 off (fp32_sub)", ("variant", "fp32_sub")),
@@ -669,11 +648,7 @@ def sec_gap(res: Results) -> str:
                      or DASH, extra_overrides(res, runs) if sp[0] == "variant" else DASH), runs,
                     None if sp == ("main", "fedsoda") else ref) for label, sp in GAP for runs in [res.rows(st, sp)]]
         return comparison(rows, ["run", "method", "overrides"], [], [("gap closed %", closed), COST[2]], left=3)
-    return per_setting(res, settings, render, "_No SST-2 runs yet._", (
-        "Δ: run − FedSODA main in points, paired by seed, 95% CI (Student t). "
-        "Gap closed = Δ(run) / Δ(FedPETuning), "
-        "both paired by seed with FedSODA (100% = as good as FedPETuning). Overrides: the run's settings beyond those "
-        "every Table-2 run shares; the centralized rows are one client holding the union of the clients' examples."))
+    return per_setting(res, settings, render, "_No SST-2 runs yet._")
 
 
 # FedSODA -> FedBiOT one setting at a time, all at FedPETuning's selected lr (which FedBiOT selects too)
@@ -701,11 +676,7 @@ def sec_bridge(res: Results) -> str:
         return comparison(rows, ["run"], [("lr", lambda r: distinct([s.lr for s in r.runs]) if r.runs else DASH)],
                           [("sub-LLM acc. % (mean)", lambda r: pct(field_mean(r.runs, "sub_accuracy"))), *COST],
                           left=2, seeds=True, delta="Δ vs lr_pet (pts)")
-    return per_setting(res, settings, render, "_No runs of the FedSODA -> FedBiOT steps yet._", (
-        "Δ: run − FedSODA at FedPETuning's lr (lr_pet) in points, paired by seed, 95% CI (Student t). "
-        "FedBiOT differs from FedSODA in four settings (fp32 sub-LLM, uniform layer drop instead of SGP, re-alignment "
-        "every round, mu = 0); each middle row changes one of them. Sub-LLM acc.: the adapter on the emulator it was "
-        "trained against (test set), beside the test accuracy of the same adapter plugged into the full model."))
+    return per_setting(res, settings, render, "_No runs of the FedSODA -> FedBiOT steps yet._")
 
 
 LABEL_NAMES = {"sst2": ("negative", "positive"), "boolq": ("false", "true")}  # = fedsoda_mpi.data.LABEL_WORDS
@@ -736,12 +707,7 @@ def sec_transfer(res: Results) -> str:
         parts.append(f"#### {task} (test rows whose answer is \"{word}\": {share(label_counts_of(mine))} %)\n\n" + table(
             ["method", "stage", "lr", "seed", "full model: acc. %", f"full model: % \"{word}\"",
              "sub-LLM: acc. %", f"sub-LLM: % \"{word}\""], rows, 2))
-    return "\n\n".join(parts) + (
-        "\n\nOne adapter, two hosts: the full model it is deployed on and the sub-LLM (emulator) it was trained "
-        "against (FedPETuning trains on the full model, so both columns are the same run). % \"word\": the share of "
-        "the test rows to which the model gives that label (0 or 100: one answer whatever the input). Only runs "
-        "that record their predictions per class are listed (and the base model where a run that evaluated it "
-        "recorded them).")
+    return "\n\n".join(parts)
 
 
 def base_run(runs: list[RunSummary], key: str) -> RunSummary | None:
@@ -768,13 +734,7 @@ def sec_gsm8k(res: Results) -> str:
                          pct(based.base_accuracy), ci_text(wilson(based.base_accuracy, based.n_eval)),
                          count(based.n_eval), DASH, DASH])
     return table(["method", "seed", "lr", "test acc. %", "95% CI", "n_eval", "sub-LLM acc. %",
-                  "final evaluation, h"], rows, 2) + gsm8k_paired(runs) + (
-        "\n\nGSM8K test accuracy: a k-shot generated answer counts when its final number equals the reference's; "
-        "one run per row. 95% CI: the Wilson score interval over the test questions, so it holds the test set's "
-        "sampling error only (one seed: the spread between seeds is not in it). Final evaluation: the hours of "
-        "generation for the full model and, for a pruned sub-LLM, the sub-LLM too. Paired rows: the same test "
-        "questions answered by both models (the base model's answers come from the run that evaluated it); Δ with a 95% Wald interval of the paired difference, and the exact "
-        "McNemar test on the questions only one of them answered correctly.")
+                  "final evaluation, h"], rows, 2) + gsm8k_paired(runs)
 
 
 def gsm8k_base(runs: list[RunSummary], model) -> RunSummary | None:
@@ -880,11 +840,7 @@ def sec_auto(res: Results) -> str:
             [("held-out KL before → after pre-align", lambda r: before_after(r.runs, "kl_before", "kl_after")),
              *COST[:2]], left=3) + (
             "\n\n" + table(["run", "candidates (n, p): summed distance / K (chosen in bold)"], cand, 2) if cand else "")
-    return per_setting(res, issue16_settings(res, AUTO), render, "_No FedSODA or `auto` runs yet._", (
-        "`sgp.auto=true sgp.remove_layers=K`: among every (n, p) with n * p = K that fits the emulator (and "
-        "n ≤ sgp.n_max when set), the one "
-        "whose optimal groups lose the least summed angular distance d(x^t, x^(t+n)) per removed layer. KL: held-out "
-        "KL(M ‖ M*) on WikiText-2 before and after pre-alignment, means over seeds. Δ: run − FedSODA main in points, paired by seed, 95% CI (Student t)."))
+    return per_setting(res, issue16_settings(res, AUTO), render, "_No FedSODA or `auto` runs yet._")
 
 
 def sec_selfpublic(res: Results) -> str:
@@ -900,11 +856,7 @@ def sec_selfpublic(res: Results) -> str:
             ("KL measured on", lambda r: distinct([s.kl_on for s in r.runs])),
             ("KL on generated text", lambda r: before_after(r.runs, "kl_before_self", "kl_after_self")),
             ("generation", lambda r: generation_text(r.runs))], left=4)
-    return per_setting(res, issue16_settings(res, SELF), render, "_No FedSODA or `selfpublic` runs yet._", (
-        "`data.public=self`: the server samples D_public from the full LLM (generic prompts, seeded; cached in the "
-        "run folder) for SGP and ODA. Held-out KL(M ‖ M*) is means over seeds, measured on WikiText-2's held-out slice "
-        "when it exists (comparable with the main runs) and on held-out generated text. Δ: run − FedSODA main in "
-        "points, paired by seed, 95% CI (Student t)."))
+    return per_setting(res, issue16_settings(res, SELF), render, "_No FedSODA or `selfpublic` runs yet._")
 
 
 def before_after(runs: list[RunSummary], before: str, after: str) -> str:
@@ -972,8 +924,7 @@ def sec_curves(res: Results) -> str:
         plot_curves(res, st, path)
         rel = Path(os.path.relpath(path.resolve(), res.out.resolve().parent)).as_posix()
         links.append(f"![{res.study}: validation accuracy per round, {res.label(st)}]({rel})")
-    return "\n\n".join(links) + ("\n\nValidation accuracy per evaluated round (Table-2 runs); line: the mean over "
-                                 "seeds, band: min–max over seeds; n in the legend.")
+    return "\n\n".join(links)
 
 
 def shown_elsewhere(res: Results) -> set[tuple[str, str]]:
@@ -1044,15 +995,7 @@ def sec_cost(res: Results) -> str:
     if evals:
         parts.append(table(["task", "method (runs that record it)", "runs", "final test evaluation, h (sum)",
                             "min per run: median (min–max)"], evals, 2))
-    return "\n\n".join(parts) + (
-        "\n\nWall time: the sum of each finished run's round times as its summary records it (`wall_s`: local "
-        "training, aggregation, re-alignment, the validation evaluations and the drift probe), on the 2-core machine "
-        "that ran it, including any contention (some runs shared the cores with a test suite), so the medians are "
-        "the planning numbers. Not included: start-up (model load, SGP, pre-alignment, shipping the sub-LLM) and "
-        "the final test evaluation, which the last table lists for the runs that record it (`eval_s`; earlier "
-        "summaries lack it): the full model and, for a pruned sub-LLM, the sub-LLM too, on the whole test set; a "
-        "GSM8K evaluation that was stopped and resumed counts the generation time of the batches its journal "
-        "kept. Failed runs are not counted.")
+    return "\n\n".join(parts)
 
 
 def seed0_choice(per_lr: dict[float, dict[int, dict]]) -> float | None:
@@ -1226,14 +1169,7 @@ def sec_budget(res: Results) -> str:
             part += "\n\n" + table(["paired gap (pts)", *[f"at {ex} per client: mean [95% CI]" for ex in examples],
                                      *[f"change {examples[0]} → {ex}: mean [95% CI]" for ex in examples[1:]]], gaps)
         parts.append(part)
-    return "\n\n".join(parts) + (
-        "\n\nSeries: a method, or `fed_last3` (FedPETuning's LoRA on the last 3 layers of the full model: a perfect "
-        "emulator for FedSODA's 3-layer adapter, run at FedSODA's lr steps). At each budget the lr is the one with "
-        "the best mean validation accuracy over the seeds among the lrs run (ties to the smaller; \"pending\" until "
-        "every lr has every seed); at the grid's budget a method's point is its Table-2 runs at the study's "
-        "selection. Test accuracy: mean ± sample std over seeds, 95% CI with Student t. Gaps: FedSODA − the series, "
-        "paired by seed; the change of a gap is paired by seed too ((a − b) at the larger budget minus (a − b) at the "
-        "smaller), so a negative change in a negative gap means the gap grew.")
+    return "\n\n".join(parts)
 
 
 NO_RUNS = "_No finished run of this study yet._"
