@@ -617,3 +617,15 @@ def test_budget_axis_selects_per_budget_and_pairs_the_gaps(tmp_path):
         in text
     assert "| FedSODA − FedPETuning | -21.0 [-33.4, -8.6] (n=3) | -14.0 — (n=1) | +12.0 — (n=1) |" in text
     assert "budget" not in section(out.read_text(), "variants")  # shown here, not among the other variants
+
+
+def test_declared_rows_name_variants_of_the_study_files():
+    """Every variant a table declares by name (GAP, BRIDGE, DRIFT_BASE, Table 3's rows and labels) is a variant of
+    some studies/*.yaml, so a rename there fails here instead of emptying a row."""
+    import yaml
+
+    names = {str(v["name"]) for path in (ROOT / "studies").glob("*.yaml")
+             for v in yaml.safe_load(path.read_text(encoding="utf-8")).get("variants") or []}
+    declared = {sp[1] for _, sp in (*report.GAP, *report.BRIDGE, *report.DRIFT_BASE) if sp[0] == "variant"}
+    declared |= set(report.TABLE3_ALWAYS) | set(report.LABELS)
+    assert declared - names == set()
