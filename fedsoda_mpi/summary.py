@@ -22,25 +22,24 @@ def _list():
     return field(default_factory=list)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunSummary:
     """One run: what ran (study, stage, variant, method, task, model, split, seed, lr, overrides, settings), its
     results (test, sub-LLM, base-model and validation accuracy, per-class and per-question answers), its per-round
-    curves, alignment, SGP, communication and timing records."""
+    curves, alignment, SGP, communication and timing records. Fields in the order the JSON object lists them."""
 
+    schema_version: int = SCHEMA_VERSION
+    study: str = "?"
     run: str
+    status: str = "ok"  # ok | failed
     stage: str
     variant: str
     method: str
     task: str
-    seed: int
-    accuracy: float | None
-    schema_version: int = SCHEMA_VERSION
-    study: str = "?"
-    status: str = "ok"  # ok | failed
     model: str = "?"
     model_name: str | None = None
     split: str = "?"
+    seed: int
     lr: float | None = None
     lr_from: list = _list()
     lr_step: int | None = None  # variants' lr_steps: steps along the 1-3-10 ladder from the selected lr
@@ -51,6 +50,7 @@ class RunSummary:
     pooled_clients: int | None = None
     settings: dict = field(default_factory=dict)  # study.settings: the settings the tables vary
     eval_rounds_on: str | None = None
+    accuracy: float | None
     sub_accuracy: float | None = None
     base_accuracy: float | None = None
     val_accuracy: float | None = None
