@@ -2,9 +2,12 @@
 
     python analysis/report.py results/cpu_smollm2 --out docs/results.md
     python analysis/report.py results/cpu_smollm2 --out docs/results.md --figures docs/gallery
+    python analysis/report.py results/cpu_smollm2 --out docs/results.md --study studies/cpu_smollm2.yaml
 
-Reads <results>/*.json (one few-KB summary per finished run, written by fedsoda_mpi.study.summarize) and
-<results>/selection.json (fedsoda_mpi.study.write_selection); never a run folder. In the --out markdown
+Reads <results>/*.json (one few-KB summary per finished run, fedsoda_mpi.summary.RunSummary, written by
+fedsoda_mpi.study.summarize), <results>/selection.json (fedsoda_mpi.study.write_selection) and the `tables` of the
+study file (--study, default studies/<study>.yaml: the rows and reference of the gap and bridge tables); never a run
+folder. In the --out markdown
 file, the lines between `<!-- report:begin NAME -->` and `<!-- report:end NAME -->` are replaced by freshly
 generated content and everything outside the markers is kept: the captions that explain each table live there
 (docs/results.md), the generated content is the tables and the captions that depend on the data; a new file gets
@@ -35,13 +38,14 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import median
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the repository's fedsoda_mpi also without an installed package
 from fedsoda_mpi.methods import METHODS, NAMES  # noqa: E402
+from fedsoda_mpi.study import StudyError, read_tables  # noqa: E402
 from fedsoda_mpi.summary import RunSummary, SummaryError  # noqa: E402
 from fedsoda_mpi.stats import binomial_se, mcnemar, mean_of, mean_std, missing, paired, t_ci, unbits, wilson  # noqa: E402
 
@@ -160,6 +164,7 @@ class Results:
     selection: dict
     out: Path
     figures: Path
+    tables: dict = field(default_factory=dict)  # the study file's declared tables (fedsoda_mpi.study.tables)
 
     @property
     def study(self) -> str:
@@ -198,6 +203,14 @@ class Results:
         """The runs of variant `name` (any variant group; never grid, seeds or gsm8k) in setting `st`."""
         return [s for s in self.runs if s.stage not in (*MAIN_STAGES, GSM8K) and s.variant == name
                 and setting_of(s) == st]
+
+    def table(self, name: str) -> tuple[list[tuple[str, tuple]], tuple | None]:
+        """A declared table's rows as (label, spec) and its reference spec; ([], None) when the study has none."""
+        table = self.tables.get(name)
+        if not table:
+            return [], None
+        spec = lambda row: ("main", row[5:]) if row.startswith("main ") else ("variant", row)  # noqa: E731
+        return [(label, spec(row)) for row, label in table["rows"]], spec(table["ref"])
 
     def rows(self, st: Setting, spec: tuple) -> list[RunSummary]:
         """A table row's runs: spec = ("main", method) or ("variant", name)."""
@@ -616,28 +629,17 @@ def sec_table9(res: Results) -> str:
     return "\n\n".join(parts)
 
 
-GAP = [("FedSODA (main)", ("main", "fedsoda")), ("NF4 off (fp32_sub)", ("variant", "fp32_sub")),
-       ("fewer pruned groups (n3p2)", ("variant", "n3p2")),
-       ("longer pre-alignment (pre_align_x4)", ("variant", "pre_align_x4")),
-       ("larger adapter (adapter6)", ("variant", "adapter6")),
-       ("no proximal term (mu0)", ("variant", "mu0")),
-       ("4x local steps (local_x4)", ("variant", "local_x4")),
-       ("FedSODA at FedPETuning's lr (lr_pet)", ("variant", "lr_pet")),
-       ("federated, perfect emulator: LoRA on the last 3 layers of the full model, FedSODA's lr (fed_last3)",
-        ("variant", "fed_last3")),
-       ("the same at FedPETuning's lr (fed_last3_lr_pet)", ("variant", "fed_last3_lr_pet")),
-       ("centralized LoRA, last layers (central_last3)", ("variant", "central_last3")),
-       ("centralized LoRA, all layers (central_all)", ("variant", "central_all")),
-       ("FedPETuning (main)", ("main", "fedpetuning"))]
-
-
 def sec_gap(res: Results) -> str:
-    """The FedSODA − FedPETuning gap on SST-2, factor by factor, with the share of the gap each closes."""
-    settings = variant_settings(res, [sp for _, sp in GAP], task="sst2")
+    """The FedSODA − FedPETuning gap on SST-2, factor by factor (the study's table `gap`), with the share of the gap
+    each closes."""
+    specs, ref_spec = res.table("gap")
+    if not specs:
+        return NO_TABLE.format("gap")
+    settings = variant_settings(res, [sp for _, sp in specs], task="sst2")
     settings = settings or res.settings([s for s in res.runs if s.task == "sst2" and s.stage in MAIN_STAGES])
 
     def render(st: Setting) -> str:
-        ref = main_ref(res, st)
+        ref = by_seed(res.rows(st, ref_spec))
         gap = paired(by_seed(res.main(st, "fedpetuning")), ref)
 
         def closed(r: Row) -> str:
@@ -646,33 +648,25 @@ def sec_gap(res: Results) -> str:
                 100 * p["mean"] / gap["mean"] if p["n"] and gap["n"] and gap["mean"] != 0 else math.nan)
         rows = [Row((label, ", ".join(NAMES.get(m, m) for m in sorted({s.method for s in runs}, key=method_order))
                      or DASH, extra_overrides(res, runs) if sp[0] == "variant" else DASH), runs,
-                    None if sp == ("main", "fedsoda") else ref) for label, sp in GAP for runs in [res.rows(st, sp)]]
+                    None if sp == ref_spec else ref) for label, sp in specs for runs in [res.rows(st, sp)]]
         return comparison(rows, ["run", "method", "overrides"], [], [("gap closed %", closed), COST[2]], left=3)
     return per_setting(res, settings, render, "_No SST-2 runs yet._")
 
 
-# FedSODA -> FedBiOT one setting at a time, all at FedPETuning's selected lr (which FedBiOT selects too)
-BRIDGE = [("FedSODA at FedPETuning's lr (lr_pet)", ("variant", "lr_pet")),
-          ("NF4 off (fp32_sub_lr_pet)", ("variant", "fp32_sub_lr_pet")),
-          ("uniform layer drop instead of SGP (uniform_lr_pet)", ("variant", "uniform_lr_pet")),
-          ("re-align every round, r = 1 (r1_lr_pet)", ("variant", "r1_lr_pet")),
-          ("no proximal term, mu = 0 (mu0_lr_pet)", ("variant", "mu0_lr_pet")),
-          ("FedBiOT (main): all four", ("main", "fedbiot")),
-          ("perfect emulator: LoRA on the last 3 layers of the full model (fed_last3_lr_pet)",
-           ("variant", "fed_last3_lr_pet")),
-          ("FedPETuning (main)", ("main", "fedpetuning"))]
-
-
 def sec_bridge(res: Results) -> str:
-    """FedSODA -> FedBiOT on SST-2 at one lr: each setting FedBiOT changes (NF4, SGP, r, mu) alone, then all four,
-    against FedSODA at that lr (lr_pet), with the sub-LLM accuracy (the adapter on the emulator it trained on)."""
-    steps = {sp[1] for _, sp in BRIDGE[1:5]}
+    """FedSODA -> FedBiOT on SST-2 at one lr (the study's table `bridge`): each setting FedBiOT changes (NF4, SGP, r,
+    mu) alone, then all four, against FedSODA at that lr (lr_pet), with the sub-LLM accuracy (the adapter on the
+    emulator it trained on)."""
+    specs, ref_spec = res.table("bridge")
+    if not specs:
+        return NO_TABLE.format("bridge")
+    steps = {sp[1] for _, sp in specs if sp[0] == "variant" and sp != ref_spec}
     settings = res.settings([s for s in res.runs if s.task == "sst2" and s.stage not in (*MAIN_STAGES, GSM8K)
                              and s.variant in steps])
 
     def render(st: Setting) -> str:
-        ref = by_seed(res.rows(st, BRIDGE[0][1]))
-        rows = [Row((label,), res.rows(st, sp), None if sp == BRIDGE[0][1] else ref) for label, sp in BRIDGE]
+        ref = by_seed(res.rows(st, ref_spec))
+        rows = [Row((label,), res.rows(st, sp), None if sp == ref_spec else ref) for label, sp in specs]
         return comparison(rows, ["run"], [("lr", lambda r: distinct([s.lr for s in r.runs]) if r.runs else DASH)],
                           [("sub-LLM acc. % (mean)", lambda r: pct(field_mean(r.runs, "sub_accuracy"))), *COST],
                           left=2, seeds=True, delta="Δ vs lr_pet (pts)")
@@ -930,7 +924,7 @@ def sec_curves(res: Results) -> str:
 def shown_elsewhere(res: Results) -> set[tuple[str, str]]:
     """(stage, variant) of the variant runs that Table 3, Table 4 or the gap section show."""
     names = {sp[1] for sp in (*[sp for _, sp in table3_specs(res)], *[sp for _, sp in table4_specs(res)],
-                              *[sp for _, sp in GAP], *[sp for _, sp in BRIDGE]) if sp[0] == "variant"}
+                              *(sp for name in ("gap", "bridge") for _, sp in res.table(name)[0])) if sp[0] == "variant"}
     return {(s.stage, s.variant) for s in res.runs if s.variant in names
             and s.stage in ("ablation", "param", "gap", "ceiling")}
 
@@ -1173,6 +1167,7 @@ def sec_budget(res: Results) -> str:
 
 
 NO_RUNS = "_No finished run of this study yet._"
+NO_TABLE = "_The study file declares no `{}` table (its `tables` key)._"
 SECTIONS = {"setup": ("Setup", sec_setup), "lr": ("Learning-rate selection", sec_lr),
             "table2": ("Table 2: accuracy of the four methods", sec_table2),
             "table3": ("Table 3: ablation of ODA", sec_table3), "table4": ("Table 4: parameter study", sec_table4),
@@ -1237,6 +1232,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("results", help="the study's summaries folder, e.g. results/cpu_smollm2")
     ap.add_argument("--out", required=True, help="the markdown file to write (e.g. docs/results.md)")
     ap.add_argument("--figures", help="folder of the figures (default: <out folder>/gallery)")
+    ap.add_argument("--study", help="the study file whose `tables` the report draws (default: studies/<study>.yaml "
+                    "of the summaries' study, when it exists)")
     a = ap.parse_args(argv)
     try:
         out = Path(a.out)
@@ -1246,6 +1243,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ReportError(f"--out {out}: not a file")
         runs, selection = load(Path(a.results))
         res = Results(runs, selection, out, Path(a.figures) if a.figures else out.parent / "gallery")
+        study_file = Path(a.study) if a.study else HERE.parent / "studies" / f"{res.study}.yaml"
+        if a.study or study_file.is_file():
+            try:
+                res.tables = read_tables(study_file)
+            except StudyError as e:
+                raise ReportError(str(e)) from None
         text = out.read_text(encoding="utf-8") if out.exists() else None
         markers = names_in(text) if text is not None else []
         tagged = {n: n.split("@", 1) for n in markers if "@" in n}  # NAME@STUDY: rewritten by that study's report

@@ -97,6 +97,7 @@ class Study:
     select_seeds: list[int]
     stages: list[str] = field(default_factory=list)
     reuse: list[Path] = field(default_factory=list)  # results folders whose identical runs are copied, not rerun
+    tables: dict[str, dict] = field(default_factory=dict)  # the report's declared tables (`tables`)
 
     def stage(self, name: str) -> list[Run]:
         return [r for r in self.runs if r.stage == name]
@@ -216,7 +217,46 @@ def expand(spec: dict) -> Study:
     _check_unique(runs)
     _check_graph(runs, stages)
     reuse = [Path(x) if Path(x).is_absolute() else ROOT / x for x in _list(spec, "reuse", [])]
-    return Study(str(spec["name"]), runs, lrs, select_seeds, stages, reuse)
+    return Study(str(spec["name"]), runs, lrs, select_seeds, stages, reuse, tables(spec))
+
+
+def tables(spec: dict) -> dict[str, dict]:
+    """The study's `tables`: the report's comparison tables, each {ref: <row>, rows: [[<row>, <label>], ...]} in
+    display order, a row being a variant of this study or `main <method>` (the Table-2 runs of a grid method); the
+    Δ of every other row is paired by seed with the `ref` row. A row naming no variant or method is refused."""
+    declared = spec.get("tables") or {}
+    if not isinstance(declared, dict):
+        raise StudyError(f"tables: expected a mapping of table name to {{ref, rows}}, got {declared!r}")
+    known = {str(v.get("name")) for v in spec.get("variants") or [] if isinstance(v, dict)}
+    known |= {f"main {m}" for m in _list(spec.get("grid") or {}, "methods", [])}
+    out = {}
+    for name, table in declared.items():
+        where = f"tables.{name}"
+        if not isinstance(table, dict) or set(table) != TABLE_KEYS or not isinstance(table["rows"], list):
+            raise StudyError(f"{where}: expected the keys ref and rows (a list of [row, label]), got {table!r}")
+        rows = []
+        for row in table["rows"]:
+            if not (isinstance(row, list) and len(row) == 2 and all(isinstance(x, str) for x in row)):
+                raise StudyError(f"{where}.rows: expected [row, label] (two strings), got {row!r}")
+            if row[0] not in known:
+                raise StudyError(f"{where}.rows: '{row[0]}' is neither a variant of this study nor 'main <method>' "
+                                 "of a grid method")
+            rows.append((row[0], row[1]))
+        if table["ref"] not in [r for r, _ in rows]:
+            raise StudyError(f"{where}.ref: '{table['ref']}' is not one of its rows")
+        out[str(name)] = {"ref": table["ref"], "rows": rows}
+    return out
+
+
+def read_tables(path: str | Path) -> dict[str, dict]:
+    """The validated `tables` of a study file, without expanding or checking its runs (what the report needs)."""
+    try:
+        spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise StudyError(f"{path}: not a readable study file ({str(e).splitlines()[0]})") from None
+    if not isinstance(spec, dict):
+        raise StudyError(f"{path}: a study file is a mapping")
+    return tables(spec)
 
 
 def _axis(spec: dict, key: str, where: str, convert, default=None) -> list:
@@ -298,7 +338,8 @@ def _check_graph(runs: list[Run], stages: list[str]) -> None:
 
 VARIANT_KEYS = {"group", "name", "method", "methods", "tasks", "models", "splits", "seeds", "lr", "lr_of", "lr_task",
                 "lr_split", "lr_steps", "np", "threads", "overrides"}
-STUDY_KEYS = {"name", "job", "np", "threads", "base_eval", "overrides", "grid", "variants", "reuse"}
+STUDY_KEYS = {"name", "job", "np", "threads", "base_eval", "overrides", "grid", "variants", "reuse", "tables"}
+TABLE_KEYS = {"ref", "rows"}
 GRID_KEYS = {"methods", "tasks", "models", "splits", "seeds", "select_seeds", "lr", "lr_extend"}
 
 

@@ -80,8 +80,11 @@ SELECTION = {"study": "syn", "rule": "max mean val_accuracy over seeds [0]; ties
                            "val_accuracy": {"0.001/s0": 0.8, "0.003/s0": 0.7}}]}
 
 
+STUDY = ROOT / "studies" / "cpu_smollm2.yaml"  # its declared tables (gap, bridge) name the variants used here
+
+
 def run(folder: Path, out: Path, *extra) -> int:
-    return report.main([str(folder), "--out", str(out), *extra])
+    return report.main([str(folder), "--out", str(out), *extra, *([] if "--study" in extra else ["--study", str(STUDY)])])
 
 
 # ---- formatting ----------------------------------------------------------------------------------------------
@@ -619,13 +622,28 @@ def test_budget_axis_selects_per_budget_and_pairs_the_gaps(tmp_path):
     assert "budget" not in section(out.read_text(), "variants")  # shown here, not among the other variants
 
 
-def test_declared_rows_name_variants_of_the_study_files():
-    """Every variant a table declares by name (GAP, BRIDGE, DRIFT_BASE, Table 3's rows and labels) is a variant of
-    some studies/*.yaml, so a rename there fails here instead of emptying a row."""
+def test_declared_tables_come_from_the_study_file(tmp_path, capsys):
+    """The gap and bridge tables are the study file's `tables`: a study without them says so; the loader refuses a
+    row that names no variant of the study (a renamed variant fails when the study is read, not as an empty row)."""
     import yaml
 
-    names = {str(v["name"]) for path in (ROOT / "studies").glob("*.yaml")
-             for v in yaml.safe_load(path.read_text(encoding="utf-8")).get("variants") or []}
-    declared = {sp[1] for _, sp in (*report.GAP, *report.BRIDGE, *report.DRIFT_BASE) if sp[0] == "variant"}
-    declared |= set(report.TABLE3_ALWAYS) | set(report.LABELS)
-    assert declared - names == set()
+    from fedsoda_mpi.study import StudyError, read_tables
+
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("name: syn\ngrid: {methods: [fedsoda], tasks: [sst2], lr: [1.0e-3]}\n")
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", full_study(), SELECTION), out, "--study", str(bare)) == 0
+    assert "_The study file declares no `gap` table (its `tables` key)._" in section(out.read_text(), "gap")
+    spec = yaml.safe_load(STUDY.read_text(encoding="utf-8"))
+    assert [r for r, _ in read_tables(STUDY)["bridge"]["rows"]][:2] == ["lr_pet", "fp32_sub_lr_pet"]
+    spec["variants"] = [v for v in spec["variants"] if v["name"] != "fp32_sub"]
+    bad = tmp_path / "renamed.yaml"
+    bad.write_text(yaml.safe_dump(spec))
+    with pytest.raises(StudyError, match="tables.gap.rows: 'fp32_sub' is neither a variant"):
+        read_tables(bad)
+    assert run(tmp_path / "res", out, "--study", str(bad)) == 2
+    assert "tables.gap.rows: 'fp32_sub'" in capsys.readouterr().err
+    spec["tables"] = {"gap": {"ref": "main fedbiot", "rows": [["main fedsoda", "FedSODA"]]}}
+    bad.write_text(yaml.safe_dump(spec))
+    with pytest.raises(StudyError, match="tables.gap.ref: 'main fedbiot' is not one of its rows"):
+        read_tables(bad)

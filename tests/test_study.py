@@ -121,11 +121,24 @@ def test_task_args_of_an_array_index(tmp_path, capsys):
     ({**TOY, "grid": {**TOY["grid"], "lr_extend": {"fedbiot": [1e-2]}}}, "grid.lr_extend: expected a mapping from"),
     ({**TOY, "grid": {**TOY["grid"], "lr_extend": {"fedsoda": [3e-3]}}}, "not already in grid.lr"),
     ({**TOY, "grid": {**TOY["grid"], "lr_extend": {"fedsoda": ["fast"]}}}, "expected learning rates"),
+    ({**TOY, "tables": {"t": {"ref": "main fedsoda", "rows": [["main fedsoda", "F"], ["no_pr", "N"]]}}},
+     "tables.t.rows: 'no_pr' is neither a variant of this study nor 'main <method>'"),
+    ({**TOY, "tables": {"t": {"ref": "main fedbiot", "rows": [["main fedsoda", "F"]]}}}, "tables.t.ref"),
+    ({**TOY, "tables": {"t": {"rows": [["no_pre", "N"]]}}}, "tables.t: expected the keys ref and rows"),
+    ({**TOY, "tables": {"t": {"ref": "no_pre", "rows": [["no_pre"]]}}}, "expected [row, label]"),
 ])
 def test_bad_study_files_fail_with_one_line(tmp_path, capsys, spec, message):
     assert S.main(["list", _write(tmp_path, spec)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fedsoda-mpi: study error:") and message in err and err.count("\n") == 1
+
+
+def test_a_study_declares_its_report_tables(tmp_path):
+    """`tables`: rows in order ([variant or "main <method>", label]) and the reference row, kept by the loader."""
+    spec = {**TOY, "tables": {"t": {"ref": "main fedsoda", "rows": [["main fedsoda", "F"], ["no_pre", "w/o pre"]]}}}
+    assert S.load(_write(tmp_path, spec)).tables == {"t": {"ref": "main fedsoda",
+                                                           "rows": [("main fedsoda", "F"), ("no_pre", "w/o pre")]}}
+    assert S.load(_write(tmp_path, TOY)).tables == {}
 
 
 def test_summary_of_a_run_file(tmp_path):
