@@ -205,12 +205,16 @@ class Results:
                 and setting_of(s) == st]
 
     def table(self, name: str) -> tuple[list[tuple[str, tuple]], tuple | None]:
-        """A declared table's rows as (label, spec) and its reference spec; ([], None) when the study has none."""
+        """A declared table's rows as (label, spec), then the other variants of its group (if it names one), and its
+        reference spec; ([], None) when the study has none."""
         table = self.tables.get(name)
         if not table:
             return [], None
         spec = lambda row: ("main", row[5:]) if row.startswith("main ") else ("variant", row)  # noqa: E731
-        return [(label, spec(row)) for row, label in table["rows"]], spec(table["ref"])
+        rows = [(label, spec(row)) for row, label in table["rows"]]
+        listed = {sp for _, sp in rows}
+        rows += [(n, ("variant", n)) for n in stage_variants(self, table.get("group")) if ("variant", n) not in listed]
+        return rows, spec(table["ref"])
 
     def rows(self, st: Setting, spec: tuple) -> list[RunSummary]:
         """A table row's runs: spec = ("main", method) or ("variant", name)."""
@@ -471,11 +475,6 @@ def variant_settings(res: Results, specs: list[tuple], task: str | None = None) 
     return [st for st in have if task is None or st[0] == task]
 
 
-LABELS = {"no_pre_align": "w/o pre-alignment (no_pre_align)", "no_re_align": "w/o re-alignment (no_re_align)",
-          "no_align": "w/o ODA: neither pre- nor re-alignment (no_align)"}
-TABLE3_ALWAYS = ("no_pre_align", "no_re_align")  # the paper's Table 3 rows: shown (—) before their runs exist
-
-
 def natural(name: str) -> tuple:
     """Sort key that orders r2 before r10."""
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
@@ -486,21 +485,16 @@ def stage_variants(res: Results, stage: str) -> list[str]:
     return sorted({s.variant for s in res.runs if s.stage == stage}, key=natural)
 
 
-def table3_specs(res: Results) -> list[tuple]:
-    """FedSODA, the paper's two ablations, then every other variant of the ablation stage (e.g. paper.yaml's
-    no_align)."""
-    names = [*TABLE3_ALWAYS, *(n for n in stage_variants(res, "ablation") if n not in TABLE3_ALWAYS)]
-    return [("FedSODA", ("main", "fedsoda"))] + [(LABELS.get(n, n), ("variant", n)) for n in names]
-
-
 def sec_table3(res: Results) -> str:
-    """The ablation of ODA on each task that has ablation runs."""
-    specs = table3_specs(res)
+    """The ablation of ODA on each task that has ablation runs (the study's table `table3`)."""
+    specs, ref_spec = res.table("table3")
+    if not specs:
+        return NO_TABLE.format("table3")
 
     def render(st: Setting) -> str:
-        ref = main_ref(res, st)
+        ref = by_seed(res.rows(st, ref_spec))
         rows = [Row((label, extra_overrides(res, runs) if sp[0] == "variant" else DASH), runs,
-                    None if sp == ("main", "fedsoda") else ref) for label, sp in specs for runs in [res.rows(st, sp)]]
+                    None if sp == ref_spec else ref) for label, sp in specs for runs in [res.rows(st, sp)]]
         return comparison(rows, ["variant", "overrides"], left=2, seeds=True)
     return per_setting(res, variant_settings(res, [sp for _, sp in specs]), render,
                        "_No FedSODA or ablation runs yet._")
@@ -538,10 +532,6 @@ def sec_table4(res: Results) -> str:
 
 
 DRIFT = "drift"  # the stage of the drift-trigger variants (studies/*.yaml: group drift)
-DRIFT_BASE = [("r = 1 (r1)", ("variant", "r1")), ("r = 5 (FedSODA main)", ("main", "fedsoda")),
-              ("never (no_re_align)", ("variant", "no_re_align"))]
-
-
 def realignments(s: RunSummary):
     """The number of re-alignments of one run (`realignments`, else counted from the per-round flags)."""
     if not missing(s.realignments):
@@ -570,12 +560,15 @@ def trigger_text(runs: list[RunSummary]) -> str:
 
 
 def sec_drift(res: Results) -> str:
-    """Drift-triggered re-alignment against the fixed intervals r = 1, 5 and never: accuracy vs emulator bytes."""
+    """Drift-triggered re-alignment (the study's table `drift`: the fixed intervals r = 1, 5 and never, then every
+    variant of the drift group): accuracy against emulator bytes."""
+    specs, ref_spec = res.table("drift")
+    if not specs:
+        return NO_TABLE.format("drift")
+
     def render(st: Setting) -> str:
-        ref = main_ref(res, st)
-        names = sorted({s.variant for s in res.runs if s.stage == DRIFT and setting_of(s) == st})
-        rows = [Row((label,), res.rows(st, sp), None if sp == ("main", "fedsoda") else ref)
-                for label, sp in DRIFT_BASE + [(name, ("variant", name)) for name in names]]
+        ref = by_seed(res.rows(st, ref_spec))
+        rows = [Row((label,), res.rows(st, sp), None if sp == ref_spec else ref) for label, sp in specs]
         return comparison(rows, ["run"], [("re-alignment", lambda r: trigger_text(r.runs) if r.runs else DASH)], [
             ("re-alignments (mean)", lambda r: num(mean_of(realignments(s) for s in r.runs))),
             ("emulator MiB/client (run)", lambda r: mib(mean_of(emulator_bytes(s) for s in r.runs), 2)), COST[0],
@@ -923,8 +916,9 @@ def sec_curves(res: Results) -> str:
 
 def shown_elsewhere(res: Results) -> set[tuple[str, str]]:
     """(stage, variant) of the variant runs that Table 3, Table 4 or the gap section show."""
-    names = {sp[1] for sp in (*[sp for _, sp in table3_specs(res)], *[sp for _, sp in table4_specs(res)],
-                              *(sp for name in ("gap", "bridge") for _, sp in res.table(name)[0])) if sp[0] == "variant"}
+    names = {sp[1] for sp in (*[sp for _, sp in table4_specs(res)],
+                              *(sp for name in ("table3", "gap", "bridge") for _, sp in res.table(name)[0]))
+             if sp[0] == "variant"}
     return {(s.stage, s.variant) for s in res.runs if s.variant in names
             and s.stage in ("ablation", "param", "gap", "ceiling")}
 

@@ -222,18 +222,24 @@ def expand(spec: dict) -> Study:
 
 def tables(spec: dict) -> dict[str, dict]:
     """The study's `tables`: the report's comparison tables, each {ref: <row>, rows: [[<row>, <label>], ...]} in
-    display order, a row being a variant of this study or `main <method>` (the Table-2 runs of a grid method); the
+    display order, a row being a variant of this study or `main <method>` (the Table-2 runs of a grid method), and
+    optionally group: <variant group> (then every other variant of that group follows, labelled by its name); the
     Δ of every other row is paired by seed with the `ref` row. A row naming no variant or method is refused."""
     declared = spec.get("tables") or {}
     if not isinstance(declared, dict):
         raise StudyError(f"tables: expected a mapping of table name to {{ref, rows}}, got {declared!r}")
     known = {str(v.get("name")) for v in spec.get("variants") or [] if isinstance(v, dict)}
     known |= {f"main {m}" for m in _list(spec.get("grid") or {}, "methods", [])}
+    groups = {str(v.get("group", "variants")) for v in spec.get("variants") or [] if isinstance(v, dict)}
     out = {}
     for name, table in declared.items():
         where = f"tables.{name}"
-        if not isinstance(table, dict) or set(table) != TABLE_KEYS or not isinstance(table["rows"], list):
-            raise StudyError(f"{where}: expected the keys ref and rows (a list of [row, label]), got {table!r}")
+        if not isinstance(table, dict) or not {"ref", "rows"} <= set(table) <= TABLE_KEYS \
+                or not isinstance(table["rows"], list):
+            raise StudyError(f"{where}: expected the keys ref and rows (a list of [row, label]) and optionally "
+                             f"group, got {table!r}")
+        if "group" in table and table["group"] not in groups:
+            raise StudyError(f"{where}.group: '{table['group']}' is not a variant group of this study")
         rows = []
         for row in table["rows"]:
             if not (isinstance(row, list) and len(row) == 2 and all(isinstance(x, str) for x in row)):
@@ -244,7 +250,7 @@ def tables(spec: dict) -> dict[str, dict]:
             rows.append((row[0], row[1]))
         if table["ref"] not in [r for r, _ in rows]:
             raise StudyError(f"{where}.ref: '{table['ref']}' is not one of its rows")
-        out[str(name)] = {"ref": table["ref"], "rows": rows}
+        out[str(name)] = {"ref": table["ref"], "rows": rows, **({"group": table["group"]} if "group" in table else {})}
     return out
 
 
@@ -339,7 +345,7 @@ def _check_graph(runs: list[Run], stages: list[str]) -> None:
 VARIANT_KEYS = {"group", "name", "method", "methods", "tasks", "models", "splits", "seeds", "lr", "lr_of", "lr_task",
                 "lr_split", "lr_steps", "np", "threads", "overrides"}
 STUDY_KEYS = {"name", "job", "np", "threads", "base_eval", "overrides", "grid", "variants", "reuse", "tables"}
-TABLE_KEYS = {"ref", "rows"}
+TABLE_KEYS = {"ref", "rows", "group"}  # group: optional
 GRID_KEYS = {"methods", "tasks", "models", "splits", "seeds", "select_seeds", "lr", "lr_extend"}
 
 

@@ -126,6 +126,8 @@ def test_task_args_of_an_array_index(tmp_path, capsys):
     ({**TOY, "tables": {"t": {"ref": "main fedbiot", "rows": [["main fedsoda", "F"]]}}}, "tables.t.ref"),
     ({**TOY, "tables": {"t": {"rows": [["no_pre", "N"]]}}}, "tables.t: expected the keys ref and rows"),
     ({**TOY, "tables": {"t": {"ref": "no_pre", "rows": [["no_pre"]]}}}, "expected [row, label]"),
+    ({**TOY, "tables": {"t": {"ref": "no_pre", "rows": [["no_pre", "N"]], "group": "ablatoin"}}},
+     "tables.t.group: 'ablatoin' is not a variant group"),
 ])
 def test_bad_study_files_fail_with_one_line(tmp_path, capsys, spec, message):
     assert S.main(["list", _write(tmp_path, spec)]) == 2
@@ -135,8 +137,9 @@ def test_bad_study_files_fail_with_one_line(tmp_path, capsys, spec, message):
 
 def test_a_study_declares_its_report_tables(tmp_path):
     """`tables`: rows in order ([variant or "main <method>", label]) and the reference row, kept by the loader."""
-    spec = {**TOY, "tables": {"t": {"ref": "main fedsoda", "rows": [["main fedsoda", "F"], ["no_pre", "w/o pre"]]}}}
-    assert S.load(_write(tmp_path, spec)).tables == {"t": {"ref": "main fedsoda",
+    spec = {**TOY, "tables": {"t": {"ref": "main fedsoda", "rows": [["main fedsoda", "F"], ["no_pre", "w/o pre"]],
+                                    "group": "ablation"}}}
+    assert S.load(_write(tmp_path, spec)).tables == {"t": {"ref": "main fedsoda", "group": "ablation",
                                                            "rows": [("main fedsoda", "F"), ("no_pre", "w/o pre")]}}
     assert S.load(_write(tmp_path, TOY)).tables == {}
 
