@@ -2,11 +2,16 @@
 
     python analysis/report.py results/cpu_smollm2 --out docs/results.md
     python analysis/report.py results/cpu_smollm2 --out docs/results.md --figures docs/gallery
+    python analysis/report.py results/cpu_smollm2 --out docs/results.md --study studies/cpu_smollm2.yaml
 
-Reads <results>/*.json (one few-KB summary per finished run, written by fedsoda_mpi.study.summarize) and
-<results>/selection.json (fedsoda_mpi.study.write_selection); never a run folder. In the --out markdown
+Reads <results>/*.json (one few-KB summary per finished run, fedsoda_mpi.summary.RunSummary, written by
+fedsoda_mpi.study.summarize), <results>/selection.json (fedsoda_mpi.study.write_selection) and the `tables` of the
+study file (--study, default studies/<study>.yaml: the rows and reference of the gap and bridge tables); never a run
+folder. In the --out markdown
 file, the lines between `<!-- report:begin NAME -->` and `<!-- report:end NAME -->` are replaced by freshly
-generated content and everything outside the markers is kept; a new file gets every section. Sections:
+generated content and everything outside the markers is kept: the captions that explain each table live there
+(docs/results.md), the generated content is the tables and the captions that depend on the data; a new file gets
+every section. Sections:
 setup, lr, table2, table3, table4, drift, table9, gap, bridge, transfer, gsm8k, auto, selfpublic, variants, curves, cost,
 seeds3 (figures:
 <figures>/<study>_curves_<task>.png, default <out folder>/gallery). drift shows the study's `drift` stage
@@ -33,21 +38,21 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import median
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the repository's fedsoda_mpi also without an installed package
+from fedsoda_mpi.methods import METHODS, NAMES  # noqa: E402
+from fedsoda_mpi.study import StudyError, read_tables  # noqa: E402
+from fedsoda_mpi.summary import RunSummary, SummaryError  # noqa: E402
+from fedsoda_mpi.stats import binomial_se, mcnemar, mean_of, mean_std, missing, paired, t_ci, unbits, wilson  # noqa: E402
+
 DASH = "—"
 MAIN_STAGES = ("grid", "seeds")
 GSM8K = "gsm8k"
-METHODS = ("fedsoda", "fedpetuning", "fedot", "fedbiot")
-NAMES = {"fedsoda": "FedSODA", "fedpetuning": "FedPETuning", "fedot": "FedOT", "fedbiot": "FedBiOT"}
 TASKS = ("sst2", "boolq", "gsm8k")  # display order; other tasks follow alphabetically
-REQUIRED = ("run", "stage", "variant", "method", "task", "seed", "accuracy")
-# t_{0.975, df} for df = 1..30 (scipy is not a dependency); 1.96 beyond
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 BEGIN = re.compile(r"^<!-- report:begin (\S+) -->\s*$")
 END = "<!-- report:end {} -->"
 WARNED: set[str] = set()  # runs already warned about (one warning each)
@@ -57,73 +62,7 @@ class ReportError(ValueError):
     """Bad input; the message is the one line the user sees (exit code 2)."""
 
 
-# ---- statistics (pure) ----------------------------------------------------------------------------------------
-
-def t975(df: int) -> float:
-    """The 0.975 quantile of Student's t with `df` degrees of freedom (1.96 beyond df = 30)."""
-    return T975[df - 1] if df <= len(T975) else 1.96
-
-
-def mean_std(xs) -> tuple[float, float, int]:
-    """Mean, sample standard deviation (ddof = 1) and n of `xs`; std is nan for n < 2, both nan for n = 0."""
-    xs = [float(x) for x in xs]
-    n = len(xs)
-    if n == 0:
-        return math.nan, math.nan, 0
-    m = math.fsum(xs) / n
-    s = math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else math.nan
-    return m, s, n
-
-
-def t_ci(xs) -> tuple[float, float] | None:
-    """The 95% confidence interval of the mean of `xs` (Student t, df = n - 1); None for n < 2."""
-    m, s, n = mean_std(xs)
-    if n < 2:
-        return None
-    half = t975(n - 1) * s / math.sqrt(n)
-    return m - half, m + half
-
-
-def paired(a: dict, b: dict) -> dict:
-    """a - b paired by seed (only the seeds both have): seeds, per-seed diffs, their mean, 95% CI (None for
-    n < 2) and whether the CI excludes 0 (None without a CI)."""
-    seeds = sorted(set(a) & set(b))
-    diffs = [float(a[s]) - float(b[s]) for s in seeds]
-    ci = t_ci(diffs)
-    return {"seeds": seeds, "diffs": diffs, "mean": mean_std(diffs)[0], "n": len(seeds), "ci": ci,
-            "excludes_zero": None if ci is None else (ci[0] > 0 or ci[1] < 0)}
-
-
-def unbits(text: str, n: int) -> list[bool]:
-    """The per-question 0/1 vector a summary stores as hex of its bits (study.bits: the first question in the
-    high bit of the first byte)."""
-    return [bool(byte >> (7 - j) & 1) for byte in bytes.fromhex(text) for j in range(8)][:n]
-
-
-def mcnemar(a: list[bool], b: list[bool]) -> dict:
-    """Two models on the same test questions (a, b: answered correctly): a − b in points with a 95% Wald interval of
-    the paired difference, the discordant counts (only a right; only b right) and the exact two-sided McNemar p
-    (the binomial test of the discordant questions against 1/2)."""
-    if len(a) != len(b) or not a:
-        raise ValueError(f"paired questions: {len(a)} against {len(b)}")
-    n, only_a, only_b = len(a), sum(x and not y for x, y in zip(a, b)), sum(y and not x for x, y in zip(a, b))
-    d, m = (only_a - only_b) / n, only_a + only_b
-    half = 1.96 * math.sqrt(max(m - (only_a - only_b) ** 2 / n, 0.0)) / n
-    p = 1.0 if m == 0 else min(1.0, 2 * sum(math.comb(m, i) for i in range(min(only_a, only_b) + 1)) / 2 ** m)
-    return {"diff": 100 * d, "ci": (100 * (d - half), 100 * (d + half)), "only_a": only_a, "only_b": only_b,
-            "p": p, "n": n}
-
-
-def binomial_se(p: float, n: int) -> float:
-    """The standard error sqrt(p (1 - p) / n) of one accuracy measured on n test examples."""
-    return math.sqrt(p * (1 - p) / n) if n > 0 and 0 <= p <= 1 else math.nan
-
-
 # ---- formatting -----------------------------------------------------------------------------------------------
-
-def missing(x) -> bool:
-    return x is None or (isinstance(x, float) and math.isnan(x))
-
 
 def num(x, digits: int = 1, sign: bool = False) -> str:
     """`x` with `digits` decimals (no "-0.0"), "—" when missing."""
@@ -177,7 +116,7 @@ def read_json(path: Path):
         raise ReportError(f"{path}: not a readable JSON file ({str(e).splitlines()[0]})") from None
 
 
-def load(folder: Path) -> tuple[list[dict], dict]:
+def load(folder: Path) -> tuple[list[RunSummary], dict]:
     """The summaries of `folder` (sorted by run id) and its selection.json ({} when absent)."""
     if not folder.is_dir():
         raise ReportError(f"{folder}: not a folder")
@@ -185,29 +124,28 @@ def load(folder: Path) -> tuple[list[dict], dict]:
     for path in sorted(folder.glob("*.json")):
         if path.name == "selection.json":
             continue
-        s = read_json(path)
-        if not isinstance(s, dict) or any(k not in s for k in REQUIRED):
-            lacking = [k for k in REQUIRED if not isinstance(s, dict) or k not in s]
-            raise ReportError(f"{path}: not a run summary (no {', '.join(lacking)})")
-        runs.append(s)
+        try:
+            runs.append(RunSummary.from_json(read_json(path), str(path)))
+        except SummaryError as e:
+            raise ReportError(str(e)) from None
     if not runs:  # a study that has just started: every section says so
         print(f"warning: {folder}: no run summaries yet (*.json besides selection.json)", file=sys.stderr)
-    failed = [s for s in runs if s.get("status") == "failed"]
+    failed = [s for s in runs if s.status == "failed"]
     for s in failed:
-        print(f"warning: {s['run']} failed (exit code {s.get('exit_code')}): in no table", file=sys.stderr)
-    runs = [s for s in runs if s.get("status") != "failed"]
+        print(f"warning: {s.run} failed (exit code {s.exit_code}): in no table", file=sys.stderr)
+    runs = [s for s in runs if s.status != "failed"]
     sel_path = folder / "selection.json"
     selection = read_json(sel_path) if sel_path.exists() else {}
     if not isinstance(selection, dict):
         raise ReportError(f"{sel_path}: not a selection file (expected a JSON object)")
-    return sorted(runs, key=lambda s: str(s["run"])), selection
+    return sorted(runs, key=lambda s: str(s.run)), selection
 
 
 Setting = tuple  # (task, model, split)
 
 
-def setting_of(s: dict) -> Setting:
-    return (str(s["task"]), str(s.get("model", "?")), str(s.get("split", "?")))
+def setting_of(s: RunSummary) -> Setting:
+    return (str(s.task), str(s.model), str(s.split))
 
 
 def setting_order(st: Setting) -> tuple:
@@ -222,16 +160,17 @@ def method_order(m: str) -> tuple:
 class Results:
     """All summaries of a study folder plus where the report goes."""
 
-    runs: list[dict]
+    runs: list[RunSummary]
     selection: dict
     out: Path
     figures: Path
+    tables: dict = field(default_factory=dict)  # the study file's declared tables (fedsoda_mpi.study.tables)
 
     @property
     def study(self) -> str:
-        return ", ".join(sorted({str(s.get("study", "?")) for s in self.runs}))
+        return ", ".join(sorted({str(s.study) for s in self.runs}))
 
-    def settings(self, runs: list[dict] | None = None) -> list[Setting]:
+    def settings(self, runs: list[RunSummary] | None = None) -> list[Setting]:
         return sorted({setting_of(s) for s in (self.runs if runs is None else runs)}, key=setting_order)
 
     def label(self, st: Setting) -> str:
@@ -240,18 +179,18 @@ class Results:
             return f"{st[0]} ({st[1]}, {st[2]})"
         return st[0]
 
-    def main(self, st: Setting, method: str) -> list[dict]:
+    def main(self, st: Setting, method: str) -> list[RunSummary]:
         """The Table-2 runs of `method` in setting `st`: grid and seeds stages at the lr selection.json chose
         (a run labelled main at another lr, e.g. after the grid changed, is left out with a warning)."""
         chosen = self.selected(st, method)
-        runs = [s for s in self.runs if s["stage"] in MAIN_STAGES and s["variant"] == "main"
-                and s["method"] == method and setting_of(s) == st]
+        runs = [s for s in self.runs if s.stage in MAIN_STAGES and s.variant == "main"
+                and s.method == method and setting_of(s) == st]
         for s in runs:
-            if chosen is not None and s.get("lr") != chosen and s["run"] not in WARNED:
-                WARNED.add(s["run"])
-                print(f"warning: {s['run']} ran at lr {s.get('lr')} but the selected lr is {chosen}: left out",
+            if chosen is not None and s.lr != chosen and s.run not in WARNED:
+                WARNED.add(s.run)
+                print(f"warning: {s.run} ran at lr {s.lr} but the selected lr is {chosen}: left out",
                       file=sys.stderr)
-        return [s for s in runs if chosen is None or s.get("lr") == chosen]
+        return [s for s in runs if chosen is None or s.lr == chosen]
 
     def selected(self, st: Setting, method: str) -> float | None:
         """The lr selection.json chose for (method, task, model, split), None when it has no entry."""
@@ -260,46 +199,58 @@ class Results:
                 return row.get("lr")
         return None
 
-    def variant(self, st: Setting, name: str) -> list[dict]:
+    def variant(self, st: Setting, name: str) -> list[RunSummary]:
         """The runs of variant `name` (any variant group; never grid, seeds or gsm8k) in setting `st`."""
-        return [s for s in self.runs if s["stage"] not in (*MAIN_STAGES, GSM8K) and s["variant"] == name
+        return [s for s in self.runs if s.stage not in (*MAIN_STAGES, GSM8K) and s.variant == name
                 and setting_of(s) == st]
 
-    def rows(self, st: Setting, spec: tuple) -> list[dict]:
+    def table(self, name: str) -> tuple[list[tuple[str, tuple]], tuple | None]:
+        """A declared table's rows as (label, spec), then the other variants of its group (if it names one), and its
+        reference spec; ([], None) when the study has none."""
+        table = self.tables.get(name)
+        if not table:
+            return [], None
+        spec = lambda row: ("main", row[5:]) if row.startswith("main ") else ("variant", row)  # noqa: E731
+        rows = [(label, spec(row)) for row, label in table["rows"]]
+        listed = {sp for _, sp in rows}
+        rows += [(n, ("variant", n)) for n in stage_variants(self, table.get("group")) if ("variant", n) not in listed]
+        return rows, spec(table["ref"])
+
+    def rows(self, st: Setting, spec: tuple) -> list[RunSummary]:
         """A table row's runs: spec = ("main", method) or ("variant", name)."""
         return self.main(st, spec[1]) if spec[0] == "main" else self.variant(st, spec[1])
 
 
-def by_seed(runs: list[dict], key: str = "accuracy") -> dict[int, float]:
+def by_seed(runs: list[RunSummary], key: str = "accuracy") -> dict[int, float]:
     """{seed: 100 * run[key]} (points), the runs without a value left out; one run per seed."""
     out = {}
     for s in runs:
-        if not missing(s.get(key)):
-            if int(s["seed"]) in out and s["run"] not in WARNED:
-                WARNED.add(s["run"])
-                print(f"warning: two runs of seed {s['seed']} in one group; using {s['run']}", file=sys.stderr)
-            out[int(s["seed"])] = 100 * float(s[key])
+        if not missing(getattr(s, key)):
+            if int(s.seed) in out and s.run not in WARNED:
+                WARNED.add(s.run)
+                print(f"warning: two runs of seed {s.seed} in one group; using {s.run}", file=sys.stderr)
+            out[int(s.seed)] = 100 * float(getattr(s, key))
     return out
 
 
-def field_mean(runs: list[dict], key: str):
+def field_mean(runs: list[RunSummary], key: str):
     """Mean of `key` over the runs that have it (None if none)."""
-    vals = [float(s[key]) for s in runs if not missing(s.get(key))]
+    vals = [float(getattr(s, key)) for s in runs if not missing(getattr(s, key))]
     return math.fsum(vals) / len(vals) if vals else None
 
 
-def groups_np(runs: list[dict]) -> str:
+def groups_np(runs: list[RunSummary]) -> str:
     """(n, p) of SGP read from the runs' pruned groups [t, e] (layers t < l <= e): n = e - t, p = the count."""
-    found = sorted({(tuple(sorted({int(e) - int(t) for t, e in s["sgp_groups"]})), len(s["sgp_groups"]))
-                    for s in runs if s.get("sgp_groups")})
+    found = sorted({(tuple(sorted({int(e) - int(t) for t, e in s.sgp_groups})), len(s.sgp_groups))
+                    for s in runs if s.sgp_groups})
     return ", ".join(f"({'/'.join(map(str, n))}, {p})" for n, p in found) or DASH
 
 
-def realign_r(runs: list[dict]) -> str:
+def realign_r(runs: list[RunSummary]) -> str:
     """The re-alignment interval r read from the runs' per-round `realigned` flags ("never" without any)."""
     found = set()
     for s in runs:
-        flags, rounds = s.get("realigned") or [], s.get("eval_rounds") or []
+        flags, rounds = s.realigned or [], s.eval_rounds or []
         if not flags:
             continue
         rounds = rounds if len(rounds) == len(flags) else range(1, len(flags) + 1)
@@ -309,11 +260,11 @@ def realign_r(runs: list[dict]) -> str:
     return ", ".join(sorted(found)) or DASH
 
 
-def extra_overrides(res: "Results", runs: list[dict]) -> str:
+def extra_overrides(res: "Results", runs: list[RunSummary]) -> str:
     """The overrides of `runs` beyond those every Table-2 run shares (what makes a variant a variant)."""
-    shared = [set(s.get("overrides") or []) for s in res.runs if s["stage"] in MAIN_STAGES]
+    shared = [set(s.overrides or []) for s in res.runs if s.stage in MAIN_STAGES]
     shared = set.intersection(*shared) if shared else set()
-    extra = sorted({o for s in runs for o in (s.get("overrides") or []) if o not in shared
+    extra = sorted({o for s in runs for o in (s.overrides or []) if o not in shared
                     and not o.startswith("eval.base=")})
     return ", ".join(f"`{o}`" for o in extra) or DASH
 
@@ -331,31 +282,31 @@ def distinct(values) -> str:
 
 # ---- sections -------------------------------------------------------------------------------------------------
 
-def stages_of(runs: list[dict], key=None) -> list[str]:
+def stages_of(runs: list[RunSummary], key=None) -> list[str]:
     """The runs' stages: grid and seeds first, then the others sorted (by `key`)."""
-    return [x for x in MAIN_STAGES if any(s["stage"] == x for s in runs)] + \
-        sorted({s["stage"] for s in runs} - set(MAIN_STAGES), key=key)
+    return [x for x in MAIN_STAGES if any(s.stage == x for s in runs)] + \
+        sorted({s.stage for s in runs} - set(MAIN_STAGES), key=key)
 
 
 def sec_setup(res: Results) -> str:
     """Study, models, the settings the runs share, test and validation sizes, commits, number of summaries."""
     R = res.runs
     stages = stages_of(R)
-    per_task = lambda key: "; ".join(f"{t}: {distinct([s.get(key) for s in R if s['task'] == t])}"  # noqa: E731
-                                     for t in sorted({s["task"] for s in R}, key=lambda t: setting_order((t,))))
-    models = sorted({f"{s.get('model', '?')} ({s.get('model_name', '?')})" for s in R})
-    grid_lrs = sorted({float(s["lr"]) for s in R if s["stage"] == "grid" and not missing(s.get("lr"))})
-    commits = sorted({str(s.get("commit", "?")) for s in R})
+    per_task = lambda key: "; ".join(f"{t}: {distinct([getattr(s, key) for s in R if s.task == t])}"  # noqa: E731
+                                     for t in sorted({s.task for s in R}, key=lambda t: setting_order((t,))))
+    models = sorted({f"{s.model} ({s.model_name})" for s in R})
+    grid_lrs = sorted({float(s.lr) for s in R if s.stage == "grid" and not missing(s.lr)})
+    commits = sorted({str(s.commit) for s in R})
     lines = [f"- study: `{res.study}`; {len(R)} run summaries ("
-             + ", ".join(f"{st} {sum(s['stage'] == st for s in R)}" for st in stages) + ")",
-             f"- model(s): {', '.join(models)}; split(s): {distinct([s.get('split') for s in R])}",
-             f"- rounds: {distinct([s.get('rounds') for s in R])}; clients: {distinct([s.get('clients') for s in R])}; "
-             f"training examples per client: {distinct([s.get('examples_per_client') for s in R])}",
-             f"- seeds: {', '.join(str(x) for x in sorted({int(s['seed']) for s in R}))}; "
+             + ", ".join(f"{st} {sum(s.stage == st for s in R)}" for st in stages) + ")",
+             f"- model(s): {', '.join(models)}; split(s): {distinct([s.split for s in R])}",
+             f"- rounds: {distinct([s.rounds for s in R])}; clients: {distinct([s.clients for s in R])}; "
+             f"training examples per client: {distinct([s.examples_per_client for s in R])}",
+             f"- seeds: {', '.join(str(x) for x in sorted({int(s.seed) for s in R}))}; "
              f"learning-rate grid: {', '.join(f'{x:g}' for x in grid_lrs) or DASH}",
              f"- test set size n_eval (accuracy is on the full test set): {per_task('n_eval')}",
              f"- validation rows n_val (lr selection, per-round curves): {per_task('n_val')}",
-             f"- evaluation dtype: {distinct([s.get('eval_dtype') for s in R])}",
+             f"- evaluation dtype: {distinct([s.eval_dtype for s in R])}",
              f"- commits of the runs: {', '.join(f'`{c}`' for c in commits)}"]
     return "\n".join(lines)
 
@@ -366,9 +317,9 @@ def sec_lr(res: Results) -> str:
                 for e in res.selection.get("selected", []) if isinstance(e, dict) and "method" in e and "task" in e}
     vals: dict[tuple, dict[float, list[float]]] = {}
     for s in res.runs:  # grid summaries: also the keys whose selection is pending
-        if s["stage"] == "grid" and not missing(s.get("lr")) and not missing(s.get("val_accuracy")):
-            vals.setdefault((*setting_of(s), s["method"]), {}).setdefault(float(s["lr"]), []).append(
-                100 * float(s["val_accuracy"]))
+        if s.stage == "grid" and not missing(s.lr) and not missing(s.val_accuracy):
+            vals.setdefault((*setting_of(s), s.method), {}).setdefault(float(s.lr), []).append(
+                100 * float(s.val_accuracy))
     for key, e in selected.items():  # the record behind each choice ("<lr>/s<seed>": accuracy)
         rec: dict[float, list[float]] = {}
         for k, v in sorted((e.get("val_accuracy") or {}).items()):
@@ -399,7 +350,7 @@ def sec_lr(res: Results) -> str:
 
 def sec_table2(res: Results) -> str:
     """Per task: the four methods (mean ± std, CI, n, sub-LLM, bytes) and FedSODA − baseline paired by seed."""
-    settings = res.settings([s for s in res.runs if s["stage"] in MAIN_STAGES])
+    settings = res.settings([s for s in res.runs if s.stage in MAIN_STAGES])
     if not settings:
         return "_No Table-2 runs yet._"
     parts = []
@@ -409,15 +360,15 @@ def sec_table2(res: Results) -> str:
             runs = res.main(st, m)
             accs[m] = by_seed(runs)
             mu, sd, n = mean_std(accs[m].values())
-            n_eval = min((int(s["n_eval"]) for s in runs if not missing(s.get("n_eval"))), default=0)
+            n_eval = min((int(s.n_eval) for s in runs if not missing(s.n_eval)), default=0)
             se = 100 * binomial_se(mu / 100, n_eval) if n else math.nan
             rows.append([NAMES[m], mean_pm(mu, sd, n), ci_text(t_ci(accs[m].values())), str(n), num(se),
                          num(mean_std(by_seed(runs, "sub_accuracy").values())[0]),
                          mib(field_mean(runs, "comm_bytes_per_round"), 3),
                          mib(field_mean(runs, "client_model_bytes"), 1),
                          count(field_mean(runs, "trainable_params")), unselected(runs), top_label_share(runs)])
-        base = [s for s in res.runs if setting_of(s) == st and not missing(s.get("base_accuracy"))]
-        bm, bs, bn = mean_std([100 * float(s["base_accuracy"]) for s in base])
+        base = [s for s in res.runs if setting_of(s) == st and not missing(s.base_accuracy)]
+        bm, bs, bn = mean_std([100 * float(s.base_accuracy) for s in base])
         rows.append(["base model", mean_pm(bm, bs, bn), DASH, str(bn)] + [DASH] * 7)
         majority = majority_share([s for s in res.runs if setting_of(s) == st])
         if majority is not None:
@@ -434,39 +385,30 @@ def sec_table2(res: Results) -> str:
                               "seeds not used to select lr: acc. % (n)", "most-predicted label, % of test rows"], rows)
                      + "\n\n" + table(["paired difference", "seeds", "mean Δ (pts)", "95% CI", "per seed",
                                        "CI excludes 0"], diff_rows))
-    note = ("Test accuracy on the full test set, mean ± sample std over seeds at the selected lr; 95% CI of the mean "
-            "with Student t (df = n − 1; — for n = 1). Test-set SE = sqrt(p(1 − p)/n_eval) at the mean p: the "
-            "sampling noise of one run's accuracy, to set beside the seed std. Paired differences use only the "
-            "seeds both methods have. Base model: the pretrained model's test accuracy (n = its evaluations). "
-            "The last column leaves out the grid seed(s) whose validation accuracy chose the lr: that run's test "
-            "accuracy is biased upwards (the lr that happened to suit that seed best won: the winner's curse), the "
-            "others are not. Most-predicted label: per seed, the share of test rows to which the full model gives "
-            "the label it gives most (100 = one answer whatever the input; such a run scores that label's share of "
-            "the test set, the \"always the majority class\" row when it is the majority).")
-    return "\n\n".join(parts) + "\n\n" + note
+    return "\n\n".join(parts)
 
 
-def top_label_share(runs: list[dict]) -> str:
+def top_label_share(runs: list[RunSummary]) -> str:
     """Per seed, the share (%) of test rows given the label the run's full model predicts most (pred_counts): 100
     is a model that answers one label whatever the input; — when no run records it (GSM8K, or runs from before)."""
-    shares = {s["seed"]: 100 * max(s["pred_counts"]) / sum(s["pred_counts"]) for s in runs if s.get("pred_counts")}
+    shares = {s.seed: 100 * max(s.pred_counts) / sum(s.pred_counts) for s in runs if s.pred_counts}
     return ", ".join(f"s{k} {num(v)}" for k, v in sorted(shares.items())) or DASH
 
 
-def label_counts_of(runs: list[dict]) -> list[int] | None:
+def label_counts_of(runs: list[RunSummary]) -> list[int] | None:
     """The test labels per class, from the first run that records them (every run of a task has the same)."""
-    return next((s["label_counts"] for s in runs if s.get("label_counts")), None)
+    return next((s.label_counts for s in runs if s.label_counts), None)
 
 
-def majority_share(runs: list[dict]) -> float | None:
+def majority_share(runs: list[RunSummary]) -> float | None:
     """The accuracy (%) of always predicting the test set's most frequent label."""
     counts = label_counts_of(runs)
     return 100 * max(counts) / sum(counts) if counts else None
 
 
-def unselected(runs: list[dict]) -> str:
+def unselected(runs: list[RunSummary]) -> str:
     """Mean ± std (n) of the runs that did not take part in the lr selection (stage seeds, not grid)."""
-    acc = by_seed([s for s in runs if s["stage"] != "grid"])
+    acc = by_seed([s for s in runs if s.stage != "grid"])
     return f"{mean_pm(*mean_std(acc.values()))} ({len(acc)})" if acc else DASH
 
 
@@ -474,7 +416,7 @@ def per_seed(p: dict) -> str:
     return ", ".join(f"s{s} {num(d, sign=True)}" for s, d in zip(p["seeds"], p["diffs"])) or DASH
 
 
-def diff_cells(runs: list[dict], ref: dict[int, float] | None) -> list[str]:
+def diff_cells(runs: list[RunSummary], ref: dict[int, float] | None) -> list[str]:
     """Accuracy mean ± std and n of `runs`, then Δ vs `ref` paired by seed: mean, 95% CI, seeds."""
     acc = by_seed(runs)
     cells = [mean_pm(*mean_std(acc.values())), str(len(acc))]
@@ -484,21 +426,53 @@ def diff_cells(runs: list[dict], ref: dict[int, float] | None) -> list[str]:
     return cells + [num(p["mean"], sign=True), ci_text(p["ci"], sign=True), ", ".join(map(str, p["seeds"])) or DASH]
 
 
+@dataclass(frozen=True)
+class Row:
+    """One row of a comparison table: its label cells, its runs, and the reference its Δ is paired with ({seed:
+    test accuracy in points}; None: this row is the reference)."""
+
+    label: tuple
+    runs: list
+    ref: dict | None
+
+
+Col = tuple  # (header, cell: Row -> str)
 DIFF_HEADERS = ["test acc. % (mean ± std)", "n", "Δ vs FedSODA (pts)", "95% CI", "paired seeds"]
+COST: list[Col] = [("comm MiB/round/client", lambda r: mib(field_mean(r.runs, "comm_bytes_per_round"), 3)),
+                   ("client model MiB", lambda r: mib(field_mean(r.runs, "client_model_bytes"), 1)),
+                   ("KL after pre-align (mean)", lambda r: num(field_mean(r.runs, "kl_after"), 3))]
+
+
+def comparison(rows: list[Row], labels: list[str], before: list[Col] = (), after: list[Col] = (), left: int = 1,
+               seeds: bool = False, delta: str = DIFF_HEADERS[2]) -> str:
+    """The table "Δ vs a reference, paired by seed": per row its label cells, the `before` columns, the test accuracy
+    (mean ± std, n), Δ vs the row's reference with its 95% CI (and the paired seeds when `seeds`), then the `after`
+    columns."""
+    diff = [*DIFF_HEADERS[:2], delta, *DIFF_HEADERS[3:5 if seeds else 4]]
+    body = [[*r.label, *(cell(r) for _, cell in before), *diff_cells(r.runs, r.ref)[:len(diff)],
+             *(cell(r) for _, cell in after)] for r in rows]
+    return table([*labels, *(h for h, _ in before), *diff, *(h for h, _ in after)], body, left)
+
+
+def per_setting(res: Results, settings: list[Setting], render, empty: str) -> str:
+    """One `#### <setting>` part per setting (`render(st)`); `empty` without settings."""
+    if not settings:
+        return empty
+    return "\n\n".join(f"#### {res.label(st)}\n\n" + render(st) for st in settings)
+
+
+def main_ref(res: Results, st: Setting) -> dict[int, float]:
+    """The FedSODA main runs' test accuracy by seed: the usual reference."""
+    return by_seed(res.main(st, "fedsoda"))
 
 
 def variant_settings(res: Results, specs: list[tuple], task: str | None = None) -> list[Setting]:
     """The settings holding any variant run of a table, else those with FedSODA main runs (rendered with —)."""
     names = {sp[1] for sp in specs if sp[0] == "variant"}
-    have = res.settings([s for s in res.runs if s["stage"] not in (*MAIN_STAGES, GSM8K) and s["variant"] in names])
-    have = have or res.settings([s for s in res.runs if s["stage"] in MAIN_STAGES and s["variant"] == "main"
-                                 and s["method"] == "fedsoda"])
+    have = res.settings([s for s in res.runs if s.stage not in (*MAIN_STAGES, GSM8K) and s.variant in names])
+    have = have or res.settings([s for s in res.runs if s.stage in MAIN_STAGES and s.variant == "main"
+                                 and s.method == "fedsoda"])
     return [st for st in have if task is None or st[0] == task]
-
-
-LABELS = {"no_pre_align": "w/o pre-alignment (no_pre_align)", "no_re_align": "w/o re-alignment (no_re_align)",
-          "no_align": "w/o ODA: neither pre- nor re-alignment (no_align)"}
-TABLE3_ALWAYS = ("no_pre_align", "no_re_align")  # the paper's Table 3 rows: shown (—) before their runs exist
 
 
 def natural(name: str) -> tuple:
@@ -508,35 +482,28 @@ def natural(name: str) -> tuple:
 
 def stage_variants(res: Results, stage: str) -> list[str]:
     """The variant names of a stage's runs, naturally sorted."""
-    return sorted({s["variant"] for s in res.runs if s["stage"] == stage}, key=natural)
-
-
-def table3_specs(res: Results) -> list[tuple]:
-    """FedSODA, the paper's two ablations, then every other variant of the ablation stage (e.g. paper.yaml's
-    no_align)."""
-    names = [*TABLE3_ALWAYS, *(n for n in stage_variants(res, "ablation") if n not in TABLE3_ALWAYS)]
-    return [("FedSODA", ("main", "fedsoda"))] + [(LABELS.get(n, n), ("variant", n)) for n in names]
+    return sorted({s.variant for s in res.runs if s.stage == stage}, key=natural)
 
 
 def sec_table3(res: Results) -> str:
-    """The ablation of ODA on each task that has ablation runs."""
-    specs = table3_specs(res)
-    settings = variant_settings(res, [sp for _, sp in specs])
-    if not settings:
-        return "_No FedSODA or ablation runs yet._"
-    parts = []
-    for st in settings:
-        ref = by_seed(res.main(st, "fedsoda"))
-        rows = [[label, extra_overrides(res, res.rows(st, sp)) if sp[0] == "variant" else DASH,
-                 *diff_cells(res.rows(st, sp), None if sp == ("main", "fedsoda") else ref)] for label, sp in specs]
-        parts.append(f"#### {res.label(st)}\n\n" + table(["variant", "overrides", *DIFF_HEADERS], rows, 2))
-    return "\n\n".join(parts) + "\n\nΔ: variant − FedSODA in points, paired by seed, 95% CI (Student t)."
+    """The ablation of ODA on each task that has ablation runs (the study's table `table3`)."""
+    specs, ref_spec = res.table("table3")
+    if not specs:
+        return NO_TABLE.format("table3")
+
+    def render(st: Setting) -> str:
+        ref = by_seed(res.rows(st, ref_spec))
+        rows = [Row((label, extra_overrides(res, runs) if sp[0] == "variant" else DASH), runs,
+                    None if sp == ref_spec else ref) for label, sp in specs for runs in [res.rows(st, sp)]]
+        return comparison(rows, ["variant", "overrides"], left=2, seeds=True)
+    return per_setting(res, variant_settings(res, [sp for _, sp in specs]), render,
+                       "_No FedSODA or ablation runs yet._")
 
 
 def param_kind(res: Results, name: str) -> str:
     """What a parameter-study variant changes, from its runs' overrides: "(n, p)" (sgp.*) or "r" (anything else,
     i.e. oda.every)."""
-    overrides = [o for s in res.runs if s["variant"] == name for o in (s.get("overrides") or [])]
+    overrides = [o for s in res.runs if s.variant == name for o in (s.overrides or [])]
     return "(n, p)" if any(o.startswith("sgp.") for o in overrides) else "r"
 
 
@@ -553,124 +520,87 @@ def table4_specs(res: Results) -> list[tuple]:
 def sec_table4(res: Results) -> str:
     """The parameter study: (n, p) and the re-alignment interval r (every variant of the param stage)."""
     specs = table4_specs(res)
-    settings = variant_settings(res, [sp for _, sp in specs])
-    if not settings:
-        return "_No FedSODA or parameter-study runs yet._"
-    parts = []
-    for st in settings:
-        ref = by_seed(res.main(st, "fedsoda"))
-        rows = []
-        for study, sp in specs:
-            runs = res.rows(st, sp)
-            rows.append([study, sp[1] if sp[0] == "variant" else "FedSODA (main)", groups_np(runs), realign_r(runs),
-                         *diff_cells(runs, None if sp[0] == "main" else ref)[:4], *cost_cells(runs)])
-        parts.append(f"#### {res.label(st)}\n\n" + table(
-            ["study", "variant", "(n, p)", "r", *DIFF_HEADERS[:4], *COST_HEADERS], rows, 2))
-    return "\n\n".join(parts) + (
-        "\n\n(n, p) and r as the runs record them: n layers in each of the p pruned groups (`sgp_groups`), r the "
-        "rounds between re-alignments (`realigned`); the FedSODA main runs appear in both studies. Δ: variant − "
-        "FedSODA in points, paired by seed, 95% CI (Student t).")
 
-
-COST_HEADERS = ["comm MiB/round/client", "client model MiB", "KL after pre-align (mean)"]
-
-
-def cost_cells(runs: list[dict]) -> list[str]:
-    return [mib(field_mean(runs, "comm_bytes_per_round"), 3), mib(field_mean(runs, "client_model_bytes"), 1),
-            num(field_mean(runs, "kl_after"), 3)]
+    def render(st: Setting) -> str:
+        ref = main_ref(res, st)
+        rows = [Row((study, sp[1] if sp[0] == "variant" else "FedSODA (main)"), res.rows(st, sp),
+                    None if sp[0] == "main" else ref) for study, sp in specs]
+        return comparison(rows, ["study", "variant"], [("(n, p)", lambda r: groups_np(r.runs)),
+                                                       ("r", lambda r: realign_r(r.runs))], COST, left=2)
+    return per_setting(res, variant_settings(res, [sp for _, sp in specs]), render,
+                       "_No FedSODA or parameter-study runs yet._")
 
 
 DRIFT = "drift"  # the stage of the drift-trigger variants (studies/*.yaml: group drift)
-DRIFT_BASE = [("r = 1 (r1)", ("variant", "r1")), ("r = 5 (FedSODA main)", ("main", "fedsoda")),
-              ("never (no_re_align)", ("variant", "no_re_align"))]
-
-
-def realignments(s: dict):
+def realignments(s: RunSummary):
     """The number of re-alignments of one run (`realignments`, else counted from the per-round flags)."""
-    if not missing(s.get("realignments")):
-        return int(s["realignments"])
-    return sum(int(x) for x in s["realigned"]) if s.get("realigned") else None
+    if not missing(s.realignments):
+        return int(s.realignments)
+    return sum(int(x) for x in s.realigned) if s.realigned else None
 
 
-def emulator_bytes(s: dict):
+def emulator_bytes(s: RunSummary):
     """The emulator LoRA bytes one client rank received over the run's re-alignments (the copy after pre-alignment,
     which every aligned run sends once, left out); None when the summary predates `emulator_lora_bytes`."""
     n = realignments(s)
     if n == 0:
         return 0
-    return None if n is None or missing(s.get("emulator_lora_bytes")) else n * int(s["emulator_lora_bytes"])
+    return None if n is None or missing(s.emulator_lora_bytes) else n * int(s.emulator_lora_bytes)
 
 
-def trigger_text(runs: list[dict]) -> str:
+def trigger_text(runs: list[RunSummary]) -> str:
     """How the runs decided to re-align: `drift, τ = <tau>[, max <k>]` or the fixed interval r (`realign_r`)."""
     found = sorted({f"drift, τ = {float(st['drift_threshold']):g}"
                     + (f", max {int(st['max_interval'])}" if st.get("max_interval") else "")
-                    for st in (s.get("settings") or {} for s in runs) if st.get("trigger") == "drift"})
+                    for st in (s.settings or {} for s in runs) if st.get("trigger") == "drift"})
     if found:
         return ", ".join(found)
     r = realign_r(runs)
     return r if r in (DASH, "never") else f"every {r}"
 
 
-def mean_of(values) -> float | None:
-    vals = [float(v) for v in values if not missing(v)]
-    return math.fsum(vals) / len(vals) if vals else None
-
-
 def sec_drift(res: Results) -> str:
-    """Drift-triggered re-alignment against the fixed intervals r = 1, 5 and never: accuracy vs emulator bytes."""
-    settings = res.settings([s for s in res.runs if s["stage"] == DRIFT])
-    if not settings:
-        return "_No drift-trigger runs yet._"
-    parts = []
-    for st in settings:
-        ref = by_seed(res.main(st, "fedsoda"))
-        names = sorted({s["variant"] for s in res.runs if s["stage"] == DRIFT and setting_of(s) == st})
-        rows = []
-        for label, sp in DRIFT_BASE + [(name, ("variant", name)) for name in names]:
-            runs = res.rows(st, sp)
-            rows.append([label, trigger_text(runs) if runs else DASH,
-                         *diff_cells(runs, None if sp == ("main", "fedsoda") else ref)[:4],
-                         num(mean_of(realignments(s) for s in runs)), mib(mean_of(emulator_bytes(s) for s in runs), 2),
-                         mib(field_mean(runs, "comm_bytes_per_round"), 3),
-                         num(mean_of(probe_mean(s) for s in runs), 2)])
-        parts.append(f"#### {res.label(st)}\n\n" + table(
-            ["run", "re-alignment", *DIFF_HEADERS[:4], "re-alignments (mean)", "emulator MiB/client (run)",
-             "comm MiB/round/client", "drift probe, run mean"], rows, 2))
-    return "\n\n".join(parts) + (
-        "\n\nDrift trigger: round t + 1 re-aligns when the output drift probe (KL(M ‖ M*) on a held-out public batch "
-        "with the global adapter in both models) after round t exceeds τ × its value just after the last alignment "
-        "(max k: also after k rounds without one). Emulator MiB/client: the emulator LoRA one client rank received "
-        "over the run's re-alignments (— for summaries written before `emulator_lora_bytes` was recorded). Drift probe, "
-        "run mean: the probe after each round averaged over the run's rounds, then over seeds (how far the emulator "
-        "stayed from the full model while the clients trained). Δ: run − "
-        "FedSODA main in points, paired by seed, 95% CI (Student t).")
+    """Drift-triggered re-alignment (the study's table `drift`: the fixed intervals r = 1, 5 and never, then every
+    variant of the drift group): accuracy against emulator bytes."""
+    specs, ref_spec = res.table("drift")
+    if not specs:
+        return NO_TABLE.format("drift")
+
+    def render(st: Setting) -> str:
+        ref = by_seed(res.rows(st, ref_spec))
+        rows = [Row((label,), res.rows(st, sp), None if sp == ref_spec else ref) for label, sp in specs]
+        return comparison(rows, ["run"], [("re-alignment", lambda r: trigger_text(r.runs) if r.runs else DASH)], [
+            ("re-alignments (mean)", lambda r: num(mean_of(realignments(s) for s in r.runs))),
+            ("emulator MiB/client (run)", lambda r: mib(mean_of(emulator_bytes(s) for s in r.runs), 2)), COST[0],
+            ("drift probe, run mean", lambda r: num(mean_of(probe_mean(s) for s in r.runs), 2))], left=2)
+    return per_setting(res, res.settings([s for s in res.runs if s.stage == DRIFT]), render,
+                       "_No drift-trigger runs yet._")
 
 
-def probe_mean(s: dict):
+def probe_mean(s: RunSummary):
     """The output drift probe KL(M || M*) after each round, averaged over the run's rounds (None if unrecorded)."""
-    return mean_of(s.get("drift_probe") or [])
+    return mean_of(s.drift_probe or [])
 
 
-def mean_curve(runs: list[dict]) -> list[tuple[int, float, float, float, int]]:
+def mean_curve(runs: list[RunSummary]) -> list[tuple[int, float, float, float, int]]:
     """Per evaluated round: (round, mean, min, max, n) of the validation accuracy (%) over the runs."""
     per: dict[int, list[float]] = {}
     for s in runs:
-        for r, a in zip(s.get("eval_rounds") or [], s.get("eval_acc") or []):
+        for r, a in zip(s.eval_rounds or [], s.eval_acc or []):
             if not missing(a):
                 per.setdefault(int(r), []).append(100 * float(a))
     return [(r, mean_std(v)[0], min(v), max(v), len(v)) for r, v in sorted(per.items())]
 
 
-def last_val(s: dict):
+def last_val(s: RunSummary):
     """The validation accuracy (%) of a run's last evaluated round (None if never evaluated)."""
-    pts = [a for a in (s.get("eval_acc") or []) if not missing(a)]
+    pts = [a for a in (s.eval_acc or []) if not missing(a)]
     return 100 * float(pts[-1]) if pts else None
 
 
 def sec_table9(res: Results) -> str:
     """Rounds until each method's mean validation curve reaches FedOT's final validation accuracy."""
-    settings = res.settings([s for s in res.runs if s["stage"] in MAIN_STAGES and s["variant"] == "main"])
+    settings = res.settings([s for s in res.runs if s.stage in MAIN_STAGES and s.variant == "main"])
     if not settings:
         return "_No Table-2 runs yet._"
     parts = []
@@ -689,94 +619,51 @@ def sec_table9(res: Results) -> str:
         parts.append(f"#### {res.label(st)}\n\nFedOT's target: {goal}\n\n" + table(
             ["method", "n seeds", "first round with mean val. acc. ≥ target", "mean val. acc. % there",
              "mean val. acc. % at the last evaluated round"], rows))
-    return "\n\n".join(parts) + (
-        "\n\nOn the VALIDATION rows (held out of the training file), not the test set: the per-round curves are "
-        "evaluated there only. Target = mean over FedOT's seeds of its last evaluated round's validation accuracy; "
-        "each method's curve is its mean over seeds at each evaluated round.")
-
-
-GAP = [("FedSODA (main)", ("main", "fedsoda")), ("NF4 off (fp32_sub)", ("variant", "fp32_sub")),
-       ("fewer pruned groups (n3p2)", ("variant", "n3p2")),
-       ("longer pre-alignment (pre_align_x4)", ("variant", "pre_align_x4")),
-       ("larger adapter (adapter6)", ("variant", "adapter6")),
-       ("no proximal term (mu0)", ("variant", "mu0")),
-       ("4x local steps (local_x4)", ("variant", "local_x4")),
-       ("FedSODA at FedPETuning's lr (lr_pet)", ("variant", "lr_pet")),
-       ("federated, perfect emulator: LoRA on the last 3 layers of the full model, FedSODA's lr (fed_last3)",
-        ("variant", "fed_last3")),
-       ("the same at FedPETuning's lr (fed_last3_lr_pet)", ("variant", "fed_last3_lr_pet")),
-       ("centralized LoRA, last layers (central_last3)", ("variant", "central_last3")),
-       ("centralized LoRA, all layers (central_all)", ("variant", "central_all")),
-       ("FedPETuning (main)", ("main", "fedpetuning"))]
+    return "\n\n".join(parts)
 
 
 def sec_gap(res: Results) -> str:
-    """The FedSODA − FedPETuning gap on SST-2, factor by factor, with the share of the gap each closes."""
-    settings = variant_settings(res, [sp for _, sp in GAP], task="sst2")
-    settings = settings or res.settings([s for s in res.runs if s["task"] == "sst2" and s["stage"] in MAIN_STAGES])
-    if not settings:
-        return "_No SST-2 runs yet._"
-    parts = []
-    for st in settings:
-        ref = by_seed(res.main(st, "fedsoda"))
+    """The FedSODA − FedPETuning gap on SST-2, factor by factor (the study's table `gap`), with the share of the gap
+    each closes."""
+    specs, ref_spec = res.table("gap")
+    if not specs:
+        return NO_TABLE.format("gap")
+    settings = variant_settings(res, [sp for _, sp in specs], task="sst2")
+    settings = settings or res.settings([s for s in res.runs if s.task == "sst2" and s.stage in MAIN_STAGES])
+
+    def render(st: Setting) -> str:
+        ref = by_seed(res.rows(st, ref_spec))
         gap = paired(by_seed(res.main(st, "fedpetuning")), ref)
-        rows = []
-        for label, sp in GAP:
-            runs = res.rows(st, sp)
-            p = paired(by_seed(runs), ref)
-            share = 100 * p["mean"] / gap["mean"] if p["n"] and gap["n"] and gap["mean"] != 0 else math.nan
-            is_ref = sp == ("main", "fedsoda")
-            method = sorted({s["method"] for s in runs}, key=method_order)
-            rows.append([label, ", ".join(NAMES.get(m, m) for m in method) or DASH,
-                         extra_overrides(res, runs) if sp[0] == "variant" else DASH,
-                         *diff_cells(runs, None if is_ref else ref)[:4], "(reference)" if is_ref else num(share),
-                         num(field_mean(runs, "kl_after"), 3)])
-        parts.append(f"#### {res.label(st)}\n\n" + table(
-            ["run", "method", "overrides", *DIFF_HEADERS[:4], "gap closed %", "KL after pre-align (mean)"], rows, 3))
-    return "\n\n".join(parts) + (
-        "\n\nΔ: run − FedSODA main in points, paired by seed, 95% CI (Student t). "
-        "Gap closed = Δ(run) / Δ(FedPETuning), "
-        "both paired by seed with FedSODA (100% = as good as FedPETuning). Overrides: the run's settings beyond those "
-        "every Table-2 run shares; the centralized rows are one client holding the union of the clients' examples.")
 
-
-# FedSODA -> FedBiOT one setting at a time, all at FedPETuning's selected lr (which FedBiOT selects too)
-BRIDGE = [("FedSODA at FedPETuning's lr (lr_pet)", ("variant", "lr_pet")),
-          ("NF4 off (fp32_sub_lr_pet)", ("variant", "fp32_sub_lr_pet")),
-          ("uniform layer drop instead of SGP (uniform_lr_pet)", ("variant", "uniform_lr_pet")),
-          ("re-align every round, r = 1 (r1_lr_pet)", ("variant", "r1_lr_pet")),
-          ("no proximal term, mu = 0 (mu0_lr_pet)", ("variant", "mu0_lr_pet")),
-          ("FedBiOT (main): all four", ("main", "fedbiot")),
-          ("perfect emulator: LoRA on the last 3 layers of the full model (fed_last3_lr_pet)",
-           ("variant", "fed_last3_lr_pet")),
-          ("FedPETuning (main)", ("main", "fedpetuning"))]
+        def closed(r: Row) -> str:
+            p = paired(by_seed(r.runs), ref)
+            return "(reference)" if r.ref is None else num(
+                100 * p["mean"] / gap["mean"] if p["n"] and gap["n"] and gap["mean"] != 0 else math.nan)
+        rows = [Row((label, ", ".join(NAMES.get(m, m) for m in sorted({s.method for s in runs}, key=method_order))
+                     or DASH, extra_overrides(res, runs) if sp[0] == "variant" else DASH), runs,
+                    None if sp == ref_spec else ref) for label, sp in specs for runs in [res.rows(st, sp)]]
+        return comparison(rows, ["run", "method", "overrides"], [], [("gap closed %", closed), COST[2]], left=3)
+    return per_setting(res, settings, render, "_No SST-2 runs yet._")
 
 
 def sec_bridge(res: Results) -> str:
-    """FedSODA -> FedBiOT on SST-2 at one lr: each setting FedBiOT changes (NF4, SGP, r, mu) alone, then all four,
-    against FedSODA at that lr (lr_pet), with the sub-LLM accuracy (the adapter on the emulator it trained on)."""
-    steps = {sp[1] for _, sp in BRIDGE[1:5]}
-    settings = res.settings([s for s in res.runs if s["task"] == "sst2" and s["stage"] not in (*MAIN_STAGES, GSM8K)
-                             and s["variant"] in steps])
-    if not settings:
-        return "_No runs of the FedSODA -> FedBiOT steps yet._"
-    parts = []
-    for st in settings:
-        ref = by_seed(res.rows(st, BRIDGE[0][1]))
-        rows = []
-        for label, sp in BRIDGE:
-            runs = res.rows(st, sp)
-            lrs = distinct([s.get("lr") for s in runs]) if runs else DASH
-            rows.append([label, lrs, *diff_cells(runs, None if sp == BRIDGE[0][1] else ref),
-                         pct(field_mean(runs, "sub_accuracy")), *cost_cells(runs)])
-        parts.append(f"#### {res.label(st)}\n\n" + table(
-            ["run", "lr", *DIFF_HEADERS[:2], "Δ vs lr_pet (pts)", *DIFF_HEADERS[3:], "sub-LLM acc. % (mean)",
-             *COST_HEADERS], rows, 2))
-    return "\n\n".join(parts) + (
-        "\n\nΔ: run − FedSODA at FedPETuning's lr (lr_pet) in points, paired by seed, 95% CI (Student t). "
-        "FedBiOT differs from FedSODA in four settings (fp32 sub-LLM, uniform layer drop instead of SGP, re-alignment "
-        "every round, mu = 0); each middle row changes one of them. Sub-LLM acc.: the adapter on the emulator it was "
-        "trained against (test set), beside the test accuracy of the same adapter plugged into the full model.")
+    """FedSODA -> FedBiOT on SST-2 at one lr (the study's table `bridge`): each setting FedBiOT changes (NF4, SGP, r,
+    mu) alone, then all four, against FedSODA at that lr (lr_pet), with the sub-LLM accuracy (the adapter on the
+    emulator it trained on)."""
+    specs, ref_spec = res.table("bridge")
+    if not specs:
+        return NO_TABLE.format("bridge")
+    steps = {sp[1] for _, sp in specs if sp[0] == "variant" and sp != ref_spec}
+    settings = res.settings([s for s in res.runs if s.task == "sst2" and s.stage not in (*MAIN_STAGES, GSM8K)
+                             and s.variant in steps])
+
+    def render(st: Setting) -> str:
+        ref = by_seed(res.rows(st, ref_spec))
+        rows = [Row((label,), res.rows(st, sp), None if sp == ref_spec else ref) for label, sp in specs]
+        return comparison(rows, ["run"], [("lr", lambda r: distinct([s.lr for s in r.runs]) if r.runs else DASH)],
+                          [("sub-LLM acc. % (mean)", lambda r: pct(field_mean(r.runs, "sub_accuracy"))), *COST],
+                          left=2, seeds=True, delta="Δ vs lr_pet (pts)")
+    return per_setting(res, settings, render, "_No runs of the FedSODA -> FedBiOT steps yet._")
 
 
 LABEL_NAMES = {"sst2": ("negative", "positive"), "boolq": ("false", "true")}  # = fedsoda_mpi.data.LABEL_WORDS
@@ -790,99 +677,79 @@ def share(counts, k: int = 1) -> str:
 def sec_transfer(res: Results) -> str:
     """Per task: every grid and seeds run that records its test predictions per class, the adapter on the
     full model and on the sub-LLM it was trained against: accuracy and the share of rows given class 1."""
-    runs = [s for s in res.runs if s["stage"] in MAIN_STAGES and s.get("pred_counts")]
+    runs = [s for s in res.runs if s.stage in MAIN_STAGES and s.pred_counts]
     if not runs:
         return "_No run records its test predictions per class yet._"
     parts = []
-    for task in sorted({s["task"] for s in runs}, key=lambda t: setting_order((t,))):
+    for task in sorted({s.task for s in runs}, key=lambda t: setting_order((t,))):
         word = LABEL_NAMES.get(task, ("class 0", "class 1"))[1]
-        mine = sorted((s for s in runs if s["task"] == task),
-                      key=lambda s: (method_order(s["method"]), float(s["lr"]), s["seed"]))
-        rows = [[NAMES.get(s["method"], s["method"]), s["stage"], f"{float(s['lr']):g}", str(s["seed"]),
-                 pct(s["accuracy"]), share(s["pred_counts"]), pct(s.get("sub_accuracy")),
-                 share(s.get("sub_pred_counts"))] for s in mine]
-        if based := base_run([s for s in res.runs if s["task"] == task], "base_pred_counts"):
-            rows.append(["base model", DASH, DASH, DASH, pct(based.get("base_accuracy")),
-                         share(based["base_pred_counts"]), DASH, DASH])
+        mine = sorted((s for s in runs if s.task == task),
+                      key=lambda s: (method_order(s.method), float(s.lr), s.seed))
+        rows = [[NAMES.get(s.method, s.method), s.stage, f"{float(s.lr):g}", str(s.seed),
+                 pct(s.accuracy), share(s.pred_counts), pct(s.sub_accuracy),
+                 share(s.sub_pred_counts)] for s in mine]
+        if based := base_run([s for s in res.runs if s.task == task], "base_pred_counts"):
+            rows.append(["base model", DASH, DASH, DASH, pct(based.base_accuracy),
+                         share(based.base_pred_counts), DASH, DASH])
         parts.append(f"#### {task} (test rows whose answer is \"{word}\": {share(label_counts_of(mine))} %)\n\n" + table(
             ["method", "stage", "lr", "seed", "full model: acc. %", f"full model: % \"{word}\"",
              "sub-LLM: acc. %", f"sub-LLM: % \"{word}\""], rows, 2))
-    return "\n\n".join(parts) + (
-        "\n\nOne adapter, two hosts: the full model it is deployed on and the sub-LLM (emulator) it was trained "
-        "against (FedPETuning trains on the full model, so both columns are the same run). % \"word\": the share of "
-        "the test rows to which the model gives that label (0 or 100: one answer whatever the input). Only runs "
-        "that record their predictions per class are listed (and the base model where a run that evaluated it "
-        "recorded them).")
+    return "\n\n".join(parts)
 
 
-def base_run(runs: list[dict], key: str) -> dict | None:
+def base_run(runs: list[RunSummary], key: str) -> RunSummary | None:
     """The run that evaluated the base model (a study does it once per task): the first whose `key` is recorded."""
-    return next((s for s in runs if not missing(s.get(key))), None)
-
-
-def wilson(p, n, z: float = 1.96) -> tuple[float, float] | None:
-    """95% Wilson score interval (in %) of an accuracy `p` measured on `n` test questions; None without both."""
-    if missing(p) or missing(n) or int(n) < 1:
-        return None
-    p, n = float(p), int(n)
-    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return 100 * (centre - half) / (1 + z * z / n), 100 * (centre + half) / (1 + z * z / n)
+    return next((s for s in runs if not missing(getattr(s, key))), None)
 
 
 def sec_gsm8k(res: Results) -> str:
     """The gsm8k stage: one row per run, with the Wilson interval over the test questions, the sub-LLM, the time of
     the final evaluation; then the base model (from the run that evaluated it)."""
-    runs = sorted((s for s in res.runs if s["stage"] == GSM8K),
-                  key=lambda s: (setting_order(setting_of(s)), method_order(s["method"]), int(s["seed"]), s["run"]))
+    runs = sorted((s for s in res.runs if s.stage == GSM8K),
+                  key=lambda s: (setting_order(setting_of(s)), method_order(s.method), int(s.seed), s.run))
     if not runs:
         return "_No gsm8k runs yet._"
-    hours = lambda s: DASH if missing(s.get("eval_s")) else num(float(s["eval_s"]) / 3600)  # noqa: E731
-    rows = [[NAMES.get(s["method"], s["method"]), str(s["seed"]),
-             DASH if missing(s.get("lr")) else f"{float(s['lr']):g}", pct(s.get("accuracy")),
-             ci_text(wilson(s.get("accuracy"), s.get("n_eval"))), count(s.get("n_eval")), pct(s.get("sub_accuracy")),
+    hours = lambda s: DASH if missing(s.eval_s) else num(float(s.eval_s) / 3600)  # noqa: E731
+    rows = [[NAMES.get(s.method, s.method), str(s.seed),
+             DASH if missing(s.lr) else f"{float(s.lr):g}", pct(s.accuracy),
+             ci_text(wilson(s.accuracy, s.n_eval)), count(s.n_eval), pct(s.sub_accuracy),
              hours(s)] for s in runs]
-    models = list(dict.fromkeys(s.get("model") for s in runs))
+    models = list(dict.fromkeys(s.model for s in runs))
     for model in models:
         if based := gsm8k_base(runs, model):
             rows.append(["base model" if len(models) == 1 else f"base model ({model})", DASH, DASH,
-                         pct(based["base_accuracy"]), ci_text(wilson(based["base_accuracy"], based.get("n_eval"))),
-                         count(based.get("n_eval")), DASH, DASH])
+                         pct(based.base_accuracy), ci_text(wilson(based.base_accuracy, based.n_eval)),
+                         count(based.n_eval), DASH, DASH])
     return table(["method", "seed", "lr", "test acc. %", "95% CI", "n_eval", "sub-LLM acc. %",
-                  "final evaluation, h"], rows, 2) + gsm8k_paired(runs) + (
-        "\n\nGSM8K test accuracy: a k-shot generated answer counts when its final number equals the reference's; "
-        "one run per row. 95% CI: the Wilson score interval over the test questions, so it holds the test set's "
-        "sampling error only (one seed: the spread between seeds is not in it). Final evaluation: the hours of "
-        "generation for the full model and, for a pruned sub-LLM, the sub-LLM too. Paired rows: the same test "
-        "questions answered by both models (the base model's answers come from the run that evaluated it); Δ with a 95% Wald interval of the paired difference, and the exact "
-        "McNemar test on the questions only one of them answered correctly.")
+                  "final evaluation, h"], rows, 2) + gsm8k_paired(runs)
 
 
-def gsm8k_base(runs: list[dict], model) -> dict | None:
+def gsm8k_base(runs: list[RunSummary], model) -> RunSummary | None:
     """The run that evaluated `model`'s base model on GSM8K (a study does it once per task and model), preferring
     one whose summary records which questions it answered (`base_correct`)."""
-    mine = [s for s in runs if s.get("model") == model]
+    mine = [s for s in runs if s.model == model]
     return base_run(mine, "base_correct") or base_run(mine, "base_accuracy")
 
 
-def gsm8k_paired(runs: list[dict]) -> str:
+def gsm8k_paired(runs: list[RunSummary]) -> str:
     """Question by question (`mcnemar`), for the runs whose summaries record which questions they answered: each
     FedSODA run against every other method of its seed and setting and against its own sub-LLM, then every run
     against its model's base model. Only models evaluated on the same test questions (the same n_eval: the first
     n of the test file) are paired."""
-    several = len({s.get("model") for s in runs}) > 1  # then a row names its model
-    name = lambda s: NAMES.get(s["method"], s["method"]) + (f" ({s.get('model')})" if several else "")  # noqa: E731
+    several = len({s.model for s in runs}) > 1  # then a row names its model
+    name = lambda s: NAMES.get(s.method, s.method) + (f" ({s.model})" if several else "")  # noqa: E731
     pairs = []  # (run a, its name, the name of b, b's answered-correctly bits, b's n_eval)
-    for s in (s for s in runs if s["method"] == "fedsoda" and s.get("correct")):
-        pairs += [(s, name(s), name(o), o["correct"], o["n_eval"]) for o in runs if o["method"] != "fedsoda"
-                  and o.get("correct") and o["seed"] == s["seed"] and setting_of(o) == setting_of(s)]
-        pairs += [(s, name(s), "its sub-LLM", s["sub_correct"], s["n_eval"])] if s.get("sub_correct") else []
-    for s in (s for s in runs if s.get("correct")):
-        if (based := gsm8k_base(runs, s.get("model"))) and based.get("base_correct"):
-            pairs.append((s, name(s), "the base model", based["base_correct"], based["n_eval"]))
+    for s in (s for s in runs if s.method == "fedsoda" and s.correct):
+        pairs += [(s, name(s), name(o), o.correct, o.n_eval) for o in runs if o.method != "fedsoda"
+                  and o.correct and o.seed == s.seed and setting_of(o) == setting_of(s)]
+        pairs += [(s, name(s), "its sub-LLM", s.sub_correct, s.n_eval)] if s.sub_correct else []
+    for s in (s for s in runs if s.correct):
+        if (based := gsm8k_base(runs, s.model)) and based.base_correct:
+            pairs.append((s, name(s), "the base model", based.base_correct, based.n_eval))
     rows = []
-    for s, a, b, theirs, n in (p for p in pairs if int(p[4]) == int(p[0]["n_eval"])):
-        t = mcnemar(unbits(s["correct"], int(n)), unbits(theirs, int(n)))
-        rows.append([f"{a} − {b}", str(s["seed"]), num(t["diff"], sign=True), ci_text(t["ci"], sign=True),
+    for s, a, b, theirs, n in (p for p in pairs if int(p[4]) == int(p[0].n_eval)):
+        t = mcnemar(unbits(s.correct, int(n)), unbits(theirs, int(n)))
+        rows.append([f"{a} − {b}", str(s.seed), num(t["diff"], sign=True), ci_text(t["ci"], sign=True),
                      count(t["only_a"]), count(t["only_b"]), f"{t['p']:.3g}"])
     if not rows:
         return ""
@@ -893,38 +760,38 @@ def gsm8k_paired(runs: list[dict]) -> str:
 AUTO, SELF = "auto", "selfpublic"  # the stages (variant groups) of issue #16's runs
 
 
-def chosen_np(runs: list[dict]) -> str:
+def chosen_np(runs: list[RunSummary]) -> str:
     """(n, p) the runs pruned with: the summaries' settings (the chosen ones for sgp.auto), else their groups."""
-    found = sorted({(int(s["settings"]["sgp_n"]), int(s["settings"]["sgp_p"])) for s in runs
-                    if "sgp_auto" in (s.get("settings") or {})})
+    found = sorted({(int(s.settings["sgp_n"]), int(s.settings["sgp_p"])) for s in runs
+                    if "sgp_auto" in (s.settings or {})})
     return ", ".join(f"({n}, {p})" for n, p in found) if found else groups_np(runs)
 
 
-def removed_layers(runs: list[dict]) -> str:
+def removed_layers(runs: list[RunSummary]) -> str:
     """The emulator layers the runs pruned: n * p of their groups."""
-    found = sorted({sum(int(e) - int(t) for t, e in s["sgp_groups"]) for s in runs if s.get("sgp_groups")})
+    found = sorted({sum(int(e) - int(t) for t, e in s.sgp_groups) for s in runs if s.sgp_groups})
     return ", ".join(map(str, found)) or DASH
 
 
-def chosen_distance(s: dict):
+def chosen_distance(s: RunSummary):
     """The summed distance per removed layer of a run's (n, p) (its sgp_candidates row), None when unknown."""
-    st, n_p = s.get("settings") or {}, None
+    st, n_p = s.settings or {}, None
     if "sgp_auto" in st:
         n_p = (int(st["sgp_n"]), int(st["sgp_p"]))
-    for n, p, cost in s.get("sgp_candidates") or []:
+    for n, p, cost in s.sgp_candidates or []:
         if (int(n), int(p)) == n_p and not missing(cost) and n * p:
             return float(cost) / (n * p)
     return None
 
 
-def candidates_text(runs: list[dict]) -> str:
+def candidates_text(runs: list[RunSummary]) -> str:
     """Every (n, p) a run compared with its distance per removed layer (— for no placement under
     sgp.max_distance), the chosen one in bold; from the first run that has them (seeds share the public texts)."""
     for s in runs:
-        if s.get("sgp_candidates"):
-            chosen = (int(s["settings"]["sgp_n"]), int(s["settings"]["sgp_p"]))
+        if s.sgp_candidates:
+            chosen = (int(s.settings["sgp_n"]), int(s.settings["sgp_p"]))
             cells = []
-            for n, p, cost in s["sgp_candidates"]:
+            for n, p, cost in s.sgp_candidates:
                 text = f"({n}, {p}) {DASH if missing(cost) else f'{float(cost) / (n * p):.4f}'}"
                 cells.append(f"**{text}**" if (int(n), int(p)) == chosen else text)
             return "; ".join(cells)
@@ -933,93 +800,68 @@ def candidates_text(runs: list[dict]) -> str:
 
 def issue16_settings(res: Results, stage: str) -> list[Setting]:
     """The settings with runs of `stage`, else those with FedSODA main runs (rendered with —)."""
-    have = res.settings([s for s in res.runs if s["stage"] == stage])
-    return have or res.settings([s for s in res.runs if s["stage"] in MAIN_STAGES and s["variant"] == "main"
-                                 and s["method"] == "fedsoda"])
+    have = res.settings([s for s in res.runs if s.stage == stage])
+    return have or res.settings([s for s in res.runs if s.stage in MAIN_STAGES and s.variant == "main"
+                                 and s.method == "fedsoda"])
 
 
-def stage_specs(res: Results, st: Setting, stage: str, key=None) -> list[tuple[str, list[dict]]]:
+def stage_specs(res: Results, st: Setting, stage: str, key=None) -> list[tuple[str, list[RunSummary]]]:
     """[("FedSODA (main)", its runs)] + [(variant, its runs)] for every variant of `stage` in `st`, ordered by
     `key` (default: the name)."""
-    names = sorted({s["variant"] for s in res.runs if s["stage"] == stage and setting_of(s) == st}, key=key)
+    names = sorted({s.variant for s in res.runs if s.stage == stage and setting_of(s) == st}, key=key)
     return [("FedSODA (main)", res.main(st, "fedsoda"))] + [(name, res.variant(st, name)) for name in names]
 
 
 def sec_auto(res: Results) -> str:
     """sgp.auto: the (n, p) chosen for each budget K against FedSODA's main (n, p) = (3, 4), paired by seed."""
-    settings = issue16_settings(res, AUTO)
-    if not settings:
-        return "_No FedSODA or `auto` runs yet._"
-    parts = []
-    for st in settings:
-        ref = by_seed(res.main(st, "fedsoda"))
-        budget = {s["variant"]: int((s.get("settings") or {}).get("sgp_remove_layers", 0)) for s in res.runs
-                  if s["stage"] == AUTO and setting_of(s) == st}
-        specs = stage_specs(res, st, AUTO, key=lambda v: (budget[v], v))
-        rows, cand = [], []
-        for label, runs in specs:
-            is_ref = label == "FedSODA (main)"
-            rows.append([label, removed_layers(runs), chosen_np(runs),
-                         num(field_mean([{"d": chosen_distance(s)} for s in runs], "d"), 4),
-                         *diff_cells(runs, None if is_ref else ref)[:4], before_after(runs, "kl_before", "kl_after"),
-                         mib(field_mean(runs, "comm_bytes_per_round"), 3), mib(field_mean(runs, "client_model_bytes"), 1)])
-            if not is_ref:
-                cand.append([label, candidates_text(runs)])
-        parts.append(f"#### {res.label(st)}\n\n" + table(
-            ["run", "layers removed K", "(n, p)", "distance / removed layer", *DIFF_HEADERS[:4],
-             "held-out KL before → after pre-align", "comm MiB/round/client", "client model MiB"], rows, 3)
-            + ("\n\n" + table(["run", "candidates (n, p): summed distance / K (chosen in bold)"], cand, 2)
-               if cand else ""))
-    return "\n\n".join(parts) + (
-        "\n\n`sgp.auto=true sgp.remove_layers=K`: among every (n, p) with n * p = K that fits the emulator (and "
-        "n ≤ sgp.n_max when set), the one "
-        "whose optimal groups lose the least summed angular distance d(x^t, x^(t+n)) per removed layer. KL: held-out "
-        "KL(M ‖ M*) on WikiText-2 before and after pre-alignment, means over seeds. Δ: run − FedSODA main in points, paired by seed, 95% CI (Student t).")
+    def render(st: Setting) -> str:
+        ref = main_ref(res, st)
+        budget = {s.variant: int((s.settings or {}).get("sgp_remove_layers", 0)) for s in res.runs
+                  if s.stage == AUTO and setting_of(s) == st}
+        rows = [Row((label,), runs, None if label == "FedSODA (main)" else ref)
+                for label, runs in stage_specs(res, st, AUTO, key=lambda v: (budget[v], v))]
+        cand = [[r.label[0], candidates_text(r.runs)] for r in rows if r.ref is not None]
+        return comparison(rows, ["run"], [
+            ("layers removed K", lambda r: removed_layers(r.runs)), ("(n, p)", lambda r: chosen_np(r.runs)),
+            ("distance / removed layer", lambda r: num(mean_of(chosen_distance(s) for s in r.runs), 4))],
+            [("held-out KL before → after pre-align", lambda r: before_after(r.runs, "kl_before", "kl_after")),
+             *COST[:2]], left=3) + (
+            "\n\n" + table(["run", "candidates (n, p): summed distance / K (chosen in bold)"], cand, 2) if cand else "")
+    return per_setting(res, issue16_settings(res, AUTO), render, "_No FedSODA or `auto` runs yet._")
 
 
 def sec_selfpublic(res: Results) -> str:
     """data.public=self: SGP and ODA on text the full LLM generated, against FedSODA main on WikiText-2."""
-    settings = issue16_settings(res, SELF)
-    if not settings:
-        return "_No FedSODA or `selfpublic` runs yet._"
-    parts = []
-    for st in settings:
-        ref = by_seed(res.main(st, "fedsoda"))
-        specs = stage_specs(res, st, SELF)
-        rows = []
-        for label, runs in specs:
-            is_ref = label == "FedSODA (main)"
-            public = distinct([(s.get("settings") or {}).get("public") for s in runs])
-            kl_on = distinct([s.get("kl_on", "wikitext2") for s in runs])
-            rows.append([label, public, chosen_np(runs), groups_text(runs), *diff_cells(runs, None if is_ref else ref)[:4],
-                         before_after(runs, "kl_before", "kl_after"), kl_on,
-                         before_after(runs, "kl_before_self", "kl_after_self"), generation_text(runs)])
-        parts.append(f"#### {res.label(st)}\n\n" + table(
-            ["run", "D_public", "(n, p)", "SGP groups", *DIFF_HEADERS[:4], "held-out KL before → after pre-align",
-             "KL measured on", "KL on generated text", "generation"], rows, 4))
-    return "\n\n".join(parts) + (
-        "\n\n`data.public=self`: the server samples D_public from the full LLM (generic prompts, seeded; cached in the "
-        "run folder) for SGP and ODA. Held-out KL(M ‖ M*) is means over seeds, measured on WikiText-2's held-out slice "
-        "when it exists (comparable with the main runs) and on held-out generated text. Δ: run − FedSODA main in "
-        "points, paired by seed, 95% CI (Student t).")
+    def render(st: Setting) -> str:
+        ref = main_ref(res, st)
+        rows = [Row((label,), runs, None if label == "FedSODA (main)" else ref)
+                for label, runs in stage_specs(res, st, SELF)]
+        return comparison(rows, ["run"], [
+            ("D_public", lambda r: distinct([(s.settings or {}).get("public") for s in r.runs])),
+            ("(n, p)", lambda r: chosen_np(r.runs)), ("SGP groups", lambda r: groups_text(r.runs))], [
+            ("held-out KL before → after pre-align", lambda r: before_after(r.runs, "kl_before", "kl_after")),
+            ("KL measured on", lambda r: distinct([s.kl_on for s in r.runs])),
+            ("KL on generated text", lambda r: before_after(r.runs, "kl_before_self", "kl_after_self")),
+            ("generation", lambda r: generation_text(r.runs))], left=4)
+    return per_setting(res, issue16_settings(res, SELF), render, "_No FedSODA or `selfpublic` runs yet._")
 
 
-def before_after(runs: list[dict], before: str, after: str) -> str:
+def before_after(runs: list[RunSummary], before: str, after: str) -> str:
     """`mean before → mean after` over the runs (— when neither is recorded)."""
     a, b = field_mean(runs, before), field_mean(runs, after)
     return DASH if a is None and b is None else f"{num(a, 3)} → {num(b, 3)}"
 
 
-def groups_text(runs: list[dict]) -> str:
+def groups_text(runs: list[RunSummary]) -> str:
     """The distinct SGP groups of the runs (seeds may differ when the public texts are generated per seed)."""
-    found = sorted({" ".join(f"({int(t)},{int(e)})" for t, e in s["sgp_groups"]) for s in runs if s.get("sgp_groups")})
+    found = sorted({" ".join(f"({int(t)},{int(e)})" for t, e in s.sgp_groups) for s in runs if s.sgp_groups})
     return "; ".join(found) or DASH
 
 
-def generation_text(runs: list[dict]) -> str:
+def generation_text(runs: list[RunSummary]) -> str:
     """temperature, new tokens and texts of the self-generated public data (— for a public file)."""
     found = sorted({(g.get("temperature"), g.get("max_new_tokens"), g.get("n_public")) for g in
-                    (s.get("public_self") or {} for s in runs) if g}, key=str)
+                    (s.public_self or {} for s in runs) if g}, key=str)
     return "; ".join(f"T={t:g}, {m} new tokens, {n} texts" for t, m, n in found) or DASH
 
 
@@ -1069,16 +911,16 @@ def sec_curves(res: Results) -> str:
         plot_curves(res, st, path)
         rel = Path(os.path.relpath(path.resolve(), res.out.resolve().parent)).as_posix()
         links.append(f"![{res.study}: validation accuracy per round, {res.label(st)}]({rel})")
-    return "\n\n".join(links) + ("\n\nValidation accuracy per evaluated round (Table-2 runs); line: the mean over "
-                                 "seeds, band: min–max over seeds; n in the legend.")
+    return "\n\n".join(links)
 
 
 def shown_elsewhere(res: Results) -> set[tuple[str, str]]:
     """(stage, variant) of the variant runs that Table 3, Table 4 or the gap section show."""
-    names = {sp[1] for sp in (*[sp for _, sp in table3_specs(res)], *[sp for _, sp in table4_specs(res)],
-                              *[sp for _, sp in GAP], *[sp for _, sp in BRIDGE]) if sp[0] == "variant"}
-    return {(s["stage"], s["variant"]) for s in res.runs if s["variant"] in names
-            and s["stage"] in ("ablation", "param", "gap", "ceiling")}
+    names = {sp[1] for sp in (*[sp for _, sp in table4_specs(res)],
+                              *(sp for name in ("table3", "gap", "bridge") for _, sp in res.table(name)[0]))
+             if sp[0] == "variant"}
+    return {(s.stage, s.variant) for s in res.runs if s.variant in names
+            and s.stage in ("ablation", "param", "gap", "ceiling")}
 
 
 def sec_variants(res: Results) -> str:
@@ -1086,34 +928,32 @@ def sec_variants(res: Results) -> str:
     group and setting; Δ against the same variant's FedSODA runs when the group has several methods, else
     against the FedSODA main runs of the setting."""
     done = shown_elsewhere(res)
-    runs = [s for s in res.runs if s["stage"] not in (*MAIN_STAGES, GSM8K, AUTO, SELF, DRIFT, BUDGET)
-            and (s["stage"], s["variant"]) not in done]
+    runs = [s for s in res.runs if s.stage not in (*MAIN_STAGES, GSM8K, AUTO, SELF, DRIFT, BUDGET)
+            and (s.stage, s.variant) not in done]
     if not runs:
         return "_No other variant runs._"
     parts = []
-    for stage in sorted({s["stage"] for s in runs}, key=natural):
-        for st in res.settings([s for s in runs if s["stage"] == stage]):
-            here = [s for s in runs if s["stage"] == stage and setting_of(s) == st]
+    for stage in sorted({s.stage for s in runs}, key=natural):
+        for st in res.settings([s for s in runs if s.stage == stage]):
+            here = [s for s in runs if s.stage == stage and setting_of(s) == st]
             rows = []
-            for name in sorted({s["variant"] for s in here}, key=natural):
-                of = [s for s in here if s["variant"] == name]
-                methods = sorted({s["method"] for s in of}, key=method_order)
-                ref_runs = [s for s in of if s["method"] == "fedsoda"] if len(methods) > 1 else res.main(st, "fedsoda")
-                for m in methods:
-                    mine = [s for s in of if s["method"] == m]
-                    ref = None if (len(methods) > 1 and m == "fedsoda") else (by_seed(ref_runs) or {})
-                    cells = diff_cells(mine, ref)
-                    rows.append([name, NAMES.get(m, m), extra_overrides(res, mine), *cells[:4], *cost_cells(mine)])
-            parts.append(f"#### {stage}: {res.label(st)}\n\n" + table(
-                ["variant", "method", "overrides", *DIFF_HEADERS[:4], *COST_HEADERS], rows, 3))
+            for name in sorted({s.variant for s in here}, key=natural):
+                of = [s for s in here if s.variant == name]
+                methods = sorted({s.method for s in of}, key=method_order)
+                ref = by_seed([s for s in of if s.method == "fedsoda"] if len(methods) > 1 else res.main(st, "fedsoda"))
+                rows += [Row((name, NAMES.get(m, m), extra_overrides(res, mine)), mine,
+                             None if len(methods) > 1 and m == "fedsoda" else ref)
+                         for m in methods for mine in [[s for s in of if s.method == m]]]
+            parts.append(f"#### {stage}: {res.label(st)}\n\n"
+                         + comparison(rows, ["variant", "method", "overrides"], [], COST, left=3))
     return "\n\n".join(parts) + (
         "\n\nΔ: run − FedSODA in points, paired by seed, 95% CI (Student t); the FedSODA runs of the same variant "
         "when the group runs several methods (they are the reference), else the FedSODA main runs of the setting.")
 
 
-def minutes_cells(runs: list[dict], key: str = "wall_s") -> list[str]:
+def minutes_cells(runs: list[RunSummary], key: str = "wall_s") -> list[str]:
     """[runs, hours summed, "median (min–max)" minutes per run] from the runs' recorded `key` seconds ("—" without)."""
-    mins = [float(s[key]) / 60 for s in runs if not missing(s.get(key))]
+    mins = [float(getattr(s, key)) / 60 for s in runs if not missing(getattr(s, key))]
     if not mins:
         return [count(len(runs)), DASH, DASH]
     return [count(len(runs)), num(sum(mins) / 60), f"{num(median(mins))} ({num(min(mins))}–{num(max(mins))})"]
@@ -1123,41 +963,33 @@ def sec_cost(res: Results) -> str:
     """What the study cost in wall time (each summary's wall_s): per task and stage, then per method and task for
     the grid and seeds runs, whose medians are the planning numbers for the runs still to come."""
     R = res.runs
-    tasks = sorted({s["task"] for s in R}, key=lambda t: setting_order((t,)))
+    tasks = sorted({s.task for s in R}, key=lambda t: setting_order((t,)))
     stages = stages_of(R, key=natural)
     rows = [[t, st, *minutes_cells(here)] for t in tasks for st in stages
-            if (here := [s for s in R if s["task"] == t and s["stage"] == st])]
+            if (here := [s for s in R if s.task == t and s.stage == st])]
     rows.append(["all", "all", *minutes_cells(R)])
-    main = [s for s in R if s["stage"] in MAIN_STAGES]
-    methods = sorted({s["method"] for s in main}, key=method_order)
+    main = [s for s in R if s.stage in MAIN_STAGES]
+    methods = sorted({s.method for s in main}, key=method_order)
     per = [[t, NAMES.get(m, m), *minutes_cells(here)] for t in tasks for m in methods
-           if (here := [s for s in main if s["task"] == t and s["method"] == m])]
+           if (here := [s for s in main if s.task == t and s.method == m])]
     parts = [table(["task", "stage", "runs", "wall time, h (sum)", "min per run: median (min–max)"], rows, 2)]
     if per:
         parts.append(table(["task", "method (grid and seeds runs)", "runs", "wall time, h (sum)",
                             "min per run: median (min–max)"], per, 2))
-    timed = [s for s in R if not missing(s.get("eval_s"))]
+    timed = [s for s in R if not missing(s.eval_s)]
     evals = [[t, NAMES.get(m, m), *minutes_cells(here, "eval_s")] for t in tasks
-             for m in sorted({s["method"] for s in timed}, key=method_order)
-             if (here := [s for s in timed if s["task"] == t and s["method"] == m])]
+             for m in sorted({s.method for s in timed}, key=method_order)
+             if (here := [s for s in timed if s.task == t and s.method == m])]
     if evals:
         parts.append(table(["task", "method (runs that record it)", "runs", "final test evaluation, h (sum)",
                             "min per run: median (min–max)"], evals, 2))
-    return "\n\n".join(parts) + (
-        "\n\nWall time: the sum of each finished run's round times as its summary records it (`wall_s`: local "
-        "training, aggregation, re-alignment, the validation evaluations and the drift probe), on the 2-core machine "
-        "that ran it, including any contention (some runs shared the cores with a test suite), so the medians are "
-        "the planning numbers. Not included: start-up (model load, SGP, pre-alignment, shipping the sub-LLM) and "
-        "the final test evaluation, which the last table lists for the runs that record it (`eval_s`; earlier "
-        "summaries lack it): the full model and, for a pruned sub-LLM, the sub-LLM too, on the whole test set; a "
-        "GSM8K evaluation that was stopped and resumed counts the generation time of the batches its journal "
-        "kept. Failed runs are not counted.")
+    return "\n\n".join(parts)
 
 
 def seed0_choice(per_lr: dict[float, dict[int, dict]]) -> float | None:
     """The lr a seed-0-only selection picks from a grid {lr: {seed: summary}}: the best seed-0 validation accuracy,
     ties to the smaller lr; None until every lr has a finished seed-0 run."""
-    vals = {lr: by_seed.get(0, {}).get("val_accuracy") for lr, by_seed in per_lr.items()}
+    vals = {lr: runs[0].val_accuracy if 0 in runs else None for lr, runs in per_lr.items()}
     if not vals or any(missing(v) for v in vals.values()):
         return None
     return min(vals, key=lambda lr: (-float(vals[lr]), lr))
@@ -1167,8 +999,8 @@ def sec_seeds3(res: Results) -> str:
     """Selection over three seeds (issue 32): per method, the grid's validation accuracy per lr and seed, the lr a
     seed-0-only selection picks and the one the study's rule (selection.json: best mean over its select seeds)
     picks; the test accuracy over seeds at both, their paired difference, and FedSODA − each baseline at both."""
-    grid = [s for s in res.runs if s["stage"] == "grid" and not missing(s.get("lr"))]
-    settings = [st for st in res.settings(grid) if len({int(s["seed"]) for s in grid if setting_of(s) == st}) > 1]
+    grid = [s for s in res.runs if s.stage == "grid" and not missing(s.lr)]
+    settings = [st for st in res.settings(grid) if len({int(s.seed) for s in grid if setting_of(s) == st}) > 1]
     if not settings:
         return "_No grid at more than one seed yet (grid.select_seeds over several seeds)._"
     parts = []
@@ -1176,7 +1008,7 @@ def sec_seeds3(res: Results) -> str:
         per: dict[str, dict[float, dict[int, dict]]] = {}
         for s in grid:
             if setting_of(s) == st:
-                per.setdefault(s["method"], {}).setdefault(float(s["lr"]), {})[int(s["seed"])] = s
+                per.setdefault(s.method, {}).setdefault(float(s.lr), {})[int(s.seed)] = s
         methods = sorted(per, key=method_order)
         lrs = sorted({lr for m in methods for lr in per[m]})
         seeds = sorted({seed for m in methods for by in per[m].values() for seed in by})
@@ -1250,23 +1082,23 @@ def sec_seeds3(res: Results) -> str:
 BUDGET = "budget"  # the stage of the data-budget runs (studies/cpu_smollm2_ii.yaml: group budget)
 
 
-def series_of(s: dict) -> str:
+def series_of(s: RunSummary) -> str:
     """A budget run's series: its variant name without the examples-per-client part (x64, fed_last3_x16 ->
     fed_last3), or its method when nothing is left."""
-    name = re.sub(r"(^|_)x\d+$", "", str(s.get("variant", "")))
-    return name or str(s["method"])
+    name = re.sub(r"(^|_)x\d+$", "", str(s.variant))
+    return name or str(s.method)
 
 
-def select_by_val(runs: list[dict]) -> tuple[float | None, float | None, list[dict], int]:
+def select_by_val(runs: list[RunSummary]) -> tuple[float | None, float | None, list[RunSummary], int]:
     """Among runs at several lrs and seeds: the lr with the best mean validation accuracy over seeds (ties to the
     smaller lr; None while some lr lacks a seed another lr has), its margin over the next lr (points), its runs,
     and how many lrs ran."""
-    per: dict[float, list[dict]] = {}
+    per: dict[float, list[RunSummary]] = {}
     for s in runs:
-        if not missing(s.get("lr")):
-            per.setdefault(float(s["lr"]), []).append(s)
-    seeds = {int(s["seed"]) for s in runs}
-    if not per or any({int(s["seed"]) for s in v} != seeds for v in per.values()):
+        if not missing(s.lr):
+            per.setdefault(float(s.lr), []).append(s)
+    seeds = {int(s.seed) for s in runs}
+    if not per or any({int(s.seed) for s in v} != seeds for v in per.values()):
         return None, None, [], len(per)
     means = {lr: mean_std(by_seed(v, "val_accuracy").values())[0] for lr, v in per.items()}
     best = min(means, key=lambda lr: (-means[lr], lr))
@@ -1279,22 +1111,22 @@ def sec_budget(res: Results) -> str:
     client, the lr selected by mean validation accuracy over the seeds among the budget runs' lr steps (at the
     first grid budget: the Table-2 runs at the study's selection), its test accuracy over seeds, and the FedSODA
     gaps paired by seed at each budget with how they change from the smallest budget to each larger one."""
-    budget = [s for s in res.runs if s["stage"] == BUDGET]
+    budget = [s for s in res.runs if s.stage == BUDGET]
     if not budget:
         return "_No budget runs yet._"
     parts = []
     for st in res.settings(budget):
         here = [s for s in budget if setting_of(s) == st]
         points: dict[tuple[str, int], tuple] = {}  # (series, examples) -> (lr, margin, runs, lrs ran)
-        for m in sorted({s["method"] for s in res.runs if s["stage"] in MAIN_STAGES and setting_of(s) == st},
+        for m in sorted({s.method for s in res.runs if s.stage in MAIN_STAGES and setting_of(s) == st},
                         key=method_order):
             main = res.main(st, m)
             if main and m in {series_of(s) for s in here}:
-                ex = int(main[0].get("examples_per_client") or 0)
+                ex = int(main[0].examples_per_client or 0)
                 points[m, ex] = (res.selected(st, m), None, main, DASH)
-        for key in sorted({(series_of(s), int(s.get("examples_per_client") or 0)) for s in here}):
+        for key in sorted({(series_of(s), int(s.examples_per_client or 0)) for s in here}):
             lr, margin, runs, n_lr = select_by_val([s for s in here if (series_of(s), int(
-                s.get("examples_per_client") or 0)) == key])
+                s.examples_per_client or 0)) == key])
             points[key] = (lr, margin, runs, n_lr)
         order = lambda k: (method_order(k[0]) if k[0] in METHODS else (len(METHODS), k[0]), k[1])  # noqa: E731
         rows, accs = [], {}
@@ -1325,17 +1157,11 @@ def sec_budget(res: Results) -> str:
             part += "\n\n" + table(["paired gap (pts)", *[f"at {ex} per client: mean [95% CI]" for ex in examples],
                                      *[f"change {examples[0]} → {ex}: mean [95% CI]" for ex in examples[1:]]], gaps)
         parts.append(part)
-    return "\n\n".join(parts) + (
-        "\n\nSeries: a method, or `fed_last3` (FedPETuning's LoRA on the last 3 layers of the full model: a perfect "
-        "emulator for FedSODA's 3-layer adapter, run at FedSODA's lr steps). At each budget the lr is the one with "
-        "the best mean validation accuracy over the seeds among the lrs run (ties to the smaller; \"pending\" until "
-        "every lr has every seed); at the grid's budget a method's point is its Table-2 runs at the study's "
-        "selection. Test accuracy: mean ± sample std over seeds, 95% CI with Student t. Gaps: FedSODA − the series, "
-        "paired by seed; the change of a gap is paired by seed too ((a − b) at the larger budget minus (a − b) at the "
-        "smaller), so a negative change in a negative gap means the gap grew.")
+    return "\n\n".join(parts)
 
 
 NO_RUNS = "_No finished run of this study yet._"
+NO_TABLE = "_The study file declares no `{}` table (its `tables` key)._"
 SECTIONS = {"setup": ("Setup", sec_setup), "lr": ("Learning-rate selection", sec_lr),
             "table2": ("Table 2: accuracy of the four methods", sec_table2),
             "table3": ("Table 3: ablation of ODA", sec_table3), "table4": ("Table 4: parameter study", sec_table4),
@@ -1400,6 +1226,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("results", help="the study's summaries folder, e.g. results/cpu_smollm2")
     ap.add_argument("--out", required=True, help="the markdown file to write (e.g. docs/results.md)")
     ap.add_argument("--figures", help="folder of the figures (default: <out folder>/gallery)")
+    ap.add_argument("--study", help="the study file whose `tables` the report draws (default: studies/<study>.yaml "
+                    "of the summaries' study, when it exists)")
     a = ap.parse_args(argv)
     try:
         out = Path(a.out)
@@ -1409,6 +1237,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ReportError(f"--out {out}: not a file")
         runs, selection = load(Path(a.results))
         res = Results(runs, selection, out, Path(a.figures) if a.figures else out.parent / "gallery")
+        study_file = Path(a.study) if a.study else HERE.parent / "studies" / f"{res.study}.yaml"
+        if a.study or study_file.is_file():
+            try:
+                res.tables = read_tables(study_file)
+            except StudyError as e:
+                raise ReportError(str(e)) from None
         text = out.read_text(encoding="utf-8") if out.exists() else None
         markers = names_in(text) if text is not None else []
         tagged = {n: n.split("@", 1) for n in markers if "@" in n}  # NAME@STUDY: rewritten by that study's report

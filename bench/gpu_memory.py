@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from fedsoda_mpi.client import FILL_BATCH  # noqa: E402
 from fedsoda_mpi.config import load_config  # noqa: E402
+from fedsoda_mpi.methods import METHODS  # noqa: E402
 
 GIB = 2**30
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4-bit codes + fp8 absmax per 64 + fp32 absmax per 256 blocks
@@ -59,7 +60,6 @@ FRAGMENTATION = 0.10  # caching-allocator fragmentation on top of the tensor pea
 # label-task step is min(data.max_len, this) tokens wide.
 PROMPT_TOKENS = {"sst2": 128, "boolq": 128}
 LABEL_TOKENS = {"sst2": 2, "boolq": 2}  # label word + eos per example; GSM8K: data.max_len - 1
-METHODS = ("fedsoda", "fedpetuning", "fedot", "fedbiot")
 
 
 @dataclass(frozen=True)

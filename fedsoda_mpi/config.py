@@ -17,11 +17,10 @@ from pathlib import Path
 
 import yaml
 
-from .methods import PRESETS
+from .methods import METHODS, PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JOB = ROOT / "jobs" / "smollm2_sst2_iid.yaml"
-METHODS = tuple(PRESETS)
 TASKS = ("sst2", "boolq", "gsm8k")
 PUBLIC_SETS = ("wikitext2", "gsm8k", "self")  # data.public; self: text the full LLM generates (data.self_public)
 

@@ -26,6 +26,8 @@ PRESETS: dict[str, dict] = {
     # FedBiOT: adapter = last 3 layers, the same uniform emulator, re-aligned (and re-sent) every round
     "fedbiot": {"sgp.enabled": False, "oda.every": 1, "quant.enabled": False, "fed.mu": 0.0},
 }
+METHODS = tuple(PRESETS)  # also the order of the report's tables
+NAMES = {"fedsoda": "FedSODA", "fedpetuning": "FedPETuning", "fedot": "FedOT", "fedbiot": "FedBiOT"}  # display names
 
 
 def layer_maps(kept: Sequence[int]) -> tuple[dict[int, int], dict[int, int]]:

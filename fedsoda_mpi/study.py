@@ -43,6 +43,8 @@ import numpy as np
 import yaml
 
 from .config import ROOT, Config, ConfigError, load_config
+from .stats import bits
+from .summary import RunSummary
 
 GRID, SEEDS = "grid", "seeds"
 DONE_EXIT = 3  # `study args`: the run's summary exists already (a re-submitted array task has nothing to do)
@@ -95,6 +97,7 @@ class Study:
     select_seeds: list[int]
     stages: list[str] = field(default_factory=list)
     reuse: list[Path] = field(default_factory=list)  # results folders whose identical runs are copied, not rerun
+    tables: dict[str, dict] = field(default_factory=dict)  # the report's declared tables (`tables`)
 
     def stage(self, name: str) -> list[Run]:
         return [r for r in self.runs if r.stage == name]
@@ -214,7 +217,52 @@ def expand(spec: dict) -> Study:
     _check_unique(runs)
     _check_graph(runs, stages)
     reuse = [Path(x) if Path(x).is_absolute() else ROOT / x for x in _list(spec, "reuse", [])]
-    return Study(str(spec["name"]), runs, lrs, select_seeds, stages, reuse)
+    return Study(str(spec["name"]), runs, lrs, select_seeds, stages, reuse, tables(spec))
+
+
+def tables(spec: dict) -> dict[str, dict]:
+    """The study's `tables`: the report's comparison tables, each {ref: <row>, rows: [[<row>, <label>], ...]} in
+    display order, a row being a variant of this study or `main <method>` (the Table-2 runs of a grid method), and
+    optionally group: <variant group> (then every other variant of that group follows, labelled by its name); the
+    Δ of every other row is paired by seed with the `ref` row. A row naming no variant or method is refused."""
+    declared = spec.get("tables") or {}
+    if not isinstance(declared, dict):
+        raise StudyError(f"tables: expected a mapping of table name to {{ref, rows}}, got {declared!r}")
+    known = {str(v.get("name")) for v in spec.get("variants") or [] if isinstance(v, dict)}
+    known |= {f"main {m}" for m in _list(spec.get("grid") or {}, "methods", [])}
+    groups = {str(v.get("group", "variants")) for v in spec.get("variants") or [] if isinstance(v, dict)}
+    out = {}
+    for name, table in declared.items():
+        where = f"tables.{name}"
+        if not isinstance(table, dict) or not {"ref", "rows"} <= set(table) <= TABLE_KEYS \
+                or not isinstance(table["rows"], list):
+            raise StudyError(f"{where}: expected the keys ref and rows (a list of [row, label]) and optionally "
+                             f"group, got {table!r}")
+        if "group" in table and table["group"] not in groups:
+            raise StudyError(f"{where}.group: '{table['group']}' is not a variant group of this study")
+        rows = []
+        for row in table["rows"]:
+            if not (isinstance(row, list) and len(row) == 2 and all(isinstance(x, str) for x in row)):
+                raise StudyError(f"{where}.rows: expected [row, label] (two strings), got {row!r}")
+            if row[0] not in known:
+                raise StudyError(f"{where}.rows: '{row[0]}' is neither a variant of this study nor 'main <method>' "
+                                 "of a grid method")
+            rows.append((row[0], row[1]))
+        if table["ref"] not in [r for r, _ in rows]:
+            raise StudyError(f"{where}.ref: '{table['ref']}' is not one of its rows")
+        out[str(name)] = {"ref": table["ref"], "rows": rows, **({"group": table["group"]} if "group" in table else {})}
+    return out
+
+
+def read_tables(path: str | Path) -> dict[str, dict]:
+    """The validated `tables` of a study file, without expanding or checking its runs (what the report needs)."""
+    try:
+        spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise StudyError(f"{path}: not a readable study file ({str(e).splitlines()[0]})") from None
+    if not isinstance(spec, dict):
+        raise StudyError(f"{path}: a study file is a mapping")
+    return tables(spec)
 
 
 def _axis(spec: dict, key: str, where: str, convert, default=None) -> list:
@@ -296,7 +344,8 @@ def _check_graph(runs: list[Run], stages: list[str]) -> None:
 
 VARIANT_KEYS = {"group", "name", "method", "methods", "tasks", "models", "splits", "seeds", "lr", "lr_of", "lr_task",
                 "lr_split", "lr_steps", "np", "threads", "overrides"}
-STUDY_KEYS = {"name", "job", "np", "threads", "base_eval", "overrides", "grid", "variants", "reuse"}
+STUDY_KEYS = {"name", "job", "np", "threads", "base_eval", "overrides", "grid", "variants", "reuse", "tables"}
+TABLE_KEYS = {"ref", "rows", "group"}  # group: optional
 GRID_KEYS = {"methods", "tasks", "models", "splits", "seeds", "select_seeds", "lr", "lr_extend"}
 
 
@@ -527,34 +576,22 @@ def summarize(run: Run, run_dir: Path, lr: float, study: str) -> dict:
                "base_eval_s": _r(timing["base_eval_s"], 1) if "base_eval_s" in timing else None,
                "commit": str(f.attrs["git_commit"]),
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((Path(run_dir) / "run.h5").stat().st_mtime))}
-    return out
+    return RunSummary(**out).to_json()
 
 
 def failed_summary(run: Run, lr: float, study: str, code: int) -> dict:
     """The record of a run that ended without /final: selection ranks it last, the report lists it."""
-    return {"study": study, "run": run.id, "status": "failed", "exit_code": code, "stage": run.stage,
-            "variant": run.variant if run.stage != GRID else "", "method": run.method, "task": run.task,
-            "model": run.model, "split": run.split, "seed": run.seed, "lr": lr, "lr_from": list(run.key),
-            **({"lr_step": run.lr_step} if run.lr_step is not None else {}),
-            "overrides": list(run.overrides), "accuracy": None, "val_accuracy": None,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())}
+    return RunSummary(study=study, run=run.id, status="failed", exit_code=code, stage=run.stage,
+                      variant=run.variant if run.stage != GRID else "", method=run.method, task=run.task,
+                      model=run.model, split=run.split, seed=run.seed, lr=lr, lr_from=list(run.key),
+                      lr_step=run.lr_step, overrides=list(run.overrides), accuracy=None, val_accuracy=None,
+                      finished=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())).to_json()
 
 
 def counts(x) -> list[int] | None:
     """A /final per-class count attribute (test predictions or labels) as a list; None where the run has none
     (GSM8K, or a run from before it was recorded)."""
     return None if x is None else [int(v) for v in np.atleast_1d(x)]
-
-
-def bits(x) -> str | None:
-    """A /final per-question 0/1 attribute (GSM8K: answered correctly) as hex of its bits, 8 questions per byte in
-    test order, the first in the high bit (`unbits` reverses it); None where the run has none."""
-    return None if x is None else np.packbits(np.asarray(x, dtype=bool)).tobytes().hex()
-
-
-def unbits(text: str, n: int) -> np.ndarray:
-    """The [n] bool vector `bits` wrote."""
-    return np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:n].astype(bool)
 
 
 def candidates(rows) -> list[list]:
@@ -633,11 +670,10 @@ def reuse_summary(study: Study, run: Run, lr: float, results: Path) -> str | Non
         hit = reusable(run, lr, summaries(folder))
         if hit:
             sid, s = hit
-            _write_json(results / f"{run.id}.json",
-                        {**s, "study": study.name, "run": run.id, "stage": run.stage, "variant": run.variant,
-                         "lr_from": list(run.key), **({"lr_step": run.lr_step} if run.lr_step is not None else {}),
-                         "overrides": list(run.overrides),
-                         "reused_from": f"{folder.name}/{sid}"})
+            copy = replace(RunSummary.from_json(s, f"{folder}/{sid}.json"), study=study.name, run=run.id,
+                           stage=run.stage, variant=run.variant, lr_from=list(run.key), lr_step=run.lr_step,
+                           overrides=list(run.overrides), reused_from=f"{folder.name}/{sid}")
+            _write_json(results / f"{run.id}.json", copy.to_json())
             return f"{folder.name}/{sid}"
     return None
 

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from fedsoda_mpi.data import LABEL_WORDS
+from fedsoda_mpi.stats import bits, mcnemar
+from fedsoda_mpi.summary import RunSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("report", ROOT / "analysis" / "report.py")
@@ -21,7 +23,7 @@ ROUNDS = 10
 
 
 def summary(method="fedsoda", task="sst2", seed=0, acc=0.8, stage=None, variant="main", lr=1e-3, val=None,
-            **kw) -> dict:
+            **kw) -> RunSummary:
     """A run summary as study.summarize writes it; val: per-round validation accuracies of rounds 2, 4, ... 10."""
     stage = stage or ("grid" if seed == 0 else "seeds")
     val = val or [acc - 0.1, acc - 0.05, acc - 0.02, acc - 0.01, acc]
@@ -40,14 +42,13 @@ def summary(method="fedsoda", task="sst2", seed=0, acc=0.8, stage=None, variant=
          "client_model_bytes": 152250762, "full_model_bytes": 538060288, "trainable_params": 244224,
          "kl_before": 6.5, "kl_after": 5.5, "sgp_groups": [[1, 4], [8, 11], [12, 15], [16, 19]], "wall_s": 100.0,
          "world_size": 3, "commit": "abc123", "finished": "2026-12-01"}
-    s.update(kw)
-    return s
+    return RunSummary(**{**s, **kw})
 
 
-def write(folder: Path, summaries: list[dict], selection: dict | None = None) -> Path:
+def write(folder: Path, summaries: list[RunSummary], selection: dict | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for s in summaries:
-        (folder / f"{s['run']}.json").write_text(json.dumps(s, indent=1))
+        (folder / f"{s.run}.json").write_text(json.dumps(s.to_json(), indent=1))
     if selection is not None:
         (folder / "selection.json").write_text(json.dumps(selection))
     return folder
@@ -57,7 +58,7 @@ def section(text: str, name: str) -> str:
     return text.split(f"<!-- report:begin {name} -->")[1].split(f"<!-- report:end {name} -->")[0]
 
 
-def full_study() -> list[dict]:
+def full_study() -> list[RunSummary]:
     """Table 2 on SST-2 (FedSODA 3 seeds, FedPETuning 2, FedOT 3, FedBiOT none), a base run, variants, gsm8k."""
     runs = [summary("fedsoda", seed=s, acc=a) for s, a in zip((0, 1, 2), (0.80, 0.82, 0.84))]
     runs += [summary("fedpetuning", seed=s, acc=a) for s, a in ((0, 0.90), (2, 0.93))]
@@ -79,34 +80,14 @@ SELECTION = {"study": "syn", "rule": "max mean val_accuracy over seeds [0]; ties
                            "val_accuracy": {"0.001/s0": 0.8, "0.003/s0": 0.7}}]}
 
 
+STUDY = ROOT / "studies" / "cpu_smollm2.yaml"  # its declared tables (gap, bridge) name the variants used here
+
+
 def run(folder: Path, out: Path, *extra) -> int:
-    return report.main([str(folder), "--out", str(out), *extra])
+    return report.main([str(folder), "--out", str(out), *extra, *([] if "--study" in extra else ["--study", str(STUDY)])])
 
 
-# ---- statistics ----------------------------------------------------------------------------------------------
-
-def test_mean_std_ci_hand_computed():
-    m, s, n = report.mean_std([80.0, 82.0, 84.0])
-    assert (m, n) == (82.0, 3) and s == pytest.approx(2.0)
-    lo, hi = report.t_ci([80.0, 82.0, 84.0])
-    assert (hi - lo) / 2 == pytest.approx(4.303 * 2 / math.sqrt(3)) and (lo + hi) / 2 == pytest.approx(82.0)
-    assert report.t_ci([80.0]) is None and math.isnan(report.mean_std([80.0])[1])
-    assert report.mean_std([])[2] == 0
-    assert report.t975(1) == 12.706 and report.t975(2) == 4.303 and report.t975(30) == 2.042
-    assert report.t975(31) == 1.96
-    assert report.binomial_se(0.5, 100) == pytest.approx(0.05)
-
-
-def test_paired_uses_only_common_seeds():
-    p = report.paired({0: 80.0, 1: 82.0, 2: 84.0}, {1: 80.0, 2: 81.0, 3: 99.0})
-    assert p["seeds"] == [1, 2] and p["diffs"] == [2.0, 3.0] and p["mean"] == 2.5
-    half = 12.706 * math.sqrt(0.5) / math.sqrt(2)
-    assert p["ci"] == pytest.approx((2.5 - half, 2.5 + half)) and p["excludes_zero"] is False
-    one = report.paired({0: 80.0}, {0: 70.0, 1: 60.0})
-    assert one["n"] == 1 and one["ci"] is None and one["excludes_zero"] is None
-    assert report.paired({0: 1.0}, {1: 1.0})["n"] == 0
-    assert report.paired({0: 90.0, 1: 91.0, 2: 92.5}, {0: 80.0, 1: 80.0, 2: 80.0})["excludes_zero"] is True
-
+# ---- formatting ----------------------------------------------------------------------------------------------
 
 def test_formatting():
     assert report.num(-0.04, sign=True) == "+0.0" and report.num(None) == "—" and report.pct(0.8254) == "82.5"
@@ -132,7 +113,9 @@ def test_full_report_tables(tmp_path):
     assert f"| 3 | {se:.1f} |" in t2
     assert "#### gsm8k" not in t2  # the gsm8k stage's "main" runs are not Table-2 runs
     assert "| 2.112 | 145.2 | 244,224 | 83.0 ± 1.4 (2) |" in t2  # seeds 1, 2: not used to select the lr
-    assert "| 244,224 | 93.0 (1) |" in t2 and "winner's curse" in t2
+    assert "| 244,224 | 93.0 (1) |" in t2 and "winner's curse" not in t2  # captions live outside the markers
+    docs = (ROOT / "docs" / "results.md").read_text(encoding="utf-8")
+    assert "winner's curse" in docs.split("<!-- report:end table2 -->")[1].split("<!-- report:begin")[0]
     assert "| 83.0 ± 1.4 (2) | — |" in t2 and "| always the majority class |" not in t2  # no run records them
     lr = section(text, "lr")
     assert "| sst2 | FedSODA | **80.0** | 70.0 | **0.001** (grid edge) |" in lr  # the smaller of two: an edge
@@ -149,7 +132,7 @@ def test_full_report_tables(tmp_path):
     assert f"| {100 * 3.0 / 9.5:.1f} | 5.500 |" in gap
     assert "| FedPETuning (main) | FedPETuning | — | 91.5 ± 2.1 | 2 | +9.5 |" in gap and "| 100.0 |" in gap
     t9 = section(text, "table9")
-    assert "VALIDATION" in t9 and "FedOT's target: 70.0%" in t9
+    assert "FedOT's target: 70.0%" in t9
     # FedSODA's mean curve 72, 77, 80, 81, 82 reaches 70 at round 2; FedOT's 50, 60, 65, 70, 70 at round 8
     assert "| FedSODA | 3 | 2 | 72.0 | 82.0 |" in t9 and "| FedOT | 3 | 8 | 70.0 | 70.0 |" in t9
     gsm = section(text, "gsm8k")
@@ -329,7 +312,8 @@ def test_docs_results_evidence_ii_sections_are_what_the_report_makes_of_its_summ
 
 def test_every_variant_group_is_shown_paper_names_and_new_groups(tmp_path):
     """paper.yaml's variants (n2p6, n4p3, r2, r10, no_align, the non-IID and public-data groups) and any new group
-    land in a table: Table 3/4 take every ablation/param variant, the rest goes to "Other variants"."""
+    land in a table: Table 3 takes the rows the study declares (and its group's other variants), Table 4 every
+    param variant, the rest goes to "Other variants"."""
     runs = [summary("fedsoda", seed=s, acc=a) for s, a in zip((0, 1, 2), (0.80, 0.82, 0.84))]
     ov = ["fed.rounds=10", "eval.dtype=bfloat16"]
     runs += [summary("fedsoda", seed=s, acc=0.6, stage="ablation", variant="no_align", overrides=[*ov, "oda.pre_align=false", "oda.re_align=false"]) for s in (0, 1)]
@@ -343,7 +327,10 @@ def test_every_variant_group_is_shown_paper_names_and_new_groups(tmp_path):
     runs += [summary("fedsoda", seed=s, acc=0.83, stage="public", variant="public_gsm8k",
                      overrides=[*ov, "data.public=gsm8k"]) for s in (0, 1)]
     out = tmp_path / "r.md"
-    assert run(write(tmp_path / "res", runs), out) == 0
+    assert run(write(tmp_path / "res", runs), out) == 0  # cpu_smollm2.yaml: table3 then its group's other variants
+    assert "| no_align | `oda.pre_align=false`, `oda.re_align=false` | 60.0 ± 0.0 | 2 |" in section(out.read_text(),
+                                                                                                  "table3")
+    assert run(tmp_path / "res", out, "--study", str(ROOT / "studies" / "paper.yaml")) == 0  # declares no_align's label
     text = out.read_text()
     t3, t4, other = section(text, "table3"), section(text, "table4"), section(text, "variants")
     assert "| w/o ODA: neither pre- nor re-alignment (no_align) | `oda.pre_align=false`, `oda.re_align=false` | 60.0 ± 0.0 | 2 | -21.0 |" in t3
@@ -408,14 +395,7 @@ def test_cost_section_sums_and_medians_of_recorded_wall_time(tmp_path):
     assert "final test evaluation, h" not in c  # no summary records eval_s
 
 
-def test_wilson_interval_and_the_gsm8k_rows(tmp_path):
-    for k, n in ((40, 1319), (0, 32), (1319, 1319), (5, 10)):
-        p, bounds = k / n, [b / 100 for b in report.wilson(k / n, n)]
-        # the Wilson bounds are the two p' with |p - p'| = 1.96 * sqrt(p' (1 - p') / n) (the score test's limits)
-        assert all(abs((p - b) ** 2 - 1.96 ** 2 * b * (1 - b) / n) < 1e-12 for b in bounds), (k, n, bounds)
-        assert 0 <= bounds[0] <= p <= bounds[1] <= 1
-    assert report.wilson(0.0, 32)[0] == 0.0 and 10.0 < report.wilson(0.0, 32)[1] < 11.0  # 0 of 32: [0, 10.7]
-    assert report.wilson(None, 10) is None and report.wilson(0.5, 0) is None
+def test_the_gsm8k_rows(tmp_path):
     runs = [summary("fedsoda", task="gsm8k", seed=0, acc=0.05, stage="gsm8k", variant="main", n_eval=1319,
                     sub_accuracy=0.02, eval_s=7200.0),
             summary("fedpetuning", task="gsm8k", seed=0, acc=0.06, stage="gsm8k", variant="main", n_eval=1319,
@@ -428,26 +408,9 @@ def test_wilson_interval_and_the_gsm8k_rows(tmp_path):
     assert "| base model | — | — | 1.0 | [0.6, 1.7] | 1,319 | — | — |" in gsm  # from the run that evaluated it
 
 
-def test_mcnemar_exact_p_and_paired_interval():
-    a = [True] * 10 + [False] * 2 + [True] * 5 + [False] * 83  # 10 only a, 2 only b, 5 both, 83 neither
-    b = [False] * 10 + [True] * 2 + [True] * 5 + [False] * 83
-    t = report.mcnemar(a, b)
-    assert (t["only_a"], t["only_b"], t["n"]) == (10, 2, 100) and t["diff"] == pytest.approx(8.0)
-    assert t["p"] == pytest.approx(2 * (1 + 12 + 66) / 4096)  # 2 P(X <= 2), X ~ Bin(12, 1/2) = 0.0386
-    half = 1.96 * math.sqrt(12 - 8 ** 2 / 100) / 100 * 100
-    assert t["ci"] == pytest.approx((8.0 - half, 8.0 + half))
-    assert report.mcnemar([True, False], [True, False])["p"] == 1.0  # no discordant question
-    assert report.mcnemar([True] * 3, [False] * 3)["p"] == pytest.approx(0.25)
-    with pytest.raises(ValueError, match="paired questions"):
-        report.mcnemar([True], [True, False])
-
-
 def test_gsm8k_paired_rows_from_the_summaries_bits(tmp_path):
-    from fedsoda_mpi.study import bits, unbits
-
     rng = np.random.default_rng(0)
     soda, pet, ot, sub, base = (rng.random(1319) < p for p in (0.05, 0.08, 0.06, 0.02, 0.015))
-    assert report.unbits(bits(soda), 1319) == soda.tolist() == unbits(bits(soda), 1319).tolist()
     gsm = dict(task="gsm8k", stage="gsm8k", variant="main", n_eval=1319)
     runs = [summary("fedsoda", seed=0, acc=soda.mean(), correct=bits(soda), sub_correct=bits(sub),
                     base_accuracy=0.9, **gsm),  # a base record without its answers: neither the base row nor pairs
@@ -460,7 +423,7 @@ def test_gsm8k_paired_rows_from_the_summaries_bits(tmp_path):
     text = section(out.read_text(), "gsm8k")
 
     def row(name: str, seed: int, a, b) -> str:
-        t = report.mcnemar(a.tolist(), b.tolist())
+        t = mcnemar(a.tolist(), b.tolist())
         return (f"| {name} | {seed} | {report.num(t['diff'], sign=True)} | {report.ci_text(t['ci'], sign=True)} "
                 f"| {t['only_a']} | {t['only_b']} | {t['p']:.3g} |")
 
@@ -579,7 +542,7 @@ def three_seed_grid(study="ii") -> tuple[list[dict], dict]:
                     val=[0.5, 0.5, 0.5, 0.5, vals[m, lr][sd]], variant="main" if lr == 1e-3 else f"lr={lr:g}")
             for (m, lr) in vals for sd in (0, 1, 2)]
     for s in runs:
-        s["run"] = f"grid-{s['method']}-sst2-smollm2-iid-lr{s['lr']:g}-s{s['seed']}"
+        s.run = f"grid-{s.method}-sst2-smollm2-iid-lr{s.lr:g}-s{s.seed}"
     sel = {"study": study, "rule": "max mean val_accuracy over seeds [0, 1, 2]; ties to the smaller lr",
            "selected": [{"method": m, "task": "sst2", "model": "smollm2", "split": "iid", "lr": 1e-3}
                         for m in ("fedsoda", "fedpetuning")]}
@@ -603,7 +566,7 @@ def test_selection_over_three_seeds_beside_the_seed0_selection(tmp_path):
             f"| [54.1, 73.9] | 3 | 5.3 | yes | +{np.mean(d):.1f} [{np.mean(d) - dhalf:+.1f}, {np.mean(d) + dhalf:+.1f}] |") in text
     assert "| FedPETuning | 0.001 | 85.0 ± 1.0 |" in text and "| 4.0 | no (the same runs) | — |" in text
     assert "| FedSODA − FedPETuning | -27.7 |" in text and "| -21.0 |" in text  # at seed-0, at three-seed selections
-    one_seed = [s for s in runs if s["seed"] == 0]
+    one_seed = [s for s in runs if s.seed == 0]
     assert run(write(tmp_path / "res1", one_seed, SELECTION), tmp_path / "r1.md") == 0
     assert "No grid at more than one seed" in section((tmp_path / "r1.md").read_text(), "seeds3")
 
@@ -643,11 +606,11 @@ def test_budget_axis_selects_per_budget_and_pairs_the_gaps(tmp_path):
             s = summary(m, seed=sd, acc=a, stage="budget", variant=v, lr=lr, study="ii",
                         val=[0.5, 0.5, 0.5, 0.5, val64[m, v, lr]],
                         examples_per_client=16 if v.endswith("x16") else 64)
-            s["run"] = f"budget.{v}-{m}-sst2-smollm2-iid-step{lr:g}-s{sd}"
+            s.run = f"budget.{v}-{m}-sst2-smollm2-iid-step{lr:g}-s{sd}"
             runs.append(s)
     pet = summary("fedpetuning", seed=0, acc=0.9, stage="budget", variant="x64", lr=1e-3, study="ii",
                   examples_per_client=64)
-    pet["run"] = "budget.x64-fedpetuning-sst2-smollm2-iid-step+0-s0"
+    pet.run = "budget.x64-fedpetuning-sst2-smollm2-iid-step+0-s0"
     runs.append(pet)
     out = tmp_path / "r.md"
     assert run(write(tmp_path / "res", runs, sel), out) == 0
@@ -661,3 +624,30 @@ def test_budget_axis_selects_per_budget_and_pairs_the_gaps(tmp_path):
         in text
     assert "| FedSODA − FedPETuning | -21.0 [-33.4, -8.6] (n=3) | -14.0 — (n=1) | +12.0 — (n=1) |" in text
     assert "budget" not in section(out.read_text(), "variants")  # shown here, not among the other variants
+
+
+def test_declared_tables_come_from_the_study_file(tmp_path, capsys):
+    """The gap and bridge tables are the study file's `tables`: a study without them says so; the loader refuses a
+    row that names no variant of the study (a renamed variant fails when the study is read, not as an empty row)."""
+    import yaml
+
+    from fedsoda_mpi.study import StudyError, read_tables
+
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("name: syn\ngrid: {methods: [fedsoda], tasks: [sst2], lr: [1.0e-3]}\n")
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", full_study(), SELECTION), out, "--study", str(bare)) == 0
+    assert "_The study file declares no `gap` table (its `tables` key)._" in section(out.read_text(), "gap")
+    spec = yaml.safe_load(STUDY.read_text(encoding="utf-8"))
+    assert [r for r, _ in read_tables(STUDY)["bridge"]["rows"]][:2] == ["lr_pet", "fp32_sub_lr_pet"]
+    spec["variants"] = [v for v in spec["variants"] if v["name"] != "fp32_sub"]
+    bad = tmp_path / "renamed.yaml"
+    bad.write_text(yaml.safe_dump(spec))
+    with pytest.raises(StudyError, match="tables.gap.rows: 'fp32_sub' is neither a variant"):
+        read_tables(bad)
+    assert run(tmp_path / "res", out, "--study", str(bad)) == 2
+    assert "tables.gap.rows: 'fp32_sub'" in capsys.readouterr().err
+    spec["tables"] = {"gap": {"ref": "main fedbiot", "rows": [["main fedsoda", "FedSODA"]]}}
+    bad.write_text(yaml.safe_dump(spec))
+    with pytest.raises(StudyError, match="tables.gap.ref: 'main fedbiot' is not one of its rows"):
+        read_tables(bad)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from fedsoda_mpi import study as S
+from fedsoda_mpi.stats import unbits
 from tests.conftest import ROOT
 
 TOY = {"name": "toy", "job": "jobs/smollm2_sst2_iid.yaml", "overrides": {"fed.rounds": 4, "eval.every": 2},
@@ -120,11 +121,27 @@ def test_task_args_of_an_array_index(tmp_path, capsys):
     ({**TOY, "grid": {**TOY["grid"], "lr_extend": {"fedbiot": [1e-2]}}}, "grid.lr_extend: expected a mapping from"),
     ({**TOY, "grid": {**TOY["grid"], "lr_extend": {"fedsoda": [3e-3]}}}, "not already in grid.lr"),
     ({**TOY, "grid": {**TOY["grid"], "lr_extend": {"fedsoda": ["fast"]}}}, "expected learning rates"),
+    ({**TOY, "tables": {"t": {"ref": "main fedsoda", "rows": [["main fedsoda", "F"], ["no_pr", "N"]]}}},
+     "tables.t.rows: 'no_pr' is neither a variant of this study nor 'main <method>'"),
+    ({**TOY, "tables": {"t": {"ref": "main fedbiot", "rows": [["main fedsoda", "F"]]}}}, "tables.t.ref"),
+    ({**TOY, "tables": {"t": {"rows": [["no_pre", "N"]]}}}, "tables.t: expected the keys ref and rows"),
+    ({**TOY, "tables": {"t": {"ref": "no_pre", "rows": [["no_pre"]]}}}, "expected [row, label]"),
+    ({**TOY, "tables": {"t": {"ref": "no_pre", "rows": [["no_pre", "N"]], "group": "ablatoin"}}},
+     "tables.t.group: 'ablatoin' is not a variant group"),
 ])
 def test_bad_study_files_fail_with_one_line(tmp_path, capsys, spec, message):
     assert S.main(["list", _write(tmp_path, spec)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fedsoda-mpi: study error:") and message in err and err.count("\n") == 1
+
+
+def test_a_study_declares_its_report_tables(tmp_path):
+    """`tables`: rows in order ([variant or "main <method>", label]) and the reference row, kept by the loader."""
+    spec = {**TOY, "tables": {"t": {"ref": "main fedsoda", "rows": [["main fedsoda", "F"], ["no_pre", "w/o pre"]],
+                                    "group": "ablation"}}}
+    assert S.load(_write(tmp_path, spec)).tables == {"t": {"ref": "main fedsoda", "group": "ablation",
+                                                           "rows": [("main fedsoda", "F"), ("no_pre", "w/o pre")]}}
+    assert S.load(_write(tmp_path, TOY)).tables == {}
 
 
 def test_summary_of_a_run_file(tmp_path):
@@ -178,7 +195,7 @@ def test_summary_of_a_run_file(tmp_path):
         f["final"].attrs.update({"correct": answered, "sub_correct": np.zeros(10, np.int8)})
     out = S.summarize(run, tmp_path, 1e-3, "toy")
     assert out["correct"] == "98c0" and out["sub_correct"] == "0000"  # 1001 1000 | 11(00 0000)
-    assert S.unbits(out["correct"], 10).tolist() == answered.astype(bool).tolist()
+    assert unbits(out["correct"], 10) == answered.astype(bool).tolist()
     assert out["base_correct"] is None  # no base model evaluation recorded in this run file
     with h5py.File(tmp_path / "run.h5", "a") as f:
         f.require_group("base").attrs["correct"] = answered[::-1]
