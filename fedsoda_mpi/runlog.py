@@ -203,6 +203,9 @@ class RunLog:
     def log(self, msg: str, echo: bool | None = None) -> None:
         """One timestamped line into this rank's log file (and stdout on rank 0 unless echo=False)."""
         line = f"[{time.strftime('%H:%M:%S')} +{time.time() - self._t0:7.1f}s rank {self.rank}] {msg}"
+        if self._text.closed:  # a signal after this rank finished its run: the line goes to stderr instead
+            print(line, file=sys.stderr, flush=True)
+            return
         self._text.write(line + "\n")
         self._text.flush()
         if (self.echo if echo is None else echo) and self.rank == 0:
@@ -301,6 +304,7 @@ class RunLog:
         self._text.flush()
 
     def close(self) -> None:
+        """Close run.h5 (rank 0) and the log file; a later `log` line goes to stderr."""
         if self.h5 is not None:
             self.h5.close()
             self.h5 = None

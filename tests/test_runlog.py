@@ -93,3 +93,14 @@ def test_default_run_folders_of_two_runs_started_in_the_same_second_differ(tmp_p
     assert names[0][0] != names[1][0]
     for (name, _), p in zip(names, procs):
         assert re.fullmatch(rf"smollm2_sst2_iid-fedsoda-\d{{8}}-\d{{6}}-{p.pid}", name), name
+
+
+def test_a_line_after_close_goes_to_stderr(tmp_path, capsys):
+    """A client rank that finished its run has closed its log; a SIGTERM then (mpirun ending the job after rank 0
+    stopped) logs its line to stderr instead of failing with 'I/O operation on closed file'."""
+    log = RunLog(tmp_path / "run", rank=2, echo=False)
+    log.log("first")
+    log.close()
+    log.log("stopping on SIGTERM in round 3")
+    assert "stopping on SIGTERM in round 3" in capsys.readouterr().err
+    assert "first" in (tmp_path / "run" / "log.rank2.txt").read_text()
