@@ -55,10 +55,16 @@ def _target(args, kwargs) -> str | None:
     return None
 
 
+def _is_meta(a) -> bool:
+    return isinstance(a, (str, torch.device)) and torch.device(a).type == "meta"
+
+
 def _host_args(args, kwargs):
-    """The same call with every device argument turned into the CPU."""
+    """The same call with every CUDA device argument turned into the CPU (the meta device stays: transformers
+    builds a model's skeleton there and fills non-persistent buffers such as RoPE's inv_freq later; as CPU memory
+    they would keep whatever the allocator left in them)."""
     def host(a):
-        return "cpu" if isinstance(a, (str, torch.device)) and torch.device(a).type != "cpu" else a
+        return "cpu" if isinstance(a, (str, torch.device)) and torch.device(a).type == "cuda" else a
 
     args = tuple(host(a) for a in args)
     kwargs = {k: host(v) if k == "device" else v for k, v in kwargs.items()}
@@ -78,9 +84,8 @@ class VirtualCuda(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func == _T.device.__get__:
-            d = device_of(args[0])
-            return torch.device(d)
+        if func == _T.device.__get__:  # an untagged tensor's own device: cpu, or meta (a model's skeleton)
+            return torch.device(getattr(args[0], TAG)) if hasattr(args[0], TAG) else func(*args, **kwargs)
         if func == _T.is_cuda.__get__:
             return device_of(args[0]) != "cpu"
         if func == _T.grad.__get__:
@@ -96,6 +101,8 @@ class VirtualCuda(TorchFunctionMode):
             return func(*args, **kwargs)
         if func in (_T.to, _T.cuda, _T.cpu):
             return self._move(func, args, kwargs)
+        if _is_meta(kwargs.get("device")) or (func is _T.to and any(_is_meta(a) for a in args[1:])):
+            return func(*args, **kwargs)  # the meta device is no CUDA device: untouched, untagged
         if "device" in kwargs and kwargs["device"] is not None:  # factories: torch.zeros(..., device=...)
             want = _target((), kwargs)
             out = func(*_host_args(args, kwargs)[0], **_host_args(args, kwargs)[1])
