@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedsoda_mpi.reaper import process_alive  # noqa: E402
+from fedsoda_mpi.reaper import session_pids  # noqa: E402
 from fedsoda_mpi.tiny import build_model  # noqa: E402
 
 OUT = Path("/tmp/faults")
@@ -40,19 +40,6 @@ def command(run: Path, phase: str) -> list[str]:
             "data.public_samples=8", "data.max_train_per_client=8", "data.val_size=8", "oda.re_align=false",
             "fed.stall_timeout=6", f"output.dir={run}",
             "eval.max_examples=400" if phase == "final evaluation" else "eval.max_examples=8"]
-
-
-def session_pids(sid: int) -> list[int]:
-    """Live processes of session `sid` (mpirun and every rank it started)."""
-    pids = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if os.getsid(int(p.name)) == sid and process_alive(int(p.name)):
-                    pids.append(int(p.name))
-            except (ProcessLookupError, PermissionError):
-                pass
-    return pids
 
 
 def wait_for_phase(proc: subprocess.Popen, run: Path, phase: str) -> None:

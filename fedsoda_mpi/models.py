@@ -66,6 +66,12 @@ def check_weights(path) -> None:
     MPI work, instead of inside from_pretrained on rank 0 (flipped bits in tensor data are not detected;
     `prepare` checks the download's sha256). Then the tensors the headers list must be those config.json
     describes (`check_weights_match_config`)."""
+    check_weights_match_config(path, weight_shapes(path))
+
+
+def weight_shapes(path) -> dict[str, tuple[tuple[int, ...], Path]]:
+    """{tensor name: (shape, its file)} from every safetensors header of a model folder (no tensor is read);
+    ModelError naming the file for a missing, truncated or damaged one."""
     from safetensors import safe_open
 
     files = sorted(Path(path).glob("*.safetensors"))
@@ -79,7 +85,7 @@ def check_weights(path) -> None:
         except Exception as e:  # SafetensorError or OSError
             raise ModelError(f"{f} is damaged ({e}); delete the folder and run `python -m fedsoda_mpi.prepare "
                              f"model ...` again") from None
-    check_weights_match_config(path, shapes)
+    return shapes
 
 
 def check_weights_match_config(path, stored: dict[str, tuple[tuple[int, ...], Path]]) -> None:

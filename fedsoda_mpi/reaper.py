@@ -34,6 +34,19 @@ def process_alive(pid: int) -> bool:
     return state not in ("Z", "X", "x")
 
 
+def session_pids(sid: int) -> list[int]:
+    """Live processes of session `sid` (a launcher started with start_new_session and every rank it started)."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if os.getsid(int(p.name)) == sid and process_alive(int(p.name)):
+                    pids.append(int(p.name))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return pids
+
+
 def reap_when_gone(*paths: Path) -> subprocess.Popen:
     """Start a reaper for `paths`: they are removed as soon as this process ends, however it ends; the reaper exits
     by itself once the paths are gone. Returns the Popen (wait on it to reap it)."""

@@ -28,17 +28,14 @@ LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 def tensor_elements(folder: Path) -> tuple[int, int]:
     """(elements outside the decoder layers, elements inside them) of a model folder's safetensors (headers only)."""
-    from safetensors import safe_open
+    from .models import weight_shapes
 
     outside = inside = 0
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                n = math.prod(st.get_slice(k).get_shape())
-                if LAYER.search(k):
-                    inside += n
-                else:
-                    outside += n
+    for name, (shape, _) in weight_shapes(folder).items():
+        if LAYER.search(name):
+            inside += math.prod(shape)
+        else:
+            outside += math.prod(shape)
     return outside, inside
 
 

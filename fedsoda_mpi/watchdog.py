@@ -84,7 +84,7 @@ class Watch:
         except OSError:  # not written yet, or being replaced this instant
             return last
 
-    def check(self, where: str = "") -> None:
+    def check(self) -> None:
         """Note every rank whose file changed; raise RankStalled for the first silent for longer than the timeout."""
         if self.timeout_s <= 0:
             return
@@ -96,5 +96,5 @@ class Watch:
             elif now - since > self.timeout_s:
                 _, pid, host = (text.split() + ["?", "?", "?"])[:3]
                 raise RankStalled(f"rank {r} (pid {pid} on {host}) gave no sign of life for {now - since:.0f} s "
-                                  f"while rank {self.rank} waited {where or 'for it'} (fed.stall_timeout="
+                                  f"while rank {self.rank} waited for it (fed.stall_timeout="
                                   f"{self.timeout_s:g}): it is stopped (SIGSTOP?) or its node is frozen")

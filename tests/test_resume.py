@@ -22,25 +22,14 @@ from safetensors.torch import load_file
 
 from fedsoda_mpi import data
 from fedsoda_mpi.evaluate import gsm8k_correct
-from tests.conftest import MPI_ENV, ROOT, mpirun, running
+from fedsoda_mpi.reaper import session_pids
+from tests.conftest import MPI_ENV, ROOT, mpirun
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
 ARGS = ["-m", "fedsoda_mpi.main", "fed.rounds=3", "fed.clients=4", "fed.clients_per_round=3", "oda.every=2",
         "eval.every=1", "data.public_samples=8", "oda.re_samples=8", "data.max_train_per_client=16",
         "eval.max_examples=16", "data.val_size=16", "fed.local_steps=2", "lora.dropout=0.1"]
-
-
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if os.getsid(int(p.name)) == sid and running(int(p.name)):
-                    pids.append(int(p.name))
-            except (ProcessLookupError, PermissionError):
-                pass
-    return pids
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +89,9 @@ def test_sigkill_mid_run_then_resume_is_bit_exact(reference, args, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # mpirun and every rank, mid round 3
     proc.wait()
     deadline = time.time() + 10
-    while _session_pids(proc.pid) and time.time() < deadline:
+    while session_pids(proc.pid) and time.time() < deadline:
         time.sleep(0.2)
-    assert not _session_pids(proc.pid)
+    assert not session_pids(proc.pid)
     with h5py.File(run_dir / "run.h5", "r") as f:  # the run file survives SIGKILL with every completed round
         done = f["rounds/round"][:].tolist()
     assert done in ([1, 2], [1, 2, 3]) and "final" not in h5py.File(run_dir / "run.h5", "r")
