@@ -85,6 +85,8 @@ def scenario(name: str, rank: int, sig: signal.Signals, phase: str) -> None:
 
 
 def main(specs: list[str]) -> None:
+    if not specs or any(len(spec.split(":")) != 4 for spec in specs):
+        sys.exit(__doc__)
     if not MODEL.exists():
         build_model(MODEL, "llama")
     for spec in specs:
