@@ -1,7 +1,7 @@
 # fedsoda-mpi: the two commands.
 #   make demo   create .venv if missing, install, prepare the default model + data, run the default job under mpirun
-#   make test   create .venv if missing, install, run the test suite (everything: what CI runs, <= 20 min on 2 cores)
-#   make test-fast   the unit tests only: no mpirun, no real model, no Slurm (<= 3 min)
+#   make test   create .venv if missing, install, run the test suite (everything: what CI runs; ~36 min on 2 cores)
+#   make test-fast   the unit tests only: no mpirun, no real model, no Slurm (~3 min)
 PYTHON ?= python3
 VENV ?= .venv
 NP ?= 11
