@@ -204,16 +204,17 @@ class Results:
         return [s for s in self.runs if s.stage not in (*MAIN_STAGES, GSM8K) and s.variant == name
                 and setting_of(s) == st]
 
-    def table(self, name: str) -> tuple[list[tuple[str, tuple]], tuple | None]:
-        """A declared table's rows as (label, spec), then the other variants of its group (if it names one), and its
-        reference spec; ([], None) when the study has none."""
+    def declared(self, name: str) -> tuple[list[tuple[tuple, tuple]], tuple | None]:
+        """A declared table's rows as (label cells, spec), then the other variants of its group (if it names one;
+        labelled by their name), and its reference spec; ([], None) when the study has none."""
         table = self.tables.get(name)
         if not table:
             return [], None
         spec = lambda row: ("main", row[5:]) if row.startswith("main ") else ("variant", row)  # noqa: E731
-        rows = [(label, spec(row)) for row, label in table["rows"]]
-        listed = {sp for _, sp in rows}
-        rows += [(n, ("variant", n)) for n in stage_variants(self, table.get("group")) if ("variant", n) not in listed]
+        rows = [(tuple(labels), spec(row)) for row, *labels in table["rows"]]
+        listed, pad = {sp for _, sp in rows}, (DASH,) * (len(rows[0][0]) - 1)
+        rows += [((*pad, n), ("variant", n)) for n in stage_variants(self, table.get("group"))
+                 if ("variant", n) not in listed]
         return rows, spec(table["ref"])
 
     def rows(self, st: Setting, spec: tuple) -> list[RunSummary]:
@@ -416,65 +417,6 @@ def per_seed(p: dict) -> str:
     return ", ".join(f"s{s} {num(d, sign=True)}" for s, d in zip(p["seeds"], p["diffs"])) or DASH
 
 
-def diff_cells(runs: list[RunSummary], ref: dict[int, float] | None) -> list[str]:
-    """Accuracy mean ± std and n of `runs`, then Δ vs `ref` paired by seed: mean, 95% CI, seeds."""
-    acc = by_seed(runs)
-    cells = [mean_pm(*mean_std(acc.values())), str(len(acc))]
-    if ref is None:
-        return cells + ["(reference)", DASH, DASH]
-    p = paired(acc, ref)
-    return cells + [num(p["mean"], sign=True), ci_text(p["ci"], sign=True), ", ".join(map(str, p["seeds"])) or DASH]
-
-
-@dataclass(frozen=True)
-class Row:
-    """One row of a comparison table: its label cells, its runs, and the reference its Δ is paired with ({seed:
-    test accuracy in points}; None: this row is the reference)."""
-
-    label: tuple
-    runs: list
-    ref: dict | None
-
-
-Col = tuple  # (header, cell: Row -> str)
-DIFF_HEADERS = ["test acc. % (mean ± std)", "n", "Δ vs FedSODA (pts)", "95% CI", "paired seeds"]
-COST: list[Col] = [("comm MiB/round/client", lambda r: mib(field_mean(r.runs, "comm_bytes_per_round"), 3)),
-                   ("client model MiB", lambda r: mib(field_mean(r.runs, "client_model_bytes"), 1)),
-                   ("KL after pre-align (mean)", lambda r: num(field_mean(r.runs, "kl_after"), 3))]
-
-
-def comparison(rows: list[Row], labels: list[str], before: list[Col] = (), after: list[Col] = (), left: int = 1,
-               seeds: bool = False, delta: str = DIFF_HEADERS[2]) -> str:
-    """The table "Δ vs a reference, paired by seed": per row its label cells, the `before` columns, the test accuracy
-    (mean ± std, n), Δ vs the row's reference with its 95% CI (and the paired seeds when `seeds`), then the `after`
-    columns."""
-    diff = [*DIFF_HEADERS[:2], delta, *DIFF_HEADERS[3:5 if seeds else 4]]
-    body = [[*r.label, *(cell(r) for _, cell in before), *diff_cells(r.runs, r.ref)[:len(diff)],
-             *(cell(r) for _, cell in after)] for r in rows]
-    return table([*labels, *(h for h, _ in before), *diff, *(h for h, _ in after)], body, left)
-
-
-def per_setting(res: Results, settings: list[Setting], render, empty: str) -> str:
-    """One `#### <setting>` part per setting (`render(st)`); `empty` without settings."""
-    if not settings:
-        return empty
-    return "\n\n".join(f"#### {res.label(st)}\n\n" + render(st) for st in settings)
-
-
-def main_ref(res: Results, st: Setting) -> dict[int, float]:
-    """The FedSODA main runs' test accuracy by seed: the usual reference."""
-    return by_seed(res.main(st, "fedsoda"))
-
-
-def variant_settings(res: Results, specs: list[tuple], task: str | None = None) -> list[Setting]:
-    """The settings holding any variant run of a table, else those with FedSODA main runs (rendered with —)."""
-    names = {sp[1] for sp in specs if sp[0] == "variant"}
-    have = res.settings([s for s in res.runs if s.stage not in (*MAIN_STAGES, GSM8K) and s.variant in names])
-    have = have or res.settings([s for s in res.runs if s.stage in MAIN_STAGES and s.variant == "main"
-                                 and s.method == "fedsoda"])
-    return [st for st in have if task is None or st[0] == task]
-
-
 def natural(name: str) -> tuple:
     """Sort key that orders r2 before r10."""
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
@@ -485,53 +427,6 @@ def stage_variants(res: Results, stage: str) -> list[str]:
     return sorted({s.variant for s in res.runs if s.stage == stage}, key=natural)
 
 
-def sec_table3(res: Results) -> str:
-    """The ablation of ODA on each task that has ablation runs (the study's table `table3`)."""
-    specs, ref_spec = res.table("table3")
-    if not specs:
-        return NO_TABLE.format("table3")
-
-    def render(st: Setting) -> str:
-        ref = by_seed(res.rows(st, ref_spec))
-        rows = [Row((label, extra_overrides(res, runs) if sp[0] == "variant" else DASH), runs,
-                    None if sp == ref_spec else ref) for label, sp in specs for runs in [res.rows(st, sp)]]
-        return comparison(rows, ["variant", "overrides"], left=2, seeds=True)
-    return per_setting(res, variant_settings(res, [sp for _, sp in specs]), render,
-                       "_No FedSODA or ablation runs yet._")
-
-
-def param_kind(res: Results, name: str) -> str:
-    """What a parameter-study variant changes, from its runs' overrides: "(n, p)" (sgp.*) or "r" (anything else,
-    i.e. oda.every)."""
-    overrides = [o for s in res.runs if s.variant == name for o in (s.overrides or [])]
-    return "(n, p)" if any(o.startswith("sgp.") for o in overrides) else "r"
-
-
-def table4_specs(res: Results) -> list[tuple]:
-    """FedSODA main, the (n, p) variants of the param stage, then its r variants, FedSODA main again (r as in the
-    job) and re-alignment never (the ablation's no_re_align)."""
-    names = stage_variants(res, "param")
-    kinds = {n: param_kind(res, n) for n in names}
-    return ([("(n, p)", ("main", "fedsoda"))] + [("(n, p)", ("variant", n)) for n in names if kinds[n] == "(n, p)"]
-            + [("r", ("variant", n)) for n in names if kinds[n] == "r"]
-            + [("r", ("main", "fedsoda")), ("r", ("variant", "no_re_align"))])
-
-
-def sec_table4(res: Results) -> str:
-    """The parameter study: (n, p) and the re-alignment interval r (every variant of the param stage)."""
-    specs = table4_specs(res)
-
-    def render(st: Setting) -> str:
-        ref = main_ref(res, st)
-        rows = [Row((study, sp[1] if sp[0] == "variant" else "FedSODA (main)"), res.rows(st, sp),
-                    None if sp[0] == "main" else ref) for study, sp in specs]
-        return comparison(rows, ["study", "variant"], [("(n, p)", lambda r: groups_np(r.runs)),
-                                                       ("r", lambda r: realign_r(r.runs))], COST, left=2)
-    return per_setting(res, variant_settings(res, [sp for _, sp in specs]), render,
-                       "_No FedSODA or parameter-study runs yet._")
-
-
-DRIFT = "drift"  # the stage of the drift-trigger variants (studies/*.yaml: group drift)
 def realignments(s: RunSummary):
     """The number of re-alignments of one run (`realignments`, else counted from the per-round flags)."""
     if not missing(s.realignments):
@@ -557,29 +452,6 @@ def trigger_text(runs: list[RunSummary]) -> str:
         return ", ".join(found)
     r = realign_r(runs)
     return r if r in (DASH, "never") else f"every {r}"
-
-
-def sec_drift(res: Results) -> str:
-    """Drift-triggered re-alignment (the study's table `drift`: the fixed intervals r = 1, 5 and never, then every
-    variant of the drift group): accuracy against emulator bytes."""
-    specs, ref_spec = res.table("drift")
-    if not specs:
-        return NO_TABLE.format("drift")
-
-    def render(st: Setting) -> str:
-        ref = by_seed(res.rows(st, ref_spec))
-        rows = [Row((label,), res.rows(st, sp), None if sp == ref_spec else ref) for label, sp in specs]
-        return comparison(rows, ["run"], [("re-alignment", lambda r: trigger_text(r.runs) if r.runs else DASH)], [
-            ("re-alignments (mean)", lambda r: num(mean_of(realignments(s) for s in r.runs))),
-            ("emulator MiB/client (run)", lambda r: mib(mean_of(emulator_bytes(s) for s in r.runs), 2)), COST[0],
-            ("drift probe, run mean", lambda r: num(mean_of(probe_mean(s) for s in r.runs), 2))], left=2)
-    return per_setting(res, res.settings([s for s in res.runs if s.stage == DRIFT]), render,
-                       "_No drift-trigger runs yet._")
-
-
-def probe_mean(s: RunSummary):
-    """The output drift probe KL(M || M*) after each round, averaged over the run's rounds (None if unrecorded)."""
-    return mean_of(s.drift_probe or [])
 
 
 def mean_curve(runs: list[RunSummary]) -> list[tuple[int, float, float, float, int]]:
@@ -620,50 +492,6 @@ def sec_table9(res: Results) -> str:
             ["method", "n seeds", "first round with mean val. acc. ≥ target", "mean val. acc. % there",
              "mean val. acc. % at the last evaluated round"], rows))
     return "\n\n".join(parts)
-
-
-def sec_gap(res: Results) -> str:
-    """The FedSODA − FedPETuning gap on SST-2, factor by factor (the study's table `gap`), with the share of the gap
-    each closes."""
-    specs, ref_spec = res.table("gap")
-    if not specs:
-        return NO_TABLE.format("gap")
-    settings = variant_settings(res, [sp for _, sp in specs], task="sst2")
-    settings = settings or res.settings([s for s in res.runs if s.task == "sst2" and s.stage in MAIN_STAGES])
-
-    def render(st: Setting) -> str:
-        ref = by_seed(res.rows(st, ref_spec))
-        gap = paired(by_seed(res.main(st, "fedpetuning")), ref)
-
-        def closed(r: Row) -> str:
-            p = paired(by_seed(r.runs), ref)
-            return "(reference)" if r.ref is None else num(
-                100 * p["mean"] / gap["mean"] if p["n"] and gap["n"] and gap["mean"] != 0 else math.nan)
-        rows = [Row((label, ", ".join(NAMES.get(m, m) for m in sorted({s.method for s in runs}, key=method_order))
-                     or DASH, extra_overrides(res, runs) if sp[0] == "variant" else DASH), runs,
-                    None if sp == ref_spec else ref) for label, sp in specs for runs in [res.rows(st, sp)]]
-        return comparison(rows, ["run", "method", "overrides"], [], [("gap closed %", closed), COST[2]], left=3)
-    return per_setting(res, settings, render, "_No SST-2 runs yet._")
-
-
-def sec_bridge(res: Results) -> str:
-    """FedSODA -> FedBiOT on SST-2 at one lr (the study's table `bridge`): each setting FedBiOT changes (NF4, SGP, r,
-    mu) alone, then all four, against FedSODA at that lr (lr_pet), with the sub-LLM accuracy (the adapter on the
-    emulator it trained on)."""
-    specs, ref_spec = res.table("bridge")
-    if not specs:
-        return NO_TABLE.format("bridge")
-    steps = {sp[1] for _, sp in specs if sp[0] == "variant" and sp != ref_spec}
-    settings = res.settings([s for s in res.runs if s.task == "sst2" and s.stage not in (*MAIN_STAGES, GSM8K)
-                             and s.variant in steps])
-
-    def render(st: Setting) -> str:
-        ref = by_seed(res.rows(st, ref_spec))
-        rows = [Row((label,), res.rows(st, sp), None if sp == ref_spec else ref) for label, sp in specs]
-        return comparison(rows, ["run"], [("lr", lambda r: distinct([s.lr for s in r.runs]) if r.runs else DASH)],
-                          [("sub-LLM acc. % (mean)", lambda r: pct(field_mean(r.runs, "sub_accuracy"))), *COST],
-                          left=2, seeds=True, delta="Δ vs lr_pet (pts)")
-    return per_setting(res, settings, render, "_No runs of the FedSODA -> FedBiOT steps yet._")
 
 
 LABEL_NAMES = {"sst2": ("negative", "positive"), "boolq": ("false", "true")}  # = fedsoda_mpi.data.LABEL_WORDS
@@ -757,9 +585,6 @@ def gsm8k_paired(runs: list[RunSummary]) -> str:
                             "only b right", "McNemar p (exact)"], rows, 1)
 
 
-AUTO, SELF = "auto", "selfpublic"  # the stages (variant groups) of issue #16's runs
-
-
 def chosen_np(runs: list[RunSummary]) -> str:
     """(n, p) the runs pruned with: the summaries' settings (the chosen ones for sgp.auto), else their groups."""
     found = sorted({(int(s.settings["sgp_n"]), int(s.settings["sgp_p"])) for s in runs
@@ -798,54 +623,6 @@ def candidates_text(runs: list[RunSummary]) -> str:
     return DASH
 
 
-def issue16_settings(res: Results, stage: str) -> list[Setting]:
-    """The settings with runs of `stage`, else those with FedSODA main runs (rendered with —)."""
-    have = res.settings([s for s in res.runs if s.stage == stage])
-    return have or res.settings([s for s in res.runs if s.stage in MAIN_STAGES and s.variant == "main"
-                                 and s.method == "fedsoda"])
-
-
-def stage_specs(res: Results, st: Setting, stage: str, key=None) -> list[tuple[str, list[RunSummary]]]:
-    """[("FedSODA (main)", its runs)] + [(variant, its runs)] for every variant of `stage` in `st`, ordered by
-    `key` (default: the name)."""
-    names = sorted({s.variant for s in res.runs if s.stage == stage and setting_of(s) == st}, key=key)
-    return [("FedSODA (main)", res.main(st, "fedsoda"))] + [(name, res.variant(st, name)) for name in names]
-
-
-def sec_auto(res: Results) -> str:
-    """sgp.auto: the (n, p) chosen for each budget K against FedSODA's main (n, p) = (3, 4), paired by seed."""
-    def render(st: Setting) -> str:
-        ref = main_ref(res, st)
-        budget = {s.variant: int((s.settings or {}).get("sgp_remove_layers", 0)) for s in res.runs
-                  if s.stage == AUTO and setting_of(s) == st}
-        rows = [Row((label,), runs, None if label == "FedSODA (main)" else ref)
-                for label, runs in stage_specs(res, st, AUTO, key=lambda v: (budget[v], v))]
-        cand = [[r.label[0], candidates_text(r.runs)] for r in rows if r.ref is not None]
-        return comparison(rows, ["run"], [
-            ("layers removed K", lambda r: removed_layers(r.runs)), ("(n, p)", lambda r: chosen_np(r.runs)),
-            ("distance / removed layer", lambda r: num(mean_of(chosen_distance(s) for s in r.runs), 4))],
-            [("held-out KL before → after pre-align", lambda r: before_after(r.runs, "kl_before", "kl_after")),
-             *COST[:2]], left=3) + (
-            "\n\n" + table(["run", "candidates (n, p): summed distance / K (chosen in bold)"], cand, 2) if cand else "")
-    return per_setting(res, issue16_settings(res, AUTO), render, "_No FedSODA or `auto` runs yet._")
-
-
-def sec_selfpublic(res: Results) -> str:
-    """data.public=self: SGP and ODA on text the full LLM generated, against FedSODA main on WikiText-2."""
-    def render(st: Setting) -> str:
-        ref = main_ref(res, st)
-        rows = [Row((label,), runs, None if label == "FedSODA (main)" else ref)
-                for label, runs in stage_specs(res, st, SELF)]
-        return comparison(rows, ["run"], [
-            ("D_public", lambda r: distinct([(s.settings or {}).get("public") for s in r.runs])),
-            ("(n, p)", lambda r: chosen_np(r.runs)), ("SGP groups", lambda r: groups_text(r.runs))], [
-            ("held-out KL before → after pre-align", lambda r: before_after(r.runs, "kl_before", "kl_after")),
-            ("KL measured on", lambda r: distinct([s.kl_on for s in r.runs])),
-            ("KL on generated text", lambda r: before_after(r.runs, "kl_before_self", "kl_after_self")),
-            ("generation", lambda r: generation_text(r.runs))], left=4)
-    return per_setting(res, issue16_settings(res, SELF), render, "_No FedSODA or `selfpublic` runs yet._")
-
-
 def before_after(runs: list[RunSummary], before: str, after: str) -> str:
     """`mean before → mean after` over the runs (— when neither is recorded)."""
     a, b = field_mean(runs, before), field_mean(runs, after)
@@ -863,6 +640,186 @@ def generation_text(runs: list[RunSummary]) -> str:
     found = sorted({(g.get("temperature"), g.get("max_new_tokens"), g.get("n_public")) for g in
                     (s.public_self or {} for s in runs) if g}, key=str)
     return "; ".join(f"T={t:g}, {m} new tokens, {n} texts" for t, m, n in found) or DASH
+
+
+# ---- the comparison tables: "Δ vs a reference, paired by seed" ------------------------------------------------
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a comparison table: its label cells, its runs, the reference its Δ is paired with ({seed: test
+    accuracy in points}; None: this row is the reference), whether it is a `main <method>` row, and its setting."""
+
+    label: tuple
+    runs: list
+    ref: dict | None
+    main: bool = False
+    st: Setting = ()
+
+
+def diff_cells(r: Row, seeds: bool) -> list[str]:
+    """Accuracy mean ± std and n of the row's runs, then Δ vs its reference paired by seed: mean, 95% CI (and the
+    paired seeds when `seeds`)."""
+    acc = by_seed(r.runs)
+    cells = [mean_pm(*mean_std(acc.values())), str(len(acc))]
+    if r.ref is None:
+        return cells + ["(reference)", DASH] + [DASH] * seeds
+    p = paired(acc, r.ref)
+    return cells + [num(p["mean"], sign=True), ci_text(p["ci"], sign=True)] + \
+        [", ".join(map(str, p["seeds"])) or DASH] * seeds
+
+
+def gap_closed(res: Results, r: Row) -> str:
+    """The share (%) of the FedSODA − FedPETuning gap of the setting that the row closes, both paired by seed with
+    the reference."""
+    if r.ref is None:
+        return "(reference)"
+    p, gap = paired(by_seed(r.runs), r.ref), paired(by_seed(res.main(r.st, "fedpetuning")), r.ref)
+    return num(100 * p["mean"] / gap["mean"] if p["n"] and gap["n"] and gap["mean"] != 0 else math.nan)
+
+
+KL = ("held-out KL before → after pre-align", lambda res, r: before_after(r.runs, "kl_before", "kl_after"))
+COLUMNS = {  # name: (header, cell(res, row)): the columns a comparison table may show besides the accuracy
+    "overrides": ("overrides", lambda res, r: DASH if r.main else extra_overrides(res, r.runs)),
+    "methods": ("method", lambda res, r: ", ".join(NAMES.get(m, m) for m in sorted(
+        {s.method for s in r.runs}, key=method_order)) or DASH),
+    "lr": ("lr", lambda res, r: distinct([s.lr for s in r.runs]) if r.runs else DASH),
+    "groups np": ("(n, p)", lambda res, r: groups_np(r.runs)),
+    "r": ("r", lambda res, r: realign_r(r.runs)),
+    "trigger": ("re-alignment", lambda res, r: trigger_text(r.runs) if r.runs else DASH),
+    "realignments": ("re-alignments (mean)", lambda res, r: num(mean_of(realignments(s) for s in r.runs))),
+    "emulator": ("emulator MiB/client (run)", lambda res, r: mib(mean_of(emulator_bytes(s) for s in r.runs), 2)),
+    "probe": ("drift probe, run mean", lambda res, r: num(mean_of(mean_of(s.drift_probe or []) for s in r.runs), 2)),
+    "gap closed": ("gap closed %", gap_closed),
+    "sub": ("sub-LLM acc. % (mean)", lambda res, r: pct(field_mean(r.runs, "sub_accuracy"))),
+    "comm": ("comm MiB/round/client", lambda res, r: mib(field_mean(r.runs, "comm_bytes_per_round"), 3)),
+    "client": ("client model MiB", lambda res, r: mib(field_mean(r.runs, "client_model_bytes"), 1)),
+    "kl after": ("KL after pre-align (mean)", lambda res, r: num(field_mean(r.runs, "kl_after"), 3)),
+    "K": ("layers removed K", lambda res, r: removed_layers(r.runs)),
+    "chosen np": ("(n, p)", lambda res, r: chosen_np(r.runs)),
+    "distance": ("distance / removed layer", lambda res, r: num(mean_of(chosen_distance(s) for s in r.runs), 4)),
+    "kl": KL,
+    "public": ("D_public", lambda res, r: distinct([(s.settings or {}).get("public") for s in r.runs])),
+    "groups": ("SGP groups", lambda res, r: groups_text(r.runs)),
+    "kl on": ("KL measured on", lambda res, r: distinct([s.kl_on for s in r.runs])),
+    "kl self": ("KL on generated text", lambda res, r: before_after(r.runs, "kl_before_self", "kl_after_self")),
+    "generation": ("generation", lambda res, r: generation_text(r.runs))}
+COST = ("comm", "client", "kl after")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the report draws a declared comparison table (the study file declares its rows and reference): the
+    headers of the label cells, the COLUMNS before the accuracy and after the Δ, how many columns are left-aligned,
+    whether the paired seeds are shown, the Δ header; which settings get a table: those with runs of the table's
+    variant rows other than the reference (`group`: of its variant group), of `task` only, else (`fallback`) the
+    settings of the FedSODA main runs; the text without any; a table drawn below from the rows (`then`)."""
+
+    labels: tuple
+    before: tuple = ()
+    after: tuple = ()
+    left: int = 1
+    seeds: bool = False
+    delta: str = "Δ vs FedSODA (pts)"
+    group: bool = False
+    task: str | None = None
+    fallback: bool = True
+    empty: str = "_No FedSODA or variant runs yet._"
+    then: object = None
+
+
+def candidates_table(rows: list[Row]) -> str:
+    """Every (n, p) each non-reference row's runs compared (sgp.auto), the chosen one in bold."""
+    cand = [[r.label[0], candidates_text(r.runs)] for r in rows if r.ref is not None]
+    return "\n\n" + table(["run", "candidates (n, p): summed distance / K (chosen in bold)"], cand, 2) if cand else ""
+
+
+LAYOUTS = {
+    "table3": Layout(("variant",), ("overrides",), left=2, seeds=True, empty="_No FedSODA or ablation runs yet._"),
+    "table4": Layout(("study", "variant"), ("groups np", "r"), COST, left=2,
+                     empty="_No FedSODA or parameter-study runs yet._"),
+    "drift": Layout(("run",), ("trigger",), ("realignments", "emulator", "comm", "probe"), left=2, group=True,
+                    fallback=False, empty="_No drift-trigger runs yet._"),
+    "gap": Layout(("run",), ("methods", "overrides"), ("gap closed", "kl after"), left=3, task="sst2",
+                  empty="_No SST-2 runs yet._"),
+    "bridge": Layout(("run",), ("lr",), ("sub", *COST), left=2, seeds=True, delta="Δ vs lr_pet (pts)", task="sst2",
+                     fallback=False, empty="_No runs of the FedSODA -> FedBiOT steps yet._"),
+    "auto": Layout(("run",), ("K", "chosen np", "distance"), ("kl", "comm", "client"), left=3,
+                   empty="_No FedSODA or `auto` runs yet._", then=candidates_table),
+    "selfpublic": Layout(("run",), ("public", "chosen np", "groups"), ("kl", "kl on", "kl self", "generation"),
+                         left=4, empty="_No FedSODA or `selfpublic` runs yet._")}
+
+
+def comparison(res: Results, rows: list[Row], labels: tuple, before=(), after=(), left: int = 1, seeds: bool = False,
+               delta: str = "Δ vs FedSODA (pts)") -> str:
+    """The table "Δ vs a reference, paired by seed": per row its label cells, the `before` COLUMNS, the test accuracy
+    (mean ± std, n), Δ vs the row's reference with its 95% CI (and the paired seeds when `seeds`), the `after`
+    COLUMNS."""
+    cols = lambda names, r: [COLUMNS[c][1](res, r) for c in names]  # noqa: E731
+    headers = [*labels, *(COLUMNS[c][0] for c in before), "test acc. % (mean ± std)", "n", delta, "95% CI",
+               *["paired seeds"] * seeds, *(COLUMNS[c][0] for c in after)]
+    return table(headers, [[*r.label, *cols(before, r), *diff_cells(r, seeds), *cols(after, r)] for r in rows], left)
+
+
+def declared_settings(res: Results, name: str, specs: list[tuple], ref_spec: tuple) -> list[Setting]:
+    """The settings a declared table is drawn for (Layout: group, task, fallback)."""
+    lay, group = LAYOUTS[name], res.tables[name].get("group")
+    names = {sp[1] for sp in specs if sp[0] == "variant" and sp != ref_spec}
+    mine = lambda runs: [st for st in res.settings(runs) if lay.task is None or st[0] == lay.task]  # noqa: E731
+    have = mine([s for s in res.runs if s.stage == group] if lay.group else
+                [s for s in res.runs if s.stage not in (*MAIN_STAGES, GSM8K) and s.variant in names])
+    return have or (mine([s for s in res.runs if s.stage in MAIN_STAGES and s.variant == "main"
+                          and s.method == "fedsoda"]) if lay.fallback else [])
+
+
+def sec_declared(res: Results, name: str) -> str:
+    """A comparison table the study file declares (`tables.<name>`), drawn per setting as LAYOUTS[name] says."""
+    specs, ref_spec = res.declared(name)
+    if not specs:
+        return NO_TABLE.format(name)
+    lay = LAYOUTS[name]
+
+    def render(st: Setting) -> str:
+        ref = by_seed(res.rows(st, ref_spec))
+        rows = [Row(label, res.rows(st, sp), None if sp == ref_spec else ref, sp[0] == "main", st)
+                for label, sp in specs]
+        return comparison(res, rows, lay.labels, lay.before, lay.after, lay.left, lay.seeds, lay.delta) + (
+            lay.then(rows) if lay.then else "")
+    settings = declared_settings(res, name, [sp for _, sp in specs], ref_spec)
+    return "\n\n".join(f"#### {res.label(st)}\n\n" + render(st) for st in settings) or lay.empty
+
+
+def shown_elsewhere(res: Results, s: RunSummary) -> bool:
+    """Whether another section shows the run: a Table-2, gsm8k or budget run, a variant a declared table names, or
+    a run of a declared table's variant group."""
+    names = {sp[1] for name in res.tables for _, sp in res.declared(name)[0] if sp[0] == "variant"}
+    groups = {t["group"] for t in res.tables.values() if "group" in t}
+    return s.stage in (*MAIN_STAGES, GSM8K, BUDGET, *groups) or s.variant in names
+
+
+def sec_variants(res: Results) -> str:
+    """Every variant run no other section shows (paper.yaml's non-IID and public-data groups, new groups), by
+    group and setting; Δ against the same variant's FedSODA runs when the group has several methods, else
+    against the FedSODA main runs of the setting."""
+    runs = [s for s in res.runs if not shown_elsewhere(res, s)]
+    if not runs:
+        return "_No other variant runs._"
+    parts = []
+    for stage in sorted({s.stage for s in runs}, key=natural):
+        for st in res.settings([s for s in runs if s.stage == stage]):
+            here = [s for s in runs if s.stage == stage and setting_of(s) == st]
+            rows = []
+            for name in sorted({s.variant for s in here}, key=natural):
+                of = [s for s in here if s.variant == name]
+                methods = sorted({s.method for s in of}, key=method_order)
+                ref = by_seed([s for s in of if s.method == "fedsoda"] if len(methods) > 1 else res.main(st, "fedsoda"))
+                rows += [Row((name, NAMES.get(m, m), extra_overrides(res, mine)), mine,
+                             None if len(methods) > 1 and m == "fedsoda" else ref)
+                         for m in methods for mine in [[s for s in of if s.method == m]]]
+            parts.append(f"#### {stage}: {res.label(st)}\n\n"
+                         + comparison(res, rows, ("variant", "method", "overrides"), (), COST, left=3))
+    return "\n\n".join(parts) + (
+        "\n\nΔ: run − FedSODA in points, paired by seed, 95% CI (Student t); the FedSODA runs of the same variant "
+        "when the group runs several methods (they are the reference), else the FedSODA main runs of the setting.")
 
 
 def figure_name(res: Results, st: Setting) -> str:
@@ -912,43 +869,6 @@ def sec_curves(res: Results) -> str:
         rel = Path(os.path.relpath(path.resolve(), res.out.resolve().parent)).as_posix()
         links.append(f"![{res.study}: validation accuracy per round, {res.label(st)}]({rel})")
     return "\n\n".join(links)
-
-
-def shown_elsewhere(res: Results) -> set[tuple[str, str]]:
-    """(stage, variant) of the variant runs that Table 3, Table 4 or the gap section show."""
-    names = {sp[1] for sp in (*[sp for _, sp in table4_specs(res)],
-                              *(sp for name in ("table3", "gap", "bridge") for _, sp in res.table(name)[0]))
-             if sp[0] == "variant"}
-    return {(s.stage, s.variant) for s in res.runs if s.variant in names
-            and s.stage in ("ablation", "param", "gap", "ceiling")}
-
-
-def sec_variants(res: Results) -> str:
-    """Every variant run no other section shows (paper.yaml's non-IID and public-data groups, new groups), by
-    group and setting; Δ against the same variant's FedSODA runs when the group has several methods, else
-    against the FedSODA main runs of the setting."""
-    done = shown_elsewhere(res)
-    runs = [s for s in res.runs if s.stage not in (*MAIN_STAGES, GSM8K, AUTO, SELF, DRIFT, BUDGET)
-            and (s.stage, s.variant) not in done]
-    if not runs:
-        return "_No other variant runs._"
-    parts = []
-    for stage in sorted({s.stage for s in runs}, key=natural):
-        for st in res.settings([s for s in runs if s.stage == stage]):
-            here = [s for s in runs if s.stage == stage and setting_of(s) == st]
-            rows = []
-            for name in sorted({s.variant for s in here}, key=natural):
-                of = [s for s in here if s.variant == name]
-                methods = sorted({s.method for s in of}, key=method_order)
-                ref = by_seed([s for s in of if s.method == "fedsoda"] if len(methods) > 1 else res.main(st, "fedsoda"))
-                rows += [Row((name, NAMES.get(m, m), extra_overrides(res, mine)), mine,
-                             None if len(methods) > 1 and m == "fedsoda" else ref)
-                         for m in methods for mine in [[s for s in of if s.method == m]]]
-            parts.append(f"#### {stage}: {res.label(st)}\n\n"
-                         + comparison(rows, ["variant", "method", "overrides"], [], COST, left=3))
-    return "\n\n".join(parts) + (
-        "\n\nΔ: run − FedSODA in points, paired by seed, 95% CI (Student t); the FedSODA runs of the same variant "
-        "when the group runs several methods (they are the reference), else the FedSODA main runs of the setting.")
 
 
 def minutes_cells(runs: list[RunSummary], key: str = "wall_s") -> list[str]:
@@ -1162,21 +1082,29 @@ def sec_budget(res: Results) -> str:
 
 NO_RUNS = "_No finished run of this study yet._"
 NO_TABLE = "_The study file declares no `{}` table (its `tables` key)._"
-SECTIONS = {"setup": ("Setup", sec_setup), "lr": ("Learning-rate selection", sec_lr),
+SECTIONS = {  # name: (heading in a new file, its function; None: a declared comparison table drawn as LAYOUTS says)
+            "setup": ("Setup", sec_setup), "lr": ("Learning-rate selection", sec_lr),
             "table2": ("Table 2: accuracy of the four methods", sec_table2),
-            "table3": ("Table 3: ablation of ODA", sec_table3), "table4": ("Table 4: parameter study", sec_table4),
-            "drift": ("Drift-triggered re-alignment", sec_drift),
+            "table3": ("Table 3: ablation of ODA", None), "table4": ("Table 4: parameter study", None),
+            "drift": ("Drift-triggered re-alignment", None),
             "table9": ("Table 9: rounds to reach FedOT's accuracy", sec_table9),
-            "gap": ("The FedSODA − FedPETuning gap on SST-2", sec_gap),
-            "bridge": ("FedSODA -> FedBiOT one setting at a time (SST-2)", sec_bridge),
+            "gap": ("The FedSODA − FedPETuning gap on SST-2", None),
+            "bridge": ("FedSODA -> FedBiOT one setting at a time (SST-2)", None),
             "transfer": ("What each adapter answers, on the full model and on its sub-LLM", sec_transfer),
             "gsm8k": ("GSM8K", sec_gsm8k),
-            "auto": ("Automatic pruning configuration (sgp.auto)", sec_auto),
-            "selfpublic": ("Alignment without a public data set (data.public=self)", sec_selfpublic),
+            "auto": ("Automatic pruning configuration (sgp.auto)", None),
+            "selfpublic": ("Alignment without a public data set (data.public=self)", None),
             "variants": ("Other variants", sec_variants), "curves": ("Accuracy per round", sec_curves),
             "cost": ("What the study cost (wall time)", sec_cost),
             "seeds3": ("Selection over three seeds", sec_seeds3),
             "budget": ("Accuracy against training examples per client", sec_budget)}
+
+
+def section(res: Results, name: str) -> str:
+    """The generated content of one section."""
+    if not res.runs:
+        return NO_RUNS
+    return sec_declared(res, name) if SECTIONS[name][1] is None else SECTIONS[name][1](res)
 
 
 # ---- the out file ---------------------------------------------------------------------------------------------
@@ -1253,7 +1181,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             wanted = list(SECTIONS) if text is None else [n for n in SECTIONS if n in markers]
             keys = {n: n for n in SECTIONS}
-        made = {n: (SECTIONS[n][1](res) if res.runs else NO_RUNS) if n in wanted else "" for n in SECTIONS}
+        made = {n: section(res, n) if n in wanted else "" for n in SECTIONS}
         content = {keys[n]: made[n] for n in SECTIONS if n in keys}
         if text is None:
             new, warnings = new_file(res, content), []
