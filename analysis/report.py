@@ -1,34 +1,20 @@
 """The study report: the statistics tables of docs/results.md, generated from per-run summaries only.
 
-    python analysis/report.py results/cpu_smollm2 --out docs/results.md
-    python analysis/report.py results/cpu_smollm2 --out docs/results.md --figures docs/gallery
-    python analysis/report.py results/cpu_smollm2 --out docs/results.md --study studies/cpu_smollm2.yaml
+    python analysis/report.py results/cpu_smollm2 --out docs/results.md [--figures docs/gallery] [--study FILE]
 
-Reads <results>/*.json (one few-KB summary per finished run, fedsoda_mpi.summary.RunSummary, written by
-fedsoda_mpi.study.summarize), <results>/selection.json (fedsoda_mpi.study.write_selection) and the `tables` of the
-study file (--study, default studies/<study>.yaml: the rows and reference of the gap and bridge tables); never a run
-folder. In the --out markdown
-file, the lines between `<!-- report:begin NAME -->` and `<!-- report:end NAME -->` are replaced by freshly
-generated content and everything outside the markers is kept: the captions that explain each table live there
-(docs/results.md), the generated content is the tables and the captions that depend on the data; a new file gets
-every section. Sections:
-setup, lr, table2, table3, table4, drift, table9, gap, bridge, transfer, gsm8k, auto, selfpublic, variants, curves, cost,
-seeds3 (figures:
-<figures>/<study>_curves_<task>.png, default <out folder>/gallery). drift shows the study's `drift` stage
-(oda.trigger=drift) beside the fixed re-alignment intervals r1, r = 5 (main) and no_re_align; auto and selfpublic
-show every run of the study's `auto` and `selfpublic` stages (issue #16) against the FedSODA main runs; variants
-shows every variant run that no other section shows; seeds3 compares the study's lr selection over several seeds
-with a seed-0-only selection of the same grid.
+Reads <results>/*.json (one summary per finished run, fedsoda_mpi.summary.RunSummary), <results>/selection.json
+and the `tables` of the study file (--study, default studies/<study>.yaml): the rows, labels and reference of each
+comparison table (table3, table4, drift, gap, bridge, auto, selfpublic; LAYOUTS says how each is drawn); never a
+run folder. In the --out file the lines between `<!-- report:begin NAME -->` and `<!-- report:end NAME -->` are
+rewritten and everything else is kept (the captions live there); a new file gets every section (SECTIONS). The
+curves section writes <figures>/<study>_curves_<task>.png (default <out folder>/gallery). A marker
+`<!-- report:begin NAME@STUDY -->` belongs to the report of study STUDY: when the file has such markers for the
+study being reported, only they are rewritten, otherwise the untagged ones are.
 
-One file, several studies: a marker `<!-- report:begin NAME@STUDY -->` belongs to the report of the results folder
-whose summaries are of study STUDY; when the file has such markers for the study being reported, only they are
-rewritten (docs/results.md: `python analysis/report.py results/cpu_smollm2_ii --out docs/results.md` rewrites the
-Evidence II sections); otherwise the untagged markers are, and other studies' tagged sections are left alone.
-
-Table-2 runs are the grid and seeds stages at the selected lr (variant "main"); other stages are found by
-variant name (the gsm8k stage's "main" runs never enter Table 2). Statistics over seeds: mean +- sample
-std, the 95% CI of the mean (Student t, df = n - 1), paired differences by seed. A partial study renders
-with what exists: missing cells are "—" and every mean states its n. Same input, byte-identical output.
+Table-2 runs are the grid and seeds stages at the selected lr (variant "main"); other stages are found by variant
+name. Statistics over seeds (fedsoda_mpi.stats): mean ± sample std, the 95% CI of the mean (Student t), paired
+differences by seed. A partial study renders with what exists: missing cells are "—" and every mean states its n.
+Same input, byte-identical output.
 """
 from __future__ import annotations
 
@@ -94,10 +80,6 @@ def mib(nbytes, digits: int) -> str:
 
 def count(x) -> str:
     return DASH if missing(x) else f"{int(round(float(x))):,}"
-
-
-def yes_no(x) -> str:
-    return DASH if x is None else ("yes" if x else "no")
 
 
 def table(headers: list[str], rows: list[list[str]], left: int = 1) -> str:
@@ -349,44 +331,46 @@ def sec_lr(res: Results) -> str:
             "(the study's grid.lr_extend adds learning rates for one method).")
 
 
+def per_setting(res: Results, settings: list[Setting], render) -> str:
+    """One `#### <setting>` part per setting, `render(st)` below its heading."""
+    return "\n\n".join(f"#### {res.label(st)}\n\n" + render(st) for st in settings)
+
+
+TABLE2 = ["method", "test acc. % (mean ± std)", "95% CI", "n seeds", "test-set SE (pts)", "sub-LLM acc. %",
+          "comm MiB/round/client", "client model MiB", "trainable params", "seeds not used to select lr: acc. % (n)",
+          "most-predicted label, % of test rows"]
+
+
+def method_row(m: str, runs: list[RunSummary]) -> list[str]:
+    """A Table-2 row: the method's test accuracy over seeds, the test-set SE at that accuracy, the sub-LLM, sizes,
+    the seeds that did not select the lr, and the most-predicted label's share."""
+    acc = by_seed(runs)
+    mu, _, n = mean_std(acc.values())
+    n_eval = min((int(s.n_eval) for s in runs if not missing(s.n_eval)), default=0)
+    return [NAMES[m], *acc_cells(acc), num(100 * binomial_se(mu / 100, n_eval) if n else math.nan),
+            num(mean_std(by_seed(runs, "sub_accuracy").values())[0]), mib(field_mean(runs, "comm_bytes_per_round"), 3),
+            mib(field_mean(runs, "client_model_bytes"), 1), count(field_mean(runs, "trainable_params")),
+            unselected(runs), top_label_share(runs)]
+
+
 def sec_table2(res: Results) -> str:
     """Per task: the four methods (mean ± std, CI, n, sub-LLM, bytes) and FedSODA − baseline paired by seed."""
-    settings = res.settings([s for s in res.runs if s.stage in MAIN_STAGES])
-    if not settings:
-        return "_No Table-2 runs yet._"
-    parts = []
-    for st in settings:
-        rows, accs = [], {}
-        for m in METHODS:
-            runs = res.main(st, m)
-            accs[m] = by_seed(runs)
-            mu, sd, n = mean_std(accs[m].values())
-            n_eval = min((int(s.n_eval) for s in runs if not missing(s.n_eval)), default=0)
-            se = 100 * binomial_se(mu / 100, n_eval) if n else math.nan
-            rows.append([NAMES[m], mean_pm(mu, sd, n), ci_text(t_ci(accs[m].values())), str(n), num(se),
-                         num(mean_std(by_seed(runs, "sub_accuracy").values())[0]),
-                         mib(field_mean(runs, "comm_bytes_per_round"), 3),
-                         mib(field_mean(runs, "client_model_bytes"), 1),
-                         count(field_mean(runs, "trainable_params")), unselected(runs), top_label_share(runs)])
-        base = [s for s in res.runs if setting_of(s) == st and not missing(s.base_accuracy)]
-        bm, bs, bn = mean_std([100 * float(s.base_accuracy) for s in base])
+    def render(st: Setting) -> str:
+        rows = [method_row(m, res.main(st, m)) for m in METHODS]
+        bm, bs, bn = mean_std([100 * float(s.base_accuracy) for s in res.runs
+                               if setting_of(s) == st and not missing(s.base_accuracy)])
         rows.append(["base model", mean_pm(bm, bs, bn), DASH, str(bn)] + [DASH] * 7)
         majority = majority_share([s for s in res.runs if setting_of(s) == st])
-        if majority is not None:
-            rows.append(["always the majority class", num(majority), DASH, DASH] + [DASH] * 7)
-        diff_rows = []
-        for m in METHODS[1:]:
-            p = paired(accs["fedsoda"], accs[m])
-            diff_rows.append([f"FedSODA − {NAMES[m]}", ", ".join(map(str, p["seeds"])) or DASH,
-                              num(p["mean"], sign=True), ci_text(p["ci"], sign=True), per_seed(p),
-                              yes_no(p["excludes_zero"])])
-        parts.append(f"#### {res.label(st)}\n\n"
-                     + table(["method", "test acc. % (mean ± std)", "95% CI", "n seeds", "test-set SE (pts)",
-                              "sub-LLM acc. %", "comm MiB/round/client", "client model MiB", "trainable params",
-                              "seeds not used to select lr: acc. % (n)", "most-predicted label, % of test rows"], rows)
-                     + "\n\n" + table(["paired difference", "seeds", "mean Δ (pts)", "95% CI", "per seed",
-                                       "CI excludes 0"], diff_rows))
-    return "\n\n".join(parts)
+        rows += [["always the majority class", num(majority), DASH, DASH] + [DASH] * 7] if majority is not None else []
+        ref = by_seed(res.main(st, "fedsoda"))
+        diffs = [[f"FedSODA − {NAMES[m]}", ", ".join(map(str, p["seeds"])) or DASH, num(p["mean"], sign=True),
+                  ci_text(p["ci"], sign=True), per_seed(p), DASH if p["excludes_zero"] is None else
+                  ("yes" if p["excludes_zero"] else "no")]
+                 for m in METHODS[1:] for p in [paired(ref, by_seed(res.main(st, m)))]]
+        return table(TABLE2, rows) + "\n\n" + table(["paired difference", "seeds", "mean Δ (pts)", "95% CI",
+                                                      "per seed", "CI excludes 0"], diffs)
+    return per_setting(res, res.settings([s for s in res.runs if s.stage in MAIN_STAGES]), render) or \
+        "_No Table-2 runs yet._"
 
 
 def top_label_share(runs: list[RunSummary]) -> str:
