@@ -29,7 +29,8 @@ from statistics import median
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # the repository's fedsoda_mpi also without an installed package
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # common, and the repository's fedsoda_mpi without an installed package
+from common import markdown_table as table, plt, round_axis  # noqa: E402  (Agg backend and the house style)
 from fedsoda_mpi.methods import METHODS, NAMES  # noqa: E402
 from fedsoda_mpi.study import StudyError, read_tables  # noqa: E402
 from fedsoda_mpi.summary import RunSummary, SummaryError  # noqa: E402
@@ -80,13 +81,6 @@ def mib(nbytes, digits: int) -> str:
 
 def count(x) -> str:
     return DASH if missing(x) else f"{int(round(float(x))):,}"
-
-
-def table(headers: list[str], rows: list[list[str]], left: int = 1) -> str:
-    """A markdown table; the first `left` columns are left-aligned, the rest right-aligned."""
-    lines = ["| " + " | ".join(headers) + " |",
-             "|" + "|".join("---" if i < left else "---:" for i in range(len(headers))) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 # ---- loading --------------------------------------------------------------------------------------------------
@@ -815,10 +809,6 @@ def figure_name(res: Results, st: Setting) -> str:
 
 def plot_curves(res: Results, st: Setting, path: Path) -> None:
     """Validation accuracy per evaluated round: the mean over seeds per method with a min–max band."""
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
-    from common import plt, round_axis  # Agg backend and the house style
-
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     rounds = []
     for i, m in enumerate(METHODS):
