@@ -34,7 +34,8 @@ from common import markdown_table as table, plt, round_axis  # noqa: E402  (Agg 
 from fedsoda_mpi.methods import METHODS, NAMES  # noqa: E402
 from fedsoda_mpi.study import StudyError, read_tables  # noqa: E402
 from fedsoda_mpi.summary import RunSummary, SummaryError  # noqa: E402
-from fedsoda_mpi.stats import binomial_se, mcnemar, mean_of, mean_std, missing, paired, t_ci, unbits, wilson  # noqa: E402
+from fedsoda_mpi.stats import (binomial_se, mcnemar, mean_of, mean_std, missing, paired, t_ci,  # noqa: E402
+                               unbits, wilson)
 
 DASH = "—"
 MAIN_STAGES = ("grid", "seeds")
@@ -270,7 +271,7 @@ def sec_setup(res: Results) -> str:
     R = res.runs
     stages = stages_of(R)
     per_task = lambda key: "; ".join(f"{t}: {distinct([getattr(s, key) for s in R if s.task == t])}"  # noqa: E731
-                                     for t in sorted({s.task for s in R}, key=lambda t: setting_order((t,))))
+                                     for t in tasks_of(R))
     models = sorted({f"{s.model} ({s.model_name})" for s in R})
     grid_lrs = sorted({float(s.lr) for s in R if s.stage == "grid" and not missing(s.lr)})
     commits = sorted({str(s.commit) for s in R})
@@ -317,7 +318,7 @@ def sec_lr(res: Results) -> str:
         ran = [lr for lr in lrs if vals[key].get(lr)]
         edge = chosen is not None and len(ran) > 1 and float(chosen) in (ran[0], ran[-1])
         rows.append([res.label(key[:3]), NAMES.get(key[3], key[3]), *cells,
-                     (f"**{float(chosen):g}**" + (" (grid edge)" if edge else "")) if chosen is not None else "pending"])
+                     "pending" if chosen is None else f"**{float(chosen):g}**" + (" (grid edge)" if edge else "")])
     rule = res.selection.get("rule", "no selection.json yet")
     return (table(["task", "method", *[f"val. acc. % at lr = {lr:g}" for lr in lrs], "selected lr"], rows, 2)
             + f"\n\nValidation accuracy (held-out training rows, never the test set). Rule: {rule}. \"Grid edge\": the "
@@ -357,9 +358,8 @@ def sec_table2(res: Results) -> str:
         majority = majority_share([s for s in res.runs if setting_of(s) == st])
         rows += [["always the majority class", num(majority), DASH, DASH] + [DASH] * 7] if majority is not None else []
         ref = by_seed(res.main(st, "fedsoda"))
-        diffs = [[f"FedSODA − {NAMES[m]}", ", ".join(map(str, p["seeds"])) or DASH, num(p["mean"], sign=True),
-                  ci_text(p["ci"], sign=True), per_seed(p), DASH if p["excludes_zero"] is None else
-                  ("yes" if p["excludes_zero"] else "no")]
+        diffs = [[f"FedSODA − {NAMES[m]}", ", ".join(map(str, p["seeds"])) or DASH, *diff_parts(p),
+                  DASH if p["excludes_zero"] is None else ("yes" if p["excludes_zero"] else "no")]
                  for m in METHODS[1:] for p in [paired(ref, by_seed(res.main(st, m)))]]
         return table(TABLE2, rows) + "\n\n" + table(["paired difference", "seeds", "mean Δ (pts)", "95% CI",
                                                       "per seed", "CI excludes 0"], diffs)
@@ -391,7 +391,13 @@ def unselected(runs: list[RunSummary]) -> str:
     return f"{mean_pm(*mean_std(acc.values()))} ({len(acc)})" if acc else DASH
 
 
+def diff_parts(p: dict) -> list[str]:
+    """A paired difference as [mean, 95% CI, per seed]."""
+    return [num(p["mean"], sign=True), ci_text(p["ci"], sign=True), per_seed(p)]
+
+
 def per_seed(p: dict) -> str:
+    """A paired difference per seed: `s0 +1.0, s1 -2.0`."""
     return ", ".join(f"s{s} {num(d, sign=True)}" for s, d in zip(p["seeds"], p["diffs"])) or DASH
 
 
@@ -450,13 +456,8 @@ def last_val(s: RunSummary):
 
 def sec_table9(res: Results) -> str:
     """Rounds until each method's mean validation curve reaches FedOT's final validation accuracy."""
-    settings = res.settings([s for s in res.runs if s.stage in MAIN_STAGES and s.variant == "main"])
-    if not settings:
-        return "_No Table-2 runs yet._"
-    parts = []
-    for st in settings:
-        fedot = [v for v in (last_val(s) for s in res.main(st, "fedot")) if v is not None]
-        target, _, n_t = mean_std(fedot)
+    def render(st: Setting) -> str:
+        target, _, n_t = mean_std([v for v in (last_val(s) for s in res.main(st, "fedot")) if v is not None])
         rows = []
         for m in METHODS:
             runs = res.main(st, m)
@@ -466,10 +467,11 @@ def sec_table9(res: Results) -> str:
             rows.append([NAMES[m], str(len([s for s in runs if last_val(s) is not None])), reached,
                          num(hit[1]) if hit else DASH, num(curve[-1][1]) if curve else DASH])
         goal = f"{num(target)}% (mean of n = {n_t} seeds)" if n_t else f"{DASH} (no FedOT validation curve yet)"
-        parts.append(f"#### {res.label(st)}\n\nFedOT's target: {goal}\n\n" + table(
+        return f"FedOT's target: {goal}\n\n" + table(
             ["method", "n seeds", "first round with mean val. acc. ≥ target", "mean val. acc. % there",
-             "mean val. acc. % at the last evaluated round"], rows))
-    return "\n\n".join(parts)
+             "mean val. acc. % at the last evaluated round"], rows)
+    settings = res.settings([s for s in res.runs if s.stage in MAIN_STAGES and s.variant == "main"])
+    return per_setting(res, settings, render) or "_No Table-2 runs yet._"
 
 
 LABEL_NAMES = {"sst2": ("negative", "positive"), "boolq": ("false", "true")}  # = fedsoda_mpi.data.LABEL_WORDS
@@ -487,7 +489,7 @@ def sec_transfer(res: Results) -> str:
     if not runs:
         return "_No run records its test predictions per class yet._"
     parts = []
-    for task in sorted({s.task for s in runs}, key=lambda t: setting_order((t,))):
+    for task in tasks_of(runs):
         word = LABEL_NAMES.get(task, ("class 0", "class 1"))[1]
         mine = sorted((s for s in runs if s.task == task),
                       key=lambda s: (method_order(s.method), float(s.lr), s.seed))
@@ -497,7 +499,8 @@ def sec_transfer(res: Results) -> str:
         if based := base_run([s for s in res.runs if s.task == task], "base_pred_counts"):
             rows.append(["base model", DASH, DASH, DASH, pct(based.base_accuracy),
                          share(based.base_pred_counts), DASH, DASH])
-        parts.append(f"#### {task} (test rows whose answer is \"{word}\": {share(label_counts_of(mine))} %)\n\n" + table(
+        answer = f"test rows whose answer is \"{word}\": {share(label_counts_of(mine))} %"
+        parts.append(f"#### {task} ({answer})\n\n" + table(
             ["method", "stage", "lr", "seed", "full model: acc. %", f"full model: % \"{word}\"",
              "sub-LLM: acc. %", f"sub-LLM: % \"{word}\""], rows, 2))
     return "\n\n".join(parts)
@@ -655,7 +658,6 @@ def gap_closed(res: Results, r: Row) -> str:
     return num(100 * p["mean"] / gap["mean"] if p["n"] and gap["n"] and gap["mean"] != 0 else math.nan)
 
 
-KL = ("held-out KL before → after pre-align", lambda res, r: before_after(r.runs, "kl_before", "kl_after"))
 COLUMNS = {  # name: (header, cell(res, row)): the columns a comparison table may show besides the accuracy
     "overrides": ("overrides", lambda res, r: DASH if r.main else extra_overrides(res, r.runs)),
     "methods": ("method", lambda res, r: ", ".join(NAMES.get(m, m) for m in sorted(
@@ -675,7 +677,7 @@ COLUMNS = {  # name: (header, cell(res, row)): the columns a comparison table ma
     "K": ("layers removed K", lambda res, r: removed_layers(r.runs)),
     "chosen np": ("(n, p)", lambda res, r: chosen_np(r.runs)),
     "distance": ("distance / removed layer", lambda res, r: num(mean_of(chosen_distance(s) for s in r.runs), 4)),
-    "kl": KL,
+    "kl": ("held-out KL before → after pre-align", lambda res, r: before_after(r.runs, "kl_before", "kl_after")),
     "public": ("D_public", lambda res, r: distinct([(s.settings or {}).get("public") for s in r.runs])),
     "groups": ("SGP groups", lambda res, r: groups_text(r.runs)),
     "kl on": ("KL measured on", lambda res, r: distinct([s.kl_on for s in r.runs])),
@@ -762,8 +764,7 @@ def sec_declared(res: Results, name: str) -> str:
                 for label, sp in specs]
         return comparison(res, rows, lay.labels, lay.before, lay.after, lay.left, lay.seeds, lay.delta) + (
             lay.then(rows) if lay.then else "")
-    settings = declared_settings(res, name, [sp for _, sp in specs], ref_spec)
-    return "\n\n".join(f"#### {res.label(st)}\n\n" + render(st) for st in settings) or lay.empty
+    return per_setting(res, declared_settings(res, name, [sp for _, sp in specs], ref_spec), render) or lay.empty
 
 
 def shown_elsewhere(res: Results, s: RunSummary) -> bool:
@@ -845,39 +846,38 @@ def sec_curves(res: Results) -> str:
     return "\n\n".join(links)
 
 
+def tasks_of(runs: list[RunSummary]) -> list[str]:
+    """The runs' tasks in display order."""
+    return sorted({s.task for s in runs}, key=lambda t: setting_order((t,)))
+
+
 def minutes_cells(runs: list[RunSummary], key: str = "wall_s") -> list[str]:
-    """[runs, hours summed, "median (min–max)" minutes per run] from the runs' recorded `key` seconds ("—" without)."""
+    """[runs, hours summed, "median (min–max)" minutes per run] from the runs' `key` seconds ("—" without)."""
     mins = [float(getattr(s, key)) / 60 for s in runs if not missing(getattr(s, key))]
     if not mins:
         return [count(len(runs)), DASH, DASH]
     return [count(len(runs)), num(sum(mins) / 60), f"{num(median(mins))} ({num(min(mins))}–{num(max(mins))})"]
 
 
+def cost_rows(runs: list[RunSummary], by: str, key: str = "wall_s") -> list[list[str]]:
+    """[task, stage or method, *minutes_cells] for every task and value of `by` ("stage" or "method") with runs."""
+    values = stages_of(runs, key=natural) if by == "stage" else sorted({s.method for s in runs}, key=method_order)
+    return [[t, v if by == "stage" else NAMES.get(v, v), *minutes_cells(here, key)] for t in tasks_of(runs)
+            for v in values if (here := [s for s in runs if s.task == t and getattr(s, by) == v])]
+
+
 def sec_cost(res: Results) -> str:
     """What the study cost in wall time (each summary's wall_s): per task and stage, then per method and task for
-    the grid and seeds runs, whose medians are the planning numbers for the runs still to come."""
-    R = res.runs
-    tasks = sorted({s.task for s in R}, key=lambda t: setting_order((t,)))
-    stages = stages_of(R, key=natural)
-    rows = [[t, st, *minutes_cells(here)] for t in tasks for st in stages
-            if (here := [s for s in R if s.task == t and s.stage == st])]
-    rows.append(["all", "all", *minutes_cells(R)])
-    main = [s for s in R if s.stage in MAIN_STAGES]
-    methods = sorted({s.method for s in main}, key=method_order)
-    per = [[t, NAMES.get(m, m), *minutes_cells(here)] for t in tasks for m in methods
-           if (here := [s for s in main if s.task == t and s.method == m])]
-    parts = [table(["task", "stage", "runs", "wall time, h (sum)", "min per run: median (min–max)"], rows, 2)]
-    if per:
-        parts.append(table(["task", "method (grid and seeds runs)", "runs", "wall time, h (sum)",
-                            "min per run: median (min–max)"], per, 2))
-    timed = [s for s in R if not missing(s.eval_s)]
-    evals = [[t, NAMES.get(m, m), *minutes_cells(here, "eval_s")] for t in tasks
-             for m in sorted({s.method for s in timed}, key=method_order)
-             if (here := [s for s in timed if s.task == t and s.method == m])]
-    if evals:
-        parts.append(table(["task", "method (runs that record it)", "runs", "final test evaluation, h (sum)",
-                            "min per run: median (min–max)"], evals, 2))
-    return "\n\n".join(parts)
+    the grid and seeds runs, whose medians are the planning numbers for the runs still to come, then the final test
+    evaluation of the runs that time it (eval_s)."""
+    tail = ["wall time, h (sum)", "min per run: median (min–max)"]
+    parts = [(["task", "stage", "runs", *tail],
+              cost_rows(res.runs, "stage") + [["all", "all", *minutes_cells(res.runs)]]),
+             (["task", "method (grid and seeds runs)", "runs", *tail],
+              cost_rows([s for s in res.runs if s.stage in MAIN_STAGES], "method")),
+             (["task", "method (runs that record it)", "runs", "final test evaluation, h (sum)", tail[1]],
+              cost_rows([s for s in res.runs if not missing(s.eval_s)], "method", "eval_s"))]
+    return "\n\n".join(table(headers, rows, 2) for headers, rows in parts if rows)
 
 
 def acc_cells(acc: dict[int, float]) -> list[str]:
@@ -939,9 +939,8 @@ def sec_seeds3(res: Results) -> str:
     settings = [st for st in res.settings(grid) if len({int(s.seed) for s in grid if setting_of(s) == st}) > 1]
     if not settings:
         return "_No grid at more than one seed yet (grid.select_seeds over several seeds)._"
-    parts = [f"#### {res.label(st)}\n\n" + seeds3_part(res, st, [s for s in grid if setting_of(s) == st])
-             for st in settings]
-    return "\n\n".join(parts) + "\n\n" + SEEDS3_CAPTION.format(res.selection.get("rule", "no selection.json yet"))
+    return per_setting(res, settings, lambda st: seeds3_part(res, st, [s for s in grid if setting_of(s) == st])) + \
+        "\n\n" + SEEDS3_CAPTION.format(res.selection.get("rule", "no selection.json yet"))
 
 
 def seeds3_part(res: Results, st: Setting, grid: list[RunSummary]) -> str:
@@ -959,10 +958,8 @@ def seeds3_part(res: Results, st: Setting, grid: list[RunSummary]) -> str:
                 for m in methods]
     acc_rows = [[NAMES.get(m, m), *(c for lr, a in zip(picks[m], accs[m]) for c in (lr_text(lr), *acc_cells(a))),
                  *selection_change(per[m], picks[m], accs[m])] for m in methods]
-    diff_rows = [[f"FedSODA − {NAMES.get(m, m)}", *(c for i in (0, 1) for d in [paired(accs["fedsoda"][i], accs[m][i])]
-                                                   for c in (num(d["mean"], sign=True), ci_text(d["ci"], sign=True),
-                                                             per_seed(d)))]
-                 for m in methods if m != "fedsoda" and "fedsoda" in methods]
+    diff_rows = [[f"FedSODA − {NAMES.get(m, m)}", *(c for i in (0, 1) for c in diff_parts(
+        paired(accs["fedsoda"][i], accs[m][i])))] for m in methods if m != "fedsoda" and "fedsoda" in methods]
     at = ", ".join(map(str, seeds))
     text = table(["method", *[f"val. acc. % at lr = {lr:g}: mean (s{' · s'.join(map(str, seeds))})" for lr in lrs]],
                  val_rows) + "\n\n" + table(
@@ -1029,8 +1026,8 @@ def sec_budget(res: Results) -> str:
     budget = [s for s in res.runs if s.stage == BUDGET]
     if not budget:
         return "_No budget runs yet._"
-    return "\n\n".join(f"#### {res.label(st)}\n\n" + budget_part(res, st, [s for s in budget if setting_of(s) == st])
-                       for st in res.settings(budget))
+    return per_setting(res, res.settings(budget), lambda st: budget_part(res, st, [s for s in budget
+                                                                                if setting_of(s) == st]))
 
 
 def budget_points(res: Results, st: Setting, here: list[RunSummary]) -> dict[tuple[str, int], tuple]:
