@@ -1100,6 +1100,7 @@ def section(res: Results, name: str) -> str:
 # ---- the out file ---------------------------------------------------------------------------------------------
 
 def names_in(text: str) -> list[str]:
+    """The NAMEs of the text's begin markers."""
     return [m.group(1) for m in (BEGIN.match(line.rstrip("\n")) for line in text.splitlines()) if m]
 
 
@@ -1139,7 +1140,48 @@ def new_file(res: Results, content: dict[str, str]) -> str:
     return "\n".join(parts)
 
 
+def open_results(a: argparse.Namespace) -> Results:
+    """The summaries, the selection and the study file's tables the command line names (ReportError if unusable)."""
+    out = Path(a.out)
+    if not out.parent.is_dir():
+        raise ReportError(f"--out {out}: folder {out.parent} does not exist")
+    if out.exists() and not out.is_file():
+        raise ReportError(f"--out {out}: not a file")
+    res = Results(*load(Path(a.results)), out, Path(a.figures) if a.figures else out.parent / "gallery")
+    study_file = Path(a.study) if a.study else HERE.parent / "studies" / f"{res.study}.yaml"
+    if a.study or study_file.is_file():
+        try:
+            res.tables = read_tables(study_file)
+        except StudyError as e:
+            raise ReportError(str(e)) from None
+    return res
+
+
+def rewrite(res: Results, text: str | None) -> tuple[str, list[str], list[str]]:
+    """The new out file, the sections written and the warnings. A file with markers NAME@STUDY of this study gets
+    only those rewritten; otherwise its untagged markers are (other studies' tagged sections left alone)."""
+    markers = names_in(text) if text is not None else []
+    tagged = {n: n.split("@", 1) for n in markers if "@" in n}
+    own = [n for n, (name, study) in tagged.items() if study == res.study and name in SECTIONS]
+    if own:
+        keys = {tagged[n][0]: n for n in own}
+        wanted = list(keys)
+    else:
+        keys = {n: n for n in SECTIONS}
+        wanted = list(SECTIONS) if text is None else [n for n in SECTIONS if n in markers]
+    content = {keys[n]: section(res, n) if n in wanted else "" for n in SECTIONS if n in keys}
+    if text is None:
+        return new_file(res, content), wanted, []
+    new, warnings = splice(text, content, frozenset(markers) - set(content) if own else frozenset(tagged))
+    elsewhere = {name for name, _ in tagged.values()}  # a section another study's report fills
+    skipped = [n for n in SECTIONS if n not in wanted and n not in elsewhere]
+    if skipped and not own:
+        warnings.append(f"{res.out} has no section(s) {', '.join(skipped)} (add their report markers to include them)")
+    return new, wanted, warnings
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line (module docstring); exit code 2 with one line on bad input."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("results", help="the study's summaries folder, e.g. results/cpu_smollm2")
     ap.add_argument("--out", required=True, help="the markdown file to write (e.g. docs/results.md)")
@@ -1148,48 +1190,15 @@ def main(argv: list[str] | None = None) -> int:
                     "of the summaries' study, when it exists)")
     a = ap.parse_args(argv)
     try:
-        out = Path(a.out)
-        if not out.parent.is_dir():
-            raise ReportError(f"--out {out}: folder {out.parent} does not exist")
-        if out.exists() and not out.is_file():
-            raise ReportError(f"--out {out}: not a file")
-        runs, selection = load(Path(a.results))
-        res = Results(runs, selection, out, Path(a.figures) if a.figures else out.parent / "gallery")
-        study_file = Path(a.study) if a.study else HERE.parent / "studies" / f"{res.study}.yaml"
-        if a.study or study_file.is_file():
-            try:
-                res.tables = read_tables(study_file)
-            except StudyError as e:
-                raise ReportError(str(e)) from None
-        text = out.read_text(encoding="utf-8") if out.exists() else None
-        markers = names_in(text) if text is not None else []
-        tagged = {n: n.split("@", 1) for n in markers if "@" in n}  # NAME@STUDY: rewritten by that study's report
-        own = [n for n, (name, study) in tagged.items() if study == res.study and name in SECTIONS]
-        if own:  # the file holds sections of this study by tag: only those are rewritten, nothing else
-            wanted = [tagged[n][0] for n in own]
-            keys = {tagged[n][0]: n for n in own}
-        else:
-            wanted = list(SECTIONS) if text is None else [n for n in SECTIONS if n in markers]
-            keys = {n: n for n in SECTIONS}
-        made = {n: section(res, n) if n in wanted else "" for n in SECTIONS}
-        content = {keys[n]: made[n] for n in SECTIONS if n in keys}
-        if text is None:
-            new, warnings = new_file(res, content), []
-        else:
-            new, warnings = splice(text, content, frozenset(markers) - set(content)) if own else \
-                splice(text, content, frozenset(tagged))
-            elsewhere = {name for name, _ in tagged.values()}  # a section another study's report fills
-            skipped = [n for n in SECTIONS if n not in wanted and n not in elsewhere]
-            if skipped and not own:
-                warnings.append(f"{out} has no section(s) {', '.join(skipped)} "
-                                "(add their report markers to include them)")
-        for w in warnings:
-            print(f"warning: {w}", file=sys.stderr)
-        out.write_text(new, encoding="utf-8")
-        print(f"wrote {out} ({len(wanted)} section(s): {', '.join(wanted)})")
+        res = open_results(a)
+        new, wanted, warnings = rewrite(res, res.out.read_text(encoding="utf-8") if res.out.exists() else None)
     except ReportError as e:
         print(f"report: error: {e}", file=sys.stderr)
         return 2
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    res.out.write_text(new, encoding="utf-8")
+    print(f"wrote {res.out} ({len(wanted)} section(s): {', '.join(wanted)})")
     return 0
 
 
