@@ -692,7 +692,7 @@ class Layout:
     headers of the label cells, the COLUMNS before the accuracy and after the Δ, how many columns are left-aligned,
     whether the paired seeds are shown, the Δ header; which settings get a table: those with runs of the table's
     variant rows other than the reference (`group`: of its variant group), of `task` only, else (`fallback`) the
-    settings of the FedSODA main runs; the text without any; a table drawn below from the rows (`then`)."""
+    settings of its `main <method>` rows' runs; the text without any; a table drawn below from the rows (`then`)."""
 
     labels: tuple
     before: tuple = ()
@@ -741,14 +741,15 @@ def comparison(res: Results, rows: list[Row], labels: tuple, before=(), after=()
 
 
 def declared_settings(res: Results, name: str, specs: list[tuple], ref_spec: tuple) -> list[Setting]:
-    """The settings a declared table is drawn for (Layout: group, task, fallback)."""
+    """The settings a declared table is drawn for (Layout: group, task, fallback to its main rows' settings)."""
     lay, group = LAYOUTS[name], res.tables[name].get("group")
     names = {sp[1] for sp in specs if sp[0] == "variant" and sp != ref_spec}
+    methods = {sp[1] for sp in specs if sp[0] == "main"}
     mine = lambda runs: [st for st in res.settings(runs) if lay.task is None or st[0] == lay.task]  # noqa: E731
     have = mine([s for s in res.runs if s.stage == group] if lay.group else
                 [s for s in res.runs if s.stage not in (*MAIN_STAGES, GSM8K) and s.variant in names])
     return have or (mine([s for s in res.runs if s.stage in MAIN_STAGES and s.variant == "main"
-                          and s.method == "fedsoda"]) if lay.fallback else [])
+                          and s.method in methods]) if lay.fallback else [])
 
 
 def sec_declared(res: Results, name: str) -> str:

@@ -656,3 +656,14 @@ def test_declared_tables_come_from_the_study_file(tmp_path, capsys):
     bad.write_text(yaml.safe_dump(spec))
     with pytest.raises(StudyError, match="tables.table4.rows: every row has as many labels as the first"):
         read_tables(bad)
+
+
+def test_a_declared_table_without_variant_runs_is_drawn_where_its_main_rows_ran(tmp_path):
+    """No run of a declared table's variants: the table is drawn (dashes) for the settings of its `main <method>`
+    rows' runs, else it says that nothing ran."""
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", [summary("fedpetuning", seed=s, acc=0.9) for s in (0, 1)]), out) == 0
+    text = out.read_text()
+    assert "| FedPETuning (main) | FedPETuning | — | 90.0 ± 0.0 | 2 | — |" in section(text, "gap")
+    assert "| FedSODA (main) | — | — | — | 0 | (reference) |" in section(text, "gap")
+    assert "_No FedSODA or ablation runs yet._" in section(text, "table3")
