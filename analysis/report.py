@@ -217,36 +217,6 @@ def field_mean(runs: list[RunSummary], key: str):
     return math.fsum(vals) / len(vals) if vals else None
 
 
-def groups_np(runs: list[RunSummary]) -> str:
-    """(n, p) of SGP read from the runs' pruned groups [t, e] (layers t < l <= e): n = e - t, p = the count."""
-    found = sorted({(tuple(sorted({int(e) - int(t) for t, e in s.sgp_groups})), len(s.sgp_groups))
-                    for s in runs if s.sgp_groups})
-    return ", ".join(f"({'/'.join(map(str, n))}, {p})" for n, p in found) or DASH
-
-
-def realign_r(runs: list[RunSummary]) -> str:
-    """The re-alignment interval r read from the runs' per-round `realigned` flags ("never" without any)."""
-    found = set()
-    for s in runs:
-        flags, rounds = s.realigned or [], s.eval_rounds or []
-        if not flags:
-            continue
-        rounds = rounds if len(rounds) == len(flags) else range(1, len(flags) + 1)
-        done = [int(r) for r, f in zip(rounds, flags) if f]
-        steps = {b - a for a, b in zip([0] + done, done)}
-        found.add("never" if not done else "/".join(map(str, sorted(steps))))
-    return ", ".join(sorted(found)) or DASH
-
-
-def extra_overrides(res: "Results", runs: list[RunSummary]) -> str:
-    """The overrides of `runs` beyond those every Table-2 run shares (what makes a variant a variant)."""
-    shared = [set(s.overrides or []) for s in res.runs if s.stage in MAIN_STAGES]
-    shared = set.intersection(*shared) if shared else set()
-    extra = sorted({o for s in runs for o in (s.overrides or []) if o not in shared
-                    and not o.startswith("eval.base=")})
-    return ", ".join(f"`{o}`" for o in extra) or DASH
-
-
 def distinct(values) -> str:
     """The distinct values, with how many of each when there is more than one."""
     values = [v for v in values if v is not None]
@@ -256,6 +226,55 @@ def distinct(values) -> str:
     if len(kinds) == 1:
         return str(kinds[0])
     return ", ".join(f"{v} ({values.count(v)} run{'s' if values.count(v) > 1 else ''})" for v in kinds)
+
+
+# ---- cells and orders the sections share ---------------------------------------------------------------------
+
+def per_setting(res: Results, settings: list[Setting], render) -> str:
+    """One `#### <setting>` part per setting, `render(st)` below its heading."""
+    return "\n\n".join(f"#### {res.label(st)}\n\n" + render(st) for st in settings)
+
+
+def acc_cells(acc: dict[int, float]) -> list[str]:
+    """Test accuracy by seed as [mean ± std, 95% CI, n]."""
+    return [mean_pm(*mean_std(acc.values())), ci_text(t_ci(acc.values())), str(len(acc))]
+
+
+def diff_parts(p: dict) -> list[str]:
+    """A paired difference as [mean, 95% CI, per seed]."""
+    return [num(p["mean"], sign=True), ci_text(p["ci"], sign=True), per_seed(p)]
+
+
+def per_seed(p: dict) -> str:
+    """A paired difference per seed: `s0 +1.0, s1 -2.0`."""
+    return ", ".join(f"s{s} {num(d, sign=True)}" for s, d in zip(p["seeds"], p["diffs"])) or DASH
+
+
+def delta_text(p: dict, n: bool = False) -> str:
+    """A paired difference as `mean [95% CI]` (and `(n=...)`); — without pairs when `n`."""
+    if n and not p["n"]:
+        return DASH
+    return f"{num(p['mean'], sign=True)} {ci_text(p['ci'], sign=True)}" + (f" (n={p['n']})" if n else "")
+
+
+def lr_text(lr) -> str:
+    """A selected lr, or "pending" before the selection."""
+    return "pending" if lr is None else f"{float(lr):g}"
+
+
+def tasks_of(runs: list[RunSummary]) -> list[str]:
+    """The runs' tasks in display order."""
+    return sorted({s.task for s in runs}, key=lambda t: setting_order((t,)))
+
+
+def natural(name: str) -> tuple:
+    """Sort key that orders r2 before r10."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+
+
+def stage_variants(res: Results, stage: str) -> list[str]:
+    """The variant names of a stage's runs, naturally sorted."""
+    return sorted({s.variant for s in res.runs if s.stage == stage}, key=natural)
 
 
 # ---- sections -------------------------------------------------------------------------------------------------
@@ -326,11 +345,6 @@ def sec_lr(res: Results) -> str:
             "(the study's grid.lr_extend adds learning rates for one method).")
 
 
-def per_setting(res: Results, settings: list[Setting], render) -> str:
-    """One `#### <setting>` part per setting, `render(st)` below its heading."""
-    return "\n\n".join(f"#### {res.label(st)}\n\n" + render(st) for st in settings)
-
-
 TABLE2 = ["method", "test acc. % (mean ± std)", "95% CI", "n seeds", "test-set SE (pts)", "sub-LLM acc. %",
           "comm MiB/round/client", "client model MiB", "trainable params", "seeds not used to select lr: acc. % (n)",
           "most-predicted label, % of test rows"]
@@ -389,53 +403,6 @@ def unselected(runs: list[RunSummary]) -> str:
     """Mean ± std (n) of the runs that did not take part in the lr selection (stage seeds, not grid)."""
     acc = by_seed([s for s in runs if s.stage != "grid"])
     return f"{mean_pm(*mean_std(acc.values()))} ({len(acc)})" if acc else DASH
-
-
-def diff_parts(p: dict) -> list[str]:
-    """A paired difference as [mean, 95% CI, per seed]."""
-    return [num(p["mean"], sign=True), ci_text(p["ci"], sign=True), per_seed(p)]
-
-
-def per_seed(p: dict) -> str:
-    """A paired difference per seed: `s0 +1.0, s1 -2.0`."""
-    return ", ".join(f"s{s} {num(d, sign=True)}" for s, d in zip(p["seeds"], p["diffs"])) or DASH
-
-
-def natural(name: str) -> tuple:
-    """Sort key that orders r2 before r10."""
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
-
-
-def stage_variants(res: Results, stage: str) -> list[str]:
-    """The variant names of a stage's runs, naturally sorted."""
-    return sorted({s.variant for s in res.runs if s.stage == stage}, key=natural)
-
-
-def realignments(s: RunSummary):
-    """The number of re-alignments of one run (`realignments`, else counted from the per-round flags)."""
-    if not missing(s.realignments):
-        return int(s.realignments)
-    return sum(int(x) for x in s.realigned) if s.realigned else None
-
-
-def emulator_bytes(s: RunSummary):
-    """The emulator LoRA bytes one client rank received over the run's re-alignments (the copy after pre-alignment,
-    which every aligned run sends once, left out); None when the summary predates `emulator_lora_bytes`."""
-    n = realignments(s)
-    if n == 0:
-        return 0
-    return None if n is None or missing(s.emulator_lora_bytes) else n * int(s.emulator_lora_bytes)
-
-
-def trigger_text(runs: list[RunSummary]) -> str:
-    """How the runs decided to re-align: `drift, τ = <tau>[, max <k>]` or the fixed interval r (`realign_r`)."""
-    found = sorted({f"drift, τ = {float(st['drift_threshold']):g}"
-                    + (f", max {int(st['max_interval'])}" if st.get("max_interval") else "")
-                    for st in (s.settings or {} for s in runs) if st.get("trigger") == "drift"})
-    if found:
-        return ", ".join(found)
-    r = realign_r(runs)
-    return r if r in (DASH, "never") else f"every {r}"
 
 
 def mean_curve(runs: list[RunSummary]) -> list[tuple[int, float, float, float, int]]:
@@ -564,6 +531,65 @@ def gsm8k_paired(runs: list[RunSummary]) -> str:
         return ""
     return "\n\n" + table(["paired on the test questions: a − b", "seed", "Δ (pts)", "95% CI", "only a right",
                             "only b right", "McNemar p (exact)"], rows, 1)
+
+
+# ---- what a run's summary says about its pruning and alignment (comparison columns) -------------------------
+
+def groups_np(runs: list[RunSummary]) -> str:
+    """(n, p) of SGP read from the runs' pruned groups [t, e] (layers t < l <= e): n = e - t, p = the count."""
+    found = sorted({(tuple(sorted({int(e) - int(t) for t, e in s.sgp_groups})), len(s.sgp_groups))
+                    for s in runs if s.sgp_groups})
+    return ", ".join(f"({'/'.join(map(str, n))}, {p})" for n, p in found) or DASH
+
+
+def realign_r(runs: list[RunSummary]) -> str:
+    """The re-alignment interval r read from the runs' per-round `realigned` flags ("never" without any)."""
+    found = set()
+    for s in runs:
+        flags, rounds = s.realigned or [], s.eval_rounds or []
+        if not flags:
+            continue
+        rounds = rounds if len(rounds) == len(flags) else range(1, len(flags) + 1)
+        done = [int(r) for r, f in zip(rounds, flags) if f]
+        steps = {b - a for a, b in zip([0] + done, done)}
+        found.add("never" if not done else "/".join(map(str, sorted(steps))))
+    return ", ".join(sorted(found)) or DASH
+
+
+def extra_overrides(res: "Results", runs: list[RunSummary]) -> str:
+    """The overrides of `runs` beyond those every Table-2 run shares (what makes a variant a variant)."""
+    shared = [set(s.overrides or []) for s in res.runs if s.stage in MAIN_STAGES]
+    shared = set.intersection(*shared) if shared else set()
+    extra = sorted({o for s in runs for o in (s.overrides or []) if o not in shared
+                    and not o.startswith("eval.base=")})
+    return ", ".join(f"`{o}`" for o in extra) or DASH
+
+
+def realignments(s: RunSummary):
+    """The number of re-alignments of one run (`realignments`, else counted from the per-round flags)."""
+    if not missing(s.realignments):
+        return int(s.realignments)
+    return sum(int(x) for x in s.realigned) if s.realigned else None
+
+
+def emulator_bytes(s: RunSummary):
+    """The emulator LoRA bytes one client rank received over the run's re-alignments (the copy after pre-alignment,
+    which every aligned run sends once, left out); None when the summary predates `emulator_lora_bytes`."""
+    n = realignments(s)
+    if n == 0:
+        return 0
+    return None if n is None or missing(s.emulator_lora_bytes) else n * int(s.emulator_lora_bytes)
+
+
+def trigger_text(runs: list[RunSummary]) -> str:
+    """How the runs decided to re-align: `drift, τ = <tau>[, max <k>]` or the fixed interval r (`realign_r`)."""
+    found = sorted({f"drift, τ = {float(st['drift_threshold']):g}"
+                    + (f", max {int(st['max_interval'])}" if st.get("max_interval") else "")
+                    for st in (s.settings or {} for s in runs) if st.get("trigger") == "drift"})
+    if found:
+        return ", ".join(found)
+    r = realign_r(runs)
+    return r if r in (DASH, "never") else f"every {r}"
 
 
 def chosen_np(runs: list[RunSummary]) -> str:
@@ -802,6 +828,8 @@ def sec_variants(res: Results) -> str:
         "when the group runs several methods (they are the reference), else the FedSODA main runs of the setting.")
 
 
+# ---- the other sections: curves, cost, selection over seeds, budget -------------------------------------------
+
 def figure_name(res: Results, st: Setting) -> str:
     """`<study>_curves_<task>.png` (model and split appended when a task has several settings)."""
     study = re.sub(r"[^A-Za-z0-9_.-]+", "_", res.study)
@@ -847,11 +875,6 @@ def sec_curves(res: Results) -> str:
     return "\n\n".join(links)
 
 
-def tasks_of(runs: list[RunSummary]) -> list[str]:
-    """The runs' tasks in display order."""
-    return sorted({s.task for s in runs}, key=lambda t: setting_order((t,)))
-
-
 def minutes_cells(runs: list[RunSummary], key: str = "wall_s") -> list[str]:
     """[runs, hours summed, "median (min–max)" minutes per run] from the runs' `key` seconds ("—" without)."""
     mins = [float(getattr(s, key)) / 60 for s in runs if not missing(getattr(s, key))]
@@ -879,23 +902,6 @@ def sec_cost(res: Results) -> str:
              (["task", "method (runs that record it)", "runs", "final test evaluation, h (sum)", tail[1]],
               cost_rows([s for s in res.runs if not missing(s.eval_s)], "method", "eval_s"))]
     return "\n\n".join(table(headers, rows, 2) for headers, rows in parts if rows)
-
-
-def acc_cells(acc: dict[int, float]) -> list[str]:
-    """Test accuracy by seed as [mean ± std, 95% CI, n]."""
-    return [mean_pm(*mean_std(acc.values())), ci_text(t_ci(acc.values())), str(len(acc))]
-
-
-def delta_text(p: dict, n: bool = False) -> str:
-    """A paired difference as `mean [95% CI]` (and `(n=...)`); — without pairs when `n`."""
-    if n and not p["n"]:
-        return DASH
-    return f"{num(p['mean'], sign=True)} {ci_text(p['ci'], sign=True)}" + (f" (n={p['n']})" if n else "")
-
-
-def lr_text(lr) -> str:
-    """A selected lr, or "pending" before the selection."""
-    return "pending" if lr is None else f"{float(lr):g}"
 
 
 def val_means(per_lr: dict[float, list[RunSummary]]) -> dict[float, float]:
