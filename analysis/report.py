@@ -383,7 +383,7 @@ def sec_table2(res: Results) -> str:
 
 def top_label_share(runs: list[RunSummary]) -> str:
     """Per seed, the share (%) of test rows given the label the run's full model predicts most (pred_counts): 100
-    is a model that answers one label whatever the input; — when no run records it (GSM8K, or summaries without pred_counts)."""
+    is a model that answers one label whatever the input; — when no run records pred_counts (GSM8K, say)."""
     shares = {s.seed: 100 * max(s.pred_counts) / sum(s.pred_counts) for s in runs if s.pred_counts}
     return ", ".join(f"s{k} {num(v)}" for k, v in sorted(shares.items())) or DASH
 
