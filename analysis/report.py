@@ -794,19 +794,19 @@ def sec_declared(res: Results, name: str) -> str:
     return per_setting(res, declared_settings(res, name, [sp for _, sp in specs], ref_spec), render) or lay.empty
 
 
-def shown_elsewhere(res: Results, s: RunSummary) -> bool:
-    """Whether another section shows the run: a Table-2, gsm8k or budget run, a variant a declared table names, or
-    a run of a declared table's variant group."""
+def shown_elsewhere(res: Results) -> tuple[set[str], set[str]]:
+    """The stages and the variant names other sections show: Table 2, gsm8k, budget, the variant groups of the
+    declared tables; the variants a declared table names."""
     names = {sp[1] for name in res.tables for _, sp in res.declared(name)[0] if sp[0] == "variant"}
-    groups = {t["group"] for t in res.tables.values() if "group" in t}
-    return s.stage in (*MAIN_STAGES, GSM8K, BUDGET, *groups) or s.variant in names
+    return {*MAIN_STAGES, GSM8K, BUDGET, *(t["group"] for t in res.tables.values() if "group" in t)}, names
 
 
 def sec_variants(res: Results) -> str:
     """Every variant run no other section shows (paper.yaml's non-IID and public-data groups, new groups), by
     group and setting; Δ against the same variant's FedSODA runs when the group has several methods, else
     against the FedSODA main runs of the setting."""
-    runs = [s for s in res.runs if not shown_elsewhere(res, s)]
+    stages, names = shown_elsewhere(res)
+    runs = [s for s in res.runs if s.stage not in stages and s.variant not in names]
     if not runs:
         return "_No other variant runs._"
     parts = []
