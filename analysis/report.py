@@ -797,8 +797,9 @@ def sec_declared(res: Results, name: str) -> str:
 def shown_elsewhere(res: Results) -> tuple[set[str], set[str]]:
     """The stages and the variant names other sections show: Table 2, gsm8k, budget, the variant groups of the
     declared tables; the variants a declared table names."""
-    names = {sp[1] for name in res.tables for _, sp in res.declared(name)[0] if sp[0] == "variant"}
-    return {*MAIN_STAGES, GSM8K, BUDGET, *(t["group"] for t in res.tables.values() if "group" in t)}, names
+    drawn = [name for name in res.tables if name in LAYOUTS]  # a table of another name has no section
+    names = {sp[1] for name in drawn for _, sp in res.declared(name)[0] if sp[0] == "variant"}
+    return {*MAIN_STAGES, GSM8K, BUDGET, *(res.tables[n]["group"] for n in drawn if "group" in res.tables[n])}, names
 
 
 def sec_variants(res: Results) -> str:

@@ -667,3 +667,16 @@ def test_a_declared_table_without_variant_runs_is_drawn_where_its_main_rows_ran(
     assert "| FedPETuning (main) | FedPETuning | — | 90.0 ± 0.0 | 2 | — |" in section(text, "gap")
     assert "| FedSODA (main) | — | — | — | 0 | (reference) |" in section(text, "gap")
     assert "_No FedSODA or ablation runs yet._" in section(text, "table3")
+
+
+def test_a_table_without_a_section_hides_no_variant(tmp_path):
+    """A declared table the report has no section for leaves its variants in "Other variants"."""
+    import yaml
+
+    spec = yaml.safe_load(STUDY.read_text(encoding="utf-8"))
+    spec["tables"] = {"other": {"ref": "main fedsoda", "rows": [["main fedsoda", "F"], ["fp32_sub", "NF4 off"]]}}
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", full_study(), SELECTION), out, "--study", str(study)) == 0
+    assert "| fp32_sub | FedSODA | `quant.enabled=false` |" in section(out.read_text(), "variants")
