@@ -73,20 +73,24 @@ def mean_pm(m: float, s: float, n: int) -> str:
 
 
 def ci_text(ci, sign: bool = False) -> str:
+    """A confidence interval as `[lo, hi]`, "—" without one."""
     return DASH if ci is None else f"[{num(ci[0], sign=sign)}, {num(ci[1], sign=sign)}]"
 
 
 def mib(nbytes, digits: int) -> str:
+    """Bytes in MiB with `digits` decimals."""
     return DASH if missing(nbytes) else f"{float(nbytes) / 2 ** 20:.{digits}f}"
 
 
 def count(x) -> str:
+    """A count with thousands separators."""
     return DASH if missing(x) else f"{int(round(float(x))):,}"
 
 
 # ---- loading --------------------------------------------------------------------------------------------------
 
 def read_json(path: Path):
+    """A JSON file's content (ReportError when unreadable)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -122,14 +126,17 @@ Setting = tuple  # (task, model, split)
 
 
 def setting_of(s: RunSummary) -> Setting:
+    """A run's (task, model, split)."""
     return (str(s.task), str(s.model), str(s.split))
 
 
 def setting_order(st: Setting) -> tuple:
+    """Sort key of settings: TASKS' order first."""
     return (TASKS.index(st[0]) if st[0] in TASKS else len(TASKS), *st)
 
 
 def method_order(m: str) -> tuple:
+    """Sort key of methods: METHODS' order, then other names."""
     return (METHODS.index(m) if m in METHODS else len(METHODS), m)
 
 
@@ -145,9 +152,11 @@ class Results:
 
     @property
     def study(self) -> str:
+        """The study name(s) of the runs."""
         return ", ".join(sorted({str(s.study) for s in self.runs}))
 
     def settings(self, runs: list[RunSummary] | None = None) -> list[Setting]:
+        """The settings of `runs` (default: all), in display order."""
         return sorted({setting_of(s) for s in (self.runs if runs is None else runs)}, key=setting_order)
 
     def label(self, st: Setting) -> str:
@@ -365,6 +374,7 @@ def method_row(m: str, runs: list[RunSummary]) -> list[str]:
 def sec_table2(res: Results) -> str:
     """Per task: the four methods (mean ± std, CI, n, sub-LLM, bytes) and FedSODA − baseline paired by seed."""
     def render(st: Setting) -> str:
+        """The method table and the paired differences of one setting."""
         rows = [method_row(m, res.main(st, m)) for m in METHODS]
         bm, bs, bn = mean_std([100 * float(s.base_accuracy) for s in res.runs
                                if setting_of(s) == st and not missing(s.base_accuracy)])
@@ -424,6 +434,7 @@ def last_val(s: RunSummary):
 def sec_table9(res: Results) -> str:
     """Rounds until each method's mean validation curve reaches FedOT's final validation accuracy."""
     def render(st: Setting) -> str:
+        """FedOT's target and each method's first round at it, in one setting."""
         target, _, n_t = mean_std([v for v in (last_val(s) for s in res.main(st, "fedot")) if v is not None])
         rows = []
         for m in METHODS:
@@ -786,6 +797,7 @@ def sec_declared(res: Results, name: str) -> str:
     lay = LAYOUTS[name]
 
     def render(st: Setting) -> str:
+        """The table (and its `then`) in one setting."""
         ref = by_seed(res.rows(st, ref_spec))
         rows = [Row(label, res.rows(st, sp), None if sp == ref_spec else ref, sp[0] == "main", st)
                 for label, sp in specs]
