@@ -1,4 +1,4 @@
-"""Shared helpers of the analysis scripts: open run files, label runs, save figures as PNG + PDF.
+"""Shared helpers of the analysis scripts: open run files, label runs, save figures as PNG + PDF, markdown tables.
 
 The scripts read ONLY the HDF5 run files (the HDF5 contract of docs/design.md), never re-run anything. Files are opened
 read-only without HDF5 file locking, so a run that is still writing can be plotted.
@@ -239,6 +239,13 @@ def byte_unit(max_bytes: float) -> tuple[float, str]:
         if max_bytes >= 1024 ** power:
             return 1024.0 ** power, name
     return 1.0, "B"
+
+
+def markdown_table(headers: list[str], rows: list, left: int = 1) -> str:
+    """A markdown table; the first `left` columns are left-aligned, the rest right-aligned."""
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join("---" if i < left else "---:" for i in range(len(headers))) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def parser(description: str) -> argparse.ArgumentParser:

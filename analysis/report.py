@@ -1,34 +1,20 @@
 """The study report: the statistics tables of docs/results.md, generated from per-run summaries only.
 
-    python analysis/report.py results/cpu_smollm2 --out docs/results.md
-    python analysis/report.py results/cpu_smollm2 --out docs/results.md --figures docs/gallery
-    python analysis/report.py results/cpu_smollm2 --out docs/results.md --study studies/cpu_smollm2.yaml
+    python analysis/report.py results/cpu_smollm2 --out docs/results.md [--figures docs/gallery] [--study FILE]
 
-Reads <results>/*.json (one few-KB summary per finished run, fedsoda_mpi.summary.RunSummary, written by
-fedsoda_mpi.study.summarize), <results>/selection.json (fedsoda_mpi.study.write_selection) and the `tables` of the
-study file (--study, default studies/<study>.yaml: the rows and reference of the gap and bridge tables); never a run
-folder. In the --out markdown
-file, the lines between `<!-- report:begin NAME -->` and `<!-- report:end NAME -->` are replaced by freshly
-generated content and everything outside the markers is kept: the captions that explain each table live there
-(docs/results.md), the generated content is the tables and the captions that depend on the data; a new file gets
-every section. Sections:
-setup, lr, table2, table3, table4, drift, table9, gap, bridge, transfer, gsm8k, auto, selfpublic, variants, curves, cost,
-seeds3 (figures:
-<figures>/<study>_curves_<task>.png, default <out folder>/gallery). drift shows the study's `drift` stage
-(oda.trigger=drift) beside the fixed re-alignment intervals r1, r = 5 (main) and no_re_align; auto and selfpublic
-show every run of the study's `auto` and `selfpublic` stages (issue #16) against the FedSODA main runs; variants
-shows every variant run that no other section shows; seeds3 compares the study's lr selection over several seeds
-with a seed-0-only selection of the same grid.
+Reads <results>/*.json (one summary per finished run, fedsoda_mpi.summary.RunSummary), <results>/selection.json
+and the `tables` of the study file (--study, default studies/<study>.yaml): the rows, labels and reference of each
+comparison table (table3, table4, drift, gap, bridge, auto, selfpublic; LAYOUTS says how each is drawn); never a
+run folder. In the --out file the lines between `<!-- report:begin NAME -->` and `<!-- report:end NAME -->` are
+rewritten and everything else is kept (the captions live there); a new file gets every section (SECTIONS). The
+curves section writes <figures>/<study>_curves_<task>.png (default <out folder>/gallery). A marker
+`<!-- report:begin NAME@STUDY -->` belongs to the report of study STUDY: when the file has such markers for the
+study being reported, only they are rewritten, otherwise the untagged ones are.
 
-One file, several studies: a marker `<!-- report:begin NAME@STUDY -->` belongs to the report of the results folder
-whose summaries are of study STUDY; when the file has such markers for the study being reported, only they are
-rewritten (docs/results.md: `python analysis/report.py results/cpu_smollm2_ii --out docs/results.md` rewrites the
-Evidence II sections); otherwise the untagged markers are, and other studies' tagged sections are left alone.
-
-Table-2 runs are the grid and seeds stages at the selected lr (variant "main"); other stages are found by
-variant name (the gsm8k stage's "main" runs never enter Table 2). Statistics over seeds: mean +- sample
-std, the 95% CI of the mean (Student t, df = n - 1), paired differences by seed. A partial study renders
-with what exists: missing cells are "—" and every mean states its n. Same input, byte-identical output.
+Table-2 runs are the grid and seeds stages at the selected lr (variant "main"); other stages are found by variant
+name. Statistics over seeds (fedsoda_mpi.stats): mean ± sample std, the 95% CI of the mean (Student t), paired
+differences by seed. A partial study renders with what exists: missing cells are "—" and every mean states its n.
+Same input, byte-identical output.
 """
 from __future__ import annotations
 
@@ -43,11 +29,13 @@ from statistics import median
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # the repository's fedsoda_mpi also without an installed package
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # common, and the repository's fedsoda_mpi without an installed package
+from common import markdown_table as table, plt, round_axis  # noqa: E402  (Agg backend and the house style)
 from fedsoda_mpi.methods import METHODS, NAMES  # noqa: E402
 from fedsoda_mpi.study import StudyError, read_tables  # noqa: E402
 from fedsoda_mpi.summary import RunSummary, SummaryError  # noqa: E402
-from fedsoda_mpi.stats import binomial_se, mcnemar, mean_of, mean_std, missing, paired, t_ci, unbits, wilson  # noqa: E402
+from fedsoda_mpi.stats import (binomial_se, mcnemar, mean_of, mean_std, missing, paired, t_ci,  # noqa: E402
+                               unbits, wilson)
 
 DASH = "—"
 MAIN_STAGES = ("grid", "seeds")
@@ -85,31 +73,24 @@ def mean_pm(m: float, s: float, n: int) -> str:
 
 
 def ci_text(ci, sign: bool = False) -> str:
+    """A confidence interval as `[lo, hi]`, "—" without one."""
     return DASH if ci is None else f"[{num(ci[0], sign=sign)}, {num(ci[1], sign=sign)}]"
 
 
 def mib(nbytes, digits: int) -> str:
+    """Bytes in MiB with `digits` decimals."""
     return DASH if missing(nbytes) else f"{float(nbytes) / 2 ** 20:.{digits}f}"
 
 
 def count(x) -> str:
+    """A count with thousands separators."""
     return DASH if missing(x) else f"{int(round(float(x))):,}"
-
-
-def yes_no(x) -> str:
-    return DASH if x is None else ("yes" if x else "no")
-
-
-def table(headers: list[str], rows: list[list[str]], left: int = 1) -> str:
-    """A markdown table; the first `left` columns are left-aligned, the rest right-aligned."""
-    lines = ["| " + " | ".join(headers) + " |",
-             "|" + "|".join("---" if i < left else "---:" for i in range(len(headers))) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 # ---- loading --------------------------------------------------------------------------------------------------
 
 def read_json(path: Path):
+    """A JSON file's content (ReportError when unreadable)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -145,14 +126,17 @@ Setting = tuple  # (task, model, split)
 
 
 def setting_of(s: RunSummary) -> Setting:
+    """A run's (task, model, split)."""
     return (str(s.task), str(s.model), str(s.split))
 
 
 def setting_order(st: Setting) -> tuple:
+    """Sort key of settings: TASKS' order first."""
     return (TASKS.index(st[0]) if st[0] in TASKS else len(TASKS), *st)
 
 
 def method_order(m: str) -> tuple:
+    """Sort key of methods: METHODS' order, then other names."""
     return (METHODS.index(m) if m in METHODS else len(METHODS), m)
 
 
@@ -168,9 +152,11 @@ class Results:
 
     @property
     def study(self) -> str:
+        """The study name(s) of the runs."""
         return ", ".join(sorted({str(s.study) for s in self.runs}))
 
     def settings(self, runs: list[RunSummary] | None = None) -> list[Setting]:
+        """The settings of `runs` (default: all), in display order."""
         return sorted({setting_of(s) for s in (self.runs if runs is None else runs)}, key=setting_order)
 
     def label(self, st: Setting) -> str:
@@ -204,16 +190,17 @@ class Results:
         return [s for s in self.runs if s.stage not in (*MAIN_STAGES, GSM8K) and s.variant == name
                 and setting_of(s) == st]
 
-    def table(self, name: str) -> tuple[list[tuple[str, tuple]], tuple | None]:
-        """A declared table's rows as (label, spec), then the other variants of its group (if it names one), and its
-        reference spec; ([], None) when the study has none."""
+    def declared(self, name: str) -> tuple[list[tuple[tuple, tuple]], tuple | None]:
+        """A declared table's rows as (label cells, spec), then the other variants of its group (if it names one;
+        labelled by their name), and its reference spec; ([], None) when the study has none."""
         table = self.tables.get(name)
         if not table:
             return [], None
         spec = lambda row: ("main", row[5:]) if row.startswith("main ") else ("variant", row)  # noqa: E731
-        rows = [(label, spec(row)) for row, label in table["rows"]]
-        listed = {sp for _, sp in rows}
-        rows += [(n, ("variant", n)) for n in stage_variants(self, table.get("group")) if ("variant", n) not in listed]
+        rows = [(tuple(labels), spec(row)) for row, *labels in table["rows"]]
+        listed, pad = {sp for _, sp in rows}, (DASH,) * (len(rows[0][0]) - 1)
+        rows += [((*pad, n), ("variant", n)) for n in stage_variants(self, table.get("group"))
+                 if ("variant", n) not in listed]
         return rows, spec(table["ref"])
 
     def rows(self, st: Setting, spec: tuple) -> list[RunSummary]:
@@ -239,36 +226,6 @@ def field_mean(runs: list[RunSummary], key: str):
     return math.fsum(vals) / len(vals) if vals else None
 
 
-def groups_np(runs: list[RunSummary]) -> str:
-    """(n, p) of SGP read from the runs' pruned groups [t, e] (layers t < l <= e): n = e - t, p = the count."""
-    found = sorted({(tuple(sorted({int(e) - int(t) for t, e in s.sgp_groups})), len(s.sgp_groups))
-                    for s in runs if s.sgp_groups})
-    return ", ".join(f"({'/'.join(map(str, n))}, {p})" for n, p in found) or DASH
-
-
-def realign_r(runs: list[RunSummary]) -> str:
-    """The re-alignment interval r read from the runs' per-round `realigned` flags ("never" without any)."""
-    found = set()
-    for s in runs:
-        flags, rounds = s.realigned or [], s.eval_rounds or []
-        if not flags:
-            continue
-        rounds = rounds if len(rounds) == len(flags) else range(1, len(flags) + 1)
-        done = [int(r) for r, f in zip(rounds, flags) if f]
-        steps = {b - a for a, b in zip([0] + done, done)}
-        found.add("never" if not done else "/".join(map(str, sorted(steps))))
-    return ", ".join(sorted(found)) or DASH
-
-
-def extra_overrides(res: "Results", runs: list[RunSummary]) -> str:
-    """The overrides of `runs` beyond those every Table-2 run shares (what makes a variant a variant)."""
-    shared = [set(s.overrides or []) for s in res.runs if s.stage in MAIN_STAGES]
-    shared = set.intersection(*shared) if shared else set()
-    extra = sorted({o for s in runs for o in (s.overrides or []) if o not in shared
-                    and not o.startswith("eval.base=")})
-    return ", ".join(f"`{o}`" for o in extra) or DASH
-
-
 def distinct(values) -> str:
     """The distinct values, with how many of each when there is more than one."""
     values = [v for v in values if v is not None]
@@ -278,6 +235,55 @@ def distinct(values) -> str:
     if len(kinds) == 1:
         return str(kinds[0])
     return ", ".join(f"{v} ({values.count(v)} run{'s' if values.count(v) > 1 else ''})" for v in kinds)
+
+
+# ---- cells and orders the sections share ---------------------------------------------------------------------
+
+def per_setting(res: Results, settings: list[Setting], render) -> str:
+    """One `#### <setting>` part per setting, `render(st)` below its heading."""
+    return "\n\n".join(f"#### {res.label(st)}\n\n" + render(st) for st in settings)
+
+
+def acc_cells(acc: dict[int, float]) -> list[str]:
+    """Test accuracy by seed as [mean ± std, 95% CI, n]."""
+    return [mean_pm(*mean_std(acc.values())), ci_text(t_ci(acc.values())), str(len(acc))]
+
+
+def diff_parts(p: dict) -> list[str]:
+    """A paired difference as [mean, 95% CI, per seed]."""
+    return [num(p["mean"], sign=True), ci_text(p["ci"], sign=True), per_seed(p)]
+
+
+def per_seed(p: dict) -> str:
+    """A paired difference per seed: `s0 +1.0, s1 -2.0`."""
+    return ", ".join(f"s{s} {num(d, sign=True)}" for s, d in zip(p["seeds"], p["diffs"])) or DASH
+
+
+def delta_text(p: dict, n: bool = False) -> str:
+    """A paired difference as `mean [95% CI]` (and `(n=...)`); — without pairs when `n`."""
+    if n and not p["n"]:
+        return DASH
+    return f"{num(p['mean'], sign=True)} {ci_text(p['ci'], sign=True)}" + (f" (n={p['n']})" if n else "")
+
+
+def lr_text(lr) -> str:
+    """A selected lr, or "pending" before the selection."""
+    return "pending" if lr is None else f"{float(lr):g}"
+
+
+def tasks_of(runs: list[RunSummary]) -> list[str]:
+    """The runs' tasks in display order."""
+    return sorted({s.task for s in runs}, key=lambda t: setting_order((t,)))
+
+
+def natural(name: str) -> tuple:
+    """Sort key that orders r2 before r10."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+
+
+def stage_variants(res: Results, stage: str) -> list[str]:
+    """The variant names of a stage's runs, naturally sorted."""
+    return sorted({s.variant for s in res.runs if s.stage == stage}, key=natural)
 
 
 # ---- sections -------------------------------------------------------------------------------------------------
@@ -293,7 +299,7 @@ def sec_setup(res: Results) -> str:
     R = res.runs
     stages = stages_of(R)
     per_task = lambda key: "; ".join(f"{t}: {distinct([getattr(s, key) for s in R if s.task == t])}"  # noqa: E731
-                                     for t in sorted({s.task for s in R}, key=lambda t: setting_order((t,))))
+                                     for t in tasks_of(R))
     models = sorted({f"{s.model} ({s.model_name})" for s in R})
     grid_lrs = sorted({float(s.lr) for s in R if s.stage == "grid" and not missing(s.lr)})
     commits = sorted({str(s.commit) for s in R})
@@ -340,7 +346,7 @@ def sec_lr(res: Results) -> str:
         ran = [lr for lr in lrs if vals[key].get(lr)]
         edge = chosen is not None and len(ran) > 1 and float(chosen) in (ran[0], ran[-1])
         rows.append([res.label(key[:3]), NAMES.get(key[3], key[3]), *cells,
-                     (f"**{float(chosen):g}**" + (" (grid edge)" if edge else "")) if chosen is not None else "pending"])
+                     "pending" if chosen is None else f"**{float(chosen):g}**" + (" (grid edge)" if edge else "")])
     rule = res.selection.get("rule", "no selection.json yet")
     return (table(["task", "method", *[f"val. acc. % at lr = {lr:g}" for lr in lrs], "selected lr"], rows, 2)
             + f"\n\nValidation accuracy (held-out training rows, never the test set). Rule: {rule}. \"Grid edge\": the "
@@ -348,49 +354,46 @@ def sec_lr(res: Results) -> str:
             "(the study's grid.lr_extend adds learning rates for one method).")
 
 
+TABLE2 = ["method", "test acc. % (mean ± std)", "95% CI", "n seeds", "test-set SE (pts)", "sub-LLM acc. %",
+          "comm MiB/round/client", "client model MiB", "trainable params", "seeds not used to select lr: acc. % (n)",
+          "most-predicted label, % of test rows"]
+
+
+def method_row(m: str, runs: list[RunSummary]) -> list[str]:
+    """A Table-2 row: the method's test accuracy over seeds, the test-set SE at that accuracy, the sub-LLM, sizes,
+    the seeds that did not select the lr, and the most-predicted label's share."""
+    acc = by_seed(runs)
+    mu, _, n = mean_std(acc.values())
+    n_eval = min((int(s.n_eval) for s in runs if not missing(s.n_eval)), default=0)
+    return [NAMES[m], *acc_cells(acc), num(100 * binomial_se(mu / 100, n_eval) if n else math.nan),
+            num(mean_std(by_seed(runs, "sub_accuracy").values())[0]), mib(field_mean(runs, "comm_bytes_per_round"), 3),
+            mib(field_mean(runs, "client_model_bytes"), 1), count(field_mean(runs, "trainable_params")),
+            unselected(runs), top_label_share(runs)]
+
+
 def sec_table2(res: Results) -> str:
     """Per task: the four methods (mean ± std, CI, n, sub-LLM, bytes) and FedSODA − baseline paired by seed."""
-    settings = res.settings([s for s in res.runs if s.stage in MAIN_STAGES])
-    if not settings:
-        return "_No Table-2 runs yet._"
-    parts = []
-    for st in settings:
-        rows, accs = [], {}
-        for m in METHODS:
-            runs = res.main(st, m)
-            accs[m] = by_seed(runs)
-            mu, sd, n = mean_std(accs[m].values())
-            n_eval = min((int(s.n_eval) for s in runs if not missing(s.n_eval)), default=0)
-            se = 100 * binomial_se(mu / 100, n_eval) if n else math.nan
-            rows.append([NAMES[m], mean_pm(mu, sd, n), ci_text(t_ci(accs[m].values())), str(n), num(se),
-                         num(mean_std(by_seed(runs, "sub_accuracy").values())[0]),
-                         mib(field_mean(runs, "comm_bytes_per_round"), 3),
-                         mib(field_mean(runs, "client_model_bytes"), 1),
-                         count(field_mean(runs, "trainable_params")), unselected(runs), top_label_share(runs)])
-        base = [s for s in res.runs if setting_of(s) == st and not missing(s.base_accuracy)]
-        bm, bs, bn = mean_std([100 * float(s.base_accuracy) for s in base])
+    def render(st: Setting) -> str:
+        """The method table and the paired differences of one setting."""
+        rows = [method_row(m, res.main(st, m)) for m in METHODS]
+        bm, bs, bn = mean_std([100 * float(s.base_accuracy) for s in res.runs
+                               if setting_of(s) == st and not missing(s.base_accuracy)])
         rows.append(["base model", mean_pm(bm, bs, bn), DASH, str(bn)] + [DASH] * 7)
         majority = majority_share([s for s in res.runs if setting_of(s) == st])
-        if majority is not None:
-            rows.append(["always the majority class", num(majority), DASH, DASH] + [DASH] * 7)
-        diff_rows = []
-        for m in METHODS[1:]:
-            p = paired(accs["fedsoda"], accs[m])
-            diff_rows.append([f"FedSODA − {NAMES[m]}", ", ".join(map(str, p["seeds"])) or DASH,
-                              num(p["mean"], sign=True), ci_text(p["ci"], sign=True), per_seed(p),
-                              yes_no(p["excludes_zero"])])
-        parts.append(f"#### {res.label(st)}\n\n"
-                     + table(["method", "test acc. % (mean ± std)", "95% CI", "n seeds", "test-set SE (pts)",
-                              "sub-LLM acc. %", "comm MiB/round/client", "client model MiB", "trainable params",
-                              "seeds not used to select lr: acc. % (n)", "most-predicted label, % of test rows"], rows)
-                     + "\n\n" + table(["paired difference", "seeds", "mean Δ (pts)", "95% CI", "per seed",
-                                       "CI excludes 0"], diff_rows))
-    return "\n\n".join(parts)
+        rows += [["always the majority class", num(majority), DASH, DASH] + [DASH] * 7] if majority is not None else []
+        ref = by_seed(res.main(st, "fedsoda"))
+        diffs = [[f"FedSODA − {NAMES[m]}", ", ".join(map(str, p["seeds"])) or DASH, *diff_parts(p),
+                  DASH if p["excludes_zero"] is None else ("yes" if p["excludes_zero"] else "no")]
+                 for m in METHODS[1:] for p in [paired(ref, by_seed(res.main(st, m)))]]
+        return table(TABLE2, rows) + "\n\n" + table(["paired difference", "seeds", "mean Δ (pts)", "95% CI",
+                                                      "per seed", "CI excludes 0"], diffs)
+    return per_setting(res, res.settings([s for s in res.runs if s.stage in MAIN_STAGES]), render) or \
+        "_No Table-2 runs yet._"
 
 
 def top_label_share(runs: list[RunSummary]) -> str:
     """Per seed, the share (%) of test rows given the label the run's full model predicts most (pred_counts): 100
-    is a model that answers one label whatever the input; — when no run records it (GSM8K, or runs from before)."""
+    is a model that answers one label whatever the input; — when no run records pred_counts (GSM8K, say)."""
     shares = {s.seed: 100 * max(s.pred_counts) / sum(s.pred_counts) for s in runs if s.pred_counts}
     return ", ".join(f"s{k} {num(v)}" for k, v in sorted(shares.items())) or DASH
 
@@ -412,176 +415,6 @@ def unselected(runs: list[RunSummary]) -> str:
     return f"{mean_pm(*mean_std(acc.values()))} ({len(acc)})" if acc else DASH
 
 
-def per_seed(p: dict) -> str:
-    return ", ".join(f"s{s} {num(d, sign=True)}" for s, d in zip(p["seeds"], p["diffs"])) or DASH
-
-
-def diff_cells(runs: list[RunSummary], ref: dict[int, float] | None) -> list[str]:
-    """Accuracy mean ± std and n of `runs`, then Δ vs `ref` paired by seed: mean, 95% CI, seeds."""
-    acc = by_seed(runs)
-    cells = [mean_pm(*mean_std(acc.values())), str(len(acc))]
-    if ref is None:
-        return cells + ["(reference)", DASH, DASH]
-    p = paired(acc, ref)
-    return cells + [num(p["mean"], sign=True), ci_text(p["ci"], sign=True), ", ".join(map(str, p["seeds"])) or DASH]
-
-
-@dataclass(frozen=True)
-class Row:
-    """One row of a comparison table: its label cells, its runs, and the reference its Δ is paired with ({seed:
-    test accuracy in points}; None: this row is the reference)."""
-
-    label: tuple
-    runs: list
-    ref: dict | None
-
-
-Col = tuple  # (header, cell: Row -> str)
-DIFF_HEADERS = ["test acc. % (mean ± std)", "n", "Δ vs FedSODA (pts)", "95% CI", "paired seeds"]
-COST: list[Col] = [("comm MiB/round/client", lambda r: mib(field_mean(r.runs, "comm_bytes_per_round"), 3)),
-                   ("client model MiB", lambda r: mib(field_mean(r.runs, "client_model_bytes"), 1)),
-                   ("KL after pre-align (mean)", lambda r: num(field_mean(r.runs, "kl_after"), 3))]
-
-
-def comparison(rows: list[Row], labels: list[str], before: list[Col] = (), after: list[Col] = (), left: int = 1,
-               seeds: bool = False, delta: str = DIFF_HEADERS[2]) -> str:
-    """The table "Δ vs a reference, paired by seed": per row its label cells, the `before` columns, the test accuracy
-    (mean ± std, n), Δ vs the row's reference with its 95% CI (and the paired seeds when `seeds`), then the `after`
-    columns."""
-    diff = [*DIFF_HEADERS[:2], delta, *DIFF_HEADERS[3:5 if seeds else 4]]
-    body = [[*r.label, *(cell(r) for _, cell in before), *diff_cells(r.runs, r.ref)[:len(diff)],
-             *(cell(r) for _, cell in after)] for r in rows]
-    return table([*labels, *(h for h, _ in before), *diff, *(h for h, _ in after)], body, left)
-
-
-def per_setting(res: Results, settings: list[Setting], render, empty: str) -> str:
-    """One `#### <setting>` part per setting (`render(st)`); `empty` without settings."""
-    if not settings:
-        return empty
-    return "\n\n".join(f"#### {res.label(st)}\n\n" + render(st) for st in settings)
-
-
-def main_ref(res: Results, st: Setting) -> dict[int, float]:
-    """The FedSODA main runs' test accuracy by seed: the usual reference."""
-    return by_seed(res.main(st, "fedsoda"))
-
-
-def variant_settings(res: Results, specs: list[tuple], task: str | None = None) -> list[Setting]:
-    """The settings holding any variant run of a table, else those with FedSODA main runs (rendered with —)."""
-    names = {sp[1] for sp in specs if sp[0] == "variant"}
-    have = res.settings([s for s in res.runs if s.stage not in (*MAIN_STAGES, GSM8K) and s.variant in names])
-    have = have or res.settings([s for s in res.runs if s.stage in MAIN_STAGES and s.variant == "main"
-                                 and s.method == "fedsoda"])
-    return [st for st in have if task is None or st[0] == task]
-
-
-def natural(name: str) -> tuple:
-    """Sort key that orders r2 before r10."""
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
-
-
-def stage_variants(res: Results, stage: str) -> list[str]:
-    """The variant names of a stage's runs, naturally sorted."""
-    return sorted({s.variant for s in res.runs if s.stage == stage}, key=natural)
-
-
-def sec_table3(res: Results) -> str:
-    """The ablation of ODA on each task that has ablation runs (the study's table `table3`)."""
-    specs, ref_spec = res.table("table3")
-    if not specs:
-        return NO_TABLE.format("table3")
-
-    def render(st: Setting) -> str:
-        ref = by_seed(res.rows(st, ref_spec))
-        rows = [Row((label, extra_overrides(res, runs) if sp[0] == "variant" else DASH), runs,
-                    None if sp == ref_spec else ref) for label, sp in specs for runs in [res.rows(st, sp)]]
-        return comparison(rows, ["variant", "overrides"], left=2, seeds=True)
-    return per_setting(res, variant_settings(res, [sp for _, sp in specs]), render,
-                       "_No FedSODA or ablation runs yet._")
-
-
-def param_kind(res: Results, name: str) -> str:
-    """What a parameter-study variant changes, from its runs' overrides: "(n, p)" (sgp.*) or "r" (anything else,
-    i.e. oda.every)."""
-    overrides = [o for s in res.runs if s.variant == name for o in (s.overrides or [])]
-    return "(n, p)" if any(o.startswith("sgp.") for o in overrides) else "r"
-
-
-def table4_specs(res: Results) -> list[tuple]:
-    """FedSODA main, the (n, p) variants of the param stage, then its r variants, FedSODA main again (r as in the
-    job) and re-alignment never (the ablation's no_re_align)."""
-    names = stage_variants(res, "param")
-    kinds = {n: param_kind(res, n) for n in names}
-    return ([("(n, p)", ("main", "fedsoda"))] + [("(n, p)", ("variant", n)) for n in names if kinds[n] == "(n, p)"]
-            + [("r", ("variant", n)) for n in names if kinds[n] == "r"]
-            + [("r", ("main", "fedsoda")), ("r", ("variant", "no_re_align"))])
-
-
-def sec_table4(res: Results) -> str:
-    """The parameter study: (n, p) and the re-alignment interval r (every variant of the param stage)."""
-    specs = table4_specs(res)
-
-    def render(st: Setting) -> str:
-        ref = main_ref(res, st)
-        rows = [Row((study, sp[1] if sp[0] == "variant" else "FedSODA (main)"), res.rows(st, sp),
-                    None if sp[0] == "main" else ref) for study, sp in specs]
-        return comparison(rows, ["study", "variant"], [("(n, p)", lambda r: groups_np(r.runs)),
-                                                       ("r", lambda r: realign_r(r.runs))], COST, left=2)
-    return per_setting(res, variant_settings(res, [sp for _, sp in specs]), render,
-                       "_No FedSODA or parameter-study runs yet._")
-
-
-DRIFT = "drift"  # the stage of the drift-trigger variants (studies/*.yaml: group drift)
-def realignments(s: RunSummary):
-    """The number of re-alignments of one run (`realignments`, else counted from the per-round flags)."""
-    if not missing(s.realignments):
-        return int(s.realignments)
-    return sum(int(x) for x in s.realigned) if s.realigned else None
-
-
-def emulator_bytes(s: RunSummary):
-    """The emulator LoRA bytes one client rank received over the run's re-alignments (the copy after pre-alignment,
-    which every aligned run sends once, left out); None when the summary predates `emulator_lora_bytes`."""
-    n = realignments(s)
-    if n == 0:
-        return 0
-    return None if n is None or missing(s.emulator_lora_bytes) else n * int(s.emulator_lora_bytes)
-
-
-def trigger_text(runs: list[RunSummary]) -> str:
-    """How the runs decided to re-align: `drift, τ = <tau>[, max <k>]` or the fixed interval r (`realign_r`)."""
-    found = sorted({f"drift, τ = {float(st['drift_threshold']):g}"
-                    + (f", max {int(st['max_interval'])}" if st.get("max_interval") else "")
-                    for st in (s.settings or {} for s in runs) if st.get("trigger") == "drift"})
-    if found:
-        return ", ".join(found)
-    r = realign_r(runs)
-    return r if r in (DASH, "never") else f"every {r}"
-
-
-def sec_drift(res: Results) -> str:
-    """Drift-triggered re-alignment (the study's table `drift`: the fixed intervals r = 1, 5 and never, then every
-    variant of the drift group): accuracy against emulator bytes."""
-    specs, ref_spec = res.table("drift")
-    if not specs:
-        return NO_TABLE.format("drift")
-
-    def render(st: Setting) -> str:
-        ref = by_seed(res.rows(st, ref_spec))
-        rows = [Row((label,), res.rows(st, sp), None if sp == ref_spec else ref) for label, sp in specs]
-        return comparison(rows, ["run"], [("re-alignment", lambda r: trigger_text(r.runs) if r.runs else DASH)], [
-            ("re-alignments (mean)", lambda r: num(mean_of(realignments(s) for s in r.runs))),
-            ("emulator MiB/client (run)", lambda r: mib(mean_of(emulator_bytes(s) for s in r.runs), 2)), COST[0],
-            ("drift probe, run mean", lambda r: num(mean_of(probe_mean(s) for s in r.runs), 2))], left=2)
-    return per_setting(res, res.settings([s for s in res.runs if s.stage == DRIFT]), render,
-                       "_No drift-trigger runs yet._")
-
-
-def probe_mean(s: RunSummary):
-    """The output drift probe KL(M || M*) after each round, averaged over the run's rounds (None if unrecorded)."""
-    return mean_of(s.drift_probe or [])
-
-
 def mean_curve(runs: list[RunSummary]) -> list[tuple[int, float, float, float, int]]:
     """Per evaluated round: (round, mean, min, max, n) of the validation accuracy (%) over the runs."""
     per: dict[int, list[float]] = {}
@@ -600,13 +433,9 @@ def last_val(s: RunSummary):
 
 def sec_table9(res: Results) -> str:
     """Rounds until each method's mean validation curve reaches FedOT's final validation accuracy."""
-    settings = res.settings([s for s in res.runs if s.stage in MAIN_STAGES and s.variant == "main"])
-    if not settings:
-        return "_No Table-2 runs yet._"
-    parts = []
-    for st in settings:
-        fedot = [v for v in (last_val(s) for s in res.main(st, "fedot")) if v is not None]
-        target, _, n_t = mean_std(fedot)
+    def render(st: Setting) -> str:
+        """FedOT's target and each method's first round at it, in one setting."""
+        target, _, n_t = mean_std([v for v in (last_val(s) for s in res.main(st, "fedot")) if v is not None])
         rows = []
         for m in METHODS:
             runs = res.main(st, m)
@@ -616,54 +445,11 @@ def sec_table9(res: Results) -> str:
             rows.append([NAMES[m], str(len([s for s in runs if last_val(s) is not None])), reached,
                          num(hit[1]) if hit else DASH, num(curve[-1][1]) if curve else DASH])
         goal = f"{num(target)}% (mean of n = {n_t} seeds)" if n_t else f"{DASH} (no FedOT validation curve yet)"
-        parts.append(f"#### {res.label(st)}\n\nFedOT's target: {goal}\n\n" + table(
+        return f"FedOT's target: {goal}\n\n" + table(
             ["method", "n seeds", "first round with mean val. acc. ≥ target", "mean val. acc. % there",
-             "mean val. acc. % at the last evaluated round"], rows))
-    return "\n\n".join(parts)
-
-
-def sec_gap(res: Results) -> str:
-    """The FedSODA − FedPETuning gap on SST-2, factor by factor (the study's table `gap`), with the share of the gap
-    each closes."""
-    specs, ref_spec = res.table("gap")
-    if not specs:
-        return NO_TABLE.format("gap")
-    settings = variant_settings(res, [sp for _, sp in specs], task="sst2")
-    settings = settings or res.settings([s for s in res.runs if s.task == "sst2" and s.stage in MAIN_STAGES])
-
-    def render(st: Setting) -> str:
-        ref = by_seed(res.rows(st, ref_spec))
-        gap = paired(by_seed(res.main(st, "fedpetuning")), ref)
-
-        def closed(r: Row) -> str:
-            p = paired(by_seed(r.runs), ref)
-            return "(reference)" if r.ref is None else num(
-                100 * p["mean"] / gap["mean"] if p["n"] and gap["n"] and gap["mean"] != 0 else math.nan)
-        rows = [Row((label, ", ".join(NAMES.get(m, m) for m in sorted({s.method for s in runs}, key=method_order))
-                     or DASH, extra_overrides(res, runs) if sp[0] == "variant" else DASH), runs,
-                    None if sp == ref_spec else ref) for label, sp in specs for runs in [res.rows(st, sp)]]
-        return comparison(rows, ["run", "method", "overrides"], [], [("gap closed %", closed), COST[2]], left=3)
-    return per_setting(res, settings, render, "_No SST-2 runs yet._")
-
-
-def sec_bridge(res: Results) -> str:
-    """FedSODA -> FedBiOT on SST-2 at one lr (the study's table `bridge`): each setting FedBiOT changes (NF4, SGP, r,
-    mu) alone, then all four, against FedSODA at that lr (lr_pet), with the sub-LLM accuracy (the adapter on the
-    emulator it trained on)."""
-    specs, ref_spec = res.table("bridge")
-    if not specs:
-        return NO_TABLE.format("bridge")
-    steps = {sp[1] for _, sp in specs if sp[0] == "variant" and sp != ref_spec}
-    settings = res.settings([s for s in res.runs if s.task == "sst2" and s.stage not in (*MAIN_STAGES, GSM8K)
-                             and s.variant in steps])
-
-    def render(st: Setting) -> str:
-        ref = by_seed(res.rows(st, ref_spec))
-        rows = [Row((label,), res.rows(st, sp), None if sp == ref_spec else ref) for label, sp in specs]
-        return comparison(rows, ["run"], [("lr", lambda r: distinct([s.lr for s in r.runs]) if r.runs else DASH)],
-                          [("sub-LLM acc. % (mean)", lambda r: pct(field_mean(r.runs, "sub_accuracy"))), *COST],
-                          left=2, seeds=True, delta="Δ vs lr_pet (pts)")
-    return per_setting(res, settings, render, "_No runs of the FedSODA -> FedBiOT steps yet._")
+             "mean val. acc. % at the last evaluated round"], rows)
+    settings = res.settings([s for s in res.runs if s.stage in MAIN_STAGES and s.variant == "main"])
+    return per_setting(res, settings, render) or "_No Table-2 runs yet._"
 
 
 LABEL_NAMES = {"sst2": ("negative", "positive"), "boolq": ("false", "true")}  # = fedsoda_mpi.data.LABEL_WORDS
@@ -681,7 +467,7 @@ def sec_transfer(res: Results) -> str:
     if not runs:
         return "_No run records its test predictions per class yet._"
     parts = []
-    for task in sorted({s.task for s in runs}, key=lambda t: setting_order((t,))):
+    for task in tasks_of(runs):
         word = LABEL_NAMES.get(task, ("class 0", "class 1"))[1]
         mine = sorted((s for s in runs if s.task == task),
                       key=lambda s: (method_order(s.method), float(s.lr), s.seed))
@@ -691,7 +477,8 @@ def sec_transfer(res: Results) -> str:
         if based := base_run([s for s in res.runs if s.task == task], "base_pred_counts"):
             rows.append(["base model", DASH, DASH, DASH, pct(based.base_accuracy),
                          share(based.base_pred_counts), DASH, DASH])
-        parts.append(f"#### {task} (test rows whose answer is \"{word}\": {share(label_counts_of(mine))} %)\n\n" + table(
+        answer = f"test rows whose answer is \"{word}\": {share(label_counts_of(mine))} %"
+        parts.append(f"#### {task} ({answer})\n\n" + table(
             ["method", "stage", "lr", "seed", "full model: acc. %", f"full model: % \"{word}\"",
              "sub-LLM: acc. %", f"sub-LLM: % \"{word}\""], rows, 2))
     return "\n\n".join(parts)
@@ -757,7 +544,63 @@ def gsm8k_paired(runs: list[RunSummary]) -> str:
                             "only b right", "McNemar p (exact)"], rows, 1)
 
 
-AUTO, SELF = "auto", "selfpublic"  # the stages (variant groups) of issue #16's runs
+# ---- what a run's summary says about its pruning and alignment (comparison columns) -------------------------
+
+def groups_np(runs: list[RunSummary]) -> str:
+    """(n, p) of SGP read from the runs' pruned groups [t, e] (layers t < l <= e): n = e - t, p = the count."""
+    found = sorted({(tuple(sorted({int(e) - int(t) for t, e in s.sgp_groups})), len(s.sgp_groups))
+                    for s in runs if s.sgp_groups})
+    return ", ".join(f"({'/'.join(map(str, n))}, {p})" for n, p in found) or DASH
+
+
+def realign_r(runs: list[RunSummary]) -> str:
+    """The re-alignment interval r read from the runs' per-round `realigned` flags ("never" without any)."""
+    found = set()
+    for s in runs:
+        flags, rounds = s.realigned or [], s.eval_rounds or []
+        if not flags:
+            continue
+        rounds = rounds if len(rounds) == len(flags) else range(1, len(flags) + 1)
+        done = [int(r) for r, f in zip(rounds, flags) if f]
+        steps = {b - a for a, b in zip([0] + done, done)}
+        found.add("never" if not done else "/".join(map(str, sorted(steps))))
+    return ", ".join(sorted(found)) or DASH
+
+
+def extra_overrides(res: "Results", runs: list[RunSummary]) -> str:
+    """The overrides of `runs` beyond those every Table-2 run shares (what makes a variant a variant)."""
+    shared = [set(s.overrides or []) for s in res.runs if s.stage in MAIN_STAGES]
+    shared = set.intersection(*shared) if shared else set()
+    extra = sorted({o for s in runs for o in (s.overrides or []) if o not in shared
+                    and not o.startswith("eval.base=")})
+    return ", ".join(f"`{o}`" for o in extra) or DASH
+
+
+def realignments(s: RunSummary):
+    """The number of re-alignments of one run (`realignments`, else counted from the per-round flags)."""
+    if not missing(s.realignments):
+        return int(s.realignments)
+    return sum(int(x) for x in s.realigned) if s.realigned else None
+
+
+def emulator_bytes(s: RunSummary):
+    """The emulator LoRA bytes one client rank received over the run's re-alignments (the copy after pre-alignment,
+    which every aligned run sends once, left out); None when the summary has no `emulator_lora_bytes`."""
+    n = realignments(s)
+    if n == 0:
+        return 0
+    return None if n is None or missing(s.emulator_lora_bytes) else n * int(s.emulator_lora_bytes)
+
+
+def trigger_text(runs: list[RunSummary]) -> str:
+    """How the runs decided to re-align: `drift, τ = <tau>[, max <k>]` or the fixed interval r (`realign_r`)."""
+    found = sorted({f"drift, τ = {float(st['drift_threshold']):g}"
+                    + (f", max {int(st['max_interval'])}" if st.get("max_interval") else "")
+                    for st in (s.settings or {} for s in runs) if st.get("trigger") == "drift"})
+    if found:
+        return ", ".join(found)
+    r = realign_r(runs)
+    return r if r in (DASH, "never") else f"every {r}"
 
 
 def chosen_np(runs: list[RunSummary]) -> str:
@@ -798,54 +641,6 @@ def candidates_text(runs: list[RunSummary]) -> str:
     return DASH
 
 
-def issue16_settings(res: Results, stage: str) -> list[Setting]:
-    """The settings with runs of `stage`, else those with FedSODA main runs (rendered with —)."""
-    have = res.settings([s for s in res.runs if s.stage == stage])
-    return have or res.settings([s for s in res.runs if s.stage in MAIN_STAGES and s.variant == "main"
-                                 and s.method == "fedsoda"])
-
-
-def stage_specs(res: Results, st: Setting, stage: str, key=None) -> list[tuple[str, list[RunSummary]]]:
-    """[("FedSODA (main)", its runs)] + [(variant, its runs)] for every variant of `stage` in `st`, ordered by
-    `key` (default: the name)."""
-    names = sorted({s.variant for s in res.runs if s.stage == stage and setting_of(s) == st}, key=key)
-    return [("FedSODA (main)", res.main(st, "fedsoda"))] + [(name, res.variant(st, name)) for name in names]
-
-
-def sec_auto(res: Results) -> str:
-    """sgp.auto: the (n, p) chosen for each budget K against FedSODA's main (n, p) = (3, 4), paired by seed."""
-    def render(st: Setting) -> str:
-        ref = main_ref(res, st)
-        budget = {s.variant: int((s.settings or {}).get("sgp_remove_layers", 0)) for s in res.runs
-                  if s.stage == AUTO and setting_of(s) == st}
-        rows = [Row((label,), runs, None if label == "FedSODA (main)" else ref)
-                for label, runs in stage_specs(res, st, AUTO, key=lambda v: (budget[v], v))]
-        cand = [[r.label[0], candidates_text(r.runs)] for r in rows if r.ref is not None]
-        return comparison(rows, ["run"], [
-            ("layers removed K", lambda r: removed_layers(r.runs)), ("(n, p)", lambda r: chosen_np(r.runs)),
-            ("distance / removed layer", lambda r: num(mean_of(chosen_distance(s) for s in r.runs), 4))],
-            [("held-out KL before → after pre-align", lambda r: before_after(r.runs, "kl_before", "kl_after")),
-             *COST[:2]], left=3) + (
-            "\n\n" + table(["run", "candidates (n, p): summed distance / K (chosen in bold)"], cand, 2) if cand else "")
-    return per_setting(res, issue16_settings(res, AUTO), render, "_No FedSODA or `auto` runs yet._")
-
-
-def sec_selfpublic(res: Results) -> str:
-    """data.public=self: SGP and ODA on text the full LLM generated, against FedSODA main on WikiText-2."""
-    def render(st: Setting) -> str:
-        ref = main_ref(res, st)
-        rows = [Row((label,), runs, None if label == "FedSODA (main)" else ref)
-                for label, runs in stage_specs(res, st, SELF)]
-        return comparison(rows, ["run"], [
-            ("D_public", lambda r: distinct([(s.settings or {}).get("public") for s in r.runs])),
-            ("(n, p)", lambda r: chosen_np(r.runs)), ("SGP groups", lambda r: groups_text(r.runs))], [
-            ("held-out KL before → after pre-align", lambda r: before_after(r.runs, "kl_before", "kl_after")),
-            ("KL measured on", lambda r: distinct([s.kl_on for s in r.runs])),
-            ("KL on generated text", lambda r: before_after(r.runs, "kl_before_self", "kl_after_self")),
-            ("generation", lambda r: generation_text(r.runs))], left=4)
-    return per_setting(res, issue16_settings(res, SELF), render, "_No FedSODA or `selfpublic` runs yet._")
-
-
 def before_after(runs: list[RunSummary], before: str, after: str) -> str:
     """`mean before → mean after` over the runs (— when neither is recorded)."""
     a, b = field_mean(runs, before), field_mean(runs, after)
@@ -865,6 +660,189 @@ def generation_text(runs: list[RunSummary]) -> str:
     return "; ".join(f"T={t:g}, {m} new tokens, {n} texts" for t, m, n in found) or DASH
 
 
+# ---- the comparison tables: "Δ vs a reference, paired by seed" ------------------------------------------------
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a comparison table: its label cells, its runs, the reference its Δ is paired with ({seed: test
+    accuracy in points}; None: this row is the reference), whether it is a `main <method>` row, and its setting."""
+
+    label: tuple
+    runs: list
+    ref: dict | None
+    main: bool = False
+    st: Setting = ()
+
+
+def diff_cells(r: Row, seeds: bool) -> list[str]:
+    """Accuracy mean ± std and n of the row's runs, then Δ vs its reference paired by seed: mean, 95% CI (and the
+    paired seeds when `seeds`)."""
+    acc = by_seed(r.runs)
+    cells = [mean_pm(*mean_std(acc.values())), str(len(acc))]
+    if r.ref is None:
+        return cells + ["(reference)", DASH] + [DASH] * seeds
+    p = paired(acc, r.ref)
+    return cells + [num(p["mean"], sign=True), ci_text(p["ci"], sign=True)] + \
+        [", ".join(map(str, p["seeds"])) or DASH] * seeds
+
+
+def gap_closed(res: Results, r: Row) -> str:
+    """The share (%) of the FedSODA − FedPETuning gap of the setting that the row closes, both paired by seed with
+    the reference."""
+    if r.ref is None:
+        return "(reference)"
+    p, gap = paired(by_seed(r.runs), r.ref), paired(by_seed(res.main(r.st, "fedpetuning")), r.ref)
+    return num(100 * p["mean"] / gap["mean"] if p["n"] and gap["n"] and gap["mean"] != 0 else math.nan)
+
+
+COLUMNS = {  # name: (header, cell(res, row)): the columns a comparison table may show besides the accuracy
+    "overrides": ("overrides", lambda res, r: DASH if r.main else extra_overrides(res, r.runs)),
+    "methods": ("method", lambda res, r: ", ".join(NAMES.get(m, m) for m in sorted(
+        {s.method for s in r.runs}, key=method_order)) or DASH),
+    "lr": ("lr", lambda res, r: distinct([s.lr for s in r.runs]) if r.runs else DASH),
+    "groups np": ("(n, p)", lambda res, r: groups_np(r.runs)),
+    "r": ("r", lambda res, r: realign_r(r.runs)),
+    "trigger": ("re-alignment", lambda res, r: trigger_text(r.runs) if r.runs else DASH),
+    "realignments": ("re-alignments (mean)", lambda res, r: num(mean_of(realignments(s) for s in r.runs))),
+    "emulator": ("emulator MiB/client (run)", lambda res, r: mib(mean_of(emulator_bytes(s) for s in r.runs), 2)),
+    "probe": ("drift probe, run mean", lambda res, r: num(mean_of(mean_of(s.drift_probe or []) for s in r.runs), 2)),
+    "gap closed": ("gap closed %", gap_closed),
+    "sub": ("sub-LLM acc. % (mean)", lambda res, r: pct(field_mean(r.runs, "sub_accuracy"))),
+    "comm": ("comm MiB/round/client", lambda res, r: mib(field_mean(r.runs, "comm_bytes_per_round"), 3)),
+    "client": ("client model MiB", lambda res, r: mib(field_mean(r.runs, "client_model_bytes"), 1)),
+    "kl after": ("KL after pre-align (mean)", lambda res, r: num(field_mean(r.runs, "kl_after"), 3)),
+    "K": ("layers removed K", lambda res, r: removed_layers(r.runs)),
+    "chosen np": ("(n, p)", lambda res, r: chosen_np(r.runs)),
+    "distance": ("distance / removed layer", lambda res, r: num(mean_of(chosen_distance(s) for s in r.runs), 4)),
+    "kl": ("held-out KL before → after pre-align", lambda res, r: before_after(r.runs, "kl_before", "kl_after")),
+    "public": ("D_public", lambda res, r: distinct([(s.settings or {}).get("public") for s in r.runs])),
+    "groups": ("SGP groups", lambda res, r: groups_text(r.runs)),
+    "kl on": ("KL measured on", lambda res, r: distinct([s.kl_on for s in r.runs])),
+    "kl self": ("KL on generated text", lambda res, r: before_after(r.runs, "kl_before_self", "kl_after_self")),
+    "generation": ("generation", lambda res, r: generation_text(r.runs))}
+COST = ("comm", "client", "kl after")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the report draws a declared comparison table (the study file declares its rows and reference): the
+    headers of the label cells, the COLUMNS before the accuracy and after the Δ, how many columns are left-aligned,
+    whether the paired seeds are shown, the Δ header; which settings get a table: those with runs of the table's
+    variant rows other than the reference (`group`: of its variant group), of `task` only, else (`fallback`) the
+    settings of its `main <method>` rows' runs; the text without any; a table drawn below from the rows (`then`)."""
+
+    labels: tuple
+    before: tuple = ()
+    after: tuple = ()
+    left: int = 1
+    seeds: bool = False
+    delta: str = "Δ vs FedSODA (pts)"
+    group: bool = False
+    task: str | None = None
+    fallback: bool = True
+    empty: str = "_No FedSODA or variant runs yet._"
+    then: object = None
+
+
+def candidates_table(rows: list[Row]) -> str:
+    """Every (n, p) each non-reference row's runs compared (sgp.auto), the chosen one in bold."""
+    cand = [[r.label[0], candidates_text(r.runs)] for r in rows if r.ref is not None]
+    return "\n\n" + table(["run", "candidates (n, p): summed distance / K (chosen in bold)"], cand, 2) if cand else ""
+
+
+LAYOUTS = {
+    "table3": Layout(("variant",), ("overrides",), left=2, seeds=True, empty="_No FedSODA or ablation runs yet._"),
+    "table4": Layout(("study", "variant"), ("groups np", "r"), COST, left=2,
+                     empty="_No FedSODA or parameter-study runs yet._"),
+    "drift": Layout(("run",), ("trigger",), ("realignments", "emulator", "comm", "probe"), left=2, group=True,
+                    fallback=False, empty="_No drift-trigger runs yet._"),
+    "gap": Layout(("run",), ("methods", "overrides"), ("gap closed", "kl after"), left=3, task="sst2",
+                  empty="_No SST-2 runs yet._"),
+    "bridge": Layout(("run",), ("lr",), ("sub", *COST), left=2, seeds=True, delta="Δ vs lr_pet (pts)", task="sst2",
+                     fallback=False, empty="_No runs of the FedSODA -> FedBiOT steps yet._"),
+    "auto": Layout(("run",), ("K", "chosen np", "distance"), ("kl", "comm", "client"), left=3,
+                   empty="_No FedSODA or `auto` runs yet._", then=candidates_table),
+    "selfpublic": Layout(("run",), ("public", "chosen np", "groups"), ("kl", "kl on", "kl self", "generation"),
+                         left=4, empty="_No FedSODA or `selfpublic` runs yet._")}
+
+
+def comparison(res: Results, rows: list[Row], labels: tuple, before=(), after=(), left: int = 1, seeds: bool = False,
+               delta: str = "Δ vs FedSODA (pts)") -> str:
+    """The table "Δ vs a reference, paired by seed": per row its label cells, the `before` COLUMNS, the test accuracy
+    (mean ± std, n), Δ vs the row's reference with its 95% CI (and the paired seeds when `seeds`), the `after`
+    COLUMNS."""
+    cols = lambda names, r: [COLUMNS[c][1](res, r) for c in names]  # noqa: E731
+    headers = [*labels, *(COLUMNS[c][0] for c in before), "test acc. % (mean ± std)", "n", delta, "95% CI",
+               *["paired seeds"] * seeds, *(COLUMNS[c][0] for c in after)]
+    return table(headers, [[*r.label, *cols(before, r), *diff_cells(r, seeds), *cols(after, r)] for r in rows], left)
+
+
+def declared_settings(res: Results, name: str, specs: list[tuple], ref_spec: tuple) -> list[Setting]:
+    """The settings a declared table is drawn for (Layout: group, task, fallback to its main rows' settings)."""
+    lay, group = LAYOUTS[name], res.tables[name].get("group")
+    names = {sp[1] for sp in specs if sp[0] == "variant" and sp != ref_spec}
+    methods = {sp[1] for sp in specs if sp[0] == "main"}
+    mine = lambda runs: [st for st in res.settings(runs) if lay.task is None or st[0] == lay.task]  # noqa: E731
+    have = mine([s for s in res.runs if s.stage == group] if lay.group else
+                [s for s in res.runs if s.stage not in (*MAIN_STAGES, GSM8K) and s.variant in names])
+    return have or (mine([s for s in res.runs if s.stage in MAIN_STAGES and s.variant == "main"
+                          and s.method in methods]) if lay.fallback else [])
+
+
+def sec_declared(res: Results, name: str) -> str:
+    """A comparison table the study file declares (`tables.<name>`), drawn per setting as LAYOUTS[name] says."""
+    specs, ref_spec = res.declared(name)
+    if not specs:
+        return NO_TABLE.format(name)
+    lay = LAYOUTS[name]
+
+    def render(st: Setting) -> str:
+        """The table (and its `then`) in one setting."""
+        ref = by_seed(res.rows(st, ref_spec))
+        rows = [Row(label, res.rows(st, sp), None if sp == ref_spec else ref, sp[0] == "main", st)
+                for label, sp in specs]
+        return comparison(res, rows, lay.labels, lay.before, lay.after, lay.left, lay.seeds, lay.delta) + (
+            lay.then(rows) if lay.then else "")
+    return per_setting(res, declared_settings(res, name, [sp for _, sp in specs], ref_spec), render) or lay.empty
+
+
+def shown_elsewhere(res: Results) -> tuple[set[str], set[str]]:
+    """The stages and the variant names other sections show: Table 2, gsm8k, budget, the variant groups of the
+    declared tables; the variants a declared table names."""
+    drawn = [name for name in res.tables if name in LAYOUTS]  # a table of another name has no section
+    names = {sp[1] for name in drawn for _, sp in res.declared(name)[0] if sp[0] == "variant"}
+    return {*MAIN_STAGES, GSM8K, BUDGET, *(res.tables[n]["group"] for n in drawn if "group" in res.tables[n])}, names
+
+
+def sec_variants(res: Results) -> str:
+    """Every variant run no other section shows (paper.yaml's non-IID and public-data groups, new groups), by
+    group and setting; Δ against the same variant's FedSODA runs when the group has several methods, else
+    against the FedSODA main runs of the setting."""
+    stages, names = shown_elsewhere(res)
+    runs = [s for s in res.runs if s.stage not in stages and s.variant not in names]
+    if not runs:
+        return "_No other variant runs._"
+    parts = []
+    for stage in sorted({s.stage for s in runs}, key=natural):
+        for st in res.settings([s for s in runs if s.stage == stage]):
+            here = [s for s in runs if s.stage == stage and setting_of(s) == st]
+            rows = []
+            for name in sorted({s.variant for s in here}, key=natural):
+                of = [s for s in here if s.variant == name]
+                methods = sorted({s.method for s in of}, key=method_order)
+                ref = by_seed([s for s in of if s.method == "fedsoda"] if len(methods) > 1 else res.main(st, "fedsoda"))
+                rows += [Row((name, NAMES.get(m, m), extra_overrides(res, mine)), mine,
+                             None if len(methods) > 1 and m == "fedsoda" else ref)
+                         for m in methods for mine in [[s for s in of if s.method == m]]]
+            parts.append(f"#### {stage}: {res.label(st)}\n\n"
+                         + comparison(res, rows, ("variant", "method", "overrides"), (), COST, left=3))
+    return "\n\n".join(parts) + (
+        "\n\nΔ: run − FedSODA in points, paired by seed, 95% CI (Student t); the FedSODA runs of the same variant "
+        "when the group runs several methods (they are the reference), else the FedSODA main runs of the setting.")
+
+
+# ---- the other sections: curves, cost, selection over seeds, budget -------------------------------------------
+
 def figure_name(res: Results, st: Setting) -> str:
     """`<study>_curves_<task>.png` (model and split appended when a task has several settings)."""
     study = re.sub(r"[^A-Za-z0-9_.-]+", "_", res.study)
@@ -874,10 +852,6 @@ def figure_name(res: Results, st: Setting) -> str:
 
 def plot_curves(res: Results, st: Setting, path: Path) -> None:
     """Validation accuracy per evaluated round: the mean over seeds per method with a min–max band."""
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
-    from common import plt, round_axis  # Agg backend and the house style
-
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     rounds = []
     for i, m in enumerate(METHODS):
@@ -914,79 +888,47 @@ def sec_curves(res: Results) -> str:
     return "\n\n".join(links)
 
 
-def shown_elsewhere(res: Results) -> set[tuple[str, str]]:
-    """(stage, variant) of the variant runs that Table 3, Table 4 or the gap section show."""
-    names = {sp[1] for sp in (*[sp for _, sp in table4_specs(res)],
-                              *(sp for name in ("table3", "gap", "bridge") for _, sp in res.table(name)[0]))
-             if sp[0] == "variant"}
-    return {(s.stage, s.variant) for s in res.runs if s.variant in names
-            and s.stage in ("ablation", "param", "gap", "ceiling")}
-
-
-def sec_variants(res: Results) -> str:
-    """Every variant run no other section shows (paper.yaml's non-IID and public-data groups, new groups), by
-    group and setting; Δ against the same variant's FedSODA runs when the group has several methods, else
-    against the FedSODA main runs of the setting."""
-    done = shown_elsewhere(res)
-    runs = [s for s in res.runs if s.stage not in (*MAIN_STAGES, GSM8K, AUTO, SELF, DRIFT, BUDGET)
-            and (s.stage, s.variant) not in done]
-    if not runs:
-        return "_No other variant runs._"
-    parts = []
-    for stage in sorted({s.stage for s in runs}, key=natural):
-        for st in res.settings([s for s in runs if s.stage == stage]):
-            here = [s for s in runs if s.stage == stage and setting_of(s) == st]
-            rows = []
-            for name in sorted({s.variant for s in here}, key=natural):
-                of = [s for s in here if s.variant == name]
-                methods = sorted({s.method for s in of}, key=method_order)
-                ref = by_seed([s for s in of if s.method == "fedsoda"] if len(methods) > 1 else res.main(st, "fedsoda"))
-                rows += [Row((name, NAMES.get(m, m), extra_overrides(res, mine)), mine,
-                             None if len(methods) > 1 and m == "fedsoda" else ref)
-                         for m in methods for mine in [[s for s in of if s.method == m]]]
-            parts.append(f"#### {stage}: {res.label(st)}\n\n"
-                         + comparison(rows, ["variant", "method", "overrides"], [], COST, left=3))
-    return "\n\n".join(parts) + (
-        "\n\nΔ: run − FedSODA in points, paired by seed, 95% CI (Student t); the FedSODA runs of the same variant "
-        "when the group runs several methods (they are the reference), else the FedSODA main runs of the setting.")
-
-
 def minutes_cells(runs: list[RunSummary], key: str = "wall_s") -> list[str]:
-    """[runs, hours summed, "median (min–max)" minutes per run] from the runs' recorded `key` seconds ("—" without)."""
+    """[runs, hours summed, "median (min–max)" minutes per run] from the runs' `key` seconds ("—" without)."""
     mins = [float(getattr(s, key)) / 60 for s in runs if not missing(getattr(s, key))]
     if not mins:
         return [count(len(runs)), DASH, DASH]
     return [count(len(runs)), num(sum(mins) / 60), f"{num(median(mins))} ({num(min(mins))}–{num(max(mins))})"]
 
 
+def cost_rows(runs: list[RunSummary], by: str, key: str = "wall_s") -> list[list[str]]:
+    """[task, stage or method, *minutes_cells] for every task and value of `by` ("stage" or "method") with runs."""
+    values = stages_of(runs, key=natural) if by == "stage" else sorted({s.method for s in runs}, key=method_order)
+    return [[t, v if by == "stage" else NAMES.get(v, v), *minutes_cells(here, key)] for t in tasks_of(runs)
+            for v in values if (here := [s for s in runs if s.task == t and getattr(s, by) == v])]
+
+
 def sec_cost(res: Results) -> str:
     """What the study cost in wall time (each summary's wall_s): per task and stage, then per method and task for
-    the grid and seeds runs, whose medians are the planning numbers for the runs still to come."""
-    R = res.runs
-    tasks = sorted({s.task for s in R}, key=lambda t: setting_order((t,)))
-    stages = stages_of(R, key=natural)
-    rows = [[t, st, *minutes_cells(here)] for t in tasks for st in stages
-            if (here := [s for s in R if s.task == t and s.stage == st])]
-    rows.append(["all", "all", *minutes_cells(R)])
-    main = [s for s in R if s.stage in MAIN_STAGES]
-    methods = sorted({s.method for s in main}, key=method_order)
-    per = [[t, NAMES.get(m, m), *minutes_cells(here)] for t in tasks for m in methods
-           if (here := [s for s in main if s.task == t and s.method == m])]
-    parts = [table(["task", "stage", "runs", "wall time, h (sum)", "min per run: median (min–max)"], rows, 2)]
-    if per:
-        parts.append(table(["task", "method (grid and seeds runs)", "runs", "wall time, h (sum)",
-                            "min per run: median (min–max)"], per, 2))
-    timed = [s for s in R if not missing(s.eval_s)]
-    evals = [[t, NAMES.get(m, m), *minutes_cells(here, "eval_s")] for t in tasks
-             for m in sorted({s.method for s in timed}, key=method_order)
-             if (here := [s for s in timed if s.task == t and s.method == m])]
-    if evals:
-        parts.append(table(["task", "method (runs that record it)", "runs", "final test evaluation, h (sum)",
-                            "min per run: median (min–max)"], evals, 2))
-    return "\n\n".join(parts)
+    the grid and seeds runs, whose medians are the planning numbers for the runs still to come, then the final test
+    evaluation of the runs that time it (eval_s)."""
+    tail = ["wall time, h (sum)", "min per run: median (min–max)"]
+    parts = [(["task", "stage", "runs", *tail],
+              cost_rows(res.runs, "stage") + [["all", "all", *minutes_cells(res.runs)]]),
+             (["task", "method (grid and seeds runs)", "runs", *tail],
+              cost_rows([s for s in res.runs if s.stage in MAIN_STAGES], "method")),
+             (["task", "method (runs that record it)", "runs", "final test evaluation, h (sum)", tail[1]],
+              cost_rows([s for s in res.runs if not missing(s.eval_s)], "method", "eval_s"))]
+    return "\n\n".join(table(headers, rows, 2) for headers, rows in parts if rows)
 
 
-def seed0_choice(per_lr: dict[float, dict[int, dict]]) -> float | None:
+def val_means(per_lr: dict[float, list[RunSummary]]) -> dict[float, float]:
+    """The mean validation accuracy (points) over the seeds at each lr."""
+    return {lr: mean_std(by_seed(runs, "val_accuracy").values())[0] for lr, runs in per_lr.items()}
+
+
+def margin(means: dict[float, float], lr) -> float | None:
+    """The mean validation accuracy at `lr` minus the best other lr's (None without a choice or another lr)."""
+    rest = [v for x, v in means.items() if lr is None or x != float(lr)]
+    return means[float(lr)] - max(rest) if lr is not None and float(lr) in means and rest else None
+
+
+def seed0_choice(per_lr: dict[float, dict[int, RunSummary]]) -> float | None:
     """The lr a seed-0-only selection picks from a grid {lr: {seed: summary}}: the best seed-0 validation accuracy,
     ties to the smaller lr; None until every lr has a finished seed-0 run."""
     vals = {lr: runs[0].val_accuracy if 0 in runs else None for lr, runs in per_lr.items()}
@@ -995,88 +937,79 @@ def seed0_choice(per_lr: dict[float, dict[int, dict]]) -> float | None:
     return min(vals, key=lambda lr: (-float(vals[lr]), lr))
 
 
+SEEDS3_CAPTION = (
+    "First table: validation accuracy (held-out training rows, never the test set) of every grid run, the mean "
+    "over seeds and each seed in parentheses; **bold**: the lr the study's rule selects ({}); †: the lr "
+    "a selection on seed 0 alone picks (the rule of the first CPU study). Second table: test accuracy over the "
+    "seeds at each of the two selections (mean ± sample std, 95% CI of the mean with Student t, df = n − 1) and "
+    "the paired difference by seed; where the selection did not change the runs are the same. Margin: the selected "
+    "lr's mean validation accuracy minus the best other lr's (a margin within the evaluation noise between machines "
+    "is a tie; docs/results.md measures that noise on one rerun). Third: FedSODA − "
+    "each baseline paired by seed, at both selections. Every run at the new selection took part in choosing it "
+    "(its validation accuracy entered the mean), so Table 2's column of seeds not used to select the lr has no "
+    "counterpart here: the choice now rests on three seeds' mean, which shrinks the winner's curse of a one-seed "
+    "choice without removing it (the test accuracies were never looked at).")
+
+
 def sec_seeds3(res: Results) -> str:
-    """Selection over three seeds (issue 32): per method, the grid's validation accuracy per lr and seed, the lr a
+    """Selection over several seeds: per method, the grid's validation accuracy per lr and seed, the lr a
     seed-0-only selection picks and the one the study's rule (selection.json: best mean over its select seeds)
     picks; the test accuracy over seeds at both, their paired difference, and FedSODA − each baseline at both."""
     grid = [s for s in res.runs if s.stage == "grid" and not missing(s.lr)]
     settings = [st for st in res.settings(grid) if len({int(s.seed) for s in grid if setting_of(s) == st}) > 1]
     if not settings:
         return "_No grid at more than one seed yet (grid.select_seeds over several seeds)._"
-    parts = []
-    for st in settings:
-        per: dict[str, dict[float, dict[int, dict]]] = {}
-        for s in grid:
-            if setting_of(s) == st:
-                per.setdefault(s.method, {}).setdefault(float(s.lr), {})[int(s.seed)] = s
-        methods = sorted(per, key=method_order)
-        lrs = sorted({lr for m in methods for lr in per[m]})
-        seeds = sorted({seed for m in methods for by in per[m].values() for seed in by})
-        chosen = {m: res.selected(st, m) for m in methods}
-        first = {m: seed0_choice(per[m]) for m in methods}
-        val_rows, acc_rows, accs = [], [], {}
-        for m in methods:
-            cells = []
-            for lr in lrs:
-                by = per[m].get(lr, {})
-                v = by_seed(list(by.values()), "val_accuracy")
-                if not v:
-                    cells.append(DASH)
-                    continue
-                text = f"{num(mean_std(v.values())[0])} ({' · '.join(num(v[x]) if x in v else DASH for x in seeds)})"
-                mark = "**" if chosen[m] is not None and float(chosen[m]) == lr else ""
-                cells.append(mark + text + mark + (" †" if first[m] == lr else ""))
-            val_rows.append([NAMES.get(m, m), *cells])
-            row, accs[m] = [NAMES.get(m, m)], {}
-            for which, lr in (("seed0", first[m]), ("all", chosen[m])):
-                runs = list(per[m].get(float(lr), {}).values()) if lr is not None else []
-                a = by_seed(runs)
-                accs[m][which] = a
-                row += [f"{float(lr):g}" if lr is not None else "pending", mean_pm(*mean_std(a.values())),
-                        ci_text(t_ci(a.values())), str(len(a))]
-            means = {lr: mean_std(by_seed(list(by.values()), "val_accuracy").values())[0] for lr, by in per[m].items()}
-            rest = [v for lr, v in means.items() if chosen[m] is None or lr != float(chosen[m])]
-            margin = means.get(float(chosen[m])) - max(rest) if chosen[m] is not None and rest else None
-            row.append(num(margin))
-            same = first[m] is not None and chosen[m] is not None and float(first[m]) == float(chosen[m])
-            d = paired(accs[m]["all"], accs[m]["seed0"])
-            row += ["no (the same runs)" if same else ("yes" if chosen[m] is not None and first[m] is not None
-                                                       else "pending"),
-                    DASH if same or not d["n"] else f"{num(d['mean'], sign=True)} {ci_text(d['ci'], sign=True)}"]
-            acc_rows.append(row)
-        diff_rows = []
-        for m in methods:
-            if m == "fedsoda" or "fedsoda" not in methods:
-                continue
-            cells = []
-            for which in ("seed0", "all"):
-                d = paired(accs["fedsoda"][which], accs[m][which])
-                cells += [num(d["mean"], sign=True), ci_text(d["ci"], sign=True), per_seed(d)]
-            diff_rows.append([f"FedSODA − {NAMES.get(m, m)}", *cells])
-        seed_text = ", ".join(map(str, seeds))
-        parts.append(
-            f"#### {res.label(st)}\n\n"
-            + table(["method", *[f"val. acc. % at lr = {lr:g}: mean (s{' · s'.join(map(str, seeds))})" for lr in lrs]],
-                    val_rows)
-            + "\n\n" + table(["method", "seed-0 selection: lr", "test acc. % (mean ± std)", "95% CI", "n",
-                               f"selection over seeds {seed_text}: lr", "test acc. % (mean ± std)", "95% CI", "n",
-                               "val. margin over the next lr (pts)", "selection changed", "Δ new − seed-0 selection (pts) [95% CI]"], acc_rows)
-            + ("\n\n" + table(["paired difference", "at seed-0 selections: mean Δ (pts)", "95% CI", "per seed",
-                                f"at selections over seeds {seed_text}: mean Δ (pts)", "95% CI", "per seed"],
-                               diff_rows) if diff_rows else ""))
-    rule = res.selection.get("rule", "no selection.json yet")
-    return "\n\n".join(parts) + (
-        "\n\nFirst table: validation accuracy (held-out training rows, never the test set) of every grid run, the mean "
-        "over seeds and each seed in parentheses; **bold**: the lr the study's rule selects (" + rule + "); †: the lr "
-        "a selection on seed 0 alone picks (the rule of the first CPU study). Second table: test accuracy over the "
-        "seeds at each of the two selections (mean ± sample std, 95% CI of the mean with Student t, df = n − 1) and "
-        "the paired difference by seed; where the selection did not change the runs are the same. Margin: the selected "
-        "lr's mean validation accuracy minus the best other lr's (a margin within the evaluation noise between machines "
-        "is a tie; docs/results.md measures that noise on one rerun). Third: FedSODA − "
-        "each baseline paired by seed, at both selections. Every run at the new selection took part in choosing it "
-        "(its validation accuracy entered the mean), so Table 2's column of seeds not used to select the lr has no "
-        "counterpart here: the choice now rests on three seeds' mean, which shrinks the winner's curse of a one-seed "
-        "choice without removing it (the test accuracies were never looked at).")
+    return per_setting(res, settings, lambda st: seeds3_part(res, st, [s for s in grid if setting_of(s) == st])) + \
+        "\n\n" + SEEDS3_CAPTION.format(res.selection.get("rule", "no selection.json yet"))
+
+
+def seeds3_part(res: Results, st: Setting, grid: list[RunSummary]) -> str:
+    """The three tables of sec_seeds3 for one setting's grid runs."""
+    per: dict[str, dict[float, dict[int, RunSummary]]] = {}
+    for s in grid:
+        per.setdefault(s.method, {}).setdefault(float(s.lr), {})[int(s.seed)] = s
+    methods = sorted(per, key=method_order)
+    lrs = sorted({lr for m in methods for lr in per[m]})
+    seeds = sorted({seed for m in methods for by in per[m].values() for seed in by})
+    picks = {m: (seed0_choice(per[m]), res.selected(st, m)) for m in methods}  # (seed-0 choice, the rule's)
+    accs = {m: [by_seed(list(per[m].get(float(lr), {}).values())) if lr is not None else {} for lr in picks[m]]
+            for m in methods}
+    val_rows = [[NAMES.get(m, m), *(val_cell(per[m].get(lr, {}), seeds, lr, *picks[m]) for lr in lrs)]
+                for m in methods]
+    acc_rows = [[NAMES.get(m, m), *(c for lr, a in zip(picks[m], accs[m]) for c in (lr_text(lr), *acc_cells(a))),
+                 *selection_change(per[m], picks[m], accs[m])] for m in methods]
+    diff_rows = [[f"FedSODA − {NAMES.get(m, m)}", *(c for i in (0, 1) for c in diff_parts(
+        paired(accs["fedsoda"][i], accs[m][i])))] for m in methods if m != "fedsoda" and "fedsoda" in methods]
+    at = ", ".join(map(str, seeds))
+    text = table(["method", *[f"val. acc. % at lr = {lr:g}: mean (s{' · s'.join(map(str, seeds))})" for lr in lrs]],
+                 val_rows) + "\n\n" + table(
+        ["method", "seed-0 selection: lr", "test acc. % (mean ± std)", "95% CI", "n", f"selection over seeds {at}: lr",
+         "test acc. % (mean ± std)", "95% CI", "n", "val. margin over the next lr (pts)", "selection changed",
+         "Δ new − seed-0 selection (pts) [95% CI]"], acc_rows)
+    return text + ("\n\n" + table(["paired difference", "at seed-0 selections: mean Δ (pts)", "95% CI", "per seed",
+                                   f"at selections over seeds {at}: mean Δ (pts)", "95% CI", "per seed"], diff_rows)
+                   if diff_rows else "")
+
+
+def val_cell(by: dict[int, RunSummary], seeds: list[int], lr: float, first, chosen) -> str:
+    """The mean validation accuracy at one lr with each seed's in parentheses; bold at the rule's choice, † at the
+    seed-0 choice."""
+    v = by_seed(list(by.values()), "val_accuracy")
+    if not v:
+        return DASH
+    text = f"{num(mean_std(v.values())[0])} ({' · '.join(num(v[x]) if x in v else DASH for x in seeds)})"
+    return (f"**{text}**" if chosen is not None and float(chosen) == lr else text) + (" †" if first == lr else "")
+
+
+def selection_change(per_lr: dict[float, dict], picks: tuple, accs: list[dict]) -> list[str]:
+    """The chosen lr's validation margin, whether the selection changed from the seed-0 choice, and the test
+    accuracy's paired change (new − seed-0 selection)."""
+    first, chosen = picks
+    same = first is not None and chosen is not None and float(first) == float(chosen)
+    d = paired(accs[1], accs[0])
+    return [num(margin(val_means({lr: list(by.values()) for lr, by in per_lr.items()}), chosen)),
+            "no (the same runs)" if same else ("yes" if chosen is not None and first is not None else "pending"),
+            DASH if same or not d["n"] else delta_text(d)]
 
 
 BUDGET = "budget"  # the stage of the data-budget runs (studies/cpu_smollm2_ii.yaml: group budget)
@@ -1100,88 +1033,94 @@ def select_by_val(runs: list[RunSummary]) -> tuple[float | None, float | None, l
     seeds = {int(s.seed) for s in runs}
     if not per or any({int(s.seed) for s in v} != seeds for v in per.values()):
         return None, None, [], len(per)
-    means = {lr: mean_std(by_seed(v, "val_accuracy").values())[0] for lr, v in per.items()}
+    means = val_means(per)
     best = min(means, key=lambda lr: (-means[lr], lr))
-    rest = [v for lr, v in means.items() if lr != best]
-    return best, (means[best] - max(rest)) if rest else None, per[best], len(per)
+    return best, margin(means, best), per[best], len(per)
 
 
 def sec_budget(res: Results) -> str:
-    """Issue 32's budget axis: per series (method, or the fed_last3 perfect emulator) and training examples per
-    client, the lr selected by mean validation accuracy over the seeds among the budget runs' lr steps (at the
-    first grid budget: the Table-2 runs at the study's selection), its test accuracy over seeds, and the FedSODA
-    gaps paired by seed at each budget with how they change from the smallest budget to each larger one."""
+    """The budget axis: per series (method, or the fed_last3 perfect emulator) and training examples per client,
+    the lr selected by mean validation accuracy over the seeds among the budget runs' lr steps (at the first grid
+    budget: the Table-2 runs at the study's selection), its test accuracy over seeds, and the FedSODA gaps paired
+    by seed at each budget with how they change from the smallest budget to each larger one."""
     budget = [s for s in res.runs if s.stage == BUDGET]
     if not budget:
         return "_No budget runs yet._"
-    parts = []
-    for st in res.settings(budget):
-        here = [s for s in budget if setting_of(s) == st]
-        points: dict[tuple[str, int], tuple] = {}  # (series, examples) -> (lr, margin, runs, lrs ran)
-        for m in sorted({s.method for s in res.runs if s.stage in MAIN_STAGES and setting_of(s) == st},
-                        key=method_order):
-            main = res.main(st, m)
-            if main and m in {series_of(s) for s in here}:
-                ex = int(main[0].examples_per_client or 0)
-                points[m, ex] = (res.selected(st, m), None, main, DASH)
-        for key in sorted({(series_of(s), int(s.examples_per_client or 0)) for s in here}):
-            lr, margin, runs, n_lr = select_by_val([s for s in here if (series_of(s), int(
-                s.examples_per_client or 0)) == key])
-            points[key] = (lr, margin, runs, n_lr)
-        order = lambda k: (method_order(k[0]) if k[0] in METHODS else (len(METHODS), k[0]), k[1])  # noqa: E731
-        rows, accs = [], {}
-        for key in sorted(points, key=order):
-            lr, margin, runs, n_lr = points[key]
-            accs[key] = by_seed(runs)
-            rows.append([NAMES.get(key[0], key[0]), str(key[1]), f"{float(lr):g}" if lr is not None else "pending",
-                         str(n_lr), num(margin), mean_pm(*mean_std(accs[key].values())),
-                         ci_text(t_ci(accs[key].values())), str(len(accs[key]))])
-        examples = sorted({k[1] for k in points})
-        gaps = []
-        for other in sorted({k[0] for k in points if k[0] != "fedsoda"},
-                            key=lambda x: method_order(x) if x in METHODS else (len(METHODS), x)):
-            diffs = {ex: paired(accs.get(("fedsoda", ex), {}), accs.get((other, ex), {})) for ex in examples}
-            cells = [f"{num(d['mean'], sign=True)} {ci_text(d['ci'], sign=True)} (n={d['n']})" if d["n"] else DASH
-                     for d in diffs.values()]
-            for ex in examples[1:]:  # the change of the gap, paired by seed: (a - b) at ex minus (a - b) at the first
-                a = dict(zip(diffs[ex]["seeds"], diffs[ex]["diffs"]))
-                b = dict(zip(diffs[examples[0]]["seeds"], diffs[examples[0]]["diffs"]))
-                ch = paired(a, b)
-                cells.append(f"{num(ch['mean'], sign=True)} {ci_text(ch['ci'], sign=True)} (n={ch['n']})"
-                             if ch["n"] else DASH)
-            gaps.append([f"FedSODA − {NAMES.get(other, other)}", *cells])
-        part = f"#### {res.label(st)}\n\n" + table(
-            ["series", "examples per client", "selected lr", "lrs run", "val. margin over the next lr (pts)",
-             "test acc. % (mean ± std)", "95% CI", "n seeds"], rows, 2)
-        if gaps and "fedsoda" in {k[0] for k in points}:
-            part += "\n\n" + table(["paired gap (pts)", *[f"at {ex} per client: mean [95% CI]" for ex in examples],
-                                     *[f"change {examples[0]} → {ex}: mean [95% CI]" for ex in examples[1:]]], gaps)
-        parts.append(part)
-    return "\n\n".join(parts)
+    return per_setting(res, res.settings(budget), lambda st: budget_part(res, st, [s for s in budget
+                                                                                if setting_of(s) == st]))
+
+
+def budget_points(res: Results, st: Setting, here: list[RunSummary]) -> dict[tuple[str, int], tuple]:
+    """(series, examples per client) -> (lr, its validation margin, its runs, lrs run): select_by_val over the budget
+    runs; a method's own budget is its Table-2 runs at the study's selection."""
+    ex = lambda s: int(s.examples_per_client or 0)  # noqa: E731
+    series = {series_of(s) for s in here}
+    methods = sorted({s.method for s in res.runs if s.stage in MAIN_STAGES and setting_of(s) == st}, key=method_order)
+    points = {(m, ex(main[0])): (res.selected(st, m), None, main, DASH) for m in methods
+              if (main := res.main(st, m)) and m in series}
+    for key in sorted({(series_of(s), ex(s)) for s in here}):
+        points[key] = select_by_val([s for s in here if (series_of(s), ex(s)) == key])
+    return points
+
+
+def budget_part(res: Results, st: Setting, here: list[RunSummary]) -> str:
+    """The selection table of one setting's budget runs, then FedSODA's paired gaps per budget."""
+    points = budget_points(res, st, here)
+    keys = sorted(points, key=lambda k: (method_order(k[0]), k[1]))
+    accs = {k: by_seed(points[k][2]) for k in keys}
+    rows = [[NAMES.get(k[0], k[0]), str(k[1]), lr_text(lr), str(n_lr), num(gain), *acc_cells(accs[k])]
+            for k in keys for lr, gain, _, n_lr in [points[k]]]
+    text = table(["series", "examples per client", "selected lr", "lrs run", "val. margin over the next lr (pts)",
+                  "test acc. % (mean ± std)", "95% CI", "n seeds"], rows, 2)
+    examples = sorted({k[1] for k in keys})
+    others = sorted({k[0] for k in keys if k[0] != "fedsoda"}, key=method_order)
+    if not others or "fedsoda" not in {k[0] for k in keys}:
+        return text
+    gaps = [[f"FedSODA − {NAMES.get(o, o)}", *budget_gaps(accs, o, examples)] for o in others]
+    return text + "\n\n" + table(["paired gap (pts)", *[f"at {ex} per client: mean [95% CI]" for ex in examples],
+                                  *[f"change {examples[0]} → {ex}: mean [95% CI]" for ex in examples[1:]]], gaps)
+
+
+def budget_gaps(accs: dict, other: str, examples: list[int]) -> list[str]:
+    """FedSODA − `other` paired by seed at each budget, then the change of that gap from the smallest budget to each
+    larger one (paired by seed)."""
+    diffs = [paired(accs.get(("fedsoda", ex), {}), accs.get((other, ex), {})) for ex in examples]
+    first = dict(zip(diffs[0]["seeds"], diffs[0]["diffs"]))
+    changes = [paired(dict(zip(d["seeds"], d["diffs"])), first) for d in diffs[1:]]
+    return [delta_text(d, n=True) for d in diffs + changes]
 
 
 NO_RUNS = "_No finished run of this study yet._"
 NO_TABLE = "_The study file declares no `{}` table (its `tables` key)._"
-SECTIONS = {"setup": ("Setup", sec_setup), "lr": ("Learning-rate selection", sec_lr),
+SECTIONS = {  # name: (heading in a new file, its function; None: a declared comparison table drawn as LAYOUTS says)
+            "setup": ("Setup", sec_setup), "lr": ("Learning-rate selection", sec_lr),
             "table2": ("Table 2: accuracy of the four methods", sec_table2),
-            "table3": ("Table 3: ablation of ODA", sec_table3), "table4": ("Table 4: parameter study", sec_table4),
-            "drift": ("Drift-triggered re-alignment", sec_drift),
+            "table3": ("Table 3: ablation of ODA", None), "table4": ("Table 4: parameter study", None),
+            "drift": ("Drift-triggered re-alignment", None),
             "table9": ("Table 9: rounds to reach FedOT's accuracy", sec_table9),
-            "gap": ("The FedSODA − FedPETuning gap on SST-2", sec_gap),
-            "bridge": ("FedSODA -> FedBiOT one setting at a time (SST-2)", sec_bridge),
+            "gap": ("The FedSODA − FedPETuning gap on SST-2", None),
+            "bridge": ("FedSODA -> FedBiOT one setting at a time (SST-2)", None),
             "transfer": ("What each adapter answers, on the full model and on its sub-LLM", sec_transfer),
             "gsm8k": ("GSM8K", sec_gsm8k),
-            "auto": ("Automatic pruning configuration (sgp.auto)", sec_auto),
-            "selfpublic": ("Alignment without a public data set (data.public=self)", sec_selfpublic),
+            "auto": ("Automatic pruning configuration (sgp.auto)", None),
+            "selfpublic": ("Alignment without a public data set (data.public=self)", None),
             "variants": ("Other variants", sec_variants), "curves": ("Accuracy per round", sec_curves),
             "cost": ("What the study cost (wall time)", sec_cost),
             "seeds3": ("Selection over three seeds", sec_seeds3),
             "budget": ("Accuracy against training examples per client", sec_budget)}
 
 
+def section(res: Results, name: str) -> str:
+    """The generated content of one section."""
+    if not res.runs:
+        return NO_RUNS
+    return sec_declared(res, name) if SECTIONS[name][1] is None else SECTIONS[name][1](res)
+
+
 # ---- the out file ---------------------------------------------------------------------------------------------
 
 def names_in(text: str) -> list[str]:
+    """The NAMEs of the text's begin markers."""
     return [m.group(1) for m in (BEGIN.match(line.rstrip("\n")) for line in text.splitlines()) if m]
 
 
@@ -1221,7 +1160,48 @@ def new_file(res: Results, content: dict[str, str]) -> str:
     return "\n".join(parts)
 
 
+def open_results(a: argparse.Namespace) -> Results:
+    """The summaries, the selection and the study file's tables the command line names (ReportError if unusable)."""
+    out = Path(a.out)
+    if not out.parent.is_dir():
+        raise ReportError(f"--out {out}: folder {out.parent} does not exist")
+    if out.exists() and not out.is_file():
+        raise ReportError(f"--out {out}: not a file")
+    res = Results(*load(Path(a.results)), out, Path(a.figures) if a.figures else out.parent / "gallery")
+    study_file = Path(a.study) if a.study else HERE.parent / "studies" / f"{res.study}.yaml"
+    if a.study or study_file.is_file():
+        try:
+            res.tables = read_tables(study_file)
+        except StudyError as e:
+            raise ReportError(str(e)) from None
+    return res
+
+
+def rewrite(res: Results, text: str | None) -> tuple[str, list[str], list[str]]:
+    """The new out file, the sections written and the warnings. A file with markers NAME@STUDY of this study gets
+    only those rewritten; otherwise its untagged markers are (other studies' tagged sections left alone)."""
+    markers = names_in(text) if text is not None else []
+    tagged = {n: n.split("@", 1) for n in markers if "@" in n}
+    own = [n for n, (name, study) in tagged.items() if study == res.study and name in SECTIONS]
+    if own:
+        keys = {tagged[n][0]: n for n in own}
+        wanted = list(keys)
+    else:
+        keys = {n: n for n in SECTIONS}
+        wanted = list(SECTIONS) if text is None else [n for n in SECTIONS if n in markers]
+    content = {keys[n]: section(res, n) if n in wanted else "" for n in SECTIONS if n in keys}
+    if text is None:
+        return new_file(res, content), wanted, []
+    new, warnings = splice(text, content, frozenset(markers) - set(content) if own else frozenset(tagged))
+    elsewhere = {name for name, _ in tagged.values()}  # a section another study's report fills
+    skipped = [n for n in SECTIONS if n not in wanted and n not in elsewhere]
+    if skipped and not own:
+        warnings.append(f"{res.out} has no section(s) {', '.join(skipped)} (add their report markers to include them)")
+    return new, wanted, warnings
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line (module docstring); exit code 2 with one line on bad input."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("results", help="the study's summaries folder, e.g. results/cpu_smollm2")
     ap.add_argument("--out", required=True, help="the markdown file to write (e.g. docs/results.md)")
@@ -1230,48 +1210,15 @@ def main(argv: list[str] | None = None) -> int:
                     "of the summaries' study, when it exists)")
     a = ap.parse_args(argv)
     try:
-        out = Path(a.out)
-        if not out.parent.is_dir():
-            raise ReportError(f"--out {out}: folder {out.parent} does not exist")
-        if out.exists() and not out.is_file():
-            raise ReportError(f"--out {out}: not a file")
-        runs, selection = load(Path(a.results))
-        res = Results(runs, selection, out, Path(a.figures) if a.figures else out.parent / "gallery")
-        study_file = Path(a.study) if a.study else HERE.parent / "studies" / f"{res.study}.yaml"
-        if a.study or study_file.is_file():
-            try:
-                res.tables = read_tables(study_file)
-            except StudyError as e:
-                raise ReportError(str(e)) from None
-        text = out.read_text(encoding="utf-8") if out.exists() else None
-        markers = names_in(text) if text is not None else []
-        tagged = {n: n.split("@", 1) for n in markers if "@" in n}  # NAME@STUDY: rewritten by that study's report
-        own = [n for n, (name, study) in tagged.items() if study == res.study and name in SECTIONS]
-        if own:  # the file holds sections of this study by tag: only those are rewritten, nothing else
-            wanted = [tagged[n][0] for n in own]
-            keys = {tagged[n][0]: n for n in own}
-        else:
-            wanted = list(SECTIONS) if text is None else [n for n in SECTIONS if n in markers]
-            keys = {n: n for n in SECTIONS}
-        made = {n: (SECTIONS[n][1](res) if res.runs else NO_RUNS) if n in wanted else "" for n in SECTIONS}
-        content = {keys[n]: made[n] for n in SECTIONS if n in keys}
-        if text is None:
-            new, warnings = new_file(res, content), []
-        else:
-            new, warnings = splice(text, content, frozenset(markers) - set(content)) if own else \
-                splice(text, content, frozenset(tagged))
-            elsewhere = {name for name, _ in tagged.values()}  # a section another study's report fills
-            skipped = [n for n in SECTIONS if n not in wanted and n not in elsewhere]
-            if skipped and not own:
-                warnings.append(f"{out} has no section(s) {', '.join(skipped)} "
-                                "(add their report markers to include them)")
-        for w in warnings:
-            print(f"warning: {w}", file=sys.stderr)
-        out.write_text(new, encoding="utf-8")
-        print(f"wrote {out} ({len(wanted)} section(s): {', '.join(wanted)})")
+        res = open_results(a)
+        new, wanted, warnings = rewrite(res, res.out.read_text(encoding="utf-8") if res.out.exists() else None)
     except ReportError as e:
         print(f"report: error: {e}", file=sys.stderr)
         return 2
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    res.out.write_text(new, encoding="utf-8")
+    print(f"wrote {res.out} ({len(wanted)} section(s): {', '.join(wanted)})")
     return 0
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from common import attr_str, check_out, config, main_guard, open_runs, reading, write_text
+from common import attr_str, check_out, config, main_guard, markdown_table, open_runs, reading, write_text
 
 HEADERS = ("model", "method", "task", "pre-align", "re-align", "accuracy (%)", "sub-LLM acc. (%)",
            "base acc. (%)", "eval n", "# tr. params", "# comm. params/round", "comm MiB/round",
@@ -53,8 +53,7 @@ def row(f) -> tuple[str, ...]:
 
 
 def markdown(rows: list[tuple[str, ...]]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "|".join("---" if i < 5 else "---:" for i in range(len(HEADERS))) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+    return markdown_table(list(HEADERS), rows, 5) + "\n"
 
 
 def latex(rows: list[tuple[str, ...]]) -> str:

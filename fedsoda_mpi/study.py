@@ -222,8 +222,8 @@ def expand(spec: dict) -> Study:
 
 def tables(spec: dict) -> dict[str, dict]:
     """The study's `tables`: the report's comparison tables, each {ref: <row>, rows: [[<row>, <label>], ...]} in
-    display order, a row being a variant of this study or `main <method>` (the Table-2 runs of a grid method), and
-    optionally group: <variant group> (then every other variant of that group follows, labelled by its name); the
+    display order (one label per label column), a row being a variant of this study or `main <method>` (the Table-2
+    runs of a grid method), and optionally group: <variant group> (then every other variant of that group follows, labelled by its name); the
     Δ of every other row is paired by seed with the `ref` row. A row naming no variant or method is refused."""
     declared = spec.get("tables") or {}
     if not isinstance(declared, dict):
@@ -242,13 +242,16 @@ def tables(spec: dict) -> dict[str, dict]:
             raise StudyError(f"{where}.group: '{table['group']}' is not a variant group of this study")
         rows = []
         for row in table["rows"]:
-            if not (isinstance(row, list) and len(row) == 2 and all(isinstance(x, str) for x in row)):
-                raise StudyError(f"{where}.rows: expected [row, label] (two strings), got {row!r}")
+            if not (isinstance(row, list) and len(row) >= 2 and all(isinstance(x, str) for x in row)):
+                raise StudyError(f"{where}.rows: expected [row, label] (strings; one label per label column), "
+                                 f"got {row!r}")
             if row[0] not in known:
                 raise StudyError(f"{where}.rows: '{row[0]}' is neither a variant of this study nor 'main <method>' "
                                  "of a grid method")
-            rows.append((row[0], row[1]))
-        if table["ref"] not in [r for r, _ in rows]:
+            rows.append(tuple(row))
+        if len({len(r) for r in rows}) > 1:
+            raise StudyError(f"{where}.rows: every row has as many labels as the first")
+        if table["ref"] not in [r[0] for r in rows]:
             raise StudyError(f"{where}.ref: '{table['ref']}' is not one of its rows")
         out[str(name)] = {"ref": table["ref"], "rows": rows, **({"group": table["group"]} if "group" in table else {})}
     return out

@@ -312,8 +312,8 @@ def test_docs_results_evidence_ii_sections_are_what_the_report_makes_of_its_summ
 
 def test_every_variant_group_is_shown_paper_names_and_new_groups(tmp_path):
     """paper.yaml's variants (n2p6, n4p3, r2, r10, no_align, the non-IID and public-data groups) and any new group
-    land in a table: Table 3 takes the rows the study declares (and its group's other variants), Table 4 every
-    param variant, the rest goes to "Other variants"."""
+    land in a table: Table 3 and Table 4 take the rows the study declares (Table 3 also its group's other variants),
+    the rest goes to "Other variants"."""
     runs = [summary("fedsoda", seed=s, acc=a) for s, a in zip((0, 1, 2), (0.80, 0.82, 0.84))]
     ov = ["fed.rounds=10", "eval.dtype=bfloat16"]
     runs += [summary("fedsoda", seed=s, acc=0.6, stage="ablation", variant="no_align", overrides=[*ov, "oda.pre_align=false", "oda.re_align=false"]) for s in (0, 1)]
@@ -330,6 +330,7 @@ def test_every_variant_group_is_shown_paper_names_and_new_groups(tmp_path):
     assert run(write(tmp_path / "res", runs), out) == 0  # cpu_smollm2.yaml: table3 then its group's other variants
     assert "| no_align | `oda.pre_align=false`, `oda.re_align=false` | 60.0 ± 0.0 | 2 |" in section(out.read_text(),
                                                                                                   "table3")
+    assert "| r10 | FedSODA | `oda.every=10` |" in section(out.read_text(), "variants")  # not in its Table 4
     assert run(tmp_path / "res", out, "--study", str(ROOT / "studies" / "paper.yaml")) == 0  # declares no_align's label
     text = out.read_text()
     t3, t4, other = section(text, "table3"), section(text, "table4"), section(text, "variants")
@@ -651,3 +652,31 @@ def test_declared_tables_come_from_the_study_file(tmp_path, capsys):
     bad.write_text(yaml.safe_dump(spec))
     with pytest.raises(StudyError, match="tables.gap.ref: 'main fedbiot' is not one of its rows"):
         read_tables(bad)
+    spec["tables"] = {"table4": {"ref": "main fedsoda", "rows": [["main fedsoda", "r", "FedSODA"], ["r1", "r1"]]}}
+    bad.write_text(yaml.safe_dump(spec))
+    with pytest.raises(StudyError, match="tables.table4.rows: every row has as many labels as the first"):
+        read_tables(bad)
+
+
+def test_a_declared_table_without_variant_runs_is_drawn_where_its_main_rows_ran(tmp_path):
+    """No run of a declared table's variants: the table is drawn (dashes) for the settings of its `main <method>`
+    rows' runs, else it says that nothing ran."""
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", [summary("fedpetuning", seed=s, acc=0.9) for s in (0, 1)]), out) == 0
+    text = out.read_text()
+    assert "| FedPETuning (main) | FedPETuning | — | 90.0 ± 0.0 | 2 | — |" in section(text, "gap")
+    assert "| FedSODA (main) | — | — | — | 0 | (reference) |" in section(text, "gap")
+    assert "_No FedSODA or ablation runs yet._" in section(text, "table3")
+
+
+def test_a_table_without_a_section_hides_no_variant(tmp_path):
+    """A declared table the report has no section for leaves its variants in "Other variants"."""
+    import yaml
+
+    spec = yaml.safe_load(STUDY.read_text(encoding="utf-8"))
+    spec["tables"] = {"other": {"ref": "main fedsoda", "rows": [["main fedsoda", "F"], ["fp32_sub", "NF4 off"]]}}
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", full_study(), SELECTION), out, "--study", str(study)) == 0
+    assert "| fp32_sub | FedSODA | `quant.enabled=false` |" in section(out.read_text(), "variants")
