@@ -128,8 +128,8 @@ def set_up_server(cfg: Config, comm, log: RunLog, rows: list, hist, ck: checkpoi
     record_devices(cfg, comm.assignment, log)
     server = Server.load(cfg, log, comm.device())
     if ck is None:
-        server.record_data([len(r) for r in rows], hist)
-        server.record_truncation(rows)
+        server.evaluator.record_data([len(r) for r in rows], hist)
+        server.evaluator.record_truncation(rows, server.texts.pool + server.texts.held_texts)
         try:
             base, start = fresh_start(cfg, server, log), 0
         except StopRequested as e:  # the journal keeps the base evaluation's finished batches
@@ -165,8 +165,8 @@ def fresh_start(cfg: Config, server, log: RunLog) -> dict:
         server.build(plan)
     with _stopwatch(setup, "pre_align_s"):
         server.pre_align()
-        server.mark_aligned(0)  # the output drift probe's reference until the first re-alignment
-    log.set_attrs("rounds", drift_probe_0=server.drift_ref)
+        server.monitor.mark_aligned(0)  # the output drift probe's reference until the first re-alignment
+    log.set_attrs("rounds", drift_probe_0=server.monitor.ref)
     log.set_attrs("timing", **setup)  # one-time server phases (the per-round ones are /timing/phase_s)
     return base
 
@@ -327,14 +327,14 @@ class Federation:
 
     def realign_due(self, rnd: int) -> bool:
         """Line 9: whether round `rnd` starts with a re-alignment. oda.trigger=every: every r rounds (every rank knows
-        it without a message); oda.trigger=drift: rank 0 decides from the output drift probe (`Server.realign_due`)
+        it without a message); oda.trigger=drift: rank 0 decides from the output drift probe (`DriftMonitor.realign_due`)
         and broadcasts the flag, so every rank enters the re-alignment's collectives together, or none does."""
         if not self.realign_every:
             return False
         if self.cfg.oda.trigger == "every":
             return rnd % self.realign_every == 0
         self.comm.idle_wait()  # rank 0 may still be writing the previous round's checkpoint
-        return self.comm.broadcast_flag(self.server.realign_due(rnd) if self.server else None)
+        return self.comm.broadcast_flag(self.server.monitor.realign_due(rnd) if self.server else None)
 
     def send_emulator(self) -> None:
         """Line 14: broadcast the emulator LoRA (after pre-alignment and after each re-alignment)."""
@@ -404,21 +404,21 @@ class Federation:
             with self.clock.phase("evaluate"):  # on the validation rows: never on the test split
                 acc = server.evaluate("full", "val")["accuracy"]
         with self.clock.phase("evaluate"):  # the output drift probe (the next round's line 9 with oda.trigger=drift)
-            probe = server.probe_round()
+            probe = server.monitor.after_round()
         self.log.append("rounds", {"round": np.int32(rnd), "wall_s": np.float64(time.time() - t_round),
                                    "train_loss": losses, "n_samples": nk, **self.bytes_row(chosen, realigned, down, sent0),
                                    "realigned": np.int8(realigned), "drift_probe": np.float32(probe),
-                                   "drift_ref": np.float32(server.drift_ref), "eval_acc": np.float32(acc),
+                                   "drift_ref": np.float32(server.monitor.ref), "eval_acc": np.float32(acc),
                                    "rejected": rejected_mask})
         with self.clock.phase("evaluate"):  # the drift probe: two forwards on one held-out batch
-            drift = server.drift()
+            drift = server.probes.inter()
         if drift.size:  # no L_inter pairs (no SGP groups): nothing to track
             self.log.append("drift", {"round": np.int32(rnd), "distance": drift})
         self.log.flush()
         self.log.log(f"round {rnd}/{cfg.fed.rounds}: loss {np.nanmean(losses):.4f}, {time.time() - t_round:.1f}s"
                      + (", re-aligned" if realigned else "") + ("" if np.isnan(acc) else f", acc {acc:.4f}")
                      + ("" if np.isnan(probe) else f", output drift probe {probe:.4f} (after the last alignment "
-                                                     f"{server.drift_ref:.4f})"))
+                                                     f"{server.monitor.ref:.4f})"))
 
     def bytes_row(self, chosen: list[int], realigned: bool, down: tuple[int, int], sent0: dict) -> dict:
         """The round's byte columns of /rounds: measured by comm's counters, and the LoRA payload the strategy's
@@ -466,7 +466,7 @@ class Federation:
         last_round, acc = self.log.last("rounds", "round"), self.log.last("rounds", "eval_acc")
         if self.cfg.data.val_size and last_round is not None and int(last_round) == self.cfg.fed.rounds \
                 and np.isfinite(acc):
-            return {"accuracy": float(acc), "n": len(self.server.val_rows)}
+            return {"accuracy": float(acc), "n": len(self.server.evaluator.val_rows)}
         return {"accuracy": float("nan"), "n": 0}
 
     def emulator_share(self) -> tuple[int, int, int]:
