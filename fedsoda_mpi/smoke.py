@@ -25,7 +25,7 @@ round under MPI on the tiny model. Each step compares something and FAILs when i
     fedsrd-round   one FedSRD round (fed.upload_density = fed.download_density = 0.5) on the same server and
                    client: a sparse upload (about half the dense bytes), accepted, the global moves, and the
                    client rebuilds the server's new global from the sparse download bit for bit
-    drift-probe    Server.drift() (the aligned layers' angular distances: finite, in [0, 1]) and the output drift
+    drift-probe    DriftProbes.inter() (the aligned layers' angular distances: finite, in [0, 1]) and the output drift
                    probe (KL(M || M*) on the held-out batch: finite, >= 0), both on the server's device
     plug-in        Algorithm 2 line 22: the full LLM holds the global adapter (exactly); its evaluation on a few
                    test rows gives an accuracy in [0, 1]; the exported PEFT adapter, loaded by PEFT onto a fresh

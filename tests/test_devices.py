@@ -46,7 +46,7 @@ def _lora_model(device: str):
 
 def test_aligned_drift_feeds_each_model_on_its_device_and_returns_host_values():
     """Issue 29 bug 1: the drift probe's batch is built on the host (data.pad_batch); the full LLM and M* on the
-    server's GPU must receive it on their device, and the distances come back in host memory (Server.drift
+    server's GPU must receive it on their device, and the distances come back in host memory (DriftProbes.inter
     turns them into numpy). The values equal the all-CPU computation."""
     from tests.conftest import tiny_causal_lm
     from fedsoda_mpi import oda
