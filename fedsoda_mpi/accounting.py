@@ -17,7 +17,8 @@ from .timing import PHASES, split
 
 
 class Ledger:
-    """Rank 0's accounts of a run: per round the wall time and the bytes; at the end the per-round traffic."""
+    """The accounts of a run: per round the wall time and the bytes; at the end the per-round traffic. Every rank
+    keeps one (the counters are its own); rank 0's is the one recorded."""
 
     def __init__(self, comm, log: RunLog, strategy, ad_schema: Schema, em_schema: Schema, clients: int, first: int):
         """`ad_schema` / `em_schema`: the adapter and emulator LoRA messages; `first`: this process's first round."""
