@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 from gpu_memory import Arch, arch_of, layout  # noqa: E402
 
 SAMPLE = 2000  # rows per file whose token lengths are measured
-HELDOUT_TEXTS = 16  # fedsoda_mpi.server.HELDOUT_TEXTS: the held-out KL before and after pre-alignment
+HELDOUT_TEXTS = 16  # fedsoda_mpi.public_texts.HELDOUT_TEXTS: the held-out KL before and after pre-alignment
 
 
 @lru_cache(maxsize=None)

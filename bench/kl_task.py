@@ -52,7 +52,8 @@ def main() -> None:
         log = RunLog(Path(tmp), 0, echo=False)  # its log.txt only: no run file to record into
         server = Server.load(cfg, log, torch.device("cpu"))
         server.build(server.plan_layers())
-        sets = {f"{server.kl_on} held-out ({len(server.heldout)} batches, the run's kl_on)": server.heldout}
+        held = server.texts
+        sets = {f"{held.kl_on} held-out ({len(held.heldout)} batches, the run's kl_on)": held.heldout}
         sets |= {f"{t} training examples ({args.texts})": task_batches(server, t, args.texts, cfg.seed)
                  for t in args.tasks.split(",")}
         before = measure(server, sets)

@@ -6,6 +6,10 @@ with Gatherv (all -> root). No pickles: tensors go through MPI as typed memory (
 float16 as an int16 view, bit exact). Buffers over `CHUNK_ELEMS` elements (the one-time sub-model
 shipment of an 8B model is > 2 GiB) are sent in chunks.
 
+A collective that follows a long phase of one rank (the server's SGP/ODA/evaluation, the clients' local training)
+takes `idle=True`: every rank first sleeps in `Comm.idle_wait` until all have arrived, so the waiting ranks leave
+the CPU cores to the working ones instead of spinning inside a blocking MPI call.
+
 Byte counters (`Comm.bytes`) count per rank and direction the payload bytes this rank handed to or
 received from MPI, category by category; the server's broadcast to W-1 clients counts W-1 copies.
 """
@@ -228,8 +232,9 @@ class Comm:
 
     def idle_wait(self, poll_s: float = 0.005) -> None:
         """Barrier that sleeps instead of spinning: ranks waiting for a long phase of another rank
-        (the server's SGP/ODA, the clients' local training) leave the CPU cores to the working ranks. With a
-        `watch` (watchdog.Watch) it raises RankStalled when another rank stops giving heartbeats."""
+        (the server's SGP/ODA, the clients' local training) leave the CPU cores to the working ranks; the collectives
+        run it first when called with `idle=True`. With a `watch` (watchdog.Watch) it raises RankStalled when another
+        rank stops giving heartbeats."""
         t0 = next_check = time.perf_counter()
         req = self.comm.Ibarrier()
         while not req.Test():
@@ -249,8 +254,12 @@ class Comm:
             time.sleep(0.01)
         return True
 
-    def agree_schema(self, schema: Schema | None, root: int = 0, category: str = "schema") -> Schema:
-        """Root sends the schema (JSON as bytes, never pickled); every rank returns the same Schema."""
+    def agree_schema(self, schema: Schema | None, root: int = 0, category: str = "schema",
+                     idle: bool = False) -> Schema:
+        """Root sends the schema (JSON as bytes, never pickled); every rank returns the same Schema. `idle`: sleep in
+        `idle_wait` first."""
+        if idle:
+            self.idle_wait()
         text = schema.to_json().encode() if self.rank == root else b""
         n = torch.tensor([len(text)], dtype=torch.int64)
         self._bcast_flat(n, root)
@@ -260,8 +269,11 @@ class Comm:
         return schema if self.rank == root else Schema.from_json(bytes(as_numpy(buf)).decode())
 
     def broadcast(self, tensors: dict[str, torch.Tensor] | None, schema: Schema, root: int = 0,
-                  category: str = "broadcast") -> dict[str, torch.Tensor]:
-        """Bcast one message from `root`; every rank returns it as tensors (views into one buffer)."""
+                  category: str = "broadcast", idle: bool = False) -> dict[str, torch.Tensor]:
+        """Bcast one message from `root`; every rank returns it as tensors (views into one buffer). `idle`: sleep in
+        `idle_wait` first."""
+        if idle:
+            self.idle_wait()
         flat = schema.pack(tensors) if self.rank == root else torch.empty(schema.numel, dtype=schema.torch_dtype)
         self._bcast_flat(flat, root)
         if self.rank == root:
@@ -271,13 +283,16 @@ class Comm:
         return schema.unpack(flat)
 
     def gatherv(self, messages: list[dict[str, torch.Tensor]], schema: Schema, counts: list[int], root: int = 0,
-                category: str = "gather") -> list[list[dict[str, torch.Tensor]]] | None:
-        """Gatherv to `root`: rank i sends `counts[i]` messages (its virtual clients) in one buffer.
+                category: str = "gather", idle: bool = False) -> list[list[dict[str, torch.Tensor]]] | None:
+        """Gatherv to `root`: rank i sends `counts[i]` messages (its virtual clients) in one buffer (`idle`: after
+        sleeping in `idle_wait`).
 
         Every rank passes the same `counts` (derived from the shared client schedule), so no size
         exchange is needed; the root receives a list per rank of its messages, the others None."""
         if len(messages) != counts[self.rank]:
             raise SchemaError(f"rank {self.rank} has {len(messages)} messages, the schedule says {counts[self.rank]}")
+        if idle:
+            self.idle_wait()
         n = schema.numel
         send = torch.empty(n * len(messages), dtype=schema.torch_dtype)
         for i, m in enumerate(messages):
@@ -302,23 +317,26 @@ class Comm:
         return None
 
     def broadcast_bytes(self, files: dict[str, bytes] | None, root: int = 0, category: str = "model",
-                        views: bool = False) -> dict:
+                        views: bool = False, idle: bool = False) -> dict:
         """Ship a set of files (e.g. the sub-LLM's safetensors + config) as one uint8 message. The root packs its
         files into the send buffer directly (one copy); with `views` the other ranks get memoryviews into the
-        receive buffer instead of bytes copies (the 8B sub-LLM is ~5 GB: one host copy per rank, not two)."""
+        receive buffer instead of bytes copies (the 8B sub-LLM is ~5 GB: one host copy per rank, not two).
+        `idle`: sleep in `idle_wait` first."""
         schema = None
         tensors = None
         if self.rank == root:
             tensors = {name: _byte_tensor(data) for name, data in files.items()}
             schema = Schema.of(tensors) if tensors else Schema((), (), "uint8")
-        schema = self.agree_schema(schema, root, category=category)
+        schema = self.agree_schema(schema, root, category=category, idle=idle)
         got = self.broadcast(tensors, schema, root, category=category)
         if self.rank == root:
             return files
         return {k: memoryview(as_numpy(v)) if views else bytes(as_numpy(v)) for k, v in got.items()}
 
-    def broadcast_flag(self, value: bool | None, root: int = 0) -> bool:
-        """One bool from `root` to every rank (8 bytes, counted as control)."""
+    def broadcast_flag(self, value: bool | None, root: int = 0, idle: bool = False) -> bool:
+        """One bool from `root` to every rank (8 bytes, counted as control; `idle`: after sleeping in `idle_wait`)."""
+        if idle:
+            self.idle_wait()
         buf = torch.tensor([int(bool(value)) if self.rank == root else 0], dtype=torch.int64)
         self._bcast_flat(buf, root)
         self._count("control", *((8 * (self.size - 1), 0) if self.rank == root else (0, 8)))

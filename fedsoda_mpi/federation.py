@@ -1,9 +1,11 @@
 """Algorithm 2 of the paper across MPI ranks: the only place that sequences collectives.
 
-    rank 0       Server   (server.py)  SGP, build M*, pre-align; per round: re-align, aggregate, evaluate, record
+    rank 0       Server   (server.py)  SGP, build M*, pre-align (server_start.py); per round: re-align, aggregate,
+                                       evaluate, record (bytes and times: accounting.py)
     ranks 1..W-1 Client   (client.py)  load M* once; per round: local training of the clients placed on the rank
     every rank   strategy (strategy.py; aggregate.py, fedsrd.py)  what is uploaded, aggregated, downloaded
-    every rank   comm     (comm.py)    typed flat buffers over MPI, byte counters
+    every rank   comm     (comm.py)    typed flat buffers over MPI, byte counters; a collective after one rank's
+                                       long phase sleeps until every rank is there (`idle=True`)
 
     run:    set up (lines 1-5) -> ship M* once (line 6) -> agree schemas -> send the emulator LoRA
     round:  [re-align, send the emulator LoRA (lines 9-14)] -> download (line 7) -> local training (15-16)
@@ -23,17 +25,19 @@ import numpy as np
 import torch
 
 from . import checkpoint
+from .accounting import Ledger
 from .client import Client, Faults
 from .comm import Schema, install_abort_hook
 from .config import Config, preset_keys_set_by_job
 from .host import as_numpy
 from .methods import Plan
 from .runlog import RunFolderRefused, RunLog, run_dir_of, take_lock
+from .server_start import set_up_server
 from .signals import PROGRESS, STOP_REQUESTED, StopRequested
 from .strategies import strategy_for
-from .strategy import FIT, download_size, fit_message, fit_values, traffic, upload_size
+from .strategy import FIT, fit_message, fit_values
 from .tasks import task_label
-from .timing import EXTRA, PHASES, PhaseClock, split
+from .timing import EXTRA, PHASES, PhaseClock
 from .watchdog import Heartbeat, Watch, period_for
 
 
@@ -104,86 +108,6 @@ def open_run(cfg: Config, comm) -> tuple[RunLog, checkpoint.Checkpoint | None]:
     return log, ck
 
 
-def record_devices(cfg: Config, assignment, log: RunLog) -> None:
-    """Rank 0: every rank's device (device=auto|cuda|cpu, devices.py) into the log and /devices of run.h5; a
-    shared GPU is a WARNING line."""
-    import h5py
-
-    log.log(f"device={cfg.device}: " + "; ".join(assignment.table()))
-    for line in assignment.warnings:
-        log.log(f"WARNING: {line}")
-    attrs = {k: np.array(v, dtype=h5py.string_dtype()) if isinstance(v[0], str) else np.array(v, dtype=np.int32)
-             for k, v in assignment.attrs().items()}
-    log.set_attrs("devices", setting=cfg.device, deterministic=cfg.debug.deterministic, **attrs)
-
-
-def set_up_server(cfg: Config, comm, log: RunLog, rows: list, hist, ck: checkpoint.Checkpoint | None) -> tuple:
-    """Algorithm 2 lines 1-5 on rank 0, or the state of checkpoint `ck` (resume=auto, `checkpoint.claim`).
-    Returns (server, base accuracy, files to ship: M* + the plan + the first round)."""
-    from .server import Server
-
-    if ck is not None:
-        checkpoint.resume_point(log.run_dir, ck)
-    log.open_h5(cfg, comm.size, cfg.model.name, mode="a" if ck else "w")  # also writes config.yaml
-    record_devices(cfg, comm.assignment, log)
-    server = Server.load(cfg, log, comm.device())
-    if ck is None:
-        server.record_data([len(r) for r in rows], hist)
-        server.record_truncation(rows)
-        try:
-            base, start = fresh_start(cfg, server, log), 0
-        except StopRequested as e:  # the journal keeps the base evaluation's finished batches
-            log.log(f"stopping on {STOP_REQUESTED[0]} before round 1: {e}; run the same command with resume=auto "
-                    "to continue")
-            return None, None, {"stopped": b"1"}  # (broadcast_bytes sends no empty value)
-    else:
-        base, start = log.attrs("base"), ck.round
-        server.build(Plan.from_dict(ck.state["plan"]))
-        server.restore(ck)
-        log.set_attrs("/", resumed_from=np.append(log.attrs("/").get("resumed_from", []), start).astype(np.int32))
-        log.log(f"resumed from {ck.path} (round {start} of {cfg.fed.rounds}); SGP and pre-alignment not repeated")
-    files = {"plan.json": json.dumps(server.plan.to_dict()).encode(), "start.json": json.dumps(start).encode(),
-             **server.release_bundle()}
-    log.flush()
-    return server, base, files
-
-
-def fresh_start(cfg: Config, server, log: RunLog) -> dict:
-    """Lines 1-5: the base model's accuracy (round 0), SGP, the sub-LLM, pre-alignment; each phase timed."""
-    setup, base = {}, {"accuracy": float("nan"), "n": 0}  # eval.base=false: a study evaluates it once per task
-    if cfg.eval.base:
-        base = server.evaluate("full", journal="base")  # the LoRA is not attached yet
-        setup["base_eval_s"] = base["seconds"]  # GSM8K: with the earlier attempts' batches from its journal
-        log.log(f"base model accuracy ({task_label(cfg.data)}, n={base['n']}): {base['accuracy']:.4f}")
-    counted = {"pred_counts": base["pred_counts"]} if "pred_counts" in base else {}  # label tasks: per class
-    if "correct" in base:  # GSM8K: which test questions the base model answered right (paired comparisons)
-        counted["correct"] = base["correct"]
-    log.set_attrs("base", accuracy=base["accuracy"], n=base["n"], **counted)
-    with _stopwatch(setup, "sgp_s"):
-        plan = server.plan_layers()
-    with _stopwatch(setup, "build_s"):
-        server.build(plan)
-    with _stopwatch(setup, "pre_align_s"):
-        server.pre_align()
-        server.mark_aligned(0)  # the output drift probe's reference until the first re-alignment
-    log.set_attrs("rounds", drift_probe_0=server.drift_ref)
-    log.set_attrs("timing", **setup)  # one-time server phases (the per-round ones are /timing/phase_s)
-    return base
-
-
-class _stopwatch:
-    """out[key] = wall seconds of the block."""
-
-    def __init__(self, out: dict, key: str):
-        self.out, self.key = out, key
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.out[self.key] = time.perf_counter() - self.t0
-
-
 def run(cfg: Config, comm, inputs: tuple) -> dict | None:
     """Algorithm 2 across ranks; returns the final results on rank 0, {"stopped": round} on every rank after a
     stop request, None on client ranks otherwise. `inputs` = (the clients' rows, their label histogram)."""
@@ -213,9 +137,8 @@ def _run(cfg: Config, comm, inputs: tuple, log: RunLog, ck) -> dict | None:
             f"run dir {log.run_dir}")
     rows, hist = inputs
     server, base, files = set_up_server(cfg, comm, log, rows, hist, ck) if comm.is_server else (None, None, None)
-    comm.idle_wait()  # line 6: send M* ONCE (quantized weights + config + tokenizer); never the full LLM
-    t0 = time.time()
-    files = comm.broadcast_bytes(files, category="model", views=True)  # clients: views into one receive buffer
+    t0 = time.time()  # line 6: send M* ONCE (quantized weights + config + tokenizer); never the full LLM
+    files = comm.broadcast_bytes(files, category="model", views=True, idle=True)  # clients: views into one buffer
     if "stopped" in files:  # SIGUSR1 during the base model's evaluation (set_up_server)
         log.close()
         return {"stopped": 0}
@@ -250,11 +173,11 @@ class Federation:
         self.plan, self.start, self.model_bytes = plan, start, model_bytes
         self.faults = Faults(cfg.debug, comm.rank)
         # schemas, agreed once (rank 0 sleeps in idle_wait, not in a blocking Bcast, while the clients load M*)
-        comm.idle_wait()
         self.em_schema = comm.agree_schema(Schema.of(server.emulator_lora()) if server and plan.emulator_lora_sub
-                                           else (Schema((), (), "float32") if server else None))
+                                           else (Schema((), (), "float32") if server else None), idle=True)
         self.ad_schema = comm.agree_schema(Schema.of(server.global_adapter) if server else None)
         self.strategy = strategy_for(cfg, self.ad_schema)
+        self.ledger = Ledger(comm, log, self.strategy, self.ad_schema, self.em_schema, cfg.fed.clients, start + 1)
         self.clock = PhaseClock(comm, comm.device())
         self.t_schema = Schema(("t",), ((len(PHASES) + len(EXTRA),),), "float64")
         self.realign_every = realign_interval(cfg, plan)  # 0: never re-aligns (with oda.trigger=drift: r is unused)
@@ -262,14 +185,14 @@ class Federation:
 
     def run(self, base: dict | None) -> dict | None:
         self.send_emulator()  # the pre-aligned emulator LoRA
-        self.moved_mark = self.comm.totals()  # /rounds/moved_bytes: rank 0's counters since the previous row
+        self.ledger.reset_moved()
         stopped = False
         for rnd in range(self.start + 1, self.cfg.fed.rounds + 1):
             PROGRESS["round"] = rnd
             stopped = self.round(rnd)
             if stopped:
                 break
-        self.comm.idle_wait()
+        self.comm.idle_wait()  # every rank leaves the rounds together (rank 0 may still write the checkpoint)
         if stopped:
             if self.client:
                 self.log.log(f"stopped: {self.client.cache.describe()}")
@@ -280,8 +203,7 @@ class Federation:
                          f"idle {self.comm.idle_seconds:.2f}s")
             self.log.log(f"end of the run: {self.client.cache.describe()}")
             self.log.close()
-            self.comm.idle_wait()
-            return {"stopped": self.cfg.fed.rounds} if self.comm.broadcast_flag(None) else None
+            return {"stopped": self.cfg.fed.rounds} if self.comm.broadcast_flag(None, idle=True) else None
         try:
             result = self.finish(base)
         except StopRequested as e:  # the journals keep the final evaluation's finished batches
@@ -292,34 +214,31 @@ class Federation:
                          "with resume=auto to continue")
             self.log.close()
             result = {"stopped": self.cfg.fed.rounds}
-        self.comm.idle_wait()
-        self.comm.broadcast_flag("stopped" in result)  # every rank then exits with the same code
+        self.comm.broadcast_flag("stopped" in result, idle=True)  # every rank then exits with the same code
         return result
 
     def round(self, rnd: int) -> bool:
         """One round; True when a stop was requested (the run ends after it)."""
-        t_round, sent0 = time.time(), self.comm.totals()
+        self.ledger.start_round()
         self.clock.start_round()
         realigned = self.realign_due(rnd)
         if realigned:  # lines 9-14
             if self.server:
                 with self.clock.phase("realign"):
                     self.server.re_align(rnd)
-            self.comm.idle_wait()
             with self.clock.phase("download"):
-                self.send_emulator()
+                self.send_emulator(idle=True)
         chosen = client_schedule(self.cfg, self.comm.size, rnd)
         where = placement(chosen, self.comm.size)
-        down = self.download(rnd)  # line 7
+        self.download(rnd)  # line 7
         self.faults.round_started(rnd)
         uploads = self.train(rnd, chosen, where) if self.client else []  # lines 15-16
-        self.comm.idle_wait()
         with self.clock.phase("upload"):  # line 17
             counts = [0] + [sum(1 for k in chosen if where[k] == r) for r in self.comm.client_ranks]
-            gathered = [self.comm.gatherv([u[i] for u in uploads], schema, counts, category="upload")
+            gathered = [self.comm.gatherv([u[i] for u in uploads], schema, counts, category="upload", idle=i == 0)
                         for i, schema in enumerate([*self.strategy.up, FIT])]
         if self.server:  # line 18
-            self.aggregate_and_record(rnd, gathered, chosen, where, realigned, down, t_round, sent0)
+            self.aggregate_and_record(rnd, gathered, chosen, where, realigned)
         elif rnd == 1 or realigned:
             self.log.log(f"round {rnd}: {self.client.cache.describe()}")
         self.record_timing(rnd)
@@ -327,35 +246,34 @@ class Federation:
 
     def realign_due(self, rnd: int) -> bool:
         """Line 9: whether round `rnd` starts with a re-alignment. oda.trigger=every: every r rounds (every rank knows
-        it without a message); oda.trigger=drift: rank 0 decides from the output drift probe (`Server.realign_due`)
-        and broadcasts the flag, so every rank enters the re-alignment's collectives together, or none does."""
+        it without a message); oda.trigger=drift: rank 0 decides from the output drift probe
+        (`DriftMonitor.realign_due`) and broadcasts the flag, so every rank enters the re-alignment's collectives
+        together, or none does (rank 0 may still be writing the previous round's checkpoint: the others sleep)."""
         if not self.realign_every:
             return False
         if self.cfg.oda.trigger == "every":
             return rnd % self.realign_every == 0
-        self.comm.idle_wait()  # rank 0 may still be writing the previous round's checkpoint
-        return self.comm.broadcast_flag(self.server.realign_due(rnd) if self.server else None)
+        return self.comm.broadcast_flag(self.server.monitor.realign_due(rnd) if self.server else None, idle=True)
 
-    def send_emulator(self) -> None:
-        """Line 14: broadcast the emulator LoRA (after pre-alignment and after each re-alignment)."""
+    def send_emulator(self, idle: bool = False) -> None:
+        """Line 14: broadcast the emulator LoRA (after pre-alignment and after each re-alignment, `idle`: the
+        clients sleep while rank 0 re-aligns)."""
         state = self.comm.broadcast(self.server.emulator_lora() if self.server else None, self.em_schema,
-                                    category="emulator_lora")
+                                    category="emulator_lora", idle=idle)
         if self.client and self.em_schema.names:
             self.client.set_emulator(state)
 
-    def download(self, rnd: int) -> tuple[int, int]:
-        """Line 7: every client rank receives the global adapter LoRA (in the strategy's messages); returns the
-        (values, bytes) moved per client rank."""
-        self.comm.idle_wait()
-        t0 = time.perf_counter()
+    def download(self, rnd: int) -> None:
+        """Line 7: every client rank receives the global adapter LoRA (in the strategy's messages)."""
         first = self.start + 1  # the first round of this process (after a resume, the receivers hold no state)
-        schemas = self.strategy.download_schemas(rnd, first)
-        sent = self.strategy.download(self.server.global_adapter, rnd, first) if self.server else [None] * len(schemas)
-        msgs = [self.comm.broadcast(m, s, category="adapter_lora") for m, s in zip(sent, schemas)]
-        if self.client:
-            self.global_state = self.strategy.receive(msgs, self.global_state, rnd, first)
-        self.clock.add("download", time.perf_counter() - t0)
-        return download_size(self.strategy, rnd, first)
+        with self.clock.phase("download"):
+            schemas = self.strategy.download_schemas(rnd, first)
+            sent = self.strategy.download(self.server.global_adapter, rnd, first) if self.server else \
+                [None] * len(schemas)
+            msgs = [self.comm.broadcast(m, s, category="adapter_lora", idle=i == 0)
+                    for i, (m, s) in enumerate(zip(sent, schemas))]
+            if self.client:
+                self.global_state = self.strategy.receive(msgs, self.global_state, rnd, first)
 
     def train(self, rnd: int, chosen: list[int], where: dict[int, int]) -> list[list[dict]]:
         """Lines 15-16 on a client rank: each client placed here trains from the global adapter LoRA; returns
@@ -378,7 +296,7 @@ class Federation:
         return uploads
 
     def aggregate_and_record(self, rnd: int, gathered: list, chosen: list[int], where: dict[int, int],
-                             realigned: bool, down: tuple[int, int], t_round: float, sent0: dict) -> None:
+                             realigned: bool) -> None:
         """Line 18 on rank 0, then the round's row of /rounds (and /drift)."""
         cfg, server, n = self.cfg, self.server, self.cfg.fed.clients
         t0 = time.perf_counter()
@@ -404,49 +322,31 @@ class Federation:
             with self.clock.phase("evaluate"):  # on the validation rows: never on the test split
                 acc = server.evaluate("full", "val")["accuracy"]
         with self.clock.phase("evaluate"):  # the output drift probe (the next round's line 9 with oda.trigger=drift)
-            probe = server.probe_round()
-        self.log.append("rounds", {"round": np.int32(rnd), "wall_s": np.float64(time.time() - t_round),
-                                   "train_loss": losses, "n_samples": nk, **self.bytes_row(chosen, realigned, down, sent0),
+            probe = server.monitor.after_round()
+        self.log.append("rounds", {"round": np.int32(rnd), "wall_s": np.float64(self.ledger.round_seconds()),
+                                   "train_loss": losses, "n_samples": nk,
+                                   **self.ledger.bytes_row(rnd, chosen, realigned),
                                    "realigned": np.int8(realigned), "drift_probe": np.float32(probe),
-                                   "drift_ref": np.float32(server.drift_ref), "eval_acc": np.float32(acc),
+                                   "drift_ref": np.float32(server.monitor.ref), "eval_acc": np.float32(acc),
                                    "rejected": rejected_mask})
         with self.clock.phase("evaluate"):  # the drift probe: two forwards on one held-out batch
-            drift = server.drift()
+            drift = server.probes.inter()
         if drift.size:  # no L_inter pairs (no SGP groups): nothing to track
             self.log.append("drift", {"round": np.int32(rnd), "distance": drift})
         self.log.flush()
-        self.log.log(f"round {rnd}/{cfg.fed.rounds}: loss {np.nanmean(losses):.4f}, {time.time() - t_round:.1f}s"
+        self.log.log(f"round {rnd}/{cfg.fed.rounds}: loss {np.nanmean(losses):.4f}, {self.ledger.round_seconds():.1f}s"
                      + (", re-aligned" if realigned else "") + ("" if np.isnan(acc) else f", acc {acc:.4f}")
                      + ("" if np.isnan(probe) else f", output drift probe {probe:.4f} (after the last alignment "
-                                                     f"{server.drift_ref:.4f})"))
-
-    def bytes_row(self, chosen: list[int], realigned: bool, down: tuple[int, int], sent0: dict) -> dict:
-        """The round's byte columns of /rounds: measured by comm's counters, and the LoRA payload the strategy's
-        schemas say the round had to move (the download to every client rank, + the re-aligned emulator LoRA,
-        one upload per sampled client without its `FIT` message); /rounds/upload_bytes counts the FIT message."""
-        comm, strategy, em = self.comm, self.strategy, self.em_schema
-        now = comm.totals()
-        moved = now["sent"] + now["recv"] - self.moved_mark["sent"] - self.moved_mark["recv"]
-        self.moved_mark = now
-        (up_values, up_bytes), (down_values, down_bytes) = upload_size(strategy), down
-        upload = np.zeros(self.cfg.fed.clients, np.int64)
-        upload[chosen] = sum(s.nbytes for s in strategy.up) + FIT.nbytes
-        payload = (comm.size - 1) * (down_bytes + (em.nbytes if realigned else 0)) + len(chosen) * up_bytes
-        return {"upload_bytes": upload, "download_bytes": np.int64((now["sent"] - sent0["sent"]) // (comm.size - 1)),
-                "comm_params": np.int64(up_values + down_values + (em.numel if realigned else 0)),
-                "upload_density": np.float32(up_values / self.ad_schema.numel),
-                "download_density": np.float32(down_values / self.ad_schema.numel),
-                "moved_bytes": np.int64(moved), "payload_bytes": np.int64(payload)}
+                                                     f"{server.monitor.ref:.4f})"))
 
     def record_timing(self, rnd: int) -> None:
-        """Every rank's phase times of this round -> /timing (one float64 row per rank, fixed schema)."""
+        """Every rank's phase times of this round -> /timing (one float64 row per rank, fixed schema). The ranks
+        wait for each other in `idle_wait` before the row is taken, so the row counts that wait as idle."""
         self.comm.idle_wait()
         ranks = self.comm.gatherv([{"t": torch.from_numpy(self.clock.row())}], self.t_schema, [1] * self.comm.size,
                                   category="timing")
         if self.server:
-            self.log.append("timing", {"round": np.int32(rnd), **split(as_numpy(torch.stack([m[0]["t"] for m in ranks])))})
-            self.log.set_attrs("timing", phases=list(PHASES))
-            self.log.flush()
+            self.ledger.record_timing(rnd, as_numpy(torch.stack([m[0]["t"] for m in ranks])))
 
     def stop_or_checkpoint(self, rnd: int) -> bool:
         """A stop request (SIGUSR1 at rank 0, e.g. Slurm's warning before the time limit) ends every rank here,
@@ -466,36 +366,17 @@ class Federation:
         last_round, acc = self.log.last("rounds", "round"), self.log.last("rounds", "eval_acc")
         if self.cfg.data.val_size and last_round is not None and int(last_round) == self.cfg.fed.rounds \
                 and np.isfinite(acc):
-            return {"accuracy": float(acc), "n": len(self.server.val_rows)}
+            return {"accuracy": float(acc), "n": len(self.server.evaluator.val_rows)}
         return {"accuracy": float("nan"), "n": 0}
-
-    def emulator_share(self) -> tuple[int, int, int]:
-        """(emulator LoRA messages, per this many rounds, re-alignments of the run): 1 per r with oda.trigger=every
-        (the design value the tables report), re-alignments per rounds run with oda.trigger=drift (what the run
-        did, from /rounds/realigned, so the rounds before a resume count too)."""
-        flags = self.log.column("rounds", "realigned")
-        count = int(flags.sum()) if flags is not None else 0
-        if not self.realign_every:
-            return 0, 1, count
-        if self.cfg.oda.trigger == "every":
-            return 1, self.realign_every, count
-        return count, max(len(flags), 1), count
 
     def finish(self, base: dict) -> dict:
         """Line 22 + evaluation: the full LLM with the plugged adapter (test and validation), the sub-LLM; /final."""
-        cfg, server, em = self.cfg, self.server, self.em_schema
+        cfg, server = self.cfg, self.server
         full = server.evaluate("full", journal="full")
         sub = full if server.sub_is_full else server.evaluate("sub", journal="sub")  # FedPETuning: same answers
         val = self.final_val_accuracy()
-        values, nbytes = traffic(self.strategy)  # upload + download of the adapter LoRA
-        sent, per, realignments = self.emulator_share()
-        per_round = nbytes + em.nbytes * sent / per
         res = {"accuracy": full["accuracy"], "sub_accuracy": sub["accuracy"], "base_accuracy": base["accuracy"],
-               "trainable_params": self.ad_schema.numel,
-               "comm_params_per_round": int(values + em.numel * sent / per),
-               "comm_bytes_per_round": float(per_round), "realignments": realignments,
-               "emulator_lora_bytes": int(em.nbytes),
-               "client_model_bytes": int(self.model_bytes + self.ad_schema.nbytes + em.nbytes),
+               **self.ledger.final(self.realign_every, cfg.oda.trigger, self.model_bytes),
                "full_model_bytes": int(server.full_bytes), "val_accuracy": val["accuracy"], "n_val": val["n"],
                "task": task_label(cfg.data), "n_eval": full["n"], "aggregator": cfg.fed.aggregator,
                "upload_density": cfg.fed.upload_density, "download_density": cfg.fed.download_density,
@@ -509,7 +390,7 @@ class Federation:
         out = server.export_adapter()
         self.log.log(f"bytes moved by rank 0: {dict(self.comm.bytes)}; MPI {self.comm.mpi_seconds:.2f}s, "
                      f"idle {self.comm.idle_seconds:.2f}s")
-        print_results(cfg, res, base, sub, full, val, per_round, self.log.run_dir / "run.h5", out)
+        print_results(cfg, res, base, sub, full, val, res["comm_bytes_per_round"], self.log.run_dir / "run.h5", out)
         self.log.close()
         return res
 

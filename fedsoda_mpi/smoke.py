@@ -25,7 +25,7 @@ round under MPI on the tiny model. Each step compares something and FAILs when i
     fedsrd-round   one FedSRD round (fed.upload_density = fed.download_density = 0.5) on the same server and
                    client: a sparse upload (about half the dense bytes), accepted, the global moves, and the
                    client rebuilds the server's new global from the sparse download bit for bit
-    drift-probe    Server.drift() (the aligned layers' angular distances: finite, in [0, 1]) and the output drift
+    drift-probe    DriftProbes.inter() (the aligned layers' angular distances: finite, in [0, 1]) and the output drift
                    probe (KL(M || M*) on the held-out batch: finite, >= 0), both on the server's device
     plug-in        Algorithm 2 line 22: the full LLM holds the global adapter (exactly); its evaluation on a few
                    test rows gives an accuracy in [0, 1]; the exported PEFT adapter, loaded by PEFT onto a fresh
@@ -366,7 +366,7 @@ def step_fedsoda_round(run: ModelRun) -> str:
     check(where == {str(run.devices.server)}, f"the server's M and M* are on {sorted(where)}, not on "
           f"{run.devices.server}")
     server.pre_align()
-    server.mark_aligned(0)
+    server.monitor.mark_aligned(0)
     kl = run.log.attrs("oda/pre")
     check(np.isfinite(kl.get("kl_before", np.nan)) and np.isfinite(kl.get("kl_after", np.nan)),
           f"pre-alignment KL(M || M*) {kl.get('kl_before')} -> {kl.get('kl_after')}")
@@ -410,19 +410,19 @@ def step_fedsrd_round(run: ModelRun) -> str:
 
 
 def step_drift_probe(run: ModelRun) -> str:
-    """Server.drift() and the output drift probe, on the server's device, are finite and in range."""
+    """The L_inter drift probe and the output drift probe, on the server's device, are finite and in range."""
     server = run.server
     check(server is not None, "no server: fedsoda-round did not run")
-    drift = server.drift()
+    drift = server.probes.inter()
     pairs = server.plan.align_pairs
     check(len(drift) == len(pairs) > 0, f"{len(drift)} drift values for {len(pairs)} aligned layer pairs")
     check(np.isfinite(drift).all() and (drift >= 0).all() and (drift <= 1).all(),
           f"angular distances {np.round(drift, 4).tolist()} not finite or outside [0, 1]")
-    probe = server.probe_round()
+    probe = server.monitor.after_round()
     check(np.isfinite(probe) and probe >= 0, f"output drift probe KL(M || M*) = {probe}")
-    check(np.isfinite(server.drift_ref), f"the probe's reference after pre-alignment is {server.drift_ref}")
+    check(np.isfinite(server.monitor.ref), f"the probe's reference after pre-alignment is {server.monitor.ref}")
     return (f"{len(drift)} aligned pairs, angular distance {drift.min():.4f}..{drift.max():.4f}; output probe "
-            f"KL {probe:.4f} (after pre-alignment {server.drift_ref:.4f})")
+            f"KL {probe:.4f} (after pre-alignment {server.monitor.ref:.4f})")
 
 
 def logits_of(model, batch: dict, device: torch.device) -> torch.Tensor:
@@ -452,7 +452,7 @@ def step_plug_in(run: ModelRun) -> str:
     check(res["n"] > 0 and 0 <= res["accuracy"] <= 1, f"evaluation of the full LLM: accuracy {res['accuracy']} "
           f"on {res['n']} rows")
     out = server.export_adapter()
-    batch = server.probe[0]
+    batch = server.texts.probe[0]
     mine = logits_of(server.full, batch, device)
     with server.full.disable_adapter():
         base = logits_of(server.full, batch, device)

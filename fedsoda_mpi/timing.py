@@ -67,14 +67,15 @@ class PhaseClock:
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        """Add the block's wall time to `name` (blocks must not nest, and must not contain `idle_wait`)."""
+        """Add the block's wall time to `name` (blocks must not nest); time the block spends in `Comm.idle_wait`
+        (a collective called with `idle=True`) counts as idle, not as `name`."""
         if name not in PHASES or name in ("idle", "other"):
             raise ValueError(f"unknown phase {name!r}")
-        t = time.perf_counter()
+        t, idle = time.perf_counter(), self.comm.idle_seconds
         try:
             yield
         finally:
-            self.seconds[name] += time.perf_counter() - t
+            self.seconds[name] += time.perf_counter() - t - (self.comm.idle_seconds - idle)
 
     def add(self, name: str, seconds: float) -> None:
         """Move `seconds` measured inside another phase's block into `name` (e.g. emulator out of adapter)."""

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from fedsoda_mpi import data, models, sgp
-from fedsoda_mpi import server as server_module
+from fedsoda_mpi import public_texts
 from fedsoda_mpi.config import load_config
 from fedsoda_mpi.runlog import RunLog
-from fedsoda_mpi.server import Server, public_batches
+from fedsoda_mpi.public_texts import public_batches
+from fedsoda_mpi.server import Server
 from tests.conftest import mpirun
 
 AUTO = ["sgp.auto=true", "sgp.remove_layers=12"]
@@ -108,18 +109,18 @@ def test_self_public_is_generated_once_cached_reused_and_used_by_sgp_and_oda(tin
     rows = [json.loads(line) for line in cache.read_text().splitlines()]
     assert len(rows) == 8 + data.SELF_HELDOUT and [r["split"] for r in rows] == ["public"] * 8 + ["heldout"] * 16
     texts = [r["text"] for r in rows]
-    assert server.pool == texts[:8]
+    assert server.texts.pool == texts[:8]
     # SGP ran on the generated texts, not on WikiText-2
     plan = server.plan_layers()
     want = sgp.distance_profile(server.full, public_batches(server.cfg, server.tok, texts[:8], 8), 26, 27)
     server.build(plan)
     server.pre_align()
     pools = []  # re-alignment samples its batches from the generated pool
-    monkeypatch.setattr(server_module, "public_batches",
+    monkeypatch.setattr(public_texts, "public_batches",
                         lambda cfg, tok, pool, limit, rng=None: pools.append(pool) or public_batches(cfg, tok, pool,
                                                                                                    limit, rng))
     server.re_align(2)
-    assert pools == [server.pool]
+    assert pools == [server.texts.pool]
     log.close()
     rec = _read(run, "public", "oda/pre", "sgp/distance")
     np.testing.assert_array_equal(rec["sgp/distance"], want)
@@ -132,14 +133,14 @@ def test_self_public_is_generated_once_cached_reused_and_used_by_sgp_and_oda(tin
     assert pre["kl_on"] == "wikitext2" and np.isfinite([pre[k] for k in ("kl_before", "kl_after", "kl_before_self",
                                                                             "kl_after_self")]).all()
     # a second start in the same folder (resume) reads the file back: no generation, the same batches
-    monkeypatch.setattr(server_module, "public_batches", public_batches)
+    monkeypatch.setattr(public_texts, "public_batches", public_batches)
     monkeypatch.setattr(data, "generate_public", lambda *a, **k: pytest.fail("generated again"))
     again, log = _server(tiny_model_dir, run, "data.public=self", *AUTO)
     log.close()
-    assert again.pool == server.pool and all(torch.equal(a["input_ids"], b["input_ids"])
-                                             for a, b in zip(again.public, server.public))
+    assert again.texts.pool == server.texts.pool and all(torch.equal(a["input_ids"], b["input_ids"])
+                                                         for a, b in zip(again.texts.public, server.texts.public))
     assert (run / data.SELF_FILE).read_text() == "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n"
-    assert len(again.heldout_self) == data.SELF_HELDOUT // again.cfg.oda.batch_size
+    assert len(again.texts.heldout_self) == data.SELF_HELDOUT // again.cfg.oda.batch_size
     # texts changed behind the run's back (regenerated, edited): a resume refuses them, naming the file
     text = (run / data.SELF_FILE).read_text()
     (run / data.SELF_FILE).write_text(text.replace('"text": "', '"text": "x', 1))
@@ -154,8 +155,9 @@ def test_self_public_without_wikitext_measures_kl_on_generated_text(tiny_model_d
     monkeypatch.setattr(data, "load_public", no_public_file)
     server, log = _server(tiny_model_dir, tmp_path / "run", "data.public=self")
     log.close()
-    assert server.kl_on == "self" and server.probe == server.heldout[:1]
-    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(server.heldout, server.heldout_self))
+    held = server.texts
+    assert held.kl_on == "self" and held.probe == held.heldout[:1]
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(held.heldout, held.heldout_self))
 
 
 def test_a_damaged_cache_is_named(tiny_model_dir, tmp_path):

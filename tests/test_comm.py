@@ -50,6 +50,8 @@ def test_transport_roundtrip_and_byte_counts_under_mpirun(chunk):
     for r in res:
         assert r["ok"], r
         assert r["counted"] == r["payload"], r  # counted bytes == payload bytes, exactly
+        assert r["idle"] == dict.fromkeys(["agree_schema", "broadcast", "gatherv", "broadcast_flag",
+                                           "broadcast_bytes"], True), r  # idle=True: the waiting ranks slept
 
 
 @pytest.mark.mpi

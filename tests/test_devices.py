@@ -46,7 +46,7 @@ def _lora_model(device: str):
 
 def test_aligned_drift_feeds_each_model_on_its_device_and_returns_host_values():
     """Issue 29 bug 1: the drift probe's batch is built on the host (data.pad_batch); the full LLM and M* on the
-    server's GPU must receive it on their device, and the distances come back in host memory (Server.drift
+    server's GPU must receive it on their device, and the distances come back in host memory (DriftProbes.inter
     turns them into numpy). The values equal the all-CPU computation."""
     from tests.conftest import tiny_causal_lm
     from fedsoda_mpi import oda
@@ -163,8 +163,8 @@ def test_algorithm_2_in_one_process_with_the_server_on_cuda0_and_a_client_on_cud
         server.build(plan)
         assert _devices(server.full) == _devices(server.sub) == {"cuda:0"}
         server.pre_align()
-        server.mark_aligned(0)
-        assert np.isfinite(server.drift_ref) and np.isfinite(server.drift()).all()
+        server.monitor.mark_aligned(0)
+        assert np.isfinite(server.monitor.ref) and np.isfinite(server.probes.inter()).all()
         client = Client(cfg, 1, plan, dict(server.bundle), rows, torch.device("cuda", 1))
         assert _devices(client.sub) == {"cuda:1"}
         client.set_emulator(server.emulator_lora())
@@ -181,7 +181,7 @@ def test_algorithm_2_in_one_process_with_the_server_on_cuda0_and_a_client_on_cud
             new, rejected = strategy.aggregate(updates, [float(f.n_samples) for f in fits], server.global_adapter, rnd)
             assert rejected == [] and {device_of(t) for t in new.values()} == {"cpu"}
             server.set_global(new)
-            assert np.isfinite(server.probe_round()) and np.isfinite(server.drift()).all()
+            assert np.isfinite(server.monitor.after_round()) and np.isfinite(server.probes.inter()).all()
         server.re_align(2)
         assert np.isfinite(server.evaluate("full", split="val")["accuracy"])
         assert np.isfinite(server.evaluate("sub")["accuracy"])

@@ -277,7 +277,7 @@ def test_a_diverging_alignment_stops_before_the_clients_with_one_line_naming_oda
         server.pre_align()
     log.close()
     text = (tmp_path / "log.txt").read_text()
-    pool = len(server.pool)
+    pool = len(server.texts.pool)
     assert f"oda.re_samples=100000 is more than the {pool} texts of D_public (wikitext2); using all {pool}" in text
     assert "SGP distance profile: 2 batches to run" in text and "pre-alignment: 2 steps to run" in text
     assert "pre-alignment: 1/2 steps, " in text  # after the first step: its time and the estimate of the rest
@@ -333,13 +333,13 @@ def test_label_evaluation_logs_its_progress(tiny_model_dir):
 
     from fedsoda_mpi import data, models
     from fedsoda_mpi.evaluate import label_accuracy
-    from fedsoda_mpi.server import Server
+    from fedsoda_mpi.evaluator import Evaluator
     from fedsoda_mpi.signals import STOP_REQUESTED
 
     model, tok = models.load_causal_lm(tiny_model_dir)
     lines, calls = [], []
     fake = SimpleNamespace(cfg=load_config(None, []), log=SimpleNamespace(log=lines.append, run_dir=Path("-")))
-    step = Server.eval_progress(fake, "full")
+    step = Evaluator.progress(fake, "full")
     STOP_REQUESTED[0] = "SIGUSR1"  # a stop request waits for the end of a label evaluation
     try:
         label_accuracy(model, tok, "sst2", data.load_rows("sst2", "test")[:10], batch_size=4,

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 
 from fedsoda_mpi import oda
 from fedsoda_mpi.oda import AlignPairs, align, aligned_drift, alignment_losses, kl_divergence
-from fedsoda_mpi.server import Server
+from fedsoda_mpi.drift import DriftProbes
 from fedsoda_mpi.sgp import angular_distance, kept_layers, layer_map
 from tests.conftest import tiny_causal_lm
 
@@ -181,25 +181,25 @@ def test_aligned_drift_equals_distance_of_hf_hidden_states(family):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_server_drift_recomputes_only_when_lora_below_the_probe_changes(monkeypatch):
-    """The server's per-round drift probe reruns only when a LoRA tensor that feeds a probed layer changed."""
+def test_inter_probe_recomputes_only_when_lora_below_the_probe_changes(monkeypatch):
+    """The per-round L_inter drift probe reruns only when a LoRA tensor that feeds a probed layer changed."""
     full = tiny_causal_lm("llama", layers=8).requires_grad_(False)
     sub, _ = _pruned_with_lora(full, groups=[(1, 3)], num_emulator_layers=6, n=2)  # LoRA on sub layer 1
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, layers_to_transform=[7])
     full = get_peft_model(full, config)  # the plugged adapter: the last layer, above every probed layer
     calls = []
     monkeypatch.setattr(oda, "aligned_drift", lambda *a: calls.append(1) or aligned_drift(*a))
-    server = SimpleNamespace(plan=SimpleNamespace(align_pairs=[(3, 1)]), full=full, sub=sub,
-                             probe=_batches(1, seed=5), _drift=None)
-    first = Server.drift(server)
+    batch = _batches(1, seed=5)[0]
+    probes = DriftProbes(full, sub, SimpleNamespace(align_pairs=[(3, 1)]), batch, emulator_lora=dict, sub_is_full=False)
+    first = probes.inter()
     with torch.no_grad():  # a new global adapter (layer 7) does not feed layer 3: the probe is not rerun
         next(p for n, p in full.named_parameters() if "layers.7." in n and "lora_B" in n).add_(1.0)
-    assert np.array_equal(Server.drift(server), first) and len(calls) == 1
+    assert np.array_equal(probes.inter(), first) and len(calls) == 1
     with torch.no_grad():  # re-alignment changes the emulator LoRA (sub layer 1): rerun, new value
         next(p for n, p in sub.named_parameters() if "layers.1." in n and "lora_B" in n).add_(0.1)
-    again = Server.drift(server)
+    again = probes.inter()
     assert len(calls) == 2 and not np.array_equal(again, first)
-    torch.testing.assert_close(torch.from_numpy(again), aligned_drift(full, sub, server.probe[0], [(3, 1)]))
+    torch.testing.assert_close(torch.from_numpy(again), aligned_drift(full, sub, batch, [(3, 1)]))
 
 
 def test_realign_due_fires_on_the_ratio_or_the_interval_and_never_on_nan():
@@ -272,57 +272,29 @@ def test_output_probe_moves_with_the_adapter_while_the_l_inter_probe_cannot():
     assert oda.adapter_kl(full, sub, batch[0], hidden, starts) == pytest.approx(kl1, rel=1e-5)  # the cached probe
 
 
-def test_server_output_probe_recomputes_the_adapter_inputs_only_after_the_emulator_changed(monkeypatch):
-    """Server.output_drift: a new global adapter reuses the cached adapter inputs; a new emulator LoRA (an
+def test_output_probe_recomputes_the_adapter_inputs_only_after_the_emulator_changed(monkeypatch):
+    """DriftProbes.output: a new global adapter reuses the cached adapter inputs; a new emulator LoRA (an
     alignment) recomputes them; either way the value is the whole forward's KL, as float32."""
     from fedsoda_mpi import models
 
     full, sub, _, plug = _adapter_pair()
     calls, original = [], oda.adapter_inputs
     monkeypatch.setattr(oda, "adapter_inputs", lambda *a: calls.append(1) or original(*a))
-    server = SimpleNamespace(plan=SimpleNamespace(adapter_first=0, num_layers=8, adapter_size=1, train_start=5),
-                             full=full, sub=sub, probe=_batches(1, seed=5), _probe_inputs=None, sub_is_full=False,
-                             emulator_lora=lambda: models.lora_state(sub, [1]))
-    server._adapter_inputs = lambda: Server._adapter_inputs(server)
+    plan = SimpleNamespace(adapter_first=0, num_layers=8, adapter_size=1, train_start=5)
+    batches = _batches(1, seed=5)
+    probes = DriftProbes(full, sub, plan, batches[0], lambda: models.lora_state(sub, [1]), sub_is_full=False)
     plug(0.3)
-    first = Server.output_drift(server)
-    assert first == pytest.approx(kl_divergence(full, sub, server.probe), rel=1e-5)
+    first = probes.output()
+    assert first == pytest.approx(kl_divergence(full, sub, batches), rel=1e-5)
     plug(0.6)
-    second = Server.output_drift(server)
+    second = probes.output()
     assert len(calls) == 1 and second != first
-    assert second == pytest.approx(kl_divergence(full, sub, server.probe), rel=1e-5)
+    assert second == pytest.approx(kl_divergence(full, sub, batches), rel=1e-5)
     with torch.no_grad():  # a re-alignment changes the emulator LoRA (sub layer 1)
         next(p for n, p in sub.named_parameters() if "layers.1." in n and "lora_B" in n).add_(0.05)
-    third = Server.output_drift(server)
-    assert len(calls) == 2 and third == pytest.approx(kl_divergence(full, sub, server.probe), rel=1e-5)
+    third = probes.output()
+    assert len(calls) == 2 and third == pytest.approx(kl_divergence(full, sub, batches), rel=1e-5)
     assert third == float(np.float32(third))
-
-
-def test_server_restores_the_drift_trigger_state_from_the_run_file(tmp_path):
-    """Resume: the last probe, its reference and the last re-aligned round come back from /rounds (the checkpoint's
-    copy of the run file); a run file written before the columns existed gets NaN rows, so they stay aligned."""
-    import h5py
-
-    from fedsoda_mpi.runlog import RunLog
-
-    log = RunLog(tmp_path, 0, echo=False)
-    log.h5 = h5py.File(tmp_path / "run.h5", "w")
-    for rnd, flag, probe, ref in ((1, 0, 1.5, 1.0), (2, 1, 0.75, 0.5), (3, 0, 0.875, 0.5)):
-        log.append("rounds", {"round": np.int32(rnd), "realigned": np.int8(flag), "drift_probe": np.float32(probe),
-                              "drift_ref": np.float32(ref)})
-    server = SimpleNamespace(log=log, drift_probe=float("nan"), drift_ref=float("nan"), last_aligned=0)
-    Server.restore_drift(server)
-    assert (server.drift_probe, server.drift_ref, server.last_aligned) == (0.875, 0.5, 2)
-    old = RunLog(tmp_path / "old", 0, echo=False)
-    old.h5 = h5py.File(tmp_path / "old" / "run.h5", "w")
-    for rnd in (1, 2):
-        old.append("rounds", {"round": np.int32(rnd), "realigned": np.int8(0)})
-    server = SimpleNamespace(log=old, drift_probe=float("nan"), drift_ref=float("nan"), last_aligned=7)
-    Server.restore_drift(server)
-    assert np.isnan(server.drift_probe) and np.isnan(server.drift_ref) and server.last_aligned == 0
-    assert old.column("rounds", "drift_probe").shape == old.column("rounds", "drift_ref").shape == (2,)
-    log.close()
-    old.close()
 
 
 def test_an_infinite_drift_probe_triggers_a_realignment():

@@ -33,6 +33,21 @@ def test_phases_idle_other_add_up_to_wall():
     assert clock.row()[:len(PHASES)].sum() < 0.01 and clock.steps == 0
 
 
+def test_a_phase_does_not_count_the_idle_wait_inside_it():
+    """A collective called with idle=True inside a phase block: its wait in Comm.idle_wait is idle, not the phase."""
+    comm = FakeComm()
+    clock = PhaseClock(comm, torch.device("cpu"))
+    t0 = time.perf_counter()
+    with clock.phase("download"):
+        time.sleep(0.05)
+        comm.idle_seconds += 0.04  # as Comm.idle_wait would, after sleeping 0.04 s
+        time.sleep(0.04)
+    block = time.perf_counter() - t0
+    s = dict(zip(PHASES + EXTRA, clock.row()))
+    assert s["download"] == pytest.approx(block - 0.04, abs=2e-3) and s["idle"] == pytest.approx(0.04)
+    assert sum(s[p] for p in PHASES) == pytest.approx(s["wall_s"], abs=1e-9)
+
+
 def test_unknown_or_derived_phase_rejected():
     clock = PhaseClock(FakeComm(), torch.device("cpu"))
     for name in ("idle", "other", "sgp"):

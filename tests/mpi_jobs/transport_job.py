@@ -1,9 +1,11 @@
-"""Run under `mpirun -n 3`: round trips of fp32/bf16/int tensors through comm.Comm; prints JSON per rank.
+"""Run under `mpirun -n 3`: round trips of fp32/bf16/int tensors through comm.Comm, and the collectives' idle=True
+waits; prints JSON per rank.
 
     mpirun -n 3 python -m mpi4py tests/mpi_jobs/transport_job.py [--raise-on 2] [--chunk 1000]
 """
 import argparse
 import json
+import time
 
 import torch
 
@@ -50,7 +52,37 @@ def main() -> None:
     files = comm.broadcast_bytes({"x.bin": bytes(range(256)) * 40, "y.json": b"{}"} if comm.rank == 0 else None)
     report["ok"] &= files["x.bin"] == bytes(range(256)) * 40 and files["y.json"] == b"{}"
     report["counted"] = dict(comm.bytes["data"])
+    report["idle"] = idle_collectives(comm)
     print("RESULT " + json.dumps(report), flush=True)
+
+
+def idle_collectives(comm: C.Comm, work_s: float = 0.3) -> dict:
+    """Each collective with idle=True after one rank (the "worker", rank i mod W for the i-th call) works for
+    `work_s`: the value arrives, and each other rank spent about that long asleep in idle_wait, the worker not."""
+    root_msg = message(0, torch.float32)
+    calls = {
+        "agree_schema": lambda: comm.agree_schema(C.Schema.of(root_msg) if comm.rank == 0 else None, idle=True),
+        "broadcast": lambda: comm.broadcast(root_msg if comm.rank == 0 else None, C.Schema.of(root_msg), idle=True),
+        "gatherv": lambda: comm.gatherv([root_msg], C.Schema.of(root_msg), [1] * comm.size, idle=True),
+        "broadcast_flag": lambda: comm.broadcast_flag(True if comm.rank == 0 else None, idle=True),
+        "broadcast_bytes": lambda: comm.broadcast_bytes({"z": b"xyz"} if comm.rank == 0 else None, idle=True),
+    }
+    out = {}
+    for i, (name, call) in enumerate(calls.items()):
+        worker = i % comm.size
+        if comm.rank == worker:
+            time.sleep(work_s)
+        before = comm.idle_seconds
+        got = call()
+        waited = comm.idle_seconds - before
+        arrived = {"agree_schema": lambda: got == C.Schema.of(root_msg),
+                   "broadcast": lambda: all(torch.equal(got[k], root_msg[k]) for k in root_msg),
+                   "gatherv": lambda: comm.rank != 0 or all(torch.equal(m[0]["a"], root_msg["a"]) for m in got),
+                   "broadcast_flag": lambda: got is True,
+                   "broadcast_bytes": lambda: bytes(got["z"]) == b"xyz"}[name]()
+        slept = waited < 0.5 * work_s if comm.rank == worker else waited > 0.5 * work_s
+        out[name] = bool(arrived and slept)
+    return out
 
 
 if __name__ == "__main__":
