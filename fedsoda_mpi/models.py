@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import transformers as tf
 
 from . import families
+from .quantize import EmbedQuantError, quantize_embeddings, restore_embeddings, tables_restored_later
 from .host import readable, to_host_state
 from .methods import layer_maps
 from .reaper import scratch
@@ -316,18 +317,21 @@ def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def build_sub_model(full_model, kept: Sequence[int], quantize: bool, compute_dtype: str = "float32",
-                    double_quant: bool = True, workdir: Path | None = None, device: str = "cpu"):
+                    double_quant: bool = True, workdir: Path | None = None, device: str = "cpu", embed_bits: int = 16):
     """Build the sub-LLM M* = [E*, A] (kept layers only) as a NEW model; NF4 decoder Linears if `quantize`.
 
     The kept layers are written once to `workdir` (safetensors + config, no copy of the full model) and loaded
     back with from_pretrained, quantizing on load (NF4, Algorithm 2 step 2); embeddings, norms and lm_head keep
-    the full model's dtype. On CUDA (`device="cuda:0"`) bitsandbytes quantizes while placing the weights on the
-    GPU through device_map; that branch is the same call and cannot be exercised on the CPU-only test machines."""
+    the full model's dtype, unless `embed_bits` (8 or 4, with `quantize` only) quantizes the embedding and LM head
+    (`quantize.quantize_embeddings`). On CUDA (`device="cuda:0"`) bitsandbytes quantizes while placing the weights on
+    the GPU through device_map; that branch is the same call and cannot be exercised on the CPU-only test machines."""
     from peft import PeftModel
 
     if isinstance(full_model, PeftModel):
         raise ModelError("build_sub_model needs the plain full model, not a PeftModel")
     kept = _check_kept(kept, len(get_layers(full_model)))
+    if embed_bits != 16 and not quantize:
+        raise EmbedQuantError(f"quant.embed_bits={embed_bits} needs quant.enabled=true (an NF4 sub-LLM)")
     quant = None
     if quantize:
         quant = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -341,7 +345,7 @@ def build_sub_model(full_model, kept: Sequence[int], quantize: bool, compute_dty
         model = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=full_model.dtype, quantization_config=quant,
                                                         device_map=device)
     fix_bnb_cpu(model)
-    return model.eval()
+    return quantize_embeddings(model, embed_bits, double_quant).eval()
 
 
 # ------------------------------------------------------------------------------------------------- LoRA
@@ -493,7 +497,8 @@ def model_bundle(model, tokenizer) -> dict[str, bytes]:
 
 
 def load_bundle(files: dict[str, bytes], workdir: Path, device: str = "cpu"):
-    """Write a shipped bundle to `workdir` and load it (4-bit weights load as Linear4bit) in eval mode."""
+    """Write a shipped bundle to `workdir` and load it (4-bit weights load as Linear4bit; a quantized embedding /
+    LM head as `quantize.QuantEmbedding` / `QuantHead`) in eval mode."""
     workdir = Path(workdir).resolve()
     for name, data in files.items():
         target = (workdir / name).resolve()
@@ -501,7 +506,9 @@ def load_bundle(files: dict[str, bytes], workdir: Path, device: str = "cpu"):
             raise ModelError(f"bundle file name {name!r} escapes {workdir}")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
-    return load_causal_lm(workdir, dtype="auto", device=device)
+    with tables_restored_later(workdir):
+        model, tokenizer = load_causal_lm(workdir, dtype="auto", device=device)
+    return restore_embeddings(model, workdir), tokenizer
 
 
 def safetensors_tensor_bytes(blob: bytes) -> int:
