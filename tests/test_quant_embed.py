@@ -176,3 +176,16 @@ def test_a_three_rank_round_with_a_4_bit_table(tiny_model_dir, tmp_path):
         assert held["lm_head_tied"] and held["linear4bit"] == 18 * 7
         assert 0 <= held["stored_bytes"] - held["lora_bytes"] - held["received_weight_bytes"] <= 1024
         assert held["received_weight_bytes"] < 4 * vocab * hidden  # less than the fp32 table alone
+
+
+def test_the_study_group_pairs_with_fedsoda_main_runs():
+    """studies/cpu_smollm2_ii.yaml's smaller_client group: FedSODA at its three-seed selection (the lr of FedSODA's
+    main runs), seeds 0-2, one 8-bit and one 4-bit run per seed, nothing else changed."""
+    from fedsoda_mpi import study
+    from tests.conftest import ROOT
+
+    runs = study.load(ROOT / "studies/cpu_smollm2_ii.yaml").stage("smaller_client")
+    assert sorted((r.variant, r.seed) for r in runs) == [(v, s) for v in ("embed4", "embed8") for s in (0, 1, 2)]
+    for r in runs:
+        assert (r.method, r.lr, r.key, r.lr_step) == ("fedsoda", None, ("fedsoda", "sst2", "smollm2", "iid"), None)
+        assert f"quant.embed_bits={r.variant[-1]}" in r.overrides
