@@ -21,7 +21,8 @@ import torch.nn.functional as F
 import transformers as tf
 
 from . import families
-from .quantize import EmbedQuantError, quantize_embeddings, restore_embeddings, tables_restored_later
+from .quantize import (EmbedQuantError, fix_bnb_cpu, nf4_config, quantize_embeddings, restore_embeddings,
+                       tables_restored_later)
 from .host import readable, to_host_state
 from .methods import layer_maps
 from .reaper import scratch
@@ -197,30 +198,6 @@ def linear_module_names(path) -> list[str]:
                   if isinstance(module, torch.nn.Linear) and _layer_of(name + ".") is not None)
 
 
-def fix_bnb_cpu(model) -> int:
-    """The must-apply bitsandbytes CPU workaround (docs/design.md, "Toolchain facts"); returns the number of
-    4-bit layers touched.
-
-    On AVX512-BF16 CPUs a no-grad eval forward repacks Linear4bit weights into a layout whose matmul has no
-    backward, so later LoRA gradients through 4-bit layers silently vanish. Disable that path and undo any
-    repacking that already happened (bitsandbytes' inverse is lossy: the packed absmax is bf16, so apply this
-    right after loading, before any forward, as every loader here does)."""
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-    count = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            state = getattr(module.weight, "quant_state", None)
-            if state is not None and getattr(state, "packing_format_for_cpu", False):
-                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                    module.weight.data, state)
-                module.quant_state = module.weight.quant_state
-            count += 1
-    return count
-
-
 @contextmanager
 def mode(*models, training: bool = False) -> Iterator[None]:
     """models[i].train(training) for the block (eval mode by default); every module's own training flag is
@@ -332,11 +309,7 @@ def build_sub_model(full_model, kept: Sequence[int], quantize: bool, compute_dty
     kept = _check_kept(kept, len(get_layers(full_model)))
     if embed_bits != 16 and not quantize:
         raise EmbedQuantError(f"quant.embed_bits={embed_bits} needs quant.enabled=true (an NF4 sub-LLM)")
-    quant = None
-    if quantize:
-        quant = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_use_double_quant=double_quant,
-                                      bnb_4bit_compute_dtype=torch_dtype(compute_dtype))
+    quant = nf4_config(torch_dtype(compute_dtype), double_quant) if quantize else None
     with scratch("server") as tmp:
         folder = Path(workdir or tmp)
         folder.mkdir(parents=True, exist_ok=True)

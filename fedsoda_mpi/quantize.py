@@ -1,4 +1,5 @@
-"""The client sub-LLM's frozen input embedding and LM head, stored quantized (`quant.embed_bits` = 8 or 4).
+"""bitsandbytes quantization of the client's sub-LLM M*: its decoder Linears in NF4 (`nf4_config`, QLoRA; the CPU
+trap every loader must undo: `fix_bnb_cpu`), and its frozen input embedding and LM head (`quant.embed_bits` = 8 or 4).
 
 The client never trains E* or the LM head (Algorithm 2: LoRA on decoder layers only), yet in fp32 they are most of
 its model: SmolLM2's tied 49152 x 576 table is 108 of the 145 MiB a FedSODA client holds; LLaMA3-8B's untied
@@ -60,8 +61,9 @@ class QuantTable(nn.Module):
         else:
             codes, state = bf.quantize_4bit(w.contiguous(), blocksize=BLOCKSIZE, compress_statistics=double_quant,
                                             quant_type="nf4", quant_storage=torch.uint8)
-            parts = {"codes": codes, "block_absmax": state.absmax, "nf4_map": state.code.clone()}  # code books: bitsandbytes
-            # shares them between tables, and a shared tensor would be written once
+            # the code books are copied: bitsandbytes shares them between tables, and safetensors writes a shared
+            # tensor once
+            parts = {"codes": codes, "block_absmax": state.absmax, "nf4_map": state.code.clone()}
             if state.nested:
                 parts.update(block_absmax2=state.state2.absmax, absmax_map=state.state2.code.clone(),
                              absmax_offset=state.offset.reshape(1))
@@ -127,6 +129,38 @@ class QuantHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.weight.dequantized().to(hidden.dtype))
+
+
+def nf4_config(compute_dtype: torch.dtype, double_quant: bool):
+    """transformers' bitsandbytes config of the sub-LLM's decoder Linears: NF4 on load (QLoRA, Algorithm 2 step 2)."""
+    import transformers as tf
+
+    return tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                                 bnb_4bit_compute_dtype=compute_dtype)
+
+
+def fix_bnb_cpu(model) -> int:
+    """The must-apply bitsandbytes CPU workaround (docs/design.md, "Toolchain facts"); returns the number of
+    4-bit layers touched.
+
+    On AVX512-BF16 CPUs a no-grad eval forward repacks Linear4bit weights into a layout whose matmul has no
+    backward, so later LoRA gradients through 4-bit layers silently vanish. Disable that path and undo any
+    repacking that already happened (bitsandbytes' inverse is lossy: the packed absmax is bf16, so apply this
+    right after loading, before any forward, as every loader here does)."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            state = getattr(module.weight, "quant_state", None)
+            if state is not None and getattr(state, "packing_format_for_cpu", False):
+                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                    module.weight.data, state)
+                module.quant_state = module.weight.quant_state
+            count += 1
+    return count
 
 
 def _plain(model) -> tuple[nn.Embedding, nn.Linear, bool]:
