@@ -189,3 +189,21 @@ def test_the_study_group_pairs_with_fedsoda_main_runs():
     for r in runs:
         assert (r.method, r.lr, r.key, r.lr_step) == ("fedsoda", None, ("fedsoda", "sst2", "smollm2", "iid"), None)
         assert f"quant.embed_bits={r.variant[-1]}" in r.overrides
+
+
+def test_the_8b_estimate_counts_the_quantized_tables():
+    """bench/gpu_memory.py (docs/gpu.md's 8B estimate): LLaMA3-8B's untied embedding and head, 2 x 128256 x 4096
+    weights, leave the bundle as bfloat16, int8 rows with a float32 scale per row, or NF4."""
+    import importlib.util
+    import sys
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("gpu_memory", ROOT / "bench" / "gpu_memory.py")
+    bench = sys.modules.setdefault("gpu_memory", importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(bench)
+    bundle = {b: bench.host_needs(load_config(str(ROOT / "jobs/llama3_sst2_iid.yaml"), [f"quant.embed_bits={b}"]))
+              ["bundle"] for b in (16, 8, 4)}
+    table = 128256 * 4096
+    assert bundle[16] - bundle[8] == pytest.approx(2 * (2 * table - (table + 4 * 128256)))
+    assert bundle[16] - bundle[4] == pytest.approx(2 * table * (2 - bench.NF4_BITS / 8))
