@@ -2,9 +2,9 @@
 trap every loader must undo: `fix_bnb_cpu`), and its frozen input embedding and LM head (`quant.embed_bits` = 8 or 4).
 
 The client never trains E* or the LM head (Algorithm 2: LoRA on decoder layers only), yet in fp32 they are most of
-its model: SmolLM2's tied 49152 x 576 table is 108 of the 145 MiB a FedSODA client holds; LLaMA3-8B's untied
-embedding and head are about 2 GB of an NF4 client's ~5.7 GB in bfloat16. `quantize_embeddings` replaces both modules
-of a built sub-LLM M* by `QuantEmbedding` / `QuantHead` over a `QuantTable`:
+its model: SmolLM2's tied 49152 x 576 fp32 table is 108 of the 145 MiB a FedSODA client holds; LLaMA3-8B's untied
+embedding and head in bfloat16 are 1.96 of its 4.05 GiB bundle (docs/gpu.md). `quantize_embeddings` replaces both
+modules of a built sub-LLM M* by `QuantEmbedding` / `QuantHead` over a `QuantTable`:
 
 - 8 bits: LLM.int8's row-wise absmax code (bitsandbytes `int8_vectorwise_quant`): int8 codes [V, D] and one float32
   scale per row, 8 + 32 / D bits per weight.
