@@ -32,6 +32,7 @@ from torch import nn
 EMBED_BITS = (16, 8, 4)  # quant.embed_bits: 16 keeps the table in the model's dtype
 BLOCKSIZE = 64  # NF4 block along a row (bitsandbytes' default; a row must hold whole blocks)
 CONFIG_KEY = "fedsoda_embed_quant"  # config.json entry of a bundle whose embedding / head are QuantTables
+REQUIRED = {8: {"codes", "row_scale"}, 4: {"codes", "block_absmax", "nf4_map"}}  # a table's buffers (4: + nested)
 
 
 class EmbedQuantError(ValueError):
@@ -213,6 +214,10 @@ def restore_embeddings(model, folder: Path):
         def table(module, dtype):
             prefix = f"{names[module]}.weight."
             parts = {k[len(prefix):]: st.get_tensor(k).to(device) for k in st.keys() if k.startswith(prefix)}
+            missing = sorted(REQUIRED[bits] - set(parts))
+            if missing:  # transformers' own report of the missing table is silenced (`tables_restored_later`)
+                raise EmbedQuantError(f"{folder}: config.json describes a {bits}-bit {names[module]} but "
+                                      f"model.safetensors lacks {prefix}{missing[0]}; the bundle is damaged")
             return QuantTable(bits, tuple(module.weight.shape), dtype, parts)
 
         dtype = embed.weight.dtype

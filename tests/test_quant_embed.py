@@ -207,3 +207,16 @@ def test_the_8b_estimate_counts_the_quantized_tables():
     table = 128256 * 4096
     assert bundle[16] - bundle[8] == pytest.approx(2 * (2 * table - (table + 4 * 128256)))
     assert bundle[16] - bundle[4] == pytest.approx(2 * table * (2 - bench.NF4_BITS / 8))
+
+
+def test_a_bundle_without_its_table_is_refused(tmp_path):
+    """transformers' report of the missing table is silenced while a bundle loads, so the restore checks it."""
+    files = M.model_bundle(M.build_sub_model(full_model("tied"), KEPT, quantize=True, embed_bits=8), tiny_tokenizer())
+    from safetensors.torch import load, save
+
+    state = load(bytes(files["model.safetensors"]))
+    del state["model.embed_tokens.weight.row_scale"]
+    files["model.safetensors"] = save(state, metadata={"format": "pt"})
+    with pytest.raises(Q.EmbedQuantError, match="8-bit model.embed_tokens but model.safetensors lacks "
+                                                "model.embed_tokens.weight.row_scale"):
+        M.load_bundle(files, tmp_path / "client")
