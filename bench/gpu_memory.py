@@ -135,6 +135,7 @@ class Layout:
     grad_layers: int  # layers a client's backward runs through (from the first trained layer up)
     frozen_lora_in_grad: int  # of those, layers whose LoRA is frozen (emulator LoRA below an adapter layer)
     quantized: bool
+    embed_bits: int = 16  # quant.embed_bits of a quantized sub-LLM (its embedding / LM head table; 16: model.dtype)
 
 
 def layout(cfg, arch: Arch) -> Layout:
@@ -152,15 +153,18 @@ def layout(cfg, arch: Arch) -> Layout:
         emu_lora = cfg.sgp.p if cfg.sgp.enabled else emulator
     grad = sub if first else la  # Plan.train_start: 0 with bottom adapter layers, else the emulator's end
     frozen = emu_lora if first else 0
-    return Layout(sub, la + first, emu_lora, grad, frozen, cfg.quant.enabled)
+    return Layout(sub, la + first, emu_lora, grad, frozen, cfg.quant.enabled,
+                  cfg.quant.embed_bits if cfg.quant.enabled else 16)
 
 
-def weight_bytes(arch: Arch, layers: int, quantized: bool, dense: int) -> float:
-    """A model of `layers` decoder layers: Linears in NF4 (quantized) or `dense` bytes, embeddings / untied head /
-    norms in `dense` bytes."""
+def weight_bytes(arch: Arch, layers: int, quantized: bool, dense: int, embed_bits: int = 16) -> float:
+    """A model of `layers` decoder layers: Linears in NF4 (quantized) or `dense` bytes, norms in `dense` bytes, the
+    embedding / untied head in `dense` bytes or, at `embed_bits` 8 / 4 (fedsoda_mpi/quantize.py), int8 codes with a
+    float32 scale per row / NF4 like the Linears."""
     linear = layers * arch.linear_params * (NF4_BITS / 8 if quantized else dense)
-    other = (arch.vocab * arch.hidden * (1 if arch.tied else 2) + (2 * layers + 1) * arch.hidden) * dense
-    return linear + other
+    per_weight = {16: dense, 8: 1 + 4 / arch.hidden, 4: NF4_BITS / 8}[embed_bits]
+    table = arch.vocab * arch.hidden * (1 if arch.tied else 2) * per_weight
+    return linear + table + (2 * layers + 1) * arch.hidden * dense
 
 
 def saved_per_token(arch: Arch, act: int, lora: str, dropout: bool = True) -> float:
@@ -221,9 +225,15 @@ def client_phases(cfg, arch: Arch, lay: Layout, batch: int, seq: int, label_toke
                       + lay.frozen_lora_in_grad * saved_per_token(arch, act, "frozen", dropout)
                       + frozen_plain * saved_per_token(arch, act, "none", dropout))
     step = (tokens * arch.hidden * act + saved + tokens * transient_per_token(arch, act) + dequant
-            + label_logits(label_tokens, arch.vocab, act))
-    return {"weights": weight_bytes(arch, lay.sub_layers, lay.quantized, dense), "state": state, "fill": fill,
-            "step": step}
+            + label_logits(label_tokens, arch.vocab, act) + head_table(arch, lay, act))
+    return {"weights": weight_bytes(arch, lay.sub_layers, lay.quantized, dense, lay.embed_bits), "state": state,
+            "fill": fill, "step": step}
+
+
+def head_table(arch: Arch, lay: Layout, act: int) -> float:
+    """A quantized LM head (quant.embed_bits 8 / 4) dequantizes its whole table for each call and autograd keeps it
+    for the backward: vocab x hidden in the activations' dtype during a step (0 for a 16-bit table)."""
+    return arch.vocab * arch.hidden * act if lay.embed_bits < 16 else 0
 
 
 def server_phases(cfg, arch: Arch, lay: Layout, eval_prompt: int) -> dict[str, float]:
@@ -232,8 +242,8 @@ def server_phases(cfg, arch: Arch, lay: Layout, eval_prompt: int) -> dict[str, f
     dense = act = DTYPE_BYTES[cfg.model.dtype]
     r = cfg.lora.r
     full = weight_bytes(arch, arch.layers, False, dense) + lay.adapter * arch.lora_params(r) * 4
-    sub = weight_bytes(arch, lay.sub_layers, lay.quantized, dense) + (lay.adapter + lay.emulator_lora) * \
-        arch.lora_params(r) * 4
+    sub = weight_bytes(arch, lay.sub_layers, lay.quantized, dense, lay.embed_bits) + \
+        (lay.adapter + lay.emulator_lora) * arch.lora_params(r) * 4
     # Server.build always builds M* as a new model, also for FedPETuning (whose M* is an unquantized copy of M)
     ob, ps = cfg.oda.batch_size, cfg.data.public_max_len
     emulator_full = arch.layers - lay.adapter
@@ -248,7 +258,7 @@ def server_phases(cfg, arch: Arch, lay: Layout, eval_prompt: int) -> dict[str, f
                        + (lay.sub_layers - lay.emulator_lora - lay.adapter) * saved_per_token(arch, act, "none"))
         adamw = lay.emulator_lora * arch.lora_params(r) * 12  # grad, m, v of the emulator LoRA
         align = teacher + student + t * transient_per_token(arch, act) + dequant + kl_step(arch, ob, ps, act, True) \
-            + adamw
+            + adamw + head_table(arch, lay, act)
     e = cfg.eval
     if cfg.data.task == "gsm8k":
         evaluation = generation(arch, act, e.batch_size, (e.k_shot + 1) * cfg.data.max_len, e.max_new_tokens)
@@ -328,7 +338,7 @@ def host_needs(cfg) -> dict[str, float]:
     loads from there."""
     arch, lay = arch_of(cfg.model.name), layout(cfg, arch_of(cfg.model.name))
     dense = DTYPE_BYTES[cfg.model.dtype]
-    bundle = weight_bytes(arch, lay.sub_layers, lay.quantized, dense)
+    bundle = weight_bytes(arch, lay.sub_layers, lay.quantized, dense, lay.embed_bits)
     sub_dense = weight_bytes(arch, lay.sub_layers, False, dense)
     return {"bundle": bundle, "server_ram": max(sub_dense, 2 * bundle), "server_tmp": sub_dense,
             "client_ram": bundle, "client_tmp": bundle}

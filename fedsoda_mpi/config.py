@@ -107,6 +107,8 @@ class QuantConfig:
     enabled: bool = True  # NF4 sub-LLM on the clients (QLoRA)
     compute_dtype: str = "float32"  # dtype the NF4 layers compute in (bitsandbytes bnb_4bit_compute_dtype)
     double_quant: bool = True  # quantize the NF4 scales too (bitsandbytes double quantization)
+    embed_bits: int = 16  # the sub-LLM's frozen input embedding and LM head: 16 (the model's dtype) | 8 (int8 rows) |
+    #                       4 (NF4); server's M* and the clients' copy alike (fedsoda_mpi/quantize.py)
 
 
 @dataclass
@@ -420,6 +422,8 @@ def _validate_top(cfg: Config) -> None:
     _at_least("model.adapter_layers", cfg.model.adapter_layers, 0)
     _at_least("model.adapter_first", cfg.model.adapter_first, 0)
     _one_of("quant.compute_dtype", cfg.quant.compute_dtype, ("float32", "bfloat16", "float16"))
+    _check(cfg.quant.embed_bits in (16, 8, 4) and (cfg.quant.enabled or cfg.quant.embed_bits == 16),
+           f"quant.embed_bits: must be 16, 8 or 4 (8 and 4 need quant.enabled=true), got {cfg.quant.embed_bits}")
     name = cfg.output.name
     _check(not name or (name not in (".", "..") and "/" not in name and "\\" not in name),
            f"output.name: must be a plain folder name under output.root (no '/', not '.' or '..'; use output.dir for a "

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 import transformers as tf
 
 from . import families
+from .quantize import (EmbedQuantError, fix_bnb_cpu, nf4_config, quantize_embeddings, restore_embeddings,
+                       tables_restored_later)
 from .host import readable, to_host_state
 from .methods import layer_maps
 from .reaper import scratch
@@ -196,30 +198,6 @@ def linear_module_names(path) -> list[str]:
                   if isinstance(module, torch.nn.Linear) and _layer_of(name + ".") is not None)
 
 
-def fix_bnb_cpu(model) -> int:
-    """The must-apply bitsandbytes CPU workaround (docs/design.md, "Toolchain facts"); returns the number of
-    4-bit layers touched.
-
-    On AVX512-BF16 CPUs a no-grad eval forward repacks Linear4bit weights into a layout whose matmul has no
-    backward, so later LoRA gradients through 4-bit layers silently vanish. Disable that path and undo any
-    repacking that already happened (bitsandbytes' inverse is lossy: the packed absmax is bf16, so apply this
-    right after loading, before any forward, as every loader here does)."""
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-    count = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            state = getattr(module.weight, "quant_state", None)
-            if state is not None and getattr(state, "packing_format_for_cpu", False):
-                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                    module.weight.data, state)
-                module.quant_state = module.weight.quant_state
-            count += 1
-    return count
-
-
 @contextmanager
 def mode(*models, training: bool = False) -> Iterator[None]:
     """models[i].train(training) for the block (eval mode by default); every module's own training flag is
@@ -316,23 +294,22 @@ def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def build_sub_model(full_model, kept: Sequence[int], quantize: bool, compute_dtype: str = "float32",
-                    double_quant: bool = True, workdir: Path | None = None, device: str = "cpu"):
+                    double_quant: bool = True, workdir: Path | None = None, device: str = "cpu", embed_bits: int = 16):
     """Build the sub-LLM M* = [E*, A] (kept layers only) as a NEW model; NF4 decoder Linears if `quantize`.
 
     The kept layers are written once to `workdir` (safetensors + config, no copy of the full model) and loaded
     back with from_pretrained, quantizing on load (NF4, Algorithm 2 step 2); embeddings, norms and lm_head keep
-    the full model's dtype. On CUDA (`device="cuda:0"`) bitsandbytes quantizes while placing the weights on the
-    GPU through device_map; that branch is the same call and cannot be exercised on the CPU-only test machines."""
+    the full model's dtype, unless `embed_bits` (8 or 4, with `quantize` only) quantizes the embedding and LM head
+    (`quantize.quantize_embeddings`). On CUDA (`device="cuda:0"`) bitsandbytes quantizes while placing the weights on
+    the GPU through device_map; that branch is the same call and cannot be exercised on the CPU-only test machines."""
     from peft import PeftModel
 
     if isinstance(full_model, PeftModel):
         raise ModelError("build_sub_model needs the plain full model, not a PeftModel")
     kept = _check_kept(kept, len(get_layers(full_model)))
-    quant = None
-    if quantize:
-        quant = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_use_double_quant=double_quant,
-                                      bnb_4bit_compute_dtype=torch_dtype(compute_dtype))
+    if embed_bits != 16 and not quantize:
+        raise EmbedQuantError(f"quant.embed_bits={embed_bits} needs quant.enabled=true (an NF4 sub-LLM)")
+    quant = nf4_config(torch_dtype(compute_dtype), double_quant) if quantize else None
     with scratch("server") as tmp:
         folder = Path(workdir or tmp)
         folder.mkdir(parents=True, exist_ok=True)
@@ -341,7 +318,7 @@ def build_sub_model(full_model, kept: Sequence[int], quantize: bool, compute_dty
         model = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=full_model.dtype, quantization_config=quant,
                                                         device_map=device)
     fix_bnb_cpu(model)
-    return model.eval()
+    return quantize_embeddings(model, embed_bits, double_quant).eval()
 
 
 # ------------------------------------------------------------------------------------------------- LoRA
@@ -493,7 +470,8 @@ def model_bundle(model, tokenizer) -> dict[str, bytes]:
 
 
 def load_bundle(files: dict[str, bytes], workdir: Path, device: str = "cpu"):
-    """Write a shipped bundle to `workdir` and load it (4-bit weights load as Linear4bit) in eval mode."""
+    """Write a shipped bundle to `workdir` and load it (4-bit weights load as Linear4bit; a quantized embedding /
+    LM head as `quantize.QuantEmbedding` / `QuantHead`) in eval mode."""
     workdir = Path(workdir).resolve()
     for name, data in files.items():
         target = (workdir / name).resolve()
@@ -501,7 +479,9 @@ def load_bundle(files: dict[str, bytes], workdir: Path, device: str = "cpu"):
             raise ModelError(f"bundle file name {name!r} escapes {workdir}")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
-    return load_causal_lm(workdir, dtype="auto", device=device)
+    with tables_restored_later(workdir):
+        model, tokenizer = load_causal_lm(workdir, dtype="auto", device=device)
+    return restore_embeddings(model, workdir), tokenizer
 
 
 def safetensors_tensor_bytes(blob: bytes) -> int:

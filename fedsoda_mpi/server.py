@@ -126,7 +126,7 @@ class Server:
         if swept:
             self.log.log(f"removed {len(swept)} stale temporary folder(s) of ended processes: {', '.join(swept)}")
         sub = models.build_sub_model(self.full, plan.kept, cfg.quant.enabled, cfg.quant.compute_dtype,
-                                     cfg.quant.double_quant, device=str(self.device))
+                                     cfg.quant.double_quant, device=str(self.device), embed_bits=cfg.quant.embed_bits)
         self.bundle = models.model_bundle(sub, self.tok)
         self.sub = models.add_lora(sub, plan.lora_sub, **cfg.lora.kwargs())
         self.full = models.add_lora(self.full, plan.adapter_full, **cfg.lora.kwargs())
