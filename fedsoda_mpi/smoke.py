@@ -181,7 +181,8 @@ class ModelRun:
 
     def config(self, extra: list[str] = ()):
         """The smoke round's config (TRAIN on this model and device, run folder in `work`)."""
-        from .config import load_config, validate
+        from .config import load_config
+        from .validation import validate
 
         cfg = load_config(None, [f"model.name={self.path}", f"device={self.devices.setting}", *TRAIN,
                                  f"output.dir={self.work / 'run'}", *self.overrides, *extra])
