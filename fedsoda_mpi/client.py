@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from . import data, lengths, models
-from .checkpoint import torch_seed
 from .data import pad_batch
 from .emulator_cache import EmulatorCache, disk_tier
 from .methods import Plan
 from .reaper import scratch, sweep_stale_copies
+from .seeds import torch_seed
 from .tasks import task_id
 
 
