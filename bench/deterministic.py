@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from fedsoda_mpi import devices, models
-from fedsoda_mpi.client import EmulatorCache, local_train
+from fedsoda_mpi.client import local_train
+from fedsoda_mpi.emulator_cache import EmulatorCache
 from step import FEDPETUNING, FEDSODA, client, set_up
 
 

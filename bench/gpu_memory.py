@@ -45,7 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedsoda_mpi.client import FILL_BATCH  # noqa: E402
+from fedsoda_mpi.emulator_cache import FILL_BATCH  # noqa: E402
 from fedsoda_mpi.config import load_config  # noqa: E402
 from fedsoda_mpi.methods import METHODS  # noqa: E402
 
@@ -402,7 +402,8 @@ def validate(model_dir: str, seq: int, batch: int = 4, examples: int = 16, answe
     import torch
 
     from fedsoda_mpi import models, oda
-    from fedsoda_mpi.client import EmulatorCache, local_train
+    from fedsoda_mpi.client import local_train
+    from fedsoda_mpi.emulator_cache import EmulatorCache
 
     cfg = load_config(None, [f"model.name={model_dir}", f"fed.batch_size={batch}", f"data.max_len={seq}",
                              f"oda.batch_size={batch}", f"data.public_max_len={seq}"])

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from fedsoda_mpi import data, models
-from fedsoda_mpi.client import EmulatorCache, local_train
+from fedsoda_mpi.client import local_train
+from fedsoda_mpi.emulator_cache import EmulatorCache
 from fedsoda_mpi.methods import Plan
 from fedsoda_mpi.prepare import prepare_model
 

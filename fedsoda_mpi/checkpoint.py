@@ -27,24 +27,9 @@ from .config import Config, ConfigError, flatten, job_keys, set_key
 from .host import to_host_state
 from .paths import sha256_of
 from .runlog import RunFolderRefused, archive_failed_attempt, finished_rounds
+from .seeds import REALIGN_STREAM, RNG_SCHEME, torch_seed  # noqa: F401 (server.py seeds re-alignment through here)
 
-# How every random draw is derived (recorded in state.json; the sampler state is the round number).
-RNG_SCHEME = {
-    "client_sampling": "numpy default_rng([seed, round])",
-    "local_batches": "numpy default_rng([seed, round, client])",
-    "local_torch": "torch.manual_seed(seed * 100003 + round * 1009 + client)",
-    "re_alignment_sample": "numpy default_rng([seed, round, 7])",
-    "re_alignment_torch": "torch.manual_seed(seed * 100003 + round * 1009 + 999983)",
-    "data_partition": "numpy default_rng(seed) over the task's training file",
-}
 FILES = ("adapter.safetensors", "emulator.safetensors", "run.h5")
-REALIGN_STREAM, FEDSRD_STREAM = 999983, 424243  # torch_seed streams that are not a client
-
-
-def torch_seed(seed: int, rnd: int, stream: int) -> int:
-    """The torch seed of one random stream of round `rnd` (RNG_SCHEME): client k's local training (stream k,
-    LoRA dropout), the re-alignment (REALIGN_STREAM) and FedSRD's download sparsification (FEDSRD_STREAM)."""
-    return seed * 100003 + rnd * 1009 + stream
 
 
 class CheckpointError(RuntimeError):

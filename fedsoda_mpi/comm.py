@@ -181,7 +181,7 @@ class Comm:
         ranks_here = self.local_size()
         if self.is_server:
             return cores
-        from .config import omp_num_threads  # checked before start-up (config.check_environment)
+        from .validation import omp_num_threads  # checked before start-up (validation.check_environment)
 
         return omp_num_threads() or max(1, cores // ranks_here)
 

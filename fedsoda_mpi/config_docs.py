@@ -5,9 +5,9 @@ the methods it applies to, then the environment variables of the Slurm scripts a
     python -m fedsoda_mpi.config_docs --check    # exit 1 if docs/config.md is not what this module makes
 
 Where each column comes from: type and default from the dataclasses of config.py; the meaning from the comment on the
-field's line in config.py (and the comment lines right below it); allowed values from what `config.validate` checks
-(recorded while it validates the defaults); the methods from the presets of methods.py; the default job's value from
-jobs/smollm2_sst2_iid.yaml. `tests/test_config_docs.py` checks that the committed file is current and that every key
+field's line in config.py (and the comment lines right below it); allowed values from the `Literal` type of a choice
+key and from what `validation.validate` checks (recorded while it validates the defaults); the methods from the
+presets of methods.py; the default job's value from jobs/smollm2_sst2_iid.yaml. `tests/test_config_docs.py` checks that the committed file is current and that every key
 has a meaning.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 import tokenize
 import typing
 
-from . import config
+from . import validation
 from .config import DEFAULT_JOB, ROOT, Config, flatten, job_keys, set_key
 from .methods import PRESETS
 
@@ -111,15 +111,18 @@ def field_comments(cls) -> dict[str, str]:
 
 
 def type_name(typ) -> str:
-    """`int`, `float`, `bool`, `str` or `list[str]`."""
+    """`int`, `float`, `bool`, `str` or `list[str]`; a `Literal` choice key by the type of its choices (`str`)."""
     if typing.get_origin(typ) is list or typ is list:
         return "list[str]"
+    if typing.get_origin(typ) is typing.Literal:
+        typ = type(typing.get_args(typ)[0])
     return getattr(typ, "__name__", str(typ))
 
 
 def allowed_values() -> dict[str, list[str]]:
-    """{key: what config.validate requires of it}, recorded while it validates the defaults: the choices of
-    `_one_of`, the bound of `_at_least` and the "must be ..." of the `_check` messages that start with the key."""
+    """{key: what validation.validate requires of it}: the choices of a key's `Literal` type (the method: the
+    presets), then, recorded while it validates the defaults, the bound of `_at_least` and the "must be ..." of the
+    `_check` messages that start with the key."""
     found: dict[str, list[str]] = {}
 
     def note(key: str, text: str) -> None:
@@ -127,9 +130,7 @@ def allowed_values() -> dict[str, list[str]]:
         if text != "a finite number" and text not in found.setdefault(key, []):  # (every float key: said once)
             found[key].append(text)
 
-    saved = config._one_of, config._at_least, config._check
-
-    def one_of(key, value, choices):
+    for key, choices in {"method": tuple(PRESETS), **validation.choice_keys(Config())}.items():
         note(key, ", ".join(f"`{c}`" for c in choices))
 
     def at_least(key, value, low):
@@ -140,14 +141,12 @@ def allowed_values() -> dict[str, list[str]]:
         if m:
             note(m.group(1), m.group(2))
 
-    config._one_of, config._at_least, config._check = one_of, at_least, check
+    saved = validation._at_least, validation._check
+    validation._at_least, validation._check = at_least, check
     try:
-        config.validate(Config())
+        validation.validate(Config())
     finally:
-        config._one_of, config._at_least, config._check = saved
-    for key, choices in (("method", PRESETS), ("data.task", config.TASKS)):  # checked with `_check`, not `_one_of`
-        if not found.get(key):
-            note(key, ", ".join(f"`{c}`" for c in choices))
+        validation._at_least, validation._check = saved
     return {key: texts for key, texts in found.items() if texts}
 
 

@@ -3,7 +3,8 @@ adapter LoRA, and the sub-LLM M* for comparison).
 
 - SST-2 / BoolQ: label-word likelihood. One forward per prompt (batched, right padding); the LM head runs
   only on each row's last prompt token, and the prediction is the label word with the larger logit.
-- GSM8K: k-shot greedy generation (the paper's "GSM8K (4-shot)"), final-number extraction, numeric match.
+- GSM8K: k-shot greedy generation (the paper's "GSM8K (4-shot)"), final-number extraction, numeric match
+  (answers.py).
   The k-shot prefix is the same for every question: it is prefilled once and its KV cache shared by batches.
   An evaluation of hours can be resumed: a `Journal` file keeps the outputs of every finished batch.
 - Perplexity of plain text (a sanity metric for pruned / aligned sub-LLMs).
@@ -18,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,6 +31,7 @@ from transformers import DynamicCache, GenerationConfig, StoppingCriteria, Stopp
 from transformers.cache_utils import DynamicLayer
 
 from . import models
+from .answers import extract_number, same_number, truncate_at_stop
 from .data import (ensure_pad_token, gsm8k_final_number, gsm8k_shots, label_of, load_rows, prompt_and_answer,
                    shots_prefix)
 from .tasks import custom_correct, is_custom, is_generation, label_words
@@ -38,10 +39,7 @@ from .host import to_numpy
 from .lengths import fit_rows
 
 JOURNAL_FORMAT = 2  # of `Journal` files and of the decoding they record: raise it when either changes
-# 2: a solution also ends with its final-answer line ("#### N" and its line break; `_answer_line_end`)
-# A generated solution ends where the model starts a new instruction block of the few-shot prompt.
-STOP_STRINGS = ("\n\n### Instruction", "Below is an instruction")
-_NUMBER = re.compile(r"(?<![\w.])([-\u2212]?)\$?(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)")
+# 2: a solution also ends with its final-answer line ("#### N" and its line break; `answers.answer_line_end`)
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -152,74 +150,16 @@ def _label_logits(causal: torch.nn.Module, last: torch.Tensor, word_ids: torch.T
         return models.head_logits(causal, last.to(head.weight.dtype))[:, word_ids].float()
 
 
-def _normalise(sign: str, digits: str) -> str:
-    """Canonical text of a number: no commas, no leading zeros, no trailing fractional zeros, no "-0"."""
-    integer, _, fraction = digits.replace(",", "").partition(".")
-    fraction = fraction.rstrip("0")
-    text = str(int(integer)) + (f".{fraction}" if fraction else "")
-    return f"-{text}" if sign and text != "0" else text
-
-
-def _numbers(text: str) -> list[str]:
-    return [_normalise(sign, digits) for sign, digits in _NUMBER.findall(text)]
-
-
-def extract_number(text: str) -> str | None:
-    """Final answer of a generated GSM8K solution, normalised ("1,234" -> "1234", "5.0" -> "5", "$-3." -> "-3").
-
-    Preference: the first number after the first "####"; else the first number after the last "answer is";
-    else the last number in the text; None if the text has no number.
-    """
-    _, marker, tail = text.partition("####")
-    if marker and (found := _numbers(tail)):
-        return found[0]
-    at = text.lower().rfind("answer is")
-    if at >= 0 and (found := _numbers(text[at + len("answer is"):])):
-        return found[0]
-    found = _numbers(text)
-    return found[-1] if found else None
-
-
-def _same_number(predicted: str | None, gold: str) -> bool:
-    reference = extract_number(gold)
-    if predicted is None or reference is None:
-        return False
-    return math.isclose(float(predicted), float(reference), rel_tol=0.0, abs_tol=1e-6)
-
-
-def _answer_line_end(text: str) -> int | None:
-    """Index of the line break that ends the final-answer line (the line of the first "####") once that line holds
-    a number, else None. `extract_number` reads the first number after the first "####" and a number never spans a
-    line break, so nothing generated after this line can change the answer: generation may stop there."""
-    at = text.find("####")
-    end = text.find("\n", at + 4) if at >= 0 else -1
-    return end if end >= 0 and _numbers(text[at + 4:end]) else None
-
-
-def _cut_at_stop_strings(text: str) -> str:
-    """The generated text up to the first stop string (the start of a new instruction block)."""
-    cut = min((i for i in (text.find(s) for s in STOP_STRINGS) if i >= 0), default=len(text))
-    return text[:cut]
-
-
-def _truncate_at_stop(text: str) -> str:
-    """The generated text up to the first stop string or the end of the final-answer line (`_answer_line_end`),
-    whichever comes first; the extracted answer is that of the whole text."""
-    text = _cut_at_stop_strings(text)
-    end = _answer_line_end(text)
-    return text if end is None else text[:end]
-
-
 class _StopOnStrings(StoppingCriteria):
     """Per-row stop once the generated part (after the padded prompt of width `prompt_len`) holds a stop string or
-    a finished final-answer line (`_truncate_at_stop` would cut it)."""
+    a finished final-answer line (`truncate_at_stop` would cut it)."""
 
     def __init__(self, tokenizer, prompt_len: int):
         self.tokenizer, self.prompt_len = tokenizer, prompt_len
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
-        return torch.tensor([_truncate_at_stop(t) != t for t in texts], device=input_ids.device)
+        return torch.tensor([truncate_at_stop(t) != t for t in texts], device=input_ids.device)
 
 
 def _greedy_config(model: torch.nn.Module, tokenizer, max_new_tokens: int) -> tuple[GenerationConfig, set[int]]:
@@ -238,7 +178,7 @@ def _greedy_config(model: torch.nn.Module, tokenizer, max_new_tokens: int) -> tu
 def _decode(tokenizer, tokens: Sequence[int], eos: set[int]) -> str:
     """Generated ids -> text: cut at the first eos / pad id, then at the first stop string, trailing space stripped."""
     end = next((j for j, t in enumerate(tokens) if t in eos), len(tokens))
-    return _truncate_at_stop(tokenizer.decode(tokens[:end], skip_special_tokens=True)).rstrip()
+    return truncate_at_stop(tokenizer.decode(tokens[:end], skip_special_tokens=True)).rstrip()
 
 
 @torch.no_grad()
@@ -328,7 +268,7 @@ def _generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new
               batch_size: int, shared_prefix: str = "", journal: Journal | None = None,
               progress: Callable[[int, int, int], None] | None = None) -> list[str]:
     """Greedy continuations of `prompts`, cut at eos / stop strings / the end of the final-answer line
-    (`_truncate_at_stop`) and stripped of trailing whitespace.
+    (`truncate_at_stop`) and stripped of trailing whitespace.
 
     Whole-prompt path (`shared_prefix` ""): every prompt is tokenized whole; batches of `batch_size` prompts
     (sorted by length) are left-padded and generated. `batch_size` 1 is the naive reference loop.
@@ -404,7 +344,7 @@ def gsm8k_correct(outputs: Sequence[str], rows: Sequence[dict], task: str = "gsm
     the final answers its task.json defines (`tasks.custom_correct`)."""
     if is_custom(task):
         return np.array([custom_correct(task, o, r) for o, r in zip(outputs, rows)], dtype=np.int8)
-    return np.array([_same_number(extract_number(o), gsm8k_final_number(r["answer"]))
+    return np.array([same_number(extract_number(o), gsm8k_final_number(r["answer"]))
                      for o, r in zip(outputs, rows)], dtype=np.int8)
 
 

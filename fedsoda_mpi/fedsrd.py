@@ -27,9 +27,9 @@ import math
 import numpy as np
 import torch
 
-from .checkpoint import FEDSRD_STREAM, torch_seed
 from .comm import Schema
 from .host import as_numpy
+from .seeds import FEDSRD_STREAM, torch_seed
 from .strategy import State, accepted, payload
 
 

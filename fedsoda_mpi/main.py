@@ -20,9 +20,10 @@ import sys
 import numpy as np
 import torch
 
-from .config import Config, ConfigError, load_config, validate
+from .config import Config, load_config
 from .signals import (PROGRESS, STOPPED_EXIT, TERMINATED_EXIT, Terminated, install_stop_handlers, resume_hint,
                       where_now)
+from .validation import ConfigError, validate
 
 USAGE_EXIT = 2
 
@@ -90,7 +91,7 @@ def prepare_config(argv: list[str], world_size: int) -> Config:
     from . import checkpoint, models
     from transformers import AutoTokenizer
 
-    from .config import check_cache_dir, check_environment, check_run_folder
+    from .validation import check_cache_dir, check_environment, check_run_folder
     from .lengths import check_max_len
     from .paths import model_path
     from .runlog import finished_run, run_dir_of

@@ -5,7 +5,7 @@ import h5py
 import pytest
 import torch
 
-from fedsoda_mpi import checkpoint
+from fedsoda_mpi import checkpoint, seeds
 from fedsoda_mpi.methods import Plan
 
 PLAN = {"num_layers": 4, "adapter_size": 1, "kept": [0, 1, 3], "groups": [[1, 2]], "layer_map": [[0, 0], [1, 1], [2, 3]]}
@@ -26,7 +26,7 @@ def test_save_load_keep_newest(tmp_path):
     ck = checkpoint.latest(tmp_path)
     assert ck.round == 3 and ck.emulator == {} and Plan.from_dict(ck.state["plan"]).kept == [0, 1, 3]
     assert torch.equal(ck.adapter["layers.17.lora_A"], torch.full((2, 3), 3.0))
-    assert ck.state["rng"] == checkpoint.RNG_SCHEME
+    assert ck.state["rng"] == seeds.RNG_SCHEME
     with h5py.File(ck.path / "run.h5", "r") as f:  # the run file as it was at that round
         assert f.attrs["last_round"] == 3
     assert not list((tmp_path / "checkpoints").glob(".*"))  # no temporary folder left

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fedsoda_mpi import models
-from fedsoda_mpi.client import EmulatorCache, batch_schedule, local_train, proximal
+from fedsoda_mpi.client import batch_schedule, local_train, proximal
+from fedsoda_mpi.emulator_cache import EmulatorCache
 from fedsoda_mpi.methods import Plan
 from tests.conftest import tiny_causal_lm
 
@@ -102,9 +103,9 @@ def test_cache_fill_is_independent_of_the_local_schedule(quantize, tmp_path, mon
     """A client's cache is filled whole, in length-sorted batches: the same values bit for bit whatever
     schedule (steps, seed) first touched it (what makes a resumed run's refill exact), and each value is the
     unpadded emulator output of its example."""
-    from fedsoda_mpi import client as client_mod
+    from fedsoda_mpi import emulator_cache as cache_mod
 
-    monkeypatch.setattr(client_mod, "FILL_BATCH", 4)  # 6 examples: a batch of 4 (padded) and one of 2
+    monkeypatch.setattr(cache_mod, "FILL_BATCH", 4)  # 6 examples: a batch of 4 (padded) and one of 2
     sub, plan, examples = _setup(quantize, tmp_path)
     params = models.set_trainable(sub, plan.adapter_sub)
     start = models.lora_state(sub, plan.adapter_sub)
@@ -119,7 +120,7 @@ def test_cache_fill_is_independent_of_the_local_schedule(quantize, tmp_path, mon
         assert torch.equal(stores[0][key], stores[1][key])
     for j, e in enumerate(examples):
         ids = torch.tensor([e["input_ids"]])
-        alone = client_mod._emulator(sub, plan, ids, torch.ones_like(ids))[0]
+        alone = cache_mod._emulator(sub, plan, ids, torch.ones_like(ids))[0]
         torch.testing.assert_close(stores[0][(0, j)], alone, rtol=1e-4, atol=1e-5)
 
 
@@ -268,7 +269,7 @@ def test_disk_tier_folder_and_cap_from_the_config(tmp_path, monkeypatch):
     import os
     import socket
 
-    from fedsoda_mpi.client import disk_tier
+    from fedsoda_mpi.emulator_cache import disk_tier
     from fedsoda_mpi.config import load_config
 
     name = f"fedsoda-cache-{os.getpid()}-{socket.gethostname()}-rank2"

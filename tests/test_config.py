@@ -240,14 +240,14 @@ def test_resume_compares_the_resolved_settings(tmp_path, tiny_model_dir, monkeyp
 def test_every_study_run_resumes_with_its_own_command(tmp_path):
     """Every run of the shipped studies (fed_last3, fed_last3_lr_pet and central_last3 set a preset key) is accepted
     by resume=auto with its own arguments after an interruption (Slurm requeue, `study run` again)."""
-    from fedsoda_mpi import study as S
+    from fedsoda_mpi import study_expand as E
     from fedsoda_mpi.checkpoint import check_resumable
 
     import yaml
 
     checked = set()
     for path in sorted((ROOT / "studies").glob("*.yaml")):
-        st = S.expand(yaml.safe_load(path.read_text()))
+        st = E.expand(yaml.safe_load(path.read_text()))
         for run in st.runs:  # one run per job file, method and overrides (seed, task and lr touch no preset key)
             if (run.job, run.method, run.overrides) in checked:
                 continue

@@ -27,7 +27,8 @@ def test_every_key_has_a_type_default_meaning_and_methods():
         assert f"| `{key}` |" in config_docs.render()
     assert rows["fed.mu"][5] == "all (preset fedpetuning: `0.0`; fedot: `0.0`; fedbiot: `0.0`)"
     assert rows["quant.double_quant"][5] == "fedsoda" and rows["sgp.spacing"][5] == "fedot, fedbiot"
-    assert rows["data.task"][3] == "`sst2`, `boolq`, `gsm8k`" and rows["fed.upload_density"][3] == "in (0, 1]"
+    assert rows["data.task"][3] == "`sst2`, `boolq`, `gsm8k`, `custom`" and rows["fed.upload_density"][3] == "in (0, 1]"
+    assert rows["data.task"][1] == rows["eval.dtype"][1] == "str"  # a Literal choice key: the type of its choices
     assert rows["eval.max_examples"][6] == 200  # the default job's value, beside the dataclass default
 
 

@@ -80,7 +80,7 @@ def test_cache_folders_are_removed_on_a_stop(sig, args, tmp_path):
     SIGUSR1 (finish the round, checkpoint, exit 75) and SIGTERM (abandon the round) leave no cache folder. A rank
     that cannot act on SIGTERM within mpirun's ~1 s grace (busy in C code on the loaded cores) is SIGKILLed: its
     folder is what `sweep_stale_caches` removes at the next start on the node."""
-    from fedsoda_mpi.client import sweep_stale_caches
+    from fedsoda_mpi.emulator_cache import sweep_stale_caches
     from fedsoda_mpi.reaper import process_alive
 
     run_dir, cache_dir = tmp_path / "run", tmp_path / "scratch"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_causal_lm
+from fedsoda_mpi import answers
 from fedsoda_mpi import evaluate as ev
 from fedsoda_mpi import models as M
 from fedsoda_mpi.data import LABEL_WORDS, gsm8k_final_number, label_of, load_rows, prompt_and_answer
@@ -79,22 +80,22 @@ def naive_label_logits(model, tokenizer, task, rows):
     ("#### none", None),
 ])
 def test_extract_number(text, expected):
-    assert ev.extract_number(text) == expected
+    assert answers.extract_number(text) == expected
 
 
 def test_extract_number_agrees_with_every_gsm8k_reference():
     for row in load_rows("gsm8k", "test"):
-        assert float(ev.extract_number(row["answer"])) == float(gsm8k_final_number(row["answer"]))
+        assert float(answers.extract_number(row["answer"])) == float(gsm8k_final_number(row["answer"]))
 
 
 def test_truncate_and_stop_on_strings(tiny_tokenizer):
     solution, reasoning = "3 + 4 = 7\n#### 7", "3 + 4 = 7"
-    for stop in ev.STOP_STRINGS:
-        assert ev._truncate_at_stop(f"{reasoning}\n\n{stop}:\nWhat is 2+2?") == reasoning + "\n\n"
-        assert ev._truncate_at_stop(f"{solution}\n\n{stop}:\nWhat is 2+2?") == solution  # the answer line ends it
-    assert ev._truncate_at_stop(solution) == solution
-    assert ev._truncate_at_stop(solution + "\n#### 22\n#### 22") == solution  # a model that repeats answers
-    assert ev._truncate_at_stop("####\n7\n#### 8\n") == "####\n7\n#### 8\n"  # no number on the "####" line
+    for stop in answers.STOP_STRINGS:
+        assert answers.truncate_at_stop(f"{reasoning}\n\n{stop}:\nWhat is 2+2?") == reasoning + "\n\n"
+        assert answers.truncate_at_stop(f"{solution}\n\n{stop}:\nWhat is 2+2?") == solution  # the answer line ends it
+    assert answers.truncate_at_stop(solution) == solution
+    assert answers.truncate_at_stop(solution + "\n#### 22\n#### 22") == solution  # a model that repeats answers
+    assert answers.truncate_at_stop("####\n7\n#### 8\n") == "####\n7\n#### 8\n"  # no number on the "####" line
     prompt = tiny_tokenizer("### Response:\n").input_ids
     rows = [prompt + tiny_tokenizer(solution).input_ids,
             prompt + tiny_tokenizer(solution + "\n\nBelow is an instruction").input_ids,
@@ -107,25 +108,25 @@ def test_truncate_and_stop_on_strings(tiny_tokenizer):
 
 
 def test_stopping_at_the_answer_line_never_changes_the_answer():
-    """Generation stops at the first prefix `_truncate_at_stop` cuts; the answer extracted there must be the one the
+    """Generation stops at the first prefix `answers.truncate_at_stop` cuts; the answer extracted there must be the one the
     whole text (cut at stop strings only, as before the answer-line end existed) gives, for every character prefix
     of real GSM8K solutions followed by what models go on to write."""
     tails = ["", "\n#### 22\n#### 22\n", "\n\n### Instruction:\nWhat is 5 - 1?\n#### 4\n", ". So 12.\nThe answer is 9",
              "\nBelow is an instruction #### 3\n", "0\n", ".5 dollars\n", ",000\n#### 1\n"]
     heads = ["", "####\n6\n", "#### $\n", "#### -", "So the answer is 8\n"]
-    texts = [h + ev._truncate_at_stop(r["answer"]) + t
+    texts = [h + answers.truncate_at_stop(r["answer"]) + t
              for i, r in enumerate(load_rows("gsm8k", "test")[:40]) for h, t in [(heads[i % 5], tails[i % 8])]]
     texts += ["#### 8.", "#### 8.\n5", "#### 1,23\n4", "####8\n9", "no marker 5 and 7\n#### \n 9\n", "#### x\ny 3\n"]
     fired = 0
     for text in texts:
-        whole = ev.extract_number(ev._cut_at_stop_strings(text).rstrip())  # journal format 1: no answer-line end
+        whole = answers.extract_number(answers.cut_at_stop_strings(text).rstrip())  # journal format 1: no answer-line end
         for n in range(len(text) + 1):
-            cut = ev._truncate_at_stop(text[:n])
+            cut = answers.truncate_at_stop(text[:n])
             if cut != text[:n]:  # the stopping criterion fires here
-                assert ev.extract_number(cut.rstrip()) == whole, (text, n)
+                assert answers.extract_number(cut.rstrip()) == whole, (text, n)
                 fired += 1
                 break
-        assert ev.extract_number(ev._truncate_at_stop(text).rstrip()) == whole
+        assert answers.extract_number(answers.truncate_at_stop(text).rstrip()) == whole
     assert fired >= len(texts) // 2  # the criterion did fire on most texts, so the check above ran
 
 

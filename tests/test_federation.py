@@ -58,7 +58,7 @@ def test_sweep_removes_only_cache_folders_of_dead_processes_of_this_host(tmp_pat
     import subprocess
     import sys
 
-    from fedsoda_mpi.client import cache_folder_name, sweep_stale_caches
+    from fedsoda_mpi.emulator_cache import cache_folder_name, sweep_stale_caches
 
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout)

@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from fedsoda_mpi import smoke as S
+from fedsoda_mpi import smoke_mpi as SM
+from fedsoda_mpi import smoke_steps as ST
 from tests.test_slurm import cluster, job_env, job_id, sbatch, wait_done  # noqa: F401 (cluster: a fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -23,7 +24,7 @@ def test_smoke_script_passes_on_the_local_cluster(cluster, tmp_path):  # noqa: F
     assert res.returncode == 0, text[-4000:]
     assert wait_done(job_id(res), timeout=60) == ("COMPLETED", "0:0"), text[-4000:]
     passed = re.findall(r"^PASS (\S+) \S+s (\S+) peak ", text, flags=re.M)
-    assert [p[0] for p in passed] == [f"tiny/{s}" for s in (*S.STEPS, S.MPI_STEP)], text[-4000:]
+    assert [p[0] for p in passed] == [f"tiny/{s}" for s in (*ST.STEPS, SM.MPI_STEP)], text[-4000:]
     assert passed[-1][1] == "cpu,cpu,cpu", text[-4000:]
     assert "PASS tiny/mpi-round" in text and "3 ranks (srun) exited 0" in text, text[-4000:]
     assert len(re.findall(r"^  rank \d \((server|client)\): cpu on ", text, flags=re.M)) == 3, text[-4000:]

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from fedsoda_mpi import smoke as S
+from fedsoda_mpi import smoke_mpi as SM
+from fedsoda_mpi import smoke_steps as ST
 from tests.conftest import MPI_ENV, ROOT
 
 # the in-process steps on the tiny model (~30 s for the shared fixture, ~15 s for a fresh FedSODA round): not in
@@ -33,13 +35,13 @@ def avx512_bf16() -> bool:
 def passed(tiny_model_dir, tmp_path_factory):
     """The six in-process steps on the tiny model on the CPU, run once through the check's own runner: all PASS,
     one well-formed line each. Later tests re-run single steps on this state with a fault injected."""
-    run = S.ModelRun("tiny", tiny_model_dir, S.resolve_devices("cpu"), tmp_path_factory.mktemp("smoke"))
+    run = ST.ModelRun("tiny", tiny_model_dir, S.resolve_devices("cpu"), tmp_path_factory.mktemp("smoke"))
     out = io.StringIO()
     report = S.Report(out)
-    for step in S.STEPS:
-        assert report.run(f"tiny/{step}", (torch.device("cpu"),), lambda s=step: S.STEP_FUNCS[s](run)), out.getvalue()
+    for step in ST.STEPS:
+        assert report.run(f"tiny/{step}", (torch.device("cpu"),), lambda s=step: ST.STEP_FUNCS[s](run)), out.getvalue()
     lines = out.getvalue().splitlines()
-    assert [LINE.match(line).group(1) for line in lines] == [f"tiny/{s}" for s in S.STEPS], lines
+    assert [LINE.match(line).group(1) for line in lines] == [f"tiny/{s}" for s in ST.STEPS], lines
     assert all(LINE.match(line).group(3, 5) == ("cpu", "rss") for line in lines)
     yield run
     run.close()
@@ -49,7 +51,7 @@ def fails(step: str, run, match: str) -> str:
     """Run one step through the runner; it must print exactly one FAIL line naming it, with `match` in the reason."""
     out = io.StringIO()
     report = S.Report(out)
-    assert not report.run(f"tiny/{step}", (torch.device("cpu"),), lambda: S.STEP_FUNCS[step](run))
+    assert not report.run(f"tiny/{step}", (torch.device("cpu"),), lambda: ST.STEP_FUNCS[step](run))
     text = out.getvalue().strip()
     assert text.startswith(f"FAIL tiny/{step}: ") and "\n" not in text and re.search(match, text), text
     assert report.failed == f"tiny/{step}"
@@ -69,7 +71,7 @@ def test_nf4_bundle_fails_when_the_target_holds_other_weights(passed, monkeypatc
 
     def broken(files, workdir, device="cpu"):
         model, tok = load(files, workdir, device)
-        m = next(iter(S.linear4bit(model).values()))
+        m = next(iter(ST.linear4bit(model).values()))
         if fault == "code":
             m.weight.data.view(-1)[0] ^= 0x11
         else:
@@ -131,7 +133,7 @@ def test_a_real_fault_ends_the_check_at_its_step_with_exit_1(tiny_model_dir, mon
 @SLOW
 def test_fedsoda_round_fails_when_a_client_update_is_rejected(tiny_model_dir, tmp_path):
     """A client that uploads NaN (debug.fail_kind=nan: a diverged client) is rejected by FedAvg: the round FAILs."""
-    run = S.ModelRun("tiny", tiny_model_dir, S.resolve_devices("cpu"), tmp_path,
+    run = ST.ModelRun("tiny", tiny_model_dir, S.resolve_devices("cpu"), tmp_path,
                      overrides=["debug.fail_rank=1", "debug.fail_round=1", "debug.fail_kind=nan"])
     try:
         fails("fedsoda-round", run, r"rejected clients \[0\]")
@@ -188,22 +190,22 @@ def test_mpi_round_fails_on_a_failed_launch_and_on_a_wrong_device(tmp_path, monk
     def failed_run(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 1, "", "fedsoda-mpi: config error: fed.clients: must be >= 1\n")
 
-    monkeypatch.setattr(S.subprocess, "run", failed_run)
-    with pytest.raises(S.SmokeFailure, match=r"^exit 1 of .*fedsoda-mpi: config error: fed.clients"):
-        S.step_mpi_round(tmp_path / "tiny", devices, tmp_path, "mpirun", 60)
+    monkeypatch.setattr(SM.subprocess, "run", failed_run)
+    with pytest.raises(ST.SmokeFailure, match=r"^exit 1 of .*fedsoda-mpi: config error: fed.clients"):
+        SM.step_mpi_round(tmp_path / "tiny", devices, tmp_path, "mpirun", 60)
     got = {"rounds": [1], "loss": [[2.0, 2.1]], "final": True, "accuracy": 0.5, "device": ["cuda:0", "cpu", "cuda:0"],
            "host": ["a", "a", "b"], "peak_gpu_mb": [900.0, 0.0, 300.0], "peak_rss_mb": [2000.0, 800.0, 700.0]}
-    with pytest.raises(S.SmokeFailure, match=r"^rank 1 on cpu; expected every rank on cuda$"):
-        S.check_mpi_run(got, "cuda")
+    with pytest.raises(ST.SmokeFailure, match=r"^rank 1 on cpu; expected every rank on cuda$"):
+        SM.check_mpi_run(got, "cuda")
     got["device"][1] = "cuda:0"
-    assert S.check_mpi_run(got, "cuda") == [
+    assert SM.check_mpi_run(got, "cuda") == [
         "  rank 0 (server): cuda:0 on a, peak 900 MiB cuda (host: 2000 MiB rss)",
         "  rank 1 (client): cuda:0 on a, peak 0 MiB cuda (host: 800 MiB rss)",
         "  rank 2 (client): cuda:0 on b, peak 300 MiB cuda (host: 700 MiB rss)"]
-    with pytest.raises(S.SmokeFailure, match="train loss"):
-        S.check_mpi_run({**got, "loss": [[2.0, float("nan")]]}, "cuda")
-    with pytest.raises(S.SmokeFailure, match="run.h5 holds rounds"):
-        S.check_mpi_run({**got, "final": False}, "cuda")
+    with pytest.raises(ST.SmokeFailure, match="train loss"):
+        SM.check_mpi_run({**got, "loss": [[2.0, float("nan")]]}, "cuda")
+    with pytest.raises(ST.SmokeFailure, match="run.h5 holds rounds"):
+        SM.check_mpi_run({**got, "final": False}, "cuda")
 
 
 def test_device_cuda_without_a_gpu_fails_before_any_step_with_exit_2(capsys, monkeypatch):
@@ -220,13 +222,13 @@ def test_launch_lines_follow_slurm_common_sh(monkeypatch):
     """srun inside a job of >= 3 tasks (as slurm/common.sh's fedsoda_step), else the mpirun next to this Python."""
     for var in ("SLURM_NTASKS", "SLURM_JOB_ID"):
         monkeypatch.delenv(var, raising=False)
-    mpirun = S.launcher("auto", 3)
+    mpirun = SM.launcher("auto", 3)
     assert Path(mpirun[0]).name == "mpirun" and mpirun[1:] == ["-n", "3"]
     monkeypatch.setenv("SLURM_NTASKS", "3")
     monkeypatch.setenv("SLURM_JOB_ID", "7")
-    monkeypatch.setattr(S.shutil, "which", lambda name: "/usr/bin/" + name)
-    assert S.launcher("auto", 3) == ["srun", "--mpi=pmix", "--kill-on-bad-exit=1", "-n", "3"]
-    assert S.launcher("mpirun", 3)[1:] == ["-n", "3", "--bind-to", "none"]
+    monkeypatch.setattr(SM.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert SM.launcher("auto", 3) == ["srun", "--mpi=pmix", "--kill-on-bad-exit=1", "-n", "3"]
+    assert SM.launcher("mpirun", 3)[1:] == ["-n", "3", "--bind-to", "none"]
     assert "srun --mpi=pmix --kill-on-bad-exit=1" in (ROOT / "slurm" / "common.sh").read_text()
 
 
@@ -242,7 +244,7 @@ def test_the_smoke_command_passes_on_the_cpu_with_the_tiny_model(tmp_path):
     lines = res.stdout.strip().splitlines()
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
     steps = [m.group(1) for m in map(LINE.match, lines) if m]
-    assert steps == [f"tiny/{s}" for s in (*S.STEPS, S.MPI_STEP)], res.stdout
+    assert steps == [f"tiny/{s}" for s in (*ST.STEPS, SM.MPI_STEP)], res.stdout
     assert lines[0].startswith("smoke: --device cpu: server cpu")
     mpi = next(LINE.match(ln) for ln in lines if ln.startswith("PASS tiny/mpi-round"))
     assert mpi.group(3, 5) == ("cpu,cpu,cpu", "rss") and len(mpi.group(4).split(",")) == 3

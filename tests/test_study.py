@@ -9,6 +9,11 @@ import pytest
 import yaml
 
 from fedsoda_mpi import study as S
+from fedsoda_mpi import study_expand as E
+from fedsoda_mpi import study_reuse as R
+from fedsoda_mpi import study_select as L
+from fedsoda_mpi import study_summaries as M
+from fedsoda_mpi.config import load_config
 from fedsoda_mpi.stats import unbits
 from tests.conftest import ROOT
 
@@ -29,7 +34,7 @@ def _write(tmp_path, spec) -> str:
 
 
 def test_shipped_studies_expand_and_validate():
-    cpu = S.load(ROOT / "studies/cpu_smollm2.yaml")
+    cpu = E.load(ROOT / "studies/cpu_smollm2.yaml")
     assert len(cpu.stage("grid")) == 4 * 2 * 3 + 2 * 2 and len(cpu.stage("seeds")) == 4 * 2 * 2  # methods x tasks x ...
     assert {r.lr for r in cpu.stage("grid") if r.method == "fedsoda"} == {3e-4, 1e-3, 3e-3, 1e-2, 3e-2}  # lr_extend
     assert {r.method for r in cpu.stage("grid")} == {"fedsoda", "fedpetuning", "fedot", "fedbiot"}
@@ -38,7 +43,7 @@ def test_shipped_studies_expand_and_validate():
     assert len(drift) == 2 * 3 and all("oda.trigger=drift" in r.overrides and r.lr is None for r in drift)
     assert {r.variant for r in drift} == {"drift_tau1.1", "drift_tau1.1_max5"}
     assert all("oda.drift_threshold=1.1" in r.overrides for r in drift)
-    paper = S.load(ROOT / "studies/paper.yaml")
+    paper = E.load(ROOT / "studies/paper.yaml")
     grid = paper.stage("grid")
     assert len(grid) == 4 * 3 * 3 * 3 * 3 and {r.lr for r in grid} == {1e-5, 5e-5, 1e-4}  # every seed at every lr
     assert {r.model for r in grid} == {"llama3", "qwen2", "mistral"} and all(r.np == 11 for r in paper.runs)
@@ -49,14 +54,14 @@ def test_shipped_studies_expand_and_validate():
 
 
 def test_run_arguments_set_method_task_split_seed_and_lr(tmp_path):
-    st = S.load(_write(tmp_path, TOY))
+    st = E.load(_write(tmp_path, TOY))
     run = next(r for r in st.runs if r.stage == "noniid")
     args = run.args(0.002, tmp_path / "r")
     assert args[:2] == ["--config", "jobs/smollm2_sst2_iid.yaml"]
     for want in ("method=fedot", "data.task=sst2", "data.split=dirichlet", "data.dirichlet_beta=0.5", "seed=0",
                  "fed.lr=0.002", "fed.rounds=4", f"output.dir={tmp_path / 'r'}", "resume=auto"):
         assert want in args
-    cfg = S.load_config(args[1], args[2:])
+    cfg = load_config(args[1], args[2:])
     assert cfg.method == "fedot" and cfg.fed.mu == 0.0 and cfg.data.dirichlet_beta == 0.5 and cfg.fed.lr == 0.002
 
 
@@ -65,7 +70,7 @@ def _summary(run, val, acc=0.8):
 
 
 def test_selection_uses_validation_only_and_waits_for_the_whole_grid(tmp_path):
-    st = S.load(_write(tmp_path, TOY))
+    st = E.load(_write(tmp_path, TOY))
     grid = {(r.method, r.lr): r for r in st.stage("grid")}
     res = tmp_path / "results"
     res.mkdir()
@@ -73,26 +78,26 @@ def test_selection_uses_validation_only_and_waits_for_the_whole_grid(tmp_path):
     for (method, lr), val, acc in ((("fedsoda", 1e-3), 0.70, 0.95), (("fedsoda", 3e-3), 0.75, 0.60),
                                    (("fedot", 1e-3), 0.60, 0.5)):
         (res / f"{grid[method, lr].id}.json").write_text(json.dumps(_summary(grid[method, lr], val, acc)))
-    chosen = S.write_selection(st, res)
+    chosen = L.write_selection(st, res)
     assert chosen == {("fedsoda", "sst2", "smollm2", "iid"): 3e-3}  # fedot's grid is incomplete: no choice yet
     assert json.loads((res / f"{grid['fedsoda', 3e-3].id}.json").read_text())["variant"] == "main"
     assert json.loads((res / f"{grid['fedsoda', 1e-3].id}.json").read_text())["variant"] == "lr=0.001"
     sel = json.loads((res / "selection.json").read_text())["selected"]
     assert sel[0]["lr"] == 3e-3 and sel[0]["val_accuracy"] == {"0.001/s0": 0.70, "0.003/s0": 0.75}
     seeds1 = next(r for r in st.stage("seeds") if r.method == "fedsoda" and r.seed == 1)
-    assert S.lr_for(seeds1, chosen) == 3e-3
+    assert L.lr_for(seeds1, chosen) == 3e-3
     gsm = {r.method: r for r in st.stage("gsm")}
-    assert S.lr_for(gsm["fedsoda"], chosen) == 3e-3 and S.lr_for(gsm["fedot"], chosen) is None
+    assert L.lr_for(gsm["fedsoda"], chosen) == 3e-3 and L.lr_for(gsm["fedot"], chosen) is None
     (res / f"{grid['fedot', 3e-3].id}.json").write_text(json.dumps(_summary(grid["fedot", 3e-3], 0.60)))
-    chosen = S.select(st, S.summaries(res))
+    chosen = L.select(st, M.summaries(res))
     assert chosen[("fedot", "sst2", "smollm2", "iid")] == 1e-3  # a tie goes to the smaller lr
     noniid = st.stage("noniid")[0]
-    assert S.lr_for(noniid, chosen) == 1e-3
+    assert L.lr_for(noniid, chosen) == 1e-3
 
 
 def test_task_args_of_an_array_index(tmp_path, capsys):
     path = _write(tmp_path, TOY)
-    st = S.load(path)
+    st = E.load(path)
     res = tmp_path / "results"
     assert S.main(["args", path, "grid", "1", "--results", str(res), "--runs", str(tmp_path / "runs")]) == 0
     assert f"output.dir={tmp_path / 'runs' / st.stage('grid')[1].id}" in capsys.readouterr().out
@@ -139,17 +144,17 @@ def test_a_study_declares_its_report_tables(tmp_path):
     """`tables`: rows in order ([variant or "main <method>", label]) and the reference row, kept by the loader."""
     spec = {**TOY, "tables": {"t": {"ref": "main fedsoda", "rows": [["main fedsoda", "F"], ["no_pre", "w/o pre"]],
                                     "group": "ablation"}}}
-    assert S.load(_write(tmp_path, spec)).tables == {"t": {"ref": "main fedsoda", "group": "ablation",
+    assert E.load(_write(tmp_path, spec)).tables == {"t": {"ref": "main fedsoda", "group": "ablation",
                                                            "rows": [("main fedsoda", "F"), ("no_pre", "w/o pre")]}}
-    assert S.load(_write(tmp_path, TOY)).tables == {}
+    assert E.load(_write(tmp_path, TOY)).tables == {}
 
 
 def test_summary_of_a_run_file(tmp_path):
     """summarize() reads only /final, /base, /rounds, /oda/pre, /sgp and the root attributes."""
-    st = S.load(_write(tmp_path, TOY))
+    st = E.load(_write(tmp_path, TOY))
     run = st.stage("grid")[0]
     with h5py.File(tmp_path / "run.h5", "w") as f:
-        cfg = S.load_config(None, ["fed.rounds=2", "fed.clients=2", "data.max_train_per_client=16",
+        cfg = load_config(None, ["fed.rounds=2", "fed.clients=2", "data.max_train_per_client=16",
                                    "eval.dtype=bfloat16"]).to_dict()
         f.attrs.update({"config_json": json.dumps(cfg), "world_size": 3, "git_commit": "abc"})
         f["final"] = np.zeros(0)
@@ -161,7 +166,7 @@ def test_summary_of_a_run_file(tmp_path):
         r["round"], r["eval_acc"] = np.array([1, 2]), np.array([np.nan, 0.79], np.float32)
         r["train_loss"] = np.array([[1.0, 3.0], [np.nan, np.nan]], np.float32)
         r["realigned"], r["wall_s"] = np.array([0, 1], np.int8), np.array([2.0, 3.0])
-    out = S.summarize(run, tmp_path, 1e-3, "toy")
+    out = M.summarize(run, tmp_path, 1e-3, "toy")
     assert out["accuracy"] == 0.81 and out["val_accuracy"] == 0.79 and out["base_accuracy"] is None
     assert out["eval_acc"] == [None, pytest.approx(0.79)] and out["train_loss"] == [2.0, None]
     assert out["kl_after"] is None and out["commit"] == "abc" and out["lr"] == 1e-3 and out["n_eval"] == 872
@@ -175,41 +180,41 @@ def test_summary_of_a_run_file(tmp_path):
     with h5py.File(tmp_path / "run.h5", "a") as f:
         f["final"].attrs["emulator_lora_bytes"] = 786432
         f["rounds/drift_probe"] = np.array([3.0, 3.25], np.float32)
-    out = S.summarize(run, tmp_path, 1e-3, "toy")
+    out = M.summarize(run, tmp_path, 1e-3, "toy")
     assert out["emulator_lora_bytes"] == 786432 and out["drift_probe"] == [3.0, 3.25]
     assert out["pred_counts"] is None and out["label_counts"] is None  # a run file from before they were recorded
     with h5py.File(tmp_path / "run.h5", "a") as f:
         f["final"].attrs.update({"pred_counts": [872, 0], "sub_pred_counts": [400, 472], "label_counts": [428, 444]})
-    out = S.summarize(run, tmp_path, 1e-3, "toy")
+    out = M.summarize(run, tmp_path, 1e-3, "toy")
     assert out["pred_counts"] == [872, 0] and out["sub_pred_counts"] == [400, 472] and out["label_counts"] == [428, 444]
     assert out["eval_s"] is None  # a run file from before the final evaluation was timed
     with h5py.File(tmp_path / "run.h5", "a") as f:
         f["final"].attrs["eval_s"] = 12.345
         f.require_group("timing").attrs["base_eval_s"] = 6.78
-    out = S.summarize(run, tmp_path, 1e-3, "toy")
+    out = M.summarize(run, tmp_path, 1e-3, "toy")
     assert out["eval_s"] == 12.3 and out["base_eval_s"] == 6.8
     assert out["correct"] is None and out["sub_correct"] is None  # a label task: no per-question record
     assert out["base_pred_counts"] is None  # a run file from before the base model's answers were counted
     answered = np.array([1, 0, 0, 1, 1, 0, 0, 0, 1, 1], np.int8)  # GSM8K: which test questions were answered right
     with h5py.File(tmp_path / "run.h5", "a") as f:
         f["final"].attrs.update({"correct": answered, "sub_correct": np.zeros(10, np.int8)})
-    out = S.summarize(run, tmp_path, 1e-3, "toy")
+    out = M.summarize(run, tmp_path, 1e-3, "toy")
     assert out["correct"] == "98c0" and out["sub_correct"] == "0000"  # 1001 1000 | 11(00 0000)
     assert unbits(out["correct"], 10) == answered.astype(bool).tolist()
     assert out["base_correct"] is None  # no base model evaluation recorded in this run file
     with h5py.File(tmp_path / "run.h5", "a") as f:
         f.require_group("base").attrs["correct"] = answered[::-1]
-    assert S.summarize(run, tmp_path, 1e-3, "toy")["base_correct"] == "c640"  # 1100 0110 | 01(00 0000)
+    assert M.summarize(run, tmp_path, 1e-3, "toy")["base_correct"] == "c640"  # 1100 0110 | 01(00 0000)
     json.dumps(out)  # plain ints, not numpy
 
 
 def test_summary_carries_the_chosen_n_p_candidates_and_both_kls(tmp_path):
     """sgp.auto + data.public=self: the summary's (n, p) are the run's chosen ones (/sgp attributes), not the
     config's; the candidates, KL on the held-out WikiText-2 slice and on generated text, the generation settings."""
-    st = S.load(_write(tmp_path, TOY))
+    st = E.load(_write(tmp_path, TOY))
     run = st.stage("grid")[0]
     with h5py.File(tmp_path / "run.h5", "w") as f:
-        cfg = S.load_config(None, ["sgp.auto=true", "sgp.remove_layers=12", "data.public=self"]).to_dict()
+        cfg = load_config(None, ["sgp.auto=true", "sgp.remove_layers=12", "data.public=self"]).to_dict()
         f.attrs.update({"config_json": json.dumps(cfg), "world_size": 3, "git_commit": "abc"})
         f.create_group("final").attrs.update({"accuracy": 0.8, "sub_accuracy": 0.7, "val_accuracy": 0.79, "n_eval": 872,
                                               "n_val": 300, "comm_bytes_per_round": 1.0, "client_model_bytes": 10,
@@ -224,7 +229,7 @@ def test_summary_carries_the_chosen_n_p_candidates_and_both_kls(tmp_path):
                                                 "kl_before_self": 3.0, "kl_after_self": 2.0})
         f.create_group("public").attrs.update({"mode": "self", "temperature": 0.8, "max_new_tokens": 64, "seed": 0,
                                                "n_public": 64, "n_heldout": 16, "generate_s": 30.0, "kl_on": "wikitext2"})
-    out = S.summarize(run, tmp_path, 1e-3, "toy")
+    out = M.summarize(run, tmp_path, 1e-3, "toy")
     assert (out["settings"]["sgp_n"], out["settings"]["sgp_p"]) == (12, 1)  # the config still says n=3, p=4
     assert out["settings"]["sgp_auto"] is True and out["settings"]["sgp_remove_layers"] == 12
     assert out["sgp_candidates"] == [[1, 12, 1.02], [6, 2, None], [12, 1, 0.22]]
@@ -254,8 +259,8 @@ def test_local_route_runs_selects_and_summarizes(tiny_model_dir, tmp_path):
     p = subprocess.run([sys.executable, "-m", "fedsoda_mpi.study", "run", path, "--results", str(res), "--runs",
                         str(runs)], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    done = S.summaries(res)
-    assert sorted(done) == sorted(r.id for r in S.load(path).runs)
+    done = M.summaries(res)
+    assert sorted(done) == sorted(r.id for r in E.load(path).runs)
     sel = json.loads((res / "selection.json").read_text())["selected"][0]
     seed1 = done["seeds-fedsoda-sst2-smollm2-iid-s1"]
     assert seed1["lr"] == sel["lr"] and seed1["variant"] == "main" and seed1["n_val"] == 8 and seed1["n_eval"] == 8
@@ -281,18 +286,18 @@ def test_a_failed_grid_run_is_ranked_last_and_a_pending_key_has_no_main(tmp_path
     grid runs of a key whose selection became pending lose their "main" label; `args` runs a failed run again (the
     Slurm route retries it like `study run`) and exits 3 for a done one."""
     path = _write(tmp_path, TOY)
-    st = S.load(path)
+    st = E.load(path)
     grid = {(r.method, r.lr): r for r in st.stage("grid")}
     res = tmp_path / "results"
     res.mkdir()
     (res / f"{grid['fedsoda', 1e-3].id}.json").write_text(json.dumps(_summary(grid["fedsoda", 1e-3], 0.6)))
-    failed = S.failed_summary(grid["fedsoda", 3e-3], 3e-3, "toy", 1)
+    failed = M.failed_summary(grid["fedsoda", 3e-3], 3e-3, "toy", 1)
     (res / f"{grid['fedsoda', 3e-3].id}.json").write_text(json.dumps(failed))
-    assert S.write_selection(st, res) == {("fedsoda", "sst2", "smollm2", "iid"): 1e-3}
+    assert L.write_selection(st, res) == {("fedsoda", "sst2", "smollm2", "iid"): 1e-3}
     assert failed["status"] == "failed" and failed["val_accuracy"] is None and failed["variant"] == ""
-    (res / f"{grid['fedsoda', 1e-3].id}.json").write_text(json.dumps(S.failed_summary(grid["fedsoda", 1e-3], 1e-3,
+    (res / f"{grid['fedsoda', 1e-3].id}.json").write_text(json.dumps(M.failed_summary(grid["fedsoda", 1e-3], 1e-3,
                                                                                      "toy", 1)))
-    assert S.write_selection(st, res) == {}  # every lr failed: nothing to select
+    assert L.write_selection(st, res) == {}  # every lr failed: nothing to select
     index = str(st.stage("grid").index(grid["fedsoda", 1e-3]))
     assert S.main(["args", path, "grid", index, "--results", str(res), "--runs", str(tmp_path / "runs")]) == 0
     assert "fed.lr=0.001" in capsys.readouterr().out  # the failed run's arguments: it runs again
@@ -301,7 +306,7 @@ def test_a_failed_grid_run_is_ranked_last_and_a_pending_key_has_no_main(tmp_path
     (res / f"{grid['fedsoda', 1e-3].id}.json").write_text(json.dumps({**_summary(grid["fedsoda", 1e-3], 0.6),
                                                                       "variant": "main"}))
     (res / f"{grid['fedsoda', 3e-3].id}.json").unlink()
-    S.write_selection(st, res)
+    L.write_selection(st, res)
     assert json.loads((res / f"{grid['fedsoda', 1e-3].id}.json").read_text())["variant"] == ""
     assert S.main(["args", path, "grid", index, "--results", str(res)]) == S.DONE_EXIT
 
@@ -312,7 +317,7 @@ def test_an_lr_added_to_one_method_supersedes_its_runs_at_the_old_selection(tmp_
     (nothing measured is deleted) and gives the arguments at 1e-2; a summary at the selected lr stays done."""
     spec = {**TOY, "grid": {**TOY["grid"], "lr_extend": {"fedsoda": [1e-2]}}}
     path = _write(tmp_path, spec)
-    st = S.load(path)
+    st = E.load(path)
     lrs = {m: sorted(r.lr for r in st.stage("grid") if r.method == m) for m in ("fedsoda", "fedot")}
     assert lrs == {"fedsoda": [1e-3, 3e-3, 1e-2], "fedot": [1e-3, 3e-3]}
     grid = {(r.method, r.lr): r for r in st.stage("grid")}
@@ -346,12 +351,12 @@ def test_an_lr_added_to_one_method_supersedes_its_runs_at_the_old_selection(tmp_
 def test_run_filters_select_by_stage_task_and_variant(tmp_path, capsys):
     """`study run --stage/--task/--variant` pass a run only when it meets every given filter; an unknown stage, task
     or variant name is refused before anything runs (exit 2, the study's names listed)."""
-    st = S.load(_write(tmp_path, TOY))
-    picked = [r.id for r in st.runs if S.wanted(r, variants=["no_pre"])]
+    st = E.load(_write(tmp_path, TOY))
+    picked = [r.id for r in st.runs if E.wanted(r, variants=["no_pre"])]
     assert picked and all(r.variant == "no_pre" for r in st.runs if r.id in picked)
-    assert all(r.variant == "no_pre" for r in st.runs if S.wanted(r, stages=["ablation"], variants=["no_pre"]))
-    assert not [r for r in st.runs if S.wanted(r, stages=["grid"], variants=["no_pre"])]
-    assert len([r for r in st.runs if S.wanted(r)]) == len(st.runs)
+    assert all(r.variant == "no_pre" for r in st.runs if E.wanted(r, stages=["ablation"], variants=["no_pre"]))
+    assert not [r for r in st.runs if E.wanted(r, stages=["grid"], variants=["no_pre"])]
+    assert len([r for r in st.runs if E.wanted(r)]) == len(st.runs)
     for flag, name in (("--variant", "no_such"), ("--stage", "abaltion"), ("--task", "sst-2")):
         rc = S.main(["run", _write(tmp_path, TOY), "--results", str(tmp_path / "res"), "--runs",
                      str(tmp_path / "runs"), "--stage", "grid", flag, name])
@@ -389,7 +394,7 @@ def test_a_failed_run_is_listed_as_failed_and_run_again(tmp_path, capsys, monkey
     spec = {**TOY, "grid": {**TOY["grid"], "methods": ["fedsoda"], "seeds": [0], "lr": [1e-3]}, "variants": []}
     path = _write(tmp_path, spec)
     res, runs = tmp_path / "results", tmp_path / "runs"
-    run_id = S.load(path).runs[0].id
+    run_id = E.load(path).runs[0].id
     launched = []
 
     def launch(run, lr, run_dir):  # what a run refused at start leaves: mpirun's output, no log.txt
@@ -427,7 +432,7 @@ def test_a_run_that_fails_at_launch_is_failed_and_run_again_under_mpirun(tmp_pat
             "grid": {"methods": ["fedsoda"], "tasks": ["sst2"], "seeds": [0], "lr": [1e-3]}}
     path = _write(tmp_path, spec)
     where = ["--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")]
-    run_id = S.load(path).runs[0].id
+    run_id = E.load(path).runs[0].id
     out = tmp_path / "runs" / run_id / "stdout.txt"
     for attempt in (1, 2):
         p = subprocess.run([sys.executable, "-m", "fedsoda_mpi.study", "run", path, *where], capture_output=True,
@@ -445,32 +450,32 @@ def test_a_run_that_fails_at_launch_is_failed_and_run_again_under_mpirun(tmp_pat
 def test_lr_steps_move_along_the_1_3_10_ladder_from_the_selection(tmp_path, capsys):
     """variants.lr_steps: one run per step from the selected lr (a grid around a selection not known when the study
     is written); the id names the step, the lr resolves once the selection exists; summaries record the step."""
-    assert [S.lr_step(1e-3, k) for k in (-2, -1, 0, 1, 2)] == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
-    assert [S.lr_step(3e-2, k) for k in (-1, 1)] == [1e-2, 1e-1] and S.lr_step(5e-5, 2) == 5e-4
+    assert [L.lr_step(1e-3, k) for k in (-2, -1, 0, 1, 2)] == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+    assert [L.lr_step(3e-2, k) for k in (-1, 1)] == [1e-2, 1e-1] and L.lr_step(5e-5, 2) == 5e-4
     spec = {**TOY, "variants": [{"group": "budget", "name": "x64", "method": "fedsoda", "tasks": ["sst2"],
                                  "lr_steps": [0, -1, 1], "seeds": [0, 1],
                                  "overrides": {"data.max_train_per_client": 64}}]}
     path = _write(tmp_path, spec)
-    st = S.load(path)
+    st = E.load(path)
     runs = st.stage("budget")
     assert [r.id for r in runs[:3]] == ["budget.x64-fedsoda-sst2-smollm2-iid-step+0-s0",
                                         "budget.x64-fedsoda-sst2-smollm2-iid-step+0-s1",
                                         "budget.x64-fedsoda-sst2-smollm2-iid-step-1-s0"]  # step-major
     assert [r.lr_step for r in runs] == [0, 0, -1, -1, 1, 1] and all(r.lr is None for r in runs)
-    cfg = S.load_config(runs[0].job, runs[0].args(1e-3, tmp_path / "r")[2:])
+    cfg = load_config(runs[0].job, runs[0].args(1e-3, tmp_path / "r")[2:])
     assert cfg.data.max_train_per_client == 64  # the variant's override wins over the study's
     res = tmp_path / "results"
     res.mkdir()
-    assert all(S.lr_for(r, S.write_selection(st, res)) is None for r in runs)  # pending until the grid is done
+    assert all(L.lr_for(r, L.write_selection(st, res)) is None for r in runs)  # pending until the grid is done
     grid = {(r.method, r.lr): r for r in st.stage("grid") if r.seed == 0}
     for (method, lr), val in (((("fedsoda", 1e-3), 0.7)), (("fedsoda", 3e-3), 0.6)):
         (res / f"{grid[method, lr].id}.json").write_text(json.dumps({**_summary(grid[method, lr], val), "lr": lr}))
-    chosen = S.write_selection(st, res)
-    assert [S.lr_for(r, chosen) for r in runs] == [1e-3, 1e-3, 3e-4, 3e-4, 3e-3, 3e-3]
+    chosen = L.write_selection(st, res)
+    assert [L.lr_for(r, chosen) for r in runs] == [1e-3, 1e-3, 3e-4, 3e-4, 3e-3, 3e-3]
     assert S.main(["list", path, "--results", str(res)]) == 0
     assert "todo  budget.x64-fedsoda-sst2-smollm2-iid-step-1-s0  lr=0.0003" in capsys.readouterr().out
-    failed = S.failed_summary(runs[2], 3e-4, "toy", 1)
-    assert failed["lr_step"] == -1 and "lr_step" not in S.failed_summary(grid["fedsoda", 1e-3], 1e-3, "toy", 1)
+    failed = M.failed_summary(runs[2], 3e-4, "toy", 1)
+    assert failed["lr_step"] == -1 and "lr_step" not in M.failed_summary(grid["fedsoda", 1e-3], 1e-3, "toy", 1)
     bad = {**spec, "variants": [{**spec["variants"][0], "lr_steps": [0, 0]}]}
     assert S.main(["list", _write(tmp_path, bad)]) == 2
     assert "lr_steps: expected a list of distinct integers" in capsys.readouterr().err
@@ -478,13 +483,13 @@ def test_lr_steps_move_along_the_1_3_10_ladder_from_the_selection(tmp_path, caps
 
 def _source_summary(run, lr, **change):
     """A finished summary of another study for `run` at `lr`, with the settings its resolved config gives."""
-    cfg = S.load_config(run.job, run.args(lr, __import__("pathlib").Path("x"))[2:]).to_dict()
+    cfg = load_config(run.job, run.args(lr, __import__("pathlib").Path("x"))[2:]).to_dict()
     over = [o for o in run.overrides if not o.startswith("eval.base=")] + ["eval.base=true"]
     out = {"run": "other-" + run.id, "status": "ok", "stage": "seeds", "variant": "main", "method": run.method,
            "task": run.task, "model": run.model, "model_name": cfg["model"]["name"], "split": run.split,
            "seed": run.seed, "lr": lr, "overrides": over, "rounds": cfg["fed"]["rounds"],
            "clients": cfg["fed"]["clients"], "examples_per_client": cfg["data"]["max_train_per_client"],
-           "pooled_clients": 0, "eval_dtype": cfg["eval"]["dtype"], "settings": S.settings(cfg),
+           "pooled_clients": 0, "eval_dtype": cfg["eval"]["dtype"], "settings": M.settings(cfg),
            "val_accuracy": 0.7, "accuracy": 0.8, "commit": "abc"}
     out.update(change)
     return out
@@ -499,7 +504,7 @@ def test_reuse_copies_only_runs_with_identical_resolved_settings(tmp_path, capsy
     src.mkdir()
     spec = {**TOY, "reuse": [str(src)]}
     path = _write(tmp_path, spec)
-    st = S.load(path)
+    st = E.load(path)
     assert st.reuse == [src]
     grid = {(r.method, r.lr, r.seed): r for r in st.stage("grid")}
     a, b, c = grid["fedsoda", 1e-3, 0], grid["fedsoda", 3e-3, 0], grid["fedot", 1e-3, 0]
@@ -516,7 +521,7 @@ def test_reuse_copies_only_runs_with_identical_resolved_settings(tmp_path, capsy
         (src / f"{name}.json").write_text(json.dumps(s))
     res = tmp_path / "results"
     res.mkdir()
-    S.reuse_all(st, res)
+    R.reuse_all(st, res)
     copied = json.loads((res / f"{a.id}.json").read_text())
     assert copied["reused_from"] == "old/a" and copied["run"] == a.id and copied["stage"] == "grid"
     assert copied["overrides"] == list(a.overrides) and copied["val_accuracy"] == 0.7 and copied["commit"] == "abc"
@@ -527,7 +532,7 @@ def test_reuse_copies_only_runs_with_identical_resolved_settings(tmp_path, capsy
 
 
 def test_evidence_ii_study_selects_over_three_seeds_and_reuses_the_cpu_study():
-    ii = S.load(ROOT / "studies/cpu_smollm2_ii.yaml")
+    ii = E.load(ROOT / "studies/cpu_smollm2_ii.yaml")
     assert ii.select_seeds == [0, 1, 2] and not ii.stage("seeds") and len(ii.stage("grid")) == 3 * (5 + 3 * 3)
     assert ii.reuse == [ROOT / "results/cpu_smollm2"]
     budget = ii.stage("budget")

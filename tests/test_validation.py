@@ -8,10 +8,12 @@ import dataclasses
 import json
 import math
 import shutil
+from typing import Literal
 
 import pytest
 
 from fedsoda_mpi import config as C
+from fedsoda_mpi import validation as V
 from fedsoda_mpi.config import Config, ConfigError, load_config
 from fedsoda_mpi.data import FIX, DataError
 from fedsoda_mpi.main import prepare_config, prepare_inputs
@@ -216,7 +218,7 @@ def test_auto_sgp_and_self_public_keys_name_the_key(args, msg):
 def test_auto_needs_a_feasible_n_p_for_the_model(args, msg):
     cfg = load_config(None, args)  # fine without the model ...
     with pytest.raises(ConfigError) as e:  # ... but not for a 30-layer model with 3 adapter layers
-        C.validate(cfg, num_layers=30)
+        V.validate(cfg, num_layers=30)
     assert one_line(e) == msg
 
 
@@ -224,7 +226,7 @@ def test_auto_and_self_public_configs_that_are_fine():
     for args in ([*AUTO], [*AUTO, "sgp.n_max=4", "sgp.max_distance=0.2"], ["sgp.auto=true", "sgp.remove_layers=26"],
                  ["sgp.auto=true", "sgp.remove_layers=17"], ["sgp.max_distance=0.1"], ["data.public=self"],
                  [*AUTO, "data.public=self", "data.self_max_new_tokens=8", "data.self_batch_size=2"]):
-        C.validate(load_config(None, args), num_layers=30)
+        V.validate(load_config(None, args), num_layers=30)
 
 
 def test_self_public_needs_no_public_file(tiny_model, tmp_path, monkeypatch):
@@ -247,6 +249,29 @@ def numeric_keys() -> list[tuple[str, type]]:
                 keys.append((f"{prefix}{f.name}", type(value)))
     walk(Config(), "")
     return keys
+
+
+@pytest.mark.parametrize("key,choices", sorted(V.choice_keys(Config()).items()))
+def test_every_choice_key_refuses_a_value_outside_its_literal_type(key, choices):
+    """A choice key (a `Literal` field) refuses any other value with one line naming the key and its choices."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"{key}=bogus"])
+    assert one_line(e).startswith(f"{key}: ") and all(c in one_line(e) for c in choices), str(e.value)
+
+
+def test_the_choices_are_the_arguments_of_the_literal_type():
+    @dataclasses.dataclass
+    class Section:
+        mode: Literal["a", "b"] = "a"
+
+    @dataclasses.dataclass
+    class Top:
+        sec: Section = dataclasses.field(default_factory=Section)
+
+    assert V.choice_keys(Top()) == {"sec.mode": ("a", "b")}
+    V._one_of(Top(), "sec.mode")
+    with pytest.raises(ConfigError, match=r"^sec.mode: expected a or b, got 'c'$"):
+        V._one_of(Top(Section("c")), "sec.mode")
 
 
 @pytest.mark.parametrize("key,typ", numeric_keys())
@@ -284,9 +309,9 @@ def test_drift_trigger_needs_re_alignment():
 def test_debug_fail_rank_must_be_a_rank():
     cfg = load_config(None, ["debug.fail_rank=3"])
     with pytest.raises(ConfigError) as e:
-        C.validate(cfg, world_size=3)
+        V.validate(cfg, world_size=3)
     assert one_line(e) == "debug.fail_rank: must be -1 (none) or a rank below the world size 3, got 3"
-    C.validate(load_config(None, ["debug.fail_rank=2"]), world_size=3)
+    V.validate(load_config(None, ["debug.fail_rank=2"]), world_size=3)
 
 
 def test_lora_target_modules_are_checked_against_the_model(tiny_model, tmp_path):
@@ -442,8 +467,8 @@ def test_output_dir_that_is_a_file(tiny_model, tmp_path):
 def test_output_dir_that_cannot_be_written(tiny_model, tmp_path, monkeypatch):
     ro = tmp_path / "readonly"
     ro.mkdir()
-    real_access = C.os.access
-    monkeypatch.setattr(C.os, "access", lambda p, mode: False if str(p) == str(ro) else real_access(p, mode))
+    real_access = V.os.access
+    monkeypatch.setattr(V.os, "access", lambda p, mode: False if str(p) == str(ro) else real_access(p, mode))
     with pytest.raises(ConfigError) as e:
         prepare_config(args_for(tiny_model, ro), world_size=3)
     assert one_line(e) == f"output.dir: the run folder must be writable, got {ro}"
@@ -471,8 +496,8 @@ def test_cache_dir_that_is_a_file_or_not_writable(tiny_model, tmp_path, monkeypa
     assert one_line(e) == f"fed.cache_dir: cannot create the emulator cache folder {f}/sub: {f} is a file"
     ro = tmp_path / "readonly"
     ro.mkdir()
-    real_access = C.os.access
-    monkeypatch.setattr(C.os, "access", lambda p, mode: False if str(p) == str(ro) else real_access(p, mode))
+    real_access = V.os.access
+    monkeypatch.setattr(V.os, "access", lambda p, mode: False if str(p) == str(ro) else real_access(p, mode))
     with pytest.raises(ConfigError) as e:
         prepare_config(args_for(tiny_model, run, f"fed.cache_dir={ro}", "fed.cache_max_gb=1"), world_size=3)
     assert one_line(e) == f"fed.cache_dir: the emulator cache folder must be writable, got {ro}"
@@ -663,11 +688,11 @@ def test_omp_num_threads_is_checked_before_start_up(tiny_model, tmp_path, monkey
     """OMP_NUM_THREADS=abc was a ValueError traceback on the client ranks after the run had started."""
     for bad in ("abc", "0", "-2", "2.5"):
         with pytest.raises(ConfigError) as e:
-            C.check_environment({"OMP_NUM_THREADS": bad})
+            V.check_environment({"OMP_NUM_THREADS": bad})
         assert one_line(e) == (f"OMP_NUM_THREADS: must be a positive integer (the client ranks' torch threads), got "
                                f"'{bad}'; unset it or set e.g. OMP_NUM_THREADS=1")
     for good in ({}, {"OMP_NUM_THREADS": "1"}, {"OMP_NUM_THREADS": "4,2"}, {"OMP_NUM_THREADS": ""}):
-        C.check_environment(good)
+        V.check_environment(good)
     monkeypatch.setenv("OMP_NUM_THREADS", "abc")
     with pytest.raises(ConfigError, match="^OMP_NUM_THREADS: must be a positive integer"):
         prepare_config(args_for(tiny_model, tmp_path / "run"), world_size=3)
