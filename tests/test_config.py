@@ -80,7 +80,7 @@ def test_method_preset_then_yaml_then_overrides(tmp_path):
 def test_bad_config_exits_2_on_every_rank_before_mpi_work():
     p = mpirun(3, ["-m", "fedsoda_mpi.main", "fed.rouns=2"], timeout=120)
     assert p.returncode == 2, (p.returncode, p.stderr[-1500:])
-    lines = [l for l in p.stderr.splitlines() if "config error" in l]
+    lines = [ln for ln in p.stderr.splitlines() if "config error" in ln]
     assert lines == ["fedsoda-mpi: config error: unknown config key 'fed.rouns' (did you mean 'fed.rounds'?)"]
     assert "Traceback" not in p.stderr
 
@@ -137,7 +137,7 @@ def test_missing_data_file_exits_2_with_one_line(tmp_path, tiny_model_dir):
     p = mpirun(3, ["-m", "fedsoda_mpi.main", f"model.name={tiny_model_dir}"], timeout=120,
                env={"FEDSODA_DATA": str(tmp_path)})
     assert p.returncode == 2, (p.returncode, p.stderr[-1500:])
-    lines = [l for l in p.stderr.splitlines() if "fedsoda-mpi:" in l]
+    lines = [ln for ln in p.stderr.splitlines() if "fedsoda-mpi:" in ln]
     assert lines == [f"fedsoda-mpi: data error: missing data file {tmp_path}/sst2/train.jsonl; {FIX}"], lines
     assert "Traceback" not in p.stderr
 
