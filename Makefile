@@ -6,6 +6,9 @@ PYTHON ?= python3
 VENV ?= .venv
 NP ?= 11
 BIN := $(VENV)/bin
+# pytest-xdist: two workers (the 2-core target); tests that share a module-scoped run, and the Slurm tests, stay in
+# one worker each (tests/conftest.py, worker_groups). XDIST= runs the suite in one process.
+XDIST ?= -n 2 --dist loadgroup
 MPIENV := OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1 \
 	PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE HDF5_USE_FILE_LOCKING=FALSE
 
@@ -27,10 +30,10 @@ demo: prepare
 	$(MPIENV) $(BIN)/mpirun -n $(NP) $(BIN)/python -m mpi4py -m fedsoda_mpi.main $(ARGS)
 
 test: install
-	$(MPIENV) $(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
+	$(MPIENV) $(BIN)/python -m pytest -q $(XDIST) --durations=25 $(PYTEST_ARGS)
 
 test-fast: install
-	$(MPIENV) $(BIN)/python -m pytest -q -m "not mpi and not real and not slurm and not slow" $(PYTEST_ARGS)
+	$(MPIENV) $(BIN)/python -m pytest -q $(XDIST) -m "not mpi and not real and not slurm and not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
