@@ -1,4 +1,4 @@
-"""`sbatch slurm/smoke.sh` on the local one-node Slurm cluster (tests/test_slurm.py's `cluster`: 11 fake GPUs,
+"""`sbatch slurm/smoke.sh` on the local one-node Slurm cluster (tests/conftest.py's `cluster`: 11 fake GPUs,
 which CPU torch cannot see, so device=auto falls back to the CPU on every rank, as the script intends)."""
 import re
 import time
@@ -6,12 +6,12 @@ import time
 import pytest
 
 from fedsoda_mpi import smoke as S
-from tests.test_slurm import cluster, job_env, job_id, sbatch, wait_done  # noqa: F401 (cluster: a fixture)
+from tests.test_slurm import job_env, job_id, sbatch, wait_done
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
-def test_smoke_script_passes_on_the_local_cluster(cluster, tmp_path):  # noqa: F811
+def test_smoke_script_passes_on_the_local_cluster(cluster, tmp_path):
     """3 tasks with --gpus-per-task=1: the in-process steps in the batch shell, the MPI round as an srun step of the
     job's 3 tasks; every step PASSes, every rank reports the CPU (the fake GPUs are invisible to CPU torch), and
     the job completes with exit 0."""
