@@ -7,9 +7,9 @@ PYTHON ?= python3
 VENV ?= .venv
 NP ?= 11
 BIN := $(VENV)/bin
-# pytest-xdist: two workers (the 2-core target); tests that share a module-scoped run, and the Slurm tests, stay in
-# one worker each (tests/conftest.py, worker_groups). XDIST= runs the suite in one process.
-XDIST ?= -n 2 --dist loadgroup
+# pytest-xdist: two workers (the 2-core target), a test file at a time, so that a module-scoped run is made once
+# and the Slurm tests (all in tests/test_slurm.py) never compete for the one-node cluster. XDIST= runs one process.
+XDIST ?= -n 2 --dist loadfile
 MPIENV := OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1 \
 	PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE HDF5_USE_FILE_LOCKING=FALSE
 

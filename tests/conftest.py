@@ -59,36 +59,10 @@ def tiny_llama():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark every test that needs the real SmolLM2 (the `smollm2_dir` fixture, or the `real` marker) `real_model`,
-    and group the tests for pytest-xdist's `--dist loadgroup` (`make test` runs two workers)."""
+    """Mark every test that needs the real SmolLM2 (the `smollm2_dir` fixture, or the `real` marker) `real_model`."""
     for item in items:
         if "smollm2_dir" in getattr(item, "fixturenames", ()) or item.get_closest_marker("real"):
             item.add_marker(pytest.mark.real_model)
-    for item, group in worker_groups(items).items():
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
-def uses_module_fixture(item) -> bool:
-    """Whether `item` requests a module-scoped fixture (an MPI run or a loaded model that its module's tests share)."""
-    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-    return any(d.scope == "module" for fixture in defs.values() for d in fixture)
-
-
-def worker_groups(items) -> dict:
-    """{test: xdist group} for the tests that must run in one worker: every Slurm test in group "slurm" (they share
-    the one-node cluster, and a job of one would hold the node the other waits for), and every test of a module one
-    of whose tests uses a module-scoped fixture in a group named after the module (the fixture, often an MPI run,
-    is then made once; a test may also request it by name, as test_resume's SIGTERM case does). Other tests go to
-    whichever worker is free."""
-    shared = {item.module.__name__ for item in items if hasattr(item, "module") and uses_module_fixture(item)}
-    groups = {}
-    for item in items:
-        module = getattr(getattr(item, "module", None), "__name__", "")
-        if item.get_closest_marker("slurm"):
-            groups[item] = "slurm"
-        elif module in shared:
-            groups[item] = module.rsplit(".", 1)[-1]
-    return groups
 
 
 @pytest.fixture(scope="session")

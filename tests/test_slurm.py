@@ -1,8 +1,8 @@
 """slurm/ scripts on a REAL one-node Slurm cluster (../shared/tools/start-local-slurm.sh, 11 fake GPUs).
 
 The MPI route (srun --mpi=pmix and the venv's mpirun, see slurm/common.sh), the preemption hook,
-a real toy FedSODA run through `sbatch slurm/llama3_iid.sh`, and the whole dependency graph of
-`slurm/submit_all.sh` with a study (prepare -> grid array -> select -> arrays -> report). Job states come from `sacct -c`
+a real toy FedSODA run through `sbatch slurm/llama3_iid.sh`, `sbatch slurm/smoke.sh`, and the whole dependency
+graph of `slurm/submit_all.sh` with a study (prepare -> grid array -> select -> arrays -> report). Job states come from `sacct -c`
 (`sbatch --wait` returns 0 for a job cancelled before it ran). The toy runs train the tiny model folder
 (`tiny_model_dir`, passed as model.name): they check the Slurm plumbing, not the model.
 """
@@ -15,6 +15,8 @@ from pathlib import Path
 
 import h5py
 import pytest
+
+from fedsoda_mpi import smoke as S
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = "fed.rounds=1 fed.clients=2 fed.local_steps=1 eval.max_examples=8 data.public_samples=8 oda.re_align=false"
@@ -328,3 +330,24 @@ def test_usr1_checkpoints_requeues_and_the_job_matches_an_uninterrupted_one(clus
     assert (loss_r == loss_p).all() and acc_r == acc_p
     a, b = (load_file(run[n] / "adapter" / "adapter_model.safetensors") for n in ("plain", "requeued"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_smoke_script_passes_on_the_local_cluster(cluster, tmp_path):
+    """`sbatch slurm/smoke.sh` with 3 tasks and --gpus-per-task=1 (fake GPUs, which CPU torch cannot see, so
+    device=auto falls back to the CPU on every rank, as the script intends): the in-process steps in the batch shell,
+    the MPI round as an srun step of the job's 3 tasks; every step PASSes, every rank reports the CPU, and the job
+    completes with exit 0."""
+    out = tmp_path / "smoke.out"
+    t0 = time.time()
+    res = sbatch(["--wait", "--parsable", "-o", str(out), "slurm/smoke.sh"],
+                 job_env(tmp_path, SMOKE_ARGS="--model tiny"), timeout=900)
+    text = out.read_text() if out.exists() else res.stderr
+    assert res.returncode == 0, text[-4000:]
+    assert wait_done(job_id(res), timeout=60) == ("COMPLETED", "0:0"), text[-4000:]
+    passed = re.findall(r"^PASS (\S+) \S+s (\S+) peak ", text, flags=re.M)
+    assert [p[0] for p in passed] == [f"tiny/{s}" for s in (*S.STEPS, S.MPI_STEP)], text[-4000:]
+    assert passed[-1][1] == "cpu,cpu,cpu", text[-4000:]
+    assert "PASS tiny/mpi-round" in text and "3 ranks (srun) exited 0" in text, text[-4000:]
+    assert len(re.findall(r"^  rank \d \((server|client)\): cpu on ", text, flags=re.M)) == 3, text[-4000:]
+    assert re.search(r"^smoke: all 7 steps passed in \d+s$", text, flags=re.M), text[-4000:]
+    print(f"sbatch slurm/smoke.sh (tiny model, CPU fallback): {time.time() - t0:.0f} s")
