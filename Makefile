@@ -1,11 +1,15 @@
 # fedsoda-mpi: the two commands.
 #   make demo   create .venv if missing, install, prepare the default model + data, run the default job under mpirun
-#   make test   create .venv if missing, install, run the test suite (everything: what CI runs; ~36 min on 2 cores)
-#   make test-fast   the unit tests only: no mpirun, no real model, no Slurm (~3 min)
+#   make test   create .venv if missing, install, run the test suite (everything: what CI runs; two pytest-xdist
+#               workers; estimated 19-25 min on 2 cores, 36 min measured in one process: docs/performance.md)
+#   make test-fast   the unit tests only: no mpirun, no real model, no Slurm (two workers; ~2 min estimated)
 PYTHON ?= python3
 VENV ?= .venv
 NP ?= 11
 BIN := $(VENV)/bin
+# pytest-xdist: two workers (the 2-core target), a test file at a time, so that a module-scoped run is made once
+# and the Slurm tests (all in tests/test_slurm.py) never compete for the one-node cluster. XDIST= runs one process.
+XDIST ?= -n 2 --dist loadfile
 MPIENV := OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yield_when_idle=1 \
 	PRTE_MCA_rmaps_default_mapping_policy=:oversubscribe OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE HDF5_USE_FILE_LOCKING=FALSE
 
@@ -27,10 +31,10 @@ demo: prepare
 	$(MPIENV) $(BIN)/mpirun -n $(NP) $(BIN)/python -m mpi4py -m fedsoda_mpi.main $(ARGS)
 
 test: install
-	$(MPIENV) $(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
+	$(MPIENV) $(BIN)/python -m pytest -q $(XDIST) --durations=25 $(PYTEST_ARGS)
 
 test-fast: install
-	$(MPIENV) $(BIN)/python -m pytest -q -m "not mpi and not real and not slurm and not slow" $(PYTEST_ARGS)
+	$(MPIENV) $(BIN)/python -m pytest -q $(XDIST) -m "not mpi and not real and not slurm and not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

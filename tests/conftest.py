@@ -5,6 +5,7 @@ the PyPI GGUF), the real data folder, and a helper that runs real `mpirun`.
 Markers: a test that uses `smollm2_dir` (or is marked `real`) is marked `real_model` here, so the fast subset
 `pytest -m "not mpi and not real_model and not slurm"` needs neither mpirun nor the real model."""
 import os
+import re
 import shutil
 import tempfile
 import subprocess
@@ -82,11 +83,16 @@ def tiny_qwen2_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir():
-    """Path of the converted SmolLM2-135M-Instruct folder (converted once, then cached)."""
+def smollm2_dir(tmp_path_factory):
+    """Path of the converted SmolLM2-135M-Instruct folder (converted once, then cached). Under pytest-xdist the
+    workers take a lock first (in the temporary folder they share), so that one converts and the others find it."""
+    import fcntl
+
     from fedsoda_mpi.prepare import prepare_model
 
-    return prepare_model("smollm2-135m")
+    with open(tmp_path_factory.getbasetemp().parent / "smollm2-prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return prepare_model("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +100,64 @@ def data_root():
     from fedsoda_mpi.data import data_dir
 
     return data_dir()
+
+
+SLURM_START = ROOT.parent / "shared" / "tools" / "start-local-slurm.sh"
+# Seconds a job credential lives (slurm.conf AuthInfo=cred_expire; Slurm's default 120). A requeued batch job may
+# not start again before its old credential expires, so this is also the requeue hold: measured on the local
+# cluster, a job that requeues itself starts again after 122 s with the default and 12 s with cred_expire=10.
+# 30 s leaves a step launch on two busy cores ample time within its credential's lifetime.
+SLURM_CRED_EXPIRE = 30
+
+
+def slurm_daemons_restart(conf: Path) -> None:
+    """Stop slurmctld and slurmd (`scontrol shutdown`) and start them again on `conf`; return once the node is idle.
+    The credential lifetime is read only when the daemons start (`scontrol reconfigure` keeps the old one)."""
+    import time
+
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    subprocess.run(["scontrol", "shutdown"], env=env, capture_output=True, timeout=60)
+    deadline = time.time() + 60
+    while subprocess.run(["pgrep", "-x", "slurmctld|slurmd"], capture_output=True).returncode == 0:
+        assert time.time() < deadline, "slurmctld/slurmd still running 60 s after scontrol shutdown"
+        time.sleep(0.2)
+    subprocess.run(["slurmctld", "-f", str(conf)], env=env, check=True, timeout=60)
+    while "is UP" not in subprocess.run(["scontrol", "ping"], env=env, capture_output=True, text=True).stdout:
+        assert time.time() < deadline, "slurmctld did not come up"
+        time.sleep(0.2)
+    node = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
+    subprocess.run(["slurmd", "-f", str(conf), "-N", node], env=env, check=True, timeout=60)
+    while subprocess.run(["sinfo", "-h", "-n", node, "-o", "%T"], env=env, capture_output=True,
+                         text=True).stdout.strip() not in ("idle", "mixed"):
+        assert time.time() < deadline, "the Slurm node did not become idle"
+        time.sleep(0.5)
+
+
+def shorten_requeue_hold(conf: Path) -> None:
+    """Give the running cluster AuthInfo=cred_expire=SLURM_CRED_EXPIRE (added to the config that
+    start-local-slurm.sh wrote, daemons restarted), unless it has it. The script writes its own config again (and
+    restarts the daemons) the next time it runs."""
+    setting = f"cred_expire={SLURM_CRED_EXPIRE}"
+    shown = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60).stdout
+    if re.search(rf"^AuthInfo\s*=\s*{setting}$", shown, flags=re.M):
+        return
+    with open(conf, "a") as f:
+        f.write(f"AuthInfo={setting}\n")
+    slurm_daemons_restart(conf)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """Start (or find running) the local one-node Slurm cluster (../shared/tools/start-local-slurm.sh, 11 fake
+    GPUs) with the short credential lifetime, once per session; skip only where it cannot run (not root / not
+    Debian)."""
+    if os.geteuid() != 0 or not Path("/etc/debian_version").is_file():
+        pytest.skip("the local Slurm cluster needs root on Debian (start-local-slurm.sh installs and starts daemons)")
+    res = subprocess.run(["bash", str(SLURM_START)], env={**os.environ, "SLURM_LOCAL_GPUS": "11"}, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert shutil.which("sbatch") and shutil.which("sacct")
+    shorten_requeue_hold(Path(os.environ.get("SLURM_LOCAL_DIR", "/tmp/local-slurm")) / "etc" / "slurm.conf")
 
 
 MPI_ENV = {

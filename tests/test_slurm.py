@@ -1,14 +1,13 @@
 """slurm/ scripts on a REAL one-node Slurm cluster (../shared/tools/start-local-slurm.sh, 11 fake GPUs).
 
 The MPI route (srun --mpi=pmix and the venv's mpirun, see slurm/common.sh), the preemption hook,
-a real toy FedSODA run through `sbatch slurm/llama3_iid.sh`, and the whole dependency graph of
-`slurm/submit_all.sh` with a study (prepare -> grid array -> select -> arrays -> report). Job states come from `sacct -c`
+a real toy FedSODA run through `sbatch slurm/llama3_iid.sh`, `sbatch slurm/smoke.sh`, and the whole dependency
+graph of `slurm/submit_all.sh` with a study (prepare -> grid array -> select -> arrays -> report). Job states come from `sacct -c`
 (`sbatch --wait` returns 0 for a job cancelled before it ran). The toy runs train the tiny model folder
 (`tiny_model_dir`, passed as model.name): they check the Slurm plumbing, not the model.
 """
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -17,24 +16,15 @@ from pathlib import Path
 import h5py
 import pytest
 
+from fedsoda_mpi import smoke_mpi as SM
+from fedsoda_mpi import smoke_steps as ST
+
 ROOT = Path(__file__).resolve().parents[1]
-START = ROOT.parent / "shared" / "tools" / "start-local-slurm.sh"
 TOY = "fed.rounds=1 fed.clients=2 fed.local_steps=1 eval.max_examples=8 data.public_samples=8 oda.re_align=false"
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
          "DEADLINE")
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """Start (or find running) the local cluster; skip only where it cannot run (not root / not Debian)."""
-    if os.geteuid() != 0 or not Path("/etc/debian_version").is_file():
-        pytest.skip("the local Slurm cluster needs root on Debian (start-local-slurm.sh installs and starts daemons)")
-    res = subprocess.run(["bash", str(START)], env={**os.environ, "SLURM_LOCAL_GPUS": "11"}, capture_output=True,
-                         text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert shutil.which("sbatch") and shutil.which("sacct")
 
 
 @pytest.fixture(scope="module")
@@ -326,8 +316,8 @@ def test_usr1_checkpoints_requeues_and_the_job_matches_an_uninterrupted_one(clus
         assert time.time() < deadline and state(ids["requeued"])[0] not in FINAL, "no checkpoint of round 1"
         time.sleep(0.2)  # the tiny model's rounds take seconds: signal before the last one ends
     subprocess.run(["scancel", "--batch", "--signal=USR1", ids["requeued"]], check=True, timeout=30)
-    # Slurm holds a requeued batch job ~121 s before it starts again (until the old job credential expires;
-    # forcing StartTime=now makes slurmctld kill it: "Job credential revoked"), so the wait below includes that
+    # Slurm holds a requeued batch job until the old job credential expires (forcing StartTime=now makes slurmctld
+    # kill it: "Job credential revoked"): ~SLURM_CRED_EXPIRE s on the test cluster (tests/conftest.py), included below
     for jid in ids.values():
         assert wait_done(jid, timeout=900) == ("COMPLETED", "0:0")
     text = (tmp_path / f"requeued-{ids['requeued']}.out").read_text()
@@ -341,3 +331,24 @@ def test_usr1_checkpoints_requeues_and_the_job_matches_an_uninterrupted_one(clus
     assert (loss_r == loss_p).all() and acc_r == acc_p
     a, b = (load_file(run[n] / "adapter" / "adapter_model.safetensors") for n in ("plain", "requeued"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_smoke_script_passes_on_the_local_cluster(cluster, tmp_path):
+    """`sbatch slurm/smoke.sh` with 3 tasks and --gpus-per-task=1 (fake GPUs, which CPU torch cannot see, so
+    device=auto falls back to the CPU on every rank, as the script intends): the in-process steps in the batch shell,
+    the MPI round as an srun step of the job's 3 tasks; every step PASSes, every rank reports the CPU, and the job
+    completes with exit 0."""
+    out = tmp_path / "smoke.out"
+    t0 = time.time()
+    res = sbatch(["--wait", "--parsable", "-o", str(out), "slurm/smoke.sh"],
+                 job_env(tmp_path, SMOKE_ARGS="--model tiny"), timeout=900)
+    text = out.read_text() if out.exists() else res.stderr
+    assert res.returncode == 0, text[-4000:]
+    assert wait_done(job_id(res), timeout=60) == ("COMPLETED", "0:0"), text[-4000:]
+    passed = re.findall(r"^PASS (\S+) \S+s (\S+) peak ", text, flags=re.M)
+    assert [p[0] for p in passed] == [f"tiny/{s}" for s in (*ST.STEPS, SM.MPI_STEP)], text[-4000:]
+    assert passed[-1][1] == "cpu,cpu,cpu", text[-4000:]
+    assert "PASS tiny/mpi-round" in text and "3 ranks (srun) exited 0" in text, text[-4000:]
+    assert len(re.findall(r"^  rank \d \((server|client)\): cpu on ", text, flags=re.M)) == 3, text[-4000:]
+    assert re.search(r"^smoke: all 7 steps passed in \d+s$", text, flags=re.M), text[-4000:]
+    print(f"sbatch slurm/smoke.sh (tiny model, CPU fallback): {time.time() - t0:.0f} s")
