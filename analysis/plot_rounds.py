@@ -51,7 +51,8 @@ def plot(files: list, out: str) -> list:
         else:  # one round: the band is a bar
             ax_loss.errorbar(r, mean, yerr=[mean - lo, hi - mean], color=line.get_color(), capsize=5)
     ax_acc.set(xlabel="round", ylabel="accuracy of full LLM + adapter (%)", title="Accuracy (round 0 = base model)")
-    ax_loss.set(xlabel="round", ylabel="client training loss", title="Training loss (mean, band = min-max over clients)")
+    ax_loss.set(xlabel="round", ylabel="client training loss",
+                title="Training loss (mean, band = min-max over clients)")
     round_axis(ax_acc, [0, last])
     round_axis(ax_loss, [1, last])
     fig.tight_layout()

@@ -59,7 +59,8 @@ def main() -> None:
     t_fill, _ = epoch(warm)  # first epoch after a (re-)alignment fills the cache
     t_cached, l_cached = epoch(warm)
     t_plain, l_plain = epoch(EmulatorCache(False))
-    print(f"\n{args.examples} examples, batch {args.batch}, {args.threads} thread(s), local epoch of {len(examples) // args.batch} steps")
+    print(f"\n{args.examples} examples, batch {args.batch}, {args.threads} thread(s), "
+          f"local epoch of {len(examples) // args.batch} steps")
     print("| route | s / local epoch | ratio to no cache |")
     print("|---|---|---|")
     print(f"| no cache (15 emulator + 3 adapter layers every step) | {t_plain:.1f} | 1.00 |")

@@ -77,13 +77,17 @@ def main() -> None:
         if comm.rank == 0:
             payload = schema.nbytes * (comm.size - 1) * 2 * args.reps
             moved_pkl = (up + m * (comm.size - 1)) * args.reps
-            rows.append((mb, schema.nbytes, np.median(t_buf), np.median(t_pkl), moved_buf / payload, moved_pkl / payload))
+            rows.append((mb, schema.nbytes, np.median(t_buf), np.median(t_pkl),
+                         moved_buf / payload, moved_pkl / payload))
     if comm.rank == 0:
-        print(f"\n{comm.size} ranks ({comm.size - 1} clients), median of {args.reps}; one exchange = Gatherv + average + Bcast\n")
-        print("| per client | buffers (ms) | pickled dict (ms) | time ratio pickled/buffers | bytes moved/payload, buffers | bytes moved/payload, pickled |")
+        print(f"\n{comm.size} ranks ({comm.size - 1} clients), median of {args.reps}; "
+              "one exchange = Gatherv + average + Bcast\n")
+        print("| per client | buffers (ms) | pickled dict (ms) | time ratio pickled/buffers "
+              "| bytes moved/payload, buffers | bytes moved/payload, pickled |")
         print("|---|---|---|---|---|---|")
         for mb, nbytes, tb, tp, rb, rp in rows:
-            print(f"| {nbytes / 2**20:.1f} MiB | {tb * 1e3:.1f} | {tp * 1e3:.1f} | {tp / tb:.1f}x | {rb:.4f} | {rp:.4f} |")
+            print(f"| {nbytes / 2**20:.1f} MiB | {tb * 1e3:.1f} | {tp * 1e3:.1f} | {tp / tb:.1f}x "
+                  f"| {rb:.4f} | {rp:.4f} |")
 
 
 if __name__ == "__main__":

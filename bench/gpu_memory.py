@@ -19,8 +19,8 @@ What each rank holds at its peak (formulas in the functions named):
     - the emulator-cache fill: FILL_BATCH examples x data.max_len through the emulator, no grad (one decoder
       layer's working set + one dequantized NF4 weight);
     - a local step of fed.batch_size examples (sequence length above): the activations autograd saves in every
-      layer from the first trained one up (`saved_per_token`), one layer's backward working set, and the label logits with
-      their gradient (`label_logits`: 12 bytes x label tokens x vocab, + model.dtype copies).
+      layer from the first trained one up (`saved_per_token`), one layer's backward working set, and the label logits
+      with their gradient (`label_logits`: 12 bytes x label tokens x vocab, + model.dtype copies).
   server (`server_phases`): the full LLM in model.dtype + its adapter LoRA, the sub-LLM as on a client with its
     LoRA (after the device fix of issue 29 it is on the GPU), and the largest of
     - SGP: every emulator layer's output for one public batch, twice (list + stack);
@@ -106,9 +106,11 @@ def arch_from_config(config: dict, source: str = "") -> Arch:
 # The hub is offline here: the 7-8B shapes are the config.json values of the published checkpoints (the same
 # numbers as bench/gpu_memory.py's earlier client table); a prepared folder's own config.json wins (`arch_of`).
 KNOWN = {
-    "hf:meta-llama/Meta-Llama-3-8B": Arch(32, 4096, 14336, 32, 8, 128256, False, "config.json of meta-llama/Meta-Llama-3-8B"),
+    "hf:meta-llama/Meta-Llama-3-8B": Arch(32, 4096, 14336, 32, 8, 128256, False,
+                                          "config.json of meta-llama/Meta-Llama-3-8B"),
     "hf:Qwen/Qwen2-7B": Arch(28, 3584, 18944, 28, 4, 152064, False, "config.json of Qwen/Qwen2-7B"),
-    "hf:mistralai/Mistral-7B-v0.1": Arch(32, 4096, 14336, 32, 8, 32000, False, "config.json of mistralai/Mistral-7B-v0.1"),
+    "hf:mistralai/Mistral-7B-v0.1": Arch(32, 4096, 14336, 32, 8, 32000, False,
+                                         "config.json of mistralai/Mistral-7B-v0.1"),
     "smollm2-135m": Arch(30, 576, 1536, 9, 3, 49152, True, "SmolLM2-135M-Instruct (docs TOOLCHAIN facts)"),
 }
 

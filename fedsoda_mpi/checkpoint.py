@@ -169,7 +169,8 @@ def not_continuable(run_dir: Path, done: int, why: str) -> str:
 
 
 # keys that may change when a run is resumed; every other setting must equal the checkpointed run's
-RESUME_MAY_CHANGE = ("resume", "device", "job", "debug.", "output.", "fed.rounds", "fed.checkpoint_every", "fed.keep_checkpoints",
+RESUME_MAY_CHANGE = ("resume", "device", "job", "debug.", "output.", "fed.rounds", "fed.checkpoint_every",
+                     "fed.keep_checkpoints",
                      "eval.", "fed.cache_dir", "fed.cache_max_gb",  # the disk tier changes no result
                      "fed.stall_timeout")
 
@@ -204,7 +205,8 @@ def _check_same_settings(cfg: Config, saved: Path) -> None:
     new = flatten(cfg.to_dict())
     for key in sorted(set(old) | set(new)):
         if not key.startswith(RESUME_MAY_CHANGE) and old.get(key) != new.get(key):
-            raise ConfigError(f"resume=auto: {key} is {old.get(key)!r} in the run at {saved.parent} but {new.get(key)!r} "
+            raise ConfigError(f"resume=auto: {key} is {old.get(key)!r} in the run at {saved.parent} "
+                              f"but {new.get(key)!r} "
                               "now; resume with the same settings (only rounds, eval, output, checkpoint keys may "
                               "change) or choose another output.dir")
 

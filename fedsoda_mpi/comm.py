@@ -94,7 +94,8 @@ class Schema:
         """Flatten a message into one contiguous 1-D tensor, checking it against the schema exactly."""
         if set(tensors) != set(self.names):
             missing, extra = set(self.names) - set(tensors), set(tensors) - set(self.names)
-            raise SchemaError(f"message keys differ from the schema (missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]})")
+            raise SchemaError(f"message keys differ from the schema (missing {sorted(missing)[:3]}, "
+                              f"extra {sorted(extra)[:3]})")
         flat = torch.empty(self.numel, dtype=self.torch_dtype) if out is None else out
         offset = 0
         for name, shape in zip(self.names, self.shapes):
@@ -109,7 +110,8 @@ class Schema:
     def unpack(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views into `flat` named and shaped by the schema (after checking size and dtype)."""
         if flat.dtype != self.torch_dtype or flat.numel() != self.numel:
-            raise SchemaError(f"buffer of {flat.numel()} x {flat.dtype} does not match schema {self.numel} x {self.dtype}")
+            raise SchemaError(f"buffer of {flat.numel()} x {flat.dtype} does not match schema "
+                              f"{self.numel} x {self.dtype}")
         out, offset = {}, 0
         for name, shape in zip(self.names, self.shapes):
             n = int(np.prod(shape, dtype=np.int64))
@@ -191,7 +193,8 @@ class Comm:
         from . import devices
 
         seen = devices.Seen.here(self.local_rank())
-        table = [devices.Seen(**{**d, "names": tuple(d["names"]), "uuids": tuple(d["uuids"])}) for d in self.allgather_json(seen.__dict__)]
+        table = [devices.Seen(**{**d, "names": tuple(d["names"]), "uuids": tuple(d["uuids"])})
+                 for d in self.allgather_json(seen.__dict__)]
         self.assignment = devices.assign(setting, table, bf16_keys)
         return self.assignment
 
@@ -207,7 +210,8 @@ class Comm:
                     [sizes, self.MPI.INT64_T])
         displs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         recv = np.empty(int(sizes.sum()), dtype=np.uint8)
-        self._timed(self.comm.Allgatherv, [data, self.MPI.BYTE], [recv, (sizes.tolist(), displs.tolist()), self.MPI.BYTE])
+        self._timed(self.comm.Allgatherv, [data, self.MPI.BYTE],
+                    [recv, (sizes.tolist(), displs.tolist()), self.MPI.BYTE])
         self._count("control", sent=data.size * (self.size - 1), recv=int(sizes.sum()) - data.size)
         return [json.loads(bytes(recv[d:d + n])) for d, n in zip(displs, sizes)]
 
@@ -216,7 +220,8 @@ class Comm:
         self.bytes[category]["recv"] += recv
 
     def totals(self) -> dict[str, int]:
-        return {"sent": sum(v["sent"] for v in self.bytes.values()), "recv": sum(v["recv"] for v in self.bytes.values())}
+        return {"sent": sum(v["sent"] for v in self.bytes.values()),
+                "recv": sum(v["recv"] for v in self.bytes.values())}
 
     def _timed(self, fn, *args):
         t0 = time.perf_counter()
@@ -263,7 +268,8 @@ class Comm:
         text = schema.to_json().encode() if self.rank == root else b""
         n = torch.tensor([len(text)], dtype=torch.int64)
         self._bcast_flat(n, root)
-        buf = torch.frombuffer(bytearray(text), dtype=torch.uint8) if self.rank == root else torch.empty(int(n), dtype=torch.uint8)
+        buf = (torch.frombuffer(bytearray(text), dtype=torch.uint8) if self.rank == root
+               else torch.empty(int(n), dtype=torch.uint8))
         self._bcast_flat(buf, root)
         self._count(category, *((8 + int(n)) * (self.size - 1), 0) if self.rank == root else (0, 8 + int(n)))
         return schema if self.rank == root else Schema.from_json(bytes(as_numpy(buf)).decode())
@@ -298,7 +304,8 @@ class Comm:
         for i, m in enumerate(messages):
             schema.pack(m, out=send[i * n:(i + 1) * n])
         if sum(counts) * n >= 2**31:
-            raise SchemaError(f"gather of {sum(counts) * n} elements exceeds the MPI count limit; uploads are small by design")
+            raise SchemaError(f"gather of {sum(counts) * n} elements exceeds the MPI count limit; "
+                              "uploads are small by design")
         sbuf, mpitype = _wire(send)
         if self.rank == root:
             recv = torch.empty(sum(counts) * n, dtype=schema.torch_dtype)

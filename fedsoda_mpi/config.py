@@ -252,7 +252,8 @@ def set_key(cfg: Config, key: str, raw) -> None:
             obj = value
         else:
             if dataclasses.is_dataclass(value):
-                raise ConfigError(f"config key '{key}' is a section; set one of its keys, e.g. '{key}.{dataclasses.fields(value)[0].name}'")
+                raise ConfigError(f"config key '{key}' is a section; set one of its keys, "
+                                  f"e.g. '{key}.{dataclasses.fields(value)[0].name}'")
             hints = typing.get_type_hints(type(obj))
             setattr(obj, part, _coerce(key, raw, value, hints[part]))
 
@@ -319,7 +320,8 @@ def read_yaml(path: Path):
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); "
+                          "save the file as UTF-8") from None
     try:
         data = yaml.load(text, Loader=UniqueKeyLoader)
     except _DuplicateKey as e:

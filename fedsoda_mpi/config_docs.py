@@ -7,8 +7,8 @@ the methods it applies to, then the environment variables of the Slurm scripts a
 Where each column comes from: type and default from the dataclasses of config.py; the meaning from the comment on the
 field's line in config.py (and the comment lines right below it); allowed values from the `Literal` type of a choice
 key and from what `validation.validate` checks (recorded while it validates the defaults); the methods from the
-presets of methods.py; the default job's value from jobs/smollm2_sst2_iid.yaml. `tests/test_config_docs.py` checks that the committed file is current and that every key
-has a meaning.
+presets of methods.py; the default job's value from jobs/smollm2_sst2_iid.yaml. `tests/test_config_docs.py`
+checks that the committed file is current and that every key has a meaning.
 """
 from __future__ import annotations
 

@@ -119,7 +119,8 @@ def sharing(a: Assignment) -> list[str]:
     out = []
     for (host, d, _), ranks in sorted(users.items(), key=lambda kv: kv[1][0]):
         if len(ranks) > 1:
-            who = "rank 0 (the server, holding the full LLM) shares it with clients" if 0 in ranks else "clients share it"
+            who = ("rank 0 (the server, holding the full LLM) shares it with clients" if 0 in ranks
+                   else "clients share it")
             out.append(f"{host} {d} is used by ranks {', '.join(map(str, ranks))}: {who}; each rank's peak memory "
                        "adds up on it (request one GPU per rank to avoid this)")
     return out
@@ -127,7 +128,8 @@ def sharing(a: Assignment) -> list[str]:
 
 def bf16_keys(cfg) -> list[str]:
     """The settings that ask for bfloat16 compute on the rank's device."""
-    keys = {"model.dtype": cfg.model.dtype, "eval.dtype": cfg.eval.dtype, "quant.compute_dtype": cfg.quant.compute_dtype}
+    keys = {"model.dtype": cfg.model.dtype, "eval.dtype": cfg.eval.dtype,
+            "quant.compute_dtype": cfg.quant.compute_dtype}
     return [k for k, v in keys.items() if v == "bfloat16"]
 
 

@@ -354,8 +354,9 @@ def gsm8k_accuracy(model: torch.nn.Module, tokenizer, rows: Sequence[dict], trai
                    seed: int = 0, prefix_cache: bool = True, journal: str | Path | None = None,
                    progress: Callable[[int, int, int], None] | None = None, max_len: int | None = None,
                    task: str = "gsm8k") -> dict:
-    """k-shot greedy GSM8K accuracy (or that of a custom generation `task`): the same k training solutions (chosen by `seed`) prefix every question;
-    a solution is correct when its extracted final number equals the reference "#### N" numerically.
+    """k-shot greedy GSM8K accuracy (or that of a custom generation `task`): the same k training solutions (chosen by
+    `seed`) prefix every question; a solution is correct when its extracted final number equals the reference
+    "#### N" numerically.
 
     prefix_cache True: the k-shot prefix without its trailing blank line (tokenized alone, "\\n\\n" becomes one
     token, but two before the question's "Below") is prefilled once and its KV cache shared by every batch of
@@ -364,9 +365,9 @@ def gsm8k_accuracy(model: torch.nn.Module, tokenizer, rows: Sequence[dict], trai
     `progress` as in `_generate`. `max_len` (eval.max_len): each shot is cut as a training example of that length
     (`lengths.fit_rows`) and each question's prompt to at most max_len tokens, its question from the left, so a
     prompt holds at most (k + 1) x max_len tokens; None keeps them whole.
-    Returns {"accuracy", "n", "outputs" (generated texts, row order), "correct" [n] int8 (`gsm8k_correct`), "resumed" (questions
-    taken from the journal), "seconds" (this call's, plus the generation time of the journal's batches), "truncated"
-    (questions cut), "shots_truncated" (shots cut)}.
+    Returns {"accuracy", "n", "outputs" (generated texts, row order), "correct" [n] int8 (`gsm8k_correct`), "resumed"
+    (questions taken from the journal), "seconds" (this call's, plus the generation time of the journal's batches),
+    "truncated" (questions cut), "shots_truncated" (shots cut)}.
     """
     t0 = time.perf_counter()
     if batch_size < 1 or max_new_tokens < 1:

@@ -72,7 +72,8 @@ def all_rejected_message(cfg: Config, rnd: int, clients: list[int]) -> str:
     every = cfg.fed.checkpoint_every
     last = (rnd - 1) // every * every if every else 0
     kept = f"its last checkpoint is round {last}" if last else "it has no checkpoint yet"
-    return (f"round {rnd}: every client update was non-finite (NaN/Inf; clients {', '.join(map(str, sorted(clients)))}), "
+    return (f"round {rnd}: every client update was non-finite "
+            f"(NaN/Inf; clients {', '.join(map(str, sorted(clients)))}), "
             f"so the global LoRA cannot move; the run stops here ({kept}). Lower fed.lr (now {cfg.fed.lr:g}) or "
             "check the data, then run the command again without resume=auto (this attempt is moved to "
             "failed-<time>/ in the run folder; resume=auto would continue it with the same settings)")
@@ -412,4 +413,5 @@ def print_results(cfg: Config, res: dict, base: dict, sub: dict, full: dict, val
         ("adapter (PEFT, full model)", str(adapter)),
     ]
     w = max(len(k) for k, _ in table)
-    print("\n".join(["", "fedsoda-mpi final results", "-" * (w + 40)] + [f"{k:<{w}}  {v}" for k, v in table]), flush=True)
+    print("\n".join(["", "fedsoda-mpi final results", "-" * (w + 40)] + [f"{k:<{w}}  {v}" for k, v in table]),
+          flush=True)

@@ -15,7 +15,7 @@ eval.max_len that cannot hold the template, some text and the answer.
 """
 from __future__ import annotations
 
-from .data import gsm8k_shots, prompt_and_answer
+from .data import prompt_and_answer
 from .tasks import empty_row, is_generation, label_words, text_key
 
 MIN_TEXT_TOKENS = 8  # data.max_len must leave a row's text at least this many tokens beside template and answer

@@ -90,7 +90,8 @@ def finished_rounds(run_dir: Path) -> int | None:
 
 
 ATTEMPT_FILES = ("run.h5", "config.yaml", "log.txt", "log.rank*.txt", "client_rank*.json", "checkpoints", "adapter",
-                 "public_self.jsonl", "public_self.jsonl.tmp")  # data.SELF_FILE: a new attempt may generate its texts with other settings
+                 # data.SELF_FILE: a new attempt may generate its texts with other settings
+                 "public_self.jsonl", "public_self.jsonl.tmp")
 
 
 class RunFolderRefused(ConfigError):

@@ -84,7 +84,8 @@ class Server:
         asked = s.remove_layers if s.auto else s.n * s.p  # emulator layers to remove
         n_max = min(s.n_max or (L_E - 1 if s.auto else max(s.n, 4)), L_E - 1)
         t0 = time.time()
-        res = sgp.run_sgp(self.full, self.texts.public, n=s.n, p=s.p, num_emulator_layers=L_E, n_max=n_max, token=s.token,
+        res = sgp.run_sgp(self.full, self.texts.public, n=s.n, p=s.p, num_emulator_layers=L_E, n_max=n_max,
+                          token=s.token,
                           remove_layers=s.remove_layers if s.auto else 0, max_distance=s.max_distance,
                           progress=self.log.progress("SGP distance profile", len(self.texts.public), "batches"))
         groups = [tuple(map(int, g)) for g in res.groups]
@@ -96,7 +97,8 @@ class Server:
                            criterion="min sum_i d(x^t_i, x^(t_i+n)) / (n p) over n * p = remove_layers")
         table = ", ".join(f"({n},{p}) {c / (n * p):.4f}" if n * p and np.isfinite(c) else f"({n},{p}) -"
                           for n, p, c in rows)
-        what = f"auto, remove_layers={s.remove_layers}, candidates (n,p) distance/layer: {table}; chose " if s.auto else ""
+        what = (f"auto, remove_layers={s.remove_layers}, candidates (n,p) distance/layer: {table}; chose "
+                if s.auto else "")
         cap = f" (max_distance {s.max_distance:g})" if s.max_distance else ""
         self.log.log(f"SGP: profile {res.distance.shape} in {time.time() - t0:.1f}s; {what}n={res.n}, p={res.p}"
                      f"{cap}, groups {groups}")
@@ -232,7 +234,8 @@ class Server:
     def restore(self, ck: checkpoint.Checkpoint) -> None:
         """Resume: put the checkpoint's global adapter and emulator LoRA into M* and M (after `build`), and the drift
         trigger's state (from the run file, which `checkpoint.resume_point` has replaced by the checkpoint's copy)."""
-        for name, have, got in (("adapter", self.global_adapter, ck.adapter), ("emulator", self.emulator_lora(), ck.emulator)):
+        for name, have, got in (("adapter", self.global_adapter, ck.adapter),
+                                ("emulator", self.emulator_lora(), ck.emulator)):
             if set(have) != set(got) or any(have[k].shape != got[k].shape for k in have):
                 raise checkpoint.CheckpointError(f"{ck.path}: the {name} LoRA does not match this run's model and plan")
         models.load_lora_state(self.sub, ck.emulator)

@@ -71,7 +71,8 @@ def resolve_devices(setting: str) -> Devices:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if setting == "cuda" and gpus == 0:
         raise SmokeFailure(f"--device cuda but torch {torch.__version__} sees no GPU (torch.cuda.is_available() is "
-                           f"{torch.cuda.is_available()}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}"
+                           f"{torch.cuda.is_available()}, "
+                           f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}"
                            f", torch built for CUDA {torch.version.cuda}); run on a GPU node, or use --device auto|cpu")
     if setting == "cpu" or gpus == 0:
         return Devices(setting, torch.device("cpu"), torch.device("cpu"))
@@ -229,7 +230,8 @@ def main(argv: list[str] | None = None, stream=None) -> int:
 
     policy.activate(str(devices.server))
     report.say(f"smoke: --device {args.device}: server {describe(devices.server)}, client {describe(devices.client)}"
-               f"; peak = {'torch.cuda.max_memory_allocated per device' if devices.server.type == 'cuda' else 'process peak RSS (ru_maxrss)'}")
+               "; peak = " + ("torch.cuda.max_memory_allocated per device" if devices.server.type == "cuda"
+                              else "process peak RSS (ru_maxrss)"))
     work = Path(tempfile.mkdtemp(prefix="fedsoda-smoke-"))
     try:
         ok = all_steps(args, devices, work, report)

@@ -57,7 +57,8 @@ def read_mpi_run(run_h5: Path) -> dict:
         timing = f["timing"] if "timing" in f else {}
         return {"rounds": f["rounds/round"][:].tolist() if "rounds/round" in f else [],
                 "loss": f["rounds/train_loss"][:].tolist() if "rounds/train_loss" in f else [],  # [round][client]
-                "final": "final" in f, "accuracy": float(f["final"].attrs.get("accuracy", np.nan)) if "final" in f else np.nan,
+                "final": "final" in f,
+                "accuracy": float(f["final"].attrs.get("accuracy", np.nan)) if "final" in f else np.nan,
                 "device": [str(d) for d in dev.get("device", [])], "host": [str(h) for h in dev.get("host", [])],
                 "peak_gpu_mb": timing["peak_gpu_mb"][-1].tolist() if "peak_gpu_mb" in timing else [],
                 "peak_rss_mb": timing["peak_rss_mb"][-1].tolist() if "peak_rss_mb" in timing else []}
@@ -109,7 +110,8 @@ def step_mpi_round(tiny: Path, devices: Devices, work: Path, launch: str, timeou
     got = read_mpi_run(out / "run.h5")
     lines = check_mpi_run(got, expected_device(devices.setting, devices))
     kind = "cuda" if got["device"][0] != "cpu" else "rss"
-    return Outcome(f"{MPI_RANKS} ranks ({Path(prefix[0]).name}) exited 0, round 1 train loss {np.mean(got['loss'][0]):.3f}, final accuracy "
+    return Outcome(f"{MPI_RANKS} ranks ({Path(prefix[0]).name}) exited 0, "
+                   f"round 1 train loss {np.mean(got['loss'][0]):.3f}, final accuracy "
                    f"{got['accuracy']:.3f}, /devices read back",
                    lines, where=",".join(got["device"]),
                    peak=",".join(rank_peak(got, r) for r in range(len(got["device"]))) + f" MiB {kind}")

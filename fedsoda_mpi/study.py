@@ -57,7 +57,8 @@ def mpirun_command(run: Run, lr: float, run_dir: Path) -> list[str]:
 
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_mpi_yield_when_idle": "1",
            "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe", "HDF5_USE_FILE_LOCKING": "FALSE",
-           "OMP_WAIT_POLICY": "PASSIVE", "FEDSODA_PROGRESS": "0"}  # passive: idle OpenMP threads must not spin on shared cores
+           "OMP_WAIT_POLICY": "PASSIVE",  # passive: idle OpenMP threads must not spin on shared cores
+           "FEDSODA_PROGRESS": "0"}
 
 
 def check_filters(study: Study, stages: list[str] | None, tasks: list[str] | None,

@@ -164,7 +164,8 @@ def expand(spec: dict) -> Study:
         firsts: dict[tuple, str] = {}
         for r in runs:
             firsts.setdefault((r.task, r.model), r.id)
-        runs = [replace(r, overrides=r.overrides + (f"eval.base={'true' if firsts[r.task, r.model] == r.id else 'false'}",))
+        runs = [replace(r, overrides=r.overrides
+                        + (f"eval.base={'true' if firsts[r.task, r.model] == r.id else 'false'}",))
                 for r in runs]
     _check_unique(runs)
     _check_graph(runs, stages)
@@ -176,7 +177,8 @@ def tables(spec: dict) -> dict[str, dict]:
     """The study's `tables`: the report's comparison tables, each {ref: <row>, rows: [[<row>, <label>], ...]} in
     display order (one label per label column), a row being a variant of this study or `main <method>` (the Table-2
     runs of a grid method), and optionally group: <variant group> (then every other variant of that group follows,
-    labelled by its name); the Δ of every other row is paired by seed with the `ref` row. A row naming no variant or method is refused."""
+    labelled by its name); the Δ of every other row is paired by seed with the `ref` row. A row naming no variant or
+    method is refused."""
     declared = spec.get("tables") or {}
     if not isinstance(declared, dict):
         raise StudyError(f"tables: expected a mapping of table name to {{ref, rows}}, got {declared!r}")
@@ -268,7 +270,8 @@ def _lr_extend(spec, methods: list, lrs: list[float]) -> dict[str, list[float]]:
     if spec is None:
         return {}
     if not isinstance(spec, dict) or set(map(str, spec)) - set(map(str, methods)):
-        raise StudyError(f"grid.lr_extend: expected a mapping from methods of grid.methods ({', '.join(map(str, methods))})"
+        raise StudyError("grid.lr_extend: expected a mapping from methods of grid.methods "
+                         f"({', '.join(map(str, methods))})"
                          f" to lists of learning rates, got {spec!r}")
     out = {}
     for m, v in spec.items():

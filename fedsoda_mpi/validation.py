@@ -154,7 +154,8 @@ def _validate_sgp_oda(cfg) -> None:
            f"oda.max_interval={o.max_interval}: applies to oda.trigger=drift only (oda.trigger=every re-aligns every "
            "oda.every rounds); set oda.trigger=drift, or leave oda.max_interval at 0")
     _check(o.trigger == "every" or o.re_align,
-           "oda.trigger=drift: re-alignment is off (oda.re_align=false); set oda.re_align=true, or leave oda.trigger=every")
+           "oda.trigger=drift: re-alignment is off (oda.re_align=false); "
+           "set oda.re_align=true, or leave oda.trigger=every")
     _at_least("oda.pre_epochs", o.pre_epochs, 0)
     _at_least("oda.re_epochs", o.re_epochs, 0)
     _at_least("oda.re_samples", o.re_samples, 1)
@@ -228,7 +229,8 @@ def _validate_fed(cfg) -> None:
     _at_least("fed.keep_checkpoints", f.keep_checkpoints, 1)
     _at_least("fed.cache_max_gb", f.cache_max_gb, 0)
     _check(f.stall_timeout == 0 or f.stall_timeout >= 5,
-           f"fed.stall_timeout: must be 0 (never) or >= 5 seconds (heartbeats come every tenth of it), got {f.stall_timeout}")
+           "fed.stall_timeout: must be 0 (never) or >= 5 seconds (heartbeats come every tenth of it), "
+           f"got {f.stall_timeout}")
     _one_of(cfg, "fed.aggregator")
     for key in ("upload_density", "download_density"):
         d = getattr(f, key)
@@ -259,7 +261,8 @@ def _degenerate(cfg) -> None:
     (A zero LoRA scaling, lora.alpha=0, and targets that match no layer are refused outright by _validate_lora; a
     sgp.max_distance under which no group qualifies stops rank 0 right after SGP, Server.sgp_groups.)"""
     _check(cfg.sgp.p > 0 or cfg.method == "fedpetuning",
-           f"sgp.p=0 with method={cfg.method}: the plan removes no layer, so the clients' sub-LLM is the whole emulator "
+           f"sgp.p=0 with method={cfg.method}: the plan removes no layer, so the clients' sub-LLM is the whole "
+           "emulator "
            "(nothing compressed, nothing for ODA to align); give sgp.p >= 1, use method=fedpetuning for an "
            "uncompressed baseline, or set debug.allow_degenerate=true to run it anyway")
 

@@ -30,7 +30,7 @@ def make_run(folder: Path, method: str, task: str, acc: float, re_align: bool = 
             dist[n - 1, L_E - n:] = np.nan
         f["sgp/distance"] = dist
         f["sgp/groups"] = np.array(GROUPS, np.int32)
-        f["sgp/kept_layers"] = np.array([l for l in range(L_E) if not any(t < l <= e for t, e in GROUPS)], np.int32)
+        f["sgp/kept_layers"] = np.array([k for k in range(L_E) if not any(t < k <= e for t, e in GROUPS)], np.int32)
         f["sgp/layer_map"] = np.array([(1, 1), (6, 3)], np.int32)
         f["oda/pre/loss"] = np.linspace(2, 1, 10, dtype=np.float32)
         f["oda/pre/loss_rep"] = np.linspace(1, 0.5, 10, dtype=np.float32)

@@ -127,7 +127,8 @@ def test_self_public_is_generated_once_cached_reused_and_used_by_sgp_and_oda(tin
     wiki = public_batches(server.cfg, server.tok, data.load_public("wikitext2"), 8)
     assert not np.allclose(sgp.distance_profile(server.full, wiki, 26, 27), want, equal_nan=True)
     pub = rec["public"]
-    assert (pub["mode"], pub["n_public"], pub["kl_on"], pub["seed"], pub["n_heldout"]) == ("self", 8, "wikitext2", 0, 16)
+    assert ((pub["mode"], pub["n_public"], pub["kl_on"], pub["seed"], pub["n_heldout"])
+            == ("self", 8, "wikitext2", 0, 16))
     assert (pub["temperature"], pub["max_new_tokens"], pub["batch_size"]) == (0.8, 12, 6) and pub["generate_s"] > 0
     pre = rec["oda/pre"]  # KL on WikiText-2's held-out slice (comparable) and on the generated held-out texts
     assert pre["kl_on"] == "wikitext2" and np.isfinite([pre[k] for k in ("kl_before", "kl_after", "kl_before_self",
@@ -191,7 +192,8 @@ def test_auto_sgp_with_self_public_end_to_end_and_resumed(tiny_model_dir, tmp_pa
     cached = (tmp_path / "res" / data.SELF_FILE).read_bytes()
     second = mpirun(3, [*E2E, model, "fed.rounds=2", f"output.dir={tmp_path / 'res'}", "resume=auto"], timeout=1200)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert (tmp_path / "res" / data.SELF_FILE).read_bytes() == cached == (tmp_path / "full" / data.SELF_FILE).read_bytes()
+    assert ((tmp_path / "res" / data.SELF_FILE).read_bytes() == cached
+            == (tmp_path / "full" / data.SELF_FILE).read_bytes())
     recs = []
     for run in ("full", "res"):
         with h5py.File(tmp_path / run / "run.h5", "r") as f:

@@ -8,7 +8,8 @@ import torch
 from fedsoda_mpi import checkpoint, seeds
 from fedsoda_mpi.methods import Plan
 
-PLAN = {"num_layers": 4, "adapter_size": 1, "kept": [0, 1, 3], "groups": [[1, 2]], "layer_map": [[0, 0], [1, 1], [2, 3]]}
+PLAN = {"num_layers": 4, "adapter_size": 1, "kept": [0, 1, 3], "groups": [[1, 2]],
+        "layer_map": [[0, 0], [1, 1], [2, 3]]}
 
 
 def _save(run_dir, rnd, keep=2):
@@ -142,7 +143,8 @@ def test_claim_refuses_a_finished_run_whose_every_checkpoint_is_damaged(tmp_path
     (tmp_path / "adapter").mkdir()
     before = (tmp_path / "run.h5").read_bytes()
     with pytest.raises(RunFolderRefused, match=r"holds a finished run of 2 rounds but none of its checkpoints is "
-                                               r"valid, so it cannot be continued, and it is not started over in place"):
+                                               r"valid, so it cannot be continued, "
+                                               r"and it is not started over in place"):
         checkpoint.claim(_cfg(tmp_path, "resume=auto", "fed.rounds=3"), tmp_path)
     assert (tmp_path / "run.h5").read_bytes() == before and (tmp_path / "adapter").is_dir()
     assert not list(tmp_path.glob("failed-*"))
@@ -188,6 +190,7 @@ def test_an_attempt_that_cannot_be_moved_aside_is_one_line_and_nothing_moves(tmp
 
     monkeypatch.setattr(Path, "rename", no_checkpoints)
     with pytest.raises(RunFolderRefused, match=r"holds an unfinished attempt \(no /final\) that cannot be moved aside "
-                                               r"into failed-.*/ \(.*checkpoints: Permission denied\); nothing was moved"):
+                                               r"into failed-.*/ \(.*checkpoints: Permission denied\); "
+                                               r"nothing was moved"):
         archive_failed_attempt(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "config.yaml", "log.txt", "run.h5"]

@@ -50,7 +50,8 @@ def test_cache_gives_same_losses_and_weights(quantize, tmp_path):
     assert cache.hits > 0 and cache.misses == len(examples) and cache.seconds > 0
     np.testing.assert_allclose(l_cache, l_nocache, rtol=1e-5)
     for k in w_cache:
-        torch.testing.assert_close(w_cache[k], w_nocache[k], rtol=1e-3, atol=1e-4)  # float reordering of batched NF4 matmuls, amplified by Adam
+        # float reordering of batched NF4 matmuls, amplified by Adam
+        torch.testing.assert_close(w_cache[k], w_nocache[k], rtol=1e-3, atol=1e-4)
     assert l_cache[0] != l_cache[-1]  # training moved the weights
 
 

@@ -80,7 +80,7 @@ def test_method_preset_then_yaml_then_overrides(tmp_path):
 def test_bad_config_exits_2_on_every_rank_before_mpi_work():
     p = mpirun(3, ["-m", "fedsoda_mpi.main", "fed.rouns=2"], timeout=120)
     assert p.returncode == 2, (p.returncode, p.stderr[-1500:])
-    lines = [l for l in p.stderr.splitlines() if "config error" in l]
+    lines = [ln for ln in p.stderr.splitlines() if "config error" in ln]
     assert lines == ["fedsoda-mpi: config error: unknown config key 'fed.rouns' (did you mean 'fed.rounds'?)"]
     assert "Traceback" not in p.stderr
 
@@ -137,7 +137,7 @@ def test_missing_data_file_exits_2_with_one_line(tmp_path, tiny_model_dir):
     p = mpirun(3, ["-m", "fedsoda_mpi.main", f"model.name={tiny_model_dir}"], timeout=120,
                env={"FEDSODA_DATA": str(tmp_path)})
     assert p.returncode == 2, (p.returncode, p.stderr[-1500:])
-    lines = [l for l in p.stderr.splitlines() if "fedsoda-mpi:" in l]
+    lines = [ln for ln in p.stderr.splitlines() if "fedsoda-mpi:" in ln]
     assert lines == [f"fedsoda-mpi: data error: missing data file {tmp_path}/sst2/train.jsonl; {FIX}"], lines
     assert "Traceback" not in p.stderr
 
@@ -151,7 +151,8 @@ def test_damaged_model_weights_fail_before_mpi_work(tmp_path, tiny_model_dir):
     weights = (tiny_model_dir / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(weights[:len(weights) // 4])  # header intact, data cut
     cfg = prepare_config([f"model.name={bad}"], world_size=3)
-    with pytest.raises(ModelError, match=r"model.safetensors is damaged \(.*incomplete metadata.*\); delete the folder"):
+    with pytest.raises(ModelError,
+                       match=r"model.safetensors is damaged \(.*incomplete metadata.*\); delete the folder"):
         prepare_inputs(cfg)
 
 
@@ -176,7 +177,8 @@ def test_missing_model_folder_is_named_as_given():
 
 def test_study_keys_are_validated():
     """data.pooled_clients needs fed.clients=1; eval.dtype and data.val_size have their own checks."""
-    with pytest.raises(ConfigError, match=r"data.pooled_clients=10: pools every partition into one client; set fed.clients=1"):
+    with pytest.raises(ConfigError,
+                       match=r"data.pooled_clients=10: pools every partition into one client; set fed.clients=1"):
         load_config(None, ["data.pooled_clients=10"])
     load_config(None, ["data.pooled_clients=10", "fed.clients=1"])
     with pytest.raises(ConfigError, match=r"eval.dtype: expected float32 or bfloat16, got 'int8'"):
@@ -218,7 +220,8 @@ def test_shipped_job_files_leave_the_preset_keys_to_the_presets(job):
 
 
 @pytest.mark.parametrize("args,changed,message", [
-    (["method=fedpetuning", "model.adapter_layers=3"], "model.adapter_layers=4", "model.adapter_layers is 3 in the run"),
+    (["method=fedpetuning", "model.adapter_layers=3"], "model.adapter_layers=4",
+     "model.adapter_layers is 3 in the run"),
     (["method=fedbiot", "oda.every=2"], "oda.every=1", "oda.every is 2 in the run"),
     (["method=fedpetuning", "fed.mu=0.01"], "fed.mu=0", "fed.mu is 0.01 in the run"),
     (["method=fedot"], "oda.pre_align=false", "oda.pre_align is True in the run"),
@@ -263,7 +266,8 @@ def test_overrides_may_come_before_and_after_config_and_a_bad_option_is_one_conf
     """`a=1 --config f b=2` was refused with usage text printed by every rank; an unknown option likewise."""
     from fedsoda_mpi.main import parse_args
 
-    assert parse_args(["fed.rounds=1", "--config", "jobs/x.yaml", "seed=2"]) == ("jobs/x.yaml", ["fed.rounds=1", "seed=2"])
+    assert (parse_args(["fed.rounds=1", "--config", "jobs/x.yaml", "seed=2"])
+            == ("jobs/x.yaml", ["fed.rounds=1", "seed=2"]))
     usage = "(usage: fedsoda_mpi.main [-h] [--config CONFIG] [--print-config] [overrides ...])"
     with pytest.raises(ConfigError) as e:
         parse_args(["--bogus"])

@@ -120,7 +120,8 @@ def test_sft_masking_with_smollm2_tokenizer(smollm2_dir):
     assert ex["labels"][n_prompt:] == answer_ids + [tok.eos_token_id] == ex["input_ids"][n_prompt:]
     assert tok.decode(ex["input_ids"][:n_prompt]) == prompt
     short = D.tokenize_sft(tok, prompt, answer, max_len=20)
-    assert len(short["input_ids"]) == 20 and short["input_ids"][-len(answer_ids) - 1:] == answer_ids + [tok.eos_token_id]
+    assert len(short["input_ids"]) == 20
+    assert short["input_ids"][-len(answer_ids) - 1:] == answer_ids + [tok.eos_token_id]
     batches = D.public_batches(tok, D.load_public("wikitext2", holdout=True)[:5], max_len=64, batch_size=2)
     assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
     assert batches[0]["input_ids"].shape[1] <= 64 and batches[0]["attention_mask"].dtype == torch.long

@@ -93,7 +93,8 @@ def test_the_timing_row_reads_and_resets_the_peak_of_the_ranks_own_gpu(monkeypat
     from fedsoda_mpi.timing import EXTRA, PHASES, PhaseClock
 
     calls = []
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: calls.append(("peak", device)) or 3 * 2**20)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated",
+                        lambda device=None: calls.append(("peak", device)) or 3 * 2**20)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append(("reset", device)))
 
     class Comm:
@@ -136,7 +137,8 @@ def test_the_server_builds_m_star_on_its_own_device(virtual_loading, tiny_model_
 # Algorithm 2 end to end on virtual devices (the model is loaded inside the mode: transformers builds its skeleton on
 # the meta device, which tests/virtual_cuda.py leaves as it is).
 @pytest.mark.parametrize("aggregator", [["fed.aggregator=fedavg"], ["fed.aggregator=fedsrd", "fed.upload_density=0.5",
-                                                                     "fed.download_density=0.5"]], ids=["fedavg", "fedsrd"])
+                                                                     "fed.download_density=0.5"]],
+                         ids=["fedavg", "fedsrd"])
 def test_algorithm_2_in_one_process_with_the_server_on_cuda0_and_a_client_on_cuda1(aggregator, virtual_loading,
                                                                                   tiny_model_dir, tmp_path):
     """Issue 29 bugs 1-3 and every device line between them: the server (M and M*, issue 29 bug 2: M* on the

@@ -108,8 +108,8 @@ def test_truncate_and_stop_on_strings(tiny_tokenizer):
 
 
 def test_stopping_at_the_answer_line_never_changes_the_answer():
-    """Generation stops at the first prefix `answers.truncate_at_stop` cuts; the answer extracted there must be the one the
-    whole text (cut at stop strings only, as before the answer-line end existed) gives, for every character prefix
+    """Generation stops at the first prefix `answers.truncate_at_stop` cuts; the answer extracted there must be the one
+    the whole text (cut at stop strings only, as before the answer-line end existed) gives, for every character prefix
     of real GSM8K solutions followed by what models go on to write."""
     tails = ["", "\n#### 22\n#### 22\n", "\n\n### Instruction:\nWhat is 5 - 1?\n#### 4\n", ". So 12.\nThe answer is 9",
              "\nBelow is an instruction #### 3\n", "0\n", ".5 dollars\n", ",000\n#### 1\n"]
@@ -119,7 +119,8 @@ def test_stopping_at_the_answer_line_never_changes_the_answer():
     texts += ["#### 8.", "#### 8.\n5", "#### 1,23\n4", "####8\n9", "no marker 5 and 7\n#### \n 9\n", "#### x\ny 3\n"]
     fired = 0
     for text in texts:
-        whole = answers.extract_number(answers.cut_at_stop_strings(text).rstrip())  # journal format 1: no answer-line end
+        # journal format 1: no answer-line end
+        whole = answers.extract_number(answers.cut_at_stop_strings(text).rstrip())
         for n in range(len(text) + 1):
             cut = answers.truncate_at_stop(text[:n])
             if cut != text[:n]:  # the stopping criterion fires here

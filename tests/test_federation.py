@@ -252,7 +252,8 @@ def test_the_servers_sub_llm_build_and_bundle_use_recognizable_scratch_folders(t
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     seen = []
     write = models._write_checkpoint
-    monkeypatch.setattr(models, "_write_checkpoint", lambda m, c, s, folder: seen.append(folder.name) or write(m, c, s, folder))
+    monkeypatch.setattr(models, "_write_checkpoint",
+                        lambda m, c, s, folder: seen.append(folder.name) or write(m, c, s, folder))
     models.build_sub_model(tiny_llama, [0, 1, 2, 3], quantize=False)
     assert len(seen) == 1 and seen[0].startswith(f"fedsoda-server-{os.getpid()}-")
     assert list(tmp_path.iterdir()) == []

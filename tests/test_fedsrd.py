@@ -311,7 +311,8 @@ def _strategy(aggregator: str, up: float, down: float, state: dict):
     from fedsoda_mpi.config import load_config
     from fedsoda_mpi.strategies import strategy_for
 
-    cfg = load_config(None, [f"fed.aggregator={aggregator}", f"fed.upload_density={up}", f"fed.download_density={down}"])
+    cfg = load_config(None, [f"fed.aggregator={aggregator}", f"fed.upload_density={up}",
+                             f"fed.download_density={down}"])
     return strategy_for(cfg, Schema.of(state))
 
 
@@ -324,7 +325,8 @@ def test_upload_round_trip_and_traffic_from_the_schemas(aggregator, up, down):
     strategy = _strategy(aggregator, up, down, received)
     msgs = strategy.pack_upload(local, received)
     assert [set(m) for m in msgs] == [set(s.names) for s in strategy.up]  # what is sent matches the schemas
-    assert all(tuple(m[name].shape) == shape for m, s in zip(msgs, strategy.up) for name, shape in zip(s.names, s.shapes))
+    assert all(tuple(m[name].shape) == shape
+               for m, s in zip(msgs, strategy.up) for name, shape in zip(s.names, s.shapes))
     assert all(s.torch_dtype == t.dtype for m, s in zip(msgs, strategy.up) for t in m.values())
     state = strategy.unpack_upload(msgs, received)
     dense = sum(t.numel() for t in local.values())

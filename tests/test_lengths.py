@@ -163,7 +163,8 @@ def long_rows_data(root, task: str) -> dict:
     (root / "wikitext2").mkdir()
     train, test = D.load_rows(task, "train")[:30], D.load_rows(task, "test")[:4]
     long_row = rows_of(task, long_text())
-    (root / task / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train[:15] + [long_row] + train[15:]))
+    (root / task / "train.jsonl").write_text("".join(json.dumps(r) + "\n"
+                                                     for r in train[:15] + [long_row] + train[15:]))
     (root / task / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [long_row] + test))
     wiki = D.load_public("wikitext2")[:30]
     (root / "wikitext2" / "test.txt").write_text("\n".join(wiki[:3] + [long_text("wiki")] + wiki[3:]) + "\n")

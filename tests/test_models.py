@@ -112,7 +112,8 @@ def lora_a_grad(model, ids, mask):
 
 
 def test_lora_grad_through_nf4_same_before_and_after_generate():
-    """The CRITICAL bitsandbytes CPU trap (docs/design.md, toolchain facts): generate() must not silently kill LoRA gradients."""
+    """The CRITICAL bitsandbytes CPU trap (docs/design.md, toolchain facts): generate() must not silently kill LoRA
+    gradients."""
     model = nf4_lora()
     ids, mask = batch()
     before = lora_a_grad(model, ids, mask)
@@ -250,7 +251,8 @@ def test_layer_outputs_equal_hf_hidden_states_and_run_only_those_layers(family):
     model = tiny_causal_lm(family, layers=6)
     ids, mask = batch(seq=40)
     ran = []
-    hooks = [layer.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, layer in enumerate(M.get_layers(model))]
+    hooks = [layer.register_forward_hook(lambda m, i, o, k=k: ran.append(k))
+             for k, layer in enumerate(M.get_layers(model))]
     with torch.no_grad():
         got = M.layer_outputs(model, ids, mask, 4)  # x^0..x^3
         assert ran == [0, 1, 2, 3]

@@ -29,8 +29,8 @@ def test_environment_yml_pins_match_pyproject():
 
 
 def test_layout_exists():
-    for p in ["fedsoda_mpi", "jobs", "slurm", "analysis", "tests", "bench", "environment.yml", "pyproject.toml", "Makefile",
-              "README.md", ".ci/run"]:
+    for p in ["fedsoda_mpi", "jobs", "slurm", "analysis", "tests", "bench", "environment.yml", "pyproject.toml",
+              "Makefile", "README.md", ".ci/run"]:
         assert (ROOT / p).exists(), p
 
 

@@ -84,7 +84,8 @@ STUDY = ROOT / "studies" / "cpu_smollm2.yaml"  # its declared tables (gap, bridg
 
 
 def run(folder: Path, out: Path, *extra) -> int:
-    return report.main([str(folder), "--out", str(out), *extra, *([] if "--study" in extra else ["--study", str(STUDY)])])
+    return report.main([str(folder), "--out", str(out), *extra,
+                        *([] if "--study" in extra else ["--study", str(STUDY)])])
 
 
 # ---- formatting ----------------------------------------------------------------------------------------------
@@ -316,7 +317,8 @@ def test_every_variant_group_is_shown_paper_names_and_new_groups(tmp_path):
     the rest goes to "Other variants"."""
     runs = [summary("fedsoda", seed=s, acc=a) for s, a in zip((0, 1, 2), (0.80, 0.82, 0.84))]
     ov = ["fed.rounds=10", "eval.dtype=bfloat16"]
-    runs += [summary("fedsoda", seed=s, acc=0.6, stage="ablation", variant="no_align", overrides=[*ov, "oda.pre_align=false", "oda.re_align=false"]) for s in (0, 1)]
+    runs += [summary("fedsoda", seed=s, acc=0.6, stage="ablation", variant="no_align",
+                     overrides=[*ov, "oda.pre_align=false", "oda.re_align=false"]) for s in (0, 1)]
     runs += [summary("fedsoda", seed=0, acc=0.79, stage="param", variant="n2p6", overrides=[*ov, "sgp.n=2", "sgp.p=6"],
                      sgp_groups=[[1, 3], [5, 7], [9, 11], [13, 15], [17, 19], [21, 23]])]
     runs += [summary("fedsoda", seed=0, acc=0.81, stage="param", variant=v, overrides=[*ov, f"oda.every={r}"],
@@ -334,13 +336,16 @@ def test_every_variant_group_is_shown_paper_names_and_new_groups(tmp_path):
     assert run(tmp_path / "res", out, "--study", str(ROOT / "studies" / "paper.yaml")) == 0  # declares no_align's label
     text = out.read_text()
     t3, t4, other = section(text, "table3"), section(text, "table4"), section(text, "variants")
-    assert "| w/o ODA: neither pre- nor re-alignment (no_align) | `oda.pre_align=false`, `oda.re_align=false` | 60.0 ± 0.0 | 2 | -21.0 |" in t3
+    assert ("| w/o ODA: neither pre- nor re-alignment (no_align) | `oda.pre_align=false`, `oda.re_align=false` "
+            "| 60.0 ± 0.0 | 2 | -21.0 |") in t3
     assert "| (n, p) | n2p6 | (2, 6) | 5 | 79.0 | 1 | -1.0 |" in t4
-    assert t4.index("| r | r2 | (3, 4) | 2 |") < t4.index("| r | r10 | (3, 4) | 10 |") < t4.index("| r | FedSODA (main)")
+    assert (t4.index("| r | r2 | (3, 4) | 2 |") < t4.index("| r | r10 | (3, 4) | 10 |")
+            < t4.index("| r | FedSODA (main)"))
     assert "#### noniid: sst2 (smollm2, dir0.5)" in other
     assert "| dirichlet | FedSODA | `data.split=dirichlet` | 70.0 ± 0.0 | 2 | (reference) |" in other
     assert "| dirichlet | FedPETuning | `data.split=dirichlet` | 75.0 ± 0.0 | 2 | +5.0 |" in other
-    assert "#### public: sst2 (smollm2, iid)" in other and "| public_gsm8k | FedSODA | `data.public=gsm8k` | 83.0 ± 0.0 | 2 | +2.0 |" in other
+    assert "#### public: sst2 (smollm2, iid)" in other
+    assert "| public_gsm8k | FedSODA | `data.public=gsm8k` | 83.0 ± 0.0 | 2 | +2.0 |" in other
     assert "no_align" not in other and "n2p6" not in other and "r10" not in other
 
 
@@ -354,8 +359,8 @@ def test_drift_table_compares_accuracy_and_emulator_bytes(tmp_path):
                      realignments=ROUNDS, emulator_lora_bytes=em) for s in (0, 1)]
     drift = {"trigger": "drift", "drift_threshold": 1.5, "max_interval": 0}
     runs += [summary("fedsoda", seed=s, acc=a, stage="drift", variant="drift_tau1.5", realigned=flags,
-                     realignments=sum(flags), emulator_lora_bytes=em, settings=drift, comm_bytes_per_round=1.5 * 2 ** 20,
-                     drift_probe=probe)
+                     realignments=sum(flags), emulator_lora_bytes=em, settings=drift,
+                     comm_bytes_per_round=1.5 * 2 ** 20, drift_probe=probe)
              for s, a, flags, probe in ((0, 0.81, [0, 0, 1, 0, 0, 0, 0, 0, 0, 0], [1.0] * 10),
                                         (1, 0.80, [0, 0, 1, 0, 0, 0, 1, 0, 0, 0], [2.0, 4.0] * 5))]
     out = tmp_path / "r.md"
@@ -448,7 +453,8 @@ def test_gsm8k_paired_rows_from_the_summaries_bits(tmp_path):
 def test_cost_section_times_the_final_evaluation_of_runs_that_record_it(tmp_path):
     runs = [summary("fedsoda", task="gsm8k", seed=0, wall_s=600.0, eval_s=4 * 3600.0),
             summary("fedpetuning", task="gsm8k", seed=0, wall_s=900.0, eval_s=3600.0),
-            summary("fedsoda", task="boolq", seed=0, eval_s=300.0), summary("fedsoda", task="boolq", seed=1, eval_s=None),
+            summary("fedsoda", task="boolq", seed=0, eval_s=300.0),
+            summary("fedsoda", task="boolq", seed=1, eval_s=None),
             summary("fedot", task="boolq", seed=0, eval_s=180.0)]
     out = tmp_path / "r.md"
     assert run(write(tmp_path / "res", runs, SELECTION), out) == 0
@@ -456,7 +462,8 @@ def test_cost_section_times_the_final_evaluation_of_runs_that_record_it(tmp_path
     evals = c[c.index("final test evaluation, h (sum)"):]
     assert "| boolq | FedSODA | 1 | 0.1 | 5.0 (5.0–5.0) |" in evals  # the seed without eval_s is not a row's run
     assert "| boolq | FedOT | 1 | 0.1 | 3.0 (3.0–3.0) |" in evals
-    assert "| gsm8k | FedSODA | 1 | 4.0 | 240.0 (240.0–240.0) |" in evals and "| gsm8k | FedPETuning | 1 | 1.0 |" in evals
+    assert "| gsm8k | FedSODA | 1 | 4.0 | 240.0 (240.0–240.0) |" in evals
+    assert "| gsm8k | FedPETuning | 1 | 1.0 |" in evals
     assert evals.index("| boolq |") < evals.index("| gsm8k |")
 
 
@@ -478,7 +485,8 @@ def test_bridge_section_steps_from_fedsoda_to_fedbiot_at_one_lr(tmp_path):
     b = section(out.read_text(), "bridge")
     assert "| FedSODA at FedPETuning's lr (lr_pet) | 0.001 | 56.0 ± 4.0 | 3 | (reference) | — | — | 54.0 |" in b
     # seeds 0, 1: +4.0 and +4.0 -> +4.0 (the CI of two equal differences has zero width)
-    assert "| uniform layer drop instead of SGP (uniform_lr_pet) | 0.001 | 62.0 ± 2.8 | 2 | +4.0 | [+4.0, +4.0] | 0, 1 |" in b
+    assert ("| uniform layer drop instead of SGP (uniform_lr_pet) | 0.001 | 62.0 ± 2.8 | 2 | +4.0 | [+4.0, +4.0] "
+            "| 0, 1 |") in b
     assert "| 3.700 |" in b  # its KL after pre-alignment
     assert "| NF4 off (fp32_sub_lr_pet) | — | — | 0 | — |" in b
     assert "| FedBiOT (main): all four | 0.001 | 64.0 ± 7.2 | 3 | +8.0 |" in b and "| 51.0 |" in b
@@ -564,7 +572,8 @@ def test_selection_over_three_seeds_beside_the_seed0_selection(tmp_path):
     d = [60 - 70, 64 - 50, 68 - 52]
     dhalf = 4.303 * float(np.std(d, ddof=1)) / math.sqrt(3)
     assert (f"| FedSODA | 0.003 | 57.3 ± 11.0 | [{172 / 3 - half:.1f}, {172 / 3 + half:.1f}] | 3 | 0.001 | 64.0 ± 4.0 "
-            f"| [54.1, 73.9] | 3 | 5.3 | yes | +{np.mean(d):.1f} [{np.mean(d) - dhalf:+.1f}, {np.mean(d) + dhalf:+.1f}] |") in text
+            f"| [54.1, 73.9] | 3 | 5.3 | yes | +{np.mean(d):.1f} "
+            f"[{np.mean(d) - dhalf:+.1f}, {np.mean(d) + dhalf:+.1f}] |") in text
     assert "| FedPETuning | 0.001 | 85.0 ± 1.0 |" in text and "| 4.0 | no (the same runs) | — |" in text
     assert "| FedSODA − FedPETuning | -27.7 |" in text and "| -21.0 |" in text  # at seed-0, at three-seed selections
     one_seed = [s for s in runs if s.seed == 0]

@@ -172,7 +172,8 @@ def test_sigterm_stops_every_rank_with_a_line_and_leaves_no_temporary_files(requ
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0 and time.time() - t0 < 30, out[-3000:]
     assert "stopping on SIGTERM" in (run_dir / "log.txt").read_text()
-    logged = [name for name in ("log.rank1.txt", "log.rank2.txt") if "stopping on SIGTERM" in (run_dir / name).read_text()]
+    logged = [name for name in ("log.rank1.txt", "log.rank2.txt")
+              if "stopping on SIGTERM" in (run_dir / name).read_text()]
     left = sorted(p.name for p in tmp.glob("fedsoda*"))
     if moment == "mid-run" or len(logged) == 2:  # every rank handled the signal: nothing of theirs is left
         assert logged == ["log.rank1.txt", "log.rank2.txt"] and not left, (logged, left)
@@ -248,7 +249,8 @@ def test_sigusr1_in_the_gsm8k_evaluations_then_resume_generates_only_the_rest(ar
         assert b["base"].attrs["n"] == 12 and b.attrs["resumed_from"].tolist() == [2]
         # the base model's journaled answers, scored as the evaluation scores them
         right = gsm8k_correct([final["base"][i] for i in range(12)], data.load_rows("gsm8k", "test")[:12]).tolist()
-        assert b["base"].attrs["correct"].tolist() == right and b["base"].attrs["correct"].mean() == b["base"].attrs["accuracy"]
+        assert b["base"].attrs["correct"].tolist() == right
+        assert b["base"].attrs["correct"].mean() == b["base"].attrs["accuracy"]
 
 
 def _sha(path: Path) -> str:

@@ -24,7 +24,8 @@ def test_schema_round_trip(tmp_path):
     log.write("sgp/distance", dist)
     log.write("sgp/groups", np.array([[3, 6], [10, 13]], np.int32))
     for r in range(1, 4):
-        log.append("rounds", {"round": np.int32(r), "wall_s": np.float64(1.5 * r), "train_loss": np.arange(2, dtype=np.float32) + r,
+        log.append("rounds", {"round": np.int32(r), "wall_s": np.float64(1.5 * r),
+                              "train_loss": np.arange(2, dtype=np.float32) + r,
                               "n_samples": np.ones(2, np.float32), "eval_acc": np.float32(np.nan)})
         log.append("drift", {"round": np.int32(r), "distance": np.full(2, 0.1 * r, np.float32)})
         log.flush()

@@ -305,7 +305,8 @@ def _offsite_tuning(num_layers, first, last, n_drop):
     middle = list(range(first, num_layers - last))
     k = len(middle) - n_drop
     stride = (len(middle) - 1) / (k - 1)
-    return list(range(first)) + [middle[round(i * stride)] for i in range(k)] + list(range(num_layers - last, num_layers))
+    return (list(range(first)) + [middle[round(i * stride)] for i in range(k)]
+            + list(range(num_layers - last, num_layers)))
 
 
 def _federatedscope(num_layers, first, last, n_drop):

@@ -158,7 +158,8 @@ def test_summary_of_a_run_file(tmp_path):
                                    "eval.dtype=bfloat16"]).to_dict()
         f.attrs.update({"config_json": json.dumps(cfg), "world_size": 3, "git_commit": "abc"})
         f["final"] = np.zeros(0)
-        f["final"].attrs.update({"accuracy": 0.81, "sub_accuracy": 0.7, "val_accuracy": 0.79, "n_eval": 872, "n_val": 300,
+        f["final"].attrs.update({"accuracy": 0.81, "sub_accuracy": 0.7, "val_accuracy": 0.79, "n_eval": 872,
+                                 "n_val": 300,
                                  "comm_bytes_per_round": 2.5e6, "client_model_bytes": 10, "full_model_bytes": 30,
                                  "trainable_params": 5})
         f.create_group("base").attrs.update({"accuracy": float("nan"), "n": 0})
@@ -228,7 +229,8 @@ def test_summary_carries_the_chosen_n_p_candidates_and_both_kls(tmp_path):
         f.create_group("oda/pre").attrs.update({"kl_before": 6.5, "kl_after": 5.5, "kl_on": "wikitext2",
                                                 "kl_before_self": 3.0, "kl_after_self": 2.0})
         f.create_group("public").attrs.update({"mode": "self", "temperature": 0.8, "max_new_tokens": 64, "seed": 0,
-                                               "n_public": 64, "n_heldout": 16, "generate_s": 30.0, "kl_on": "wikitext2"})
+                                               "n_public": 64, "n_heldout": 16, "generate_s": 30.0,
+                                               "kl_on": "wikitext2"})
     out = M.summarize(run, tmp_path, 1e-3, "toy")
     assert (out["settings"]["sgp_n"], out["settings"]["sgp_p"]) == (12, 1)  # the config still says n=3, p=4
     assert out["settings"]["sgp_auto"] is True and out["settings"]["sgp_remove_layers"] == 12
@@ -265,7 +267,8 @@ def test_local_route_runs_selects_and_summarizes(tiny_model_dir, tmp_path):
     seed1 = done["seeds-fedsoda-sst2-smollm2-iid-s1"]
     assert seed1["lr"] == sel["lr"] and seed1["variant"] == "main" and seed1["n_val"] == 8 and seed1["n_eval"] == 8
     grid = [s for s in done.values() if s["stage"] == "grid"]
-    assert sorted(s["variant"] for s in grid) == sorted(["main", f"lr={[x for x in (1e-3, 3e-3) if x != sel['lr']][0]:g}"])
+    other_lr = [x for x in (1e-3, 3e-3) if x != sel['lr']][0]
+    assert sorted(s["variant"] for s in grid) == sorted(["main", f"lr={other_lr:g}"])
     assert sum(s["base_accuracy"] is not None for s in done.values()) == 1
     assert sum(s["base_eval_s"] is not None for s in done.values()) == 1  # timed where the base was evaluated
     based = [s for s in done.values() if s["base_pred_counts"]]  # and its answers per class recorded there
@@ -324,7 +327,8 @@ def test_an_lr_added_to_one_method_supersedes_its_runs_at_the_old_selection(tmp_
     res, runs = tmp_path / "results", tmp_path / "runs"
     res.mkdir()
     for lr, val in ((1e-3, 0.6), (3e-3, 0.7)):
-        (res / f"{grid['fedsoda', lr].id}.json").write_text(json.dumps({**_summary(grid["fedsoda", lr], val), "lr": lr}))
+        (res / f"{grid['fedsoda', lr].id}.json").write_text(
+            json.dumps({**_summary(grid["fedsoda", lr], val), "lr": lr}))
     seeds = [r for r in st.stage("seeds") if r.method == "fedsoda"]
     for r in seeds:  # both ran at the selection of the old grid, 3e-3
         (res / f"{r.id}.json").write_text(json.dumps({**_summary(r, 0.7), "lr": 3e-3}))
@@ -370,11 +374,15 @@ def test_run_filters_select_by_stage_task_and_variant(tmp_path, capsys):
     ({**TOY, "threads": 0}, "study.threads: must be an integer >= 1"),
     ({**TOY, "variants": [{**TOY["variants"][0], "np": 1}]}, "variants.no_pre.np: must be an integer >= 2"),
     ({**TOY, "grid": {**TOY["grid"], "seeds": [0, 0]}}, "grid.seeds: 0 is given twice; give each value once"),
-    ({**TOY, "grid": {**TOY["grid"], "seeds": [0, "x"]}}, "grid.seeds: expected seeds, integers in [0, 2**32), got 'x'"),
+    ({**TOY, "grid": {**TOY["grid"], "seeds": [0, "x"]}},
+     "grid.seeds: expected seeds, integers in [0, 2**32), got 'x'"),
     ({**TOY, "variants": [{**TOY["variants"][0], "seeds": [1, 1]}]}, "variants.no_pre.seeds: 1 is given twice"),
-    ({**TOY, "grid": {**TOY["grid"], "methods": ["fedsoda", "fedsoda"]}}, "grid.methods: 'fedsoda' is given twice"),
-    ({**TOY, "grid": {**TOY["grid"], "lr": ["abc"]}}, "grid.lr: expected learning rates, finite numbers > 0, got 'abc'"),
-    ({**TOY, "grid": {**TOY["grid"], "lr": [1e-3, -1]}}, "grid.lr: expected learning rates, finite numbers > 0, got -1"),
+    ({**TOY, "grid": {**TOY["grid"], "methods": ["fedsoda", "fedsoda"]}},
+     "grid.methods: 'fedsoda' is given twice"),
+    ({**TOY, "grid": {**TOY["grid"], "lr": ["abc"]}},
+     "grid.lr: expected learning rates, finite numbers > 0, got 'abc'"),
+    ({**TOY, "grid": {**TOY["grid"], "lr": [1e-3, -1]}},
+     "grid.lr: expected learning rates, finite numbers > 0, got -1"),
     ({**TOY, "grid": {**TOY["grid"], "lr": [1e-3, 0.001]}}, "grid.lr: 0.001 is given twice"),
     ({**TOY, "variants": [{**TOY["variants"][0], "lr": "fast"}]},
      "variants.no_pre.lr: expected learning rates, finite numbers > 0 (or 'selected'), got 'fast'"),
@@ -407,8 +415,8 @@ def test_a_failed_run_is_listed_as_failed_and_run_again(tmp_path, capsys, monkey
     monkeypatch.setattr(S, "_launch", launch)
     assert S.main(["run", path, "--results", str(res), "--runs", str(runs)]) == 1
     out = capsys.readouterr().out
-    assert f"[study] {run_id}: exit code 2: fedsoda-mpi: config error: attempt 1 refused; see {runs / run_id}/stdout.txt" \
-        in out and "log.txt" not in out
+    assert (f"[study] {run_id}: exit code 2: fedsoda-mpi: config error: attempt 1 refused; "
+            f"see {runs / run_id}/stdout.txt") in out and "log.txt" not in out
     assert S.main(["list", path, "--results", str(res)]) == 0
     out = capsys.readouterr().out
     assert "stage grid: 1 runs, 0 done, 1 failed" in out and f"  failed  {run_id}  lr=0.001" in out

@@ -276,7 +276,8 @@ def test_the_choices_are_the_arguments_of_the_literal_type():
 
 @pytest.mark.parametrize("key,typ", numeric_keys())
 def test_every_numeric_key_has_a_range_check(key, typ):
-    """-5 is out of range for every int and float key, and a float key refuses inf and nan: the message names the key."""
+    """-5 is out of range for every int and float key, and a float key refuses inf and nan: the message names the
+    key."""
     with pytest.raises(ConfigError) as e:
         load_config(None, [f"{key}=-5"])
     assert one_line(e).startswith(f"{key}: "), str(e.value)
@@ -296,7 +297,8 @@ def test_numeric_keys_cover_every_float():
 def test_drift_trigger_needs_re_alignment():
     """oda.trigger=drift decides WHEN to re-align: with oda.re_align=false (also the FedPETuning and FedOT presets)
     it is a contradiction, refused with one line; trigger=every with re_align=false stays the ablation 'never'."""
-    msg = "oda.trigger=drift: re-alignment is off (oda.re_align=false); set oda.re_align=true, or leave oda.trigger=every"
+    msg = ("oda.trigger=drift: re-alignment is off (oda.re_align=false); "
+           "set oda.re_align=true, or leave oda.trigger=every")
     for args in (["oda.trigger=drift", "oda.re_align=false"], ["method=fedot", "oda.trigger=drift"]):
         with pytest.raises(ConfigError) as e:
             load_config(None, args)
@@ -403,13 +405,15 @@ def model_error(folder, tmp_path) -> str:
 @pytest.mark.parametrize("layers", [20, 40])
 def test_config_json_layer_count_that_disagrees_with_the_weights(tiny_model_dir, tiny_data, tmp_path, layers):
     bad = edited_copy(tiny_model_dir, tmp_path / "m", num_hidden_layers=layers)  # over 30-layer weights
-    assert model_error(bad, tmp_path) == (f"{bad}/config.json: num_hidden_layers is {layers} but the weights hold 30 decoder "
+    assert model_error(bad, tmp_path) == (f"{bad}/config.json: num_hidden_layers is {layers} "
+                           "but the weights hold 30 decoder "
                            f"layers; set num_hidden_layers to 30, or {REPREPARE}")
 
 
 def test_config_json_untied_head_without_lm_head_weights(tiny_model_dir, tiny_data, tmp_path):
     bad = edited_copy(tiny_model_dir, tmp_path / "m", tie_word_embeddings=False)  # the tied llama stores no head
-    assert model_error(bad, tmp_path) == (f"{bad}/config.json: tie_word_embeddings is false but the weights have no lm_head.weight "
+    assert model_error(bad, tmp_path) == (f"{bad}/config.json: tie_word_embeddings is false "
+                           "but the weights have no lm_head.weight "
                            f"(the output head would be random); set tie_word_embeddings to true, or {REPREPARE}")
 
 
@@ -420,7 +424,8 @@ def test_config_json_untied_head_without_lm_head_weights(tiny_model_dir, tiny_da
 def test_config_json_shapes_that_disagree_with_the_weights(tiny_model_dir, tiny_data, tmp_path, change, name, have,
                                                            want):
     bad = edited_copy(tiny_model_dir, tmp_path / "m", **change)
-    assert model_error(bad, tmp_path) == (f"{bad}/model.safetensors: {name} has shape {have} but config.json {bad}/config.json "
+    assert model_error(bad, tmp_path) == (f"{bad}/model.safetensors: {name} has shape {have} "
+                           f"but config.json {bad}/config.json "
                            f"gives {want}; {REPREPARE}")
 
 
@@ -508,7 +513,8 @@ def test_cache_dir_that_is_a_file_or_not_writable(tiny_model, tmp_path, monkeypa
     monkeypatch.setenv("SLURM_TMPDIR", str(ro))
     with pytest.raises(ConfigError) as e:
         prepare_config(args_for(tiny_model, run, "fed.cache_max_gb=1"), world_size=3)
-    assert one_line(e) == f"fed.cache_dir (default: $SLURM_TMPDIR): the emulator cache folder must be writable, got {ro}"
+    assert one_line(e) == ("fed.cache_dir (default: $SLURM_TMPDIR): the emulator cache folder must be writable, "
+                           f"got {ro}")
     # no disk tier, no check; a new folder under a writable one is fine (each rank creates its own subfolder)
     prepare_config(args_for(tiny_model, run, f"fed.cache_dir={ro}", "fed.cache_max_gb=0"), world_size=3)
     prepare_config(args_for(tiny_model, run, f"fed.cache_dir={ro}"), world_size=3)  # the default: no disk tier
@@ -596,7 +602,8 @@ def test_more_clients_or_validation_rows_than_training_rows(tiny_model, tiny_dat
     cfg = prepare_config(args_for(tiny_model, tmp_path / "run", "fed.clients=37"), world_size=3)
     with pytest.raises(ConfigError) as e:
         prepare_inputs(cfg)
-    assert one_line(e) == f"fed.clients: must be at most the 36 training rows of {train} (after data.val_size=4), got 37"
+    assert one_line(e) == (f"fed.clients: must be at most the 36 training rows of {train} (after data.val_size=4), "
+                           "got 37")
     cfg = prepare_config(args_for(tiny_model, tmp_path / "run", "data.val_size=40"), world_size=3)
     with pytest.raises(ConfigError) as e:
         prepare_inputs(cfg)
@@ -628,7 +635,8 @@ def test_empty_test_file_under_mpirun_is_one_line_and_exit_2(tiny_model, tiny_da
                env={"FEDSODA_DATA": str(tiny_data)})
     assert p.returncode == 2, (p.returncode, p.stderr[-1500:])
     lines = [line for line in p.stderr.splitlines() if "fedsoda-mpi" in line]
-    assert lines == [f"fedsoda-mpi: data error: {tiny_data}/sst2/test.jsonl: is empty (no rows); {FIX}"], p.stderr[-1500:]
+    assert lines == [f"fedsoda-mpi: data error: {tiny_data}/sst2/test.jsonl: is empty (no rows); {FIX}"], \
+        p.stderr[-1500:]
     assert "Traceback" not in p.stderr and "Traceback" not in p.stdout
     assert not (tmp_path / "run").exists() and p.leftover_tmp == []
 

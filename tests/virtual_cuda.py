@@ -139,7 +139,8 @@ class VirtualCuda(TorchFunctionMode):
         else:
             want = _target(args[1:], kwargs)
             host_args, host_kwargs = _host_args(args[1:], kwargs)
-            if any(isinstance(a, torch.Tensor) for a in host_args) or isinstance(host_kwargs.get("other"), torch.Tensor):
+            if (any(isinstance(a, torch.Tensor) for a in host_args)
+                    or isinstance(host_kwargs.get("other"), torch.Tensor)):
                 host_args = tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in host_args)
                 if "other" in host_kwargs:
                     host_kwargs["dtype"] = host_kwargs.pop("other").dtype

@@ -16,7 +16,8 @@ def message(rank: int, dtype: torch.dtype) -> dict:
     g = torch.Generator().manual_seed(rank * 31 + 7)
     if dtype.is_floating_point:
         return {"a": torch.randn(5, 7, generator=g).to(dtype), "b": torch.randn(3, generator=g).to(dtype)}
-    return {"a": torch.randint(-1000, 1000, (5, 7), generator=g).to(dtype), "b": torch.randint(0, 100, (3,), generator=g).to(dtype)}
+    return {"a": torch.randint(-1000, 1000, (5, 7), generator=g).to(dtype),
+            "b": torch.randint(0, 100, (3,), generator=g).to(dtype)}
 
 
 def main() -> None:
