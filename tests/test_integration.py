@@ -75,7 +75,8 @@ def check_accounting(fin: dict, held: dict, want: dict) -> None:
         1.002 * want["client_weight_bytes"] + 4096 + CODE_BOOKS * want["linear4bit"]
 
 
-SMALL = ["data.public_samples=8", "data.max_train_per_client=32", "eval.max_examples=16", "data.val_size=16", "fed.local_steps=2"]
+SMALL = ["data.public_samples=8", "data.max_train_per_client=32", "eval.max_examples=16", "data.val_size=16",
+         "fed.local_steps=2"]
 
 
 E2E = ["-m", "fedsoda_mpi.main", "fed.rounds=2", "fed.clients=4", "fed.clients_per_round=3", "oda.every=2",

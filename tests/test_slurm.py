@@ -2,8 +2,8 @@
 
 The MPI route (srun --mpi=pmix and the venv's mpirun, see slurm/common.sh), the preemption hook,
 a real toy FedSODA run through `sbatch slurm/llama3_iid.sh`, `sbatch slurm/smoke.sh`, and the whole dependency
-graph of `slurm/submit_all.sh` with a study (prepare -> grid array -> select -> arrays -> report). Job states come from `sacct -c`
-(`sbatch --wait` returns 0 for a job cancelled before it ran). The toy runs train the tiny model folder
+graph of `slurm/submit_all.sh` with a study (prepare -> grid array -> select -> arrays -> report). Job states come
+from `sacct -c` (`sbatch --wait` returns 0 for a job cancelled before it ran). The toy runs train the tiny model folder
 (`tiny_model_dir`, passed as model.name): they check the Slurm plumbing, not the model.
 """
 import os
@@ -204,7 +204,8 @@ def test_submit_all_needs_the_study_file(tmp_path):
         res = subprocess.run(["bash", "slurm/submit_all.sh", *args], cwd=ROOT, env=job_env(tmp_path),
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 2 and res.stdout == "", (args, res.stdout, res.stderr)
-        assert res.stderr.strip() == "usage: bash slurm/submit_all.sh [--no-prepare] STUDY_FILE   (e.g. studies/paper.yaml)"
+        assert res.stderr.strip() == ("usage: bash slurm/submit_all.sh [--no-prepare] STUDY_FILE   "
+                                      "(e.g. studies/paper.yaml)")
     res = subprocess.run(["bash", "slurm/submit_all.sh", "studies/nothing.yaml"], cwd=ROOT, env=job_env(tmp_path),
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "no study file studies/nothing.yaml" in res.stderr
