@@ -1,8 +1,8 @@
 # fedsoda-mpi: the two commands.
 #   make demo   create .venv if missing, install, prepare the default model + data, run the default job under mpirun
 #   make test   create .venv if missing, install, run the test suite (everything: what CI runs; two pytest-xdist
-#               workers; estimated 19-25 min on 2 cores, 36 min measured in one process: docs/performance.md)
-#   make test-fast   the unit tests only: no mpirun, no real model, no Slurm (two workers; ~2 min estimated)
+#               workers; 39 min on 2 cores from a fresh clone, install included: docs/performance.md)
+#   make test-fast   the unit tests only: no mpirun, no real model, no Slurm (two workers; 3 min in one process idle)
 PYTHON ?= python3
 VENV ?= .venv
 NP ?= 11
