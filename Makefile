@@ -2,7 +2,8 @@
 #   make demo   create .venv if missing, install, prepare the default model + data, run the default job under mpirun
 #   make test   create .venv if missing, install, run the test suite (everything: what CI runs; two pytest-xdist
 #               workers; 39 min on 2 cores from a fresh clone, install included: docs/performance.md)
-#   make test-fast   the unit tests only: no mpirun, no real model, no Slurm (two workers; 3 min in one process idle)
+#   make test-fast   the unit tests only: no mpirun, no real model, no Slurm (two workers; 297 s on 2026-12-07
+#                    with a study run beside it)
 PYTHON ?= python3
 VENV ?= .venv
 NP ?= 11
