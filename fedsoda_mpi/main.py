@@ -88,7 +88,7 @@ def prepare_config(argv: list[str], world_size: int) -> Config:
     """Load + validate everything that can be checked without a collective: every key, the model folder
     (config.json, tokenizer, architecture, LoRA target names), data.max_len and eval.max_len against the
     tokenizer, and the run folder."""
-    from . import checkpoint, models
+    from . import checkpoint, model_folder
     from transformers import AutoTokenizer
 
     from .validation import check_cache_dir, check_environment, check_run_folder
@@ -103,10 +103,10 @@ def prepare_config(argv: list[str], world_size: int) -> Config:
     check_environment()
     folder = model_path(cfg.model.name)
     try:
-        layers = models.check_model_folder(folder)
+        layers = model_folder.check_model_folder(folder)
     except FileNotFoundError as e:
         raise ConfigError(f"model.name: {e}") from None
-    validate(cfg, num_layers=layers, module_names=models.linear_module_names(folder))
+    validate(cfg, num_layers=layers, module_names=model_folder.linear_module_names(folder))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     check_task(cfg, tokenizer)
     check_max_len(tokenizer, task_id(cfg.data), cfg.data.max_len)
@@ -149,7 +149,7 @@ def prepare_inputs(cfg: Config) -> tuple[list[list[dict]], np.ndarray]:
     A missing/damaged/empty file raises DataError or ModelError with one line naming the file; a key the
     files cannot satisfy (more clients or validation rows than training rows, too many GSM8K shots) a
     ConfigError naming the key and the file."""
-    from . import data, models
+    from . import data, model_folder
     from .paths import model_path
     from .tasks import is_generation, task_id
 
@@ -169,7 +169,7 @@ def prepare_inputs(cfg: Config) -> tuple[list[list[dict]], np.ndarray]:
     data.load_rows(task, "test")
     if cfg.data.public != "self":  # self: rank 0 generates it (server.Server.self_public)
         data.load_public(cfg.data.public)
-    models.check_weights(model_path(cfg.model.name))
+    model_folder.check_weights(model_path(cfg.model.name))
     return rows, hist
 
 
@@ -197,7 +197,7 @@ def usage_exit(comm, e: Exception) -> int:
     """Bad input found by every rank: rank 0 prints one line, every rank waits (at most 10 s) until it has, and
     returns exit code 2; a rank alone with its error (a node-local folder) says it itself."""
     from .data import DataError
-    from .models import ModelError
+    from .model_folder import ModelError
 
     from .devices import DeviceError
 
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import devices
     from .comm import Comm, exit_with_launcher, install_abort_hook
     from .data import DataError
-    from .models import ModelError
+    from .model_folder import ModelError
     from .runlog import RunFolderRefused
     from .space import check_space
     from .watchdog import RankStalled

@@ -10,7 +10,6 @@ cache the frozen emulator's output x^{L*-a} once and train the adapter A on top 
 from __future__ import annotations
 
 import copy
-import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -25,15 +24,11 @@ from .quantize import (EmbedQuantError, fix_bnb_cpu, nf4_config, quantize_embedd
                        tables_restored_later)
 from .host import readable, to_host_state
 from .methods import layer_maps
+from .model_folder import LAYER_KEY, ModelError, layer_of
 from .reaper import scratch
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_LAYER_KEY = re.compile(r"\.layers\.(\d+)\.")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-
-
-class ModelError(RuntimeError):
-    """A model folder, state dict or layer selection that this module cannot use."""
 
 
 def torch_dtype(name: str):
@@ -61,141 +56,6 @@ def load_causal_lm(path, dtype: str = "float32", device: str = "cpu"):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
-
-
-def check_weights(path) -> None:
-    """Open every safetensors header of a model folder: a truncated or damaged file fails here, before any
-    MPI work, instead of inside from_pretrained on rank 0 (flipped bits in tensor data are not detected;
-    `prepare` checks the download's sha256). Then the tensors the headers list must be those config.json
-    describes (`check_weights_match_config`)."""
-    check_weights_match_config(path, weight_shapes(path))
-
-
-def weight_shapes(path) -> dict[str, tuple[tuple[int, ...], Path]]:
-    """{tensor name: (shape, its file)} from every safetensors header of a model folder (no tensor is read);
-    ModelError naming the file for a missing, truncated or damaged one."""
-    from safetensors import safe_open
-
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise ModelError(f"no *.safetensors weights in {path}; run `python -m fedsoda_mpi.prepare model ...` again")
-    shapes: dict[str, tuple[tuple[int, ...], Path]] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), "pt") as st:
-                shapes.update({k: (tuple(st.get_slice(k).get_shape()), f) for k in st.keys()})
-        except Exception as e:  # SafetensorError or OSError
-            raise ModelError(f"{f} is damaged ({e}); delete the folder and run `python -m fedsoda_mpi.prepare "
-                             f"model ...` again") from None
-    return shapes
-
-
-def check_weights_match_config(path, stored: dict[str, tuple[tuple[int, ...], Path]]) -> None:
-    """The weights' tensors (`stored`: name -> (shape, file), from the safetensors headers) against the model
-    config.json describes (a skeleton on the meta device): the number of decoder layers, an output head
-    (lm_head.weight) when tie_word_embeddings is false, every tensor present with its shape. A config.json that
-    disagrees would load a smaller model, a random output head or fail inside transformers; ModelError names the
-    file, the setting and both values. Extra tensors (e.g. a tied model's saved lm_head.weight) are allowed."""
-    cfg_file = Path(path) / "config.json"
-    skeleton = _skeleton(path)
-    want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    n_cfg = skeleton.config.num_hidden_layers
-    n_stored = 1 + max((_layer_of(k) for k in stored if k.startswith("model.layers.")), default=-1)
-    if n_stored != n_cfg:
-        raise ModelError(f"{cfg_file}: num_hidden_layers is {n_cfg} but the weights hold {n_stored} decoder layers; "
-                         f"set num_hidden_layers to {n_stored}, or {_REPREPARE}")
-    tied = bool(getattr(skeleton.config, "tie_word_embeddings", False))
-    if tied:
-        want.pop("lm_head.weight", None)  # the output head is the embedding table
-    elif "lm_head.weight" in want and "lm_head.weight" not in stored:
-        raise ModelError(f"{cfg_file}: tie_word_embeddings is false but the weights have no lm_head.weight (the "
-                         f"output head would be random); set tie_word_embeddings to true, or {_REPREPARE}")
-    missing = sorted(set(want) - set(stored))
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ModelError(f"{path}: the weights lack {missing[0]}{more}, which config.json's model has; {_REPREPARE}")
-    for name, shape in want.items():
-        have, f = stored[name]
-        if have != shape:
-            raise ModelError(f"{f}: {name} has shape {list(have)} but config.json {cfg_file} gives {list(shape)}; "
-                             f"{_REPREPARE}")
-
-
-# model types whose decoder layers the split forward (`families.run_layers`) drives through their own HF forward,
-# each checked by tests/test_families.py (docs/models.md)
-SUPPORTED_MODEL_TYPES = tuple(families.FAMILIES)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-_REPREPARE = "delete the folder and run `python -m fedsoda_mpi.prepare model ...` again"
-
-
-def model_config(path) -> dict:
-    """config.json of a model folder, parsed and checked for what fedsoda-mpi reads before loading the model
-    (`model_type`, `num_hidden_layers`). FileNotFoundError if there is no config.json (the folder is not a
-    model: main reports it against model.name), ModelError naming the file for anything else."""
-    cfg_file = Path(path) / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"model folder {path} has no config.json; prepare it with "
-                                f"`python -m fedsoda_mpi.prepare model NAME` (a prepared name such as smollm2-135m, or "
-                                "hf:org/model) or point model.name at an HF model folder")
-    try:
-        config = json.loads(cfg_file.read_bytes().decode("utf-8"))
-    except OSError as e:
-        raise ModelError(f"{cfg_file}: cannot be read ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise ModelError(f"{cfg_file}: not UTF-8 text (byte at offset {e.start}); {_REPREPARE}") from None
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{cfg_file}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno}); "
-                         f"{_REPREPARE}") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{cfg_file}: expected a JSON object, got {type(config).__name__}; {_REPREPARE}")
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        arch = ", ".join(map(str, config.get("architectures") or [])) or "no architectures"
-        raise ModelError(f"{cfg_file}: {families.refusal(model_type, arch, path)}")
-    layers = config.get("num_hidden_layers")
-    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
-        what = "has no num_hidden_layers" if layers is None else \
-            f"num_hidden_layers must be an integer >= 1, got {layers!r}"
-        raise ModelError(f"{cfg_file}: {what}; {_REPREPARE}")
-    return config
-
-
-def check_model_folder(path) -> int:
-    """Everything about a model folder that can be checked without loading weights: config.json (parse,
-    required fields, supported architecture) and the tokenizer (files present and loadable). Returns the
-    number of decoder layers. The safetensors headers are checked by `check_weights`."""
-    path = Path(path)
-    config = model_config(path)
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelError(f"model folder {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); {_REPREPARE}")
-    try:
-        tf.AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # a damaged tokenizer.json, a missing merges.txt, ...: transformers raises many types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
-        raise ModelError(f"model folder {path}: the tokenizer cannot be loaded ({type(e).__name__}: {first}); "
-                         f"{_REPREPARE}") from None
-    return int(config["num_hidden_layers"])
-
-
-def _skeleton(path):
-    """The model config.json of `path` describes, built on the meta device: no weights are read or allocated.
-    ModelError naming config.json when transformers cannot build it."""
-    try:
-        config = tf.AutoConfig.from_pretrained(path)
-        with torch.device("meta"):
-            return tf.AutoModelForCausalLM.from_config(config)
-    except Exception as e:  # a config.json that transformers cannot build a model from
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
-        raise ModelError(f"{Path(path) / 'config.json'}: transformers cannot build the model "
-                         f"({type(e).__name__}: {first}); {_REPREPARE}") from None
-
-
-def linear_module_names(path) -> list[str]:
-    """Full names of the torch.nn.Linear modules inside the decoder layers of the model in `path` (what
-    lora.target_modules may name), from a skeleton built on the meta device (`_skeleton`)."""
-    skeleton = _skeleton(path)
-    return sorted(name for name, module in skeleton.named_modules()
-                  if isinstance(module, torch.nn.Linear) and _layer_of(name + ".") is not None)
 
 
 @contextmanager
@@ -258,11 +118,11 @@ def _sub_state(full_model, kept: list[int]) -> dict[str, torch.Tensor]:
     to_sub, _ = layer_maps(kept)
     state = {}
     for key, tensor in full_model.state_dict().items():
-        layer = _layer_of(key)
+        layer = layer_of(key)
         if layer is not None:
             if layer not in to_sub:
                 continue
-            key = _LAYER_KEY.sub(f".layers.{to_sub[layer]}.", key, count=1)
+            key = LAYER_KEY.sub(f".layers.{to_sub[layer]}.", key, count=1)
         state[key] = tensor
     return state
 
@@ -343,11 +203,6 @@ def add_lora(model, layers: Sequence[int], r: int = 8, alpha: int = 16, dropout:
     return peft_model
 
 
-def _layer_of(key: str) -> int | None:
-    match = _LAYER_KEY.search(key)
-    return int(match.group(1)) if match else None
-
-
 def lora_state(model, layers: Iterable[int] | None = None) -> dict[str, torch.Tensor]:
     """Copies in host memory (host.to_host) of the LoRA tensors of `layers` (all if None), keyed as in
     get_peft_model_state_dict: what the strategies, MPI and checkpoints work on, whatever the model's device."""
@@ -355,7 +210,7 @@ def lora_state(model, layers: Iterable[int] | None = None) -> dict[str, torch.Te
 
     wanted = None if layers is None else {int(i) for i in layers}
     state = get_peft_model_state_dict(model, save_embedding_layers=False)  # no embedding LoRA; skips a hub lookup
-    return to_host_state({k: state[k] for k in sorted(state) if wanted is None or _layer_of(k) in wanted})
+    return to_host_state({k: state[k] for k in sorted(state) if wanted is None or layer_of(k) in wanted})
 
 
 def _lora_params(model) -> dict[str, torch.nn.Parameter]:
@@ -382,11 +237,11 @@ def remap_layers(state: dict, mapping: dict[int, int]) -> dict:
     """Rename `.layers.{i}.` to `.layers.{mapping[i]}.` in every key (full <-> sub indices, docs/design.md)."""
     out = {}
     for key, value in state.items():
-        layer = _layer_of(key)
+        layer = layer_of(key)
         if layer is not None:
             if layer not in mapping:
                 raise ModelError(f"layer {layer} of {key} has no entry in the layer map")
-            key = _LAYER_KEY.sub(f".layers.{mapping[layer]}.", key, count=1)
+            key = LAYER_KEY.sub(f".layers.{mapping[layer]}.", key, count=1)
         out[key] = value
     return out
 
@@ -396,7 +251,7 @@ def set_trainable(model, layers: Iterable[int]) -> list[torch.nn.Parameter]:
     wanted = {int(i) for i in layers}
     trainable = []
     for key, param in model.named_parameters():
-        param.requires_grad = "lora_" in key and _layer_of(key) in wanted
+        param.requires_grad = "lora_" in key and layer_of(key) in wanted
         if param.requires_grad:
             trainable.append(param)
     return trainable
@@ -514,7 +369,7 @@ def export_peft_adapter(base_path, adapter_state_full: dict, layers: Sequence[in
     from safetensors.torch import save_file
 
     allowed = {int(i) for i in layers}
-    stray = [k for k in adapter_state_full if "lora_" not in k or _layer_of(k) not in allowed]
+    stray = [k for k in adapter_state_full if "lora_" not in k or layer_of(k) not in allowed]
     if stray:
         raise ValueError(f"adapter key {stray[0]} is not a LoRA tensor of layers {sorted(allowed)}")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),

@@ -28,7 +28,7 @@ LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 def tensor_elements(folder: Path) -> tuple[int, int]:
     """(elements outside the decoder layers, elements inside them) of a model folder's safetensors (headers only)."""
-    from .models import weight_shapes
+    from .model_folder import weight_shapes
 
     outside = inside = 0
     for name, (shape, _) in weight_shapes(folder).items():
@@ -55,7 +55,7 @@ def copy_bytes(cfg: Config, folder: Path, num_layers: int) -> int:
 
 def check_space(cfg: Config, rank: int) -> None:
     """ConfigError (one line) when this rank's TMPDIR or file-size limit cannot hold its copy of the sub-LLM."""
-    from .models import check_model_folder
+    from .model_folder import check_model_folder
     from .paths import model_path
 
     folder = model_path(cfg.model.name)

@@ -305,7 +305,7 @@ def _validate_layers(cfg, num_layers: int) -> None:
 def validate(cfg, world_size: int | None = None, num_layers: int | None = None,
              module_names: list[str] | None = None) -> None:
     """Value checks of every key that need no model or MPI; `world_size`, `num_layers` and `module_names` (the
-    names of the Linear layers in the model's decoder layers, `models.linear_module_names`) add the checks
+    names of the Linear layers in the model's decoder layers, `model_folder.linear_module_names`) add the checks
     that need them. Raises ConfigError with one line naming the key."""
     _finite_numbers(cfg)
     _validate_top(cfg)

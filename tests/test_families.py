@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers as tf
 
-from fedsoda_mpi import families, models as M, oda, tiny
+from fedsoda_mpi import families, model_folder as F, models as M, oda, tiny
 from fedsoda_mpi.families import FAMILIES
 from tests.conftest import mpirun
 
@@ -36,7 +36,7 @@ def padded_batch(seq: int = 20):
 
 
 def test_every_listed_family_has_a_tiny_model():
-    assert set(FAMILIES) == set(tiny.FAMILY_CONFIGS) and M.SUPPORTED_MODEL_TYPES == tuple(FAMILIES)
+    assert set(FAMILIES) == set(tiny.FAMILY_CONFIGS) and F.SUPPORTED_MODEL_TYPES == tuple(FAMILIES)
     assert {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "granite"} <= set(FAMILIES)
 
 
@@ -149,7 +149,7 @@ def write_config(folder, config) -> None:
 def test_an_unsupported_family_gets_one_line_naming_what_it_lacks(tmp_path, config, missing):
     write_config(tmp_path / "m", config)
     with pytest.raises(M.ModelError) as e:
-        M.model_config(tmp_path / "m")
+        F.model_config(tmp_path / "m")
     line = str(e.value)
     assert "\n" not in line and f"model_type {config.model_type!r}" in line and missing in line
     assert line.endswith(f"fedsoda-mpi runs {', '.join(FAMILIES)} models (docs/models.md)")
@@ -162,7 +162,7 @@ def test_the_multimodal_gemma3_names_its_text_layer_list(tmp_path):
     write_config(tmp_path / "m", config)
     with pytest.raises(M.ModelError, match=r"model_type 'gemma3' \(.*\) is not supported: no single decoder layer list "
                                            r"at `model.layers` \(its 2 layers are at `model.language_model.layers`\)"):
-        M.model_config(tmp_path / "m")
+        F.model_config(tmp_path / "m")
 
 
 # ------------------------------------------------------------------------------------- 3 ranks, end to end

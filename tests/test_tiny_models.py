@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from fedsoda_mpi import evaluate as E
-from fedsoda_mpi import models as M
+from fedsoda_mpi import model_folder as F, models as M
 from fedsoda_mpi.data import load_rows
 from tests import tiny_models as T
 
 
 def test_the_tiny_llama_passes_the_model_checks(tiny_model_dir):
-    assert M.check_model_folder(tiny_model_dir) == T.LAYERS == 30  # the default sgp n=3, p=4, 3 adapter layers fit
-    M.check_weights(tiny_model_dir)
-    names = M.linear_module_names(tiny_model_dir)
+    assert F.check_model_folder(tiny_model_dir) == T.LAYERS == 30  # the default sgp n=3, p=4, 3 adapter layers fit
+    F.check_weights(tiny_model_dir)
+    names = F.linear_module_names(tiny_model_dir)
     assert len(names) == 30 * 7 and all(n.rsplit(".", 1)[-1] in M.DEFAULT_TARGETS for n in names)
     assert sum(p.stat().st_size for p in tiny_model_dir.iterdir()) < 10 * 2**20
 
@@ -65,7 +65,7 @@ def test_nf4_sub_model_on_cpu(tiny_model_dir):
 
 
 def test_the_qwen2_folder_has_an_untied_output_head(tiny_qwen2_dir):
-    assert M.check_model_folder(tiny_qwen2_dir) == 30
+    assert F.check_model_folder(tiny_qwen2_dir) == 30
     model, tok = M.load_causal_lm(tiny_qwen2_dir)
     assert model.config.model_type == "qwen2" and model.config.tie_word_embeddings is False
     head, emb = model.get_output_embeddings().weight, model.get_input_embeddings().weight

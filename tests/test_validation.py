@@ -43,7 +43,7 @@ def tiny_model(tmp_path, tiny_model_dir):
 def zero_weights(folder) -> dict:
     """Zero tensors of every name and shape the config.json in `folder` describes (a tied head stored once)."""
     import torch
-    from fedsoda_mpi.models import _skeleton
+    from fedsoda_mpi.model_folder import _skeleton
 
     skeleton = _skeleton(folder)
     return {k: torch.zeros(v.shape) for k, v in skeleton.state_dict().items()
@@ -448,7 +448,7 @@ def test_tied_and_untied_model_folders_that_agree_pass(tiny_model_dir, tiny_qwen
 
 
 def test_layer_count_comes_from_the_checked_config(tiny_model):
-    from fedsoda_mpi.models import check_model_folder
+    from fedsoda_mpi.model_folder import check_model_folder
 
     assert check_model_folder(tiny_model) == 24
     (tiny_model / "config.json").write_text("{")
