@@ -149,11 +149,12 @@ class Results:
     out: Path
     figures: Path
     tables: dict = field(default_factory=dict)  # the study file's declared tables (fedsoda_mpi.study.tables)
+    folder: str = ""  # the summaries folder's name: results/<study>, the study's name while it has no run
 
     @property
     def study(self) -> str:
-        """The study name(s) of the runs."""
-        return ", ".join(sorted({str(s.study) for s in self.runs}))
+        """The study name(s) of the runs; the folder's name before the first run finishes."""
+        return ", ".join(sorted({str(s.study) for s in self.runs})) or self.folder
 
     def settings(self, runs: list[RunSummary] | None = None) -> list[Setting]:
         """The settings of `runs` (default: all), in display order."""
@@ -1167,7 +1168,8 @@ def open_results(a: argparse.Namespace) -> Results:
         raise ReportError(f"--out {out}: folder {out.parent} does not exist")
     if out.exists() and not out.is_file():
         raise ReportError(f"--out {out}: not a file")
-    res = Results(*load(Path(a.results)), out, Path(a.figures) if a.figures else out.parent / "gallery")
+    res = Results(*load(Path(a.results)), out, Path(a.figures) if a.figures else out.parent / "gallery",
+                  folder=Path(a.results).resolve().name)
     study_file = Path(a.study) if a.study else HERE.parent / "studies" / f"{res.study}.yaml"
     if a.study or study_file.is_file():
         try:

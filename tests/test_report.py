@@ -689,3 +689,17 @@ def test_a_table_without_a_section_hides_no_variant(tmp_path):
     out = tmp_path / "r.md"
     assert run(write(tmp_path / "res", full_study(), SELECTION), out, "--study", str(study)) == 0
     assert "| fp32_sub | FedSODA | `quant.enabled=false` |" in section(out.read_text(), "variants")
+
+
+def test_a_study_folder_without_runs_rewrites_only_its_own_sections(tmp_path, capsys):
+    """Before a study's first run finishes its folder holds no summary: the study is then the folder's name, so its
+    tagged sections say "no runs yet" and another study's sections stay as they are."""
+    empty = tmp_path / "ii"
+    empty.mkdir()
+    out = tmp_path / "results.md"
+    out.write_text("<!-- report:begin table2 -->\nFIRST\n<!-- report:end table2 -->\n\n"
+                   "<!-- report:begin seeds3@ii -->\nOLD II\n<!-- report:end seeds3@ii -->\n")
+    assert run(empty, out) == 0
+    text = out.read_text()
+    assert "FIRST" in section(text, "table2") and "OLD II" not in text
+    assert "no run summaries yet" in capsys.readouterr().err

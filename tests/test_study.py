@@ -539,10 +539,11 @@ def test_reuse_copies_only_runs_with_identical_resolved_settings(tmp_path, capsy
     assert f"done  {a.id}" in capsys.readouterr().out
 
 
-def test_evidence_ii_study_selects_over_three_seeds_and_reuses_the_cpu_study():
+def test_evidence_ii_study_selects_over_three_seeds_and_evaluates_in_float32():
     ii = E.load(ROOT / "studies/cpu_smollm2_ii.yaml")
     assert ii.select_seeds == [0, 1, 2] and not ii.stage("seeds") and len(ii.stage("grid")) == 3 * (5 + 3 * 3)
-    assert ii.reuse == [ROOT / "results/cpu_smollm2"]
+    assert ii.reuse == []  # the first study's runs evaluated in bfloat16: none has this study's settings
+    assert {"eval.dtype=float32", "eval.every=10"} <= set(ii.stage("grid")[0].overrides)
     budget = ii.stage("budget")
     assert len(budget) == 5 * 3 * 3 and {r.lr_step for r in budget} == {-1, 0, 1}
     assert {r.key[0] for r in budget if "fed_last3" in r.variant} == {"fedsoda"}  # paired with FedSODA's lr
