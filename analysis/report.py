@@ -4,8 +4,9 @@
 
 Reads <results>/*.json (one summary per finished run, fedsoda_mpi.summary.RunSummary), <results>/selection.json
 and the `tables` of the study file (--study, default studies/<study>.yaml): the rows, labels and reference of each
-comparison table (table3, table4, drift, gap, bridge, auto, selfpublic; LAYOUTS says how each is drawn); never a
-run folder. In the --out file the lines between `<!-- report:begin NAME -->` and `<!-- report:end NAME -->` are
+comparison table (table3, table4, drift, gap, bridge, auto, selfpublic, fedsrd, noniid, smaller_client; LAYOUTS says
+how each is drawn; a row may narrow its runs to a method and a split and name its own reference); never a run
+folder. In the --out file the lines between `<!-- report:begin NAME -->` and `<!-- report:end NAME -->` are
 rewritten and everything else is kept (the captions live there); a new file gets every section (SECTIONS). The
 curves section writes <figures>/<study>_curves_<task>.png (default <out folder>/gallery). A marker
 `<!-- report:begin NAME@STUDY -->` belongs to the report of study STUDY: when the file has such markers for the
@@ -161,9 +162,10 @@ class Results:
         return sorted({setting_of(s) for s in (self.runs if runs is None else runs)}, key=setting_order)
 
     def label(self, st: Setting) -> str:
-        """The task, plus model and split when the study has more than one of them."""
-        if len({x[1:] for x in self.settings()}) > 1:
-            return f"{st[0]} ({st[1]}, {st[2]})"
+        """The task, plus model and split when the study has more than one of them (`st` may be a (task, model)
+        pair: a table drawn across splits)."""
+        if len({x[1:len(st)] for x in self.settings()}) > 1:
+            return f"{st[0]} ({', '.join(st[1:])})"
         return st[0]
 
     def main(self, st: Setting, method: str) -> list[RunSummary]:
@@ -191,22 +193,31 @@ class Results:
         return [s for s in self.runs if s.stage not in (*MAIN_STAGES, GSM8K) and s.variant == name
                 and setting_of(s) == st]
 
-    def declared(self, name: str) -> tuple[list[tuple[tuple, tuple]], tuple | None]:
-        """A declared table's rows as (label cells, spec), then the other variants of its group (if it names one;
-        labelled by their name), and its reference spec; ([], None) when the study has none."""
+    def declared(self, name: str) -> list[tuple[tuple, tuple, tuple]]:
+        """A declared table's rows as (label cells, spec, its reference's spec), then the other variants of its group
+        (if it names one; labelled by their name, paired with the table's reference); [] when the study has none."""
         table = self.tables.get(name)
         if not table:
-            return [], None
-        spec = lambda row: ("main", row[5:]) if row.startswith("main ") else ("variant", row)  # noqa: E731
-        rows = [(tuple(labels), spec(row)) for row, *labels in table["rows"]]
-        listed, pad = {sp for _, sp in rows}, (DASH,) * (len(rows[0][0]) - 1)
-        rows += [((*pad, n), ("variant", n)) for n in stage_variants(self, table.get("group"))
+            return []
+        rows = [(r.labels, spec_of(r.row, r.method, r.split), spec_of(r.ref)) for r in table.rows]
+        listed, pad = {sp[:2] for _, sp, _ in rows}, (DASH,) * (len(rows[0][0]) - 1)
+        rows += [((*pad, n), spec_of(n), spec_of(table.ref)) for n in stage_variants(self, table.group)
                  if ("variant", n) not in listed]
-        return rows, spec(table["ref"])
+        return rows
 
     def rows(self, st: Setting, spec: tuple) -> list[RunSummary]:
-        """A table row's runs: spec = ("main", method) or ("variant", name)."""
-        return self.main(st, spec[1]) if spec[0] == "main" else self.variant(st, spec[1])
+        """A table row's runs in setting `st`, or in every split of a (task, model) pair `st`: spec = (kind, name,
+        method, split) (spec_of), narrowed to the method and the split when they are not None."""
+        kind, name, method, split = spec
+        here = [x for x in self.settings() if x[:len(st)] == tuple(st) and split in (None, x[2])]
+        runs = [s for x in here for s in (self.main(x, name) if kind == "main" else self.variant(x, name))]
+        return [s for s in runs if method in (None, s.method)]
+
+
+def spec_of(row: str, method: str | None = None, split: str | None = None) -> tuple:
+    """A declared row's runs as (kind, name, method, split): ("main", <method>, ...) for `main <method>`, else
+    ("variant", <name>, ...)."""
+    return ("main", row[5:], method, split) if row.startswith("main ") else ("variant", row, method, split)
 
 
 def by_seed(runs: list[RunSummary], key: str = "accuracy") -> dict[int, float]:
@@ -673,6 +684,7 @@ class Row:
     ref: dict | None
     main: bool = False
     st: Setting = ()
+    ref_runs: list = ()
 
 
 def diff_cells(r: Row, seeds: bool) -> list[str]:
@@ -696,6 +708,12 @@ def gap_closed(res: Results, r: Row) -> str:
     return num(100 * p["mean"] / gap["mean"] if p["n"] and gap["n"] and gap["mean"] != 0 else math.nan)
 
 
+def comm_share(r: Row) -> str:
+    """The row's mean bytes per round and client as a share (%) of its reference's (— without both)."""
+    mine, ref = field_mean(r.runs, "comm_bytes_per_round"), field_mean(r.ref_runs, "comm_bytes_per_round")
+    return DASH if mine is None or not ref else num(100 * mine / ref)
+
+
 COLUMNS = {  # name: (header, cell(res, row)): the columns a comparison table may show besides the accuracy
     "overrides": ("overrides", lambda res, r: DASH if r.main else extra_overrides(res, r.runs)),
     "methods": ("method", lambda res, r: ", ".join(NAMES.get(m, m) for m in sorted(
@@ -710,6 +728,7 @@ COLUMNS = {  # name: (header, cell(res, row)): the columns a comparison table ma
     "gap closed": ("gap closed %", gap_closed),
     "sub": ("sub-LLM acc. % (mean)", lambda res, r: pct(field_mean(r.runs, "sub_accuracy"))),
     "comm": ("comm MiB/round/client", lambda res, r: mib(field_mean(r.runs, "comm_bytes_per_round"), 3)),
+    "comm share": ("comm % of the reference's", lambda res, r: comm_share(r)),
     "client": ("client model MiB", lambda res, r: mib(field_mean(r.runs, "client_model_bytes"), 1)),
     "kl after": ("KL after pre-align (mean)", lambda res, r: num(field_mean(r.runs, "kl_after"), 3)),
     "K": ("layers removed K", lambda res, r: removed_layers(r.runs)),
@@ -730,7 +749,8 @@ class Layout:
     headers of the label cells, the COLUMNS before the accuracy and after the Δ, how many columns are left-aligned,
     whether the paired seeds are shown, the Δ header; which settings get a table: those with runs of the table's
     variant rows other than the reference (`group`: of its variant group), of `task` only, else (`fallback`) the
-    settings of its `main <method>` rows' runs; the text without any; a table drawn below from the rows (`then`)."""
+    settings of its `main <method>` rows' runs; the text without any; a table drawn below from the rows (`then`);
+    whether one table per (task, model) holds the rows of every split (`splits`; rows narrow it by their split)."""
 
     labels: tuple
     before: tuple = ()
@@ -743,6 +763,7 @@ class Layout:
     fallback: bool = True
     empty: str = "_No FedSODA or variant runs yet._"
     then: object = None
+    splits: bool = False
 
 
 def candidates_table(rows: list[Row]) -> str:
@@ -764,7 +785,13 @@ LAYOUTS = {
     "auto": Layout(("run",), ("K", "chosen np", "distance"), ("kl", "comm", "client"), left=3,
                    empty="_No FedSODA or `auto` runs yet._", then=candidates_table),
     "selfpublic": Layout(("run",), ("public", "chosen np", "groups"), ("kl", "kl on", "kl self", "generation"),
-                         left=4, empty="_No FedSODA or `selfpublic` runs yet._")}
+                         left=4, empty="_No FedSODA or `selfpublic` runs yet._"),
+    "fedsrd": Layout(("run",), ("overrides",), ("comm", "comm share"), left=2, seeds=True, fallback=False,
+                     empty="_No FedSRD runs yet._"),
+    "noniid": Layout(("method", "split"), ("lr",), ("sub",), left=3, seeds=True, delta="Δ vs the method at IID (pts)",
+                     fallback=False, splits=True, empty="_No non-IID runs yet._"),
+    "smaller_client": Layout(("run",), ("overrides",), ("sub", "client", "kl after"), left=2, seeds=True,
+                             fallback=False, empty="_No smaller-client runs yet._")}
 
 
 def comparison(res: Results, rows: list[Row], labels: tuple, before=(), after=(), left: int = 1, seeds: bool = False,
@@ -778,12 +805,14 @@ def comparison(res: Results, rows: list[Row], labels: tuple, before=(), after=()
     return table(headers, [[*r.label, *cols(before, r), *diff_cells(r, seeds), *cols(after, r)] for r in rows], left)
 
 
-def declared_settings(res: Results, name: str, specs: list[tuple], ref_spec: tuple) -> list[Setting]:
-    """The settings a declared table is drawn for (Layout: group, task, fallback to its main rows' settings)."""
-    lay, group = LAYOUTS[name], res.tables[name].get("group")
-    names = {sp[1] for sp in specs if sp[0] == "variant" and sp != ref_spec}
-    methods = {sp[1] for sp in specs if sp[0] == "main"}
-    mine = lambda runs: [st for st in res.settings(runs) if lay.task is None or st[0] == lay.task]  # noqa: E731
+def declared_settings(res: Results, name: str, rows: list[tuple]) -> list[Setting]:
+    """The settings a declared table is drawn for (Layout: group, task, fallback to its main rows' settings; (task,
+    model) pairs when it is drawn across splits)."""
+    lay, group = LAYOUTS[name], res.tables[name].group
+    names = {sp[1] for _, sp, ref in rows if sp[0] == "variant" and sp != ref}
+    methods = {sp[1] for _, sp, _ in rows if sp[0] == "main"}
+    mine = lambda runs: list(dict.fromkeys(st[:2] if lay.splits else st for st in res.settings(runs)  # noqa: E731
+                                           if lay.task is None or st[0] == lay.task))
     have = mine([s for s in res.runs if s.stage == group] if lay.group else
                 [s for s in res.runs if s.stage not in (*MAIN_STAGES, GSM8K) and s.variant in names])
     return have or (mine([s for s in res.runs if s.stage in MAIN_STAGES and s.variant == "main"
@@ -792,27 +821,26 @@ def declared_settings(res: Results, name: str, specs: list[tuple], ref_spec: tup
 
 def sec_declared(res: Results, name: str) -> str:
     """A comparison table the study file declares (`tables.<name>`), drawn per setting as LAYOUTS[name] says."""
-    specs, ref_spec = res.declared(name)
-    if not specs:
+    declared = res.declared(name)
+    if not declared:
         return NO_TABLE.format(name)
     lay = LAYOUTS[name]
 
     def render(st: Setting) -> str:
         """The table (and its `then`) in one setting."""
-        ref = by_seed(res.rows(st, ref_spec))
-        rows = [Row(label, res.rows(st, sp), None if sp == ref_spec else ref, sp[0] == "main", st)
-                for label, sp in specs]
+        rows = [Row(label, res.rows(st, sp), None if sp == ref else by_seed(res.rows(st, ref)), sp[0] == "main", st,
+                    res.rows(st, ref)) for label, sp, ref in declared]
         return comparison(res, rows, lay.labels, lay.before, lay.after, lay.left, lay.seeds, lay.delta) + (
             lay.then(rows) if lay.then else "")
-    return per_setting(res, declared_settings(res, name, [sp for _, sp in specs], ref_spec), render) or lay.empty
+    return per_setting(res, declared_settings(res, name, declared), render) or lay.empty
 
 
 def shown_elsewhere(res: Results) -> tuple[set[str], set[str]]:
     """The stages and the variant names other sections show: Table 2, gsm8k, budget, the variant groups of the
     declared tables; the variants a declared table names."""
     drawn = [name for name in res.tables if name in LAYOUTS]  # a table of another name has no section
-    names = {sp[1] for name in drawn for _, sp in res.declared(name)[0] if sp[0] == "variant"}
-    return {*MAIN_STAGES, GSM8K, BUDGET, *(res.tables[n]["group"] for n in drawn if "group" in res.tables[n])}, names
+    names = {sp[1] for name in drawn for _, sp, _ in res.declared(name) if sp[0] == "variant"}
+    return {*MAIN_STAGES, GSM8K, BUDGET, *(res.tables[n].group for n in drawn if res.tables[n].group)}, names
 
 
 def sec_variants(res: Results) -> str:
@@ -1108,7 +1136,10 @@ SECTIONS = {  # name: (heading in a new file, its function; None: a declared com
             "variants": ("Other variants", sec_variants), "curves": ("Accuracy per round", sec_curves),
             "cost": ("What the study cost (wall time)", sec_cost),
             "seeds3": ("Selection over three seeds", sec_seeds3),
-            "budget": ("Accuracy against training examples per client", sec_budget)}
+            "budget": ("Accuracy against training examples per client", sec_budget),
+            "fedsrd": ("FedSRD: sparse LoRA transfer against FedAvg", None),
+            "noniid": ("Non-IID: Dirichlet label skew against IID", None),
+            "smaller_client": ("A smaller client: the quantized embedding table and LM head", None)}
 
 
 def section(res: Results, name: str) -> str:

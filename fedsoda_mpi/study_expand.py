@@ -11,6 +11,8 @@ from pathlib import Path
 import yaml
 
 from .config import ROOT, ConfigError, load_config
+from .study_tables import Table, TableError, Vocabulary, read_spec
+from .study_tables import tables as declared_tables
 
 GRID, SEEDS = "grid", "seeds"
 
@@ -62,7 +64,7 @@ class Study:
     select_seeds: list[int]
     stages: list[str] = field(default_factory=list)
     reuse: list[Path] = field(default_factory=list)  # results folders whose identical runs are copied, not rerun
-    tables: dict[str, dict] = field(default_factory=dict)  # the report's declared tables (`tables`)
+    tables: dict[str, Table] = field(default_factory=dict)  # the report's declared tables (`tables`)
 
     def stage(self, name: str) -> list[Run]:
         return [r for r in self.runs if r.stage == name]
@@ -173,53 +175,33 @@ def expand(spec: dict) -> Study:
     return Study(str(spec["name"]), runs, lrs, select_seeds, stages, reuse, tables(spec))
 
 
-def tables(spec: dict) -> dict[str, dict]:
-    """The study's `tables`: the report's comparison tables, each {ref: <row>, rows: [[<row>, <label>], ...]} in
-    display order (one label per label column), a row being a variant of this study or `main <method>` (the Table-2
-    runs of a grid method), and optionally group: <variant group> (then every other variant of that group follows,
-    labelled by its name); the Δ of every other row is paired by seed with the `ref` row. A row naming no variant or
-    method is refused."""
-    declared = spec.get("tables") or {}
-    if not isinstance(declared, dict):
-        raise StudyError(f"tables: expected a mapping of table name to {{ref, rows}}, got {declared!r}")
-    known = {str(v.get("name")) for v in spec.get("variants") or [] if isinstance(v, dict)}
-    known |= {f"main {m}" for m in _list(spec.get("grid") or {}, "methods", [])}
-    groups = {str(v.get("group", "variants")) for v in spec.get("variants") or [] if isinstance(v, dict)}
-    out = {}
-    for name, table in declared.items():
-        where = f"tables.{name}"
-        if not isinstance(table, dict) or not {"ref", "rows"} <= set(table) <= TABLE_KEYS \
-                or not isinstance(table["rows"], list):
-            raise StudyError(f"{where}: expected the keys ref and rows (a list of [row, label]) and optionally "
-                             f"group, got {table!r}")
-        if "group" in table and table["group"] not in groups:
-            raise StudyError(f"{where}.group: '{table['group']}' is not a variant group of this study")
-        rows = []
-        for row in table["rows"]:
-            if not (isinstance(row, list) and len(row) >= 2 and all(isinstance(x, str) for x in row)):
-                raise StudyError(f"{where}.rows: expected [row, label] (strings; one label per label column), "
-                                 f"got {row!r}")
-            if row[0] not in known:
-                raise StudyError(f"{where}.rows: '{row[0]}' is neither a variant of this study nor 'main <method>' "
-                                 "of a grid method")
-            rows.append(tuple(row))
-        if len({len(r) for r in rows}) > 1:
-            raise StudyError(f"{where}.rows: every row has as many labels as the first")
-        if table["ref"] not in [r[0] for r in rows]:
-            raise StudyError(f"{where}.ref: '{table['ref']}' is not one of its rows")
-        out[str(name)] = {"ref": table["ref"], "rows": rows, **({"group": table["group"]} if "group" in table else {})}
-    return out
+def tables(spec: dict) -> dict[str, Table]:
+    """The study's validated `tables` (study_tables.py): rows may name its variants and `main <method>` of its grid
+    methods, `group` one of its variant groups, `method` and `split` a method and a split some of its runs have."""
+    variants = [v for v in spec.get("variants") or [] if isinstance(v, dict)]
+    grid = spec.get("grid") or {}
+
+    def named(key: str, plural: str) -> set[str]:
+        """The values of `key` and `plural` (one value or a list) in the grid and the variants."""
+        values = [x for v in [grid, *variants] for k in (key, plural) if v.get(k) is not None
+                  for x in (v[k] if isinstance(v[k], list) else [v[k]])]
+        return {str(x) for x in values}
+
+    known = Vocabulary(rows={str(v.get("name")) for v in variants} | {f"main {m}" for m in _list(grid, "methods", [])},
+                       groups={str(v.get("group", "variants")) for v in variants},
+                       methods=named("method", "methods"), splits=named("split", "splits") | {"iid"})
+    try:
+        return declared_tables(spec, known)
+    except TableError as e:
+        raise StudyError(str(e)) from None
 
 
-def read_tables(path: str | Path) -> dict[str, dict]:
+def read_tables(path: str | Path) -> dict[str, Table]:
     """The validated `tables` of a study file, without expanding or checking its runs (what the report needs)."""
     try:
-        spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
-        raise StudyError(f"{path}: not a readable study file ({str(e).splitlines()[0]})") from None
-    if not isinstance(spec, dict):
-        raise StudyError(f"{path}: a study file is a mapping")
-    return tables(spec)
+        return tables(read_spec(path))
+    except TableError as e:
+        raise StudyError(str(e)) from None
 
 
 def _axis(spec: dict, key: str, where: str, convert, default=None) -> list:
@@ -305,9 +287,6 @@ VARIANT_KEYS = {"group", "name", "method", "methods", "tasks", "models", "splits
 
 
 STUDY_KEYS = {"name", "job", "np", "threads", "base_eval", "overrides", "grid", "variants", "reuse", "tables"}
-
-
-TABLE_KEYS = {"ref", "rows", "group"}  # group: optional
 
 
 GRID_KEYS = {"methods", "tasks", "models", "splits", "seeds", "select_seeds", "lr", "lr_extend"}

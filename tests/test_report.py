@@ -649,7 +649,7 @@ def test_declared_tables_come_from_the_study_file(tmp_path, capsys):
     assert run(write(tmp_path / "res", full_study(), SELECTION), out, "--study", str(bare)) == 0
     assert "_The study file declares no `gap` table (its `tables` key)._" in section(out.read_text(), "gap")
     spec = yaml.safe_load(STUDY.read_text(encoding="utf-8"))
-    assert [r for r, _ in read_tables(STUDY)["bridge"]["rows"]][:2] == ["lr_pet", "fp32_sub_lr_pet"]
+    assert [r.row for r in read_tables(STUDY)["bridge"].rows][:2] == ["lr_pet", "fp32_sub_lr_pet"]
     spec["variants"] = [v for v in spec["variants"] if v["name"] != "fp32_sub"]
     bad = tmp_path / "renamed.yaml"
     bad.write_text(yaml.safe_dump(spec))
@@ -703,3 +703,122 @@ def test_a_study_folder_without_runs_rewrites_only_its_own_sections(tmp_path, ca
     text = out.read_text()
     assert "FIRST" in section(text, "table2") and "OLD II" not in text
     assert "no run summaries yet" in capsys.readouterr().err
+
+
+STUDY_II = ROOT / "studies" / "cpu_smollm2_ii.yaml"  # its fedsrd, noniid and smaller_client tables
+
+
+def variant_runs(stage: str, variant: str, method: str, accs: dict, **kw) -> list[RunSummary]:
+    """One run per seed of a variant ({seed: test accuracy}), named as the study names them."""
+    runs = []
+    for seed, acc in accs.items():
+        s = summary(method, seed=seed, acc=acc, stage=stage, variant=variant, study="ii", **kw)
+        s.run = f"{stage}.{variant}-{method}-sst2-smollm2-{s.split}-s{seed}"
+        runs.append(s)
+    return runs
+
+
+def row_of(text: str, start: str) -> str:
+    """The one table line of `text` that starts with `start`."""
+    lines = [line for line in text.splitlines() if line.startswith(start)]
+    assert len(lines) == 1, (start, lines)
+    return lines[0]
+
+
+def test_fedsrd_table_pairs_each_density_with_fedavg_and_shows_the_bytes(tmp_path):
+    """fedsrd: FedSODA's FedAvg main runs (60, 64, 68) are the reference; each FedSRD variant's Δ is paired by seed
+    (srd_d0.1 ran seeds 1 and 2 only: 60 − 64, 70 − 68), beside its bytes per round and their share of FedAvg's."""
+    runs, sel = three_seed_grid()
+    srd = ["fed.rounds=10", "eval.dtype=bfloat16", "fed.aggregator=fedsrd", "fed.upload_density=0.25",
+           "fed.download_density=0.25"]
+    runs += variant_runs("fedsrd", "srd_d0.25", "fedsoda", {0: 0.62, 1: 0.63, 2: 0.70}, overrides=srd,
+                         comm_bytes_per_round=2214592.0 / 4)
+    runs += variant_runs("fedsrd", "srd_d0.1", "fedsoda", {1: 0.60, 2: 0.70}, comm_bytes_per_round=2214592.0 / 10)
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", runs, sel), out, "--study", str(STUDY_II)) == 0
+    text = section(out.read_text(), "fedsrd")
+    assert text.count("#### ") == 1
+    assert row_of(text, "| FedAvg (FedSODA main) |") == \
+        "| FedAvg (FedSODA main) | — | 64.0 ± 4.0 | 3 | (reference) | — | — | 2.112 | 100.0 |"
+    assert row_of(text, "| FedSRD, density 0.25 (srd_d0.25) |") == (
+        "| FedSRD, density 0.25 (srd_d0.25) | `fed.aggregator=fedsrd`, `fed.download_density=0.25`, "
+        "`fed.upload_density=0.25` | 65.0 ± 4.4 | 3 | +1.0 | [-3.3, +5.3] | 0, 1, 2 | 0.528 | 25.0 |")
+    assert "| 65.0 ± 7.1 | 2 | -1.0 | [-39.1, +37.1] | 1, 2 | 0.211 | 10.0 |" in \
+        row_of(text, "| FedSRD, density 0.1 (srd_d0.1) |")
+    assert row_of(text, "| FedSRD-E, density 0.25 (srde_d0.25) |") == \
+        "| FedSRD-E, density 0.25 (srde_d0.25) | — | — | 0 | — | — | — | — | — |"
+    assert "comm MiB/round/client | comm % of the reference's |" in text
+    assert "srd_d0.25" not in section(out.read_text(), "variants")
+
+
+def test_noniid_table_pairs_each_method_with_its_own_iid_runs_across_splits(tmp_path):
+    """noniid: one table per (task, model) holding the IID main runs and both Dirichlet splits; each Dirichlet row is
+    paired by seed with the SAME method's IID runs (FedSODA 60, 64, 68; FedPETuning 86, 85, 84), never the table's
+    FedSODA reference for FedPETuning."""
+    runs, sel = three_seed_grid()
+    for method, split, accs in (("fedsoda", "dirichlet-1.0", {0: 0.58, 1: 0.60, 2: 0.66}),
+                                ("fedsoda", "dirichlet-0.1", {1: 0.50, 2: 0.60}),
+                                ("fedpetuning", "dirichlet-1.0", {0: 0.80, 1: 0.84, 2: 0.82}),
+                                ("fedpetuning", "dirichlet-0.1", {0: 0.70, 1: 0.72, 2: 0.75})):
+        runs += variant_runs("noniid", "dirichlet", method, accs, split=split)
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", runs, sel), out, "--study", str(STUDY_II)) == 0
+    text = section(out.read_text(), "noniid")
+    assert text.count("#### ") == 1 and "#### sst2\n" in text  # not one table per split
+    assert row_of(text, "| FedSODA | IID (main) |") == \
+        "| FedSODA | IID (main) | 0.001 | 64.0 ± 4.0 | 3 | (reference) | — | — | 59.0 |"
+    assert row_of(text, "| FedSODA | Dirichlet β = 1.0 |") == \
+        "| FedSODA | Dirichlet β = 1.0 | 0.001 | 61.3 ± 4.2 | 3 | -2.7 | [-5.5, +0.2] | 0, 1, 2 | 56.3 |"
+    assert "| 55.0 ± 7.1 | 2 | -11.0 | [-49.1, +27.1] | 1, 2 |" in row_of(text, "| FedSODA | Dirichlet β = 0.1 |")
+    assert "| 85.0 ± 1.0 | 3 | (reference) |" in row_of(text, "| FedPETuning | IID (main) |")
+    assert "| 82.0 ± 2.0 | 3 | -3.0 | [-9.6, +3.6] | 0, 1, 2 |" in row_of(text, "| FedPETuning | Dirichlet β = 1.0 |")
+    assert "| -12.7 | [-21.4, -3.9] | 0, 1, 2 |" in row_of(text, "| FedPETuning | Dirichlet β = 0.1 |")
+    assert text.index("| FedSODA | IID") < text.index("| FedSODA | Dirichlet β = 1.0") < \
+        text.index("| FedPETuning | IID")
+    assert "Δ vs the method at IID (pts)" in text
+    assert "dirichlet" not in section(out.read_text(), "variants")
+
+
+def test_smaller_client_table_pairs_the_quantized_tables_with_the_16bit_runs(tmp_path):
+    """smaller_client: embed8 and embed4 paired by seed with FedSODA's main runs, with the client's model size and
+    the KL after pre-alignment of each."""
+    runs, sel = three_seed_grid()
+    runs += variant_runs("smaller_client", "embed8", "fedsoda", {0: 0.61, 1: 0.65, 2: 0.67},
+                         client_model_bytes=120 * 2 ** 20, kl_after=5.625,
+                         overrides=["fed.rounds=10", "eval.dtype=bfloat16", "quant.embed_bits=8"])
+    runs += variant_runs("smaller_client", "embed4", "fedsoda", {0: 0.55, 2: 0.66}, client_model_bytes=100 * 2 ** 20,
+                         kl_after=6.125, overrides=["fed.rounds=10", "eval.dtype=bfloat16", "quant.embed_bits=4"])
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", runs, sel), out, "--study", str(STUDY_II)) == 0
+    text = section(out.read_text(), "smaller_client")
+    assert row_of(text, "| 16-bit table (FedSODA main) |") == \
+        "| 16-bit table (FedSODA main) | — | 64.0 ± 4.0 | 3 | (reference) | — | — | 59.0 | 145.2 | 5.500 |"
+    assert row_of(text, "| int8 rows (embed8) |") == ("| int8 rows (embed8) | `quant.embed_bits=8` | 64.3 ± 3.1 | 3 | "
+                                                       "+0.3 | [-2.5, +3.2] | 0, 1, 2 | 59.3 | 120.0 | 5.625 |")
+    assert row_of(text, "| NF4 blocks (embed4) |") == (
+        "| NF4 blocks (embed4) | `quant.embed_bits=4` | 60.5 ± 7.8 | 2 | -3.5 | [-22.6, +15.6] | 0, 2 | 55.5 | 100.0 "
+        "| 6.125 |")
+
+
+def test_a_row_may_name_its_own_reference_method_and_split(tmp_path):
+    """A row's options: ref (one of the table's rows), method and split (of the study); anything else is refused
+    with one line."""
+    import yaml
+
+    from fedsoda_mpi.study import StudyError, read_tables
+
+    tables = read_tables(STUDY_II)
+    pet = tables["noniid"].rows[4]
+    assert (pet.row, pet.method, pet.split, pet.ref, pet.is_ref) == \
+        ("dirichlet", "fedpetuning", "dirichlet-1.0", "main fedpetuning", False)
+    assert tables["noniid"].rows[3].is_ref and not tables["fedsrd"].rows[1].is_ref
+    spec = yaml.safe_load(STUDY_II.read_text(encoding="utf-8"))
+    bad = tmp_path / "bad.yaml"
+    for options, message in (({"ref": "main fedbiot"}, "tables.t.rows: dirichlet: ref: 'main fedbiot' is not one"),
+                             ({"split": "dirichlet-0.5"}, "split 'dirichlet-0.5' is not a split of this study"),
+                             ({"method": "fedx"}, "method 'fedx' is not a method of this study"),
+                             ({"seed": "1"}, "options are strings among method, ref, split")):
+        spec["tables"] = {"t": {"ref": "main fedsoda", "rows": [["main fedsoda", "F"], ["dirichlet", "D", options]]}}
+        bad.write_text(yaml.safe_dump(spec))
+        with pytest.raises(StudyError, match=message):
+            read_tables(bad)

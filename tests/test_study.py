@@ -15,6 +15,7 @@ from fedsoda_mpi import study_select as L
 from fedsoda_mpi import study_summaries as M
 from fedsoda_mpi.config import load_config
 from fedsoda_mpi.stats import unbits
+from fedsoda_mpi.study_tables import Table, TableRow
 from tests.conftest import ROOT
 
 TOY = {"name": "toy", "job": "jobs/smollm2_sst2_iid.yaml", "overrides": {"fed.rounds": 4, "eval.every": 2},
@@ -144,8 +145,8 @@ def test_a_study_declares_its_report_tables(tmp_path):
     """`tables`: rows in order ([variant or "main <method>", label]) and the reference row, kept by the loader."""
     spec = {**TOY, "tables": {"t": {"ref": "main fedsoda", "rows": [["main fedsoda", "F"], ["no_pre", "w/o pre"]],
                                     "group": "ablation"}}}
-    assert E.load(_write(tmp_path, spec)).tables == {"t": {"ref": "main fedsoda", "group": "ablation",
-                                                           "rows": [("main fedsoda", "F"), ("no_pre", "w/o pre")]}}
+    rows = (TableRow("main fedsoda", ("F",), "main fedsoda"), TableRow("no_pre", ("w/o pre",), "main fedsoda"))
+    assert E.load(_write(tmp_path, spec)).tables == {"t": Table("main fedsoda", rows, "ablation")}
     assert E.load(_write(tmp_path, TOY)).tables == {}
 
 
