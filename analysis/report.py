@@ -4,9 +4,9 @@
 
 Reads <results>/*.json (one summary per finished run, fedsoda_mpi.summary.RunSummary), <results>/selection.json
 and the `tables` of the study file (--study, default studies/<study>.yaml): the rows, labels and reference of each
-comparison table (table3, table4, drift, gap, bridge, auto, selfpublic, fedsrd, noniid, smaller_client; LAYOUTS says
-how each is drawn; a row may narrow its runs to a method and a split and name its own reference); never a run
-folder. In the --out file the lines between `<!-- report:begin NAME -->` and `<!-- report:end NAME -->` are
+comparison table (table3, table4, drift, gap, bridge, auto, selfpublic, fedsrd, noniid, smaller_client) and how it is
+drawn (fedsoda_mpi/study_tables.py; a row may narrow its runs to a method and a split and name its own reference);
+never a run folder. In the --out file the lines between `<!-- report:begin NAME -->` and `<!-- report:end NAME -->` are
 rewritten and everything else is kept (the captions live there); a new file gets every section (SECTIONS). The
 curves section writes <figures>/<study>_curves_<task>.png (default <out folder>/gallery). A marker
 `<!-- report:begin NAME@STUDY -->` belongs to the report of study STUDY: when the file has such markers for the
@@ -743,55 +743,13 @@ COLUMNS = {  # name: (header, cell(res, row)): the columns a comparison table ma
 COST = ("comm", "client", "kl after")
 
 
-@dataclass(frozen=True)
-class Layout:
-    """How the report draws a declared comparison table (the study file declares its rows and reference): the
-    headers of the label cells, the COLUMNS before the accuracy and after the Δ, how many columns are left-aligned,
-    whether the paired seeds are shown, the Δ header; which settings get a table: those with runs of the table's
-    variant rows other than the reference (`group`: of its variant group), of `task` only, else (`fallback`) the
-    settings of its `main <method>` rows' runs; the text without any; a table drawn below from the rows (`then`);
-    whether one table per (task, model) holds the rows of every split (`splits`; rows narrow it by their split)."""
-
-    labels: tuple
-    before: tuple = ()
-    after: tuple = ()
-    left: int = 1
-    seeds: bool = False
-    delta: str = "Δ vs FedSODA (pts)"
-    group: bool = False
-    task: str | None = None
-    fallback: bool = True
-    empty: str = "_No FedSODA or variant runs yet._"
-    then: object = None
-    splits: bool = False
-
-
 def candidates_table(rows: list[Row]) -> str:
     """Every (n, p) each non-reference row's runs compared (sgp.auto), the chosen one in bold."""
     cand = [[r.label[0], candidates_text(r.runs)] for r in rows if r.ref is not None]
     return "\n\n" + table(["run", "candidates (n, p): summed distance / K (chosen in bold)"], cand, 2) if cand else ""
 
 
-LAYOUTS = {
-    "table3": Layout(("variant",), ("overrides",), left=2, seeds=True, empty="_No FedSODA or ablation runs yet._"),
-    "table4": Layout(("study", "variant"), ("groups np", "r"), COST, left=2,
-                     empty="_No FedSODA or parameter-study runs yet._"),
-    "drift": Layout(("run",), ("trigger",), ("realignments", "emulator", "comm", "probe"), left=2, group=True,
-                    fallback=False, empty="_No drift-trigger runs yet._"),
-    "gap": Layout(("run",), ("methods", "overrides"), ("gap closed", "kl after"), left=3, task="sst2",
-                  empty="_No SST-2 runs yet._"),
-    "bridge": Layout(("run",), ("lr",), ("sub", *COST), left=2, seeds=True, delta="Δ vs lr_pet (pts)", task="sst2",
-                     fallback=False, empty="_No runs of the FedSODA -> FedBiOT steps yet._"),
-    "auto": Layout(("run",), ("K", "chosen np", "distance"), ("kl", "comm", "client"), left=3,
-                   empty="_No FedSODA or `auto` runs yet._", then=candidates_table),
-    "selfpublic": Layout(("run",), ("public", "chosen np", "groups"), ("kl", "kl on", "kl self", "generation"),
-                         left=4, empty="_No FedSODA or `selfpublic` runs yet._"),
-    "fedsrd": Layout(("run",), ("overrides",), ("comm", "comm share"), left=2, seeds=True, fallback=False,
-                     empty="_No FedSRD runs yet._"),
-    "noniid": Layout(("method", "split"), ("lr",), ("sub",), left=3, seeds=True, delta="Δ vs the method at IID (pts)",
-                     fallback=False, splits=True, empty="_No non-IID runs yet._"),
-    "smaller_client": Layout(("run",), ("overrides",), ("sub", "client", "kl after"), left=2, seeds=True,
-                             fallback=False, empty="_No smaller-client runs yet._")}
+THENS = {"candidates": candidates_table}  # `then` of a declared table: a table drawn below from its rows
 
 
 def comparison(res: Results, rows: list[Row], labels: tuple, before=(), after=(), left: int = 1, seeds: bool = False,
@@ -806,39 +764,39 @@ def comparison(res: Results, rows: list[Row], labels: tuple, before=(), after=()
 
 
 def declared_settings(res: Results, name: str, rows: list[tuple]) -> list[Setting]:
-    """The settings a declared table is drawn for (Layout: group, task, fallback to its main rows' settings; (task,
-    model) pairs when it is drawn across splits)."""
-    lay, group = LAYOUTS[name], res.tables[name].group
+    """The settings a declared table is drawn for (its `settings`: of its variant rows' runs, else of its main rows';
+    of its variant rows' only; of its group's runs; `task` only; (task, model) pairs when drawn across splits)."""
+    lay = res.tables[name]
     names = {sp[1] for _, sp, ref in rows if sp[0] == "variant" and sp != ref}
     methods = {sp[1] for _, sp, _ in rows if sp[0] == "main"}
     mine = lambda runs: list(dict.fromkeys(st[:2] if lay.splits else st for st in res.settings(runs)  # noqa: E731
                                            if lay.task is None or st[0] == lay.task))
-    have = mine([s for s in res.runs if s.stage == group] if lay.group else
+    have = mine([s for s in res.runs if s.stage == lay.group] if lay.settings == "group" else
                 [s for s in res.runs if s.stage not in (*MAIN_STAGES, GSM8K) and s.variant in names])
     return have or (mine([s for s in res.runs if s.stage in MAIN_STAGES and s.variant == "main"
-                          and s.method in methods]) if lay.fallback else [])
+                          and s.method in methods]) if lay.settings == "variants or main" else [])
 
 
 def sec_declared(res: Results, name: str) -> str:
-    """A comparison table the study file declares (`tables.<name>`), drawn per setting as LAYOUTS[name] says."""
+    """A comparison table the study file declares (`tables.<name>`: its rows and how it is drawn), per setting."""
     declared = res.declared(name)
     if not declared:
         return NO_TABLE.format(name)
-    lay = LAYOUTS[name]
+    lay = res.tables[name]
 
     def render(st: Setting) -> str:
         """The table (and its `then`) in one setting."""
         rows = [Row(label, res.rows(st, sp), None if sp == ref else by_seed(res.rows(st, ref)), sp[0] == "main", st,
                     res.rows(st, ref)) for label, sp, ref in declared]
-        return comparison(res, rows, lay.labels, lay.before, lay.after, lay.left, lay.seeds, lay.delta) + (
-            lay.then(rows) if lay.then else "")
+        return comparison(res, rows, lay.labels, lay.before, lay.after, lay.left_columns, lay.seeds, lay.delta) + (
+            THENS[lay.then](rows) if lay.then else "")
     return per_setting(res, declared_settings(res, name, declared), render) or lay.empty
 
 
 def shown_elsewhere(res: Results) -> tuple[set[str], set[str]]:
     """The stages and the variant names other sections show: Table 2, gsm8k, budget, the variant groups of the
     declared tables; the variants a declared table names."""
-    drawn = [name for name in res.tables if name in LAYOUTS]  # a table of another name has no section
+    drawn = [name for name in res.tables if SECTIONS.get(name, (0, 0))[1] is None]  # others have no section
     names = {sp[1] for name in drawn for _, sp, _ in res.declared(name) if sp[0] == "variant"}
     return {*MAIN_STAGES, GSM8K, BUDGET, *(res.tables[n].group for n in drawn if res.tables[n].group)}, names
 
@@ -1121,7 +1079,7 @@ def budget_gaps(accs: dict, other: str, examples: list[int]) -> list[str]:
 
 NO_RUNS = "_No finished run of this study yet._"
 NO_TABLE = "_The study file declares no `{}` table (its `tables` key)._"
-SECTIONS = {  # name: (heading in a new file, its function; None: a declared comparison table drawn as LAYOUTS says)
+SECTIONS = {  # name: (heading in a new file, its function; None: a table the study file declares, sec_declared)
             "setup": ("Setup", sec_setup), "lr": ("Learning-rate selection", sec_lr),
             "table2": ("Table 2: accuracy of the four methods", sec_table2),
             "table3": ("Table 3: ablation of ODA", None), "table4": ("Table 4: parameter study", None),
@@ -1204,7 +1162,7 @@ def open_results(a: argparse.Namespace) -> Results:
     study_file = Path(a.study) if a.study else HERE.parent / "studies" / f"{res.study}.yaml"
     if a.study or study_file.is_file():
         try:
-            res.tables = read_tables(study_file)
+            res.tables = read_tables(study_file, set(COLUMNS), set(THENS))
         except StudyError as e:
             raise ReportError(str(e)) from None
     return res

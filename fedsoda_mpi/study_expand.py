@@ -175,9 +175,10 @@ def expand(spec: dict) -> Study:
     return Study(str(spec["name"]), runs, lrs, select_seeds, stages, reuse, tables(spec))
 
 
-def tables(spec: dict) -> dict[str, Table]:
+def tables(spec: dict, columns: set | None = None, thens: set | None = None) -> dict[str, Table]:
     """The study's validated `tables` (study_tables.py): rows may name its variants and `main <method>` of its grid
-    methods, `group` one of its variant groups, `method` and `split` a method and a split some of its runs have."""
+    methods, `group` one of its variant groups, `method` and `split` a method and a split some of its runs have;
+    `columns` and `thens`: the report's names, checked when given."""
     variants = [v for v in spec.get("variants") or [] if isinstance(v, dict)]
     grid = spec.get("grid") or {}
 
@@ -191,15 +192,16 @@ def tables(spec: dict) -> dict[str, Table]:
                        groups={str(v.get("group", "variants")) for v in variants},
                        methods=named("method", "methods"), splits=named("split", "splits") | {"iid"})
     try:
-        return declared_tables(spec, known)
+        return declared_tables(spec, known, columns, thens)
     except TableError as e:
         raise StudyError(str(e)) from None
 
 
-def read_tables(path: str | Path) -> dict[str, Table]:
-    """The validated `tables` of a study file, without expanding or checking its runs (what the report needs)."""
+def read_tables(path: str | Path, columns: set | None = None, thens: set | None = None) -> dict[str, Table]:
+    """The validated `tables` of a study file, without expanding or checking its runs (what the report needs, which
+    passes its column and `then` names)."""
     try:
-        return tables(read_spec(path))
+        return tables(read_spec(path), columns, thens)
     except TableError as e:
         raise StudyError(str(e)) from None
 

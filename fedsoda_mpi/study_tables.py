@@ -11,6 +11,22 @@
 A row may end with a mapping of options: `method` (only that method's runs of the variant), `split` (only runs of that
 split) and `ref` (this row's own reference, one of the table's rows; default the table's `ref`). A row whose
 reference is itself is a reference row.
+
+How the table is drawn (all optional; LAYOUT_KEYS):
+
+    labels: [run]            # the headers of the label cells, one per label of a row
+    before: [overrides]      # report columns (analysis/report_tables.py COLUMNS) before the accuracy
+    after: [comm, client]    # ... and after the Δ
+    left: 2                  # left-aligned columns (default: the label and `before` columns)
+    seeds: true              # show the paired seeds
+    delta: "Δ vs lr_pet (pts)"
+    task: sst2               # drawn for this task only
+    settings: variants       # which settings get a table: `variants or main` (default: those with runs of its
+                             # variant rows other than references, else those of its main rows), `variants`, `group`
+                             # (those of its variant group's runs)
+    splits: across           # one table per (task, model) holding every split (rows narrow by `split`)
+    empty: "_No ... yet._"   # the text when no setting has a table
+    then: candidates         # a table drawn below from the rows (a name the report knows)
 """
 from __future__ import annotations
 
@@ -19,7 +35,9 @@ from pathlib import Path
 
 import yaml
 
-TABLE_KEYS = {"ref", "rows", "group"}  # group: optional
+LAYOUT_KEYS = {"labels", "before", "after", "left", "seeds", "delta", "task", "settings", "splits", "empty", "then"}
+TABLE_KEYS = {"ref", "rows", "group"} | LAYOUT_KEYS  # ref and rows required
+SETTINGS = ("variants or main", "variants", "group")
 ROW_OPTIONS = {"method", "split", "ref"}
 
 
@@ -46,11 +64,28 @@ class TableRow:
 
 @dataclass(frozen=True)
 class Table:
-    """A declared comparison table: its rows in display order, the table's reference row, its variant group."""
+    """A declared comparison table: its rows in display order, the table's reference row, its variant group, and
+    how it is drawn (the module docstring)."""
 
     ref: str
     rows: tuple
     group: str | None = None
+    labels: tuple = ("run",)
+    before: tuple = ()
+    after: tuple = ()
+    left: int | None = None
+    seeds: bool = False
+    delta: str = "Δ vs FedSODA (pts)"
+    task: str | None = None
+    settings: str = SETTINGS[0]
+    splits: bool = False
+    empty: str = "_No FedSODA or variant runs yet._"
+    then: str | None = None
+
+    @property
+    def left_columns(self) -> int:
+        """How many columns are left-aligned: `left`, else the label and `before` columns."""
+        return len(self.labels) + len(self.before) if self.left is None else self.left
 
 
 @dataclass(frozen=True)
@@ -64,31 +99,69 @@ class Vocabulary:
     splits: set
 
 
-def tables(spec: dict, known: Vocabulary) -> dict[str, Table]:
-    """The study's validated `tables`; a row, group, method or split naming nothing of the study is refused."""
+def tables(spec: dict, known: Vocabulary, columns: set | None = None, thens: set | None = None) -> dict[str, Table]:
+    """The study's validated `tables`; a row, group, method or split naming nothing of the study is refused, and so
+    is a column not in `columns` or a `then` not in `thens` (when given: the report's names)."""
     declared = spec.get("tables") or {}
     if not isinstance(declared, dict):
         raise TableError(f"tables: expected a mapping of table name to {{ref, rows}}, got {declared!r}")
-    return {str(name): _table(f"tables.{name}", table, known) for name, table in declared.items()}
+    return {str(name): _table(f"tables.{name}", table, known, columns, thens) for name, table in declared.items()}
 
 
-def _table(where: str, table, known: Vocabulary) -> Table:
+def _table(where: str, table, known: Vocabulary, columns: set | None, thens: set | None) -> Table:
     """One validated table."""
     if not isinstance(table, dict) or not {"ref", "rows"} <= set(table) <= TABLE_KEYS \
             or not isinstance(table["rows"], list):
         raise TableError(f"{where}: expected the keys ref and rows (a list of [row, label]) and optionally "
-                         f"group, got {table!r}")
+                         f"{', '.join(sorted(TABLE_KEYS - {'ref', 'rows'}))}, got {table!r}")
     if "group" in table and table["group"] not in known.groups:
         raise TableError(f"{where}.group: '{table['group']}' is not a variant group of this study")
     rows = [_row(where, row, known, table["ref"]) for row in table["rows"]]
     if len({len(r.labels) for r in rows}) > 1:
         raise TableError(f"{where}.rows: every row has as many labels as the first")
     names = [r.row for r in rows]
+    if table["ref"] not in names:
+        raise TableError(f"{where}.ref: '{table['ref']}' is not one of its rows")
     for r in rows:
         if r.ref not in names:
-            what = f"{where}.ref" if r.ref == table["ref"] else f"{where}.rows: {r.row}: ref"
-            raise TableError(f"{what}: '{r.ref}' is not one of its rows")
-    return Table(table["ref"], tuple(rows), table.get("group"))
+            raise TableError(f"{where}.rows: {r.row}: ref: '{r.ref}' is not one of its rows")
+    return Table(table["ref"], tuple(rows), table.get("group"),
+                 **_layout(where, table, len(rows[0].labels) if rows else 1, columns, thens))
+
+
+def _layout(where: str, table: dict, n_labels: int, columns: set | None, thens: set | None) -> dict:
+    """The validated drawing keys of one table (Table's fields)."""
+    out = {}
+    for key in ("labels", "before", "after"):
+        if key in table:
+            if not (isinstance(table[key], list) and all(isinstance(x, str) for x in table[key])):
+                raise TableError(f"{where}.{key}: expected a list of names, got {table[key]!r}")
+            unknown = [c for c in table[key] if key != "labels" and columns is not None and c not in columns]
+            if unknown:
+                raise TableError(f"{where}.{key}: unknown column '{unknown[0]}' (the report's columns: "
+                                 f"{', '.join(sorted(columns))})")
+            out[key] = tuple(table[key])
+    if len(out.get("labels", ("run",))) != n_labels:
+        raise TableError(f"{where}.labels: one header per label of a row ({n_labels}), got {table.get('labels')!r}")
+    for key, kind, what in (("left", int, "an integer"), ("seeds", bool, "true or false"), ("delta", str, "a text"),
+                            ("task", str, "a task"), ("empty", str, "a text"), ("then", str, "a name")):
+        if key in table:
+            if not isinstance(table[key], kind) or (kind is int and isinstance(table[key], bool)):
+                raise TableError(f"{where}.{key}: expected {what}, got {table[key]!r}")
+            out[key] = table[key]
+    if "then" in out and thens is not None and out["then"] not in thens:
+        raise TableError(f"{where}.then: unknown table '{out['then']}' (known: {', '.join(sorted(thens))})")
+    if "settings" in table:
+        if table["settings"] not in SETTINGS:
+            raise TableError(f"{where}.settings: expected one of {', '.join(SETTINGS)}, got {table['settings']!r}")
+        if table["settings"] == "group" and "group" not in table:
+            raise TableError(f"{where}.settings: 'group' needs the table's group")
+        out["settings"] = table["settings"]
+    if "splits" in table:
+        if table["splits"] != "across":
+            raise TableError(f"{where}.splits: the only value is 'across', got {table['splits']!r}")
+        out["splits"] = True
+    return out
 
 
 def _row(where: str, row, known: Vocabulary, ref: str) -> TableRow:

@@ -822,3 +822,36 @@ def test_a_row_may_name_its_own_reference_method_and_split(tmp_path):
         bad.write_text(yaml.safe_dump(spec))
         with pytest.raises(StudyError, match=message):
             read_tables(bad)
+
+
+def test_a_study_file_says_how_its_tables_are_drawn(tmp_path, capsys):
+    """The drawing keys of a declared table (labels, before, after, delta, empty, ...) come from the study file; an
+    unknown column, a labels list of the wrong length or a bad value is refused with one line naming the key."""
+    import yaml
+
+    from fedsoda_mpi.study import StudyError, read_tables
+
+    spec = yaml.safe_load(STUDY.read_text(encoding="utf-8"))
+    spec["tables"] = {"gap": {"ref": "main fedsoda", "rows": [["main fedsoda", "F"], ["fp32_sub", "NF4 off"]],
+                              "labels": ["what"], "before": ["lr"], "after": ["comm"], "delta": "Δ here (pts)"}}
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "r.md"
+    assert run(write(tmp_path / "res", full_study(), SELECTION), out, "--study", str(study)) == 0
+    gap = section(out.read_text(), "gap")
+    assert "| what | lr | test acc. % (mean ± std) | n | Δ here (pts) | 95% CI | comm MiB/round/client |" in gap
+    assert "| NF4 off | 0.001 | 85.0 ± 0.0 | 2 | +3.0 |" in gap
+    columns = set(report.COLUMNS)
+    for key, value, message in (("after", ["comm", "bytes"], "tables.gap.after: unknown column 'bytes'"),
+                                ("labels", ["a", "b"], "tables.gap.labels: one header per label of a row"),
+                                ("settings", "some", "tables.gap.settings: expected one of"),
+                                ("splits", "yes", "tables.gap.splits: the only value is 'across'"),
+                                ("seeds", "yes", "tables.gap.seeds: expected true or false"),
+                                ("then", "plot", "tables.gap.then: unknown table 'plot'"),
+                                ("colour", "red", "tables.gap: expected the keys ref and rows")):
+        bad = {**spec, "tables": {"gap": {**spec["tables"]["gap"], key: value}}}
+        study.write_text(yaml.safe_dump(bad))
+        with pytest.raises(StudyError, match=message):
+            read_tables(study, columns, set(report.THENS))
+        assert run(tmp_path / "res", out, "--study", str(study)) == 2
+        assert message.split(":")[0] in capsys.readouterr().err
