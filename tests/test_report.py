@@ -18,6 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("report", ROOT / "analysis" / "report.py")
 report = sys.modules.setdefault("report", importlib.util.module_from_spec(_spec))
 _spec.loader.exec_module(report)
+import report_answers  # noqa: E402  (analysis/ is on sys.path once report.py is loaded)
+import report_cells as cells  # noqa: E402
+import report_sections  # noqa: E402
+import report_tables  # noqa: E402
 
 ROUNDS = 10
 
@@ -91,9 +95,9 @@ def run(folder: Path, out: Path, *extra) -> int:
 # ---- formatting ----------------------------------------------------------------------------------------------
 
 def test_formatting():
-    assert report.num(-0.04, sign=True) == "+0.0" and report.num(None) == "—" and report.pct(0.8254) == "82.5"
-    assert report.mean_pm(82.0, 2.0, 3) == "82.0 ± 2.0" and report.mean_pm(82.0, math.nan, 1) == "82.0"
-    assert report.mib(2 ** 20 * 2.5, 3) == "2.500" and report.count(244224) == "244,224"
+    assert cells.num(-0.04, sign=True) == "+0.0" and cells.num(None) == "—" and cells.pct(0.8254) == "82.5"
+    assert cells.mean_pm(82.0, 2.0, 3) == "82.0 ± 2.0" and cells.mean_pm(82.0, math.nan, 1) == "82.0"
+    assert cells.mib(2 ** 20 * 2.5, 3) == "2.500" and cells.count(244224) == "244,224"
 
 
 # ---- the report ----------------------------------------------------------------------------------------------
@@ -397,7 +401,7 @@ def test_cost_section_sums_and_medians_of_recorded_wall_time(tmp_path):
     assert "| all | all | 7 | 2.3 | 6.5 (1.0–60.0) |" in c  # 6 of the 7 record time: median of 1, 2, 3, 10, 60, 60
     assert "| sst2 | FedSODA | 3 | 0.1 | 2.0 (1.0–3.0) |" in c and "| sst2 | FedPETuning | 1 | — | — |" in c
     assert "| boolq | FedSODA | 1 |" in c and "fp32" not in c  # variants are not in the per-method table
-    assert report.median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    assert report_sections.median([4.0, 1.0, 3.0, 2.0]) == 2.5
     assert "final test evaluation, h" not in c  # no summary records eval_s
 
 
@@ -430,13 +434,13 @@ def test_gsm8k_paired_rows_from_the_summaries_bits(tmp_path):
 
     def row(name: str, seed: int, a, b) -> str:
         t = mcnemar(a.tolist(), b.tolist())
-        return (f"| {name} | {seed} | {report.num(t['diff'], sign=True)} | {report.ci_text(t['ci'], sign=True)} "
+        return (f"| {name} | {seed} | {cells.num(t['diff'], sign=True)} | {cells.ci_text(t['ci'], sign=True)} "
                 f"| {t['only_a']} | {t['only_b']} | {t['p']:.3g} |")
 
     assert row("FedSODA − FedPETuning", 0, soda, pet) in text and row("FedSODA − its sub-LLM", 0, soda, sub) in text
     for name, seed, mine in (("FedSODA", 0, soda), ("FedPETuning", 0, pet), ("FedOT", 1, ot)):
         assert row(f"{name} − the base model", seed, mine, base) in text  # every run against the base's answers
-    assert f"| base model | — | — | {report.pct(base.mean())} |" in text
+    assert f"| base model | — | — | {cells.pct(base.mean())} |" in text
     assert "FedSODA − FedOT" not in text and "FedBiOT −" not in text and "− FedBiOT" not in text
     assert text.count("the base model |") == 3
 
@@ -535,7 +539,7 @@ def test_transfer_section_lists_what_each_adapter_answers_on_both_hosts(tmp_path
     runs.append(summary("fedbiot", task="boolq", seed=0, acc=0.4, base_accuracy=0.506, base_pred_counts=[1742, 1528]))
     assert run(write(tmp_path / "res3", runs), out) == 0
     assert "| base model | — | — | — | 50.6 | 46.7 | — | — |" in section(out.read_text(), "transfer")
-    assert report.LABEL_NAMES == {k: tuple(v) for k, v in LABEL_WORDS.items()}
+    assert report_answers.LABEL_NAMES == {k: tuple(v) for k, v in LABEL_WORDS.items()}
     empty = tmp_path / "e.md"
     assert run(write(tmp_path / "res2", runs[2:]), empty) == 0
     assert "No run records" in section(empty.read_text(), "transfer")
@@ -841,7 +845,7 @@ def test_a_study_file_says_how_its_tables_are_drawn(tmp_path, capsys):
     gap = section(out.read_text(), "gap")
     assert "| what | lr | test acc. % (mean ± std) | n | Δ here (pts) | 95% CI | comm MiB/round/client |" in gap
     assert "| NF4 off | 0.001 | 85.0 ± 0.0 | 2 | +3.0 |" in gap
-    columns = set(report.COLUMNS)
+    columns = set(report_tables.COLUMNS)
     for key, value, message in (("after", ["comm", "bytes"], "tables.gap.after: unknown column 'bytes'"),
                                 ("labels", ["a", "b"], "tables.gap.labels: one header per label of a row"),
                                 ("settings", "some", "tables.gap.settings: expected one of"),
@@ -852,6 +856,6 @@ def test_a_study_file_says_how_its_tables_are_drawn(tmp_path, capsys):
         bad = {**spec, "tables": {"gap": {**spec["tables"]["gap"], key: value}}}
         study.write_text(yaml.safe_dump(bad))
         with pytest.raises(StudyError, match=message):
-            read_tables(study, columns, set(report.THENS))
+            read_tables(study, columns, set(report_tables.THENS))
         assert run(tmp_path / "res", out, "--study", str(study)) == 2
         assert message.split(":")[0] in capsys.readouterr().err
