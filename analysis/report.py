@@ -3,12 +3,12 @@
     python analysis/report.py results/cpu_smollm2 --out docs/results.md [--figures docs/gallery] [--study FILE]
 
 Reads <results>/*.json (one summary per finished run, fedsoda_mpi.summary.RunSummary), <results>/selection.json
-and the `tables` of the study file (--study, default studies/<study>.yaml): the rows, labels and reference of each
-comparison table (table3, table4, drift, gap, bridge, auto, selfpublic, fedsrd, noniid, smaller_client) and how it is
-drawn (fedsoda_mpi/study_tables.py; a row may narrow its runs to a method and a split and name its own reference);
-never a run folder. In the --out file the lines between `<!-- report:begin NAME -->` and `<!-- report:end NAME -->` are
-rewritten and everything else is kept (the captions live there); a new file gets every section (SECTIONS). The
-curves section writes <figures>/<study>_curves_<task>.png (default <out folder>/gallery). A marker
+and the `tables` of the study file (--study, default studies/<study>.yaml): each comparison table it declares is a
+section (cpu_smollm2.yaml: table3, table4, drift, gap, bridge, auto, selfpublic; cpu_smollm2_ii.yaml: fedsrd, noniid,
+smaller_client) with its rows, labels, references and how it is drawn (fedsoda_mpi/study_tables.py); never a run
+folder. In the --out file the lines between `<!-- report:begin NAME -->` and `<!-- report:end NAME -->` are
+rewritten and everything else is kept (the captions live there); a new file gets every section (SECTIONS, then the
+declared tables). The curves section writes <figures>/<study>_curves_<task>.png (default <out folder>/gallery). A marker
 `<!-- report:begin NAME@STUDY -->` belongs to the report of study STUDY: when the file has such markers for the
 study being reported, only they are rewritten, otherwise the untagged ones are.
 
@@ -51,8 +51,8 @@ END = "<!-- report:end {} -->"
 
 def shown_elsewhere(res: Results) -> tuple[set[str], set[str]]:
     """The stages and the variant names other sections show: Table 2, gsm8k, budget, the variant groups of the
-    declared tables; the variants a declared table names."""
-    drawn = [name for name in res.tables if SECTIONS.get(name, (0, 0))[1] is None]  # others have no section
+    declared tables this report writes; the variants such a table names."""
+    drawn = [name for name in res.tables if name in res.drawn]  # a table without a section in the out file: none
     names = {sp[1] for name in drawn for _, sp, _ in res.declared(name) if sp[0] == "variant"}
     return {*MAIN_STAGES, GSM8K, BUDGET, *(res.tables[n].group for n in drawn if res.tables[n].group)}, names
 
@@ -87,32 +87,29 @@ def sec_variants(res: Results) -> str:
 NO_RUNS = "_No finished run of this study yet._"
 
 
-SECTIONS = {  # name: (heading in a new file, its function; None: a table the study file declares, sec_declared)
+SECTIONS = {  # name: (heading in a new file, its function); the study file's declared tables follow (sections)
             "setup": ("Setup", sec_setup), "lr": ("Learning-rate selection", sec_lr),
             "table2": ("Table 2: accuracy of the four methods", sec_table2),
-            "table3": ("Table 3: ablation of ODA", None), "table4": ("Table 4: parameter study", None),
-            "drift": ("Drift-triggered re-alignment", None),
             "table9": ("Table 9: rounds to reach FedOT's accuracy", sec_table9),
-            "gap": ("The FedSODA − FedPETuning gap on SST-2", None),
-            "bridge": ("FedSODA -> FedBiOT one setting at a time (SST-2)", None),
             "transfer": ("What each adapter answers, on the full model and on its sub-LLM", sec_transfer),
-            "gsm8k": ("GSM8K", sec_gsm8k),
-            "auto": ("Automatic pruning configuration (sgp.auto)", None),
-            "selfpublic": ("Alignment without a public data set (data.public=self)", None),
-            "variants": ("Other variants", sec_variants), "curves": ("Accuracy per round", sec_curves),
-            "cost": ("What the study cost (wall time)", sec_cost),
+            "gsm8k": ("GSM8K", sec_gsm8k), "variants": ("Other variants", sec_variants),
+            "curves": ("Accuracy per round", sec_curves), "cost": ("What the study cost (wall time)", sec_cost),
             "seeds3": ("Selection over three seeds", sec_seeds3),
-            "budget": ("Accuracy against training examples per client", sec_budget),
-            "fedsrd": ("FedSRD: sparse LoRA transfer against FedAvg", None),
-            "noniid": ("Non-IID: Dirichlet label skew against IID", None),
-            "smaller_client": ("A smaller client: the quantized embedding table and LM head", None)}
+            "budget": ("Accuracy against training examples per client", sec_budget)}
+
+
+def sections(res: Results) -> dict[str, tuple]:
+    """This report's sections in the order of a new file: SECTIONS, then the tables the study file declares (their
+    function None: sec_declared)."""
+    return {**SECTIONS, **{name: (t.heading or name, None) for name, t in res.tables.items()}}
 
 
 def section(res: Results, name: str) -> str:
     """The generated content of one section."""
     if not res.runs:
         return NO_RUNS
-    return sec_declared(res, name) if SECTIONS[name][1] is None else SECTIONS[name][1](res)
+    render = sections(res)[name][1]
+    return sec_declared(res, name) if render is None else render(res)
 
 
 def names_in(text: str) -> list[str]:
@@ -134,7 +131,8 @@ def splice(text: str, content: dict[str, str], ignore: frozenset = frozenset()) 
         name = m.group(1)
         if name not in content:
             if name not in ignore:
-                warnings.append(f"unknown report section '{name}'; left alone")
+                warnings.append(f"unknown report section '{name}'; left alone (neither a section of the report nor a "
+                                "table the study file declares)")
             continue
         end = next((j for j in range(i, len(lines)) if lines[j].strip() == END.format(name)), None)
         if end is None:
@@ -151,7 +149,7 @@ def new_file(res: Results, content: dict[str, str]) -> str:
     """A fresh out file: every section in order, each with a heading."""
     parts = [f"# Results: {res.study}\n\nGenerated by `analysis/report.py` from the run summaries; the text between "
              "report markers is rewritten on every run.\n"]
-    for name, (heading, _) in SECTIONS.items():
+    for name, (heading, _) in sections(res).items():
         parts.append(f"## {heading}\n\n<!-- report:begin {name} -->\n\n{content[name]}\n\n{END.format(name)}\n")
     return "\n".join(parts)
 
@@ -171,6 +169,9 @@ def open_results(a: argparse.Namespace) -> Results:
             res.tables = read_tables(study_file, set(COLUMNS), set(THENS))
         except StudyError as e:
             raise ReportError(str(e)) from None
+    clash = sorted(set(res.tables) & set(SECTIONS))
+    if clash:
+        raise ReportError(f"{study_file}: tables.{clash[0]}: the name of a report section; rename the table")
     return res
 
 
@@ -178,20 +179,22 @@ def rewrite(res: Results, text: str | None) -> tuple[str, list[str], list[str]]:
     """The new out file, the sections written and the warnings. A file with markers NAME@STUDY of this study gets
     only those rewritten; otherwise its untagged markers are (other studies' tagged sections left alone)."""
     markers = names_in(text) if text is not None else []
+    names = list(sections(res))
     tagged = {n: n.split("@", 1) for n in markers if "@" in n}
-    own = [n for n, (name, study) in tagged.items() if study == res.study and name in SECTIONS]
+    own = [n for n, (name, study) in tagged.items() if study == res.study and name in names]
     if own:
         keys = {tagged[n][0]: n for n in own}
         wanted = list(keys)
     else:
-        keys = {n: n for n in SECTIONS}
-        wanted = list(SECTIONS) if text is None else [n for n in SECTIONS if n in markers]
-    content = {keys[n]: section(res, n) if n in wanted else "" for n in SECTIONS if n in keys}
+        keys = {n: n for n in names}
+        wanted = names if text is None else [n for n in names if n in markers]
+    res.drawn = set(wanted) & set(res.tables)
+    content = {keys[n]: section(res, n) if n in wanted else "" for n in names if n in keys}
     if text is None:
         return new_file(res, content), wanted, []
     new, warnings = splice(text, content, frozenset(markers) - set(content) if own else frozenset(tagged))
     elsewhere = {name for name, _ in tagged.values()}  # a section another study's report fills
-    skipped = [n for n in SECTIONS if n not in wanted and n not in elsewhere]
+    skipped = [n for n in names if n not in wanted and n not in elsewhere]
     if skipped and not own:
         warnings.append(f"{res.out} has no section(s) {', '.join(skipped)} (add their report markers to include them)")
     return new, wanted, warnings

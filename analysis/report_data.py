@@ -87,6 +87,7 @@ class Results:
     figures: Path
     tables: dict = field(default_factory=dict)  # the study file's declared tables (fedsoda_mpi.study.tables)
     folder: str = ""  # the summaries folder's name: results/<study>, the study's name while it has no run
+    drawn: set = field(default_factory=set)  # the declared tables this report writes (report.rewrite)
 
     @property
     def study(self) -> str:
@@ -131,10 +132,8 @@ class Results:
 
     def declared(self, name: str) -> list[tuple[tuple, tuple, tuple]]:
         """A declared table's rows as (label cells, spec, its reference's spec), then the other variants of its group
-        (if it names one; labelled by their name, paired with the table's reference); [] when the study has none."""
-        table = self.tables.get(name)
-        if not table:
-            return []
+        (if it names one; labelled by their name, paired with the table's reference)."""
+        table = self.tables[name]
         rows = [(r.labels, spec_of(r.row, r.method, r.split), spec_of(r.ref)) for r in table.rows]
         listed, pad = {sp[:2] for _, sp, _ in rows}, (DASH,) * (len(rows[0][0]) - 1)
         rows += [((*pad, n), spec_of(n), spec_of(table.ref)) for n in stage_variants(self, table.group)

@@ -15,9 +15,6 @@ from report_facts import (before_after, candidates_text, chosen_distance, chosen
                           generation_text, groups_np, groups_text, realign_r, realignments, removed_layers,
                           trigger_text)
 
-NO_TABLE = "_The study file declares no `{}` table (its `tables` key)._"
-
-
 @dataclass(frozen=True)
 class Row:
     """One row of a comparison table: its label cells, its runs, the reference its Δ is paired with ({seed: test
@@ -126,10 +123,7 @@ def declared_settings(res: Results, name: str, rows: list[tuple]) -> list[Settin
 
 def sec_declared(res: Results, name: str) -> str:
     """A comparison table the study file declares (`tables.<name>`: its rows and how it is drawn), per setting."""
-    declared = res.declared(name)
-    if not declared:
-        return NO_TABLE.format(name)
-    lay = res.tables[name]
+    declared, lay = res.declared(name), res.tables[name]
 
     def render(st: Setting) -> str:
         """The table (and its `then`) in one setting."""

@@ -14,6 +14,7 @@ reference is itself is a reference row.
 
 How the table is drawn (all optional; LAYOUT_KEYS):
 
+    heading: "Table 3: ablation of ODA"   # its heading in a new report file (default: its name)
     labels: [run]            # the headers of the label cells, one per label of a row
     before: [overrides]      # report columns (analysis/report_tables.py COLUMNS) before the accuracy
     after: [comm, client]    # ... and after the Δ
@@ -35,7 +36,8 @@ from pathlib import Path
 
 import yaml
 
-LAYOUT_KEYS = {"labels", "before", "after", "left", "seeds", "delta", "task", "settings", "splits", "empty", "then"}
+LAYOUT_KEYS = {"heading", "labels", "before", "after", "left", "seeds", "delta", "task", "settings", "splits", "empty",
+               "then"}
 TABLE_KEYS = {"ref", "rows", "group"} | LAYOUT_KEYS  # ref and rows required
 SETTINGS = ("variants or main", "variants", "group")
 ROW_OPTIONS = {"method", "split", "ref"}
@@ -81,6 +83,7 @@ class Table:
     splits: bool = False
     empty: str = "_No FedSODA or variant runs yet._"
     then: str | None = None
+    heading: str | None = None
 
     @property
     def left_columns(self) -> int:
@@ -144,7 +147,8 @@ def _layout(where: str, table: dict, n_labels: int, columns: set | None, thens: 
     if len(out.get("labels", ("run",))) != n_labels:
         raise TableError(f"{where}.labels: one header per label of a row ({n_labels}), got {table.get('labels')!r}")
     for key, kind, what in (("left", int, "an integer"), ("seeds", bool, "true or false"), ("delta", str, "a text"),
-                            ("task", str, "a task"), ("empty", str, "a text"), ("then", str, "a name")):
+                            ("task", str, "a task"), ("empty", str, "a text"), ("then", str, "a name"),
+                            ("heading", str, "a text")):
         if key in table:
             if not isinstance(table[key], kind) or (kind is int and isinstance(table[key], bool)):
                 raise TableError(f"{where}.{key}: expected {what}, got {table[key]!r}")

@@ -227,7 +227,8 @@ def test_markers_replaced_outside_kept_and_deterministic(tmp_path, capsys):
     assert "<!-- report:begin mystery -->\nkeep me\n<!-- report:end mystery -->" in text
     assert "setup" not in text  # sections without markers are not added to an existing file
     err = capsys.readouterr().err
-    assert "unknown report section 'mystery'" in err and "no section(s) setup, lr, table3" in err
+    assert "unknown report section 'mystery'" in err and "no section(s) setup, lr, table9" in err
+    assert "budget, table3, table4" in err  # the declared tables follow SECTIONS
     assert run(folder, out) == 0
     assert out.read_bytes() == first
     # a fresh file: twice from scratch gives the same bytes
@@ -262,7 +263,8 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     empty.mkdir()
     (empty / "selection.json").write_text("{}")
     assert run(empty, tmp_path / "r.md") == 0  # a study that has just started renders, every section says so
-    assert (tmp_path / "r.md").read_text().count(report.NO_RUNS) == len(report.SECTIONS)
+    declared = len(report.read_tables(STUDY))  # the study file's tables follow SECTIONS
+    assert (tmp_path / "r.md").read_text().count(report.NO_RUNS) == len(report.SECTIONS) + declared
     capsys.readouterr()
     one_line_error(capsys, run(tmp_path / "nowhere", tmp_path / "r.md"), "not a folder")
     bad = write(tmp_path / "bad", [summary()])
@@ -641,8 +643,9 @@ def test_budget_axis_selects_per_budget_and_pairs_the_gaps(tmp_path):
 
 
 def test_declared_tables_come_from_the_study_file(tmp_path, capsys):
-    """The gap and bridge tables are the study file's `tables`: a study without them says so; the loader refuses a
-    row that names no variant of the study (a renamed variant fails when the study is read, not as an empty row)."""
+    """The gap and bridge tables are the study file's `tables`: a study without them has no such section (its marker
+    is left alone with a warning); the loader refuses a row that names no variant of the study (a renamed variant
+    fails when the study is read, not as an empty row)."""
     import yaml
 
     from fedsoda_mpi.study import StudyError, read_tables
@@ -651,7 +654,12 @@ def test_declared_tables_come_from_the_study_file(tmp_path, capsys):
     bare.write_text("name: syn\ngrid: {methods: [fedsoda], tasks: [sst2], lr: [1.0e-3]}\n")
     out = tmp_path / "r.md"
     assert run(write(tmp_path / "res", full_study(), SELECTION), out, "--study", str(bare)) == 0
-    assert "_The study file declares no `gap` table (its `tables` key)._" in section(out.read_text(), "gap")
+    assert "report:begin gap" not in out.read_text()
+    out.write_text("<!-- report:begin gap -->\nOLD\n<!-- report:end gap -->\n")
+    assert run(tmp_path / "res", out, "--study", str(bare)) == 0
+    assert "OLD" in section(out.read_text(), "gap")
+    assert "unknown report section 'gap'; left alone (neither a section of the report nor a table" in \
+        capsys.readouterr().err
     spec = yaml.safe_load(STUDY.read_text(encoding="utf-8"))
     assert [r.row for r in read_tables(STUDY)["bridge"].rows][:2] == ["lr_pet", "fp32_sub_lr_pet"]
     spec["variants"] = [v for v in spec["variants"] if v["name"] != "fp32_sub"]
@@ -682,17 +690,30 @@ def test_a_declared_table_without_variant_runs_is_drawn_where_its_main_rows_ran(
     assert "_No FedSODA or ablation runs yet._" in section(text, "table3")
 
 
-def test_a_table_without_a_section_hides_no_variant(tmp_path):
-    """A declared table the report has no section for leaves its variants in "Other variants"."""
+def test_a_declared_table_is_a_section_and_hides_its_variants_only_where_it_is_written(tmp_path):
+    """A table the study file declares gets its own section (after SECTIONS in a new file, under its heading); its
+    variants leave "Other variants" only when the out file has its section."""
     import yaml
 
     spec = yaml.safe_load(STUDY.read_text(encoding="utf-8"))
-    spec["tables"] = {"other": {"ref": "main fedsoda", "rows": [["main fedsoda", "F"], ["fp32_sub", "NF4 off"]]}}
+    spec["tables"] = {"other": {"ref": "main fedsoda", "rows": [["main fedsoda", "F"], ["fp32_sub", "NF4 off"]],
+                                "heading": "Another table"}}
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump(spec))
+    res = write(tmp_path / "res", full_study(), SELECTION)
     out = tmp_path / "r.md"
-    assert run(write(tmp_path / "res", full_study(), SELECTION), out, "--study", str(study)) == 0
+    assert run(res, out, "--study", str(study)) == 0
+    text = out.read_text()
+    assert "## Another table\n\n<!-- report:begin other -->" in text and text.index("begin budget") < \
+        text.index("begin other")
+    assert "| NF4 off | 85.0 ± 0.0 | 2 | +3.0 |" in section(text, "other")
+    assert "fp32_sub" not in section(text, "variants")
+    out.write_text("<!-- report:begin variants -->\n<!-- report:end variants -->\n")
+    assert run(res, out, "--study", str(study)) == 0
     assert "| fp32_sub | FedSODA | `quant.enabled=false` |" in section(out.read_text(), "variants")
+    spec["tables"] = {"setup": spec["tables"]["other"]}
+    study.write_text(yaml.safe_dump(spec))
+    assert run(res, out, "--study", str(study)) == 2  # a table may not take a section's name
 
 
 def test_a_study_folder_without_runs_rewrites_only_its_own_sections(tmp_path, capsys):
