@@ -32,56 +32,17 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # common, and the repository's fedsoda_mpi without an installed package
-from fedsoda_mpi.methods import NAMES  # noqa: E402
 from fedsoda_mpi.study import StudyError, read_tables  # noqa: E402
 from report_answers import sec_gsm8k, sec_transfer  # noqa: E402
-from report_data import (BUDGET, GSM8K, MAIN_STAGES, ReportError, Results, by_seed, load, method_order,  # noqa: E402
-                         natural, setting_of)
-from report_facts import extra_overrides  # noqa: E402
+from report_data import ReportError, Results, load  # noqa: E402
 from report_sections import sec_cost, sec_curves, sec_lr, sec_setup, sec_table2, sec_table9  # noqa: E402
 from report_selection import sec_budget, sec_seeds3  # noqa: E402
-from report_tables import COLUMNS, COST, THENS, Row, comparison, sec_declared  # noqa: E402
-
+from report_tables import COLUMNS, THENS, sec_declared, sec_variants  # noqa: E402
 
 BEGIN = re.compile(r"^<!-- report:begin (\S+) -->\s*$")
 
 
 END = "<!-- report:end {} -->"
-
-
-def shown_elsewhere(res: Results) -> tuple[set[str], set[str]]:
-    """The stages and the variant names other sections show: Table 2, gsm8k, budget, the variant groups of the
-    declared tables this report writes; the variants such a table names."""
-    drawn = [name for name in res.tables if name in res.drawn]  # a table without a section in the out file: none
-    names = {sp[1] for name in drawn for _, sp, _ in res.declared(name) if sp[0] == "variant"}
-    return {*MAIN_STAGES, GSM8K, BUDGET, *(res.tables[n].group for n in drawn if res.tables[n].group)}, names
-
-
-def sec_variants(res: Results) -> str:
-    """Every variant run no other section shows (paper.yaml's non-IID and public-data groups, new groups), by
-    group and setting; Δ against the same variant's FedSODA runs when the group has several methods, else
-    against the FedSODA main runs of the setting."""
-    stages, names = shown_elsewhere(res)
-    runs = [s for s in res.runs if s.stage not in stages and s.variant not in names]
-    if not runs:
-        return "_No other variant runs._"
-    parts = []
-    for stage in sorted({s.stage for s in runs}, key=natural):
-        for st in res.settings([s for s in runs if s.stage == stage]):
-            here = [s for s in runs if s.stage == stage and setting_of(s) == st]
-            rows = []
-            for name in sorted({s.variant for s in here}, key=natural):
-                of = [s for s in here if s.variant == name]
-                methods = sorted({s.method for s in of}, key=method_order)
-                ref = by_seed([s for s in of if s.method == "fedsoda"] if len(methods) > 1 else res.main(st, "fedsoda"))
-                rows += [Row((name, NAMES.get(m, m), extra_overrides(res, mine)), mine,
-                             None if len(methods) > 1 and m == "fedsoda" else ref)
-                         for m in methods for mine in [[s for s in of if s.method == m]]]
-            parts.append(f"#### {stage}: {res.label(st)}\n\n"
-                         + comparison(res, rows, ("variant", "method", "overrides"), (), COST, left=3))
-    return "\n\n".join(parts) + (
-        "\n\nΔ: run − FedSODA in points, paired by seed, 95% CI (Student t); the FedSODA runs of the same variant "
-        "when the group runs several methods (they are the reference), else the FedSODA main runs of the setting.")
 
 
 NO_RUNS = "_No finished run of this study yet._"

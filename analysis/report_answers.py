@@ -7,8 +7,7 @@ from fedsoda_mpi.methods import NAMES
 from fedsoda_mpi.stats import mcnemar, missing, unbits, wilson
 from fedsoda_mpi.summary import RunSummary
 from report_cells import DASH, ci_text, count, num, pct
-from report_data import GSM8K, MAIN_STAGES, Results, method_order, setting_of, setting_order, tasks_of
-from report_sections import label_counts_of
+from report_data import GSM8K, MAIN_STAGES, Results, label_counts_of, method_order, setting_of, setting_order, tasks_of
 
 
 LABEL_NAMES = {"sst2": ("negative", "positive"), "boolq": ("false", "true")}  # = fedsoda_mpi.data.LABEL_WORDS

@@ -197,3 +197,8 @@ def stages_of(runs: list[RunSummary], key=None) -> list[str]:
     """The runs' stages: grid and seeds first, then the others sorted (by `key`)."""
     return [x for x in MAIN_STAGES if any(s.stage == x for s in runs)] + \
         sorted({s.stage for s in runs} - set(MAIN_STAGES), key=key)
+
+
+def label_counts_of(runs: list[RunSummary]) -> list[int] | None:
+    """The test labels per class, from the first run that records them (every run of a task has the same)."""
+    return next((s.label_counts for s in runs if s.label_counts), None)

@@ -14,8 +14,8 @@ from fedsoda_mpi.methods import METHODS, NAMES
 from fedsoda_mpi.stats import binomial_se, mean_std, missing, paired
 from fedsoda_mpi.summary import RunSummary
 from report_cells import DASH, acc_cells, count, diff_parts, distinct, mean_pm, mib, num
-from report_data import (MAIN_STAGES, Results, Setting, by_seed, field_mean, method_order, natural, per_setting,
-                         setting_of, setting_order, stages_of, tasks_of)
+from report_data import (MAIN_STAGES, Results, Setting, by_seed, field_mean, label_counts_of, method_order, natural,
+                         per_setting, setting_of, setting_order, stages_of, tasks_of)
 
 
 def sec_setup(res: Results) -> str:
@@ -120,11 +120,6 @@ def top_label_share(runs: list[RunSummary]) -> str:
     is a model that answers one label whatever the input; — when no run records pred_counts (GSM8K, say)."""
     shares = {s.seed: 100 * max(s.pred_counts) / sum(s.pred_counts) for s in runs if s.pred_counts}
     return ", ".join(f"s{k} {num(v)}" for k, v in sorted(shares.items())) or DASH
-
-
-def label_counts_of(runs: list[RunSummary]) -> list[int] | None:
-    """The test labels per class, from the first run that records them (every run of a task has the same)."""
-    return next((s.label_counts for s in runs if s.label_counts), None)
 
 
 def majority_share(runs: list[RunSummary]) -> float | None:

@@ -1,6 +1,7 @@
 """The comparison table "Δ vs a reference, paired by seed": one `Row` per label, COLUMNS before the accuracy and after
 the Δ, and the tables a study file declares (`tables`; fedsoda_mpi/study_tables.py says how each is drawn), drawn
-per setting (or per (task, model) across splits) by `sec_declared`."""
+per setting (or per (task, model) across splits) by `sec_declared`; "Other variants" (`sec_variants`): every variant
+run no written declared table shows."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,8 @@ from common import markdown_table as table
 from fedsoda_mpi.methods import NAMES
 from fedsoda_mpi.stats import mean_of, mean_std, paired
 from report_cells import DASH, ci_text, distinct, mean_pm, mib, num, pct
-from report_data import GSM8K, MAIN_STAGES, Results, Setting, by_seed, field_mean, method_order, per_setting
+from report_data import (BUDGET, GSM8K, MAIN_STAGES, Results, Setting, by_seed, field_mean, method_order, natural,
+                         per_setting, setting_of)
 from report_facts import (before_after, candidates_text, chosen_distance, chosen_np, emulator_bytes, extra_overrides,
                           generation_text, groups_np, groups_text, realign_r, realignments, removed_layers,
                           trigger_text)
@@ -132,3 +134,38 @@ def sec_declared(res: Results, name: str) -> str:
         return comparison(res, rows, lay.labels, lay.before, lay.after, lay.left_columns, lay.seeds, lay.delta) + (
             THENS[lay.then](rows) if lay.then else "")
     return per_setting(res, declared_settings(res, name, declared), render) or lay.empty
+
+
+def shown_elsewhere(res: Results) -> tuple[set[str], set[str]]:
+    """The stages and the variant names other sections show: Table 2, gsm8k, budget, the variant groups of the
+    declared tables this report writes; the variants such a table names."""
+    drawn = [name for name in res.tables if name in res.drawn]  # a table without a section in the out file: none
+    names = {sp[1] for name in drawn for _, sp, _ in res.declared(name) if sp[0] == "variant"}
+    return {*MAIN_STAGES, GSM8K, BUDGET, *(res.tables[n].group for n in drawn if res.tables[n].group)}, names
+
+
+def sec_variants(res: Results) -> str:
+    """Every variant run no other section shows (paper.yaml's non-IID and public-data groups, new groups), by
+    group and setting; Δ against the same variant's FedSODA runs when the group has several methods, else
+    against the FedSODA main runs of the setting."""
+    stages, names = shown_elsewhere(res)
+    runs = [s for s in res.runs if s.stage not in stages and s.variant not in names]
+    if not runs:
+        return "_No other variant runs._"
+    parts = []
+    for stage in sorted({s.stage for s in runs}, key=natural):
+        for st in res.settings([s for s in runs if s.stage == stage]):
+            here = [s for s in runs if s.stage == stage and setting_of(s) == st]
+            rows = []
+            for name in sorted({s.variant for s in here}, key=natural):
+                of = [s for s in here if s.variant == name]
+                methods = sorted({s.method for s in of}, key=method_order)
+                ref = by_seed([s for s in of if s.method == "fedsoda"] if len(methods) > 1 else res.main(st, "fedsoda"))
+                rows += [Row((name, NAMES.get(m, m), extra_overrides(res, mine)), mine,
+                             None if len(methods) > 1 and m == "fedsoda" else ref)
+                         for m in methods for mine in [[s for s in of if s.method == m]]]
+            parts.append(f"#### {stage}: {res.label(st)}\n\n"
+                         + comparison(res, rows, ("variant", "method", "overrides"), (), COST, left=3))
+    return "\n\n".join(parts) + (
+        "\n\nΔ: run − FedSODA in points, paired by seed, 95% CI (Student t); the FedSODA runs of the same variant "
+        "when the group runs several methods (they are the reference), else the FedSODA main runs of the setting.")
