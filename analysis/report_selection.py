@@ -6,7 +6,7 @@ import re
 
 from common import markdown_table as table
 from fedsoda_mpi.methods import NAMES
-from fedsoda_mpi.stats import mean_std, missing, paired
+from fedsoda_mpi.stats import best_lr, mean_std, missing, paired
 from fedsoda_mpi.summary import RunSummary
 from report_cells import DASH, acc_cells, delta_text, diff_parts, lr_text, num
 from report_data import BUDGET, MAIN_STAGES, Results, Setting, by_seed, method_order, per_setting, setting_of
@@ -29,7 +29,7 @@ def seed0_choice(per_lr: dict[float, dict[int, RunSummary]]) -> float | None:
     vals = {lr: runs[0].val_accuracy if 0 in runs else None for lr, runs in per_lr.items()}
     if not vals or any(missing(v) for v in vals.values()):
         return None
-    return min(vals, key=lambda lr: (-float(vals[lr]), lr))
+    return best_lr(vals)
 
 
 SEEDS3_CAPTION = (
@@ -126,7 +126,7 @@ def select_by_val(runs: list[RunSummary]) -> tuple[float | None, float | None, l
     if not per or any({int(s.seed) for s in v} != seeds for v in per.values()):
         return None, None, [], len(per)
     means = val_means(per)
-    best = min(means, key=lambda lr: (-means[lr], lr))
+    best = best_lr(means)
     return best, margin(means, best), per[best], len(per)
 
 

@@ -1,6 +1,7 @@
 """The statistics of the study report, as pure functions: mean and sample std, Student-t intervals, differences
-paired by seed, the binomial standard error, the Wilson interval of one accuracy, the exact McNemar test of two
-models on the same questions, and the hex bit vectors in which run summaries store per-question answers.
+paired by seed, the lr selection rule (best score, ties to the smaller lr), the binomial standard error, the Wilson
+interval of one accuracy, the exact McNemar test of two models on the same questions, and the hex bit vectors in
+which run summaries store per-question answers.
 
 No dependency beyond the standard library (scipy is not one): Student's t quantiles are tabulated for df <= 30.
 """
@@ -57,6 +58,11 @@ def paired(a: dict, b: dict) -> dict:
     ci = t_ci(diffs)
     return {"seeds": seeds, "diffs": diffs, "mean": mean_std(diffs)[0], "n": len(seeds), "ci": ci,
             "excludes_zero": None if ci is None else (ci[0] > 0 or ci[1] < 0)}
+
+
+def best_lr(scores: dict) -> float:
+    """The lr (a key of {lr: score}) with the highest score, ties to the smaller lr: the rule of every lr selection."""
+    return min(scores, key=lambda lr: (-float(scores[lr]), lr))
 
 
 def binomial_se(p: float, n: int) -> float:

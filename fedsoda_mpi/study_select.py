@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .stats import best_lr
 from .study_expand import GRID, Run, Study
 from .study_summaries import summaries, write_json
 
@@ -39,7 +40,7 @@ def select(study: Study, done: dict[str, dict]) -> dict[tuple, float]:
     chosen = {}
     for key, per_lr in by_key.items():
         if all(len(v) == len(study.select_seeds) for v in per_lr.values()):
-            best = min(per_lr, key=lambda lr: (-float(np.mean(per_lr[lr])), lr))
+            best = best_lr({lr: np.mean(v) for lr, v in per_lr.items()})
             if np.isfinite(np.mean(per_lr[best])):  # every lr failed: nothing to select
                 chosen[key] = best
     return chosen

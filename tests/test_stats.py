@@ -72,3 +72,9 @@ def test_missing_and_mean_of():
 def test_wilson_known_value():
     lo, hi = S.wilson(0.5, 10)  # 5 of 10: the textbook [0.2366, 0.7634]
     assert (round(lo, 2), round(hi, 2)) == (23.66, 76.34)
+
+
+def test_best_lr_takes_the_highest_score_and_ties_to_the_smaller_lr():
+    assert S.best_lr({1e-3: 0.6, 3e-3: 0.7, 1e-2: 0.65}) == 3e-3
+    assert S.best_lr({3e-3: 0.7, 1e-3: 0.7}) == 1e-3  # a tie: the smaller lr, whatever the order
+    assert S.best_lr({1e-3: -math.inf, 3e-3: 0.1}) == 3e-3  # a failed run scores -inf
