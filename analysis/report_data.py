@@ -4,14 +4,13 @@ a declared row's runs (narrowed to a method and a split); plus accuracies by see
 from __future__ import annotations
 
 import json
-import math
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedsoda_mpi.methods import METHODS
-from fedsoda_mpi.stats import missing
+from fedsoda_mpi.stats import mean_of, missing
 from fedsoda_mpi.summary import RunSummary, SummaryError
 from report_cells import DASH
 
@@ -169,8 +168,7 @@ def by_seed(runs: list[RunSummary], key: str = "accuracy") -> dict[int, float]:
 
 def field_mean(runs: list[RunSummary], key: str):
     """Mean of `key` over the runs that have it (None if none)."""
-    vals = [float(getattr(s, key)) for s in runs if not missing(getattr(s, key))]
-    return math.fsum(vals) / len(vals) if vals else None
+    return mean_of(getattr(s, key) for s in runs)
 
 
 def per_setting(res: Results, settings: list[Setting], render) -> str:

@@ -12,23 +12,26 @@ from fedsoda_mpi.methods import NAMES
 from fedsoda_mpi.stats import mean_of, mean_std, paired
 from report_cells import DASH, ci_text, distinct, mean_pm, mib, num, pct
 from report_data import (BUDGET, GSM8K, MAIN_STAGES, Results, Setting, by_seed, field_mean, method_order, natural,
-                         per_setting, setting_of)
+                         per_setting, setting_of, spec_of)
 from report_facts import (before_after, candidates_text, chosen_distance, chosen_np, emulator_bytes, extra_overrides,
                           generation_text, groups_np, groups_text, realign_r, realignments, removed_layers,
                           trigger_text)
 
 @dataclass(frozen=True)
 class Row:
-    """One row of a comparison table: its label cells, its runs, the reference its Δ is paired with ({seed: test
-    accuracy in points}; None: this row is the reference), whether it is a `main <method>` row, its setting and its
-    reference's runs."""
+    """One row of a comparison table: its label cells, its runs, the runs of the reference its Δ is paired with by
+    seed (None: this row is the reference), whether it is a `main <method>` row, and its setting."""
 
     label: tuple
     runs: list
-    ref: dict | None
+    ref_runs: list | None
     main: bool = False
     st: Setting = ()
-    ref_runs: list = ()
+
+    @property
+    def ref(self) -> dict | None:
+        """The reference's test accuracy by seed (points); None for a reference row."""
+        return None if self.ref_runs is None else by_seed(self.ref_runs)
 
 
 def diff_cells(r: Row, seeds: bool) -> list[str]:
@@ -48,13 +51,14 @@ def gap_closed(res: Results, r: Row) -> str:
     the reference."""
     if r.ref is None:
         return "(reference)"
-    p, gap = paired(by_seed(r.runs), r.ref), paired(by_seed(res.main(r.st, "fedpetuning")), r.ref)
+    p, gap = paired(by_seed(r.runs), r.ref), paired(by_seed(res.rows(r.st, spec_of("main fedpetuning"))), r.ref)
     return num(100 * p["mean"] / gap["mean"] if p["n"] and gap["n"] and gap["mean"] != 0 else math.nan)
 
 
 def comm_share(r: Row) -> str:
     """The row's mean bytes per round and client as a share (%) of its reference's (— without both)."""
-    mine, ref = field_mean(r.runs, "comm_bytes_per_round"), field_mean(r.ref_runs, "comm_bytes_per_round")
+    ref_runs = r.runs if r.ref_runs is None else r.ref_runs
+    mine, ref = field_mean(r.runs, "comm_bytes_per_round"), field_mean(ref_runs, "comm_bytes_per_round")
     return DASH if mine is None or not ref else num(100 * mine / ref)
 
 
@@ -129,8 +133,8 @@ def sec_declared(res: Results, name: str) -> str:
 
     def render(st: Setting) -> str:
         """The table (and its `then`) in one setting."""
-        rows = [Row(label, res.rows(st, sp), None if sp == ref else by_seed(res.rows(st, ref)), sp[0] == "main", st,
-                    res.rows(st, ref)) for label, sp, ref in declared]
+        rows = [Row(label, res.rows(st, sp), None if sp == ref else res.rows(st, ref), sp[0] == "main", st)
+                for label, sp, ref in declared]
         return comparison(res, rows, lay.labels, lay.before, lay.after, lay.left_columns, lay.seeds, lay.delta) + (
             THENS[lay.then](rows) if lay.then else "")
     return per_setting(res, declared_settings(res, name, declared), render) or lay.empty
@@ -160,7 +164,7 @@ def sec_variants(res: Results) -> str:
             for name in sorted({s.variant for s in here}, key=natural):
                 of = [s for s in here if s.variant == name]
                 methods = sorted({s.method for s in of}, key=method_order)
-                ref = by_seed([s for s in of if s.method == "fedsoda"] if len(methods) > 1 else res.main(st, "fedsoda"))
+                ref = [s for s in of if s.method == "fedsoda"] if len(methods) > 1 else res.main(st, "fedsoda")
                 rows += [Row((name, NAMES.get(m, m), extra_overrides(res, mine)), mine,
                              None if len(methods) > 1 and m == "fedsoda" else ref)
                          for m in methods for mine in [[s for s in of if s.method == m]]]
