@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from common import markdown_table as table
 from fedsoda_mpi.methods import NAMES
 from fedsoda_mpi.stats import mean_of, mean_std, paired
+from fedsoda_mpi.study_tables import Table
 from report_cells import DASH, ci_text, distinct, mean_pm, mib, num, pct
 from report_data import (BUDGET, GSM8K, MAIN_STAGES, Results, Setting, by_seed, field_mean, method_order, natural,
                          per_setting, setting_of, spec_of)
@@ -100,17 +101,19 @@ def candidates_table(rows: list[Row]) -> str:
 
 
 THENS = {"candidates": candidates_table}  # `then` of a declared table: a table drawn below from its rows
+VARIANTS = Table("", (), labels=("variant", "method", "overrides"), after=COST, left=3)  # how sec_variants draws
 
 
-def comparison(res: Results, rows: list[Row], labels: tuple, before=(), after=(), left: int = 1, seeds: bool = False,
-               delta: str = "Δ vs FedSODA (pts)") -> str:
-    """The table "Δ vs a reference, paired by seed": per row its label cells, the `before` COLUMNS, the test accuracy
-    (mean ± std, n), Δ vs the row's reference with its 95% CI (and the paired seeds when `seeds`), the `after`
-    COLUMNS."""
+def comparison(res: Results, rows: list[Row], lay: Table) -> str:
+    """The table "Δ vs a reference, paired by seed" drawn as `lay` says: per row its label cells, the `before`
+    COLUMNS, the test accuracy (mean ± std, n), Δ vs the row's reference with its 95% CI (and the paired seeds when
+    `seeds`), the `after` COLUMNS."""
     cols = lambda names, r: [COLUMNS[c][1](res, r) for c in names]  # noqa: E731
-    headers = [*labels, *(COLUMNS[c][0] for c in before), "test acc. % (mean ± std)", "n", delta, "95% CI",
+    before, after, seeds = lay.before, lay.after, lay.seeds
+    headers = [*lay.labels, *(COLUMNS[c][0] for c in before), "test acc. % (mean ± std)", "n", lay.delta, "95% CI",
                *["paired seeds"] * seeds, *(COLUMNS[c][0] for c in after)]
-    return table(headers, [[*r.label, *cols(before, r), *diff_cells(r, seeds), *cols(after, r)] for r in rows], left)
+    return table(headers, [[*r.label, *cols(before, r), *diff_cells(r, seeds), *cols(after, r)] for r in rows],
+                 lay.left_columns)
 
 
 def declared_settings(res: Results, name: str, rows: list[tuple]) -> list[Setting]:
@@ -135,8 +138,7 @@ def sec_declared(res: Results, name: str) -> str:
         """The table (and its `then`) in one setting."""
         rows = [Row(label, res.rows(st, sp), None if sp == ref else res.rows(st, ref), sp[0] == "main", st)
                 for label, sp, ref in declared]
-        return comparison(res, rows, lay.labels, lay.before, lay.after, lay.left_columns, lay.seeds, lay.delta) + (
-            THENS[lay.then](rows) if lay.then else "")
+        return comparison(res, rows, lay) + (THENS[lay.then](rows) if lay.then else "")
     return per_setting(res, declared_settings(res, name, declared), render) or lay.empty
 
 
@@ -169,7 +171,7 @@ def sec_variants(res: Results) -> str:
                              None if len(methods) > 1 and m == "fedsoda" else ref)
                          for m in methods for mine in [[s for s in of if s.method == m]]]
             parts.append(f"#### {stage}: {res.label(st)}\n\n"
-                         + comparison(res, rows, ("variant", "method", "overrides"), (), COST, left=3))
+                         + comparison(res, rows, VARIANTS))
     return "\n\n".join(parts) + (
         "\n\nΔ: run − FedSODA in points, paired by seed, 95% CI (Student t); the FedSODA runs of the same variant "
         "when the group runs several methods (they are the reference), else the FedSODA main runs of the setting.")
