@@ -101,8 +101,9 @@ def test_cache_folders_are_removed_on_a_stop(sig, args, tmp_path):
     left = sorted(p.name for p in cache_dir.iterdir())
     if sig == "SIGUSR1" or handled == [1, 2]:
         assert handled == [1, 2] and left == [], (handled, left, out[-3000:])
-    else:  # only the folders of the ranks that were SIGKILLed are left, and the next start sweeps them
-        assert len(left) == 2 - len(handled) and not any(name.endswith(f"-rank{r}") for r in handled for name in left)
+    else:  # a folder is left only by a rank that did not log the stop (SIGKILLed: its unwinding may or may not have
+        # removed the folder before the kill), and the next start sweeps it
+        assert len(left) <= 2 - len(handled) and not any(name.endswith(f"-rank{r}") for r in handled for name in left)
         pids = [int(name.split("-")[2]) for name in left]
         deadline = time.time() + 30  # a SIGKILLed rank may take a moment to die (a zombie counts as gone)
         while any(process_alive(pid) for pid in pids) and time.time() < deadline:

@@ -5,10 +5,7 @@ on the CPU, where these tests run; on a GPU a resumed run is bit-identical only 
 
 Interruptions: SIGKILL of the whole mpirun process tree mid-run, and the SIGUSR1 stop request
 (what Slurm's `--signal=B:USR1@...` sends; slurm/common.sh forwards it to the MPI step)."""
-import json
 import os
-import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,8 +17,6 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from fedsoda_mpi import data
-from fedsoda_mpi.evaluate import gsm8k_correct
 from fedsoda_mpi.reaper import session_pids
 from tests.conftest import MPI_ENV, ROOT, mpirun
 
@@ -187,126 +182,3 @@ def test_sigterm_stops_every_rank_with_a_line_and_leaves_no_temporary_files(requ
         p = mpirun(3, args + [f"output.dir={run_dir}", "resume=auto"], timeout=1200)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         _assert_same(request.getfixturevalue("reference"), _record(run_dir))
-
-
-# GSM8K: the base and final evaluations generate for hours on the real model; SIGUSR1 during one stops between two
-# batches, the batches done stay in run_dir/eval/<base|full|sub>.jsonl and resume=auto generates only the others
-GSM8K = ["data.task=gsm8k", "fed.rounds=2", "eval.every=0", "eval.k_shot=1", "eval.max_examples=12",
-         "eval.batch_size=1", "eval.max_new_tokens=12", "data.max_len=128"]
-
-
-def _outputs(run_dir: Path) -> dict:
-    """Every journaled batch's outputs by question, per evaluation (the fingerprint line left out)."""
-    import json
-
-    kept = {}
-    for path in sorted((run_dir / "eval").glob("*.jsonl")):
-        lines = [json.loads(line) for line in path.read_text().splitlines()[1:]]
-        kept[path.stem] = {i: o for line in lines for i, o in zip(line["rows"], line["outputs"])}
-    return kept
-
-
-def _stop_when(args: list[str], run_dir: Path, journal: str) -> tuple[str, dict]:
-    """Start (or resume) the run, send SIGUSR1 once eval/<journal>.jsonl exists; (rank 0's output, the journals)."""
-    proc = _start(args, run_dir, "resume=auto")
-    _wait_for(run_dir / "eval" / f"{journal}.jsonl", proc)
-    proc.send_signal(signal.SIGUSR1)
-    out = proc.communicate(timeout=900)[0]
-    assert proc.returncode == 75, out[-3000:]  # every rank exits with STOPPED_EXIT, as after a round
-    return out, _outputs(run_dir)
-
-
-def test_sigusr1_in_the_gsm8k_evaluations_then_resume_generates_only_the_rest(args, tmp_path):
-    ref_dir, run_dir, run = tmp_path / "ref", tmp_path / "run", args + GSM8K
-    p = mpirun(3, run + ["eval.base=false", f"output.dir={ref_dir}"], timeout=1200)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "eval full: 12/12 questions" in p.stdout and "eval sub: 12/12 questions" in p.stdout
-    reference = _outputs(ref_dir)
-    assert sorted(reference) == ["full", "sub"] and all(len(v) == 12 for v in reference.values())
-
-    out, kept = _stop_when(run, run_dir, "base")  # in the base model's evaluation, before round 1
-    assert "before round 1: eval base stopped at" in out and "resume=auto" in out, out[-3000:]
-    assert sorted(kept) == ["base"] and 0 < len(kept["base"]) < 12 and not (run_dir / "checkpoints").exists()
-    n_base = len(kept["base"])
-    out, kept = _stop_when(run, run_dir, "full")  # in the final evaluation
-    assert f"eval base: {n_base} of 12 questions taken from its journal" in out, out[-3000:]
-    assert "in the final evaluation: eval full stopped at" in out, out[-3000:]
-    assert len(kept["base"]) == 12 and 0 < len(kept["full"]) < 12 and "sub" not in kept, kept
-    assert not (run_dir / "adapter").exists()
-
-    p = mpirun(3, run + [f"output.dir={run_dir}", "resume=auto"], timeout=1200)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert f"eval full: {len(kept['full'])} of 12 questions taken from its journal" in p.stdout, p.stdout[-3000:]
-    final = _outputs(run_dir)
-    assert final["base"] == kept["base"] and {k: final[k] for k in ("full", "sub")} == reference
-    with h5py.File(ref_dir / "run.h5", "r") as a, h5py.File(run_dir / "run.h5", "r") as b:
-        for k in ("accuracy", "sub_accuracy", "n_eval"):
-            assert a["final"].attrs[k] == b["final"].attrs[k], k
-        for k, acc in (("correct", "accuracy"), ("sub_correct", "sub_accuracy")):  # which questions, per model
-            assert a["final"].attrs[k].tolist() == b["final"].attrs[k].tolist() and len(b["final"].attrs[k]) == 12
-            assert b["final"].attrs[k].mean() == b["final"].attrs[acc]
-        assert b["final"].attrs["eval_s"] > 0
-        assert b["base"].attrs["n"] == 12 and b.attrs["resumed_from"].tolist() == [2]
-        # the base model's journaled answers, scored as the evaluation scores them
-        right = gsm8k_correct([final["base"][i] for i in range(12)], data.load_rows("gsm8k", "test")[:12]).tolist()
-        assert b["base"].attrs["correct"].tolist() == right
-        assert b["base"].attrs["correct"].mean() == b["base"].attrs["accuracy"]
-
-
-def _sha(path: Path) -> str:
-    from fedsoda_mpi.paths import sha256_of
-
-    return sha256_of(path)
-
-
-def _refused(p, message: str) -> None:
-    """Exit code 2, the one line `message` (a regex) from rank 0, no traceback, nothing left in TMPDIR."""
-    lines = [line for line in p.stderr.splitlines() if line.startswith("fedsoda-mpi:")]
-    assert p.returncode == 2 and len(lines) == 1, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
-    assert re.match(message, lines[0]), lines[0]
-    assert "Traceback" not in p.stderr + p.stdout and not p.leftover_tmp
-
-
-def test_resume_of_a_preset_key_override_and_the_run_folders_it_must_not_overwrite(tiny_model_dir, tmp_path):
-    """`method=fedpetuning model.adapter_layers=3` (a key the preset also sets, as the study's fed_last3 does)
-    finishes, then the same command with resume=auto fed.rounds=2 continues it (it was refused: "model.adapter_layers
-    is 0 in the run"). On that finished run, resume=auto never overwrites it: fed.rounds=1 (fewer than done: it
-    logged "round 2 of 1" and rewrote /final), every checkpoint damaged and no checkpoint at all (it started the run
-    over in place, exit 0) each stop with one line and leave run.h5 and adapter/ as they were. An unfinished attempt
-    without a checkpoint moves to failed-<time>/ and the run starts over."""
-    run_dir = tmp_path / "run"
-    cmd = ["-m", "fedsoda_mpi.main", f"model.name={tiny_model_dir}", "method=fedpetuning", "model.adapter_layers=3",
-           "fed.clients=2", "fed.local_steps=1", "data.max_train_per_client=4", "data.val_size=8", "eval.every=1",
-           "eval.max_examples=8", "data.public_samples=4", f"output.dir={run_dir}"]
-    p = mpirun(3, cmd + ["fed.rounds=1"], timeout=900)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    p = mpirun(3, cmd + ["fed.rounds=2", "resume=auto"], timeout=900)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "(round 1 of 2)" in p.stdout
-    with h5py.File(run_dir / "run.h5", "r") as f:
-        assert f["rounds/round"][:].tolist() == [1, 2] and f.attrs["resumed_from"].tolist() == [1] and "final" in f
-        assert json.loads(f.attrs["config_json"])["model"]["adapter_layers"] == 3
-    kept = {p: _sha(p) for p in [run_dir / "run.h5", *sorted((run_dir / "adapter").iterdir())]}
-
-    _refused(mpirun(3, cmd + ["fed.rounds=1", "resume=auto"], timeout=300),
-             r"fedsoda-mpi: config error: fed.rounds=1: the run at .* finished after round 2; resume=auto continues a "
-             r"run, it cannot shorten it: give fed.rounds >= 2")
-    for ck in (run_dir / "checkpoints").iterdir():  # every checkpoint damaged: rank 0 finds it, every rank stops
-        (ck / "adapter.safetensors").write_bytes(b"damaged")
-    _refused(mpirun(3, cmd + ["fed.rounds=3", "resume=auto"], timeout=300),
-             r"fedsoda-mpi: config error: resume=auto: .* holds a finished run of 2 rounds but none of its checkpoints "
-             r"is valid, so it cannot be continued, and it is not started over in place")
-    shutil.rmtree(run_dir / "checkpoints")  # as fed.checkpoint_every=0 leaves it
-    _refused(mpirun(3, cmd + ["fed.rounds=3", "resume=auto"], timeout=300),
-             r"fedsoda-mpi: config error: resume=auto: .* holds a finished run of 2 rounds but no checkpoint")
-    assert {p: _sha(p) for p in kept} == kept and not list(run_dir.glob("failed-*"))
-
-    with h5py.File(run_dir / "run.h5", "a") as f:  # now an unfinished attempt without a checkpoint
-        del f["final"]
-    p = mpirun(3, cmd + ["fed.rounds=1", "resume=auto"], timeout=900)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    moved = list(run_dir.glob("failed-*"))
-    assert len(moved) == 1 and f"moved its unfinished attempt (no /final) to {moved[0]}" in p.stdout
-    assert (moved[0] / "run.h5").exists() and (moved[0] / "adapter").is_dir() and (moved[0] / "log.txt").exists()
-    with h5py.File(run_dir / "run.h5", "r") as f:
-        assert f["rounds/round"][:].tolist() == [1] and "final" in f and "resumed_from" not in f.attrs
