@@ -150,7 +150,6 @@ class Comm:
         self.bytes = defaultdict(lambda: {"sent": 0, "recv": 0})  # category -> counters
         self.mpi_seconds = 0.0  # wall time inside MPI data calls
         self.idle_seconds = 0.0  # wall time waiting for other ranks in idle_wait
-        self.watch = None  # watchdog.Watch of the other ranks' heartbeats, checked while waiting in idle_wait
         self._local_rank = None
 
     @property
@@ -238,15 +237,11 @@ class Comm:
     def idle_wait(self, poll_s: float = 0.005) -> None:
         """Barrier that sleeps instead of spinning: ranks waiting for a long phase of another rank
         (the server's SGP/ODA, the clients' local training) leave the CPU cores to the working ranks; the collectives
-        run it first when called with `idle=True`. With a `watch` (watchdog.Watch) it raises RankStalled when another
-        rank stops giving heartbeats."""
-        t0 = next_check = time.perf_counter()
+        run it first when called with `idle=True`."""
+        t0 = time.perf_counter()
         req = self.comm.Ibarrier()
         while not req.Test():
             time.sleep(poll_s)
-            if self.watch is not None and time.perf_counter() >= next_check:  # a stopped rank ends the job
-                self.watch.check()
-                next_check = time.perf_counter() + 1.0
         self.idle_seconds += time.perf_counter() - t0
 
     def settle(self, timeout_s: float = 10.0) -> bool:

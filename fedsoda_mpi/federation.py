@@ -33,12 +33,12 @@ from .host import as_numpy
 from .methods import Plan
 from .runlog import RunFolderRefused, RunLog, run_dir_of, take_lock
 from .server_start import set_up_server
-from .signals import PROGRESS, STOP_REQUESTED, StopRequested
+from .signals import PROGRESS, STOP_REQUESTED, StopRequested, stalled_exit
 from .strategies import strategy_for
 from .strategy import FIT, fit_message, fit_values
 from .tasks import task_label
 from .timing import EXTRA, PHASES, PhaseClock
-from .watchdog import Heartbeat, Watch, period_for
+from .watchdog import Heartbeat, Watch, Watcher, period_for
 
 
 def client_schedule(cfg: Config, world_size: int, rnd: int) -> list[int]:
@@ -123,12 +123,10 @@ def watching(cfg: Config, comm, run_dir: Path):
     if cfg.fed.stall_timeout <= 0:
         yield
         return
-    with Heartbeat(run_dir, comm.rank, period_for(cfg.fed.stall_timeout)):
-        comm.watch = Watch(run_dir, comm.rank, list(range(comm.size)), cfg.fed.stall_timeout)
-        try:
-            yield
-        finally:
-            comm.watch = None
+    watch = Watch(run_dir, comm.rank, list(range(comm.size)), cfg.fed.stall_timeout)
+    with Heartbeat(run_dir, comm.rank, period_for(cfg.fed.stall_timeout)), \
+            Watcher(watch, lambda e: stalled_exit(comm, e)):
+        yield
 
 
 def _run(cfg: Config, comm, inputs: tuple, log: RunLog, ck) -> dict | None:

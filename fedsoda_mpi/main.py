@@ -210,17 +210,6 @@ def usage_exit(comm, e: Exception) -> int:
     return USAGE_EXIT
 
 
-def stalled_exit(comm, e: Exception) -> None:
-    """One line (stderr and this rank's log) naming the stalled rank, then MPI_Abort: the launcher kills every rank."""
-    log = PROGRESS["log"]
-    line = f"fedsoda-mpi: {e}, {where_now()}; ending the job; {resume_hint(log.run_dir if log else None)}"
-    if log is not None:
-        log.log(line)
-        log.close()
-    print(line, file=sys.stderr, flush=True)
-    comm.comm.Abort(1)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     printed = print_config(argv)  # --help (argparse exits 0) and --print-config: no MPI
@@ -232,7 +221,6 @@ def main(argv: list[str] | None = None) -> int:
     from .model_folder import ModelError
     from .runlog import RunFolderRefused
     from .space import check_space
-    from .watchdog import RankStalled
 
     comm = Comm()  # no collective yet: rank and size only
     try:
@@ -263,8 +251,6 @@ def main(argv: list[str] | None = None) -> int:
         if comm.rank == 0:
             print(f"fedsoda-mpi: stopped on {e.signal} {where_now()}; {hint}", file=sys.stderr, flush=True)
         os._exit(TERMINATED_EXIT)  # no MPI_Finalize: the other ranks are leaving too, not waiting in a collective
-    except RankStalled as e:  # seen by a rank waiting for the others (watchdog.py): end every rank, the stalled one too
-        stalled_exit(comm, e)
     return STOPPED_EXIT if result and "stopped" in result else 0
 
 

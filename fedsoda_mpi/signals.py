@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 
 STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped early on SIGUSR1 after a checkpoint; continue with resume=auto
 TERMINATED_EXIT = 128 + signal.SIGTERM  # stopped on SIGTERM: the round in progress is abandoned
@@ -65,3 +66,14 @@ def resume_hint(run_dir) -> str:
 
 def where_now() -> str:
     return f"in round {PROGRESS['round']}" if PROGRESS["round"] else "before round 1"
+
+
+def stalled_exit(comm, e: Exception) -> None:
+    """One line (stderr and this rank's log) naming the stalled rank (watchdog.RankStalled), then MPI_Abort: the
+    launcher kills every rank, the stalled one too. Called from the watch thread (MPI_THREAD_MULTIPLE)."""
+    log = PROGRESS["log"]
+    line = f"fedsoda-mpi: {e}, {where_now()}; ending the job; {resume_hint(log.run_dir if log else None)}"
+    if log is not None:
+        log.log(line)
+    print(line, file=sys.stderr, flush=True)
+    comm.comm.Abort(1)

@@ -1,12 +1,13 @@
 """Heartbeats: a stopped or frozen rank ends the job within `fed.stall_timeout` instead of holding every other rank.
 
 Every rank runs a daemon thread that rewrites `<run folder>/.heartbeat/rank<k>` every `period` seconds with a
-counter, its pid and its host (the run folder is shared by all ranks: they write their logs there too). A rank
-waiting for the others (`Comm.idle_wait`, where every rank waits before the protocol's collectives) reads the other
-ranks' files about once a second; a rank whose counter has not changed for `fed.stall_timeout` seconds, timed on the
-reader's own monotonic clock (no clock is compared across nodes), is stalled: SIGSTOP (Ctrl-Z, a debugger), a
-frozen node, a process that cannot run. The waiting rank raises `RankStalled`; main.py logs one line naming the
-stalled rank and ends the job with MPI_Abort, so mpirun (or srun) kills every rank, the stopped one too.
+counter, its pid and its host (the run folder is shared by all ranks: they write their logs there too), and a second
+daemon thread (`Watcher`) that reads the other ranks' files about once a second, whatever its main thread is doing:
+sleeping in `Comm.idle_wait`, or blocked in any collective (where MPI spins and no Python code of the main thread
+runs). A rank whose counter has not changed for `fed.stall_timeout` seconds, timed on the reader's own monotonic
+clock (no clock is compared across nodes), is stalled: SIGSTOP (Ctrl-Z, a debugger), a frozen node, a process that
+cannot run. The watching thread logs one line naming the stalled rank and calls MPI_Abort
+(`signals.stalled_exit`), so mpirun (or srun) kills every rank, the stopped one too.
 
 Not detected: a rank whose heartbeat thread still runs while its main thread hangs (a deadlock inside an MPI call
 or a GPU kernel that never returns); Slurm's time limit bounds those.
@@ -98,3 +99,30 @@ class Watch:
                 raise RankStalled(f"rank {r} (pid {pid} on {host}) gave no sign of life for {now - since:.0f} s "
                                   f"while rank {self.rank} waited for it (fed.stall_timeout="
                                   f"{self.timeout_s:g}): it is stopped (SIGSTOP?) or its node is frozen")
+
+
+class Watcher:
+    """`with Watcher(watch, on_stall):` checks `watch` every `every_s` seconds in a daemon thread for as long as the
+    block lasts and calls `on_stall(error)` with the first RankStalled (it does not return: MPI_Abort)."""
+
+    def __init__(self, watch: Watch, on_stall, every_s: float = 1.0):
+        self.watch, self.on_stall, self.every_s = watch, on_stall, every_s
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="watch", daemon=True)
+
+    def __enter__(self) -> "Watcher":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self.stopped.wait(self.every_s):
+            try:
+                self.watch.check()
+            except RankStalled as e:
+                if not self.stopped.is_set():  # the run did not end meanwhile
+                    self.on_stall(e)
+                return

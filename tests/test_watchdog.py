@@ -1,6 +1,7 @@
 """A stopped rank ends the job (fedsoda_mpi/watchdog.py): heartbeats, the watch of a waiting rank, and SIGSTOP of one
 rank of a real 3-rank mpirun run (the tiny model folder), which then resumes from its last checkpoint."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,7 +82,14 @@ def test_sigstop_of_one_rank_ends_every_rank_and_the_run_resumes(stalled, tiny_m
     pid = int((run_dir / FOLDER / f"rank{stalled}").read_text().split()[1])
     os.kill(pid, signal.SIGSTOP)
     t0 = time.time()
-    out = proc.communicate(timeout=120)[0]
+    try:
+        out = proc.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired:  # the job did not end: kill every process of its session, show its output
+        from fedsoda_mpi.reaper import session_pids
+
+        for left in session_pids(proc.pid):
+            os.kill(left, signal.SIGKILL)
+        pytest.fail(f"the job still ran 120 s after SIGSTOP of rank {stalled}:\n{proc.communicate()[0][-4000:]}")
     took = time.time() - t0
     assert proc.returncode != 0 and took < 6 + 15, (took, out[-3000:])
     assert f"fedsoda-mpi: rank {stalled} (pid {pid} on " in out and "gave no sign of life for" in out, out[-3000:]
@@ -91,3 +99,61 @@ def test_sigstop_of_one_rank_ends_every_rank_and_the_run_resumes(stalled, tiny_m
     assert p.returncode == 0 and "resumed from" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
     assert not (run_dir / FOLDER).exists()  # every heartbeat file goes with its rank's clean exit
     print(f"SIGSTOP of rank {stalled}: the job ended after {took:.1f} s")
+
+
+def test_the_watcher_thread_sees_a_stall_while_the_main_thread_is_blocked(tmp_path):
+    """The watch runs in its own thread, so a rank blocked in a collective (MPI spins in C code; no Python code of
+    its main thread runs, as in a Bcast for which rank 0 never comes) still ends the job: here the main thread blocks
+    on an Event and the Watcher calls on_stall with the silent rank's RankStalled."""
+    import threading
+
+    from fedsoda_mpi.watchdog import Watcher
+
+    (tmp_path / FOLDER).mkdir()
+    (tmp_path / FOLDER / "rank0").write_text("7 4242 node-a")  # rank 0's last beat; it never beats again
+    seen, blocked = [], threading.Event()
+    watch = Watch(tmp_path, 1, [0, 1], timeout_s=0.3)
+
+    def on_stall(e):
+        seen.append(str(e))
+        blocked.set()
+
+    with Watcher(watch, on_stall, every_s=0.05):
+        assert blocked.wait(timeout=10)  # the "collective" ends only because the watcher acted
+    assert len(seen) == 1 and seen[0].startswith("rank 0 (pid 4242 on node-a) gave no sign of life for")
+
+
+def test_the_watcher_calls_nothing_while_every_rank_beats(tmp_path):
+    from fedsoda_mpi.watchdog import Watcher
+
+    calls = []
+    with Heartbeat(tmp_path, 0, 0.05), Watcher(Watch(tmp_path, 1, [0, 1], timeout_s=0.5), calls.append, every_s=0.05):
+        time.sleep(1.2)
+    assert calls == []
+
+
+@pytest.mark.mpi
+def test_ranks_blocked_in_a_collective_end_the_job_when_rank_0_stops(tmp_path):
+    """The window the waits in Comm.idle_wait cannot see: rank 0 stopped between two collectives while the clients
+    block in the second (tests/mpi_jobs/stall_job.py). Their watch threads end the job: non-zero exit within the
+    timeout (5 s) plus a little, one line naming rank 0, no process left (the stopped one killed too)."""
+    job = ROOT / "tests" / "mpi_jobs" / "stall_job.py"
+    cmd = [str(Path(sys.executable).parent / "mpirun"), "-n", "3", sys.executable, "-m", "mpi4py", str(job),
+           str(tmp_path / "run")]
+    (tmp_path / "run").mkdir()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**os.environ, **MPI_ENV}, start_new_session=True)
+    try:
+        out = proc.communicate(timeout=180)[0]
+    except subprocess.TimeoutExpired:  # every process of the job's session goes (the ranks spin in MPI)
+        from fedsoda_mpi.reaper import session_pids
+
+        for pid in session_pids(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"the job still ran 180 s after rank 0 stopped:\n{proc.communicate()[0][-3000:]}")
+    assert proc.returncode != 0, out[-3000:]  # (Open MPI continues the stopped rank to kill it: it may print
+    # "not reached" first; the job ends all the same)
+    assert re.search(r"fedsoda-mpi: rank 0 \(pid \d+ on \S+\) gave no sign of life for \d+ s while rank [12] waited",
+                     out), out[-3000:]
+    assert not (tmp_path / "run" / FOLDER).exists() or all(
+        not running(int(p.read_text().split()[1])) for p in (tmp_path / "run" / FOLDER).glob("rank?"))
