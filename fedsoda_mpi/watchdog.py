@@ -90,8 +90,12 @@ class Watch:
         if self.timeout_s <= 0:
             return
         now = self.clock()
-        for r, (last, since) in self.seen.items():
-            text = self._read(r, last)
+        for r, (last, since) in list(self.seen.items()):
+            text = self._read(r, None)
+            if text is None and last:  # its file existed and is gone: the rank left the run (Heartbeat removes it)
+                del self.seen[r]
+                continue
+            text = last if text is None else text
             if text != last:
                 self.seen[r] = (text, now)
             elif now - since > self.timeout_s:

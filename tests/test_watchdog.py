@@ -50,6 +50,20 @@ def test_a_rank_that_has_not_written_yet_gets_the_whole_timeout(tmp_path):
     assert Watch(tmp_path, 1, [0, 1], timeout_s=0, clock=clock).check() is None  # 0: never
 
 
+def test_a_rank_that_left_the_run_is_not_watched_any_more(tmp_path):
+    """A rank that leaves the run removes its file (Heartbeat's block ends): the others may go on for longer than the
+    timeout (rank 0's export after the last collective) without being ended by their watch of it."""
+    clock = Clock()
+    beat = Heartbeat(tmp_path, 1, period_s=3600)
+    beat.path.parent.mkdir(exist_ok=True)
+    beat.beat()
+    watch = Watch(tmp_path, 0, [0, 1], timeout_s=10, clock=clock)
+    beat.path.unlink()
+    clock.now += 60
+    watch.check()
+    assert watch.seen == {}
+
+
 def test_the_heartbeat_thread_beats_and_its_file_goes_with_the_block(tmp_path):
     with Heartbeat(tmp_path, 3, period_s=0.05) as beat:
         first = beat.path.read_text()
