@@ -40,8 +40,9 @@ def select(study: Study, done: dict[str, dict]) -> dict[tuple, float]:
     chosen = {}
     for key, per_lr in by_key.items():
         if all(len(v) == len(study.select_seeds) for v in per_lr.values()):
-            best = best_lr({lr: np.mean(v) for lr, v in per_lr.items()})
-            if np.isfinite(np.mean(per_lr[best])):  # every lr failed: nothing to select
+            means = {lr: float(np.mean(v)) for lr, v in per_lr.items()}
+            best = best_lr(means)
+            if np.isfinite(means[best]):  # every lr failed: nothing to select
                 chosen[key] = best
     return chosen
 

@@ -77,13 +77,14 @@ class Watch:
     def __init__(self, run_dir: Path, rank: int, ranks: list[int], timeout_s: float, clock=time.monotonic):
         self.folder, self.rank, self.timeout_s, self.clock = Path(run_dir) / FOLDER, rank, timeout_s, clock
         now = clock()
-        self.seen = {r: (self._read(r, ""), now) for r in ranks if r != rank}  # rank -> (content, when it changed)
+        self.seen = {r: (self._read(r) or "", now) for r in ranks if r != rank}  # rank -> (content, when it changed)
 
-    def _read(self, r: int, last: str) -> str:
+    def _read(self, r: int) -> str | None:
+        """Rank r's heartbeat file, or None when it has none (not written yet, or removed: the rank left)."""
         try:
             return (self.folder / f"rank{r}").read_text()
-        except OSError:  # not written yet, or being replaced this instant
-            return last
+        except OSError:
+            return None
 
     def check(self) -> None:
         """Note every rank whose file changed; raise RankStalled for the first silent for longer than the timeout."""
@@ -91,7 +92,7 @@ class Watch:
             return
         now = self.clock()
         for r, (last, since) in list(self.seen.items()):
-            text = self._read(r, None)
+            text = self._read(r)
             if text is None and last:  # its file existed and is gone: the rank left the run (Heartbeat removes it)
                 del self.seen[r]
                 continue

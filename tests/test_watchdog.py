@@ -74,6 +74,15 @@ def test_the_heartbeat_thread_beats_and_its_file_goes_with_the_block(tmp_path):
     assert period_for(1800) == 30 and period_for(6) == 0.6
 
 
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL every process of a job started with start_new_session (the launcher, and ranks spinning in MPI or
+    stopped: SIGKILL ends those too)."""
+    from fedsoda_mpi.reaper import session_pids
+
+    for pid in session_pids(proc.pid):
+        os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.mpi
 @pytest.mark.slow
 @pytest.mark.parametrize("stalled", [2, 0], ids=["client", "server"])
@@ -98,11 +107,8 @@ def test_sigstop_of_one_rank_ends_every_rank_and_the_run_resumes(stalled, tiny_m
     t0 = time.time()
     try:
         out = proc.communicate(timeout=120)[0]
-    except subprocess.TimeoutExpired:  # the job did not end: kill every process of its session, show its output
-        from fedsoda_mpi.reaper import session_pids
-
-        for left in session_pids(proc.pid):
-            os.kill(left, signal.SIGKILL)
+    except subprocess.TimeoutExpired:  # the job did not end: kill it, show its output
+        _kill_session(proc)
         pytest.fail(f"the job still ran 120 s after SIGSTOP of rank {stalled}:\n{proc.communicate()[0][-4000:]}")
     took = time.time() - t0
     assert proc.returncode != 0 and took < 6 + 15, (took, out[-3000:])
@@ -159,11 +165,8 @@ def test_ranks_blocked_in_a_collective_end_the_job_when_rank_0_stops(tmp_path):
                             env={**os.environ, **MPI_ENV}, start_new_session=True)
     try:
         out = proc.communicate(timeout=180)[0]
-    except subprocess.TimeoutExpired:  # every process of the job's session goes (the ranks spin in MPI)
-        from fedsoda_mpi.reaper import session_pids
-
-        for pid in session_pids(proc.pid):
-            os.kill(pid, signal.SIGKILL)
+    except subprocess.TimeoutExpired:
+        _kill_session(proc)
         pytest.fail(f"the job still ran 180 s after rank 0 stopped:\n{proc.communicate()[0][-3000:]}")
     assert proc.returncode != 0, out[-3000:]  # (Open MPI continues the stopped rank to kill it: it may print
     # "not reached" first; the job ends all the same)
